@@ -1,0 +1,1 @@
+"""kavach: run untrusted commands in a scored sandbox."""

@@ -1,0 +1,179 @@
+"""The driver interface every isolation backend implements.
+
+Shape (like an httpx transport): a :class:`Driver` probes the host and starts an
+:class:`Instance`; the instance runs commands and reports its :class:`Enforcement`.
+Drivers know nothing about scanning, guards, threat or audit: :class:`kavach.Sandbox`
+composes those around them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from kavach.backends.names import Backend
+from kavach.policy import SandboxPolicy
+from kavach.scoring import Enforcement
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Whether a backend can run here, and why (binary found, device present, kernel feature ...)."""
+
+    backend: Backend
+    available: bool
+    reason: str
+    version: str | None = None
+    implemented: bool = True
+    # False for backends that run only their own module format (WASM), so auto-selection
+    # never picks them to run an ordinary Linux command.
+    runs_linux_commands: bool = True
+
+    @property
+    def usable(self) -> bool:
+        """Implemented and available on this host."""
+        return self.implemented and self.available
+
+
+@dataclass(frozen=True)
+class InjectedFile:
+    """A file placed inside the sandbox on a tmpfs (never on the host disk), e.g. a secret."""
+
+    path: str
+    data: bytes = field(repr=False)
+    mode: int = 0o400
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a driver needs to build one sandbox. ``policy`` is already merged and validated."""
+
+    sandbox_id: str
+    policy: SandboxPolicy
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # base env of every exec
+    workdir_host: str | None = None  # host directory bound read-write at policy.filesystem.workdir
+    inner_backend: Backend | None = None
+    files: tuple[InjectedFile, ...] = ()
+    hostname: str = "kavach"
+    # Filled by the credential proxy when network mode is "proxy": the host-side proxy
+    # address the backend must make reachable inside the sandbox (see kavach.credentials.proxy).
+    proxy_endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """One command to run. ``shell`` keeps the original string when the caller gave one."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # the complete environment
+    stdin: bytes | None = field(default=None, repr=False)  # None = stdin closed (/dev/null)
+    cwd: str | None = None
+    timeout_ms: int | None = None
+    stdout_cap: int = 16 * 1024 * 1024
+    stderr_cap: int = 16 * 1024 * 1024
+    shell: str | None = None
+
+
+@dataclass
+class RawResult:
+    """What a backend observed of one command, before the gate looked at it.
+
+    ``exit_code`` is 128+N when the command was killed by signal N. ``reason`` explains an
+    abnormal end ("wall-clock timeout", "fuel exhausted", "memory limit", "trap: ...").
+    """
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    duration_ms: float = 0.0
+    timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    reason: str | None = None
+
+
+class RawProcess(abc.ABC):
+    """A command started with :meth:`Instance.spawn`, streaming its output."""
+
+    pid: int
+
+    @abc.abstractmethod
+    def chunks(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield ``("stdout" | "stderr", bytes)`` as output arrives, until both streams close."""
+
+    @abc.abstractmethod
+    async def wait(self) -> RawResult:
+        """Wait for the exit. The result's stdout/stderr hold what :meth:`chunks` did not yield."""
+
+    @abc.abstractmethod
+    async def kill(self, signum: int = 9) -> None:
+        """Send ``signum`` to the command (and, for SIGKILL, to everything it started)."""
+
+
+class Instance(abc.ABC):
+    """One running sandbox of a backend."""
+
+    @abc.abstractmethod
+    def enforcement(self) -> Enforcement:
+        """What this sandbox actually enforces, verified from inside where the backend can."""
+
+    @abc.abstractmethod
+    async def exec(self, request: ExecRequest) -> RawResult:
+        """Run a command to completion, enforcing the timeout and the output caps."""
+
+    @abc.abstractmethod
+    async def spawn(self, request: ExecRequest) -> RawProcess:
+        """Start a command and return a handle that streams its output."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Freeze every process of the sandbox (cgroup freezer or SIGSTOP of all of them)."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """Thaw what :meth:`pause` froze."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Kill every process; the sandbox can only be destroyed afterwards."""
+
+    @abc.abstractmethod
+    async def destroy(self) -> None:
+        """Kill everything, unmount, remove cgroups and state. Idempotent."""
+
+    @abc.abstractmethod
+    async def read_file(self, path: str, max_bytes: int) -> bytes:
+        """Bytes of ``path`` inside the sandbox (at most ``max_bytes``; more raises ExecError)."""
+
+    def live_pids(self) -> int | None:
+        """How many processes the sandbox has now, or None when the backend cannot tell."""
+        return None
+
+
+class Driver(abc.ABC):
+    """A backend: probes the host and starts instances."""
+
+    backend: Backend
+
+    @abc.abstractmethod
+    def probe(self) -> ProbeResult:
+        """Whether this backend can run here now. Must be cheap and must not raise."""
+
+    @abc.abstractmethod
+    async def start(self, spec: LaunchSpec) -> Instance:
+        """Build a sandbox, fail closed: a control the policy asks for and the host cannot
+        provide raises :class:`~kavach.errors.SandboxCreateError` unless ``policy.allow_degraded``
+        (then the instance's enforcement lists it in ``degraded``)."""
+
+
+__all__ = [
+    "Driver",
+    "ExecRequest",
+    "InjectedFile",
+    "Instance",
+    "LaunchSpec",
+    "ProbeResult",
+    "RawProcess",
+    "RawResult",
+]
