@@ -9,6 +9,7 @@ composes those around them.
 from __future__ import annotations
 
 import abc
+import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -56,9 +57,11 @@ class LaunchSpec:
     inner_backend: Backend | None = None
     files: tuple[InjectedFile, ...] = ()
     hostname: str = "kavach"
-    # Filled by the credential proxy when network mode is "proxy": the host-side proxy
-    # address the backend must make reachable inside the sandbox (see kavach.credentials.proxy).
-    proxy_endpoint: str | None = None
+    # With network mode "proxy": the loopback address (inside the sandbox's network
+    # namespace) where the backend must create a listening TCP socket and hand it to the
+    # host through Instance.take_proxy_listener(). Creating it inside and passing the fd
+    # out works unprivileged; setns() into the sandbox's netns from the host would not.
+    proxy_listen: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,14 @@ class Instance(abc.ABC):
     @abc.abstractmethod
     async def read_file(self, path: str, max_bytes: int) -> bytes:
         """Bytes of ``path`` inside the sandbox (at most ``max_bytes``; more raises ExecError)."""
+
+    def take_proxy_listener(self) -> socket.socket | None:
+        """The listening socket created inside the sandbox for ``LaunchSpec.proxy_listen``.
+
+        Returned once (ownership passes to the caller, the egress proxy); None when the
+        spec asked for none. A backend that cannot provide it when asked fails in start().
+        """
+        return None
 
     def live_pids(self) -> int | None:
         """How many processes the sandbox has now, or None when the backend cannot tell."""
