@@ -21,8 +21,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from kavach.errors import PolicyError
 
 MiB = 1024 * 1024
@@ -270,19 +268,7 @@ class SandboxPolicy:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise PolicyError("policy", str(path), f"cannot read file: {exc.strerror}") from None
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".toml":
-                data: Any = tomllib.loads(text)
-            elif suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(text)
-            elif suffix == ".json":
-                data = json.loads(text)
-            else:
-                raise PolicyError("policy", str(path), "unknown file type; use .toml, .yaml, .yml or .json")
-        except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PolicyError("policy", str(path), f"syntax error: {first_line}") from None
+        data = _parse_policy_text(text, path.suffix.lower(), str(path))
         if data is None:
             data = {}
         return cls.from_dict(data)
@@ -381,6 +367,25 @@ class SandboxPolicy:
             raise PolicyError("filesystem.tmp_size", self.filesystem.tmp_size, "must be positive")
         for entry in (*self.network.egress_allowlist, *self.network.egress_denylist):
             _check_host_pattern(entry, "network.egress_allowlist")
+
+
+def _parse_policy_text(text: str, suffix: str, name: str) -> Any:
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise PolicyError("policy", name, "unknown file type; use .toml, .yaml, .yml or .json")
+    try:
+        if suffix == ".toml":
+            return tomllib.loads(text)
+        if suffix == ".json":
+            return json.loads(text)
+        import yaml  # only YAML policy files need it; keeps the spawner's imports small
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(str(exc)) from None
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PolicyError("policy", name, f"syntax error: {first_line}") from None
 
 
 # -- merge ---------------------------------------------------------------------------------------

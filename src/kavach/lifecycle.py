@@ -1,0 +1,850 @@
+"""The sandbox lifecycle: create, exec, spawn, pause, resume, stop, destroy.
+
+:class:`Sandbox` composes a backend instance with the runtime guards, the
+externalization gate, threat classification, the quarantine store, the credential
+proxy and the audit chain. Nothing here fails open: if a piece the configuration asks
+for cannot be set up, creation fails and whatever was started is destroyed.
+
+States follow the specification exactly::
+
+    Created -> Running; Running -> Paused | Stopped | Destroyed;
+    Paused -> Running | Stopped | Destroyed; Stopped -> Destroyed.  Destroyed is terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import secrets as _secrets
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from kavach import guards, threat
+from kavach.audit import AuditLog, open_audit_log
+from kavach.backends import registry
+from kavach.backends.base import ExecRequest, InjectedFile, Instance, LaunchSpec, RawProcess, RawResult
+from kavach.backends.names import Backend
+from kavach.config import SandboxConfig
+from kavach.errors import (
+    AgentRevoked,
+    ExecError,
+    ExternalizationBlocked,
+    GuardViolation,
+    InvalidTransition,
+    SandboxCreateError,
+    ScoreTooLow,
+)
+from kavach.policy import NetworkMode, SandboxPolicy
+from kavach.quarantine import QuarantineStore
+from kavach.scanning.findings import Finding, Verdict, worst_verdict
+from kavach.scanning.gate import ExternalizationPolicy, Gate, GateResult
+from kavach.scoring import Enforcement, StrengthScore, missing_controls, score
+
+if TYPE_CHECKING:
+    from kavach.credentials import EgressProxy
+    from kavach.guards import ForkBombWatch, IntegrityReport
+    from kavach.threat import ThreatAssessment
+
+PROXY_LISTEN = ("127.0.0.1", 3128)
+CA_BUNDLE_PATH = "/run/kavach/ca-bundle.pem"
+
+
+class SandboxState(StrEnum):
+    """Lifecycle states of a sandbox."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    DESTROYED = "destroyed"
+
+
+TRANSITIONS: Mapping[SandboxState, frozenset[SandboxState]] = {
+    SandboxState.CREATED: frozenset({SandboxState.RUNNING}),
+    SandboxState.RUNNING: frozenset({SandboxState.PAUSED, SandboxState.STOPPED, SandboxState.DESTROYED}),
+    SandboxState.PAUSED: frozenset({SandboxState.RUNNING, SandboxState.STOPPED, SandboxState.DESTROYED}),
+    SandboxState.STOPPED: frozenset({SandboxState.DESTROYED}),
+    SandboxState.DESTROYED: frozenset(),
+}
+
+
+class StateMachine:
+    """The specification's FSM. An invalid transition raises and changes nothing."""
+
+    def __init__(self, state: SandboxState = SandboxState.CREATED) -> None:
+        self._state = state
+
+    @property
+    def state(self) -> SandboxState:
+        """The current state."""
+        return self._state
+
+    def can(self, target: SandboxState) -> bool:
+        """True if ``target`` is reachable from the current state in one step."""
+        return target in TRANSITIONS[self._state]
+
+    def check(self, target: SandboxState) -> None:
+        """Raise :class:`InvalidTransition` unless ``target`` is allowed now."""
+        if not self.can(target):
+            raise InvalidTransition(self._state.value, target.value)
+
+    def transition(self, target: SandboxState) -> SandboxState:
+        """Move to ``target``; return the previous state."""
+        self.check(target)
+        previous, self._state = self._state, target
+        return previous
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The result of one command, after the gate.
+
+    ``stdout``/``stderr`` are what the gate released (redacted on warn and quarantine).
+    ``exit_code`` is 128+N when the command was killed by signal N; 124-style timeouts set
+    ``timed_out`` with the backend's ``reason``.
+    """
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration_ms: float
+    timed_out: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+    verdict: Verdict
+    findings: tuple[Finding, ...]
+    score: StrengthScore
+    reason: str | None = None
+    quarantine_ids: tuple[str, ...] = ()
+    threat: ThreatAssessment | None = None
+
+    @property
+    def stdout_text(self) -> str:
+        """stdout decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def stderr_text(self) -> str:
+        """stderr decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stderr.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        """Exit code 0, no timeout, and the gate did not quarantine."""
+        return self.exit_code == 0 and not self.timed_out and self.verdict in (Verdict.PASS, Verdict.WARN)
+
+    @property
+    def quarantine_id(self) -> str | None:
+        """The first quarantine item id, if the gate quarantined anything."""
+        return self.quarantine_ids[0] if self.quarantine_ids else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON output (findings carry redacted evidence only)."""
+        return {
+            "exit_code": self.exit_code,
+            "stdout": self.stdout_text,
+            "stderr": self.stderr_text,
+            "duration_ms": round(self.duration_ms, 3),
+            "timed_out": self.timed_out,
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
+            "reason": self.reason,
+            "verdict": self.verdict.value,
+            "findings": [f.to_dict() for f in self.findings],
+            "score": int(self.score),
+            "score_label": self.score.label,
+            "quarantine_ids": list(self.quarantine_ids),
+            "threat": self.threat.to_dict() if self.threat is not None else None,
+        }
+
+
+def _command_argv(command: str | Sequence[str]) -> tuple[tuple[str, ...], str | None]:
+    if isinstance(command, str):
+        if not command.strip():
+            raise ExecError("empty command")
+        return ("/bin/sh", "-c", command), command
+    argv = tuple(command)
+    if not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
+        raise ExecError("command must be a non-empty string or a non-empty list of strings")
+    return argv, None
+
+
+@dataclass
+class _Services:
+    """What surrounds the backend instance; built before it starts, closed after it is gone."""
+
+    audit: AuditLog | None
+    gate: Gate | None
+    quarantine: QuarantineStore | None
+    assessor: threat.ThreatAssessor
+    proxy: EgressProxy | None = None
+    proxy_task: asyncio.Task[None] | None = None
+    base_env: dict[str, str] = field(default_factory=dict)
+    stdin_secret: bytes | None = None
+
+
+class Sandbox:
+    """One isolated environment. Create with ``await Sandbox.create(config)``; use as ``async with``.
+
+    Leaving the ``async with`` block destroys the sandbox, on error and on cancellation too.
+    For code without asyncio, see :meth:`Sandbox.sync` and :func:`kavach.run`.
+    """
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        config: SandboxConfig,
+        backend: Backend,
+        instance: Instance,
+        enforcement: Enforcement,
+        services: _Services,
+    ) -> None:
+        self.id = sandbox_id
+        self.config = config
+        self.backend = backend
+        self._instance = instance
+        self._enforcement = enforcement
+        self._score = score(enforcement)
+        self._services = services
+        self._fsm = StateMachine()
+        self._lock = asyncio.Lock()
+        self._fork_watch: ForkBombWatch | None = None
+        self._integrity: IntegrityReport | None = None
+
+    # -- creation -----------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, config: SandboxConfig | None = None) -> Sandbox:
+        """Validate, resolve the backend, start it and check the score (fail closed).
+
+        Raises :class:`AgentRevoked`, :class:`~kavach.errors.BackendUnavailable`,
+        :class:`SandboxCreateError` (including :class:`ScoreTooLow`) or :class:`PolicyError`.
+        """
+        config = config or SandboxConfig()
+        config.validate()
+        policy = config.policy
+        assessor = threat.ThreatAssessor()
+        if config.agent_id is not None and assessor.store.is_revoked(config.agent_id):
+            raise AgentRevoked(f"agent {config.agent_id} is revoked; an operator must clear it")
+        backend = config.backend or (
+            registry.resolve_min_strength(policy, config.min_score)
+            if config.min_score
+            else registry.resolve_best(policy)
+        )
+        driver = registry.require(backend)
+        sandbox_id = f"kv-{_secrets.token_hex(6)}"
+        services = _open_services(config, backend, assessor)
+        try:
+            spec = await _launch_spec(config, sandbox_id, services)
+            instance = await driver.start(spec)
+        except BaseException:
+            await _close_services(services)
+            raise
+        try:
+            sandbox = cls(
+                sandbox_id=sandbox_id,
+                config=config,
+                backend=backend,
+                instance=instance,
+                enforcement=instance.enforcement(),
+                services=services,
+            )
+            await sandbox._finish_create()
+        except BaseException:
+            await instance.destroy()
+            await _close_services(services)
+            raise
+        return sandbox
+
+    async def _finish_create(self) -> None:
+        services = self._services
+        if services.proxy is not None:
+            listener = self._instance.take_proxy_listener()
+            if listener is None:
+                raise SandboxCreateError(
+                    f"backend {self.backend} gave no proxy listener for network mode proxy"
+                )
+            services.proxy_task = asyncio.create_task(services.proxy.serve(listener))
+        if self._score < self.config.min_score:
+            raise ScoreTooLow(int(self._score), self.config.min_score, missing_controls(self._enforcement))
+        self._fsm.transition(SandboxState.RUNNING)
+        self._audit(
+            "sandbox.created",
+            {
+                "backend": self.backend.value,
+                "inner_backend": self.config.inner_backend.value if self.config.inner_backend else None,
+                "score": int(self._score),
+                "label": self._score.label,
+                "enforcement": self._enforcement.to_dict(),
+            },
+        )
+        threshold = self.config.policy.guards.fork_bomb_threshold
+        if threshold is not None:
+            self._fork_watch = guards.ForkBombWatch(self._instance.live_pids, threshold, self._on_fork_bomb)
+            self._fork_watch.start()
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SandboxState:
+        """The current lifecycle state."""
+        return self._fsm.state
+
+    @property
+    def score(self) -> StrengthScore:
+        """The strength score computed from :attr:`enforcement`."""
+        return self._score
+
+    @property
+    def enforcement(self) -> Enforcement:
+        """What the backend actually enforced (verified from inside where it can)."""
+        return self._enforcement
+
+    @property
+    def policy(self) -> SandboxPolicy:
+        """The policy this sandbox runs."""
+        return self.config.policy
+
+    # -- exec ---------------------------------------------------------------------------------
+
+    def _request(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | str | None,
+        env: Mapping[str, str] | None,
+        timeout_ms: int | None,
+        cwd: str | None,
+    ) -> ExecRequest:
+        argv, shell = _command_argv(command)
+        if self.backend is not Backend.WASM:
+            guards.check_command(argv, self.policy.guards, shell=shell)
+        full_env = dict(self._services.base_env)
+        full_env.update(env or {})
+        if isinstance(stdin, str):
+            stdin = stdin.encode()
+        if stdin is None:
+            stdin = self._services.stdin_secret
+        resources = self.policy.resources
+        return ExecRequest(
+            argv=argv,
+            env=full_env,
+            stdin=stdin,
+            cwd=cwd or self.policy.filesystem.workdir,
+            timeout_ms=timeout_ms if timeout_ms is not None else resources.wall_timeout_ms,
+            stdout_cap=resources.stdout_cap,
+            stderr_cap=resources.stderr_cap,
+            shell=shell,
+        )
+
+    def _require_running(self, what: str) -> None:
+        if self._fsm.state is not SandboxState.RUNNING:
+            raise ExecError(f"cannot {what}: sandbox {self.id} is {self._fsm.state.value}, not running")
+
+    async def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        cwd: str | None = None,
+    ) -> ExecResult:
+        """Run ``command`` to completion: a string runs through ``/bin/sh -c``, a list is an argv.
+
+        Raises :class:`GuardViolation` before running a refused command and
+        :class:`ExternalizationBlocked` when the gate blocks the output. A timeout is
+        not an exception: the result has ``timed_out`` and the partial output.
+        """
+        self._require_running("exec")
+        try:
+            request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
+        except GuardViolation as exc:
+            self._audit(
+                "guard.violation", {"rule": exc.rule, "detail": exc.detail, "argv": _argv_for_audit(command)}
+            )
+            raise
+        self._audit("exec.started", {"argv": list(request.argv)})
+        raw = await self._instance.exec(request)
+        return await self._finish_exec(request, raw)
+
+    async def _finish_exec(self, request: ExecRequest, raw: RawResult) -> ExecResult:
+        outputs = {
+            "stdout": self._gate_apply(raw.stdout, "stdout"),
+            "stderr": self._gate_apply(raw.stderr, "stderr"),
+        }
+        findings = tuple(f for r in outputs.values() for f in r.findings)
+        verdict = worst_verdict(*(r.verdict for r in outputs.values()))
+        assessment = await self._assess(findings)
+        quarantine_ids = self._quarantine(outputs)
+        self._audit(
+            "exec.finished",
+            {
+                "argv": list(request.argv),
+                "exit_code": raw.exit_code,
+                "duration_ms": round(raw.duration_ms, 3),
+                "timed_out": raw.timed_out,
+                "reason": raw.reason,
+                "verdict": verdict.value,
+                "findings": _finding_counts(findings),
+                "quarantine_ids": list(quarantine_ids),
+            },
+        )
+        if verdict is Verdict.BLOCK:
+            raise ExternalizationBlocked(
+                f"output of {request.argv[0]} blocked by the externalization gate "
+                f"({len(findings)} findings, worst {max(f.severity for f in findings)})",
+                findings,
+            )
+        return ExecResult(
+            exit_code=raw.exit_code,
+            stdout=outputs["stdout"].released,
+            stderr=outputs["stderr"].released,
+            duration_ms=raw.duration_ms,
+            timed_out=raw.timed_out,
+            stdout_truncated=raw.stdout_truncated,
+            stderr_truncated=raw.stderr_truncated,
+            verdict=verdict,
+            findings=findings,
+            score=self._score,
+            reason=raw.reason,
+            quarantine_ids=quarantine_ids,
+            threat=assessment,
+        )
+
+    def _gate_apply(self, data: bytes, source: str) -> GateResult:
+        gate = self._services.gate
+        if gate is None:
+            return GateResult(Verdict.PASS, (), data, data)
+        return gate.apply(data, source)
+
+    def _quarantine(self, outputs: Mapping[str, GateResult]) -> tuple[str, ...]:
+        store = self._services.quarantine
+        ids = []
+        for source, result in outputs.items():
+            if result.verdict is Verdict.QUARANTINE and store is not None:
+                ids.append(
+                    store.put(
+                        result.original,
+                        findings=result.findings,
+                        sandbox_id=self.id,
+                        agent_id=self.config.agent_id,
+                        source=source,
+                    )
+                )
+        return tuple(ids)
+
+    async def _assess(self, findings: Sequence[Finding]) -> ThreatAssessment | None:
+        if not findings:
+            return None
+        assessment = self._services.assessor.assess(self.config.agent_id, findings)
+        self._audit("threat.assessed", assessment.to_dict())
+        await self._escalate(assessment)
+        return assessment
+
+    async def _escalate(self, assessment: ThreatAssessment) -> None:
+        """Act on the tier: 2 alert (callback), 3 suspend (pause), 4 revoke the agent and pause."""
+        if assessment.tier >= 2 and self.config.on_alert is not None:
+            outcome = self.config.on_alert(assessment)
+            if inspect.isawaitable(outcome):
+                await outcome
+        if assessment.tier >= 4 and self.config.agent_id is not None:
+            self._services.assessor.store.revoke(
+                self.config.agent_id, f"threat tier 4: {assessment.classification}"
+            )
+            self._audit("agent.revoked", {"agent_id": self.config.agent_id})
+        if assessment.tier >= 3 and self._fsm.state is SandboxState.RUNNING:
+            await self.pause()
+
+    async def spawn(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        cwd: str | None = None,
+    ) -> SpawnHandle:
+        """Start ``command`` and return a handle whose output streams through the gate."""
+        self._require_running("spawn")
+        try:
+            request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
+        except GuardViolation as exc:
+            self._audit(
+                "guard.violation", {"rule": exc.rule, "detail": exc.detail, "argv": _argv_for_audit(command)}
+            )
+            raise
+        self._audit("exec.started", {"argv": list(request.argv), "spawn": True})
+        process = await self._instance.spawn(request)
+        return SpawnHandle(self, request, process)
+
+    # -- files --------------------------------------------------------------------------------
+
+    async def read_file(self, path: str) -> bytes:
+        """Bytes of ``path`` inside the sandbox, after the gate (redacted on warn/quarantine)."""
+        self._require_running("read_file")
+        ext = self._services.gate
+        limit = ext.policy.max_artifact_size if ext is not None else 64 * 1024 * 1024
+        data = await self._instance.read_file(path, limit)
+        source = f"file:{path}"
+        result = self._gate_apply(data, source)
+        await self._assess(result.findings)
+        ids = self._quarantine({source: result})
+        self._audit(
+            "file.exported",
+            {
+                "path": path,
+                "bytes": len(data),
+                "verdict": result.verdict.value,
+                "findings": _finding_counts(result.findings),
+                "quarantine_ids": list(ids),
+            },
+        )
+        if result.verdict is Verdict.BLOCK:
+            raise ExternalizationBlocked(f"{path} blocked by the externalization gate", result.findings)
+        return result.released
+
+    async def export(self, path: str, destination: str | os.PathLike[str]) -> Path:
+        """Copy ``path`` out of the sandbox to the host file ``destination`` through the gate."""
+        data = await self.read_file(path)
+        dest = Path(destination)
+        dest.write_bytes(data)
+        return dest
+
+    # -- integrity ----------------------------------------------------------------------------
+
+    async def check_integrity(self) -> IntegrityReport:
+        """Probe from inside: namespaces, mounts, seccomp, no_new_privs, capabilities."""
+        self._require_running("check integrity")
+        report = await guards.check_integrity(self._instance, self._enforcement)
+        self._integrity = report
+        self._audit("integrity.checked", report.to_dict())
+        return report
+
+    # -- state changes ------------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Freeze every process of the sandbox."""
+        async with self._lock:
+            self._fsm.check(SandboxState.PAUSED)
+            await self._instance.pause()
+            self._transition(SandboxState.PAUSED)
+
+    async def resume(self) -> None:
+        """Thaw a paused sandbox."""
+        async with self._lock:
+            self._fsm.check(SandboxState.RUNNING)
+            await self._instance.resume()
+            self._transition(SandboxState.RUNNING)
+
+    async def stop(self) -> None:
+        """Kill every process; afterwards only :meth:`destroy` is allowed."""
+        async with self._lock:
+            self._fsm.check(SandboxState.STOPPED)
+            await self._instance.stop()
+            self._transition(SandboxState.STOPPED)
+
+    async def destroy(self) -> None:
+        """Kill everything and remove all state. Calling it again on a destroyed sandbox is a no-op."""
+        async with self._lock:
+            if self._fsm.state is SandboxState.DESTROYED:
+                return
+            self._fsm.check(SandboxState.DESTROYED)
+            try:
+                if self._fork_watch is not None:
+                    await self._fork_watch.stop()
+                await self._instance.destroy()
+            finally:
+                self._transition(SandboxState.DESTROYED)
+                await _close_services(self._services)
+
+    def _transition(self, target: SandboxState) -> None:
+        previous = self._fsm.transition(target)
+        self._audit("sandbox.state", {"from": previous.value, "to": target.value})
+
+    async def _on_fork_bomb(self, pids: int) -> None:
+        self._audit("guard.fork_bomb", {"pids": pids, "threshold": self.policy.guards.fork_bomb_threshold})
+        if self._fsm.state is SandboxState.RUNNING:
+            await self.stop()
+
+    def _audit(self, event: str, payload: Mapping[str, Any]) -> None:
+        log = self._services.audit
+        if log is not None:
+            log.append(event, sandbox_id=self.id, agent_id=self.config.agent_id, payload=payload)
+
+    # -- context managers & sync facade ---------------------------------------------------------
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.destroy()
+
+    @classmethod
+    def sync(cls, config: SandboxConfig | None = None) -> SyncSandbox:
+        """A blocking sandbox for code without asyncio: ``with Sandbox.sync(cfg) as sb: sb.exec("ls")``."""
+        return SyncSandbox(config)
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id} {self.backend.value} {self._fsm.state.value} score={self._score}>"
+
+
+class SpawnHandle:
+    """A running command whose output streams through the gate.
+
+    Iterate :meth:`stream` for ``(stream_name, bytes)`` pairs already released by the gate;
+    then :meth:`wait` for the :class:`ExecResult` (its stdout/stderr hold what was not
+    streamed). A blocking verdict stops the stream with :class:`ExternalizationBlocked`
+    and kills the command.
+    """
+
+    def __init__(self, sandbox: Sandbox, request: ExecRequest, process: RawProcess) -> None:
+        self._sandbox = sandbox
+        self._request = request
+        self._process = process
+        gate = sandbox._services.gate
+        self._gates = {name: gate.stream(name) for name in ("stdout", "stderr")} if gate else {}
+        self._findings: list[Finding] = []
+        self._streamed = False
+
+    @property
+    def pid(self) -> int:
+        """The command's pid (as the backend reports it)."""
+        return self._process.pid
+
+    async def stream(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield released output chunks as they arrive."""
+        self._streamed = True
+        async for name, chunk in self._process.chunks():
+            released = await self._feed(name, chunk)
+            if released:
+                yield name, released
+        for name, stream_gate in self._gates.items():
+            released, found = stream_gate.close()
+            await self._record(found, stream_gate.verdict)
+            if released:
+                yield name, released
+
+    async def _feed(self, name: str, chunk: bytes) -> bytes:
+        stream_gate = self._gates.get(name)
+        if stream_gate is None:
+            return chunk
+        released, found = stream_gate.feed(chunk)
+        await self._record(found, stream_gate.verdict)
+        return released
+
+    async def _record(self, found: Sequence[Finding], verdict: Verdict) -> None:
+        self._findings.extend(found)
+        if verdict is Verdict.BLOCK:
+            await self._process.kill()
+            self._sandbox._audit(
+                "exec.blocked",
+                {"argv": list(self._request.argv), "findings": _finding_counts(self._findings)},
+            )
+            raise ExternalizationBlocked(
+                "streamed output blocked by the externalization gate", self._findings
+            )
+
+    async def wait(self) -> ExecResult:
+        """Wait for the exit; gate whatever was not streamed."""
+        raw = await self._process.wait()
+        if not self._streamed:
+            return await self._sandbox._finish_exec(self._request, raw)
+        result = await self._sandbox._finish_exec(self._request, raw)
+        streamed_verdict = worst_verdict(*(g.verdict for g in self._gates.values()))
+        findings = tuple(self._findings) + result.findings
+        return replace(result, verdict=worst_verdict(result.verdict, streamed_verdict), findings=findings)
+
+    async def kill(self, signum: int = 9) -> None:
+        """Send ``signum`` to the command."""
+        await self._process.kill(signum)
+
+
+class SyncSandbox:
+    """Blocking wrapper around :class:`Sandbox` with its own private event loop."""
+
+    def __init__(self, config: SandboxConfig | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._sandbox = self._loop.run_until_complete(Sandbox.create(config))
+        except BaseException:
+            self._loop.close()
+            raise
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """The underlying asynchronous sandbox."""
+        return self._sandbox
+
+    @property
+    def score(self) -> StrengthScore:
+        """See :attr:`Sandbox.score`."""
+        return self._sandbox.score
+
+    @property
+    def state(self) -> SandboxState:
+        """See :attr:`Sandbox.state`."""
+        return self._sandbox.state
+
+    @property
+    def enforcement(self) -> Enforcement:
+        """See :attr:`Sandbox.enforcement`."""
+        return self._sandbox.enforcement
+
+    def exec(self, command: str | Sequence[str], **kwargs: Any) -> ExecResult:
+        """See :meth:`Sandbox.exec`."""
+        return self._loop.run_until_complete(self._sandbox.exec(command, **kwargs))
+
+    def read_file(self, path: str) -> bytes:
+        """See :meth:`Sandbox.read_file`."""
+        return self._loop.run_until_complete(self._sandbox.read_file(path))
+
+    def pause(self) -> None:
+        """See :meth:`Sandbox.pause`."""
+        self._loop.run_until_complete(self._sandbox.pause())
+
+    def resume(self) -> None:
+        """See :meth:`Sandbox.resume`."""
+        self._loop.run_until_complete(self._sandbox.resume())
+
+    def stop(self) -> None:
+        """See :meth:`Sandbox.stop`."""
+        self._loop.run_until_complete(self._sandbox.stop())
+
+    def destroy(self) -> None:
+        """Destroy the sandbox and close the private loop."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._loop.run_until_complete(self._sandbox.destroy())
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> SyncSandbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.destroy()
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _argv_for_audit(command: str | Sequence[str]) -> list[str]:
+    return [command] if isinstance(command, str) else [str(a) for a in command]
+
+
+def _finding_counts(findings: Sequence[Finding]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for f in findings:
+        counts[str(f.severity)] = counts.get(str(f.severity), 0) + 1
+    return counts
+
+
+def _open_services(config: SandboxConfig, backend: Backend, assessor: threat.ThreatAssessor) -> _Services:
+    """Audit log, gate and quarantine store: opened before the backend starts, so a missing key fails first."""
+    settings = config.audit
+    audit = None
+    if settings.enabled:
+        key = settings.key
+        if key is None and settings.key_file is not None:
+            key = _read_key_file(settings.key_file)
+        audit = open_audit_log(settings.path, key, fsync=settings.fsync)
+    ext = config.externalization
+    if ext is None:
+        ext = ExternalizationPolicy.disabled() if backend is Backend.NOOP else ExternalizationPolicy()
+    quarantine = QuarantineStore(config.quarantine_dir, audit=audit) if ext.enabled else None
+    services = _Services(audit=audit, gate=None, quarantine=quarantine, assessor=assessor)
+    services.gate = Gate(ext) if ext.enabled else None
+    return services
+
+
+def _read_key_file(path: str) -> bytes:
+    from kavach.audit import read_key_file
+
+    return read_key_file(path)
+
+
+async def _launch_spec(config: SandboxConfig, sandbox_id: str, services: _Services) -> LaunchSpec:
+    policy = config.policy
+    env = dict(policy.env.vars)
+    if not policy.env.clear:
+        env = {**os.environ, **env}
+    for name in policy.env.passthrough:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(config.env)
+    files: list[InjectedFile] = []
+    known_secrets: list[str] = []
+    if config.secrets:
+        from kavach.credentials import CredentialStore, resolve_secrets
+
+        store = config.credential_store or CredentialStore()
+        resolved = resolve_secrets(config.secrets, store)
+        env.update(resolved.env)
+        files.extend(resolved.files)
+        services.stdin_secret = resolved.stdin
+        known_secrets.extend(resolved.values)
+    proxy_listen = None
+    if policy.network.mode is NetworkMode.PROXY:
+        proxy = _make_proxy(config, sandbox_id, services)
+        services.proxy = proxy
+        env.update(proxy.placeholders())
+        env.update(proxy.sandbox_env(f"http://{PROXY_LISTEN[0]}:{PROXY_LISTEN[1]}", CA_BUNDLE_PATH))
+        files.append(InjectedFile(CA_BUNDLE_PATH, proxy.ca_bundle_pem(), 0o444))
+        proxy_listen = PROXY_LISTEN
+    if known_secrets and services.gate is not None:
+        services.gate = Gate(services.gate.policy, known_secrets=known_secrets)
+    services.base_env = env
+    return LaunchSpec(
+        sandbox_id=sandbox_id,
+        policy=policy,
+        env=env,
+        workdir_host=config.workdir,
+        inner_backend=config.inner_backend,
+        files=tuple(files),
+        hostname=config.hostname,
+        proxy_listen=proxy_listen,
+    )
+
+
+def _make_proxy(config: SandboxConfig, sandbox_id: str, services: _Services) -> EgressProxy:
+    from kavach.credentials import CredentialStore, EgressProxy, ProxyConfig
+
+    network = config.policy.network
+    proxy_config = config.proxy or ProxyConfig(allow=network.egress_allowlist, deny=network.egress_denylist)
+    store = config.credential_store or CredentialStore()
+    return EgressProxy(proxy_config, store, sandbox_id=sandbox_id, audit=services.audit)
+
+
+async def _close_services(services: _Services) -> None:
+    if services.proxy is not None:
+        await services.proxy.close()
+        if services.proxy_task is not None:
+            services.proxy_task.cancel()
+            await asyncio.gather(services.proxy_task, return_exceptions=True)
+        services.proxy = None
+    if services.audit is not None:
+        services.audit.close()
+        services.audit = None
+
+
+__all__ = [
+    "ExecResult",
+    "Sandbox",
+    "SandboxState",
+    "SpawnHandle",
+    "StateMachine",
+    "SyncSandbox",
+    "TRANSITIONS",
+]
