@@ -155,7 +155,7 @@ class EnvPolicy:
     """
 
     clear: bool = True
-    vars: tuple[tuple[str, str], ...] = (("PATH", DEFAULT_PATH), ("HOME", "/tmp"), ("LANG", "C.UTF-8"))
+    vars: tuple[tuple[str, str], ...] = (("HOME", "/tmp"), ("LANG", "C.UTF-8"), ("PATH", DEFAULT_PATH))
     passthrough: tuple[str, ...] = ()
 
 
@@ -531,7 +531,7 @@ def _merge_env_vars(
         if key in merged and merged[key] != value:
             raise PolicyError(f"env.vars.{key}", (merged[key], value), "policies set different values")
         merged[key] = value
-    return tuple(merged.items())
+    return tuple(sorted(merged.items()))
 
 
 # -- host patterns ---------------------------------------------------------------------------------
@@ -767,7 +767,7 @@ def _parse_env(value: object, base: EnvPolicy) -> EnvPolicy:
         for k, v in items.items():
             if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k)):
                 raise PolicyError(f"env.vars.{k}", v, 'expected NAME = "string"')
-        changes["vars"] = tuple((str(k), str(v)) for k, v in items.items())
+        changes["vars"] = tuple(sorted((str(k), str(v)) for k, v in items.items()))  # order-free
     if "passthrough" in data:
         changes["passthrough"] = _str_list(data["passthrough"], "env.passthrough")
     return replace(base, **changes)
