@@ -1,0 +1,303 @@
+"""The audit chain: signing, tamper detection, checkpoints, torn tails and the key rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from kavach import audit
+from kavach.audit import AuditLog, open_audit_log, read_entries, resolve_key, verify
+from kavach.errors import AuditError
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAVACH_DATA_DIR", str(tmp_path / "data"))
+    for name in ("KAVACH_AUDIT_LOG", "KAVACH_AUDIT_KEY", "KAVACH_AUDIT_KEY_FILE", "KAVACH_QUARANTINE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def write_log(path: Path, n: int, *, checkpoint_every: int = 100, close: bool = True) -> AuditLog:
+    log = AuditLog(path, KEY, checkpoint_every=checkpoint_every)
+    for i in range(n):
+        log.append("exec.finished", sandbox_id=f"sb-{i % 3}", agent_id="agent-1", payload={"i": i, "exit": 0})
+    if close:
+        log.close()
+    return log
+
+
+def test_entries_are_chained_signed_and_canonical(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 5)
+    lines = path.read_bytes().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert [e["serial"] for e in entries] == list(range(6))
+    assert entries[0]["event"] == audit.GENESIS_EVENT
+    assert entries[0]["prev_hmac"] == "0" * 64
+    for prev, cur in zip(entries, entries[1:], strict=False):
+        assert cur["prev_hmac"] == prev["hmac"]
+    for line, entry in zip(lines, entries, strict=True):
+        assert audit.canonical_bytes(entry) == line
+    result = verify(path, KEY)
+    assert result.ok, result
+    assert result.entries == 6
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_flipping_any_byte_of_any_entry_fails_at_that_serial(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 4)
+    original = path.read_bytes()
+    line_starts = [0]
+    for i, byte in enumerate(original):
+        if byte == ord("\n") and i + 1 < len(original):
+            line_starts.append(i + 1)
+
+    def serial_of(offset: int) -> int:
+        return max(i for i, start in enumerate(line_starts) if start <= offset)
+
+    for offset in range(len(original)):
+        for replacement in {original[offset] ^ 0x01, ord("x") if original[offset] != ord("x") else ord("y")}:
+            tampered = bytearray(original)
+            tampered[offset] = replacement
+            path.write_bytes(bytes(tampered))
+            result = verify(path, KEY)
+            assert not result.ok, f"byte {offset} changed to {replacement!r} went unnoticed"
+            assert result.first_bad_serial == serial_of(offset), (offset, result)
+    path.write_bytes(original)
+    assert verify(path, KEY).ok
+
+
+def test_wrong_key_is_reported_at_genesis(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 2)
+    result = verify(path, b"k" * 32)
+    assert not result.ok
+    assert result.first_bad_serial == 0
+    assert "not the one this log was written with" in (result.reason or "")
+
+
+def test_deleting_the_last_entries_fails_against_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 25, checkpoint_every=10)  # checkpoints at 0, 10, 20 and 25 (close)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-3]))
+    result = verify(path, KEY)
+    assert not result.ok
+    assert result.entries == 23
+    assert result.first_bad_serial == 23
+    assert "checkpoint at serial 25" in (result.reason or "")
+    assert "truncated or rolled back" in (result.reason or "")
+
+
+def test_truncation_behind_a_periodic_checkpoint_is_detected_without_close(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    log = write_log(path, 25, checkpoint_every=10, close=False)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:15]))  # serials 0..14; checkpoint at 20 survives
+    result = verify(path, KEY)
+    assert not result.ok
+    assert result.last_checkpoint == 20
+    assert result.first_bad_serial == 15
+    log._close_fds()  # simulate a crash: no closing checkpoint
+
+
+def test_rewritten_chain_with_valid_hmacs_fails_against_the_checkpoint(tmp_path: Path) -> None:
+    """Someone with the key rebuilds a different history; the anchor still pins the old one."""
+    path = tmp_path / "a.jsonl"
+    write_log(path, 12, checkpoint_every=5)
+    anchor = audit.anchor_path_for(path).read_bytes()
+    path.unlink()
+    audit.anchor_path_for(path).unlink()
+    write_log(path, 12, checkpoint_every=5)  # same key, same shape, different timestamps
+    audit.anchor_path_for(path).write_bytes(anchor)
+    result = verify(path, KEY)
+    assert not result.ok
+    assert result.first_bad_serial == 0
+    assert "differs from its checkpoint" in (result.reason or "")
+
+
+def test_missing_or_forged_anchor_fails(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 3)
+    anchor = audit.anchor_path_for(path)
+    good = anchor.read_bytes()
+    anchor.write_bytes(good.replace(b'"serial":3', b'"serial":2'))
+    assert "bad signature" in (verify(path, KEY).reason or "")
+    anchor.unlink()
+    result = verify(path, KEY)
+    assert not result.ok
+    assert "missing" in (result.reason or "")
+
+
+def test_torn_tail_is_reported_then_repaired_and_audited_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 3)
+    with path.open("ab") as fh:
+        fh.write(b'{"agent_id":null,"event":"exec.fin')  # a writer killed mid-line
+    result = verify(path, KEY)
+    assert not result.ok
+    assert result.entries == 4
+    assert result.first_bad_serial == 4
+    assert result.torn_tail_bytes == 34
+    assert "torn tail" in (result.reason or "")
+
+    log = AuditLog(path, KEY)
+    assert log.repairs == [audit.TailRepair(34, 3)]
+    log.append("after.repair")
+    log.close()
+    assert verify(path, KEY).ok
+    events = [e["event"] for e in read_entries(path)]
+    assert events[-2:] == [audit.REPAIRED_EVENT, "after.repair"]
+    repaired = list(read_entries(path))[-2]
+    assert repaired["payload"] == {"torn_bytes": 34, "after_serial": 3}
+
+
+def test_opening_a_log_whose_last_entry_is_altered_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 2)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"i":1', b'"i":7'))
+    with pytest.raises(AuditError, match="does not verify with this key"):
+        AuditLog(path, KEY)
+
+
+def test_opening_a_rolled_back_log_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 8, checkpoint_every=4)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3]))
+    with pytest.raises(AuditError, match="truncated or rolled back"):
+        AuditLog(path, KEY)
+
+
+def test_batched_mode_verifies_and_checkpoints_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path, KEY, fsync=False, checkpoint_every=1000)
+    for i in range(50):
+        log.append("e", payload={"i": i})
+    log.close()
+    result = verify(path, KEY)
+    assert result.ok
+    assert result.last_checkpoint == 50
+
+
+def test_two_handles_interleave_into_one_linear_chain(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    first = AuditLog(path, KEY)
+    second = AuditLog(path, KEY)
+    for i in range(10):
+        (first if i % 2 else second).append("e", payload={"i": i})
+    first.close()
+    second.close()
+    result = verify(path, KEY)
+    assert result.ok
+    assert [e["payload"].get("i") for e in read_entries(path)][1:] == list(range(10))
+
+
+def test_secret_like_payload_keys_are_redacted_and_bytes_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path, KEY)
+    entry = log.append(
+        "exec.finished",
+        payload={"api_key": "sk-live-1234", "findings": {"secrets": 2}, "nested": {"password": "hunter2"}},
+    )
+    assert entry.payload == {
+        "api_key": "[redacted]",
+        "findings": {"secrets": 2},
+        "nested": {"password": "[redacted]"},
+    }
+    with pytest.raises(AuditError, match="raw bytes"):
+        log.append("exec.finished", payload={"stdout": b"output"})
+    with pytest.raises(AuditError, match="NaN"):
+        log.append("exec.finished", payload={"x": float("nan")})
+    log.close()
+    text = path.read_text()
+    assert "sk-live-1234" not in text
+    assert "hunter2" not in text
+    assert verify(path, KEY).ok
+
+
+# -- key rules ----------------------------------------------------------------------------------
+
+
+def test_default_key_is_created_0600_once_and_reused(tmp_path: Path) -> None:
+    log = open_audit_log()
+    log.append("first")
+    log.close()
+    key_file = tmp_path / "data" / "audit.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    key = bytes.fromhex(key_file.read_text().strip())
+    assert len(key) == 32
+    assert key.hex() not in (tmp_path / "data" / "audit.jsonl").read_text()
+    log = open_audit_log()
+    log.append("second")
+    log.close()
+    assert verify(tmp_path / "data" / "audit.jsonl", key).ok
+    assert key_file.read_text().strip() == key.hex()
+
+
+def test_existing_log_without_its_key_is_an_error_naming_the_path(tmp_path: Path) -> None:
+    open_audit_log().close()
+    (tmp_path / "data" / "audit.key").unlink()
+    with pytest.raises(AuditError) as info:
+        open_audit_log()
+    assert str(tmp_path / "data" / "audit.key") in str(info.value)
+    assert "exists but its key is missing" in str(info.value)
+    assert not (tmp_path / "data" / "audit.key").exists()
+
+
+def test_named_key_file_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "nope.key"
+    monkeypatch.setenv("KAVACH_AUDIT_KEY_FILE", str(missing))
+    with pytest.raises(AuditError, match="nope.key"):
+        open_audit_log(tmp_path / "x.jsonl")
+    assert not missing.exists()
+
+
+def test_named_key_file_is_used_and_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "k"
+    key_file.write_text(KEY.hex())
+    key_file.chmod(0o644)
+    monkeypatch.setenv("KAVACH_AUDIT_KEY_FILE", str(key_file))
+    with pytest.raises(AuditError, match="chmod 600"):
+        open_audit_log(tmp_path / "x.jsonl")
+    key_file.chmod(0o600)
+    open_audit_log(tmp_path / "x.jsonl").close()
+    assert verify(tmp_path / "x.jsonl", KEY).ok
+
+
+def test_hex_key_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAVACH_AUDIT_KEY", KEY.hex())
+    monkeypatch.setenv("KAVACH_AUDIT_LOG", str(tmp_path / "env.jsonl"))
+    log = open_audit_log()
+    assert KEY.hex() not in repr(log)
+    log.close()
+    assert verify(tmp_path / "env.jsonl", KEY).ok
+    assert not (tmp_path / "data" / "audit.key").exists()
+    monkeypatch.setenv("KAVACH_AUDIT_KEY", "not-hex")
+    with pytest.raises(AuditError, match="not valid hex") as info:
+        resolve_key(tmp_path / "env.jsonl")
+    assert "not-hex" not in str(info.value)
+    monkeypatch.setenv("KAVACH_AUDIT_KEY", "abcd")
+    with pytest.raises(AuditError, match="at least 16 bytes"):
+        resolve_key(tmp_path / "env.jsonl")
+
+
+def test_resolve_without_create_never_makes_a_key(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match="no audit key"):
+        resolve_key(tmp_path / "new.jsonl")
+    assert not (tmp_path / "data").exists()
+
+
+def test_short_explicit_key_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match="at least 16 bytes"):
+        AuditLog(tmp_path / "a.jsonl", b"short")
+    assert not os.path.exists(tmp_path / "a.jsonl")

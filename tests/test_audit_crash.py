@@ -1,0 +1,92 @@
+"""kill -9 in the middle of concurrent appends from four processes loses no acknowledged entry."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kavach.audit import AuditLog, read_entries, verify
+
+KEY = bytes(range(32))
+WORKERS = 4
+PER_WORKER = 250  # 1,000 appends in all
+KILL_AFTER_ACKS = 400
+
+CHILD = """
+import sys
+from kavach.audit import AuditLog
+worker = int(sys.argv[2])
+log = AuditLog(sys.argv[1], bytes(range(32)), checkpoint_every=50)
+for i in range(int(sys.argv[3])):
+    log.append("test.append", agent_id=f"w{worker}", payload={"worker": worker, "i": i})
+    # The ack goes out only after append() returned, i.e. after the entry was fsync'd.
+    sys.stdout.write(f"{worker} {i}\\n")
+    sys.stdout.flush()
+log.close()
+"""
+
+
+def _read_acks(procs: list[subprocess.Popen[bytes]], stop_after: int | None) -> set[tuple[int, int]]:
+    acks: set[tuple[int, int]] = set()
+    buffers = {p.stdout.fileno(): b"" for p in procs if p.stdout}
+    sel = selectors.DefaultSelector()
+    for fd in buffers:
+        sel.register(fd, selectors.EVENT_READ)
+    open_fds = set(buffers)
+    while open_fds and (stop_after is None or len(acks) < stop_after):
+        for key, _ in sel.select(timeout=30):
+            fd = int(key.fd)
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                sel.unregister(fd)
+                open_fds.discard(fd)
+                continue
+            data = buffers[fd] + chunk
+            *lines, buffers[fd] = data.split(b"\n")
+            for line in lines:
+                worker, i = line.split()
+                acks.add((int(worker), int(i)))
+    sel.close()
+    return acks
+
+
+@pytest.mark.slow
+def test_kill_9_during_concurrent_appends_loses_no_acknowledged_entry(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path, KEY, checkpoint_every=50).close()  # genesis before the race
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(path), str(w), str(PER_WORKER)], stdout=subprocess.PIPE, env=env
+        )
+        for w in range(WORKERS)
+    ]
+    try:
+        acks = _read_acks(procs, KILL_AFTER_ACKS)
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+        # Acks already in the pipes when the children died were acknowledged too.
+        acks |= _read_acks(procs, None)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert all(proc.returncode == -signal.SIGKILL for proc in procs), "children finished before the kill"
+    assert KILL_AFTER_ACKS <= len(acks) < WORKERS * PER_WORKER
+
+    log = AuditLog(path, KEY)  # repairs a torn tail, if the kill left one
+    log.close()
+    result = verify(path, KEY)
+    assert result.ok, result
+    logged = {
+        (e["payload"]["worker"], e["payload"]["i"]) for e in read_entries(path) if e["event"] == "test.append"
+    }
+    assert acks <= logged, f"acknowledged but missing: {sorted(acks - logged)[:10]}"
+    serials = [e["serial"] for e in read_entries(path)]
+    assert serials == list(range(len(serials)))
