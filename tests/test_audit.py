@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -40,7 +41,7 @@ def test_entries_are_chained_signed_and_canonical(tmp_path: Path) -> None:
     assert [e["serial"] for e in entries] == list(range(6))
     assert entries[0]["event"] == audit.GENESIS_EVENT
     assert entries[0]["prev_hmac"] == "0" * 64
-    for prev, cur in zip(entries, entries[1:], strict=False):
+    for prev, cur in itertools.pairwise(entries):
         assert cur["prev_hmac"] == prev["hmac"]
     for line, entry in zip(lines, entries, strict=True):
         assert audit.canonical_bytes(entry) == line
@@ -257,7 +258,7 @@ def test_existing_log_without_its_key_is_an_error_naming_the_path(tmp_path: Path
 def test_named_key_file_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "nope.key"
     monkeypatch.setenv("KAVACH_AUDIT_KEY_FILE", str(missing))
-    with pytest.raises(AuditError, match="nope.key"):
+    with pytest.raises(AuditError, match=r"nope\.key"):
         open_audit_log(tmp_path / "x.jsonl")
     assert not missing.exists()
 
