@@ -86,14 +86,16 @@ def test_load_toml_yaml_json_give_equal_policies(tmp_path: Path) -> None:
         ('[filesystem]\nro_binds = ["relative/path"]', "filesystem.ro_binds", "relative/path"),
         ('[filesystem]\nrw_binds = ["/a:/b/../c"]', "filesystem.rw_binds", "/a:/b/../c"),
         ('[network]\negress_allowlist = ["http://x.com/"]', "network.egress_allowlist", "http://x.com/"),
-        ("[landlock]\nrules = [{path = \"/usr\", access = [\"fly\"]}]", "landlock.rules[0].access", "fly"),
+        ('[landlock]\nrules = [{path = "/usr", access = ["fly"]}]', "landlock.rules[0].access", "fly"),
         ("[resources]\nbogus = 1", "resources.bogus", "1"),
         ("colour = 1", "colour", "1"),
         ('extends = "paranoid"', "policy", "paranoid"),
         ('[seccomp]\nprofile = "basic"\nallow = ["ptrace"]', "seccomp.allow", "ptrace"),
     ],
 )
-def test_validation_errors_name_the_field_and_the_value(tmp_path: Path, text: str, field: str, value: str) -> None:
+def test_validation_errors_name_the_field_and_the_value(
+    tmp_path: Path, text: str, field: str, value: str
+) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(PolicyError) as info:
@@ -198,7 +200,7 @@ def test_merge_landlock_intersects_access() -> None:
 def test_merge_rejects_different_workdirs() -> None:
     from kavach.policy import FilesystemPolicy
 
-    with pytest.raises(PolicyError, match="filesystem.workdir"):
+    with pytest.raises(PolicyError, match=r"filesystem\.workdir"):
         merge(SandboxPolicy(), SandboxPolicy(filesystem=FilesystemPolicy(workdir="/other")))
 
 

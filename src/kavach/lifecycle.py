@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 from kavach import guards, threat
 from kavach.audit import AuditLog, open_audit_log
 from kavach.backends import registry
-from kavach.backends.base import ExecRequest, InjectedFile, Instance, LaunchSpec, RawProcess, RawResult
+from kavach.backends.base import (
+    Driver,
+    ExecRequest,
+    InjectedFile,
+    Instance,
+    LaunchSpec,
+    RawProcess,
+    RawResult,
+)
 from kavach.backends.names import Backend
 from kavach.config import SandboxConfig
 from kavach.errors import (
@@ -220,8 +228,11 @@ class Sandbox:
     # -- creation -----------------------------------------------------------------------------
 
     @classmethod
-    async def create(cls, config: SandboxConfig | None = None) -> Sandbox:
+    async def create(cls, config: SandboxConfig | None = None, *, driver: Driver | None = None) -> Sandbox:
         """Validate, resolve the backend, start it and check the score (fail closed).
+
+        ``driver`` replaces the registry's driver for ``config.backend`` -- for tests, e.g.
+        ``NoopDriver(responder=...)``, or for a custom backend.
 
         Raises :class:`AgentRevoked`, :class:`~kavach.errors.BackendUnavailable`,
         :class:`SandboxCreateError` (including :class:`ScoreTooLow`) or :class:`PolicyError`.
@@ -232,12 +243,15 @@ class Sandbox:
         assessor = threat.ThreatAssessor()
         if config.agent_id is not None and assessor.store.is_revoked(config.agent_id):
             raise AgentRevoked(f"agent {config.agent_id} is revoked; an operator must clear it")
-        backend = config.backend or (
-            registry.resolve_min_strength(policy, config.min_score)
-            if config.min_score
-            else registry.resolve_best(policy)
-        )
-        driver = registry.require(backend)
+        if driver is not None:
+            backend = driver.backend
+        else:
+            backend = config.backend or (
+                registry.resolve_min_strength(policy, config.min_score)
+                if config.min_score
+                else registry.resolve_best(policy)
+            )
+            driver = registry.require(backend)
         sandbox_id = f"kv-{_secrets.token_hex(6)}"
         services = _open_services(config, backend, assessor)
         try:
@@ -751,7 +765,9 @@ def _finding_counts(findings: Sequence[Finding]) -> dict[str, int]:
     return counts
 
 
-def _open_services(config: SandboxConfig, backend: Backend, assessor: threat.ThreatAssessor) -> _Services:
+def _open_services(
+    config: SandboxConfig, backend: Backend, assessor: threat.ThreatAssessor
+) -> _Services:
     """Audit log, gate and quarantine store: opened before the backend starts, so a missing key fails first."""
     settings = config.audit
     audit = None
@@ -840,11 +856,11 @@ async def _close_services(services: _Services) -> None:
 
 
 __all__ = [
+    "TRANSITIONS",
     "ExecResult",
     "Sandbox",
     "SandboxState",
     "SpawnHandle",
     "StateMachine",
     "SyncSandbox",
-    "TRANSITIONS",
 ]
