@@ -768,7 +768,7 @@ def _finding_counts(findings: Sequence[Finding]) -> dict[str, int]:
 def _open_services(
     config: SandboxConfig, backend: Backend, assessor: threat.ThreatAssessor
 ) -> _Services:
-    """Audit log, gate and quarantine store: opened before the backend starts, so a missing key fails first."""
+    """Audit log, gate and quarantine store, opened before the backend starts (a missing key fails first)."""
     settings = config.audit
     audit = None
     if settings.enabled:
