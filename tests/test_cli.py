@@ -1,0 +1,100 @@
+"""The kavach command: exit codes, one-line errors, JSON output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kavach.cli import main
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--backend", "docker", "--", "true"], "unknown backend"),
+        (["run", "--policy", "/no/such/policy.toml", "--", "true"], "--policy"),
+        (["run", "--ro-bind", "relative:/x", "--", "true"], "--ro-bind"),
+        (["run", "--bind", "/a:", "--", "true"], "--bind"),
+        (["run", "--env", "NOEQUALS", "--", "true"], "--env"),
+        (["run", "--network", "wifi", "--", "true"], "--network"),
+        (["run", "--timeout", "-1", "--", "true"], "--timeout"),
+        (["run"], "missing command"),
+        (["run", "--no-such-flag", "--", "true"], "--no-such-flag"),
+        (["score", "--backend", "nope"], "unknown backend"),
+        (["score"], "--backend"),
+        (["policy", "validate", "/no/such/file.json"], "cannot read"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_no_traceback(
+    capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("kavach: error: ")
+    assert err.count("\n") == 1
+    assert needle in err
+    assert "Traceback" not in err + out
+
+
+def test_score_prints_the_predicted_score(capsys: pytest.CaptureFixture[str]) -> None:
+    def predicted(*args: str) -> str:
+        return run_cli(capsys, "score", *args)[1].strip()
+
+    assert predicted("--backend", "process", "--policy", "strict") == "68 (standard)"
+    assert predicted("--backend", "firecracker", "--policy", "strict") == "100 (fortress)"
+    composite = ("--backend", "oci", "--policy", "strict", "--inner", "process", "--json")
+    code, out, _ = run_cli(capsys, "score", *composite)
+    assert code == 0 and json.loads(out)["score"] == 78
+
+
+def test_backends_lists_all_ten_with_reasons(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "backends", "--json")
+    rows = json.loads(out)
+    assert code == 0
+    assert len(rows) == 10
+    by_name = {r["backend"]: r for r in rows}
+    assert by_name["noop"]["available"] is True
+    assert by_name["firecracker"]["available"] is False and by_name["firecracker"]["reason"]
+    assert by_name["process"]["base_score"] == 50
+    code, table, _ = run_cli(capsys, "backends")
+    assert code == 0 and "firecracker" in table
+
+
+def test_policy_show_and_validate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "policy", "show", "strict", "--json")
+    assert code == 0 and json.loads(out)["seccomp"]["profile"] == "strict"
+    good = tmp_path / "p.toml"
+    good.write_text('extends = "basic"\n[network]\nmode = "host"\n')
+    assert run_cli(capsys, "policy", "validate", str(good))[0] == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[network]\nmode = "wifi"\n')
+    code, _, err = run_cli(capsys, "policy", "validate", str(bad))
+    assert code == 2 and "network.mode" in err and "wifi" in err
+
+
+def test_run_on_noop_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "run", "--backend", "noop", "--json", "--", "echo", "hi")
+    data = json.loads(out)
+    assert code == 0
+    assert data["backend"] == "noop" and data["score"] == 0 and data["verdict"] == "pass"
+    assert data["result"]["exit_code"] == 0
+
+
+def test_run_min_score_unreachable_exits_125(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "run", "--backend", "noop", "--min-score", "50", "--", "true")
+    assert code == 125
+    assert "min_score" in err and err.count("\n") == 1
+
+
+def test_help_works(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "run", "--help")
+    assert code == 0 and "--min-score" in out
