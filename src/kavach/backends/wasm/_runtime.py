@@ -1,0 +1,192 @@
+"""The wasmtime side of the WASM backend: one engine, its epoch ticker, module loading.
+
+Everything that touches wasmtime's private ctypes layer (``wasmtime._ffi``) lives here,
+in two small functions: the per-store epoch-deadline callback (the public Python API has
+no binding for it) and stdin given as bytes through a memfd. :func:`missing_features`
+lets :meth:`WasmDriver.probe` refuse a wasmtime release that lacks them instead of
+running without a wall clock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import platform
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from kavach.backends.wasm.cache import MEMORY_ENTRIES, ModuleCache
+
+# The engine's epoch advances every EPOCH_TICK_S while at least one module runs; each
+# store's deadline callback runs once per tick, so the wall clock is exact to one tick.
+EPOCH_TICK_S = 0.01
+
+# wasmtime_update_deadline_kind_t: WASMTIME_UPDATE_DEADLINE_CONTINUE
+_UPDATE_DEADLINE_CONTINUE = 0
+
+_ENGINE_SETTINGS = (("consume_fuel", True), ("epoch_interruption", True))
+
+
+def wasmtime_version() -> str:
+    """The installed wasmtime (PyPI) version."""
+    return importlib.metadata.version("wasmtime")
+
+
+def _ffi() -> Any:
+    from wasmtime import _ffi as ffi  # private: see the module docstring
+
+    return ffi
+
+
+def _bindings() -> Any:
+    from wasmtime import _bindings as bindings  # private: see the module docstring
+
+    return bindings
+
+
+def missing_features() -> list[str]:
+    """The private wasmtime C-API entry points kavach needs that this release lacks."""
+    bindings = _bindings()
+    needed = (
+        "_wasmtime_store_epoch_deadline_callback",
+        "wasmtime_store_epoch_deadline_callback",
+        "wasmtime_error_new",
+    )
+    return [name for name in needed if not hasattr(bindings, name)]
+
+
+def _noop_finalizer(_env: int | None) -> None:
+    return None
+
+
+class DeadlineHook:
+    """Installs ``decide`` as the store's epoch-deadline callback.
+
+    ``decide()`` runs on the thread executing wasm, once per epoch tick. It returns None
+    to keep running (check again next tick) or a message: the store then traps with it.
+    It may block (that is how pause works). If it raises, the module is stopped: a
+    broken check must never let the module run on unsupervised.
+    """
+
+    def __init__(self, store: wasmtime.Store, decide: Callable[[], str | None]) -> None:
+        ffi = _ffi()
+        # The exact ctypes prototypes the generated binding declares for the callback and
+        # its finalizer (argument 1 and 3 of wasmtime_store_epoch_deadline_callback).
+        argtypes = _bindings()._wasmtime_store_epoch_deadline_callback.argtypes
+        callback_type, finalizer_type = argtypes[1], argtypes[3]
+
+        def callback(_context: Any, _env: Any, delta: Any, kind: Any) -> int:
+            try:
+                verdict = decide()
+            except BaseException as exc:  # noqa: BLE001 - fail closed: stop the module
+                verdict = f"kavach: deadline check failed: {type(exc).__name__}"
+            if verdict is None:
+                delta[0] = 1
+                kind[0] = _UPDATE_DEADLINE_CONTINUE
+                return 0
+            # A non-NULL wasmtime_error_t* makes the store trap with this message.
+            error = ffi.wasmtime_error_new(verdict.encode())
+            return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+        # The ctypes thunks must outlive the store: the run keeps this object until the
+        # store is gone.
+        self._callback = callback_type(callback)
+        self._finalizer = finalizer_type(_noop_finalizer)
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._callback, None, self._finalizer)
+
+
+class EpochTicker:
+    """Advances an engine's epoch every :data:`EPOCH_TICK_S` while anything runs.
+
+    One daemon thread per engine, idle (blocked on a condition) when no module runs, so
+    an idle driver costs nothing. ``acquire``/``release`` bracket each run.
+    """
+
+    def __init__(self, engine: wasmtime.Engine, interval: float = EPOCH_TICK_S) -> None:
+        self._engine = engine
+        self._interval = interval
+        self._active = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        """A run starts: make sure the epoch advances."""
+        with self._cond:
+            self._active += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="kavach-wasm-epoch", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        """A run ended."""
+        with self._cond:
+            self._active -= 1
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._active == 0:
+                    self._cond.wait()
+            time.sleep(self._interval)
+            self._engine.increment_epoch()
+
+
+class Runtime:
+    """One wasmtime engine with WASI linked, its ticker and its compiled-module cache."""
+
+    def __init__(self, cache_dir: Path | None) -> None:
+        config = wasmtime.Config()
+        for name, value in _ENGINE_SETTINGS:
+            setattr(config, name, value)
+        self.engine = wasmtime.Engine(config)
+        self.linker = wasmtime.Linker(self.engine)
+        self.linker.define_wasi()
+        self.ticker = EpochTicker(self.engine)
+        self.version = wasmtime_version()
+        self.fingerprint = ";".join(
+            [
+                f"wasmtime={self.version}",
+                f"machine={platform.machine()}",
+                f"pulley={self.engine.is_pulley()}",
+                *(f"{name}={value}" for name, value in _ENGINE_SETTINGS),
+            ]
+        )
+        self.cache: ModuleCache[wasmtime.Module] = ModuleCache(
+            self.fingerprint,
+            compile=self._compile,
+            serialize=lambda module: bytes(module.serialize()),
+            deserialize=lambda data: wasmtime.Module.deserialize(self.engine, data),
+            directory=cache_dir,
+        )
+        self._pre: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
+        self._pre_lock = threading.Lock()
+
+    def _compile(self, source: bytes) -> wasmtime.Module:
+        if source.startswith(b"\0asm"):
+            return wasmtime.Module(self.engine, source)
+        return wasmtime.Module(self.engine, bytes(wasmtime.wat2wasm(source.decode("utf-8"))))
+
+    def instance_pre(self, source: bytes) -> wasmtime.InstancePre:
+        """A pre-linked instantiation template for ``source`` (compiled or from the cache)."""
+        key = self.cache.key_for(source)
+        with self._pre_lock:
+            pre = self._pre.get(key)
+            if pre is not None:
+                self._pre.move_to_end(key)
+                return pre
+        pre = self.linker.instantiate_pre(self.cache.get(source))
+        with self._pre_lock:
+            self._pre[key] = pre
+            while len(self._pre) > MEMORY_ENTRIES:
+                self._pre.popitem(last=False)
+        return pre
+
+
+__all__ = ["EPOCH_TICK_S", "DeadlineHook", "EpochTicker", "Runtime", "missing_features", "wasmtime_version"]

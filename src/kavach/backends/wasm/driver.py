@@ -1,0 +1,870 @@
+"""The WASM backend: WebAssembly (WASI preview 1) modules run in wasmtime, in-process.
+
+A sandbox is a set of WASI preopened directories plus limits; each ``exec`` runs one
+module in a fresh wasmtime store on its own thread. See ``docs/wasm.md`` for the
+semantics (module resolution, limits, scoring, pause, what is not supported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import posixpath
+import shlex
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kavach.backends.base import Driver, ExecRequest, Instance, LaunchSpec, ProbeResult, RawProcess, RawResult
+from kavach.backends.capture import CappedBuffer
+from kavach.backends.names import Backend
+from kavach.errors import ExecError, SandboxCreateError
+from kavach.policy import SandboxPolicy
+from kavach.scoring import Control, Enforcement, requested_controls, supported_controls
+
+if TYPE_CHECKING:
+    from kavach.backends.wasm._runtime import Runtime
+
+# Fuel is wasmtime's instruction budget: about one unit per executed wasm operator. A tight
+# loop on this project's 2-core VM burns ~4e9 units per CPU second (docs/wasm.md); 2e9 per
+# second errs on the generous side for code that touches memory (slower per operator).
+FUEL_PER_CPU_SECOND = 2_000_000_000
+UNLIMITED_FUEL = 2**63 - 1
+
+# Exit codes of abnormal ends, as a shell would report them for a process.
+TRAP_EXIT_CODE = 134  # 128 + SIGABRT, what the wasmtime CLI returns for a trap
+TIMEOUT_EXIT_CODE = 137  # 128 + SIGKILL, what the Process backend reports for a timeout
+
+# StoreLimits beyond linear memory: a WASI command is one module instance with one memory.
+MAX_INSTANCES = 1
+MAX_MEMORIES = 1
+MAX_TABLES = 4
+MAX_TABLE_ELEMENTS = 1_000_000
+
+MAX_MODULE_BYTES = 256 * 1024 * 1024
+# How long exec() waits beyond the wall clock for a module blocked inside a host call
+# (WASI sleep, a slow read) before it returns the timeout and abandons the thread.
+HOST_CALL_GRACE_S = 1.0
+
+_SHELL_OPERATORS = frozenset("();<>|&")
+_MODULE_SUFFIXES = (".wasm", ".wat")
+
+
+# -- registered modules ----------------------------------------------------------------------
+
+_registry: dict[str, Path] = {}
+_registry_lock = threading.Lock()
+
+
+def register_module(name: str, path: str | os.PathLike[str]) -> None:
+    """Make ``exec("name args...")`` run the module at host ``path`` in every WASM sandbox.
+
+    The registry is process-wide (independent of any LaunchSpec). ``path`` is a host path
+    chosen by the caller, not by sandboxed code; it is read at each exec (then cached by
+    content). Names contain no ``/`` or whitespace; registering a name again replaces it.
+    """
+    if not name or "/" in name or any(ch.isspace() for ch in name) or "\0" in name:
+        raise ValueError(f"invalid module name {name!r}: no '/', whitespace or NUL, not empty")
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise ValueError(f"{path}: not a file")
+    with _registry_lock:
+        _registry[name] = resolved
+
+
+def unregister_module(name: str) -> None:
+    """Forget a registered name (no error if it was not registered)."""
+    with _registry_lock:
+        _registry.pop(name, None)
+
+
+def registered_modules() -> dict[str, Path]:
+    """A copy of the registry: name -> host path."""
+    with _registry_lock:
+        return dict(_registry)
+
+
+# -- preopens ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preopen:
+    """A host directory the module sees at ``guest`` (WASI preopen)."""
+
+    host: str
+    guest: str
+    writable: bool
+
+
+def _longest_prefix(preopens: tuple[Preopen, ...], guest_path: str) -> tuple[Preopen, str] | None:
+    best: tuple[Preopen, str] | None = None
+    for preopen in preopens:
+        root = preopen.guest.rstrip("/") or "/"
+        if guest_path == root:
+            rest = ""
+        elif guest_path.startswith(root if root == "/" else root + "/"):
+            rest = guest_path[len(root) :].lstrip("/")
+        else:
+            continue
+        if best is None or len(preopen.guest) > len(best[0].guest):
+            best = (preopen, rest)
+    return best
+
+
+def _tmpfs_shm() -> str | None:
+    """/dev/shm when it is a tmpfs (so injected secrets never touch the host disk)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] == "/dev/shm" and parts[2] == "tmpfs":
+                    return "/dev/shm"
+    except OSError:
+        return None
+    return None
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+class _RunControl:
+    """Shared between a run's wasm thread (the epoch callback) and the event loop."""
+
+    def __init__(self, deadline: float | None, paused: bool) -> None:
+        self.deadline = deadline
+        self.paused = paused
+        self.stop_reason: str | None = None
+        self.stop_exit_code = TIMEOUT_EXIT_CODE
+        self.stop_timed_out = False
+        self.cond = threading.Condition()
+
+    def stop(self, reason: str, exit_code: int, timed_out: bool) -> None:
+        with self.cond:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+                self.stop_exit_code = exit_code
+                self.stop_timed_out = timed_out
+            self.cond.notify_all()
+
+    def set_paused(self, paused: bool) -> None:
+        with self.cond:
+            self.paused = paused
+            self.cond.notify_all()
+
+    def decide(self) -> str | None:
+        """Runs on the wasm thread at each epoch tick: None = go on, else trap message."""
+        with self.cond:
+            while True:
+                if (
+                    self.stop_reason is None
+                    and self.deadline is not None
+                    and time.monotonic() >= self.deadline
+                ):
+                    self.stop_reason = "wall-clock timeout"
+                    self.stop_timed_out = True
+                if self.stop_reason is not None:
+                    return f"kavach: {self.stop_reason}"
+                if not self.paused:
+                    return None
+                # Paused: the wasm thread blocks here until resume, stop or the wall clock.
+                wait = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+                self.cond.wait(wait)
+
+
+class _Output:
+    """stdout/stderr sinks fed by wasmtime on the wasm thread; optionally streamed to a queue."""
+
+    def __init__(self, stdout_cap: int, stderr_cap: int) -> None:
+        self.buffers = {"stdout": CappedBuffer(stdout_cap), "stderr": CappedBuffer(stderr_cap)}
+        self.lock = threading.Lock()
+        self.listener: Callable[[str, bytes], None] | None = None
+
+    def sink(self, stream: str) -> Callable[[bytes], None]:
+        buffer = self.buffers[stream]
+
+        def write(data: bytes) -> None:
+            # Always report the whole write as done: past the cap the bytes are counted and
+            # dropped, as with a process whose pipe is drained.
+            with self.lock:
+                kept = buffer.feed(bytes(data))
+            if kept and self.listener is not None:
+                self.listener(stream, kept)
+
+        return write
+
+    def snapshot(self) -> tuple[bytes, bytes, bool, bool]:
+        with self.lock:
+            out, err = self.buffers["stdout"], self.buffers["stderr"]
+            return out.getvalue(), err.getvalue(), out.truncated, err.truncated
+
+
+@dataclass
+class _Prepared:
+    """An exec request resolved on the event-loop side, ready to run on a thread."""
+
+    source: bytes
+    display: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    stdin: bytes | None
+    control: _RunControl
+    output: _Output
+    started: float = field(default_factory=time.monotonic)
+
+
+def _first_line(message: str) -> str:
+    """The informative line of a wasmtime error: the root cause, without the backtrace."""
+    text = message.split("Caused by:", 1)[1] if "Caused by:" in message else message
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if line and not line.startswith(("error while executing", "note:")) and not line[:1].isdigit():
+            return line[:500]
+    return message.strip().splitlines()[0][:500] if message.strip() else "unknown error"
+
+
+# -- instance ---------------------------------------------------------------------------------
+
+
+class WasmInstance(Instance):
+    """One WASM sandbox: preopens and limits shared by its execs."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        spec: LaunchSpec,
+        preopens: tuple[Preopen, ...],
+        owned_dirs: tuple[str, ...],
+        enforcement: Enforcement,
+    ) -> None:
+        self._runtime = runtime
+        self.spec = spec
+        self.preopens = preopens
+        self._owned_dirs = owned_dirs
+        self._enforcement = enforcement
+        resources = spec.policy.resources
+        limits = [v for v in (resources.memory, resources.address_space) if v is not None]
+        self.memory_limit: int | None = min(limits) if limits else None
+        self.fuel = (
+            UNLIMITED_FUEL if resources.cpu_time_s is None else resources.cpu_time_s * FUEL_PER_CPU_SECOND
+        )
+        self._runs: set[_RunControl] = set()
+        self._runs_lock = threading.Lock()
+        self._paused = False
+        self._closed = False
+        self.abandoned_runs = 0
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def enforcement(self) -> Enforcement:
+        return self._enforcement
+
+    def live_pids(self) -> int | None:
+        # A WASI module is no process; there is nothing to count.
+        return None
+
+    # -- exec --------------------------------------------------------------------------------
+
+    async def exec(self, request: ExecRequest) -> RawResult:
+        prepared = self._prepare(request)
+        future = self._start_thread(prepared)
+        if request.timeout_ms is None:
+            return await future
+        budget = request.timeout_ms / 1000 + HOST_CALL_GRACE_S
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), budget)
+        except TimeoutError:
+            return self._abandon(prepared)
+
+    async def spawn(self, request: ExecRequest) -> RawProcess:
+        prepared = self._prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+
+        def listener(stream: str, data: bytes) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody streams any more
+                loop.call_soon_threadsafe(queue.put_nowait, (stream, data))
+
+        prepared.output.listener = listener
+        future = self._start_thread(prepared, queue)
+        return WasmProcess(self, prepared, future, queue, request.timeout_ms)
+
+    def _abandon(self, prepared: _Prepared) -> RawResult:
+        """The module sits in a host call past the wall clock: report the timeout now.
+
+        Its thread cannot be interrupted inside wasmtime's host code; the stop flag makes
+        it trap at its next wasm instruction, and its result is discarded.
+        """
+        prepared.control.stop("wall-clock timeout", TIMEOUT_EXIT_CODE, timed_out=True)
+        self.abandoned_runs += 1
+        out, err, out_trunc, err_trunc = prepared.output.snapshot()
+        return RawResult(
+            TIMEOUT_EXIT_CODE,
+            out,
+            err,
+            duration_ms=(time.monotonic() - prepared.started) * 1000,
+            timed_out=True,
+            stdout_truncated=out_trunc,
+            stderr_truncated=err_trunc,
+            reason="wall-clock timeout (module blocked in a host call)",
+        )
+
+    def _start_thread(
+        self, prepared: _Prepared, queue: asyncio.Queue[tuple[str, bytes] | None] | None = None
+    ) -> asyncio.Future[RawResult]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RawResult] = loop.create_future()
+
+        def deliver(result: RawResult | BaseException) -> None:
+            if future.done():
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+            if queue is not None:
+                queue.put_nowait(None)
+
+        def body() -> None:
+            outcome: RawResult | BaseException
+            try:
+                outcome = self._run(prepared)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # loop closed: the caller went away
+                loop.call_soon_threadsafe(deliver, outcome)
+
+        with self._runs_lock:
+            if self._closed:
+                raise ExecError("sandbox is stopped")
+            self._runs.add(prepared.control)
+        thread = threading.Thread(target=body, name="kavach-wasm-run", daemon=True)
+        thread.start()
+        return future
+
+    def _run(self, prepared: _Prepared) -> RawResult:
+        """Runs on the wasm thread: one fresh store, one instance, ``_start``."""
+        import wasmtime
+
+        from kavach.backends.wasm._runtime import DeadlineHook
+
+        runtime = self._runtime
+        control = prepared.control
+        try:
+            try:
+                pre = runtime.instance_pre(prepared.source)
+            except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
+                raise ExecError(
+                    f"{prepared.display}: invalid WebAssembly module: {_first_line(str(exc))}"
+                ) from None
+            store = wasmtime.Store(runtime.engine)
+            store.set_fuel(self.fuel)
+            store.set_limits(
+                memory_size=-1 if self.memory_limit is None else self.memory_limit,
+                table_elements=MAX_TABLE_ELEMENTS,
+                instances=MAX_INSTANCES,
+                tables=MAX_TABLES,
+                memories=MAX_MEMORIES,
+            )
+            hook = DeadlineHook(store, control.decide)
+            store.set_epoch_deadline(1)
+            store.set_wasi(self._wasi_config(prepared))
+            runtime.ticker.acquire()
+            try:
+                result = self._call_start(store, pre, prepared)
+            finally:
+                runtime.ticker.release()
+            del hook  # the callback thunk may go only after the store stopped running
+            return result
+        finally:
+            with self._runs_lock:
+                self._runs.discard(control)
+
+    def _wasi_config(self, prepared: _Prepared) -> Any:
+        import wasmtime
+
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = list(prepared.argv)
+        wasi.env = [list(pair) for pair in prepared.env]
+        wasi.stdout_custom = prepared.output.sink("stdout")
+        wasi.stderr_custom = prepared.output.sink("stderr")
+        if prepared.stdin is not None:
+            # A memfd: the bytes stay in memory, and wasmtime opens it by path like a file.
+            fd = os.memfd_create("kavach-wasm-stdin", os.MFD_CLOEXEC)
+            try:
+                view = memoryview(prepared.stdin)
+                while view:
+                    view = view[os.write(fd, view) :]
+                wasi.stdin_file = f"/proc/self/fd/{fd}"
+            finally:
+                os.close(fd)
+        for preopen in self.preopens:
+            wasi.preopen_dir(preopen.host, preopen.guest, preopen.writable)
+        return wasi
+
+    def _call_start(self, store: Any, pre: Any, prepared: _Prepared) -> RawResult:
+        import wasmtime
+
+        control = prepared.control
+        exit_code = 0
+        reason: str | None = None
+        timed_out = False
+        try:
+            instance = pre.instantiate(store)
+        except wasmtime.WasmtimeError as exc:
+            return self._result(prepared, TRAP_EXIT_CODE, f"instantiation failed: {_first_line(str(exc))}")
+        start = instance.exports(store).get("_start")
+        if not isinstance(start, wasmtime.Func):
+            raise ExecError(f"{prepared.display}: no _start export (not a WASI command module)")
+        try:
+            start(store)
+        except wasmtime.ExitTrap as exc:
+            exit_code = exc.code
+        except wasmtime.WasmtimeError as exc:
+            if control.stop_reason is not None:
+                exit_code, reason, timed_out = (
+                    control.stop_exit_code,
+                    control.stop_reason,
+                    control.stop_timed_out,
+                )
+            elif isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+                cpu = self.spec.policy.resources.cpu_time_s
+                exit_code, timed_out = TIMEOUT_EXIT_CODE, True
+                reason = f"fuel exhausted (cpu_time_s={cpu}, {self.fuel} units)"
+            else:
+                exit_code, reason = TRAP_EXIT_CODE, f"trap: {_first_line(str(exc))}"
+        return self._result(prepared, exit_code, reason, timed_out)
+
+    @staticmethod
+    def _result(
+        prepared: _Prepared, exit_code: int, reason: str | None, timed_out: bool = False
+    ) -> RawResult:
+        out, err, out_trunc, err_trunc = prepared.output.snapshot()
+        return RawResult(
+            exit_code,
+            out,
+            err,
+            duration_ms=(time.monotonic() - prepared.started) * 1000,
+            timed_out=timed_out,
+            stdout_truncated=out_trunc,
+            stderr_truncated=err_trunc,
+            reason=reason,
+        )
+
+    # -- request resolution ------------------------------------------------------------------
+
+    def _prepare(self, request: ExecRequest) -> _Prepared:
+        if self._closed:
+            raise ExecError("sandbox is stopped")
+        argv = self._argv(request)
+        source, display = self._resolve_module(argv[0], request.cwd)
+        env: list[tuple[str, str]] = []
+        for name, value in request.env.items():
+            if not name or "=" in name or "\0" in name or "\0" in value:
+                raise ExecError(f"invalid environment variable name or value: {name!r}")
+            env.append((name, value))
+        for arg in argv:
+            if "\0" in arg:
+                raise ExecError("arguments must not contain NUL")
+        deadline = None if request.timeout_ms is None else time.monotonic() + request.timeout_ms / 1000
+        return _Prepared(
+            source=source,
+            display=display,
+            argv=argv,
+            env=tuple(env),
+            stdin=request.stdin,
+            control=_RunControl(deadline, self._paused),
+            output=_Output(request.stdout_cap, request.stderr_cap),
+        )
+
+    @staticmethod
+    def _argv(request: ExecRequest) -> tuple[str, ...]:
+        if request.shell is None:
+            if not request.argv or not request.argv[0]:
+                raise ExecError("empty command")
+            return tuple(request.argv)
+        # There is no /bin/sh in WebAssembly: the string is split like a shell would split
+        # words, and anything that needs a shell (pipes, redirection, lists) is refused.
+        lexer = shlex.shlex(request.shell, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        try:
+            tokens = list(lexer)
+        except ValueError as exc:
+            raise ExecError(f"cannot parse command: {exc}") from None
+        for token in tokens:
+            if token and all(ch in _SHELL_OPERATORS for ch in token):
+                raise ExecError(
+                    f"shell operator {token!r} is not supported by the WASM backend (no shell); "
+                    "run one module per exec"
+                )
+        if not tokens:
+            raise ExecError("empty command")
+        return tuple(tokens)
+
+    def _resolve_module(self, name: str, cwd: str | None) -> tuple[bytes, str]:
+        """Module bytes for ``argv[0]``: a registered name, or a .wasm/.wat path inside a preopen."""
+        registered = registered_modules().get(name) if "/" not in name else None
+        if registered is not None:
+            return self._read_module(str(registered), name), name
+        if not name.endswith(_MODULE_SUFFIXES):
+            raise ExecError(
+                f"{name}: not a registered WASM module and not a .wasm/.wat path "
+                "(register one with kavach.backends.wasm.register_module)"
+            )
+        base = cwd or self.spec.policy.filesystem.workdir
+        host = self._host_path(posixpath.join(base, name))
+        return self._read_module(host, name), name
+
+    def _host_path(self, guest_path: str) -> str:
+        """The host file behind ``guest_path``, refusing anything that escapes its preopen."""
+        if "\0" in guest_path:
+            raise ExecError("path must not contain NUL")
+        normalized = posixpath.normpath(posixpath.join("/", guest_path))
+        match = _longest_prefix(self.preopens, normalized)
+        if match is None:
+            raise ExecError(f"{guest_path}: not inside a preopened directory of this sandbox")
+        preopen, rest = match
+        root = os.path.realpath(preopen.host)
+        # realpath follows symlinks a module may have planted in a writable preopen; the
+        # result must still lie under the preopen's real root.
+        host = os.path.realpath(os.path.join(root, rest))
+        if host != root and not host.startswith(root + os.sep):
+            raise ExecError(f"{guest_path}: resolves outside its preopened directory")
+        return host
+
+    @staticmethod
+    def _read_module(host_path: str, display: str) -> bytes:
+        try:
+            with open(host_path, "rb") as handle:
+                data = handle.read(MAX_MODULE_BYTES + 1)
+        except OSError as exc:
+            raise ExecError(f"{display}: cannot read module: {exc.strerror}") from None
+        if len(data) > MAX_MODULE_BYTES:
+            raise ExecError(f"{display}: module larger than {MAX_MODULE_BYTES} bytes")
+        if data.startswith(b"\0asm") and data[4:8] != b"\x01\x00\x00\x00":
+            raise ExecError(
+                f"{display}: WebAssembly components (WASI preview 2) are not supported by this "
+                "release; build a WASI preview 1 core module (wasm32-wasi / wasm32-wasip1)"
+            )
+        return data
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _controls(self) -> list[_RunControl]:
+        with self._runs_lock:
+            return list(self._runs)
+
+    async def pause(self) -> None:
+        """Block every running module at its next epoch check (within one tick, 10 ms).
+
+        Real for wasm code; a module inside a host call (a WASI sleep) finishes that call
+        first and then blocks. The wall clock keeps running while paused.
+        """
+        self._paused = True
+        for control in self._controls():
+            control.set_paused(True)
+
+    async def resume(self) -> None:
+        """Let paused modules continue."""
+        self._paused = False
+        for control in self._controls():
+            control.set_paused(False)
+
+    async def stop(self) -> None:
+        """Stop every running module (trap at its next epoch check) and refuse new execs."""
+        with self._runs_lock:
+            self._closed = True
+            runs = list(self._runs)
+        for control in runs:
+            control.stop("sandbox stopped", TIMEOUT_EXIT_CODE, timed_out=False)
+        # Give the modules a few ticks to reach their epoch check and end.
+        for _ in range(50):
+            if not self._controls():
+                break
+            await asyncio.sleep(0.01)
+
+    async def destroy(self) -> None:
+        """Stop everything and remove the per-sandbox directories. Idempotent."""
+        await self.stop()
+        for directory in self._owned_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def read_file(self, path: str, max_bytes: int) -> bytes:
+        host = self._host_path(path)
+        try:
+            with open(host, "rb") as handle:
+                data = handle.read(max_bytes + 1)
+        except OSError as exc:
+            raise ExecError(f"{path}: cannot read: {exc.strerror}") from None
+        if len(data) > max_bytes:
+            raise ExecError(f"{path}: larger than {max_bytes} bytes")
+        return data
+
+
+class WasmProcess(RawProcess):
+    """A module started with :meth:`WasmInstance.spawn`; output streams as it is written.
+
+    ``pid`` is 0: a module is no process. Use :meth:`kill`, never ``os.kill(pid)``.
+    """
+
+    def __init__(
+        self,
+        instance: WasmInstance,
+        prepared: _Prepared,
+        future: asyncio.Future[RawResult],
+        queue: asyncio.Queue[tuple[str, bytes] | None],
+        timeout_ms: int | None,
+    ) -> None:
+        self.pid = 0
+        self._instance = instance
+        self._prepared = prepared
+        self._future = future
+        self._queue = queue
+        self._timeout_ms = timeout_ms
+        self._yielded = {"stdout": 0, "stderr": 0}
+
+    async def chunks(self) -> AsyncIterator[tuple[str, bytes]]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            stream, data = item
+            self._yielded[stream] += len(data)
+            yield stream, data
+
+    async def wait(self) -> RawResult:
+        if self._timeout_ms is None:
+            result = await self._future
+        else:
+            elapsed = time.monotonic() - self._prepared.started
+            budget = max(0.0, self._timeout_ms / 1000 + HOST_CALL_GRACE_S - elapsed)
+            try:
+                result = await asyncio.wait_for(asyncio.shield(self._future), budget)
+            except TimeoutError:
+                result = self._instance._abandon(self._prepared)
+        result.stdout = result.stdout[self._yielded["stdout"] :]
+        result.stderr = result.stderr[self._yielded["stderr"] :]
+        return result
+
+    async def kill(self, signum: int = 9) -> None:
+        self._prepared.control.stop(f"killed (signal {signum})", 128 + signum, timed_out=False)
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+
+class WasmDriver(Driver):
+    """Runs WASI preview 1 modules in wasmtime; one engine and module cache per driver.
+
+    ``cache_dir`` defaults to :func:`kavach.backends.wasm.cache.default_cache_dir`;
+    ``disk_cache=False`` keeps compiled modules in memory only.
+    """
+
+    backend = Backend.WASM
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None, disk_cache: bool = True) -> None:
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._disk_cache = disk_cache
+        self._runtime: Runtime | None = None
+        self._runtime_lock = threading.Lock()
+
+    register_module = staticmethod(register_module)
+    unregister_module = staticmethod(unregister_module)
+
+    def probe(self) -> ProbeResult:
+        try:
+            from kavach.backends.wasm._runtime import missing_features, wasmtime_version
+        except ImportError:
+            return ProbeResult(
+                Backend.WASM,
+                False,
+                "wasmtime not installed (pip install kavach[wasm])",
+                runs_linux_commands=False,
+            )
+        version = wasmtime_version()
+        missing = missing_features()
+        if missing:
+            return ProbeResult(
+                Backend.WASM,
+                False,
+                f"wasmtime {version} lacks {', '.join(missing)} (needed for the wall clock)",
+                version=version,
+                runs_linux_commands=False,
+            )
+        return ProbeResult(
+            Backend.WASM,
+            True,
+            f"wasmtime {version}: WASI preview 1 modules, fuel, epochs, store limits",
+            version=version,
+            runs_linux_commands=False,
+        )
+
+    @property
+    def runtime(self) -> Runtime:
+        """The engine, ticker and module cache (created on first use)."""
+        with self._runtime_lock:
+            if self._runtime is None:
+                from kavach.backends.wasm._runtime import Runtime
+                from kavach.backends.wasm.cache import default_cache_dir
+
+                directory = None
+                if self._disk_cache:
+                    directory = self._cache_dir if self._cache_dir is not None else default_cache_dir()
+                self._runtime = Runtime(directory)
+            return self._runtime
+
+    async def start(self, spec: LaunchSpec) -> Instance:
+        probe = self.probe()
+        if not probe.usable:
+            raise SandboxCreateError(f"WASM backend unavailable: {probe.reason}")
+        if spec.proxy_listen is not None:
+            raise SandboxCreateError(
+                "network mode proxy needs a listening socket inside the sandbox; WASI preview 1 "
+                "modules have no sockets (use network mode off with the WASM backend)"
+            )
+        runtime = self.runtime
+        owned: list[str] = []
+        try:
+            preopens = _build_preopens(spec, owned)
+            enforcement = _enforcement(spec.policy, preopens, runtime)
+        except BaseException:
+            for directory in owned:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return WasmInstance(runtime, spec, preopens, tuple(owned), enforcement)
+
+
+def _build_preopens(spec: LaunchSpec, owned: list[str]) -> tuple[Preopen, ...]:
+    """Binds, workdir and injected files as WASI preopens; ``owned`` collects dirs to remove."""
+    fs = spec.policy.filesystem
+    preopens: list[Preopen] = []
+
+    def add(host: str, guest: str, writable: bool, what: str) -> None:
+        if not os.path.isdir(host):
+            raise SandboxCreateError(f"{what} {host}: WASI preopens are directories; not a directory")
+        guest = posixpath.normpath(guest)
+        if any(p.guest == guest for p in preopens):
+            raise SandboxCreateError(f"{what} {host}: {guest} is already preopened")
+        preopens.append(Preopen(os.path.realpath(host), guest, writable))
+
+    for bind in fs.ro_binds:
+        add(bind.source, bind.target, False, "ro_bind")
+    for bind in fs.rw_binds:
+        add(bind.source, bind.target, True, "rw_bind")
+    if spec.workdir_host is not None:
+        add(spec.workdir_host, fs.workdir, True, "workdir")
+    else:
+        scratch = tempfile.mkdtemp(prefix=f"kavach-wasm-{spec.sandbox_id}-")
+        owned.append(scratch)
+        # A per-sandbox workdir is writable only when the policy does not ask for a
+        # read-only root: with no writable preopen the module sees a read-only filesystem.
+        add(scratch, fs.workdir, not fs.read_only_root, "workdir")
+    if spec.files:
+        shm = _tmpfs_shm()
+        if shm is None:
+            raise SandboxCreateError("injected files need a tmpfs at /dev/shm (secrets never touch the disk)")
+        root = tempfile.mkdtemp(prefix=f"kavach-wasm-{spec.sandbox_id}-files-", dir=shm)
+        owned.append(root)
+        by_dir: dict[str, str] = {}
+        for injected in spec.files:
+            guest_dir = posixpath.dirname(posixpath.normpath(injected.path))
+            host_dir = by_dir.get(guest_dir)
+            if host_dir is None:
+                host_dir = os.path.join(root, str(len(by_dir)))
+                os.mkdir(host_dir, 0o700)
+                by_dir[guest_dir] = host_dir
+            target = os.path.join(host_dir, posixpath.basename(injected.path))
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, injected.mode)
+            try:
+                view = memoryview(injected.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        for guest_dir, host_dir in by_dir.items():
+            add(host_dir, guest_dir, False, "injected files")
+    return tuple(preopens)
+
+
+_NOT_APPLICABLE = {
+    Control.SECCOMP: "seccomp: not applicable (a wasm module makes no syscalls; the wasm VM is the boundary)",
+    Control.LANDLOCK: "landlock: not applicable (files are reachable only through WASI preopens)",
+}
+
+
+def _enforcement(policy: SandboxPolicy, preopens: tuple[Preopen, ...], runtime: Runtime) -> Enforcement:
+    """What this sandbox enforces; a supported control the policy asks for but cannot get fails."""
+    resources = policy.resources
+    writable = [p.guest for p in preopens if p.writable]
+    memory_set = resources.memory is not None or resources.address_space is not None
+    controls = {Control.NETWORK_ISOLATED}  # no socket preopens, no inherited network: no sockets
+    if not writable:
+        controls.add(Control.READ_ONLY_ROOT)
+    if memory_set and resources.cpu_time_s is not None:
+        controls.add(Control.RESOURCE_LIMITS)
+
+    missing: list[str] = []
+    requested = requested_controls(policy) & supported_controls(Backend.WASM)
+    if Control.READ_ONLY_ROOT in requested and Control.READ_ONLY_ROOT not in controls:
+        missing.append(
+            f"read_only_root: writable preopens {', '.join(writable)} (rw_binds or a host workdir)"
+        )
+    if Control.RESOURCE_LIMITS in requested and Control.RESOURCE_LIMITS not in controls:
+        missing.append(
+            "resource_limits: the WASM backend needs resources.memory and resources.cpu_time_s (fuel)"
+        )
+    if resources.cpus is not None and resources.cpus < 1:
+        missing.append(
+            f"resources.cpus={resources.cpus}: fractional CPU bandwidth cannot be enforced on wasm"
+        )
+    if resources.file_size is not None and writable:
+        missing.append("resources.file_size: WASI preopens have no file size limit")
+    if missing and not policy.allow_degraded:
+        raise SandboxCreateError(
+            "the WASM backend cannot enforce what the policy asks: "
+            + "; ".join(missing)
+            + " (set allow_degraded to run with the lower score)"
+        )
+    details: dict[str, Any] = {
+        "wasmtime": runtime.version,
+        "wasi": "preview1",
+        "network": "none: WASI preview 1 without socket preopens",
+        "preopens": [{"guest": p.guest, "writable": p.writable} for p in preopens],
+        "memory_limit": resources.memory if resources.memory is not None else resources.address_space,
+        "fuel": None if resources.cpu_time_s is None else resources.cpu_time_s * FUEL_PER_CPU_SECOND,
+        "fuel_per_cpu_second": FUEL_PER_CPU_SECOND,
+        "store_limits": {
+            "instances": MAX_INSTANCES,
+            "memories": MAX_MEMORIES,
+            "tables": MAX_TABLES,
+            "table_elements": MAX_TABLE_ELEMENTS,
+        },
+        "not_applicable": [_NOT_APPLICABLE[c] for c in (Control.SECCOMP, Control.LANDLOCK)],
+        "module_cache": str(runtime.cache.directory) if runtime.cache.directory else "memory only",
+    }
+    if runtime.cache.disabled_reason:
+        details["module_cache_disabled"] = runtime.cache.disabled_reason
+    return Enforcement(
+        Backend.WASM,
+        frozenset(controls),
+        verified=False,
+        details=details,
+        degraded=tuple(missing),
+    )
+
+
+__all__ = [
+    "FUEL_PER_CPU_SECOND",
+    "Preopen",
+    "WasmDriver",
+    "WasmInstance",
+    "WasmProcess",
+    "register_module",
+    "registered_modules",
+    "unregister_module",
+]
