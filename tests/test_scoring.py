@@ -68,8 +68,18 @@ def test_all_modifiers_on_process_is_68() -> None:
 
 @pytest.mark.parametrize(
     ("value", "label"),
-    [(0, "minimal"), (29, "minimal"), (30, "basic"), (49, "basic"), (50, "standard"), (69, "standard"),
-     (70, "hardened"), (84, "hardened"), (85, "fortress"), (100, "fortress")],
+    [
+        (0, "minimal"),
+        (29, "minimal"),
+        (30, "basic"),
+        (49, "basic"),
+        (50, "standard"),
+        (69, "standard"),
+        (70, "hardened"),
+        (84, "hardened"),
+        (85, "fortress"),
+        (100, "fortress"),
+    ],
 )
 def test_label_boundaries(value: int, label: str) -> None:
     assert label_for(value) == label
@@ -102,7 +112,9 @@ def test_composite_is_max_plus_5_only_when_both_layers_verified() -> None:
     outer = Enforcement(Backend.OCI, frozenset({Control.SECCOMP}), verified=True, inner=inner)  # 60
     assert score(outer) == 68 + 5
     unverified_inner = Enforcement(Backend.PROCESS, frozenset(Control), verified=False)
-    outer_with_unverified = Enforcement(Backend.OCI, frozenset({Control.SECCOMP}), verified=True, inner=unverified_inner)
+    outer_with_unverified = Enforcement(
+        Backend.OCI, frozenset({Control.SECCOMP}), verified=True, inner=unverified_inner
+    )
     assert score(outer_with_unverified) == 60
     fortress = Enforcement(Backend.FIRECRACKER, frozenset(Control), verified=True, inner=inner)
     assert score(fortress) == 100
