@@ -151,7 +151,7 @@ async def test_curl_https_gets_credential_injected_and_client_header_replaced(wo
     assert seen.headers.get_all("authorization") == [SECRET]  # replaced, not duplicated
     allowed = world.audit.decisions("allowed")
     request = [p for p in allowed if p["method"] == "GET"][-1]
-    assert request["credentials"] == [{"header": "Authorization", "secret": "API_TOKEN"}]
+    assert request["injected"] == [{"header": "Authorization", "name": "API_TOKEN"}]
     assert request["intercepted"] is True
     assert SECRET not in json.dumps(world.audit.events)
 
@@ -421,6 +421,7 @@ async def test_placeholder_replaced_for_bound_host_only(world: World) -> None:
     denied = [p for p in world.audit.decisions("denied") if "placeholder" in p["reason"]]
     assert len(denied) == 2
     assert {d["host"] for d in denied} == {"other.test", "plain.test"}
+    assert {d["placeholder_of"] for d in denied} == {"API_TOKEN"}
     assert SECRET not in json.dumps(world.audit.events) and placeholder not in json.dumps(world.audit.events)
 
 
@@ -505,3 +506,36 @@ async def test_secret_never_in_repr(world: World) -> None:
     assert SECRET not in repr(world.proxy)
     assert SECRET not in repr(_store())
     assert SECRET not in repr(world.proxy.config)
+
+
+@needs_curl
+async def test_decisions_land_in_the_real_audit_chain_without_values(world: World, tmp_path: Path) -> None:
+    from kavach.audit import open_audit_log, verify
+
+    await world.proxy.close()
+    key = b"k" * 32
+    log_path = tmp_path / "audit.jsonl"
+    audit = open_audit_log(log_path, key)
+    proxy = EgressProxy(_config(world.ca), _store(), sandbox_id="kv-audit", audit=audit)
+    _h, port = await proxy.start_tcp()
+    bundle = tmp_path / "b.pem"
+    bundle.write_bytes(proxy.ca_bundle_pem())
+    placeholder = proxy.placeholders()["API_TOKEN"]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        code, _o, err = await curl("-x", url, "--cacert", str(bundle), f"https://api.test:{world.https.port}/a")
+        assert code == 0, err
+        await curl("-x", url, "-H", f"X-Leak: {placeholder}", f"http://plain.test:{world.http.port}/")
+        await curl("-x", url, f"http://nothere.test:{world.http.port}/")
+    finally:
+        await proxy.close()
+        audit.close()
+    assert verify(log_path, key).ok
+    text = log_path.read_text()
+    assert SECRET not in text and placeholder not in text
+    events = [json.loads(line) for line in text.splitlines()]
+    reasons = [e["payload"].get("reason") for e in events if e["event"] == "proxy.request"]
+    assert "placeholder sent to a host it is not bound to" in reasons and "not allowlisted" in reasons
+    injected = [e["payload"]["injected"] for e in events if e["payload"].get("injected")]
+    assert injected == [[{"header": "Authorization", "name": "API_TOKEN"}]]
+    assert all(e["sandbox_id"] == "kv-audit" for e in events if e["event"].startswith("proxy."))

@@ -150,6 +150,7 @@ class _Decision:
     intercepted: bool = False
     credentials: list[dict[str, str]] = field(default_factory=list)
     placeholders: list[str] = field(default_factory=list)
+    placeholder_refused: str | None = None
 
     def payload(self, decision: str, reason: str | None = None, status: int | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -167,9 +168,13 @@ class _Decision:
         if status is not None:
             data["status"] = status
         if self.credentials:
-            data["credentials"] = self.credentials
+            # Key names avoid the audit log's secret-like keys ("secret", "credential", "token"),
+            # which it would redact; these hold header and secret *names*, never values.
+            data["injected"] = self.credentials
         if self.placeholders:
             data["placeholders"] = self.placeholders
+        if self.placeholder_refused is not None:
+            data["placeholder_of"] = self.placeholder_refused
         return data
 
 
@@ -482,7 +487,7 @@ class EgressProxy:
         for rule, header, secret in self._credential_rules:
             if rule.matches_host(host, port):
                 headers.put(header, self._values[secret])
-                decision.credentials.append({"header": header, "secret": secret})
+                decision.credentials.append({"header": header, "name": secret})
         return headers, target
 
     def _substitute(self, text: str, host: str, port: int, decision: _Decision) -> str:
@@ -491,6 +496,7 @@ class EgressProxy:
             if secret is None:
                 return match.group(0)  # not ours (another sandbox's): it is no secret here
             if not any(rule.matches_host(host, port) for rule, _h, name in self._credential_rules if name == secret):
+                decision.placeholder_refused = secret
                 raise EgressDenied("placeholder sent to a host it is not bound to", f"secret {secret}")
             decision.placeholders.append(secret)
             return self._values[secret]

@@ -42,7 +42,9 @@ METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
 )
 
 _HOST_LABELS_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
-_METHOD_RE = re.compile(r"^[A-Z]{1,20}$")
+# Methods a rule may name. CONNECT and TRACE are never proxied as requests; other verbs
+# (WebDAV ...) are rare enough that a typo ("exa mple.com") should fail rather than match.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class EgressDenied(Exception):
@@ -107,8 +109,8 @@ class HostRule:
         if " " in text:
             method_text, _, text = text.partition(" ")
             names = [m.strip().upper() for m in method_text.split(",") if m.strip()]
-            if not names or not all(_METHOD_RE.match(m) for m in names):
-                raise PolicyError(field_name, entry, "methods must be like GET,POST")
+            if not names or not all(m in KNOWN_METHODS for m in names):
+                raise PolicyError(field_name, entry, f"methods must be among {','.join(sorted(KNOWN_METHODS))}")
             methods = frozenset(names)
             text = text.strip()
         host, port = _split_host_port(text, entry, field_name)

@@ -1,0 +1,139 @@
+"""``kavach proxy``: the egress proxy standalone, for any program.
+
+It enforces the same rules as a sandbox's proxy (``--allow``, ``--deny``, ``--allow-private``,
+``--credential``, ``--upstream-ca``) and writes its CA bundle to a file clients can trust.
+Credential values are read from the caller's environment and never printed; the proxy
+prints only placeholders, which a client may send in place of a value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kavach.credentials.options import parse_proxy_options
+from kavach.credentials.proxy import EgressProxy
+from kavach.credentials.rules import normalize_host, parse_ip
+from kavach.errors import KavachError, PolicyError
+
+EXIT_BAD_INPUT = 2
+
+
+def _parse_listen(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or parse_ip(host or "") is None:
+        raise PolicyError("--listen", spec, "expected ADDRESS:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+def _parse_resolve(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for spec in specs:
+        name, sep, address = spec.partition("=")
+        try:
+            normalize_host(name)
+        except ValueError:
+            raise PolicyError("--resolve", spec, "expected NAME=ADDRESS") from None
+        if not sep or parse_ip(address) is None:
+            raise PolicyError("--resolve", spec, "expected NAME=ADDRESS")
+        pairs.append((name, address))
+    return tuple(pairs)
+
+
+async def _serve(proxy: EgressProxy, host: str, port: int, ca_out: Path, placeholders: dict[str, str]) -> None:
+    bound_host, bound_port = await proxy.start_tcp(host, port)
+    descriptor = os.open(ca_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(proxy.ca_bundle_pem())
+    lines = [
+        f"kavach proxy: listening on http://{bound_host}:{bound_port}",
+        f"kavach proxy: CA bundle {ca_out}",
+    ]
+    lines += [f"kavach proxy: placeholder {name}={value}" for name, value in sorted(placeholders.items())]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await proxy.close()
+
+
+def proxy_command(
+    listen: Annotated[str, typer.Option(help="ADDRESS:PORT to listen on (port 0 picks one).")] = "127.0.0.1:8080",
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="[METHODS ]HOST[:PORT] that may be reached (repeatable).")
+    ] = None,
+    deny: Annotated[list[str] | None, typer.Option("--deny", help="HOST[:PORT] refused even if allowed.")] = None,
+    allow_private: Annotated[
+        list[str] | None, typer.Option("--allow-private", help="CIDR of private/loopback destinations to permit.")
+    ] = None,
+    credential: Annotated[
+        list[str] | None,
+        typer.Option("--credential", help="HOST=HEADER:ENVVAR: inject HEADER with the value of $ENVVAR."),
+    ] = None,
+    upstream_ca: Annotated[
+        str | None, typer.Option("--upstream-ca", help="Extra PEM CA trusted for upstream servers.")
+    ] = None,
+    resolve: Annotated[
+        list[str] | None, typer.Option("--resolve", help="NAME=ADDRESS answered before DNS (repeatable).")
+    ] = None,
+    ca_out: Annotated[
+        Path | None, typer.Option("--ca-out", help="Write the CA bundle clients must trust here.")
+    ] = None,
+    audit_log: Annotated[
+        Path | None, typer.Option("--audit-log", help="Audit chain file (default: kavach's audit log).")
+    ] = None,
+    no_audit: Annotated[bool, typer.Option("--no-audit", help="Do not write audit entries.")] = False,
+) -> None:
+    """Run the egress proxy standalone until interrupted."""
+    try:
+        options = parse_proxy_options(
+            allow=allow or (),
+            deny=deny or (),
+            allow_private=allow_private or (),
+            credentials=credential or (),
+            upstream_ca=upstream_ca,
+        )
+        host, port = _parse_listen(listen)
+        static = _parse_resolve(resolve or [])
+        config = replace(options.config, static_hosts=static)
+        audit: Any | None = None
+        if not no_audit:
+            from kavach.audit import open_audit_log
+
+            audit = open_audit_log(audit_log)
+        proxy = EgressProxy(config, options.store, sandbox_id=f"proxy-{os.getpid()}", audit=audit)
+        target = ca_out or Path(tempfile.gettempdir()) / f"kavach-proxy-{os.getpid()}-ca.pem"
+        try:
+            asyncio.run(_serve(proxy, host, port, target, dict(proxy.placeholders())))
+        finally:
+            if audit is not None:
+                audit.close()
+    except (KavachError, OSError) as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        typer.echo(f"kavach: error: {message}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kavach proxy`` to the ``kavach`` command."""
+    app.command("proxy")(proxy_command)
+
+
+__all__ = ["proxy_command", "register"]

@@ -1,0 +1,378 @@
+"""Secrets, egress rules, address checks, HTTP parsing limits and the proxy option parser."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from kavach.credentials import (
+    CredentialRule,
+    CredentialStore,
+    EgressProxy,
+    ProxyConfig,
+    SecretRef,
+    env,
+    file,
+    parse_proxy_options,
+    resolve_secrets,
+    stdin,
+)
+from kavach.credentials.http import HttpError, parse_request_head, request_framing
+from kavach.credentials.rules import AddressGuard, EgressDenied, EgressRules, HostRule, Resolver, parse_cidrs
+from kavach.credentials.tls import CertificateAuthority
+from kavach.errors import CredentialError, PolicyError
+
+VALUE = "tok-VALUE-0123456789"
+
+# -- secrets ---------------------------------------------------------------------------------------
+
+
+def test_store_never_shows_values_and_names_missing_secret() -> None:
+    store = CredentialStore()
+    store.set("API", VALUE)
+    assert VALUE not in repr(store) and "API" in repr(store)
+    with pytest.raises(CredentialError, match="secret MISSING") as info:
+        store.get("MISSING")
+    assert VALUE not in str(info.value)
+
+
+def test_store_from_env_and_files(tmp_path: Path) -> None:
+    store = CredentialStore.from_env({"api": "OP_TOKEN"}, environ={"OP_TOKEN": VALUE})
+    assert store.get("api") == VALUE
+    with pytest.raises(CredentialError, match="OP_MISSING is not set"):
+        CredentialStore.from_env({"api": "OP_MISSING"}, environ={})
+    path = tmp_path / "secret"
+    path.write_text(VALUE + "\n")
+    assert CredentialStore.from_files({"f": path}).get("f") == VALUE
+    with pytest.raises(CredentialError, match="secret g: cannot read"):
+        CredentialStore.from_files({"g": tmp_path / "nope"})
+
+
+def test_resolve_secrets_env_file_stdin_and_repr_hides_values() -> None:
+    store = CredentialStore()
+    store.set("a", VALUE)
+    store.set("b", "second-value")
+    store.set("c", "third-value")
+    resolved = resolve_secrets(
+        [SecretRef("a", env("A_VAR")), SecretRef("b", file("/run/secrets/b", 0o400)), SecretRef("c", stdin())],
+        store,
+    )
+    assert resolved.env == {"A_VAR": VALUE}
+    assert resolved.files[0].path == "/run/secrets/b" and resolved.files[0].data == b"second-value"
+    assert resolved.stdin == b"third-value\n"
+    assert set(resolved.values) == {VALUE, "second-value", "third-value"}
+    for text in (repr(resolved), repr(resolved.files[0]), repr(SecretRef("a", env("A_VAR")))):
+        assert VALUE not in text and "second-value" not in text and "third-value" not in text
+
+
+def test_resolve_secrets_uses_placeholders_for_proxy_bound_secrets() -> None:
+    store = CredentialStore()
+    store.set("API_TOKEN", VALUE)
+    proxy = EgressProxy(
+        ProxyConfig(
+            allow=("api.example.com",), credentials=(CredentialRule("api.example.com", "Authorization", "API_TOKEN"),)
+        ),
+        store,
+        sandbox_id="kv-unit",
+    )
+    resolved = resolve_secrets([SecretRef("API_TOKEN", env("API_TOKEN"))], store, proxy.placeholders())
+    assert resolved.env["API_TOKEN"].startswith("KAVACH_PLACEHOLDER_")
+    assert VALUE not in resolved.env.values() and resolved.values == ()
+
+
+def test_secret_injection_rejects_bad_specs() -> None:
+    with pytest.raises(CredentialError):
+        env("1BAD")
+    with pytest.raises(CredentialError):
+        file("relative/path")
+    with pytest.raises(CredentialError):
+        file("/run/../etc/passwd")
+    store = CredentialStore()
+    store.set("a", VALUE)
+    with pytest.raises(CredentialError, match="only one secret"):
+        resolve_secrets([SecretRef("a", stdin()), SecretRef("a", stdin())], store)
+
+
+def test_proxy_refuses_credential_value_unfit_for_a_header() -> None:
+    store = CredentialStore()
+    store.set("bad", "line1\r\nInjected: yes")
+    with pytest.raises(CredentialError, match="secret bad") as info:
+        EgressProxy(
+            ProxyConfig(allow=("a.example",), credentials=(CredentialRule("a.example", "X-Key", "bad"),)),
+            store,
+            sandbox_id="kv",
+        )
+    assert "Injected" not in str(info.value)
+
+
+# -- rules -----------------------------------------------------------------------------------------
+
+
+def test_host_rule_parsing() -> None:
+    assert HostRule.parse("API.Example.com.", "f") == HostRule("api.example.com")
+    assert HostRule.parse("*.example.com:443", "f") == HostRule("*.example.com", 443)
+    assert HostRule.parse("GET,head api.example.com", "f").methods == frozenset({"GET", "HEAD"})
+    assert HostRule.parse("[::1]:8080", "f") == HostRule("::1", 8080)
+    for bad in ("", "exa mple.com", "host:99999", "*.1.2.3.4", "ex_ample..com", "a/b"):
+        with pytest.raises(PolicyError) as info:
+            HostRule.parse(bad, "--allow")
+        assert info.value.field == "--allow"
+
+
+def test_wildcards_ports_methods_and_deny_wins() -> None:
+    rules = EgressRules(["*.example.com", "api.other.com:443", "GET other.org"], ["bad.example.com"])
+    rules.check_destination("a.example.com", 443)
+    rules.check_destination("x.y.example.com", 80)
+    with pytest.raises(EgressDenied, match="not allowlisted"):
+        rules.check_destination("example.com", 443)  # *.domain does not cover the domain itself
+    with pytest.raises(EgressDenied, match="not allowlisted"):
+        rules.check_destination("evilexample.com", 443)
+    with pytest.raises(EgressDenied, match="denylisted"):
+        rules.check_destination("bad.example.com", 443)
+    with pytest.raises(EgressDenied, match="not allowlisted"):
+        rules.check_destination("api.other.com", 80)
+    rules.check_request("other.org", 80, "GET")
+    with pytest.raises(EgressDenied, match="method not allowed"):
+        rules.check_request("other.org", 80, "POST")
+    assert rules.restricts_methods("other.org", 443) and not rules.restricts_methods("a.example.com", 443)
+    with pytest.raises(EgressDenied, match="allowlist empty"):
+        EgressRules([], []).check_destination("example.com", 443)
+
+
+def test_ip_literals_match_only_exact_entries() -> None:
+    rules = EgressRules(["*.example.com", "93.184.216.34"], [])
+    rules.check_destination("93.184.216.34", 80)
+    with pytest.raises(EgressDenied):
+        rules.check_destination("93.184.216.35", 80)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::1",
+        "fe80::1",
+        "fd00:ec2::254",
+        "::ffff:127.0.0.1",
+    ],
+)
+def test_address_guard_refuses_non_public(address: str) -> None:
+    guard = AddressGuard(())
+    with pytest.raises(EgressDenied):
+        guard.check(ipaddress.ip_address(address))
+
+
+def test_address_guard_allows_public_and_listed_private() -> None:
+    AddressGuard(()).check(ipaddress.ip_address("93.184.216.34"))
+    AddressGuard(()).check(ipaddress.ip_address("2606:2800:220:1::1"))
+    guard = AddressGuard(parse_cidrs(["127.0.0.0/8", "10.0.0.0/8"], "f"))
+    guard.check(ipaddress.ip_address("127.0.0.1"))
+    guard.check(ipaddress.ip_address("::ffff:10.2.3.4"))
+    with pytest.raises(EgressDenied, match="metadata"):
+        guard.check(ipaddress.ip_address("169.254.169.254"))
+    with pytest.raises(PolicyError):
+        parse_cidrs(["10.0.0.0/33"], "--allow-private")
+
+
+async def test_resolver_static_hosts_and_numeric_forms() -> None:
+    resolver = Resolver({"api.test": ["127.0.0.1"]})
+    assert await resolver.resolve("api.test", 443) == (ipaddress.ip_address("127.0.0.1"),)
+    # A decimal host is resolved by the system to 127.0.0.1; the address check still sees it.
+    addresses = await resolver.resolve("2130706433", 80)
+    with pytest.raises(EgressDenied):
+        AddressGuard(()).check(addresses[0])
+
+
+# -- HTTP parsing ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nA: b\x00c\r\n\r\n",
+        b"GET /\x7f HTTP/1.1\r\n\r\n",
+        b"G@T / HTTP/1.1\r\n\r\n",
+        b"GET  / HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_request_head_rejects_control_characters(head: bytes) -> None:
+    with pytest.raises(HttpError) as info:
+        parse_request_head(head)
+    assert info.value.status == 400
+
+
+def test_request_framing_rejects_smuggling_shapes() -> None:
+    for headers in (
+        "Transfer-Encoding: gzip, chunked",
+        "Content-Length: -1",
+        "Content-Length: 1, 2",
+        "Transfer-Encoding: chunked\r\nContent-Length: 3",
+    ):
+        request = parse_request_head(f"POST / HTTP/1.1\r\n{headers}\r\n\r\n".encode())
+        with pytest.raises(HttpError):
+            request_framing(request)
+    request = parse_request_head(b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+    assert request_framing(request).length == 3
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+def test_leaf_certificates_are_cached_and_signed_by_the_ca() -> None:
+    ca = CertificateAuthority("kavach test")
+    first = ca.server_context("api.example.com", None)
+    assert ca.server_context("api.example.com", None) is first
+    leaf = ca.mint_leaf("api.example.com")
+    assert leaf.issuer == ca.certificate.subject
+    leaf.verify_directly_issued_by(ca.certificate)
+
+
+# -- option parsing --------------------------------------------------------------------------------
+
+
+def test_parse_proxy_options_reads_credential_from_environment(tmp_path: Path) -> None:
+    options = parse_proxy_options(
+        allow=["api.example.com"],
+        credentials=["api.example.com=Authorization:API_TOKEN"],
+        allow_private=["10.0.0.0/8"],
+        environ={"API_TOKEN": VALUE},
+    )
+    assert options.config.credentials == (CredentialRule("api.example.com", "Authorization", "API_TOKEN"),)
+    assert options.store.get("API_TOKEN") == VALUE
+    assert options.secret_refs == (SecretRef("API_TOKEN", env("API_TOKEN")),)
+    assert VALUE not in repr(options)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"allow": ["bad host"]}, "--allow"),
+        ({"deny": ["x:0"]}, "--deny"),
+        ({"allow_private": ["nope"]}, "--allow-private"),
+        ({"credentials": ["api.example.com"]}, "--credential"),
+        ({"credentials": ["api.example.com=Bad Header:X"]}, "--credential"),
+        ({"credentials": ["api.example.com=Authorization:UNSET_VAR_X"]}, "--credential"),
+        ({"upstream_ca": "/nonexistent/ca.pem"}, "--upstream-ca"),
+    ],
+)
+def test_parse_proxy_options_names_the_flag(kwargs: dict[str, object], flag: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_proxy_options(environ={}, **kwargs)  # type: ignore[arg-type]
+    assert info.value.field == flag
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+
+def _app() -> typer.Typer:
+    from kavach.cli.proxy import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """Test app."""
+
+    register(app)
+    return app
+
+
+def test_cli_bad_input_is_one_line_exit_2() -> None:
+    runner = CliRunner()
+    result = runner.invoke(_app(), ["proxy", "--allow", "bad host"])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("kavach: error: --allow")
+    assert "Traceback" not in result.output
+    result = runner.invoke(
+        _app(), ["proxy", "--allow", "a.example", "--credential", "a.example=X-Key:KV_TEST_UNSET"], env={}
+    )
+    assert result.exit_code == 2 and "KV_TEST_UNSET is not set" in result.output
+
+
+def test_cli_runs_standalone_proxy_and_never_prints_the_value(tmp_path: Path) -> None:
+    ca_out = tmp_path / "ca.pem"
+    script = (
+        "import typer\nfrom kavach.cli.proxy import register\napp = typer.Typer()\n"
+        "@app.callback()\ndef main() -> None: pass\nregister(app)\napp()\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow",
+            "api.example.com",
+            "--credential",
+            "api.example.com=Authorization:KV_CLI_TOKEN",
+            "--ca-out",
+            str(ca_out),
+            "--no-audit",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "KV_CLI_TOKEN": VALUE},
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        # listening, CA bundle, one placeholder: read all three before communicate() bypasses the buffer.
+        first = "".join(proc.stdout.readline() for _ in range(3))
+        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", first)
+        assert match, first
+        port = int(match.group(1))
+        out = subprocess.run(
+            ["curl", "-sS", "-i", "--max-time", "5", "-x", f"http://127.0.0.1:{port}", "http://denied.example/"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert "X-Kavach-Reason: not allowlisted" in out.stdout
+        assert ca_out.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0, stderr
+    assert "placeholder KV_CLI_TOKEN=KAVACH_PLACEHOLDER_" in first + stdout
+    assert VALUE not in first + stdout + stderr
+
+
+def test_async_audit_sink_is_supported() -> None:
+    class AsyncAudit:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        async def append(self, event: str, **_: object) -> None:
+            self.events.append(event)
+
+    async def go() -> list[str]:
+        sink = AsyncAudit()
+        proxy = EgressProxy(ProxyConfig(), CredentialStore(), sandbox_id="kv", audit=sink)
+        _h, port = await proxy.start_tcp()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET http://x.example/ HTTP/1.1\r\n\r\n")
+        await reader.read(-1)
+        writer.close()
+        await proxy.close()
+        return sink.events
+
+    assert asyncio.run(go()) == ["proxy.request"]
