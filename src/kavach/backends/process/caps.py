@@ -1,0 +1,45 @@
+"""Dropping every capability and setting no_new_privs, in the order the kernel requires."""
+
+from __future__ import annotations
+
+from kavach.backends.process import _libc
+
+# securebits: root inside gets no capabilities from execve, the kernel does not fix up
+# capabilities on uid changes, and the bits are locked so nothing can undo them.
+_SECBIT_NOROOT = 1 << 0
+_SECBIT_NOROOT_LOCKED = 1 << 1
+_SECBIT_NO_SETUID_FIXUP = 1 << 2
+_SECBIT_NO_SETUID_FIXUP_LOCKED = 1 << 3
+_SECBIT_KEEP_CAPS_LOCKED = 1 << 5
+_SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6
+_SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 7
+SECUREBITS = (
+    _SECBIT_NOROOT
+    | _SECBIT_NOROOT_LOCKED
+    | _SECBIT_NO_SETUID_FIXUP
+    | _SECBIT_NO_SETUID_FIXUP_LOCKED
+    | _SECBIT_KEEP_CAPS_LOCKED
+    | _SECBIT_NO_CAP_AMBIENT_RAISE
+    | _SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
+)
+
+
+def drop_all_capabilities(last_cap: int) -> None:
+    """Empty the bounding, ambient, effective, permitted and inheritable sets; lock securebits.
+
+    Order matters: PR_CAPBSET_DROP and PR_SET_SECUREBITS need CAP_SETPCAP, so they run
+    before capset() clears the effective set.
+    """
+    for cap in range(last_cap + 1):
+        _libc.prctl(_libc.PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
+    _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient capabilities")
+    _libc.prctl(_libc.PR_SET_SECUREBITS, SECUREBITS, "lock securebits")
+    _libc.capset_empty("clear effective/permitted/inheritable capabilities")
+
+
+def set_no_new_privs() -> None:
+    """PR_SET_NO_NEW_PRIVS: execve can never grant privileges (setuid bits, file caps)."""
+    _libc.prctl(_libc.PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+
+
+__all__ = ["SECUREBITS", "drop_all_capabilities", "set_no_new_privs"]

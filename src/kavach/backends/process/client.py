@@ -1,0 +1,190 @@
+"""The caller's side of the engine: the spawner connection and the per-sandbox channels.
+
+The spawner is started lazily, once per caller process, with ``subprocess`` (posix_spawn,
+safe from a multi-threaded caller). Its fork requests are tiny and answered at once, so
+they are sent synchronously under a lock; everything that waits on a sandbox (its setup,
+its commands) is asynchronous on the sandbox's own control socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from kavach.backends.process import protocol
+from kavach.errors import SandboxCreateError
+
+_SRC_DIR = str(Path(__file__).resolve().parents[3])
+
+
+class Spawner:
+    """The connection to this process's spawner (restarted if it died or after a fork)."""
+
+    _lock = threading.Lock()
+    _instance: Spawner | None = None
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        from kavach.backends.process.spawner import BOOTSTRAP
+
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-c", BOOTSTRAP, _SRC_DIR, str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=None if os.environ.get("KAVACH_DEBUG_SPAWNER") else subprocess.DEVNULL,
+                env={},  # nothing of the caller's environment reaches the spawner or its forks
+                close_fds=True,
+            )
+        finally:
+            child.close()
+        self.sock = parent
+        self.owner_pid = os.getpid()
+
+    @classmethod
+    def get(cls) -> Spawner:
+        """The live spawner of this process, started on first use."""
+        with cls._lock:
+            current = cls._instance
+            if current is None or current.owner_pid != os.getpid() or current.process.poll() is not None:
+                cls._instance = current = Spawner()
+            return current
+
+    def fork(self, sandbox_end: socket.socket) -> int:
+        """Fork a sandbox process that owns ``sandbox_end``; return its host pid."""
+        with self._lock:
+            try:
+                protocol.send(self.sock, {"op": "fork"}, [sandbox_end.fileno()])
+                message, fds = protocol.recv(self.sock)
+            except OSError as exc:
+                raise SandboxCreateError(f"spawner: {exc}") from None
+        for fd in fds:
+            os.close(fd)
+        if message is None or message.get("op") != "forked":
+            raise SandboxCreateError(f"spawner refused to fork: {message}")
+        return int(message["pid"])
+
+    @property
+    def pid(self) -> int:
+        """The spawner's pid."""
+        return self.process.pid
+
+
+class ChannelClosed(ConnectionError):
+    """The sandbox's init closed its control socket (it exited)."""
+
+
+class Channel:
+    """An asyncio view of one sandbox's control socket, routing messages by exec id."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.closed = False
+        self._control: deque[tuple[dict[str, Any], list[int]]] = deque()
+        self._by_id: dict[int, deque[dict[str, Any]]] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _ensure_reader(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop or self.closed:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.sock.fileno())
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        while not self.closed:
+            try:
+                message, fds = protocol.recv(self.sock)
+            except BlockingIOError:
+                break
+            except (OSError, protocol.ProtocolError):
+                message, fds = None, []
+            if message is None:
+                self._mark_closed()
+                break
+            if "id" in message:
+                self._by_id.setdefault(int(message["id"]), deque()).append(message)
+                for fd in fds:
+                    os.close(fd)
+            else:
+                self._control.append((message, fds))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _mark_closed(self) -> None:
+        self.closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.sock.fileno())
+        self._loop = None
+
+    async def _wait(self) -> None:
+        self._ensure_reader()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    async def control(self) -> tuple[dict[str, Any], list[int]]:
+        """The next message that is not about one exec (setup, kill acknowledgements)."""
+        while not self._control:
+            if self.closed:
+                raise ChannelClosed("sandbox init closed its control socket")
+            await self._wait()
+        return self._control.popleft()
+
+    async def for_exec(self, exec_id: int) -> dict[str, Any]:
+        """The next message about exec ``exec_id``."""
+        while not self._by_id.get(exec_id):
+            if self.closed:
+                raise ChannelClosed("sandbox init closed its control socket")
+            await self._wait()
+        queue = self._by_id[exec_id]
+        message = queue.popleft()
+        if not queue:
+            del self._by_id[exec_id]
+        return message
+
+    def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send one message; the socket buffer absorbs it (init reads continuously)."""
+        if self.closed:
+            raise ChannelClosed("sandbox init closed its control socket")
+        try:
+            protocol.send(self.sock, message, fds)
+        except BlockingIOError:
+            # The buffer is full only if init stopped reading; it is then wedged or frozen.
+            raise ChannelClosed("sandbox init is not reading its control socket") from None
+        except OSError as exc:
+            self._mark_closed()
+            raise ChannelClosed(f"sandbox control socket: {exc}") from None
+
+    def close(self) -> None:
+        """Close our end; init sees EOF, kills everything and exits."""
+        if self._loop is not None and not self._loop.is_closed() and not self.closed:
+            self._loop.remove_reader(self.sock.fileno())
+        self.closed = True
+        self._loop = None
+        while self._control:
+            _message, fds = self._control.popleft()
+            for fd in fds:
+                os.close(fd)
+        self.sock.close()
+
+
+__all__ = ["Channel", "ChannelClosed", "Spawner"]

@@ -1,0 +1,682 @@
+"""The Process backend's driver and instance (the caller's side).
+
+Creating a sandbox (``ProcessDriver.start``), in order:
+
+1. build the plan from the spec (paths checked, seccomp compiled once, :mod:`.plan`);
+2. create the cgroup (memory, pids, cpu, freezer) when the host and the policy allow;
+3. ask the spawner to fork the sandbox's first process, send it the plan and the secrets;
+4. when it has unshared its user namespace: put it in the cgroup, write its uid/gid maps
+   and (root caller) make idmapped copies of the writable binds;
+5. it unshares the other namespaces and forks init (PID 1), which builds the root
+   filesystem and runs one enforcement probe through the real exec path;
+6. :meth:`ProcessInstance.enforcement` is built from what that probe observed, and any
+   control the policy asked for that the probe does not confirm fails creation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from kavach.backends.base import Driver, ExecRequest, Instance, LaunchSpec, ProbeResult, RawProcess, RawResult
+from kavach.backends.capture import CappedBuffer
+from kavach.backends.names import Backend
+from kavach.backends.process import _libc, namespaces
+from kavach.backends.process.client import Channel, ChannelClosed, Spawner
+from kavach.backends.process.plan import build_plan, remove_private_workdir
+from kavach.backends.process.probe import USERNS_HOWTO, probe_host, userns_block_reason
+from kavach.errors import ExecError, SandboxCreateError
+from kavach.policy import NetworkMode, ResourceLimits
+from kavach.scoring import Control, Enforcement
+
+if TYPE_CHECKING:
+    from kavach.backends.process.cgroups import Cgroup
+
+# How long output is still read after the command exited, for data its background
+# children keep writing; they are not waited for beyond this.
+_DRAIN_GRACE_S = 0.05
+_READ_SIZE = 1 << 16
+
+
+def _limits_asked(limits: ResourceLimits) -> bool:
+    return limits.memory is not None or limits.pids is not None or limits.cpus is not None
+
+
+class ProcessRun(RawProcess):
+    """One running command: its pipes, caps, timeout and exit status."""
+
+    def __init__(self, instance: ProcessInstance, exec_id: int, request: ExecRequest) -> None:
+        self.instance = instance
+        self.exec_id = exec_id
+        self.request = request
+        self.pid = 0
+        self._started = time.monotonic()
+        self._stdout = CappedBuffer(request.stdout_cap)
+        self._stderr = CappedBuffer(request.stderr_cap)
+        self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._streaming = False
+        self._open: dict[int, str] = {}
+        self._eof = asyncio.Event()
+        self._timed_out = False
+        self._killed_by_caller = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._result: RawResult | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the pipes, hand the command to init, start reading and the timer."""
+        out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # The child's ends must block like ordinary pipes.
+        os.set_blocking(out_w, True)
+        os.set_blocking(err_w, True)
+        fds = [out_w, err_w]
+        stdin_w = None
+        if self.request.stdin is not None:
+            stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+            fds.insert(0, stdin_r)
+        message = {
+            "op": "exec",
+            "id": self.exec_id,
+            "argv": list(self.request.argv),
+            "env": dict(self.request.env),
+            "cwd": self.request.cwd,
+            "stdin": self.request.stdin is not None,
+        }
+        try:
+            self.instance.channel.send(message, fds)
+        except ChannelClosed as exc:
+            for fd in (out_r, err_r, *fds, *([stdin_w] if stdin_w is not None else [])):
+                os.close(fd)
+            raise ExecError(f"sandbox {self.instance.sandbox_id} is gone: {exc}") from None
+        for fd in fds:
+            os.close(fd)
+        self._open = {out_r: "stdout", err_r: "stderr"}
+        for fd in self._open:
+            self._loop.add_reader(fd, self._on_output, fd)
+        if stdin_w is not None:
+            self._loop.create_task(self._feed_stdin(stdin_w, self.request.stdin or b""))
+        if self.request.timeout_ms is not None:
+            self._timer = self._loop.call_later(self.request.timeout_ms / 1000, self._on_timeout)
+
+    async def _feed_stdin(self, fd: int, data: bytes) -> None:
+        os.set_blocking(fd, False)
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    waiter = self._loop.create_future()
+                    self._loop.add_writer(fd, waiter.set_result, None)
+                    try:
+                        await waiter
+                    finally:
+                        self._loop.remove_writer(fd)
+        except BrokenPipeError:
+            pass  # the command closed its stdin early; what it did not read is dropped
+        finally:
+            os.close(fd)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _on_output(self, fd: int) -> None:
+        stream = self._open.get(fd)
+        if stream is None:
+            return
+        buffer = self._stdout if stream == "stdout" else self._stderr
+        for _ in range(16):  # bounded per wake-up so one flooding stream cannot starve the loop
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            if not data:
+                self._close_stream(fd)
+                return
+            kept = buffer.feed(data)
+            if kept and self._streaming:
+                self._queue.put_nowait((stream, kept))
+
+    def _close_stream(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        del self._open[fd]
+        if not self._open:
+            self._eof.set()
+
+    def _close_all_streams(self) -> None:
+        for fd in list(self._open):
+            self._on_output(fd)
+        for fd in list(self._open):
+            self._close_stream(fd)
+
+    async def chunks(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield output as it arrives (after the caps), until the command ended and the pipes closed."""
+        self._streaming = True
+        for stream, buffer in (("stdout", self._stdout), ("stderr", self._stderr)):
+            if data := buffer.getvalue():
+                yield stream, data
+        waiter = self._loop.create_task(self.wait())
+        try:
+            while True:
+                getter = self._loop.create_task(self._queue.get())
+                done, _pending = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    item = getter.result()
+                    if item is not None:
+                        yield item
+                    continue
+                getter.cancel()
+                while not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item is not None:
+                        yield item
+                return
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    # -- termination -----------------------------------------------------------------------
+
+    def _on_timeout(self) -> None:
+        self._timed_out = True
+        # The issue's rule: a timeout kills every process of the sandbox (background children
+        # and double-forked daemons included), not only the command.
+        self.instance.kill_everything()
+
+    async def kill(self, signum: int = 9) -> None:
+        """Signal the command's process group; SIGKILL also its session and descendants."""
+        if signum == signal.SIGKILL:
+            self._killed_by_caller = True
+        if self.pid:
+            with contextlib.suppress(ChannelClosed):
+                self.instance.channel.send({"op": "kill", "pid": self.pid, "sig": signum})
+
+    async def wait(self) -> RawResult:
+        """Wait for the exit, then for the pipes (briefly, see _DRAIN_GRACE_S)."""
+        if self._result is not None:
+            return self._result
+        try:
+            exit_message = await self.instance.channel.for_exec(self.exec_id)
+            if exit_message.get("op") == "started":
+                self.pid = int(exit_message["pid"])
+                exit_message = await self.instance.channel.for_exec(self.exec_id)
+        except ChannelClosed:
+            exit_message = {"op": "exit", "code": 128 + signal.SIGKILL, "signal": signal.SIGKILL, "lost": True}
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._eof.wait(), _DRAIN_GRACE_S)
+        self._close_all_streams()
+        self._result = self._make_result(exit_message)
+        self._queue.put_nowait(None)
+        return self._result
+
+    def _make_result(self, message: dict[str, Any]) -> RawResult:
+        code = int(message.get("code", 1))
+        reason = None
+        stderr_extra = b""
+        error = message.get("error")
+        if error is not None:
+            step, err = str(error.get("step", "")), int(error.get("errno", 0))
+            if step != "execve":
+                raise ExecError(f"exec setup failed in sandbox {self.instance.sandbox_id}: {step}: {_errname(err)}")
+            code = 126 if err in (13, 8, 21) else 127  # EACCES, ENOEXEC, EISDIR -> 126, like shells
+            stderr_extra = f"kavach: {self.request.argv[0]}: {os.strerror(err)}\n".encode()
+            self._stderr.feed(stderr_extra)
+        if self._timed_out:
+            reason = "wall-clock timeout"
+        elif message.get("lost"):
+            reason = "sandbox init exited"
+        elif message.get("signal") == signal.SIGKILL and not self._killed_by_caller and self.instance.oom_killed():
+            reason = "memory limit"
+        elif message.get("signal") == signal.SIGXCPU:
+            reason = "cpu time limit"
+        elif message.get("signal") == signal.SIGXFSZ:
+            reason = "file size limit"
+        streamed = self._streaming
+        return RawResult(
+            exit_code=code,
+            stdout=b"" if streamed else self._stdout.getvalue(),
+            stderr=b"" if streamed else self._stderr.getvalue(),
+            duration_ms=(time.monotonic() - self._started) * 1000,
+            timed_out=self._timed_out,
+            stdout_truncated=self._stdout.truncated,
+            stderr_truncated=self._stderr.truncated,
+            reason=reason,
+        )
+
+
+def _errname(err: int) -> str:
+    import errno
+
+    return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
+
+
+class ProcessInstance(Instance):
+    """One sandbox: its init's control channel, its cgroup and what the probe verified."""
+
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        plan: dict[str, Any],
+        channel: Channel,
+        init_pid: int,
+        init_pidfd: int,
+        cgroup: Cgroup | None,
+    ) -> None:
+        self.spec = spec
+        self.sandbox_id = spec.sandbox_id
+        self.plan = plan
+        self.channel = channel
+        self.init_pid = init_pid
+        self._pidfd = init_pidfd
+        self.cgroup = cgroup
+        self._next_id = 0
+        self._enforcement: Enforcement | None = None
+        self._proxy: socket.socket | None = None
+        self._paused = False
+        self._destroyed = False
+
+    # -- Instance API ------------------------------------------------------------------------
+
+    def enforcement(self) -> Enforcement:
+        """What the enforcement probe observed from inside (see :func:`verify_probe`)."""
+        if self._enforcement is None:
+            raise SandboxCreateError("sandbox has no enforcement record (not started)")
+        return self._enforcement
+
+    async def exec(self, request: ExecRequest) -> RawResult:
+        """Run ``request`` to completion in a fresh child of init."""
+        run = await self.spawn(request)
+        return await run.wait()
+
+    async def spawn(self, request: ExecRequest) -> ProcessRun:
+        """Start ``request``; the handle streams its output."""
+        if self._destroyed:
+            raise ExecError(f"sandbox {self.sandbox_id} was destroyed")
+        if not request.argv:
+            raise ExecError("empty argv")
+        self._next_id += 1
+        run = ProcessRun(self, self._next_id, request)
+        run.start()
+        return run
+
+    def kill_everything(self, signum: int = signal.SIGKILL, ack: bool = False) -> None:
+        """Signal every process of the sandbox except init (init's kill(-1) in the pid namespace)."""
+        with contextlib.suppress(ChannelClosed):
+            self.channel.send({"op": "killall", "sig": signum, "ack": ack})
+
+    async def pause(self) -> None:
+        """Freeze every process (cgroup freezer; SIGSTOP through init when there is no cgroup)."""
+        if self.cgroup is not None:
+            self.cgroup.freeze()
+        else:
+            self.kill_everything(signal.SIGSTOP, ack=True)
+            await self._killed_ack()
+        self._paused = True
+
+    async def resume(self) -> None:
+        """Thaw what pause froze."""
+        if self.cgroup is not None:
+            self.cgroup.thaw()
+        else:
+            self.kill_everything(signal.SIGCONT, ack=True)
+            await self._killed_ack()
+        self._paused = False
+
+    async def _killed_ack(self) -> None:
+        with contextlib.suppress(ChannelClosed):
+            message, fds = await self.channel.control()
+            for fd in fds:
+                os.close(fd)
+            if message.get("op") != "killed":
+                raise ExecError(f"unexpected message from init: {message.get('op')}")
+
+    async def stop(self) -> None:
+        """Kill every process but init; the sandbox can only be destroyed afterwards."""
+        if self._paused and self.cgroup is not None:
+            self.cgroup.thaw()
+            self._paused = False
+        self.kill_everything()
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+
+    async def destroy(self) -> None:
+        """Kill everything, let init exit (its mounts go with its namespace), remove the cgroup."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self.cgroup is not None:
+            if self._paused:
+                self.cgroup.thaw()
+            self.cgroup.kill_all()
+        with contextlib.suppress(ChannelClosed):
+            self.channel.send({"op": "shutdown"})
+        self.channel.close()
+        await _wait_pidfd(self._pidfd, timeout=5.0)
+        os.close(self._pidfd)
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
+        if self.cgroup is not None:
+            self.cgroup.destroy()
+        remove_private_workdir(self.plan)
+
+    async def read_file(self, path: str, max_bytes: int) -> bytes:
+        """``path`` as the sandbox sees it, read by a confined ``cat`` (never by init)."""
+        result = await self.exec(
+            ExecRequest(
+                argv=("/bin/cat", "--", path), env={}, stdout_cap=max_bytes + 1, stderr_cap=4096, timeout_ms=30_000
+            )
+        )
+        if result.exit_code != 0:
+            raise ExecError(f"read {path}: {result.stderr.decode(errors='replace').strip()}")
+        if result.stdout_truncated or len(result.stdout) > max_bytes:
+            raise ExecError(f"read {path}: larger than {max_bytes} bytes")
+        return result.stdout
+
+    def take_proxy_listener(self) -> socket.socket | None:
+        """The listener init created inside the network namespace (once)."""
+        listener, self._proxy = self._proxy, None
+        return listener
+
+    def live_pids(self) -> int | None:
+        """Processes in the sandbox's cgroup (init included), or None without a cgroup."""
+        return None if self.cgroup is None else self.cgroup.pids_current()
+
+    def oom_killed(self) -> bool:
+        """True if the memory cgroup reported an OOM kill."""
+        return self.cgroup is not None and self.cgroup.oom_killed()
+
+
+async def _wait_readable(fd: int, timeout: float) -> bool:
+    """True if ``fd`` became readable (a pidfd: the process exited) within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await asyncio.wait_for(waiter, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _wait_pidfd(pidfd: int, timeout: float) -> None:
+    if await _wait_readable(pidfd, timeout):
+        return
+    # init did not exit on EOF (frozen or wedged): kill it; its namespaces go with it.
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    if not await _wait_readable(pidfd, timeout):
+        raise ExecError("sandbox init did not exit after SIGKILL")
+
+
+class ProcessDriver(Driver):
+    """The native Linux engine: namespaces, tmpfs root, caps dropped, Landlock, seccomp, cgroups."""
+
+    backend = Backend.PROCESS
+
+    def probe(self) -> ProbeResult:
+        """Availability with kernel, user namespace, Landlock and cgroup facts. Never raises."""
+        return probe_host()
+
+    def __init__(self, *, simulate_userns_blocked: bool = False) -> None:
+        # simulate_userns_blocked exists for tests on hosts where user namespaces work:
+        # it exercises the degraded mode's code path; it is never set by kavach itself.
+        self._simulate_userns_blocked = simulate_userns_blocked
+
+    async def start(self, spec: LaunchSpec) -> ProcessInstance:
+        """Build one sandbox (see the module docstring); fail closed."""
+        policy = spec.policy
+        if self._simulate_userns_blocked:
+            blocked: str | None = "user namespaces blocked (simulated by the caller)"
+        else:
+            blocked = userns_block_reason()
+        if blocked is not None and not policy.allow_degraded:
+            raise SandboxCreateError(f"user namespaces are blocked: {blocked}")
+        plan = build_plan(spec, use_namespaces=blocked is None)
+        try:
+            cgroup = _make_cgroup(spec)
+            try:
+                return await _start(spec, plan, cgroup)
+            except BaseException:
+                if cgroup is not None:
+                    cgroup.kill_all()
+                    cgroup.destroy()
+                raise
+        except BaseException:
+            remove_private_workdir(plan)
+            raise
+
+
+def _make_cgroup(spec: LaunchSpec) -> Cgroup | None:
+    limits = spec.policy.resources
+    asked = _limits_asked(limits)
+    try:
+        from kavach.backends.process.cgroups import cgroup_support, create_cgroup
+    except ImportError as exc:
+        if asked:
+            raise SandboxCreateError(f"resource limits asked but the cgroup module is unavailable: {exc}") from None
+        return None
+    support = cgroup_support()
+    if support.version is None:
+        if asked:
+            raise SandboxCreateError(f"resource limits asked but cgroups are unusable here: {support.reason}")
+        return None
+    try:
+        return create_cgroup(f"kavach-{spec.sandbox_id}", limits)
+    except SandboxCreateError:
+        if asked:
+            raise
+        # No limit was asked: the cgroup would only serve pause/kill, which init also does
+        # (SIGSTOP / kill(-1) in the pid namespace), so its absence weakens nothing asked.
+        return None
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(f"kavach-{name}", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return fd
+
+
+async def _start(spec: LaunchSpec, plan: dict[str, Any], cgroup: Cgroup | None) -> ProcessInstance:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel = Channel(ours)
+    pidfd = -1
+    try:
+        try:
+            stage1_pid = Spawner.get().fork(theirs)
+        finally:
+            theirs.close()
+        file_fds = [_memfd(os.path.basename(f.path), f.data) for f in spec.files]
+        try:
+            channel.send({"op": "plan", "plan": plan}, file_fds)
+        finally:
+            for fd in file_fds:
+                os.close(fd)
+        await _expect(channel, "userns")
+        if cgroup is not None:
+            cgroup.add(stage1_pid)
+        idmapped = _map_ids(stage1_pid, spec, plan) if plan["namespaces"] else []
+        try:
+            channel.send({"op": "mapped"}, idmapped)
+        finally:
+            for fd in idmapped:
+                os.close(fd)
+        message, _fds = await _expect(channel, "init")
+        init_pid = int(message["pid"])
+        pidfd = _libc.pidfd_open(init_pid, "pidfd_open of the sandbox init")
+        message, fds = await _expect(channel, "ready")
+        instance = ProcessInstance(spec, plan, channel, init_pid, pidfd, cgroup)
+        if fds:
+            instance._proxy = socket.socket(fileno=fds[0])
+            for fd in fds[1:]:
+                os.close(fd)
+        elif spec.proxy_listen is not None:
+            raise SandboxCreateError("proxy listener: init did not hand one over")
+        instance._enforcement = verify_probe(plan, message["probe"], cgroup, spec)
+        return instance
+    except BaseException:
+        channel.close()
+        if pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+        raise
+
+
+def _map_ids(pid: int, spec: LaunchSpec, plan: dict[str, Any]) -> list[int]:
+    try:
+        namespaces.write_id_maps(pid, spec.sandbox_id)
+        if not plan["root_caller"] or not plan["rw_binds"]:
+            return []
+        userns_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        trees: list[int] = []
+        try:
+            for source, _target in plan["rw_binds"]:
+                trees.append(namespaces.idmapped_tree(source, userns_fd))
+        except BaseException:
+            for fd in trees:
+                os.close(fd)
+            raise
+        finally:
+            os.close(userns_fd)
+        return trees
+    except OSError as exc:
+        raise SandboxCreateError(f"sandbox {spec.sandbox_id}: {exc}") from None
+
+
+async def _expect(channel: Channel, op: str) -> tuple[dict[str, Any], list[int]]:
+    try:
+        message, fds = await channel.control()
+    except ChannelClosed:
+        raise SandboxCreateError(f"sandbox setup process exited before '{op}'") from None
+    if message.get("op") == "error":
+        for fd in fds:
+            os.close(fd)
+        if message.get("step") == "unshare the user namespace":
+            raise SandboxCreateError(
+                f"user namespaces are blocked: unshare(CLONE_NEWUSER) failed: {message.get('message')}; " + USERNS_HOWTO
+            )
+        raise SandboxCreateError(f"sandbox setup failed: {message.get('message')} (errno {message.get('errno')})")
+    if message.get("op") != op:
+        for fd in fds:
+            os.close(fd)
+        raise SandboxCreateError(f"sandbox setup: expected '{op}', got {message.get('op')!r}")
+    return message, fds
+
+
+_HOST_NS: dict[str, str] = {}
+
+
+def host_namespaces() -> dict[str, str]:
+    """The caller's namespace inodes (cached; they do not change)."""
+    if not _HOST_NS:
+        _HOST_NS.update(namespaces.namespace_inodes())
+    return dict(_HOST_NS)
+
+
+def verify_probe(plan: dict[str, Any], probe: dict[str, Any], cgroup: Cgroup | None, spec: LaunchSpec) -> Enforcement:
+    """The enforcement record from what a confined child observed; raise on any shortfall."""
+    status = probe.get("status", {})
+    problems: list[str] = []
+    if status.get("NoNewPrivs") != "1":
+        problems.append(f"NoNewPrivs is {status.get('NoNewPrivs')!r}")
+    for key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+        if status.get(key, "x").strip("0") != "":
+            problems.append(f"{key} is {status.get(key)!r}")
+    host = host_namespaces()
+    inside = probe.get("ns", {})
+    degraded: list[str] = []
+    if plan["namespaces"]:
+        shared = [name for name in namespaces.NS_NAMES if inside.get(name) == host.get(name)]
+        if not plan["netns"]:
+            shared = [n for n in shared if n != "net"]
+        if shared:
+            problems.append(f"namespaces shared with the host: {', '.join(shared)}")
+    else:
+        degraded.append("namespaces (user namespaces blocked: Landlock + seccomp + rlimit mode)")
+        if spec.policy.filesystem.read_only_root:
+            degraded.append("read_only_root (no mount namespace)")
+    controls: set[Control] = set()
+    if plan["seccomp"] is not None:
+        if status.get("Seccomp") == "2":
+            controls.add(Control.SECCOMP)
+        else:
+            problems.append(f"seccomp asked but Seccomp is {status.get('Seccomp')!r}")
+    if plan["landlock"] is not None:
+        if int(probe.get("landlock_abi", 0)) > 0:
+            controls.add(Control.LANDLOCK)
+        else:
+            problems.append("Landlock asked but not applied")
+    if plan["netns"]:
+        if probe.get("interfaces") == ["lo"]:
+            controls.add(Control.NETWORK_ISOLATED)
+        else:
+            problems.append(f"network namespace has interfaces {probe.get('interfaces')}")
+    if plan["deny_sockets"]:
+        # Degraded mode, network "off": the seccomp filter refuses socket families.
+        if status.get("Seccomp") == "2":
+            controls.add(Control.NETWORK_ISOLATED)
+        else:
+            problems.append("network off asked but the socket filter is not loaded")
+    elif not plan["namespaces"] and plan["network"] != "host":
+        degraded.append(f"network_isolated (mode {plan['network']} needs a network namespace)")
+    if plan["read_only_root"] and plan["namespaces"]:
+        if probe.get("root_read_only"):
+            controls.add(Control.READ_ONLY_ROOT)
+        else:
+            problems.append("read-only root asked but / is writable")
+    limits = spec.policy.resources
+    if _limits_asked(limits):
+        if cgroup is None:
+            problems.append("resource limits asked but no cgroup")
+        else:
+            controls.add(Control.RESOURCE_LIMITS)
+    if problems:
+        raise SandboxCreateError("enforcement check failed inside the sandbox: " + "; ".join(problems))
+    details: dict[str, Any] = {
+        "namespaces": {name: inside.get(name) for name in namespaces.NS_NAMES},
+        "host_namespaces": host,
+        "uid_map": " ".join(probe.get("uid_map", [])),
+        "seccomp_mode": status.get("Seccomp"),
+        "seccomp_profile": spec.policy.seccomp.profile.value,
+        "no_new_privs": status.get("NoNewPrivs"),
+        "cap_eff": status.get("CapEff"),
+        "cap_bnd": status.get("CapBnd"),
+        "landlock_abi": probe.get("landlock_abi", 0),
+        "interfaces": probe.get("interfaces"),
+        "network": plan["network"],
+        "root_read_only": probe.get("root_read_only"),
+        "init_pid_inside": 1,
+        "cgroup": None if cgroup is None else getattr(cgroup, "version", "yes"),
+        "rlimits": plan["rlimits"],
+    }
+    return Enforcement(Backend.PROCESS, frozenset(controls), verified=True, details=details, degraded=tuple(degraded))
+
+
+def network_isolated(mode: NetworkMode) -> bool:
+    """True for the modes that score the network modifier."""
+    return mode is not NetworkMode.HOST
+
+
+__all__ = ["ProcessDriver", "ProcessInstance", "ProcessRun", "host_namespaces", "verify_probe"]

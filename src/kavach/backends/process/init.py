@@ -1,0 +1,547 @@
+"""The inside of a sandbox: namespace setup, init (PID 1) and the confined exec child.
+
+Three processes take part, all forked from the single-threaded spawner:
+
+``sandbox_main`` (stage 1, forked by the spawner)
+    receives the plan from the caller, unshares the user namespace, waits until the caller
+    has written its uid/gid maps, becomes root inside, unshares the other namespaces and
+    forks init. It reports init's host pid and exits.
+``_init_main`` (PID 1 of the new pid namespace)
+    builds the root filesystem (:mod:`.mounts`), sets the hostname, brings up loopback,
+    creates the proxy listener, makes itself non-dumpable, runs one enforcement probe
+    through the exact exec path, reports ``ready`` and then serves commands: each ``exec``
+    is a fresh child; it reaps every zombie, relays signals and kills everything on request.
+``_exec_child``
+    the confinement sequence, in the order the kernel needs: fds, session, cwd, rlimits,
+    capabilities, no_new_privs, Landlock, seccomp LAST, execve.
+
+Only the standard library and small kavach modules are imported; the spawner has already
+imported them, so forking costs no imports.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from kavach.backends.process import _libc, caps, mounts, namespaces, protocol
+from kavach.backends.process._libc import KernelCallError
+
+# Imported lazily so that the engine keeps working while the sibling modules are absent
+# (for example on a host without libseccomp); see _security_modules().
+_SECURITY: dict[str, Callable[..., Any]] = {}
+
+EXIT_EXEC_FAILED = 127
+_ERR_FD = 3
+_RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def preload() -> None:
+    """Import what exec children need, once, in the spawner (forks then share it)."""
+    _security_modules()
+    import kavach.policy  # noqa: F401 - Landlock rules are rebuilt as policy objects in the child
+
+
+def _security_modules() -> tuple[Callable[..., Any] | None, Callable[..., Any] | None]:
+    if "load_filter" not in _SECURITY:
+        try:
+            from kavach.backends.process.seccomp import load_filter
+        except ImportError:
+            pass  # a plan that asks for seccomp then fails closed in _confine
+        else:
+            _SECURITY["load_filter"] = load_filter
+    if "apply_landlock" not in _SECURITY:
+        try:
+            from kavach.backends.process.landlock import apply_landlock
+        except ImportError:
+            pass  # as above, for Landlock
+        else:
+            _SECURITY["apply_landlock"] = apply_landlock
+    return _SECURITY.get("load_filter"), _SECURITY.get("apply_landlock")
+
+
+def _error_message(exc: BaseException, default_step: str) -> dict[str, Any]:
+    if isinstance(exc, KernelCallError):
+        return {"op": "error", "step": exc.step, "errno": exc.errno, "message": str(exc)}
+    if isinstance(exc, OSError):
+        step = f"{default_step}: {exc.filename}" if exc.filename else default_step
+        return {"op": "error", "step": step, "errno": exc.errno or 0, "message": f"{step}: {exc.strerror}"}
+    return {"op": "error", "step": default_step, "errno": 0, "message": f"{default_step}: {exc!r}"}
+
+
+def _reopen_std_fds() -> None:
+    """fds 0-2 on /dev/null: nothing of the caller's terminal survives into the sandbox."""
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        if null != fd:
+            os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+# -- stage 1 -----------------------------------------------------------------------------------
+
+
+def sandbox_main(ctl_fd: int) -> NoReturn:
+    """Entry of the process the spawner forks for one sandbox. Never returns."""
+    code = 1
+    ctl = socket.socket(fileno=ctl_fd)
+    try:
+        for sig in (signal.SIGCHLD, *_RELAYED_SIGNALS, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        _reopen_std_fds()
+        ctl.setblocking(True)
+        message, file_fds = protocol.recv(ctl)
+        if message is None or message.get("op") != "plan":
+            os._exit(1)
+        plan: dict[str, Any] = message["plan"]
+        if plan["namespaces"]:
+            _libc.unshare(_libc.CLONE_NEWUSER, "unshare the user namespace")
+        protocol.send(ctl, {"op": "userns"})
+        message, idmapped = protocol.recv(ctl)
+        if message is None or message.get("op") != "mapped":
+            os._exit(1)
+        if plan["namespaces"]:
+            _become_root_inside(plan)
+            flags = namespaces.SANDBOX_NAMESPACES | (_libc.CLONE_NEWNET if plan["netns"] else 0)
+            _libc.unshare(flags, "unshare the mount/pid/ipc/uts/cgroup/net namespaces")
+        pid = os.fork()
+        if pid == 0:
+            _init_main(ctl, plan, file_fds, idmapped)
+        protocol.send(ctl, {"op": "init", "pid": pid})
+        code = 0
+    except (OSError, ValueError, KeyError) as exc:
+        _send_quietly(ctl, _error_message(exc, "prepare the sandbox"))
+    os._exit(code)
+
+
+def _become_root_inside(plan: dict[str, Any]) -> None:
+    try:
+        os.setresgid(0, 0, 0)
+        if plan["root_caller"]:
+            # Supplementary groups of host root would otherwise keep host gid 0's file access.
+            os.setgroups([])
+        os.setresuid(0, 0, 0)
+    except OSError as exc:
+        raise KernelCallError("become root inside the user namespace", exc.errno or 0) from None
+
+
+def _send_quietly(ctl: socket.socket, message: dict[str, Any]) -> None:
+    # If the caller went away, nobody is left to tell.
+    with contextlib.suppress(OSError):
+        protocol.send(ctl, message)
+
+
+# -- init ---------------------------------------------------------------------------------------
+
+
+def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> NoReturn:
+    try:
+        proxy_fd = _setup(plan, file_fds, idmapped)
+        probe = _run_probe(plan)
+        protocol.send(ctl, {"op": "ready", "probe": probe}, [proxy_fd] if proxy_fd is not None else [])
+        if proxy_fd is not None:
+            os.close(proxy_fd)
+    except (OSError, ValueError, KeyError) as exc:
+        _send_quietly(ctl, _error_message(exc, "build the sandbox"))
+        os._exit(1)
+    Init(ctl, plan).serve()
+    os._exit(0)
+
+
+def _setup(plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> int | None:
+    if plan["namespaces"]:
+        sources = mounts.detach_sources(plan, idmapped)
+        try:
+            mounts.build_root(plan, sources, file_fds)
+        finally:
+            sources.close()
+        _libc.sethostname(plan["hostname"], "set the hostname")
+        if plan["netns"]:
+            namespaces.bring_up_loopback()
+    for fd in file_fds:
+        os.close(fd)
+    proxy_fd = None
+    if plan["proxy_listen"] is not None:
+        host, port = plan["proxy_listen"]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            raise KernelCallError(f"listen on the proxy address {host}:{port}", exc.errno or 0) from None
+        proxy_fd = listener.detach()
+    os.setsid()
+    _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make init non-dumpable")
+    # Orphans (double-forked daemons) come back to init, so it can reap and kill them
+    # even without a pid namespace.
+    _libc.prctl(_libc.PR_SET_CHILD_SUBREAPER, 1, "make init a child subreaper")
+    return proxy_fd
+
+
+def _run_probe(plan: dict[str, Any]) -> dict[str, Any]:
+    """Fork one child through the exact exec confinement and let it report what it sees."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    err_read, err_write = os.pipe2(os.O_CLOEXEC)
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        _exec_child(plan, {"argv": [], "env": {}, "cwd": None}, null, write_fd, write_fd, err_write, probe=True)
+    os.close(write_fd)
+    os.close(err_write)
+    os.close(null)
+    chunks = []
+    while chunk := os.read(read_fd, 65536):
+        chunks.append(chunk)
+    os.close(read_fd)
+    error = _read_error(err_read)
+    _pid, status = os.waitpid(pid, 0)
+    if error is not None:
+        raise KernelCallError(f"enforcement probe: {error['step']}", error["errno"])
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        raise KernelCallError(f"enforcement probe exited with status {status} (signal {signum})", 0)
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    return result
+
+
+def _read_error(fd: int) -> dict[str, Any] | None:
+    try:
+        data = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    if not data:
+        return None
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+class Init:
+    """PID 1: serves the caller's commands, reaps zombies, relays signals."""
+
+    def __init__(self, ctl: socket.socket, plan: dict[str, Any]) -> None:
+        self.ctl = ctl
+        self.plan = plan
+        self.children: dict[int, tuple[int, int]] = {}  # pid -> (exec id, error pipe)
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.running = True
+
+    def serve(self) -> None:
+        """The loop: commands from the caller and SIGCHLD, until shutdown or the caller leaves."""
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, _noop_handler)
+        for sig in _RELAYED_SIGNALS:
+            signal.signal(sig, self._relay)
+        self.ctl.setblocking(False)
+        self.selector.register(self.ctl, selectors.EVENT_READ, "ctl")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        while self.running:
+            for key, _events in self.selector.select():
+                if key.data == "ctl":
+                    self._on_ctl()
+                else:
+                    self._drain_wakeup()
+                    self._reap()
+        self.kill_all(signal.SIGKILL)
+
+    def _relay(self, signum: int, _frame: object) -> None:
+        self.kill_all(signum)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            return
+
+    def _on_ctl(self) -> None:
+        while True:
+            try:
+                message, fds = protocol.recv(self.ctl)
+            except BlockingIOError:
+                return
+            except (protocol.ProtocolError, ConnectionError):
+                self.running = False
+                return
+            if message is None:
+                self.running = False
+                return
+            self._handle(message, fds)
+
+    def _handle(self, message: dict[str, Any], fds: list[int]) -> None:
+        op = message.get("op")
+        if op == "exec":
+            self._start_exec(message, fds)
+            return
+        for fd in fds:
+            os.close(fd)
+        if op == "kill":
+            self._kill_exec(int(message["pid"]), int(message["sig"]))
+        elif op == "killall":
+            self.kill_all(int(message["sig"]))
+            if message.get("ack"):
+                protocol.send(self.ctl, {"op": "killed"})
+        elif op == "shutdown":
+            self.running = False
+
+    def _start_exec(self, message: dict[str, Any], fds: list[int]) -> None:
+        exec_id = int(message["id"])
+        if message.get("stdin"):
+            stdin_fd, stdout_fd, stderr_fd = fds
+        else:
+            stdout_fd, stderr_fd = fds
+            stdin_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        err_read, err_write = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            _exec_child(self.plan, message, stdin_fd, stdout_fd, stderr_fd, err_write, probe=False)
+        for fd in (stdin_fd, stdout_fd, stderr_fd, err_write):
+            os.close(fd)
+        self.children[pid] = (exec_id, err_read)
+        protocol.send(self.ctl, {"op": "started", "id": exec_id, "pid": pid})
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            entry = self.children.pop(pid, None)
+            if entry is None:
+                continue
+            exec_id, err_read = entry
+            error = _read_error(err_read)
+            reply: dict[str, Any] = {"op": "exit", "id": exec_id}
+            if os.WIFSIGNALED(status):
+                reply["signal"] = os.WTERMSIG(status)
+                reply["code"] = 128 + os.WTERMSIG(status)
+            else:
+                reply["code"] = os.WEXITSTATUS(status)
+            if error is not None:
+                reply["error"] = error
+            protocol.send(self.ctl, reply)
+
+    def _kill_exec(self, pid: int, signum: int) -> None:
+        """Signal an exec's process group; SIGKILL also reaches its session and descendants."""
+        if pid not in self.children:
+            return
+        targets = {pid}
+        if signum == signal.SIGKILL:
+            targets |= _descendants(pid)
+        _signal_group(pid, signum)
+        for target in targets:
+            _signal(target, signum)
+
+    def kill_all(self, signum: int) -> None:
+        """Signal every process of the sandbox except init itself."""
+        if self.plan["namespaces"]:
+            # In its own pid namespace, kill(-1) from PID 1 reaches exactly the sandbox.
+            try:
+                os.kill(-1, signum)
+            except ProcessLookupError:
+                return
+            return
+        # Without a pid namespace kill(-1) would hit every process of the user: walk the
+        # tree below init instead (orphans come back to init, a child subreaper).
+        for target in _descendants(os.getpid()):
+            _signal(target, signum)
+
+
+def _noop_handler(_signum: int, _frame: object) -> None:
+    """SIGCHLD only needs to wake the loop through the wakeup fd."""
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return
+
+
+def _descendants(root: int) -> set[int]:
+    """Every process below ``root`` in the parent tree (read from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited while we looked
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+# -- the exec child ------------------------------------------------------------------------------
+
+
+_RLIMITS = {
+    "cpu": resource.RLIMIT_CPU,
+    "fsize": resource.RLIMIT_FSIZE,
+    "nofile": resource.RLIMIT_NOFILE,
+    "as": resource.RLIMIT_AS,
+}
+
+
+def _exec_child(
+    plan: dict[str, Any],
+    request: dict[str, Any],
+    stdin_fd: int,
+    stdout_fd: int,
+    stderr_fd: int,
+    err_fd: int,
+    *,
+    probe: bool,
+) -> NoReturn:
+    """Confine this (freshly forked) process and execve the command. Never returns.
+
+    A failure before execve is written as JSON to the error pipe (fd 3, close-on-exec, so
+    a successful execve closes it with nothing written) and the child exits 127.
+    """
+    step = "prepare the exec"
+    try:
+        for sig in (signal.SIGCHLD, *_RELAYED_SIGNALS):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        step = "set up stdio"
+        # err_fd first to fd 3: the dup2s below may not clobber it.
+        os.dup2(err_fd, _ERR_FD + 100)
+        os.dup2(stdin_fd, 0)
+        os.dup2(stdout_fd, 1)
+        os.dup2(stderr_fd, 2)
+        os.dup2(_ERR_FD + 100, _ERR_FD, inheritable=False)
+        _libc.close_range_from(_ERR_FD + 1)
+        step = "new session"
+        os.setsid()
+        step = f"chdir {request.get('cwd') or plan['workdir']}"
+        os.chdir(request.get("cwd") or plan["workdir"])
+        _confine(plan)
+        if probe:
+            _probe_report(plan)
+        argv = [os.fsencode(a) for a in request["argv"]]
+        env = {os.fsencode(k): os.fsencode(v) for k, v in request["env"].items()}
+        step = "execve"
+        os.execvpe(argv[0], argv, env)  # noqa: S606 - argv is the command, run without a shell
+    except BaseException as exc:  # noqa: BLE001 - the child must never return into init's code
+        # KernelCallError and the seccomp/Landlock errors carry their own step and errno.
+        err = getattr(exc, "errno", None)
+        own_step = getattr(exc, "step", None)
+        if isinstance(own_step, str):
+            _report_child_error(own_step, err if isinstance(err, int) else 0)
+        elif isinstance(exc, OSError):
+            _report_child_error(step, exc.errno or 0)
+        else:
+            _report_child_error(f"{step}: {type(exc).__name__}: {exc}", 0)
+    os._exit(EXIT_EXEC_FAILED)
+
+
+def _report_child_error(step: str, err: int) -> None:
+    # If init is gone, the exit status still says the exec failed.
+    with contextlib.suppress(OSError):
+        os.write(_ERR_FD, json.dumps({"step": step, "errno": err}).encode())
+
+
+def _confine(plan: dict[str, Any]) -> None:
+    """rlimits, oom score, capabilities, no_new_privs, Landlock, then seccomp (last)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for name, value in plan["rlimits"].items():
+        try:
+            resource.setrlimit(_RLIMITS[name], (value, value))
+        except (OSError, ValueError) as exc:
+            raise KernelCallError(f"setrlimit {name}={value}", getattr(exc, "errno", 0) or 0) from None
+    if plan["namespaces"] or os.geteuid() == 0:
+        caps.drop_all_capabilities(plan["last_cap"])
+    else:
+        # Degraded mode as a normal user: nothing to drop from the bounding set (that
+        # needs CAP_SETPCAP); clearing what is there is enough.
+        _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient capabilities")
+        _libc.capset_empty("clear capabilities")
+    # execve makes the command dumpable again anyway; doing it now (after the capabilities
+    # are gone, moments before execve) lets it raise its own oom_score_adj, whose /proc
+    # file a non-dumpable process cannot write inside a user namespace.
+    _libc.prctl(_libc.PR_SET_DUMPABLE, 1, "make the exec child dumpable")
+    try:
+        # The sandbox's commands are the OOM killer's first choice, before init or the host.
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError as exc:
+        raise KernelCallError("raise oom_score_adj", exc.errno or 0) from None
+    caps.set_no_new_privs()
+    load_filter, apply_landlock = _security_modules()
+    landlock = plan["landlock"]
+    if landlock is not None:
+        if apply_landlock is None:
+            raise KernelCallError("apply Landlock: module unavailable", 38)
+        from kavach.policy import Access, LandlockRule
+
+        rules = [LandlockRule(path, frozenset(Access(a) for a in access)) for path, access in landlock["rules"]]
+        abi = apply_landlock(rules, deny_network=landlock["deny_network"])
+        plan["landlock_abi_applied"] = abi
+    if plan["seccomp"] is not None:
+        if load_filter is None:
+            raise KernelCallError("load the seccomp filter: module unavailable", 38)
+        load_filter(base64.b64decode(plan["seccomp"]))
+
+
+def _probe_report(plan: dict[str, Any]) -> NoReturn:
+    """What a confined process observes, as JSON on stdout. Uses only open/read/readlink/write."""
+    report: dict[str, Any] = {"status": {}, "ns": {}, "interfaces": []}
+    with open("/proc/self/status", "rb") as f:
+        for line in f.read().decode().splitlines():
+            key, _sep, value = line.partition(":")
+            if key in ("Seccomp", "NoNewPrivs", "CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb", "Uid", "Gid"):
+                report["status"][key] = value.strip()
+    report["ns"] = {name: os.readlink(f"/proc/self/ns/{name}") for name in namespaces.NS_NAMES}
+    with open("/proc/net/dev", "rb") as f:
+        for line in f.read().decode().splitlines()[2:]:
+            report["interfaces"].append(line.split(":", 1)[0].strip())
+    report["pid"] = os.getpid()
+    report["root_read_only"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
+    report["landlock_abi"] = plan.get("landlock_abi_applied", 0)
+    with open("/proc/self/uid_map", "rb") as f:
+        report["uid_map"] = f.read().decode().split()
+    data = json.dumps(report).encode()
+    while data:
+        data = data[os.write(1, data) :]
+    os._exit(0)
+
+
+def child_entry(ctl_fd: int) -> NoReturn:
+    """What the spawner's fork runs (kept separate so the spawner never touches sandbox data)."""
+    sys.stdout.flush()
+    sandbox_main(ctl_fd)
+
+
+__all__ = ["EXIT_EXEC_FAILED", "Init", "child_entry", "preload", "sandbox_main"]

@@ -1,0 +1,265 @@
+"""Building the sandbox's root filesystem inside its new mount namespace.
+
+One readable sequence (run by the sandbox's init before it serves commands), each step
+named so that a failure reports which mount broke and why:
+
+1. make every inherited mount private, so nothing propagates back to the host;
+2. detach every source (``open_tree``) while host paths still resolve, and set the
+   read-only / nosuid / nodev attributes on the detached copies (``mount_setattr``);
+3. mount an empty tmpfs as the new root and attach the copies into it;
+4. fresh /proc (with the runtime-style read-only and masked paths), a fresh tmpfs /dev
+   with only the safe device nodes, a size-capped /tmp, the workdir, the policy's binds;
+5. the generated /etc files and the injected files (secrets), on tmpfs only;
+6. ``pivot_root`` and detach the old root, so no host path outside the binds remains;
+7. optionally remount the root tmpfs read-only.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from typing import Any
+
+from kavach.backends import rootfs
+from kavach.backends.process import _libc
+from kavach.backends.process._libc import (
+    AT_EMPTY_PATH,
+    AT_FDCWD,
+    AT_RECURSIVE,
+    MOUNT_ATTR_NODEV,
+    MOUNT_ATTR_NOEXEC,
+    MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_RDONLY,
+    OPEN_TREE_CLOEXEC,
+    OPEN_TREE_CLONE,
+)
+
+# Where the new root is attached before pivot_root. Every source has been detached by then,
+# so covering this directory hides nothing the sandbox needs.
+STAGING_DIR = "/tmp"
+ROOT_TMPFS_BASE = 1024 * 1024
+
+
+def _rel(path: str) -> str:
+    return path.lstrip("/") or "."
+
+
+def _detach(source: str, recursive: bool, attrs: int, step: str) -> int:
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    fd = _libc.open_tree(AT_FDCWD, source, flags, step)
+    if attrs:
+        try:
+            _libc.mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, attrs, f"{step}: set attributes")
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _make_mountpoint(path: str, is_dir: bool) -> None:
+    """Create ``path`` (relative to the new root) as an empty directory or file to mount on."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    if is_dir:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+    elif not os.path.lexists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+
+
+def _attach(fd: int, target: str, is_dir: bool, step: str) -> None:
+    try:
+        _make_mountpoint(target, is_dir)
+        _libc.move_mount(fd, AT_FDCWD, target, step)
+    finally:
+        os.close(fd)
+
+
+def _tmpfs(target: str, options: dict[str, str], attrs: int, step: str) -> None:
+    fd = _libc.new_fs_mount("tmpfs", options, attrs, step)
+    _attach(fd, target, True, step)
+
+
+class Sources:
+    """Detached copies of every host path the sandbox will see, taken before the root is covered."""
+
+    def __init__(self) -> None:
+        self.ro: list[tuple[int, str, bool]] = []
+        self.rw: list[tuple[int, str, bool]] = []
+        self.dev: list[tuple[int, str]] = []
+
+    def close(self) -> None:
+        """Close what was not attached (on a failed setup)."""
+        for fd, _target, _is_dir in (*self.ro, *self.rw):
+            os.close(fd)
+        for fd, _target in self.dev:
+            os.close(fd)
+        self.ro, self.rw, self.dev = [], [], []
+
+
+def detach_sources(plan: dict[str, Any], idmapped: list[int]) -> Sources:
+    """Step 2: detached, attribute-set copies of every bind source."""
+    sources = Sources()
+    ro_attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+    try:
+        for source, target in plan["ro_binds"]:
+            is_dir = stat.S_ISDIR(os.stat(source).st_mode)
+            fd = _detach(source, True, ro_attrs, f"bind {source} read-only")
+            sources.ro.append((fd, target, is_dir))
+        rw_binds = plan["rw_binds"]
+        if idmapped:
+            # Root caller: the host already made idmapped copies (see namespaces.idmapped_tree).
+            for fd, (source, target) in zip(idmapped, rw_binds, strict=True):
+                sources.rw.append((fd, target, stat.S_ISDIR(os.stat(source).st_mode)))
+            idmapped.clear()
+        else:
+            for source, target in rw_binds:
+                is_dir = stat.S_ISDIR(os.stat(source).st_mode)
+                fd = _detach(source, True, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, f"bind {source} read-write")
+                sources.rw.append((fd, target, is_dir))
+        for node in plan["dev_nodes"]:
+            sources.dev.append((_detach(node, False, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, f"bind {node}"), node))
+    except OSError as exc:
+        sources.close()
+        if isinstance(exc, _libc.KernelCallError):
+            raise
+        raise _libc.KernelCallError(f"inspect bind source {exc.filename}", exc.errno or 0) from None
+    return sources
+
+
+def _build_proc() -> None:
+    proc_fd = _libc.new_fs_mount(
+        "proc", {}, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC, "mount a fresh /proc"
+    )
+    _attach(proc_fd, "proc", True, "mount a fresh /proc")
+    for path in rootfs.PROC_READONLY:
+        rel = _rel(path)
+        if not os.path.lexists(rel):
+            continue
+        fd = _detach(rel, True, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, f"read-only {path}")
+        try:
+            _libc.move_mount(fd, AT_FDCWD, rel, f"read-only {path}")
+        finally:
+            os.close(fd)
+    for path in rootfs.PROC_MASKED_FILES:
+        rel = _rel(path)
+        if not os.path.lexists(rel):
+            continue
+        fd = _detach("dev/null", False, 0, f"mask {path}")
+        try:
+            _libc.move_mount(fd, AT_FDCWD, rel, f"mask {path}")
+        finally:
+            os.close(fd)
+    for path in rootfs.PROC_MASKED_DIRS:
+        rel = _rel(path)
+        if not os.path.isdir(rel):
+            continue
+        fd = _libc.new_fs_mount("tmpfs", {"size": "4096", "mode": "0555"}, MOUNT_ATTR_RDONLY, f"mask {path}")
+        try:
+            _libc.move_mount(fd, AT_FDCWD, rel, f"mask {path}")
+        finally:
+            os.close(fd)
+
+
+def _build_dev(sources: Sources) -> None:
+    _tmpfs(
+        "dev",
+        {"mode": "0755", "size": str(rootfs.DEV_TMPFS_SIZE)},
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+        "mount a tmpfs /dev",
+    )
+    while sources.dev:
+        fd, node = sources.dev.pop(0)
+        _attach(fd, _rel(node), False, f"bind {node}")
+    for link, target in rootfs.DEV_SYMLINKS:
+        os.symlink(target, _rel(link))
+    os.makedirs("dev/shm", mode=0o1777, exist_ok=True)
+    os.chmod("dev/shm", 0o1777)  # noqa: S103 - a shared-memory dir is world-writable and sticky
+
+
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    rel = _rel(path)
+    parent = os.path.dirname(rel)
+    if parent:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    fd = os.open(rel, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _copy_memfd(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_root(plan: dict[str, Any], sources: Sources, file_fds: list[int]) -> None:
+    """Steps 3-7. Runs in init, in its own mount, user and pid namespaces; leaves cwd at /."""
+    _libc.mount(None, "/", None, _libc.MS_REC | _libc.MS_PRIVATE, None, "make all mounts private")
+    files_size = sum(len(base64.b64decode(content)) for _path, content, _mode in plan["generated"])
+    for fd in file_fds:
+        files_size += os.fstat(fd).st_size
+    root_size = ROOT_TMPFS_BASE + files_size
+    root_fd = _libc.new_fs_mount(
+        "tmpfs", {"mode": "0755", "size": str(root_size)}, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, "mount the root tmpfs"
+    )
+    try:
+        _libc.move_mount(root_fd, AT_FDCWD, STAGING_DIR, "attach the root tmpfs")
+    finally:
+        os.close(root_fd)
+    os.chdir(STAGING_DIR)
+
+    for target, link in plan["symlinks"]:
+        os.symlink(target, _rel(link))
+    late = ("/tmp", plan["workdir"])
+    early = [s for s in sources.ro if not any(rootfs.is_within(s[1], p) for p in late)]
+    sources.ro = [s for s in sources.ro if s not in early]
+    while early:
+        fd, target, is_dir = early.pop(0)
+        _attach(fd, _rel(target), is_dir, f"attach {target}")
+    os.makedirs("etc", mode=0o755, exist_ok=True)
+    for path, content, mode in plan["generated"]:
+        _write_file(path, base64.b64decode(content), mode)
+
+    _build_dev(sources)
+    _build_proc()
+    _tmpfs(
+        "tmp",
+        {"mode": "1777", "size": str(plan["tmp_size"])},
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        "mount a tmpfs /tmp",
+    )
+    if plan["workdir_tmpfs"]:
+        _tmpfs(
+            _rel(plan["workdir"]),
+            {"mode": "0755", "size": str(plan["workdir_size"])},
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            f"mount a tmpfs workdir at {plan['workdir']}",
+        )
+    # Binds below /tmp or the workdir come after those tmpfs mounts, shallowest first.
+    for group in (sources.ro, sources.rw):
+        while group:
+            fd, target, is_dir = group.pop(0)
+            _attach(fd, _rel(target), is_dir, f"attach {target}")
+
+    for (path, mode), fd in zip(plan["files"], file_fds, strict=True):
+        _write_file(path, _copy_memfd(fd), mode)
+
+    # pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves
+    # only the new root (the runc way, no put_old directory needed).
+    _libc.pivot_root(".", ".", "pivot_root into the new root")
+    _libc.umount2(".", _libc.MNT_DETACH, "detach the old root")
+    os.chdir("/")
+    if plan["read_only_root"]:
+        _libc.mount_setattr(AT_FDCWD, "/", 0, MOUNT_ATTR_RDONLY, "remount the root read-only")
+
+
+__all__ = ["STAGING_DIR", "Sources", "build_root", "detach_sources"]

@@ -1,0 +1,73 @@
+"""The spawner: the one single-threaded process that forks every sandbox.
+
+Why a separate process started with ``subprocess`` (posix_spawn) rather than a fork of
+the caller: the caller is a Python process that may run threads (asyncio executors,
+the pool's refill, the user's own), and ``fork()`` of a multi-threaded process copies
+locks held by other threads. The spawner runs no threads, imports only the small modules
+the sandbox side needs (then freezes them out of the garbage collector, so forked inits
+share those pages), and does nothing but fork: it never sees a sandbox's plan or secrets,
+which the caller sends straight to the forked child over that sandbox's own socket.
+
+Protocol on the spawner socket (SOCK_SEQPACKET): the caller sends ``{"op": "fork"}`` with
+one fd (the sandbox's end of its control socket); the spawner answers
+``{"op": "forked", "pid": N}``. The spawner is a child subreaper with SIGCHLD ignored, so
+every sandbox process that ends up parented to it is reaped by the kernel.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import socket
+import sys
+
+from kavach.backends.process import _libc, protocol
+from kavach.backends.process.init import child_entry, preload
+
+# Run with ``python -I -c BOOTSTRAP SRC_DIR FD``: registers the kavach packages without
+# executing their __init__ modules (which import the whole library), then serves.
+BOOTSTRAP = """
+import sys, types
+root = sys.argv[1]
+for name in ("kavach", "kavach.backends", "kavach.backends.process"):
+    module = types.ModuleType(name)
+    module.__path__ = [root + "/" + name.replace(".", "/")]
+    sys.modules[name] = module
+from kavach.backends.process.spawner import main
+main(int(sys.argv[2]))
+"""
+
+
+def main(sock_fd: int) -> None:
+    """Serve fork requests until the caller closes the socket."""
+    sock = socket.socket(fileno=sock_fd)
+    sock.setblocking(True)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _libc.prctl(_libc.PR_SET_CHILD_SUBREAPER, 1, "make the spawner a child subreaper")
+    preload()
+    gc.collect()
+    gc.freeze()
+    while True:
+        try:
+            message, fds = protocol.recv(sock)
+        except InterruptedError:
+            continue
+        if message is None:
+            return
+        if message.get("op") != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            protocol.send(sock, {"op": "error", "message": "expected fork with one fd"})
+            continue
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            child_entry(fds[0])
+        os.close(fds[0])
+        protocol.send(sock, {"op": "forked", "pid": pid})
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
