@@ -1,0 +1,1137 @@
+"""The OCI backend: one long-lived runc/crun container per sandbox, one ``runtime exec`` per command.
+
+Lifecycle of an instance (each step raises :class:`~kavach.errors.SandboxCreateError` naming
+itself when it fails, and everything built so far is torn down):
+
+1. bundle directory ``/run/kavach/bundles/<id>`` (0711: the sandbox's unprivileged root must
+   traverse it to reach the rootfs) with the rootfs (host layout, user directory or unpacked
+   image), ``kavach/`` (the launcher, its plan and precompiled BPF, bound read-only at
+   ``/dev/.kavach``) and ``config.json`` from :func:`kavach.backends.oci.bundle.build_config`;
+2. ``runtime --root /run/kavach/<runtime> run -d`` of an init (kavach's launcher in ``init`` mode
+   when the rootfs has ``/usr/bin/python3``, else a POSIX shell loop): files in /tmp and the
+   workdir persist across execs;
+3. one ``runtime exec`` probe that reads ``/proc/self/status`` (Seccomp, Seccomp_filters,
+   NoNewPrivs, CapEff), ``uid_map``, the root mount's options and the network interfaces from
+   inside; namespace inodes and cgroup limits are read from the host. Every control the
+   policy asks for must be seen, else creation fails (or, with ``allow_degraded``, the control
+   is listed as degraded and not scored);
+4. ``exec``: ``runtime exec --process exec-N.json`` (a complete process object: the request's
+   environment and nothing else, empty capabilities, rlimits, no_new_privs). With Landlock or a
+   composite inner layer the command runs through the launcher, which applies them and execs it;
+5. timeout: the container is frozen, every process but init is SIGKILLed, it is thawed, so
+   daemons the command started die too and the sandbox stays usable;
+6. ``destroy``: ``runtime delete --force`` (kills everything, removes the cgroups), unmounts
+   kavach's host-side mounts, removes the bundle, and checks that the runtime's state
+   directory for the container is gone.
+
+User namespace (always): as root, root inside maps to the same unprivileged host range the
+Process backend uses (:func:`kavach.backends.process.namespaces.root_map_base`), and writable
+binds (workdir, ``rw_binds``) are idmapped mounts made on the host
+(:func:`kavach.backends.process.namespaces.idmapped_tree`) so they stay writable; unprivileged,
+root inside maps to the caller (runc's rootless mode; cgroup limits then need a delegated
+cgroup v2, so they are refused here unless the policy allows degrading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kavach.backends.base import (
+    Driver,
+    ExecRequest,
+    Instance,
+    LaunchSpec,
+    ProbeResult,
+    RawProcess,
+    RawResult,
+)
+from kavach.backends.capture import CappedBuffer
+from kavach.backends.names import Backend
+from kavach.backends.oci import image as images
+from kavach.backends.oci.bundle import BundleInputs, IdMap, Mount, build_config, build_process, ro_bind
+from kavach.backends.oci.runtime import (
+    DEFAULT_STATE_ROOT,
+    RuntimeInfo,
+    RuntimeName,
+    cgroup_mode,
+    choose_runtime,
+    explain,
+    state_root,
+)
+from kavach.backends.oci.seccomp_oci import to_oci
+from kavach.backends.seccomp_profiles import build_spec
+from kavach.errors import ExecError, SandboxCreateError
+from kavach.policy import Access, NetworkMode, SandboxPolicy
+from kavach.scoring import Control, Enforcement
+
+KAVACH_DIR_INSIDE = "/dev/.kavach"  # on the runtime's fresh /dev tmpfs: exists in every rootfs
+LAUNCHER_INSIDE = f"{KAVACH_DIR_INSIDE}/launcher.py"
+PLAN_INSIDE = f"{KAVACH_DIR_INSIDE}/plan.json"
+PYTHON_INSIDE = "/usr/bin/python3"
+BUNDLE_BASE = os.path.join(DEFAULT_STATE_ROOT, "bundles")
+RUNTIME_TIMEOUT_S = 30.0
+DRAIN_GRACE_S = 0.2  # how long output of leftover background processes is still collected
+EXIT_TIMEOUT = 128 + signal.SIGKILL
+_ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
+
+# A POSIX-shell init for rootfs without python3: `wait` with no operand makes dash/bash call
+# waitpid(-1), which also reaps orphans re-parented to PID 1.
+SH_INIT = 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait; done'
+
+# The enforcement probe, in shell builtins only (it must work in any rootfs with /bin/sh).
+# It reads its *own* /proc/self entries, i.e. those of a process started exactly like every
+# exec (same runtime exec path, same launcher layers).
+PROBE_SCRIPT = r"""
+while IFS= read -r line; do
+  case "$line" in
+    Seccomp:*|Seccomp_filters:*|NoNewPrivs:*|CapEff:*|CapPrm:*|CapBnd:*|CapAmb:*|CapInh:*)
+      printf '%s\n' "$line";;
+  esac
+done < /proc/self/status
+while read -r inside outside count; do
+  printf 'uid_map:\t%s %s %s\n' "$inside" "$outside" "$count"
+done < /proc/self/uid_map
+rootopts=""
+while read -r _id _parent _dev _root mnt opts _rest; do
+  if [ "$mnt" = / ]; then rootopts="$opts"; fi
+done < /proc/self/mountinfo
+printf 'root_opts:\t%s\n' "$rootopts"
+ifaces=""
+{
+  read -r _h1; read -r _h2
+  while IFS=: read -r name _rest; do for n in $name; do ifaces="$ifaces $n"; done; done
+} < /proc/self/net/dev
+printf 'net_ifaces:\t%s\n' "$ifaces"
+set -- /*
+if [ "$1" = "/*" ]; then printf 'root_listing:\tdenied\n'; else printf 'root_listing:\tallowed\n'; fi
+"""
+
+
+# -- helpers that do not need an instance -----------------------------------------------------
+
+
+def container_id(sandbox_id: str) -> str:
+    """The runtime's container id for a sandbox (runc allows ``[A-Za-z0-9_.-]``)."""
+    return "kavach-" + _ID_RE.sub("_", sandbox_id)[:100]
+
+
+def landlock_plan(policy: SandboxPolicy) -> dict[str, Any] | None:
+    """The Landlock layer for the launcher, resolved on the host with the Process backend's mapping."""
+    if not policy.landlock.enabled:
+        return None
+    from kavach.backends.process import landlock
+
+    abi = landlock.landlock_abi()
+    if abi == 0:
+        raise SandboxCreateError("the policy asks for Landlock but this kernel has none enabled")
+    scoped = (landlock.SCOPE_SIGNAL | landlock.SCOPE_ABSTRACT_UNIX_SOCKET) if abi >= 6 else 0
+    rules = []
+    for rule in policy.landlock.rules:
+        mask = landlock.access_mask(rule.access, abi)
+        if mask:
+            rules.append([rule.path, mask])
+    return {
+        "min_abi": abi,
+        "handled_access_fs": landlock.handled_fs_access(abi),
+        "handled_access_net": 0,
+        "scoped": scoped,
+        "file_access_mask": landlock.FILE_ACCESS,
+        "rules": rules,
+    }
+
+
+def _root_listing_allowed_by_rules(policy: SandboxPolicy) -> bool:
+    return any(r.path == "/" and Access.READ in r.access for r in policy.landlock.rules)
+
+
+def parse_probe(text: str) -> dict[str, str]:
+    """``key:\\tvalue`` lines of the probe's output."""
+    facts: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            facts[key.strip()] = value.strip()
+    return facts
+
+
+def parse_announce(stderr: str) -> dict[str, Any]:
+    """The launcher's ``--announce`` JSON line (empty when there was none)."""
+    for line in stderr.splitlines():
+        if line.startswith("kavach-launcher: {"):
+            data: dict[str, Any] = json.loads(line.partition(": ")[2])
+            return data
+    return {}
+
+
+def _cgroup_paths(pid: int) -> dict[str, str]:
+    """controller -> cgroup path of ``pid`` (``""`` is the v2 unified hierarchy)."""
+    paths: dict[str, str] = {}
+    with open(f"/proc/{pid}/cgroup", encoding="ascii") as stream:
+        for line in stream:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                paths[controller] = path
+    return paths
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text(encoding="ascii").split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if text == "max" else int(text)
+
+
+def cgroup_limits(pid: int) -> dict[str, int | None]:
+    """The memory, pids and CPU quota limits the kernel enforces on ``pid``'s cgroup."""
+    paths = _cgroup_paths(pid)
+    limits: dict[str, int | None] = {"memory": None, "pids": None, "cpu_quota_us": None}
+    if "memory" in paths:  # cgroup v1
+        limits["memory"] = _read_int(f"/sys/fs/cgroup/memory{paths['memory']}/memory.limit_in_bytes")
+        limits["pids"] = _read_int(f"/sys/fs/cgroup/pids{paths.get('pids', '')}/pids.max")
+        cpu = paths.get("cpu") or paths.get("cpu,cpuacct", "")
+        quota = _read_int(f"/sys/fs/cgroup/cpu{cpu}/cpu.cfs_quota_us")
+        limits["cpu_quota_us"] = quota if quota is not None and quota > 0 else None
+    elif "" in paths:  # cgroup v2
+        base = f"/sys/fs/cgroup{paths['']}"
+        limits["memory"] = _read_int(f"{base}/memory.max")
+        limits["pids"] = _read_int(f"{base}/pids.max")
+        limits["cpu_quota_us"] = _read_int(f"{base}/cpu.max")
+    return limits
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Streams:
+    stdout: CappedBuffer
+    stderr: CappedBuffer
+    queue: asyncio.Queue[tuple[str, bytes] | None] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def _pump(reader: asyncio.StreamReader, name: str, buffer: CappedBuffer, streams: _Streams) -> None:
+    while chunk := await reader.read(65536):
+        kept = buffer.feed(chunk)
+        if kept and streams.queue is not None:
+            await streams.queue.put((name, kept))
+
+
+class OciProcess(RawProcess):
+    """One ``runtime exec``: streams output, enforces the timeout, kills the whole sandbox tree."""
+
+    def __init__(
+        self,
+        instance: OciInstance,
+        proc: asyncio.subprocess.Process,
+        request: ExecRequest,
+        process_file: str,
+        streaming: bool,
+    ) -> None:
+        self.pid = proc.pid
+        self._instance = instance
+        self._proc = proc
+        self._request = request
+        self._process_file = process_file
+        self._started = time.monotonic()
+        self._streams = _Streams(CappedBuffer(request.stdout_cap), CappedBuffer(request.stderr_cap))
+        if streaming:
+            self._streams.queue = asyncio.Queue()
+        self._yielded = False
+        self._result: RawResult | None = None
+        self._killed_by: int | None = None
+        assert proc.stdout is not None and proc.stderr is not None
+        self._streams.tasks = [
+            asyncio.create_task(_pump(proc.stdout, "stdout", self._streams.stdout, self._streams)),
+            asyncio.create_task(_pump(proc.stderr, "stderr", self._streams.stderr, self._streams)),
+        ]
+        self._stdin_task = asyncio.create_task(self._feed_stdin(request.stdin))
+        self._waiter = asyncio.create_task(self._supervise())
+
+    async def _feed_stdin(self, data: bytes | None) -> None:
+        writer = self._proc.stdin
+        if writer is None:
+            return
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            if data:
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+    async def _supervise(self) -> RawResult:
+        timeout = self._request.timeout_ms / 1000 if self._request.timeout_ms is not None else None
+        timed_out = False
+        try:
+            await asyncio.wait_for(self._proc.wait(), timeout)
+        except TimeoutError:
+            timed_out = True
+            await self._instance.kill_all_but_init()
+            try:
+                await asyncio.wait_for(self._proc.wait(), RUNTIME_TIMEOUT_S)
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+        # Output of processes the command left running in the background is collected for a
+        # short grace only: the exec ends when its command ends, as with the Process backend.
+        _done, pending = await asyncio.wait(self._streams.tasks, timeout=DRAIN_GRACE_S)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._stdin_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._stdin_task
+        if self._streams.queue is not None:
+            await self._streams.queue.put(None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._process_file)
+        code = self._proc.returncode if self._proc.returncode is not None else EXIT_TIMEOUT
+        if code < 0:  # the runtime itself was killed by a signal
+            code = 128 - code
+        if self._killed_by is not None:
+            code = 128 + self._killed_by
+        reason = None
+        if timed_out:
+            code, reason = EXIT_TIMEOUT, "wall-clock timeout"
+        return RawResult(
+            exit_code=code,
+            stdout=self._streams.stdout.getvalue(),
+            stderr=self._streams.stderr.getvalue(),
+            duration_ms=(time.monotonic() - self._started) * 1000,
+            timed_out=timed_out,
+            stdout_truncated=self._streams.stdout.truncated,
+            stderr_truncated=self._streams.stderr.truncated,
+            reason=reason,
+        )
+
+    async def chunks(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Output as it arrives (only for processes started with :meth:`OciInstance.spawn`)."""
+        queue = self._streams.queue
+        if queue is None:
+            return
+        self._yielded = True
+        while (item := await queue.get()) is not None:
+            yield item
+
+    async def wait(self) -> RawResult:
+        """The result; after :meth:`chunks` its stdout/stderr are empty (already yielded)."""
+        if self._result is None:
+            self._result = await asyncio.shield(self._waiter)
+        if self._yielded:
+            return RawResult(
+                exit_code=self._result.exit_code,
+                duration_ms=self._result.duration_ms,
+                timed_out=self._result.timed_out,
+                stdout_truncated=self._result.stdout_truncated,
+                stderr_truncated=self._result.stderr_truncated,
+                reason=self._result.reason,
+            )
+        return self._result
+
+    async def kill(self, signum: int = signal.SIGKILL) -> None:
+        """SIGKILL kills every process of the sandbox but init; other signals go to the command."""
+        if self._proc.returncode is not None:
+            return
+        if signum == signal.SIGKILL:
+            self._killed_by = signum
+            await self._instance.kill_all_but_init()
+        else:
+            # runc exec relays the signals it receives to the container process.
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signum)
+
+
+# -- instance ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    """Host-side paths of one bundle and what must be undone at destroy."""
+
+    bundle_dir: str
+    kavach_dir: str
+    host_mounts: list[str] = field(default_factory=list)  # unmounted (detached) at destroy
+
+
+class OciInstance(Instance):
+    """One container."""
+
+    def __init__(self, driver: OciDriver, spec: LaunchSpec, runtime: RuntimeInfo) -> None:
+        assert runtime.path is not None
+        self.spec = spec
+        self.policy = spec.policy
+        self.backend = driver.backend
+        self.runtime = runtime
+        self.runtime_path = runtime.path
+        self.state_dir = state_root(runtime.name, driver.state_base)
+        self.container_id = container_id(spec.sandbox_id)
+        self.layout = _Layout(
+            os.path.join(driver.bundle_base, self.container_id),
+            os.path.join(driver.bundle_base, self.container_id, "kavach"),
+        )
+        self._driver = driver
+        self._exec_counter = 0
+        self._launcher_needed = False
+        self._inner = spec.inner_backend
+        self._enforcement: Enforcement | None = None
+        self._init_pid: int | None = None
+        self._destroyed = False
+        self._proxy_listener: socket.socket | None = None
+        self._extra_runtime_args: tuple[str, ...] = driver.runtime_args()
+
+    # -- runtime calls ----------------------------------------------------------------------
+
+    def _runtime_argv(self, *args: str) -> list[str]:
+        return [self.runtime_path, "--root", self.state_dir, *self._extra_runtime_args, *args]
+
+    async def _runtime(self, *args: str, check: bool = True, timeout: float = RUNTIME_TIMEOUT_S) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *self._runtime_argv(*args),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise ExecError(f"{self.runtime.name.value} {args[0]} timed out after {timeout:.0f}s") from None
+        if check and proc.returncode != 0:
+            detail = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
+            raise ExecError(f"{self.runtime.name.value} {args[0]} failed ({proc.returncode}): {detail}")
+        return out.decode(errors="replace")
+
+    # -- creation ----------------------------------------------------------------------------
+
+    async def create(self) -> None:
+        """Build the bundle, start the init, probe the enforcement (fail closed)."""
+        policy = self.policy
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self._driver.bundle_base, mode=0o711, exist_ok=True)
+        if os.path.lexists(self.layout.bundle_dir):
+            raise SandboxCreateError(f"bundle {self.layout.bundle_dir} already exists (sandbox id reused?)")
+        os.mkdir(self.layout.bundle_dir, 0o711)
+        # 0711, not 0700: the sandbox's root (an unprivileged host uid) must traverse it.
+        os.chmod(self.layout.bundle_dir, 0o711)  # noqa: S103
+        uid_map, gid_map = self._id_maps()
+        owner = (uid_map[0].host_id, gid_map[0].host_id) if _is_root() else None
+        prepared = await self._prepare_rootfs(uid_map, gid_map, owner)
+        self._launcher_needed = policy.landlock.enabled or self._inner is not None or self.spec.proxy_listen is not None
+        if self._launcher_needed and not prepared.has_python3:
+            raise SandboxCreateError(
+                f"the {prepared.kind} rootfs has no {PYTHON_INSIDE}: kavach's in-sandbox launcher needs it "
+                "for Landlock, a composite inner layer or the egress proxy listener"
+            )
+        if not prepared.has_python3 and not prepared.has_sh:
+            raise SandboxCreateError(f"the {prepared.kind} rootfs has neither {PYTHON_INSIDE} nor /bin/sh for init")
+        self._write_kavach_dir(owner)
+        overrides = await self._writable_binds()
+        late = [*self._injected_files(owner), ro_bind(self.layout.kavach_dir, KAVACH_DIR_INSIDE)]
+        if prepared.kind == "host":
+            targets = [(policy.filesystem.workdir, True)]
+            targets += [(b.target, os.path.isdir(b.source)) for b in policy.filesystem.ro_binds]
+            targets += [(b.target, os.path.isdir(b.source)) for b in policy.filesystem.rw_binds]
+            targets += [(m.destination, False) for m in late if m.destination != KAVACH_DIR_INSIDE]
+            images.create_mountpoints(prepared.path, targets, owner)
+        init_args = (
+            (PYTHON_INSIDE, "-I", "-S", LAUNCHER_INSIDE, "init") if prepared.has_python3 else ("/bin/sh", "-c", SH_INIT)
+        )
+        spec = build_spec(policy.seccomp)
+        inputs = BundleInputs(
+            rootfs=prepared.path,
+            init_args=init_args,
+            hostname=self.spec.hostname,
+            uid_map=uid_map,
+            gid_map=gid_map,
+            system_mounts=prepared.mounts,
+            late_mounts=tuple(late),
+            workdir_host=self.spec.workdir_host,
+            source_overrides=overrides,
+            seccomp=None if spec is None else to_oci(spec),
+            cgroups_path=f"/kavach/{self.container_id}" if _is_root() else None,
+            annotations={"org.kavach.sandbox-id": self.spec.sandbox_id},
+        )
+        config = build_config(policy, inputs)
+        with open(os.path.join(self.layout.bundle_dir, "config.json"), "w", encoding="utf-8") as stream:
+            json.dump(config, stream, indent=1)
+        pid_file = os.path.join(self.layout.bundle_dir, "init.pid")
+        await self._run_detached(pid_file)
+        self._init_pid = int(Path(pid_file).read_text(encoding="ascii").strip())
+        if self.spec.proxy_listen is not None:
+            self._proxy_listener = await self._make_proxy_listener(self.spec.proxy_listen)
+        self._enforcement = await self._probe_enforcement(prepared.kind)
+
+    async def _run_detached(self, pid_file: str) -> None:
+        """``runtime run -d``. The init inherits the runtime's stdio, so it must not be a pipe
+        we wait on: stdout is /dev/null and stderr a log file in the bundle (runtime errors
+        and anything init prints)."""
+        log_path = os.path.join(self.layout.bundle_dir, "init.log")
+        with open(log_path, "wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *self._runtime_argv(
+                    "run", "-d", "--bundle", self.layout.bundle_dir, "--pid-file", pid_file, self.container_id
+                ),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )
+        try:
+            await asyncio.wait_for(proc.wait(), RUNTIME_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise SandboxCreateError(f"{self.runtime.name.value} run timed out") from None
+        if proc.returncode != 0:
+            detail = Path(log_path).read_text(encoding="utf-8", errors="replace").strip()
+            raise SandboxCreateError(f"{self.runtime.name.value} could not start the sandbox: {detail}")
+
+    def _id_maps(self) -> tuple[tuple[IdMap, ...], tuple[IdMap, ...]]:
+        if _is_root():
+            from kavach.backends.process.namespaces import ROOT_MAP_SIZE, root_map_base
+
+            base = root_map_base(self.spec.sandbox_id)
+            return (IdMap(0, base, ROOT_MAP_SIZE),), (IdMap(0, base, ROOT_MAP_SIZE),)
+        return (IdMap(0, os.geteuid(), 1),), (IdMap(0, os.getegid(), 1),)
+
+    async def _prepare_rootfs(
+        self, uid_map: tuple[IdMap, ...], gid_map: tuple[IdMap, ...], owner: tuple[int, int] | None
+    ) -> images.PreparedRootfs:
+        source = self._driver.rootfs
+        if isinstance(source, images.DirectoryRootfs):
+            return images.prepare_directory_rootfs(source)
+        if isinstance(source, images.ImageRootfs):
+            return await images.unpack_image(source, os.path.join(self.layout.bundle_dir, "image"), uid_map, gid_map)
+        resolv = None
+        if self.policy.network.mode is NetworkMode.HOST:
+            with contextlib.suppress(OSError):
+                resolv = Path("/etc/resolv.conf").read_bytes()
+        return images.prepare_host_rootfs(self.layout.bundle_dir, self.spec.hostname, owner, resolv)
+
+    def _write_kavach_dir(self, owner: tuple[int, int] | None) -> None:
+        os.mkdir(self.layout.kavach_dir, 0o755)
+        shutil.copyfile(Path(__file__).with_name("launcher.py"), os.path.join(self.layout.kavach_dir, "launcher.py"))
+        layers: list[dict[str, Any]] = []
+        landlock = landlock_plan(self.policy)
+        if landlock is not None:
+            layers.append({"name": "oci", "landlock": landlock})
+        if self._inner is not None:
+            layers.append(self._inner_layer(landlock))
+        with open(os.path.join(self.layout.kavach_dir, "plan.json"), "w", encoding="utf-8") as stream:
+            json.dump({"layers": layers}, stream)
+        for name in os.listdir(self.layout.kavach_dir):
+            os.chmod(os.path.join(self.layout.kavach_dir, name), 0o644)
+
+    def _inner_layer(self, landlock: dict[str, Any] | None) -> dict[str, Any]:
+        """The composite inner layer: the policy's own seccomp program (a second, stacked filter,
+        compiled by the Process backend's compiler) and a second Landlock domain."""
+        from kavach.backends.process.seccomp import compile_filter
+
+        layer: dict[str, Any] = {"name": f"inner-{self._inner.value if self._inner else '?'}"}
+        program = compile_filter(self.policy.seccomp)
+        if program:
+            path = os.path.join(self.layout.kavach_dir, "inner.bpf")
+            with open(path, "wb") as stream:
+                stream.write(program)
+            layer["seccomp_bpf"] = f"{KAVACH_DIR_INSIDE}/inner.bpf"
+        if landlock is not None:
+            layer["landlock"] = landlock
+        if "seccomp_bpf" not in layer and "landlock" not in layer:
+            raise SandboxCreateError(
+                "composite inner layer has nothing to apply: the policy asks for neither seccomp nor Landlock"
+            )
+        return layer
+
+    async def _writable_binds(self) -> dict[str, str]:
+        """Host source -> path to bind, for the workdir and rw_binds.
+
+        As root they are idmapped copies (made here, attached under the bundle) so that the
+        sandbox's root, an unprivileged host uid, can write what the host owner can.
+        Unprivileged, root inside *is* the caller, so the sources are bound as they are.
+        """
+        sources = [b.source for b in self.policy.filesystem.rw_binds]
+        if self.spec.workdir_host is not None:
+            sources.insert(0, self.spec.workdir_host)
+        for source in sources:
+            if not os.path.exists(source):
+                raise SandboxCreateError(f"writable bind source {source} does not exist")
+        if not sources or not _is_root():
+            return {}
+        overrides: dict[str, str] = {}
+        idmap_dir = os.path.join(self.layout.bundle_dir, "idmapped")
+        os.mkdir(idmap_dir, 0o711)
+        async with _userns_holder(self.spec.sandbox_id) as userns_fd:
+            for index, source in enumerate(dict.fromkeys(sources)):
+                host_path = os.path.join(idmap_dir, str(index))
+                _idmapped_bind(source, host_path, userns_fd)
+                self.layout.host_mounts.append(host_path)
+                overrides[source] = host_path
+        return overrides
+
+    def _injected_files(self, owner: tuple[int, int] | None) -> list[Mount]:
+        """Each injected file lives on a kavach tmpfs (never the host disk), bound read-only."""
+        if not self.spec.files:
+            return []
+        if not _is_root():
+            raise SandboxCreateError("injected files need a private tmpfs, which only root can mount here")
+        from kavach.backends.process import _libc
+
+        files_dir = os.path.join(self.layout.bundle_dir, "files")
+        os.mkdir(files_dir, 0o711)
+        _libc.mount(
+            "tmpfs",
+            files_dir,
+            "tmpfs",
+            _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC,
+            "size=8m,mode=0711",
+            "mount tmpfs for injected files",
+        )
+        self.layout.host_mounts.append(files_dir)
+        mounts = []
+        for index, injected in enumerate(self.spec.files):
+            host_path = os.path.join(files_dir, str(index))
+            fd = os.open(host_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, injected.data)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                os.fchmod(fd, injected.mode)
+            finally:
+                os.close(fd)
+            mounts.append(ro_bind(host_path, injected.path))
+        return mounts
+
+    async def _make_proxy_listener(self, address: tuple[str, int]) -> socket.socket:
+        """A TCP listener created *inside* the sandbox's network namespace, passed out over a unix socket."""
+        path = os.path.join(self.layout.kavach_dir, "proxy.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(path)
+            # The sandbox's root is an unprivileged host uid; the socket is in a 0711 directory
+            # only kavach and this sandbox can reach.
+            os.chmod(path, 0o666)  # noqa: S103
+            server.listen(1)
+            server.setblocking(False)
+            request = ExecRequest(
+                argv=(
+                    PYTHON_INSIDE,
+                    "-I",
+                    "-S",
+                    LAUNCHER_INSIDE,
+                    "listen",
+                    address[0],
+                    str(address[1]),
+                    f"{KAVACH_DIR_INSIDE}/proxy.sock",
+                ),
+                timeout_ms=int(RUNTIME_TIMEOUT_S * 1000),
+            )
+            process = await self._start(request, streaming=False, launcher=False)
+            loop = asyncio.get_running_loop()
+            try:
+                conn, _ = await asyncio.wait_for(loop.sock_accept(server), RUNTIME_TIMEOUT_S)
+            except TimeoutError:
+                result = await process.wait()
+                raise SandboxCreateError(
+                    f"proxy listener was not handed over: {result.stderr.decode(errors='replace').strip()}"
+                ) from None
+            with conn:
+                conn.setblocking(True)
+                _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 1)
+            result = await process.wait()
+        os.unlink(path)
+        if result.exit_code != 0 or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxCreateError(
+                f"proxy listener failed inside the sandbox: {result.stderr.decode(errors='replace').strip()}"
+            )
+        return socket.socket(fileno=fds[0])
+
+    # -- enforcement -------------------------------------------------------------------------
+
+    async def _probe_enforcement(self, rootfs_kind: str) -> Enforcement:
+        policy = self.policy
+        assert self._init_pid is not None
+        argv: tuple[str, ...] = ("/bin/sh", "-c", PROBE_SCRIPT)
+        if self._launcher_needed:
+            argv = (PYTHON_INSIDE, "-I", "-S", LAUNCHER_INSIDE, "exec", PLAN_INSIDE, "--announce", "--", *argv)
+        result = await self._start(
+            ExecRequest(
+                argv=argv, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, timeout_ms=int(RUNTIME_TIMEOUT_S * 1000)
+            ),
+            streaming=False,
+            launcher=False,
+        )
+        raw = await result.wait()
+        if raw.exit_code != 0:
+            raise SandboxCreateError(
+                f"enforcement probe failed inside the sandbox (exit {raw.exit_code}): "
+                f"{raw.stderr.decode(errors='replace').strip()}"
+            )
+        facts = parse_probe(raw.stdout.decode(errors="replace"))
+        announce = parse_announce(raw.stderr.decode(errors="replace"))
+        from kavach.backends.process.namespaces import namespace_inodes
+
+        inside_ns = namespace_inodes(self._init_pid)
+        host_ns = namespace_inodes("self")
+        limits = cgroup_limits(self._init_pid)
+        seccomp_spec = build_spec(policy.seccomp)
+        filters = int(facts.get("Seccomp_filters", "0") or 0)
+        outer_filters = 1 if seccomp_spec is not None else 0
+        seen: dict[Control, bool] = {}
+        if seccomp_spec is not None:
+            seen[Control.SECCOMP] = facts.get("Seccomp") == "2" and filters >= outer_filters
+        if policy.network.mode is not NetworkMode.HOST:
+            seen[Control.NETWORK_ISOLATED] = inside_ns.get("net") != host_ns.get("net") and facts.get(
+                "net_ifaces", ""
+            ).split() == ["lo"]
+        if policy.filesystem.read_only_root:
+            seen[Control.READ_ONLY_ROOT] = facts.get("root_opts", "").split(",")[0] == "ro"
+        r = policy.resources
+        if r.memory is not None or r.pids is not None or r.cpus is not None:
+            seen[Control.RESOURCE_LIMITS] = (
+                (r.memory is None or limits["memory"] == r.memory)
+                and (r.pids is None or limits["pids"] == r.pids)
+                and (r.cpus is None or limits["cpu_quota_us"] is not None)
+            )
+        landlock_seen = int(announce.get("landlock_domains", 0)) >= 1 and (
+            facts.get("root_listing") == "denied" or _root_listing_allowed_by_rules(policy)
+        )
+        if policy.landlock.enabled:
+            seen[Control.LANDLOCK] = landlock_seen
+        baseline_ok = facts.get("NoNewPrivs") == "1" and int(facts.get("CapEff", "1"), 16) == 0
+        if not baseline_ok:
+            raise SandboxCreateError(
+                f"the sandbox runs with privileges: NoNewPrivs={facts.get('NoNewPrivs')} CapEff={facts.get('CapEff')}"
+            )
+        missing = [c.value for c, ok in seen.items() if not ok]
+        if missing and not policy.allow_degraded:
+            raise SandboxCreateError(
+                f"the OCI sandbox does not enforce {', '.join(missing)} (probe: {json.dumps(facts, sort_keys=True)})"
+            )
+        details: dict[str, Any] = {
+            "runtime": self.runtime.name.value,
+            "runtime_version": self.runtime.version,
+            "cgroup_mode": cgroup_mode().value,
+            "rootfs": rootfs_kind,
+            "container_id": self.container_id,
+            "namespaces": {k: v for k, v in inside_ns.items() if v != host_ns.get(k)},
+            "uid_map": facts.get("uid_map"),
+            "CapEff": facts.get("CapEff"),
+            "NoNewPrivs": facts.get("NoNewPrivs"),
+            "Seccomp": facts.get("Seccomp"),
+            "Seccomp_filters": filters,
+            "root_opts": facts.get("root_opts"),
+            "net_ifaces": facts.get("net_ifaces"),
+            "cgroup_limits": limits,
+        }
+        if announce:
+            details["launcher"] = announce
+        inner = None
+        if self._inner is not None:
+            inner = self._inner_enforcement(announce, filters, outer_filters, facts)
+        return Enforcement(
+            self.backend,
+            frozenset(c for c, ok in seen.items() if ok),
+            verified=True,
+            details=details,
+            degraded=tuple(missing),
+            inner=inner,
+        )
+
+    def _inner_enforcement(
+        self, announce: Mapping[str, Any], filters: int, outer_filters: int, facts: Mapping[str, str]
+    ) -> Enforcement:
+        """The inner layer counts a control only when seen from inside: one more seccomp
+        filter stacked on the runtime's, and a second Landlock domain that denies the probe."""
+        assert self._inner is not None
+        controls: set[Control] = set()
+        inner_seccomp = build_spec(self.policy.seccomp) is not None
+        if inner_seccomp and int(announce.get("seccomp_loaded", 0)) >= 1 and filters >= outer_filters + 1:
+            controls.add(Control.SECCOMP)
+        expected_domains = 2 if self.policy.landlock.enabled else 0
+        if (
+            self.policy.landlock.enabled
+            and int(announce.get("landlock_domains", 0)) >= expected_domains
+            and (facts.get("root_listing") == "denied" or _root_listing_allowed_by_rules(self.policy))
+        ):
+            controls.add(Control.LANDLOCK)
+        asked = {Control.SECCOMP} if inner_seccomp else set()
+        if self.policy.landlock.enabled:
+            asked.add(Control.LANDLOCK)
+        verified = bool(asked) and asked <= controls
+        if not verified and not self.policy.allow_degraded:
+            raise SandboxCreateError(
+                f"composite inner layer ({self._inner.value}) was not verified from inside: "
+                f"seccomp filters {filters}, launcher {dict(announce)}"
+            )
+        return Enforcement(
+            self._inner,
+            frozenset(controls),
+            verified=verified,
+            details={"applied_by": "kavach launcher inside the OCI container", "seccomp_filters": filters},
+            degraded=tuple(c.value for c in asked - controls),
+        )
+
+    def enforcement(self) -> Enforcement:
+        """What the probe saw (see the module docstring)."""
+        if self._enforcement is None:
+            raise ExecError("the sandbox was not started")
+        return self._enforcement
+
+    # -- exec --------------------------------------------------------------------------------
+
+    async def _start(self, request: ExecRequest, *, streaming: bool, launcher: bool) -> OciProcess:
+        if self._destroyed:
+            raise ExecError("the sandbox was destroyed")
+        argv = tuple(request.argv)
+        if not argv:
+            raise ExecError("empty command")
+        if launcher and self._launcher_needed:
+            argv = (PYTHON_INSIDE, "-I", "-S", LAUNCHER_INSIDE, "exec", PLAN_INSIDE, "--", *argv)
+        self._exec_counter += 1
+        process_file = os.path.join(self.layout.bundle_dir, f"exec-{self._exec_counter}.json")
+        cwd = request.cwd or self.policy.filesystem.workdir
+        with open(process_file, "w", encoding="utf-8") as stream:
+            json.dump(build_process(self.policy, argv, dict(request.env), cwd), stream)
+        proc = await asyncio.create_subprocess_exec(
+            *self._runtime_argv("exec", "--process", process_file, self.container_id),
+            stdin=asyncio.subprocess.PIPE if request.stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return OciProcess(self, proc, request, process_file, streaming)
+
+    async def exec(self, request: ExecRequest) -> RawResult:
+        """Run to completion (timeout and caps enforced)."""
+        process = await self._start(request, streaming=False, launcher=True)
+        return await process.wait()
+
+    async def spawn(self, request: ExecRequest) -> RawProcess:
+        """Start and stream."""
+        return await self._start(request, streaming=True, launcher=True)
+
+    async def kill_all_but_init(self) -> None:
+        """Freeze, SIGKILL every process of the container except init, thaw."""
+        if self._destroyed or self._init_pid is None:
+            return
+        frozen = True
+        try:
+            await self._runtime("pause")
+        except ExecError:
+            frozen = False  # e.g. rootless without a freezer: kill without freezing, twice
+        for _ in range(1 if frozen else 3):
+            out = await self._runtime("ps", "--format", "json", self.container_id, check=False)
+            try:
+                pids = [int(p) for p in json.loads(out or "[]")]
+            except (ValueError, TypeError):
+                pids = []
+            for pid in pids:
+                if pid != self._init_pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        if frozen:
+            await self._runtime("resume", self.container_id, check=False)
+
+    def live_pids(self) -> int | None:
+        """Processes in the container's pids cgroup."""
+        if self._init_pid is None:
+            return None
+        try:
+            paths = _cgroup_paths(self._init_pid)
+        except OSError:
+            return None
+        for candidate in (
+            f"/sys/fs/cgroup/pids{paths.get('pids', '')}/cgroup.procs",
+            f"/sys/fs/cgroup{paths.get('', '')}/cgroup.procs",
+        ):
+            with contextlib.suppress(OSError):
+                return len(Path(candidate).read_text(encoding="ascii").split())
+        return None
+
+    async def read_file(self, path: str, max_bytes: int) -> bytes:
+        """``cat`` inside the sandbox (its view, its restrictions): never a host-side path walk."""
+        result = await self.exec(
+            ExecRequest(
+                argv=("cat", "--", path), env={"PATH": "/usr/bin:/bin"}, stdout_cap=max_bytes + 1, timeout_ms=30_000
+            )
+        )
+        if result.exit_code != 0:
+            raise ExecError(f"{path}: {result.stderr.decode(errors='replace').strip() or 'cannot read'}")
+        if len(result.stdout) > max_bytes:
+            raise ExecError(f"{path}: larger than {max_bytes} bytes")
+        return result.stdout
+
+    def take_proxy_listener(self) -> socket.socket | None:
+        """The listener made inside for ``LaunchSpec.proxy_listen`` (once)."""
+        listener, self._proxy_listener = self._proxy_listener, None
+        return listener
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """cgroup freezer through the runtime."""
+        await self._runtime("pause", self.container_id)
+
+    async def resume(self) -> None:
+        """Thaw."""
+        await self._runtime("resume", self.container_id)
+
+    async def stop(self) -> None:
+        """Kill every process, init included."""
+        if self._init_pid is None or self._destroyed:
+            return
+        await self._runtime("kill", "--all", self.container_id, "KILL", check=False)
+        # A frozen container cannot die; thaw it so the SIGKILLs are delivered.
+        await self._runtime("resume", self.container_id, check=False)
+        deadline = time.monotonic() + RUNTIME_TIMEOUT_S
+        while time.monotonic() < deadline:
+            state = await self._runtime("state", self.container_id, check=False)
+            if not state or json.loads(state).get("status") == "stopped":
+                return
+            await asyncio.sleep(0.02)
+        raise ExecError(f"container {self.container_id} did not stop")
+
+    async def destroy(self) -> None:
+        """Delete the container and its bundle; check that no runtime state is left. Idempotent."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        errors: list[str] = []
+        if os.path.exists(os.path.join(self.state_dir, self.container_id)):
+            await self._runtime("resume", self.container_id, check=False)
+            try:
+                await self._runtime("delete", "--force", self.container_id)
+            except ExecError as exc:
+                errors.append(str(exc))
+        if self._proxy_listener is not None:
+            self._proxy_listener.close()
+            self._proxy_listener = None
+        errors += _teardown_layout(self.layout)
+        if os.path.exists(os.path.join(self.state_dir, self.container_id)):
+            errors.append(f"runtime state {os.path.join(self.state_dir, self.container_id)} is left over")
+        if errors:
+            raise ExecError("destroy left state behind: " + "; ".join(errors))
+
+
+def _teardown_layout(layout: _Layout) -> list[str]:
+    from kavach.backends.process import _libc
+
+    errors = []
+    for mount_point in reversed(layout.host_mounts):
+        try:
+            _libc.umount2(mount_point, _libc.MNT_DETACH, f"unmount {mount_point}")
+        except OSError as exc:
+            errors.append(str(exc))
+    layout.host_mounts.clear()
+    if os.path.lexists(layout.bundle_dir) and not errors:
+        try:
+            shutil.rmtree(layout.bundle_dir)
+        except OSError as exc:
+            errors.append(f"remove {layout.bundle_dir}: {exc.strerror}")
+    return errors
+
+
+# -- idmapped writable binds ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _userns_holder(sandbox_id: str) -> AsyncIterator[int]:
+    """An fd of a user namespace with the sandbox's id mapping (for idmapped mounts).
+
+    A short-lived ``unshare --user`` child creates it; the maps are written from here with
+    the Process backend's :func:`write_id_maps`, so both backends map the same ids.
+    """
+    from kavach.backends.process.namespaces import write_id_maps
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise SandboxCreateError("unshare (util-linux) not found: needed for idmapped writable binds")
+    proc = await asyncio.create_subprocess_exec(
+        unshare,
+        "--user",
+        "--",
+        "sleep",
+        "30",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    fd = -1
+    try:
+        own = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 5
+        # unshare(1) calls unshare(2) and then execs sleep: wait until the child's user
+        # namespace differs from ours before writing maps into it.
+        while os.readlink(f"/proc/{proc.pid}/ns/user") == own:
+            if time.monotonic() > deadline or proc.returncode is not None:
+                raise SandboxCreateError("unshare --user did not create a user namespace")
+            await asyncio.sleep(0.002)
+        write_id_maps(proc.pid, sandbox_id)
+        fd = os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        yield fd
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+def _idmapped_bind(source: str, host_path: str, userns_fd: int) -> None:
+    """Attach an idmapped clone of ``source`` at ``host_path`` (a dir or file created here)."""
+    from kavach.backends.process import _libc
+    from kavach.backends.process.namespaces import idmapped_tree
+
+    if os.path.isdir(source):
+        os.mkdir(host_path, 0o755)
+    else:
+        os.close(os.open(host_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+    tree = idmapped_tree(source, userns_fd)
+    try:
+        _libc.move_mount(tree, _libc.AT_FDCWD, host_path, f"attach idmapped {source}")
+    finally:
+        os.close(tree)
+
+
+# -- drivers -------------------------------------------------------------------------------------
+
+
+class OciDriver(Driver):
+    """runc (or crun) containers. ``rootfs`` picks the root filesystem source (host layout by default)."""
+
+    backend = Backend.OCI
+    preferred: tuple[RuntimeName, ...] = (RuntimeName.RUNC, RuntimeName.CRUN)
+
+    def __init__(
+        self,
+        rootfs: images.RootfsSource | None = None,
+        *,
+        runtime: RuntimeName | None = None,
+        state_base: str = DEFAULT_STATE_ROOT,
+        bundle_base: str = BUNDLE_BASE,
+    ) -> None:
+        self.rootfs: images.RootfsSource = rootfs if rootfs is not None else images.HostRootfs()
+        self.runtime_choice = (runtime,) if runtime is not None else self.preferred
+        self.state_base = state_base
+        self.bundle_base = bundle_base
+
+    def runtime_args(self) -> tuple[str, ...]:
+        """Global flags passed to every runtime call (none for runc/crun)."""
+        return ()
+
+    def _choose(self) -> tuple[RuntimeInfo | None, list[RuntimeInfo]]:
+        return choose_runtime(self.runtime_choice)
+
+    def probe(self) -> ProbeResult:
+        """Available when a preferred runtime is usable; the reason names every rejected one."""
+        try:
+            info, results = self._choose()
+        except OSError as exc:  # never raise from a probe
+            return ProbeResult(self.backend, False, f"runtime probe failed: {exc}")
+        if info is None:
+            return ProbeResult(self.backend, False, explain(results))
+        rejected = [r for r in results if not r.usable]
+        reason = info.reason + (f" ({explain(rejected)})" if rejected else "")
+        return ProbeResult(self.backend, True, reason, version=info.version)
+
+    def _check_policy(self, spec: LaunchSpec) -> None:
+        policy = spec.policy
+        r = policy.resources
+        limits = r.memory is not None or r.pids is not None or r.cpus is not None
+        if not _is_root() and limits and not policy.allow_degraded:
+            raise SandboxCreateError(
+                "resource limits need root for the OCI backend on this host (cgroup v1 is not "
+                "delegated to unprivileged users); run as root or allow degrading"
+            )
+        if spec.inner_backend is not None and spec.inner_backend is not Backend.PROCESS:
+            raise SandboxCreateError(
+                f"an OCI sandbox can run only kavach's process layer inside, not {spec.inner_backend.value}"
+            )
+
+    async def start(self, spec: LaunchSpec) -> Instance:
+        """Create the container (see the module docstring); on any failure nothing is left."""
+        info, results = self._choose()
+        if info is None:
+            raise SandboxCreateError(f"no usable OCI runtime: {explain(results)}")
+        self._check_policy(spec)
+        instance = OciInstance(self, spec, info)
+        try:
+            await instance.create()
+        except BaseException:
+            with contextlib.suppress(ExecError):
+                await instance.destroy()
+            raise
+        return instance
+
+
+class GVisorDriver(OciDriver):
+    """The same bundle run by gVisor's ``runsc`` (user-space kernel).
+
+    ``platform`` is systrap (no hardware needs) or kvm; the network is ``none`` unless the
+    policy asks for the host network (runsc then uses its own netstack on the host's).
+    """
+
+    backend = Backend.GVISOR
+    preferred = (RuntimeName.RUNSC,)
+
+    def __init__(
+        self,
+        rootfs: images.RootfsSource | None = None,
+        *,
+        platform: str = "systrap",
+        state_base: str = DEFAULT_STATE_ROOT,
+        bundle_base: str = BUNDLE_BASE,
+    ) -> None:
+        super().__init__(rootfs, runtime=RuntimeName.RUNSC, state_base=state_base, bundle_base=bundle_base)
+        if platform not in ("systrap", "ptrace", "kvm"):
+            raise SandboxCreateError(f"unknown gVisor platform {platform!r}; use systrap, ptrace or kvm")
+        self.platform = platform
+
+    def runtime_args(self) -> tuple[str, ...]:
+        """runsc global flags: rootless user namespace, platform, no network of its own."""
+        return runsc_flags(self.platform, rootless=not _is_root(), network_none=True)
+
+
+def runsc_flags(platform: str, *, rootless: bool, network_none: bool) -> tuple[str, ...]:
+    """The global ``runsc`` flags kavach passes (before the subcommand)."""
+    flags = [f"--platform={platform}"]
+    if rootless:
+        flags.append("--rootless")
+    # With --network=none the sandbox has only loopback; "sandbox" would give gVisor's netstack
+    # the container's network namespace (used for the egress proxy set-up).
+    flags.append("--network=none" if network_none else "--network=sandbox")
+    return tuple(flags)
+
+
+__all__ = [
+    "BUNDLE_BASE",
+    "GVisorDriver",
+    "OciDriver",
+    "OciInstance",
+    "OciProcess",
+    "cgroup_limits",
+    "container_id",
+    "landlock_plan",
+    "parse_announce",
+    "parse_probe",
+    "runsc_flags",
+]

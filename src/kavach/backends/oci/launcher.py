@@ -1,0 +1,286 @@
+"""kavach's in-sandbox launcher: the one piece of kavach that runs *inside* an OCI container.
+
+It is executed by the container's ``/usr/bin/python3`` (Debian's, not the project venv) as
+``python3 -I -S /dev/.kavach/launcher.py MODE ...``, so it may import only the standard
+library. That is a design decision, not an accident:
+
+* Importing kavach inside would mean binding the venv's site-packages and kavach's source
+  into the sandbox and importing ``kavach`` (whose package imports pull in PyYAML, typer ...)
+  with a Python that is not the venv's. Instead every policy decision is made **on the host**
+  by the shared modules and handed in as data: the seccomp program is compiled by
+  :func:`kavach.backends.process.seccomp.compile_filter` (libseccomp, the same profiles the
+  Process backend loads) and written as raw BPF; the Landlock rules are resolved to access
+  masks on the host (:func:`kavach.backends.oci.driver.landlock_plan`). What remains here is
+  the few kernel calls that must be made by the sandboxed process itself.
+* ``-I -S``: isolated mode (no PYTHON* variables, no user site, no cwd on sys.path) and no
+  ``site`` import, so nothing the sandboxed command controls is imported before the
+  restrictions are in place.
+
+Modes:
+
+``init``
+    PID 1 of the container: reaps every child (orphans of double-forked daemons included),
+    exits on SIGTERM/SIGINT, and is non-dumpable so no sandboxed process can ptrace it or
+    read its memory.
+``exec PLAN [--announce] -- ARGV...``
+    Applies the plan's layers in order, then ``execvp(ARGV)``: every Landlock domain first,
+    then every seccomp program (a seccomp filter could refuse the Landlock syscalls, and
+    seccomp must be last before execve). A composite sandbox's plan has two layers, so the
+    command runs under two stacked seccomp filters (the runtime's and the inner one) and
+    Landlock. ``--announce`` prints one JSON line to stderr saying what was applied, for the
+    enforcement probe. Any failed kernel call stops with exit code 126 and names the step and
+    the errno: the command never runs with fewer restrictions than planned.
+``listen HOST PORT UNIX_SOCKET``
+    Creates a listening TCP socket *inside* the sandbox's network namespace (the egress
+    proxy's address there) and passes it over ``UNIX_SOCKET`` (SCM_RIGHTS) to the host,
+    which accepts the sandbox's connections on it. The host cannot create it itself without
+    joining the namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+EXIT_SETUP_FAILED = 126
+
+# Generic syscall numbers: Landlock's are the same on every architecture (444-446).
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_MODE_FILTER = 2
+BPF_INSN_SIZE = 8
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class SetupError(Exception):
+    """A kernel call failed; the message names the step and the errno."""
+
+    def __init__(self, step: str, err: int) -> None:
+        super().__init__(f"kavach-launcher: {step}: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})")
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # the kernel's struct landlock_path_beneath_attr is __attribute__((packed))
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _prctl(option: int, arg2: int, step: str) -> None:
+    if _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), 0) != 0:
+        raise SetupError(step, ctypes.get_errno())
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0 when Landlock is unavailable)."""
+    abi = _libc.syscall(
+        ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET),
+        None,
+        ctypes.c_size_t(0),
+        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+    )
+    return max(0, int(abi))
+
+
+def _attr_size(abi: int) -> int:
+    # The kernel rejects fields it does not know unless they are zero, and rejects a size
+    # larger than its struct only when the extra bytes are non-zero; sending exactly the
+    # fields of this ABI keeps older kernels happy.
+    if abi >= 6:
+        return 24
+    if abi >= 4:
+        return 16
+    return 8
+
+
+def apply_landlock(layer: dict[str, Any]) -> int:
+    """Create, fill and enforce one Landlock domain; returns the ABI used."""
+    abi = landlock_abi()
+    required = int(layer.get("min_abi", 1))
+    if abi < required:
+        raise SetupError(f"landlock ABI {abi} < required {required}", errno.EOPNOTSUPP)
+    attr = _RulesetAttr(
+        int(layer["handled_access_fs"]), int(layer.get("handled_access_net", 0)), int(layer.get("scoped", 0))
+    )
+    ruleset = _libc.syscall(
+        ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET),
+        ctypes.byref(attr),
+        ctypes.c_size_t(_attr_size(abi)),
+        ctypes.c_uint32(0),
+    )
+    if ruleset < 0:
+        raise SetupError("landlock_create_ruleset", ctypes.get_errno())
+    try:
+        for path, access in layer.get("rules", []):
+            try:
+                # A missing rule path is an error, as in the Process backend: fail closed
+                # rather than run with a rule set other than the one the policy names.
+                fd = os.open(path, O_PATH | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SetupError(f"open {path} for a landlock rule", exc.errno or errno.EIO) from None
+            try:
+                # A rule on a file may only carry file rights; the host computed both masks.
+                is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
+                mask = int(access) if is_dir else int(access) & int(layer["file_access_mask"])
+                beneath = _PathBeneathAttr(mask, fd)
+                rc = _libc.syscall(
+                    ctypes.c_long(SYS_LANDLOCK_ADD_RULE),
+                    ctypes.c_int(ruleset),
+                    ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                    ctypes.byref(beneath),
+                    ctypes.c_uint32(0),
+                )
+                if rc != 0:
+                    raise SetupError(f"landlock_add_rule {path}", ctypes.get_errno())
+            finally:
+                os.close(fd)
+        # no_new_privs is already set by the runtime (noNewPrivileges); setting it again is
+        # idempotent and makes the launcher safe to run under any runtime config.
+        _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+        if _libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+            raise SetupError("landlock_restrict_self", ctypes.get_errno())
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+def load_seccomp(path: str) -> None:
+    """Load the raw BPF program in ``path`` (compiled on the host) as one more seccomp filter."""
+    with open(path, "rb") as stream:
+        program = stream.read()
+    if not program or len(program) % BPF_INSN_SIZE:
+        raise SetupError(f"read seccomp program {path} ({len(program)} bytes)", errno.EINVAL)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+    # The buffer must stay alive while the kernel copies the program (during the call).
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // BPF_INSN_SIZE, ctypes.cast(buffer, ctypes.c_void_p))
+    rc = _libc.prctl(
+        ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), ctypes.c_ulong(0), 0
+    )
+    if rc != 0:
+        raise SetupError(f"prctl(PR_SET_SECCOMP) {path}", ctypes.get_errno())
+
+
+def apply_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """Apply every layer: all Landlock domains, then all seccomp programs. Returns a report."""
+    report: dict[str, Any] = {"landlock_domains": 0, "landlock_abi": 0, "seccomp_loaded": 0, "layers": []}
+    layers = plan.get("layers", [])
+    for layer in layers:
+        if layer.get("landlock"):
+            report["landlock_abi"] = apply_landlock(layer["landlock"])
+            report["landlock_domains"] += 1
+    for layer in layers:
+        if layer.get("seccomp_bpf"):
+            load_seccomp(layer["seccomp_bpf"])
+            report["seccomp_loaded"] += 1
+        report["layers"].append(layer.get("name", "?"))
+    return report
+
+
+def run_exec(args: list[str]) -> int:
+    """``exec PLAN [--announce] -- ARGV...``: apply the plan, then replace ourselves with ARGV."""
+    if "--" not in args or not args:
+        print("kavach-launcher: usage: exec PLAN [--announce] -- ARGV...", file=sys.stderr)
+        return 2
+    split = args.index("--")
+    options, argv = args[:split], args[split + 1 :]
+    if not options or not argv:
+        print("kavach-launcher: exec needs a plan and a command", file=sys.stderr)
+        return 2
+    with open(options[0], encoding="utf-8") as stream:
+        plan = json.load(stream)
+    try:
+        report = apply_plan(plan)
+    except (SetupError, OSError) as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    if "--announce" in options[1:]:
+        print("kavach-launcher: " + json.dumps(report, sort_keys=True), file=sys.stderr, flush=True)
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - the sandboxed command, exec'd without a shell on purpose
+    except OSError as exc:
+        print(f"kavach-launcher: exec {argv[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if exc.errno == errno.ENOENT else EXIT_SETUP_FAILED
+    return EXIT_SETUP_FAILED  # not reached: execvp returns only by raising
+
+
+def run_init() -> int:
+    """PID 1: reap every child until SIGTERM/SIGINT."""
+    _prctl(PR_SET_DUMPABLE, 0, "prctl(PR_SET_DUMPABLE, 0)")
+    wanted = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+    # Blocked and collected with sigwaitinfo, so no SIGCHLD can slip between a reap and the
+    # next wait (the race a pause()-based loop has).
+    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    while True:
+        info = signal.sigwaitinfo(wanted)
+        if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+            return 0
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+
+
+def run_listen(args: list[str]) -> int:
+    """``listen HOST PORT UNIX_SOCKET``: hand a listening socket of this namespace to the host."""
+    if len(args) != 3:
+        print("kavach-launcher: usage: listen HOST PORT UNIX_SOCKET", file=sys.stderr)
+        return 2
+    host, port, unix_path = args[0], int(args[1]), args[2]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as channel:
+            channel.connect(unix_path)
+            socket.send_fds(channel, [b"L"], [listener.fileno()])
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: ``launcher.py init``, ``exec ...`` or ``listen ...``."""
+    if argv[:1] == ["init"]:
+        return run_init()
+    if argv[:1] == ["listen"]:
+        try:
+            return run_listen(argv[1:])
+        except OSError as exc:
+            print(f"kavach-launcher: listen: {exc}", file=sys.stderr)
+            return EXIT_SETUP_FAILED
+    if argv[:1] == ["exec"]:
+        return run_exec(argv[1:])
+    print("kavach-launcher: usage: launcher.py init | exec PLAN [--announce] -- ARGV...", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
