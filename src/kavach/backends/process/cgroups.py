@@ -1,0 +1,444 @@
+"""Per-sandbox cgroups: memory, pids and CPU limits, freezing, killing everything, OOM reporting.
+
+cgroup v2 is used when the unified hierarchy offers the memory, pids and cpu controllers;
+otherwise cgroup v1 (memory, pids and freezer hierarchies, plus cpu when a CPU limit is
+asked), as on hybrid hosts where the controllers are bound to v1. Every sandbox gets one
+cgroup named after it under a ``kavach`` parent, in every hierarchy used:
+
+* v2: ``<unified>/kavach/<name>``
+* v1: ``/sys/fs/cgroup/<controller>/kavach/<name>`` for each controller
+
+Swap is turned off for the sandbox wherever the kernel allows it (``memory.swap.max = 0``,
+``memory.memsw.limit_in_bytes`` = the memory limit), so the memory limit is real.
+
+Creating a cgroup needs write access to the hierarchy (root, or a delegated v2 subtree);
+without it :func:`create_cgroup` raises :class:`~kavach.errors.SandboxCreateError` saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from kavach.errors import SandboxCreateError
+from kavach.policy import ResourceLimits
+
+PARENT = "kavach"
+V2_CONTROLLERS = frozenset({"memory", "pids", "cpu"})
+V1_REQUIRED = ("memory", "pids", "freezer")  # cpu joins when a CPU limit is asked
+CPU_PERIOD_US = 100_000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_POLL_S = 0.001
+
+
+class CgroupError(SandboxCreateError):
+    """A cgroup step failed; ``step``, ``errno`` and ``path`` say where and why."""
+
+    def __init__(self, step: str, err: int, path: str | os.PathLike[str] | None = None, detail: str = "") -> None:
+        self.step = step
+        self.errno = err
+        self.path = None if path is None else str(path)
+        name = errno.errorcode.get(err, str(err))
+        where = f" {path}" if path is not None else ""
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"cgroup {step}{where}: {name} ({os.strerror(err)}){extra}")
+
+
+@dataclass(frozen=True)
+class CgroupSupport:
+    """Which cgroup version kavach would use here, with which controllers, and why.
+
+    ``version`` is ``None`` when neither hierarchy is usable. ``writable`` says whether
+    this process may create cgroups there (root or a delegated subtree).
+    """
+
+    version: Literal[1, 2] | None
+    controllers: frozenset[str]
+    reason: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class _Mounts:
+    v2: Path | None
+    v1: Mapping[str, Path]
+
+
+@lru_cache(maxsize=1)
+def _mounts() -> _Mounts:
+    v2: Path | None = None
+    v1: dict[str, Path] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, super_options = fields[sep + 1], fields[sep + 3]
+            mount_point = Path(fields[4].replace("\\040", " "))
+            if fstype == "cgroup2" and v2 is None:
+                v2 = mount_point
+            elif fstype == "cgroup":
+                for option in super_options.split(","):
+                    v1.setdefault(option, mount_point)
+    known = ("memory", "pids", "freezer", "cpu", "cpuacct", "cpuset", "blkio", "devices", "hugetlb")
+    return _Mounts(v2, {name: path for name, path in v1.items() if name in known})
+
+
+def cgroup_support() -> CgroupSupport:
+    """Probe the host: cgroup v2 with memory/pids/cpu, else v1 with memory/pids/freezer, else none."""
+    mounts = _mounts()
+    v2_missing = ""
+    if mounts.v2 is not None:
+        available = frozenset(_read(mounts.v2 / "cgroup.controllers", "").split())
+        if available >= V2_CONTROLLERS:
+            writable = os.access(mounts.v2 / PARENT, os.W_OK) or os.access(mounts.v2, os.W_OK)
+            return CgroupSupport(2, available, f"cgroup v2 at {mounts.v2}", writable)
+        v2_missing = f"; v2 at {mounts.v2} lacks {', '.join(sorted(V2_CONTROLLERS - available))}"
+    missing = [c for c in V1_REQUIRED if c not in mounts.v1]
+    if not missing:
+        controllers = frozenset(c for c in (*V1_REQUIRED, "cpu") if c in mounts.v1)
+        writable = all(
+            os.access(mounts.v1[c] / PARENT, os.W_OK) or os.access(mounts.v1[c], os.W_OK) for c in controllers
+        )
+        reason = f"cgroup v1 hierarchies {', '.join(sorted(controllers))}{v2_missing}"
+        return CgroupSupport(1, controllers, reason, writable)
+    reason = f"no usable cgroup hierarchy (v1 lacks {', '.join(missing)}{v2_missing or '; no cgroup2 mount'})"
+    return CgroupSupport(None, frozenset(), reason)
+
+
+def create_cgroup(name: str, limits: ResourceLimits) -> Cgroup:
+    """Create the sandbox cgroup ``name`` with ``limits`` (memory, pids, cpus) applied.
+
+    Raises :class:`CgroupError` (a :class:`~kavach.errors.SandboxCreateError`) when no
+    hierarchy is usable, when this process may not write it, or when a limit cannot be set.
+    Nothing is left behind on failure.
+    """
+    if not _NAME.match(name):
+        raise CgroupError("create", errno.EINVAL, detail=f"invalid cgroup name {name!r}")
+    support = cgroup_support()
+    if support.version is None:
+        raise CgroupError("probe", errno.ENOTSUP, detail=support.reason)
+    mounts = _mounts()
+    if support.version == 2:
+        assert mounts.v2 is not None
+        return _create_v2(mounts.v2 / PARENT, name, limits)
+    controllers = [*V1_REQUIRED]
+    if limits.cpus is not None:
+        if "cpu" not in mounts.v1:
+            raise CgroupError("probe", errno.ENOTSUP, detail="a CPU limit needs the v1 cpu controller")
+        controllers.append("cpu")
+    return _create_v1({c: mounts.v1[c] / PARENT for c in controllers}, name, limits)
+
+
+# -- the cgroup handle --------------------------------------------------------------------------
+
+
+class Cgroup:
+    """One sandbox's cgroup (one directory per hierarchy). Use :func:`create_cgroup`."""
+
+    def __init__(self, name: str, version: Literal[1, 2], dirs: Mapping[str, Path]) -> None:
+        self.name = name
+        self.version: Literal[1, 2] = version
+        # v1: controller -> directory; v2: {"unified": directory}
+        self.dirs = dict(dirs)
+        self._destroyed = False
+
+    def __repr__(self) -> str:
+        return f"Cgroup({self.name!r}, v{self.version}, {sorted(str(d) for d in self.dirs.values())})"
+
+    @property
+    def path(self) -> Path:
+        """The directory that holds the processes: the v2 cgroup or the v1 freezer cgroup."""
+        return self.dirs["unified"] if self.version == 2 else self.dirs["freezer"]
+
+    def procs_files(self) -> tuple[Path, ...]:
+        """Every ``cgroup.procs`` a process must be written to (one per hierarchy)."""
+        return tuple(d / "cgroup.procs" for d in self.dirs.values())
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (all its threads) into the cgroup in every hierarchy."""
+        for procs in self.procs_files():
+            _write(procs, str(pid), f"add pid {pid}")
+
+    def pids(self) -> list[int]:
+        """The processes currently in the cgroup."""
+        text = _read(self.path / "cgroup.procs", "")
+        return [int(p) for p in text.split()]
+
+    def pids_current(self) -> int:
+        """Tasks (processes and threads) counted by the pids controller."""
+        directory = self.dirs["unified"] if self.version == 2 else self.dirs["pids"]
+        return int(_read(directory / "pids.current"))
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer killed a process of this cgroup."""
+        if self.version == 2:
+            events = _keyed(_read(self.dirs["unified"] / "memory.events", ""))
+            return events.get("oom_kill", 0) > 0
+        control = _keyed(_read(self.dirs["memory"] / "memory.oom_control", ""))
+        if "oom_kill" in control:  # kernels >= 4.13
+            return control["oom_kill"] > 0
+        return int(_read(self.dirs["memory"] / "memory.failcnt", "0")) > 0
+
+    def memory_peak(self) -> int | None:
+        """The highest memory usage seen, in bytes (``None`` where the kernel does not say)."""
+        if self.version == 2:
+            value = _read(self.dirs["unified"] / "memory.peak", "")
+        else:
+            value = _read(self.dirs["memory"] / "memory.max_usage_in_bytes", "")
+        return int(value) if value.strip().isdigit() else None
+
+    # -- freezing -------------------------------------------------------------------------
+
+    def freeze(self, timeout: float = 5.0) -> None:
+        """Stop every process of the cgroup; return once the kernel reports it frozen."""
+        if self.version == 2:
+            _write(self.path / "cgroup.freeze", "1", "freeze")
+            self._wait(lambda: _keyed(_read(self.path / "cgroup.events", "")).get("frozen") == 1, "freeze", timeout)
+        else:
+            state = self.path / "freezer.state"
+            _write(state, "FROZEN", "freeze")
+            # FREEZING until every task has stopped; writing again re-triggers a stalled attempt.
+            self._wait(lambda: _read(state, "").strip() == "FROZEN", "freeze", timeout, rewrite=(state, "FROZEN"))
+
+    def thaw(self) -> None:
+        """Let the processes run again."""
+        if self.version == 2:
+            _write(self.path / "cgroup.freeze", "0", "thaw")
+        else:
+            _write(self.path / "freezer.state", "THAWED", "thaw")
+
+    def frozen(self) -> bool:
+        """Whether the kernel reports the cgroup frozen."""
+        if self.version == 2:
+            return _keyed(_read(self.path / "cgroup.events", "")).get("frozen") == 1
+        return _read(self.path / "freezer.state", "").strip() == "FROZEN"
+
+    # -- killing and removal ----------------------------------------------------------------
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process of the cgroup, including ones forked while killing; wait until empty."""
+        if self.version == 2 and (self.path / "cgroup.kill").exists():
+            _write(self.path / "cgroup.kill", "1", "kill")
+            self._wait(lambda: not self._populated(), "kill", timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while self._populated():
+            # Frozen processes cannot fork between our reading cgroup.procs and the kill;
+            # SIGKILL is delivered when they are thawed.
+            self.freeze(timeout=max(deadline - time.monotonic(), 0.05))
+            for pid in self.pids():
+                _kill(pid)
+            self.thaw()
+            self._wait(
+                lambda: not self._populated(), "kill", min(0.2, max(deadline - time.monotonic(), 0.0)), strict=False
+            )
+            if time.monotonic() > deadline and self._populated():
+                raise CgroupError("kill", errno.ETIMEDOUT, self.path, f"still populated: {self.pids()}")
+
+    def destroy(self) -> None:
+        """Kill what is left and remove the cgroup from every hierarchy. Idempotent."""
+        if self._destroyed:
+            return
+        if any(d.exists() for d in self.dirs.values()):
+            if self.path.exists() and self._populated():
+                self.kill_all()
+            if self.version == 1 and self.path.exists() and self.frozen():
+                self.thaw()
+        for directory in self.dirs.values():
+            _rmdir(directory)
+        self._destroyed = True
+
+    def _populated(self) -> bool:
+        if self.version == 2:
+            return _keyed(_read(self.path / "cgroup.events", "")).get("populated", 0) == 1
+        return any(_read(d / "cgroup.procs", "").strip() for d in self.dirs.values() if d.exists())
+
+    def _wait(
+        self,
+        done: Callable[[], bool],
+        step: str,
+        timeout: float,
+        *,
+        rewrite: tuple[Path, str] | None = None,
+        strict: bool = True,
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        delay = _POLL_S
+        while not done():
+            if time.monotonic() >= deadline:
+                if strict:
+                    raise CgroupError(step, errno.ETIMEDOUT, self.path, f"not done after {timeout:.1f}s")
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+            if rewrite is not None:
+                _write(rewrite[0], rewrite[1], step)
+
+
+# -- creation -----------------------------------------------------------------------------------
+
+
+def _create_v2(parent: Path, name: str, limits: ResourceLimits) -> Cgroup:
+    _ensure_v2_parent(parent, V2_CONTROLLERS)
+    directory = parent / name
+    _mkdir(directory)
+    cgroup = Cgroup(name, 2, {"unified": directory})
+    try:
+        _apply_v2_limits(directory, limits)
+    except BaseException:
+        cgroup.destroy()  # only after our own mkdir succeeded: never someone else's cgroup
+        raise
+    return cgroup
+
+
+def _ensure_v2_parent(parent: Path, controllers: Iterable[str]) -> None:
+    if not parent.is_dir():
+        _check_writable(parent.parent)
+        _mkdir(parent, exist_ok=True)
+    wanted = sorted(set(controllers) & set(_read(parent.parent / "cgroup.controllers", "").split()))
+    for directory in (parent.parent, parent):
+        enabled = set(_read(directory / "cgroup.subtree_control", "").split())
+        missing = [c for c in wanted if c not in enabled]
+        if missing:
+            _write(directory / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing), "enable controllers")
+
+
+def _apply_v2_limits(directory: Path, limits: ResourceLimits) -> None:
+    if limits.memory is not None:
+        _write(directory / "memory.max", str(limits.memory), "set memory limit")
+        if (directory / "memory.swap.max").exists():
+            _write(directory / "memory.swap.max", "0", "disable swap")
+    if limits.pids is not None:
+        _write(directory / "pids.max", str(limits.pids), "set pids limit")
+    if limits.cpus is not None:
+        quota = max(1000, int(limits.cpus * CPU_PERIOD_US))
+        _write(directory / "cpu.max", f"{quota} {CPU_PERIOD_US}", "set cpu limit")
+
+
+def _create_v1(parents: Mapping[str, Path], name: str, limits: ResourceLimits) -> Cgroup:
+    dirs = {controller: parent / name for controller, parent in parents.items()}
+    created: dict[str, Path] = {}
+    try:
+        for controller, parent in parents.items():
+            if not parent.is_dir():
+                _check_writable(parent.parent)
+                _mkdir(parent, exist_ok=True)
+            _check_writable(parent)
+            _mkdir(dirs[controller])
+            created[controller] = dirs[controller]
+        _apply_v1_limits(dirs, limits)
+    except BaseException:
+        # Roll back only the directories this call made (a name clash must not remove the
+        # other sandbox's cgroup).
+        # No process was added yet, so the new directories are empty and rmdir succeeds.
+        _rmdir_all(created.values())
+        raise
+    return Cgroup(name, 1, dirs)
+
+
+def _rmdir_all(directories: Iterable[Path]) -> None:
+    for directory in directories:
+        _rmdir(directory)
+
+
+def _apply_v1_limits(dirs: Mapping[str, Path], limits: ResourceLimits) -> None:
+    memory = dirs["memory"]
+    if limits.memory is not None:
+        # The memory limit first: memsw (memory + swap) may never be below it.
+        _write(memory / "memory.limit_in_bytes", str(limits.memory), "set memory limit")
+        if (memory / "memory.memsw.limit_in_bytes").exists():
+            _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory), "disable swap")
+        else:
+            _write(memory / "memory.swappiness", "0", "disable swap")
+    if limits.pids is not None:
+        _write(dirs["pids"] / "pids.max", str(limits.pids), "set pids limit")
+    if limits.cpus is not None:
+        quota = max(1000, int(limits.cpus * CPU_PERIOD_US))
+        _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US), "set cpu period")
+        _write(dirs["cpu"] / "cpu.cfs_quota_us", str(quota), "set cpu limit")
+
+
+# -- small checked file helpers ------------------------------------------------------------------
+
+
+def _check_writable(directory: Path) -> None:
+    if not os.access(directory, os.W_OK):
+        raise CgroupError(
+            "create",
+            errno.EACCES,
+            directory,
+            f"not writable by uid {os.geteuid()}: run as root or delegate a writable cgroup",
+        )
+
+
+def _mkdir(directory: Path, *, exist_ok: bool = False) -> None:
+    try:
+        os.mkdir(directory, 0o755)
+    except FileExistsError:
+        if not exist_ok:
+            raise CgroupError("mkdir", errno.EEXIST, directory, "a cgroup of that name exists") from None
+    except OSError as exc:
+        detail = "run as root or delegate a writable cgroup" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+        raise CgroupError("mkdir", exc.errno or errno.EIO, directory, detail) from None
+
+
+def _rmdir(directory: Path) -> None:
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CgroupError("rmdir", exc.errno or errno.EIO, directory) from None
+
+
+def _write(path: Path, value: str, step: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CgroupError(step, exc.errno or errno.EIO, path) from None
+    try:
+        os.write(fd, value.encode())
+    except OSError as exc:
+        raise CgroupError(step, exc.errno or errno.EIO, path, f"writing {value!r}") from None
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path, default: str | None = None) -> str:
+    """The file's text; ``default`` when it does not exist (or raise when no default)."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        if default is None:
+            raise CgroupError("read", errno.ENOENT, path) from None
+        return default
+    except OSError as exc:
+        raise CgroupError("read", exc.errno or errno.EIO, path) from None
+
+
+def _keyed(text: str) -> dict[str, int]:
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            values[key] = int(value)
+    return values
+
+
+def _kill(pid: int) -> None:
+    # A process may exit between reading cgroup.procs and the kill.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+__all__ = ["Cgroup", "CgroupError", "CgroupSupport", "cgroup_support", "create_cgroup"]

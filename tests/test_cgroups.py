@@ -1,0 +1,243 @@
+"""Sandbox cgroups on the real kernel (this machine: cgroup v1 controllers, an empty v2 mount).
+
+Each workload starts blocked on a line of stdin, is moved into the cgroup, and only then
+released, so that everything it forks is born inside the cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kavach.backends.process import cgroups
+from kavach.backends.process.cgroups import Cgroup, CgroupError, cgroup_support, create_cgroup
+from kavach.errors import SandboxCreateError
+from kavach.policy import ResourceLimits
+
+MiB = 1024 * 1024
+SUPPORT = cgroup_support()
+pytestmark = pytest.mark.skipif(
+    SUPPORT.version is None or not SUPPORT.writable,
+    reason=f"needs a writable cgroup hierarchy: {SUPPORT.reason}",
+)
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until true or ``timeout`` seconds passed (no timing is asserted)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def make_cgroup() -> Iterator[Callable[[ResourceLimits], Cgroup]]:
+    made: list[Cgroup] = []
+
+    def make(limits: ResourceLimits) -> Cgroup:
+        cgroup = create_cgroup(f"test-{uuid.uuid4().hex[:12]}", limits)
+        made.append(cgroup)
+        return cgroup
+
+    yield make
+    for cgroup in made:
+        cgroup.destroy()
+
+
+def start_in(cgroup: Cgroup, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    """Start ``argv`` behind a ``read`` gate, move it into ``cgroup``, then open the gate."""
+    gated = ["/bin/sh", "-c", 'read _gate; exec "$@"', "gate", *argv]
+    proc = subprocess.Popen(gated, stdin=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
+    cgroup.add(proc.pid)
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    proc.stdin = None  # so that communicate() does not flush the closed gate
+    return proc  # type: ignore[no-any-return]
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_support_reports_this_host() -> None:
+    assert SUPPORT.version in (1, 2)
+    assert {"memory", "pids"} <= SUPPORT.controllers
+    assert SUPPORT.reason
+
+
+def test_create_applies_limits_and_destroy_removes_every_directory(
+    make_cgroup: Callable[[ResourceLimits], Cgroup],
+) -> None:
+    cgroup = make_cgroup(ResourceLimits(memory=64 * MiB, pids=12, cpus=0.5))
+    for directory in cgroup.dirs.values():
+        assert directory.is_dir()
+    if cgroup.version == 1:
+        assert (cgroup.dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(64 * MiB)
+        assert (cgroup.dirs["pids"] / "pids.max").read_text().strip() == "12"
+        assert (cgroup.dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        memsw = cgroup.dirs["memory"] / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            assert memsw.read_text().strip() == str(64 * MiB)
+    else:
+        assert (cgroup.path / "memory.max").read_text().strip() == str(64 * MiB)
+        assert (cgroup.path / "pids.max").read_text().strip() == "12"
+    cgroup.destroy()
+    cgroup.destroy()  # idempotent
+    for directory in cgroup.dirs.values():
+        assert not directory.exists()
+
+
+def test_duplicate_and_invalid_names_are_refused(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
+    cgroup = make_cgroup(ResourceLimits())
+    with pytest.raises(CgroupError, match="exists"):
+        create_cgroup(cgroup.name, ResourceLimits())
+    assert all(d.is_dir() for d in cgroup.dirs.values())  # the failed create removed nothing of ours
+    with pytest.raises(SandboxCreateError, match="invalid cgroup name"):
+        create_cgroup("../escape", ResourceLimits())
+
+
+def test_memory_bomb_is_oom_killed_and_reported(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
+    cgroup = make_cgroup(ResourceLimits(memory=48 * MiB))
+    bomb = "chunks = []\nwhile True:\n    chunks.append(b'x' * (1 << 20))\n"
+    proc = start_in(cgroup, [PYTHON, "-c", bomb], stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert cgroup.oom_killed()
+    peak = cgroup.memory_peak()
+    assert peak is None or peak <= 48 * MiB
+
+
+def test_fresh_cgroup_reports_no_oom(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
+    cgroup = make_cgroup(ResourceLimits(memory=48 * MiB))
+    proc = start_in(cgroup, ["/bin/true"])
+    assert proc.wait(timeout=30) == 0
+    assert not cgroup.oom_killed()
+
+
+def test_pids_limit_contains_a_fork_bomb(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
+    cgroup = make_cgroup(ResourceLimits(pids=8))
+    script = "for i in $(seq 40); do /bin/sleep 1000 & done; wait"
+    proc = start_in(cgroup, ["/bin/sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # dash gives up at the first failed fork; either way the cgroup fills up to the limit.
+    assert wait_for(lambda: cgroup.pids_current() >= 8 or proc.poll() is not None)
+    for _ in range(5):
+        assert cgroup.pids_current() <= 8
+        assert len(cgroup.pids()) <= 8
+        time.sleep(0.02)
+    cgroup.kill_all()
+    _, stderr = proc.communicate(timeout=30)
+    assert b"fork" in stderr.lower()  # dash: "Cannot fork"
+    assert cgroup.pids() == []
+
+
+def test_freeze_stops_a_busy_loop_and_thaw_resumes_it(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
+    cgroup = make_cgroup(ResourceLimits())
+    proc = start_in(cgroup, ["/bin/sh", "-c", "while :; do :; done"])
+    try:
+        start = cpu_ticks(proc.pid)
+        assert wait_for(lambda: cpu_ticks(proc.pid) > start)  # it is spinning
+        cgroup.freeze()
+        assert cgroup.frozen()
+        frozen_at = cpu_ticks(proc.pid)
+        time.sleep(0.3)
+        assert cpu_ticks(proc.pid) == frozen_at  # no CPU time while frozen
+        cgroup.thaw()
+        assert not cgroup.frozen()
+        assert wait_for(lambda: cpu_ticks(proc.pid) > frozen_at)
+    finally:
+        cgroup.kill_all()
+        proc.wait(timeout=30)
+
+
+def test_kill_all_reaches_background_children_and_double_forked_daemons(
+    make_cgroup: Callable[[ResourceLimits], Cgroup],
+) -> None:
+    cgroup = make_cgroup(ResourceLimits())
+    script = (
+        "/bin/sleep 1000 & "
+        "/bin/sh -c '/usr/bin/setsid /bin/sh -c \"/bin/sleep 1000 & /bin/sleep 1000\" &' ; "
+        "echo started; wait"
+    )
+    proc = start_in(cgroup, ["/bin/sh", "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    assert wait_for(lambda: len(cgroup.pids()) >= 5)
+    victims = cgroup.pids()
+    cgroup.kill_all()
+    assert cgroup.pids() == []
+    for directory in cgroup.dirs.values():
+        assert (directory / "cgroup.procs").read_text() == ""
+    proc.wait(timeout=30)
+    for pid in victims:
+        # Reparented daemons were reaped by init; none may still run.
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_destroy_kills_what_is_left(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
+    cgroup = make_cgroup(ResourceLimits(memory=64 * MiB, pids=16))
+    proc = start_in(cgroup, ["/bin/sleep", "1000"])
+    assert wait_for(lambda: cgroup.pids() == [proc.pid])
+    cgroup.destroy()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert not any(d.exists() for d in cgroup.dirs.values())
+
+
+def test_v2_freeze_and_kill_on_the_controllerless_unified_hierarchy() -> None:
+    # This host binds memory/pids/cpu to v1, so the v2 path can only be exercised for what
+    # needs no controller: creation, cgroup.freeze, cgroup.kill and removal.
+    mounts = cgroups._mounts()
+    if mounts.v2 is None or not os.access(mounts.v2, os.W_OK):
+        pytest.skip("no writable cgroup2 mount")
+    cgroup = cgroups._create_v2(mounts.v2 / cgroups.PARENT, f"test-{uuid.uuid4().hex[:12]}", ResourceLimits())
+    try:
+        proc = start_in(cgroup, ["/bin/sh", "-c", "/bin/sleep 1000 & while :; do :; done"])
+        assert wait_for(lambda: len(cgroup.pids()) == 2)
+        cgroup.freeze()
+        frozen_at = cpu_ticks(proc.pid)
+        time.sleep(0.2)
+        assert cpu_ticks(proc.pid) == frozen_at
+        cgroup.thaw()
+        cgroup.kill_all()
+        assert cgroup.pids() == []
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        cgroup.destroy()
+    assert not cgroup.path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
+def test_unprivileged_caller_gets_a_clear_error() -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to nobody, try, report; never return into pytest
+        message = b"no error"
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            create_cgroup("unpriv-test", ResourceLimits(memory=64 * MiB))
+        except SandboxCreateError as exc:
+            message = str(exc).encode()
+        except BaseException as exc:
+            message = repr(exc).encode()
+        os.write(write_end, message)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        reported = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert "not writable by uid 65534" in reported
+    assert "run as root or delegate" in reported
