@@ -30,6 +30,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -146,15 +147,20 @@ def _send_quietly(ctl: socket.socket, message: dict[str, Any]) -> None:
 
 def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> NoReturn:
     try:
+        started = time.monotonic()
         proxy_fd = _setup(plan, file_fds, idmapped)
-        probe = _run_probe(plan)
+        built = time.monotonic()
+        init = Init(ctl, plan)
+        probe = init.first_warm_child()
+        probe["setup_ms"] = round((built - started) * 1000, 2)
+        probe["probe_ms"] = round((time.monotonic() - built) * 1000, 2)
         protocol.send(ctl, {"op": "ready", "probe": probe}, [proxy_fd] if proxy_fd is not None else [])
         if proxy_fd is not None:
             os.close(proxy_fd)
     except (OSError, ValueError, KeyError) as exc:
         _send_quietly(ctl, _error_message(exc, "build the sandbox"))
         os._exit(1)
-    Init(ctl, plan).serve()
+    init.serve()
     os._exit(0)
 
 
@@ -191,30 +197,37 @@ def _setup(plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> in
     return proxy_fd
 
 
-def _run_probe(plan: dict[str, Any]) -> dict[str, Any]:
-    """Fork one child through the exact exec confinement and let it report what it sees."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+class WarmChild:
+    """A child of init that is already confined and waits for one command to execve.
+
+    Forking and confining (capabilities, Landlock, seccomp) take most of an exec's time;
+    a warm child does it ahead, so an exec only passes its fds, argv and env over a socket.
+    The first warm child also runs the enforcement probe: what it reports is exactly what
+    every command of this sandbox starts from.
+    """
+
+    def __init__(self, pid: int, sock: socket.socket, err_read: int) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.err_read = err_read
+
+
+def _fork_warm(plan: dict[str, Any], probe: bool) -> WarmChild:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     err_read, err_write = os.pipe2(os.O_CLOEXEC)
-    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (err_read, err_write):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+        raise
     if pid == 0:
-        _exec_child(plan, {"argv": [], "env": {}, "cwd": None}, null, write_fd, write_fd, err_write, probe=True)
-    os.close(write_fd)
+        _warm_child(plan, theirs.fileno(), err_write, probe)
+    theirs.close()
     os.close(err_write)
-    os.close(null)
-    chunks = []
-    while chunk := os.read(read_fd, 65536):
-        chunks.append(chunk)
-    os.close(read_fd)
-    error = _read_error(err_read)
-    _pid, status = os.waitpid(pid, 0)
-    if error is not None:
-        raise KernelCallError(f"enforcement probe: {error['step']}", error["errno"])
-    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-        signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        raise KernelCallError(f"enforcement probe exited with status {status} (signal {signum})", 0)
-    result: dict[str, Any] = json.loads(b"".join(chunks))
-    return result
+    return WarmChild(pid, ours, err_read)
 
 
 def _read_error(fd: int) -> dict[str, Any] | None:
@@ -238,6 +251,40 @@ class Init:
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.running = True
+        self.warm: WarmChild | None = None
+        self.refill = False
+        self.null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+
+    def first_warm_child(self) -> dict[str, Any]:
+        """Fork the first warm child and return its enforcement probe (what it observes)."""
+        warm = _fork_warm(self.plan, probe=True)
+        try:
+            message, fds = protocol.recv(warm.sock)
+        except OSError:
+            message, fds = None, []
+        for fd in fds:
+            os.close(fd)
+        if message is None or message.get("op") != "probe":
+            warm.sock.close()
+            error = _read_error(warm.err_read)
+            _pid, status = os.waitpid(warm.pid, 0)
+            if error is not None:
+                raise KernelCallError(f"enforcement probe: {error['step']}", error["errno"])
+            raise KernelCallError(f"enforcement probe exited with wait status {status}", 0)
+        self.warm = warm
+        report: dict[str, Any] = message["report"]
+        return report
+
+    def _refill_warm(self) -> None:
+        self.refill = False
+        if self.warm is not None or not self.running:
+            return
+        try:
+            self.warm = _fork_warm(self.plan, probe=False)
+        except OSError:
+            # The pids limit is exhausted (a fork bomb, say): execs fall back to a cold fork,
+            # which reports the error to the caller; retry at the next exec.
+            self.warm = None
 
     def serve(self) -> None:
         """The loop: commands from the caller and SIGCHLD, until shutdown or the caller leaves."""
@@ -249,7 +296,12 @@ class Init:
         self.selector.register(self.ctl, selectors.EVENT_READ, "ctl")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         while self.running:
-            for key, _events in self.selector.select():
+            # Refill the warm child only when nothing else is pending, so that it never
+            # delays a command or an exit report.
+            events = self.selector.select(0 if self.refill else None)
+            if not events and self.refill:
+                self._refill_warm()
+            for key, _events in events:
                 if key.data == "ctl":
                     self._on_ctl()
                 else:
@@ -303,15 +355,46 @@ class Init:
             stdin_fd, stdout_fd, stderr_fd = fds
         else:
             stdout_fd, stderr_fd = fds
-            stdin_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        err_read, err_write = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            _exec_child(self.plan, message, stdin_fd, stdout_fd, stderr_fd, err_write, probe=False)
-        for fd in (stdin_fd, stdout_fd, stderr_fd, err_write):
-            os.close(fd)
+            stdin_fd = os.dup(self.null_fd)
+        try:
+            pid, err_read = self._dispatch(message, [stdin_fd, stdout_fd, stderr_fd])
+        except OSError as exc:
+            protocol.send(
+                self.ctl,
+                {"op": "exit", "id": exec_id, "code": 126, "error": {"step": "fork", "errno": exc.errno or 0}},
+            )
+            return
+        finally:
+            for fd in (stdin_fd, stdout_fd, stderr_fd):
+                os.close(fd)
         self.children[pid] = (exec_id, err_read)
+        self.refill = True
         protocol.send(self.ctl, {"op": "started", "id": exec_id, "pid": pid})
+
+    def _dispatch(self, message: dict[str, Any], fds: list[int]) -> tuple[int, int]:
+        """Hand the command to the warm child, or fork a cold one when there is none."""
+        warm, self.warm = self.warm, None
+        if warm is not None:
+            try:
+                protocol.send(warm.sock, message, fds)
+            except OSError:
+                # It died (killed by a timeout's kill(-1)); the reaper collects it.
+                os.close(warm.err_read)
+            else:
+                return warm.pid, warm.err_read
+            finally:
+                warm.sock.close()
+        err_read, err_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(err_read)
+            os.close(err_write)
+            raise
+        if pid == 0:
+            _exec_child(self.plan, message, fds[0], fds[1], fds[2], err_write)
+        os.close(err_write)
+        return pid, err_read
 
     def _reap(self) -> None:
         while True:
@@ -321,6 +404,13 @@ class Init:
                 return
             if pid == 0:
                 return
+            if self.warm is not None and pid == self.warm.pid:
+                # The warm child was killed (timeout, stop); make a new one when idle.
+                self.warm.sock.close()
+                os.close(self.warm.err_read)
+                self.warm = None
+                self.refill = True
+                continue
             entry = self.children.pop(pid, None)
             if entry is None:
                 continue
@@ -421,8 +511,6 @@ def _exec_child(
     stdout_fd: int,
     stderr_fd: int,
     err_fd: int,
-    *,
-    probe: bool,
 ) -> NoReturn:
     """Confine this (freshly forked) process and execve the command. Never returns.
 
@@ -448,22 +536,12 @@ def _exec_child(
         step = f"chdir {request.get('cwd') or plan['workdir']}"
         os.chdir(request.get("cwd") or plan["workdir"])
         _confine(plan)
-        if probe:
-            _probe_report(plan)
         argv = [os.fsencode(a) for a in request["argv"]]
         env = {os.fsencode(k): os.fsencode(v) for k, v in request["env"].items()}
         step = "execve"
         os.execvpe(argv[0], argv, env)  # noqa: S606 - argv is the command, run without a shell
     except BaseException as exc:  # noqa: BLE001 - the child must never return into init's code
-        # KernelCallError and the seccomp/Landlock errors carry their own step and errno.
-        err = getattr(exc, "errno", None)
-        own_step = getattr(exc, "step", None)
-        if isinstance(own_step, str):
-            _report_child_error(own_step, err if isinstance(err, int) else 0)
-        elif isinstance(exc, OSError):
-            _report_child_error(step, exc.errno or 0)
-        else:
-            _report_child_error(f"{step}: {type(exc).__name__}: {exc}", 0)
+        _report_exception(exc, step)
     os._exit(EXIT_EXEC_FAILED)
 
 
@@ -515,8 +593,8 @@ def _confine(plan: dict[str, Any]) -> None:
         load_filter(base64.b64decode(plan["seccomp"]))
 
 
-def _probe_report(plan: dict[str, Any]) -> NoReturn:
-    """What a confined process observes, as JSON on stdout. Uses only open/read/readlink/write."""
+def _probe_data(plan: dict[str, Any]) -> dict[str, Any]:
+    """What a confined process observes. Uses only open/read/readlink/statfs."""
     report: dict[str, Any] = {"status": {}, "ns": {}, "interfaces": []}
     with open("/proc/self/status", "rb") as f:
         for line in f.read().decode().splitlines():
@@ -532,10 +610,67 @@ def _probe_report(plan: dict[str, Any]) -> NoReturn:
     report["landlock_abi"] = plan.get("landlock_abi_applied", 0)
     with open("/proc/self/uid_map", "rb") as f:
         report["uid_map"] = f.read().decode().split()
-    data = json.dumps(report).encode()
-    while data:
-        data = data[os.write(1, data) :]
-    os._exit(0)
+    return report
+
+
+_SOCK_FD = 4
+
+
+def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool) -> NoReturn:
+    """Confine now, then wait for one command and execve it. Never returns.
+
+    Everything a command of this sandbox starts from is applied here, before the command
+    is known: it does not depend on the command. Only fds, cwd, argv and env come later.
+    """
+    step = "prepare the warm child"
+    try:
+        for sig in (signal.SIGCHLD, *_RELAYED_SIGNALS):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        # Via high numbers first, so that neither dup2 clobbers the other's source.
+        os.dup2(err_fd, 100)
+        os.dup2(sock_fd, 101)
+        os.dup2(100, _ERR_FD, inheritable=False)
+        os.dup2(101, _SOCK_FD, inheritable=False)
+        _libc.close_range_from(_SOCK_FD + 1)
+        step = "new session"
+        os.setsid()
+        _confine(plan)
+        sock = socket.socket(fileno=_SOCK_FD)
+        if probe:
+            step = "enforcement probe"
+            protocol.send(sock, {"op": "probe", "report": _probe_data(plan)})
+        step = "wait for a command"
+        message, fds = protocol.recv(sock)
+        if message is None:
+            os._exit(0)
+        step = "set up stdio"
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        _libc.close_range_from(_SOCK_FD)
+        cwd = message.get("cwd") or plan["workdir"]
+        step = f"chdir {cwd}"
+        os.chdir(cwd)
+        argv = [os.fsencode(a) for a in message["argv"]]
+        env = {os.fsencode(k): os.fsencode(v) for k, v in message["env"].items()}
+        step = "execve"
+        os.execvpe(argv[0], argv, env)  # noqa: S606 - argv is the command, run without a shell
+    except BaseException as exc:  # noqa: BLE001 - the child must never return into init's code
+        _report_exception(exc, step)
+    os._exit(EXIT_EXEC_FAILED)
+
+
+def _report_exception(exc: BaseException, step: str) -> None:
+    # KernelCallError and the seccomp/Landlock errors carry their own step and errno.
+    err = getattr(exc, "errno", None)
+    own_step = getattr(exc, "step", None)
+    if isinstance(own_step, str):
+        _report_child_error(own_step, err if isinstance(err, int) else 0)
+    elif isinstance(exc, OSError):
+        _report_child_error(step, exc.errno or 0)
+    else:
+        _report_child_error(f"{step}: {type(exc).__name__}: {exc}", 0)
 
 
 def child_entry(ctl_fd: int) -> NoReturn:
