@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import platform
+import struct
 from typing import TYPE_CHECKING
 
 from kavach.errors import SandboxCreateError
@@ -47,6 +48,9 @@ _SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(platform.machine())
 # Syscalls newer than the libseccomp this project pins (2.5.4): resolved by number on
 # x86_64 so that the deny list covers them too. Numbers from arch/x86/entry/syscalls.
 _X86_64_NEWER_SYSCALLS = {
+    "futex_wake": 454,
+    "futex_wait": 455,
+    "futex_requeue": 456,
     "statmount": 457,
     "listmount": 458,
     "lsm_get_self_attr": 459,
@@ -61,6 +65,12 @@ _X86_64_NEWER_SYSCALLS = {
     "file_getattr": 468,
     "file_setattr": 469,
 }
+# Syscall numbers from here up are newer than every name above (kernel 6.18 ends at 469).
+# The basic and strict profiles answer them ENOSYS: a deny list cannot name syscalls that
+# do not exist yet, and ENOSYS is what libc's fallbacks expect from an older kernel.
+X86_64_FIRST_UNKNOWN_SYSCALL = 470
+_AUDIT_ARCH_X86_64 = 0xC000_003E
+_X32_SYSCALL_BIT = 0x4000_0000
 
 
 class SeccompError(SandboxCreateError):
@@ -96,15 +106,23 @@ def compile_filter(policy: SeccompPolicy, *, deny_sockets: bool = False) -> byte
     return compile_spec(spec, user_names=frozenset(policy.allow) | frozenset(policy.deny))
 
 
-def compile_spec(spec: SeccompSpec, *, user_names: frozenset[str] = frozenset()) -> bytes:
+def compile_spec(
+    spec: SeccompSpec,
+    *,
+    user_names: frozenset[str] = frozenset(),
+    first_unknown_syscall: int | None = None,
+) -> bytes:
     """Compile an explicit :class:`~kavach.backends.seccomp_profiles.SeccompSpec` to BPF.
 
     Built-in names the native architecture does not have (``vm86`` on x86_64, ...) are
-    skipped; a name in ``user_names`` that cannot be resolved is a policy error.
+    skipped; a name in ``user_names`` that cannot be resolved is a policy error. For the
+    basic and strict profiles on x86_64, syscall numbers from ``first_unknown_syscall``
+    (default :data:`X86_64_FIRST_UNKNOWN_SYSCALL`) up return ENOSYS.
     """
     import pyseccomp
 
     from kavach.backends.seccomp_profiles import Action, CmpOp
+    from kavach.policy import SeccompProfile
 
     actions = {
         Action.ALLOW: lambda err: pyseccomp.ALLOW,
@@ -139,7 +157,37 @@ def compile_spec(spec: SeccompSpec, *, user_names: frozenset[str] = frozenset())
                 flt.add_rule(action, number, *args)
             except OSError as exc:
                 raise SeccompError(f"add rule for {name}", exc.errno or errno.EINVAL) from None
-    return _export(flt)
+    program = _export(flt)
+    if spec.profile in (SeccompProfile.BASIC, SeccompProfile.STRICT) and platform.machine() == "x86_64":
+        first = X86_64_FIRST_UNKNOWN_SYSCALL if first_unknown_syscall is None else first_unknown_syscall
+        program = _unknown_syscalls_prefix(first) + program
+        _check_program(program)
+    return program
+
+
+def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("=HBBI", code, jt, jf, k)
+
+
+def _unknown_syscalls_prefix(first_unknown: int) -> bytes:
+    """Classic BPF run before libseccomp's program: x86_64 syscalls >= ``first_unknown`` -> ENOSYS.
+
+    libseccomp can only match syscall numbers one by one, so the range test is written by
+    hand. Every path that does not return falls through to the original program, which
+    starts by loading the architecture again; cBPF jumps are relative and forward-only, so
+    prepending instructions leaves the original program's jumps valid.
+    """
+    ld_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    return b"".join(
+        (
+            _insn(ld_abs, 0, 0, 4),  # A = seccomp_data.arch
+            _insn(jeq, 0, 4, _AUDIT_ARCH_X86_64),  # other arch -> original program
+            _insn(ld_abs, 0, 0, 0),  # A = seccomp_data.nr
+            _insn(jge, 2, 0, _X32_SYSCALL_BIT),  # x32 (and -1) -> original program, which kills x32
+            _insn(jge, 0, 1, first_unknown),  # unknown -> ENOSYS, else -> original program
+            _insn(ret, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+        )
+    )
 
 
 def _resolve(pyseccomp: object, name: str, from_user: bool) -> int | None:
