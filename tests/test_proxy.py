@@ -539,3 +539,23 @@ async def test_decisions_land_in_the_real_audit_chain_without_values(world: Worl
     injected = [e["payload"]["injected"] for e in events if e["payload"].get("injected")]
     assert injected == [[{"header": "Authorization", "name": "API_TOKEN"}]]
     assert all(e["sandbox_id"] == "kv-audit" for e in events if e["event"].startswith("proxy."))
+
+
+async def test_audit_failure_refuses_the_request(world: World) -> None:
+    from kavach.errors import AuditError
+
+    class BrokenAudit:
+        def append(self, event: str, **_: object) -> None:
+            raise AuditError("disk full")
+
+    await world.proxy.close()
+    proxy = EgressProxy(_config(world.ca), _store(), sandbox_id="kv", audit=BrokenAudit())
+    _h, port = await proxy.start_tcp()
+    try:
+        data = await raw_exchange(port, f"GET http://plain.test:{world.http.port}/ HTTP/1.1\r\n\r\n".encode())
+        assert data.startswith(b"HTTP/1.1 503") and b"audit unavailable" in data
+        data = await raw_exchange(port, f"CONNECT other.test:{world.https.port} HTTP/1.1\r\n\r\n".encode())
+        assert data.startswith(b"HTTP/1.1 503")
+        assert world.http.seen == [] and world.https.seen == []
+    finally:
+        await proxy.close()

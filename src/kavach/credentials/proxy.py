@@ -388,7 +388,9 @@ class EgressProxy:
             await _send(writer, _error_response(403, exc.reason, exc.detail))
             return
         if intercept:
-            self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "intercept"})
+            if not self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "intercept"}):
+                await _send(writer, _error_response(503, "audit unavailable", ""))
+                return
             await self._intercept(reader, writer, host, port, address)
         else:
             await self._tunnel(writer, reader, decision, address)
@@ -408,8 +410,10 @@ class EgressProxy:
             self._audit("proxy.connect", decision.payload("error", reason, 502))
             await _send(writer, _error_response(502, reason, f"{decision.host}:{decision.port}"))
             return
-        self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "tunnel"})
         try:
+            if not self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "tunnel"}):
+                await _send(writer, _error_response(503, "audit unavailable", ""))
+                return
             await _send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
