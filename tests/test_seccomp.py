@@ -117,6 +117,7 @@ PROBES = textwrap.dedent(
     out["af_netlink"] = sock(socket.AF_NETLINK, socket.SOCK_RAW)
     out["af_packet"] = sock(socket.AF_PACKET, socket.SOCK_RAW)
     out["af_inet_high_bits"] = sc(41, 0x1_0000_0002, 1, 0)
+    out["af_vsock"] = sc(41, 40, 1, 0)  # EAFNOSUPPORT without the vsock module
     pid = os.fork()
     if pid == 0:
         os._exit(7)
@@ -200,6 +201,7 @@ DANGEROUS = [
     "personality_no_aslr",
     "tiocsti",
     "tiocsti_high_bits",
+    "af_vsock",
     "tioclinux",
     "clone_newuser",
     "clone_newns",
@@ -292,7 +294,7 @@ def test_deny_sockets_allows_only_af_unix(tmp_path: Path) -> None:
     for policy in (BASIC, STRICT, SeccompPolicy(profile=SeccompProfile.NONE)):
         out = probe(tmp_path, compile_filter(policy, deny_sockets=True))
         assert out["af_unix"] == 0, policy
-        for name in ("af_inet", "af_inet6", "af_netlink", "af_packet", "af_inet_high_bits"):
+        for name in ("af_inet", "af_inet6", "af_netlink", "af_packet", "af_inet_high_bits", "af_vsock"):
             assert out[name] == errno.EPERM, (policy, name)
 
 

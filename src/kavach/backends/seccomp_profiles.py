@@ -22,7 +22,8 @@ Profiles
 --------
 ``basic``
     Default allow; :data:`BASIC_DENY` (a superset of what Docker's default profile refuses
-    a container without capabilities) returns ``EPERM``; ``clone`` with a namespace flag,
+    a container without capabilities) returns ``EPERM``; ``socket(AF_VSOCK)``, ``clone``
+    with a namespace flag,
     ``ioctl(TIOCSTI)`` / ``ioctl(TIOCLINUX)`` (only the low 32 bits of the request are
     compared, CVE-2019-10063) and ``personality`` outside Docker's safe values return
     ``EPERM``; ``clone3`` returns ``ENOSYS`` so that libc falls back to ``clone``, whose
@@ -144,6 +145,9 @@ PERSONALITY_SAFE: tuple[int, ...] = (0x0, 0x8, 0x2_0000, 0x2_0008, 0xFFFF_FFFF)
 AF_UNIX = 1
 AF_INET = 2
 AF_INET6 = 10
+# vsock is not network-namespaced: it talks to the hypervisor and other VMs, whatever the
+# sandbox's network mode (Docker refuses it too).
+AF_VSOCK = 40
 STRICT_SOCKET_FAMILIES: tuple[int, ...] = (AF_UNIX, AF_INET, AF_INET6)
 
 # -- the basic deny list -------------------------------------------------------------------
@@ -239,6 +243,17 @@ BASIC_DENY: tuple[str, ...] = (
     "get_mempolicy",
     "migrate_pages",
     "move_pages",
+    # Linux security module attributes of the caller (labels are host policy)
+    "lsm_get_self_attr",
+    "lsm_set_self_attr",
+    "lsm_list_modules",
+    # never implemented on x86_64 (ENOSYS anyway); listed so the list covers Docker's
+    "afs_syscall",
+    "getpmsg",
+    "putpmsg",
+    "security",
+    "tuxcall",
+    "vserver",
 )
 
 # Refused with ENOSYS instead of EPERM: glibc (2.34+) tries clone3 first and falls back to
@@ -561,9 +576,7 @@ def complement_masked(index: int, excluded: Sequence[int], mask: int = LOW32) ->
     return tuple(tests)
 
 
-def _rules(
-    names: Iterable[str], action: Action, err: int, tests: Iterable[tuple[ArgCmp, ...]]
-) -> list[SyscallRule]:
+def _rules(names: Iterable[str], action: Action, err: int, tests: Iterable[tuple[ArgCmp, ...]]) -> list[SyscallRule]:
     names = tuple(names)
     return [SyscallRule(names, action, err, args) for args in tests]
 
@@ -581,6 +594,8 @@ def basic_argument_rules(*, deny_sockets: bool) -> list[SyscallRule]:
     ]
     rules += _rules(("ioctl",), eperm, DENY_ERRNO, _masked_equal(1, (TIOCSTI, TIOCLINUX)))
     rules += _rules(("personality",), eperm, DENY_ERRNO, complement_masked(0, PERSONALITY_SAFE))
+    if not deny_sockets:  # (with deny_sockets the AF_UNIX-only rule covers vsock)
+        rules += _rules(("socket", "socketpair"), eperm, DENY_ERRNO, _masked_equal(0, (AF_VSOCK,)))
     if deny_sockets:
         rules += _rules(("socket", "socketpair"), eperm, DENY_ERRNO, complement_masked(0, (AF_UNIX,)))
     return rules
@@ -614,9 +629,7 @@ def build_spec(policy: SeccompPolicy, *, deny_sockets: bool = False) -> SeccompS
     _check_names("seccomp.deny", policy.deny)
     _check_names("seccomp.allow", policy.allow)
     if policy.allow and policy.profile is not SeccompProfile.STRICT:
-        raise PolicyError(
-            "seccomp.allow", list(policy.allow), "only valid with profile 'strict' (an allow list)"
-        )
+        raise PolicyError("seccomp.allow", list(policy.allow), "only valid with profile 'strict' (an allow list)")
     extra_deny = frozenset(policy.deny)
     if policy.profile is SeccompProfile.STRICT:
         return _strict_spec(extra_deny, frozenset(policy.allow), deny_sockets=deny_sockets)
@@ -626,9 +639,7 @@ def build_spec(policy: SeccompPolicy, *, deny_sockets: bool = False) -> SeccompS
     if policy.profile is SeccompProfile.BASIC:
         deny = frozenset(BASIC_DENY) | extra_deny
         rules += _without(basic_argument_rules(deny_sockets=deny_sockets), deny)
-        rules.append(
-            SyscallRule(tuple(n for n in ENOSYS_SYSCALLS if n not in deny), Action.ERRNO, errno.ENOSYS)
-        )
+        rules.append(SyscallRule(tuple(n for n in ENOSYS_SYSCALLS if n not in deny), Action.ERRNO, errno.ENOSYS))
     else:  # profile none, but something must still be refused
         deny = extra_deny
         if deny_sockets:
@@ -640,9 +651,7 @@ def build_spec(policy: SeccompPolicy, *, deny_sockets: bool = False) -> SeccompS
     return SeccompSpec(policy.profile, Action.ALLOW, 0, tuple(r for r in rules if r.names))
 
 
-def _strict_spec(
-    extra_deny: frozenset[str], extra_allow: frozenset[str], *, deny_sockets: bool
-) -> SeccompSpec:
+def _strict_spec(extra_deny: frozenset[str], extra_allow: frozenset[str], *, deny_sockets: bool) -> SeccompSpec:
     argument_rules = _without(strict_argument_rules(deny_sockets=deny_sockets), extra_deny)
     checked = {n for r in argument_rules for n in r.names}
     # An explicit allow of an argument-checked syscall (e.g. "ioctl") keeps the argument check.
