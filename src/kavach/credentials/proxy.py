@@ -79,6 +79,7 @@ _HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 REASON_HEADER = "X-Kavach-Reason"
 STREAM_LIMIT = MAX_HEAD_BYTES + 1024
 TUNNEL_COPY = 64 * 1024
+SMALL_BODY = 64 * 1024  # bodies up to this size are read whole and sent with their head
 
 _PHRASES = {
     400: "Bad Request",
@@ -586,9 +587,13 @@ class EgressProxy:
         reused = upstream.used
         upstream.used = True
         try:
-            upstream.writer.write(head)
             try:
-                await relay_body(reader, upstream.writer, framing, 400)
+                if framing.kind == "length" and framing.length <= SMALL_BODY:
+                    # One write for head and body: one segment on the wire instead of two.
+                    upstream.writer.write(head + await _read_exact(reader, framing.length, 400))
+                else:
+                    upstream.writer.write(head)
+                    await relay_body(reader, upstream.writer, framing, 400)
             except HttpError as exc:
                 upstream.close()
                 await self._refuse_malformed(writer, exc, request, decision.scheme)
@@ -612,17 +617,30 @@ class EgressProxy:
         headers = response.headers.without_hop_by_hop()
         if framing_out.kind == "chunked":
             headers.items.append(("Transfer-Encoding", "chunked"))
-        keep = request.keep_alive and framing_out.kind != "close"
+        keep_framing = framing_out.kind != "close"
+        keep = request.keep_alive and keep_framing
         if not keep:
             headers.items.append(("Connection", "close"))
-        writer.write(serialize_head(f"HTTP/1.1 {response.status} {response.reason}", headers.items))
+        out_head = serialize_head(f"HTTP/1.1 {response.status} {response.reason}", headers.items)
+        if framing_out.kind == "length" and framing_out.length <= SMALL_BODY:
+            try:
+                body = await _read_exact(upstream.reader, framing_out.length, 502)
+            except HttpError as exc:
+                upstream.close()
+                self._audit("proxy.request", decision.payload("error", exc.reason, 502))
+                await _send(writer, _error_response(502, exc.reason, ""))
+                return False, None
+            await _send(writer, out_head + body)
+            framing_out = NO_BODY
+        else:
+            writer.write(out_head)
         try:
             await relay_body(upstream.reader, writer, framing_out, 502)
         except HttpError:
             # Part of the response was sent: the only honest signal left is closing both sides.
             upstream.close()
             return False, None
-        upstream_reusable = response.keep_alive and framing_out.kind != "close"
+        upstream_reusable = response.keep_alive and keep_framing
         if not upstream_reusable:
             upstream.close()
             return keep, None
@@ -830,6 +848,13 @@ def _error_response(status: int, reason: str, detail: str) -> bytes:
         ],
     )
     return head + body_bytes
+
+
+async def _read_exact(reader: asyncio.StreamReader, size: int, status: int) -> bytes:
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise HttpError(status, "body shorter than Content-Length") from None
 
 
 async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
