@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from kavach.backends.process import cgroups
-from kavach.backends.process.cgroups import Cgroup, CgroupError, cgroup_support, create_cgroup
+from kavach.backends.process.cgroups import (
+    Cgroup,
+    CgroupError,
+    cgroup_support,
+    create_cgroup,
+    existing_cgroups,
+    open_cgroup,
+)
 from kavach.errors import SandboxCreateError
 from kavach.policy import ResourceLimits
 
@@ -193,6 +200,30 @@ def test_destroy_kills_what_is_left(make_cgroup: Callable[[ResourceLimits], Cgro
     cgroup.destroy()
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert not any(d.exists() for d in cgroup.dirs.values())
+
+
+def test_a_leftover_cgroup_can_be_found_and_removed(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
+    # What a restarted engine does with cgroups a crashed one left behind.
+    original = make_cgroup(ResourceLimits(pids=16))
+    proc = start_in(original, ["/bin/sleep", "1000"])
+    assert original.name in existing_cgroups()
+    reopened = open_cgroup(original.name)
+    assert reopened is not None
+    assert reopened.pids() == [proc.pid]
+    reopened.destroy()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert original.name not in existing_cgroups()
+    assert open_cgroup(original.name) is None
+    if reopened.version == 1:
+        # A handle without the freezer directory (lost in a crash) still empties the cgroup.
+        partial = make_cgroup(ResourceLimits())
+        sleeper = start_in(partial, ["/bin/sleep", "1000"])
+        assert wait_for(lambda: partial.pids() == [sleeper.pid])
+        handle = open_cgroup(partial.name)
+        assert handle is not None
+        del handle.dirs["freezer"]
+        handle.kill_all()
+        assert sleeper.wait(timeout=30) == -signal.SIGKILL
 
 
 def test_v2_freeze_and_kill_on_the_controllerless_unified_hierarchy() -> None:

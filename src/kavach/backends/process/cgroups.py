@@ -138,6 +138,41 @@ def create_cgroup(name: str, limits: ResourceLimits) -> Cgroup:
     return _create_v1({c: mounts.v1[c] / PARENT for c in controllers}, name, limits)
 
 
+def _parent_dirs() -> dict[str, Path]:
+    """The ``kavach`` parent directory of every hierarchy this host would use."""
+    support = cgroup_support()
+    mounts = _mounts()
+    if support.version == 2 and mounts.v2 is not None:
+        return {"unified": mounts.v2 / PARENT}
+    if support.version == 1:
+        return {c: mounts.v1[c] / PARENT for c in (*V1_REQUIRED, "cpu") if c in mounts.v1}
+    return {}
+
+
+def existing_cgroups() -> list[str]:
+    """Names of the sandbox cgroups that exist now (for example left behind by a crash)."""
+    names: set[str] = set()
+    for parent in _parent_dirs().values():
+        try:
+            names.update(entry.name for entry in os.scandir(parent) if entry.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CgroupError("list", exc.errno or errno.EIO, parent) from None
+    return sorted(names)
+
+
+def open_cgroup(name: str) -> Cgroup | None:
+    """A handle on the existing sandbox cgroup ``name`` (to kill and remove it), or ``None``."""
+    if not _NAME.match(name):
+        raise CgroupError("open", errno.EINVAL, detail=f"invalid cgroup name {name!r}")
+    parents = _parent_dirs()
+    dirs = {controller: parent / name for controller, parent in parents.items() if (parent / name).is_dir()}
+    if not dirs:
+        return None
+    return Cgroup(name, 2 if "unified" in dirs else 1, dirs)
+
+
 # -- the cgroup handle --------------------------------------------------------------------------
 
 
@@ -157,7 +192,9 @@ class Cgroup:
     @property
     def path(self) -> Path:
         """The directory that holds the processes: the v2 cgroup or the v1 freezer cgroup."""
-        return self.dirs["unified"] if self.version == 2 else self.dirs["freezer"]
+        if self.version == 2:
+            return self.dirs["unified"]
+        return self.dirs.get("freezer") or next(iter(self.dirs.values()))
 
     def procs_files(self) -> tuple[Path, ...]:
         """Every ``cgroup.procs`` a process must be written to (one per hierarchy)."""
@@ -169,9 +206,11 @@ class Cgroup:
             _write(procs, str(pid), f"add pid {pid}")
 
     def pids(self) -> list[int]:
-        """The processes currently in the cgroup."""
-        text = _read(self.path / "cgroup.procs", "")
-        return [int(p) for p in text.split()]
+        """The processes currently in the cgroup (in any of its hierarchies)."""
+        found: set[int] = set()
+        for procs in self.procs_files():
+            found.update(int(p) for p in _read(procs, "").split())
+        return sorted(found)
 
     def pids_current(self) -> int:
         """Tasks (processes and threads) counted by the pids controller."""
@@ -231,13 +270,17 @@ class Cgroup:
             self._wait(lambda: not self._populated(), "kill", timeout)
             return
         deadline = time.monotonic() + timeout
+        # Frozen processes cannot fork between our reading cgroup.procs and the kill;
+        # SIGKILL is delivered when they are thawed. (A cgroup opened after a crash may have
+        # lost its freezer directory: then kill repeatedly until nothing is left.)
+        can_freeze = self.version == 2 or (self.path / "freezer.state").exists()
         while self._populated():
-            # Frozen processes cannot fork between our reading cgroup.procs and the kill;
-            # SIGKILL is delivered when they are thawed.
-            self.freeze(timeout=max(deadline - time.monotonic(), 0.05))
+            if can_freeze:
+                self.freeze(timeout=max(deadline - time.monotonic(), 0.05))
             for pid in self.pids():
                 _kill(pid)
-            self.thaw()
+            if can_freeze:
+                self.thaw()
             self._wait(
                 lambda: not self._populated(), "kill", min(0.2, max(deadline - time.monotonic(), 0.0)), strict=False
             )
@@ -248,11 +291,10 @@ class Cgroup:
         """Kill what is left and remove the cgroup from every hierarchy. Idempotent."""
         if self._destroyed:
             return
-        if any(d.exists() for d in self.dirs.values()):
-            if self.path.exists() and self._populated():
-                self.kill_all()
-            if self.version == 1 and self.path.exists() and self.frozen():
-                self.thaw()
+        if self._populated():
+            self.kill_all()
+        if self.version == 1 and self.frozen():
+            self.thaw()  # a frozen (empty) v1 cgroup could not be removed
         for directory in self.dirs.values():
             _rmdir(directory)
         self._destroyed = True
@@ -441,4 +483,12 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-__all__ = ["Cgroup", "CgroupError", "CgroupSupport", "cgroup_support", "create_cgroup"]
+__all__ = [
+    "Cgroup",
+    "CgroupError",
+    "CgroupSupport",
+    "cgroup_support",
+    "create_cgroup",
+    "existing_cgroups",
+    "open_cgroup",
+]
