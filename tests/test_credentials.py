@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import re
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kavach.credentials import (
@@ -376,3 +379,57 @@ def test_async_audit_sink_is_supported() -> None:
         return sink.events
 
     assert asyncio.run(go()) == ["proxy.request"]
+
+
+# -- fuzz: untrusted input only ever yields the parser's own errors -----------------------------
+
+
+_HEAD_ALPHABET = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b" ",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b":",
+        b"HTTP/1.1",
+        b"/",
+        b"a",
+        b"\x00",
+        b"\t",
+        b"\x7f",
+        b"\xff",
+        b"Content-Length",
+        b"Transfer-Encoding",
+        b"chunked",
+        b"0",
+        b"5",
+        b",",
+        b"-",
+    ]
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(_HEAD_ALPHABET, max_size=40).map(b"".join))
+def test_fuzz_request_head_raises_only_http_error(data: bytes) -> None:
+    try:
+        request = parse_request_head(data + b"\r\n\r\n")
+    except HttpError:
+        return
+    # Whatever parsed holds no CR, LF or NUL anywhere: nothing can be injected downstream.
+    for text in (request.method, request.target, *(x for kv in request.headers.items for x in kv)):
+        assert not set(text) & {"\r", "\n", "\0"}
+    with contextlib.suppress(HttpError):
+        request_framing(request)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_fuzz_host_rules_raise_only_policy_error(entry: str) -> None:
+    try:
+        rule = HostRule.parse(entry, "--allow")
+    except PolicyError:
+        return
+    assert rule.host == rule.host.lower() and " " not in rule.host
