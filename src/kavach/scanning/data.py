@@ -1,0 +1,336 @@
+"""The data / compliance scanner: personal and payment data, validated, with context.
+
+Candidates come from RE2 patterns; each is then confirmed by a validator so that a long
+number is not a card unless it passes Luhn *and* an issuer range, an IBAN must pass
+mod-97 with its country's length, an SSN must follow the SSA's rules, a phone number must
+parse with ``phonenumbers`` (or sit right after a word like "phone" or "fax"), and an IP
+address must be a real address (private ranges are reported as info, public as low).
+
+:mod:`kavach.scanning.compliance` then reads these findings together: a card number with a
+CVV or expiry near it is PCI cardholder data, a medical record number near a name is
+HIPAA PHI, and so on.
+"""
+
+from __future__ import annotations
+
+import phonenumbers
+import re2
+
+from kavach.scanning.engine import PatternBank, Rule, dedupe, finalize
+from kavach.scanning.findings import Finding, Severity
+from kavach.scanning.validators import card_brand, iban_valid, ipv4_kind, ipv6_kind, luhn_valid, ssn_valid
+
+_CONTEXT_WINDOW = 48
+
+
+def _before(data: bytes, start: int, width: int = _CONTEXT_WINDOW) -> bytes:
+    return data[max(0, start - width) : start].lower()
+
+
+# --- email ---------------------------------------------------------------------------------
+
+# File extensions that follow ``name@2x.`` in asset names, not top-level domains.
+_NOT_TLDS = frozenset(
+    {
+        b"png", b"jpg", b"jpeg", b"gif", b"svg", b"webp", b"ico", b"css", b"js", b"ts", b"py", b"rb", b"go",
+        b"java", b"json", b"yaml", b"yml", b"xml", b"html", b"htm", b"txt", b"md", b"lock", b"map", b"scss",
+        b"less", b"woff", b"woff2", b"ttf", b"eot", b"mp4", b"mp3", b"pdf", b"zip", b"gz", b"tgz", b"exe",
+        b"dll", b"so", b"class", b"jar", b"tsx", b"jsx", b"vue", b"c", b"h", b"cpp", b"hpp", b"cs", b"php",
+        b"sh", b"bat", b"ps1", b"service", b"socket", b"target", b"mount", b"timer", b"local",
+    }
+)
+
+
+def _email_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    value = data[start:end]
+    local, _, domain = value.rpartition(b"@")
+    tld = domain.rsplit(b".", 1)[-1].lower()
+    if tld in _NOT_TLDS or not local or local[:1] == b"." or local[-1:] == b".":
+        return None
+    if local.isdigit() and len(local) <= 2:
+        return None  # retina assets: icon@2x.png is already excluded; "1@3.5x" style scales
+    if b"@" in data[max(0, start - 1) : start]:
+        return None
+    # user:password@host inside a URL is a credential (the secrets scanner's), not an address.
+    token_start = max(data.rfind(b" ", max(0, start - 200), start), data.rfind(b"\n", max(0, start - 200), start))
+    if b"://" in data[token_start + 1 : start + 1] or b":" in local:
+        return None
+    return 0.9
+
+
+EMAIL_RULE = Rule(
+    id="pii.email",
+    category="email",
+    severity=Severity.LOW,
+    pattern=r"(?:^|[^A-Za-z0-9._%+\-])([A-Za-z0-9._%+\-]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)"
+    r"{1,8}[A-Za-z]{2,24})",
+    value_group=1,
+    not_followed_by=r"[A-Za-z0-9\-]",
+    validate=_email_ok,
+    tags=("gdpr",),
+)
+
+
+# --- SSN -----------------------------------------------------------------------------------
+
+_SSN_CONTEXT = (b"ssn", b"social security", b"social-security", b"soc sec", b"ss#", b"ss #", b"taxpayer", b"tin")
+
+
+def _ssn_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    value = data[start:end]
+    if not ssn_valid(value):
+        return None
+    context = any(word in _before(data, start) for word in _SSN_CONTEXT)
+    separated = b"-" in value or b" " in value
+    if not separated and not context:
+        return None  # a bare 9-digit number is an id, a count, a timestamp ... without "SSN" near it
+    if separated and value.count(b"-") + value.count(b" ") != 2:
+        return None
+    return 0.95 if context else 0.75
+
+
+SSN_RULE = Rule(
+    id="pii.ssn",
+    category="ssn",
+    severity=Severity.HIGH,
+    pattern=r"(?:^|[^0-9A-Za-z\-./:])(\d{3}[- ]?\d{2}[- ]?\d{4})",
+    value_group=1,
+    not_followed_by=r"[0-9A-Za-z\-/]|[.:][0-9]",
+    validate=_ssn_ok,
+    tags=("gdpr", "soc2"),
+)
+
+
+# --- cards ---------------------------------------------------------------------------------
+
+
+def _card_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    value = data[start:end]
+    separators = {b for b in value if b in b" -"}
+    if len(separators) > 1:
+        return None  # "1234-5678 9012" mixes separators: not how a card is printed
+    if card_brand(value) is None or not luhn_valid(value):
+        return None
+    return 0.9
+
+
+CARD_RULE = Rule(
+    id="pii.credit-card",
+    category="credit_card",
+    severity=Severity.HIGH,
+    pattern=r"(?:^|[^0-9A-Za-z_\-.])((?:\d[ \-]?){11,18}\d)",
+    value_group=1,
+    not_followed_by=r"[0-9A-Za-z_\-]|\.[0-9]",
+    validate=_card_ok,
+    tags=("pci-dss",),
+)
+
+
+# --- IBAN ----------------------------------------------------------------------------------
+
+
+def _iban_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    return 0.95 if iban_valid(data[start:end]) else None
+
+
+IBAN_RULE = Rule(
+    id="pii.iban",
+    category="iban",
+    severity=Severity.MEDIUM,
+    pattern=r"(?:^|[^A-Za-z0-9])([A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30})",
+    value_group=1,
+    not_followed_by=r"[A-Za-z0-9]",
+    validate=_iban_ok,
+    tags=("gdpr", "pci-dss"),
+)
+
+
+# --- IP addresses --------------------------------------------------------------------------
+
+_VERSION_CONTEXT = (b"version", b"ver ", b"ver.", b"v=", b"release", b"__version__", b"build", b"oid", b"mib")
+
+
+def _ipv4_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    kind = ipv4_kind(data[start:end])
+    if kind is None:
+        return None
+    before = _before(data, start, 24)
+    if any(word in before for word in _VERSION_CONTEXT) or data[start - 1 : start] in (b"v", b"V"):
+        return None
+    return 0.9
+
+
+IPV4_RULE = Rule(
+    id="pii.ipv4",
+    category="ip_address",
+    severity=Severity.LOW,
+    pattern=r"(?:^|[^0-9A-Za-z.])((?:\d{1,3}\.){3}\d{1,3})",
+    value_group=1,
+    not_followed_by=r"[0-9A-Za-z]|\.[0-9A-Za-z]",
+    validate=_ipv4_ok,
+    tags=("gdpr",),
+)
+
+
+def _ipv6_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    value = data[start:end]
+    if value.count(b":") < 2 or ipv6_kind(value) is None:
+        return None
+    groups = [g for g in value.split(b":") if g]
+    if len(groups) < 3 and b"::" not in value:
+        return None
+    if b"::" in value and len(groups) < 2:
+        return None  # "::", "a::b" are C++ scopes and Python slices far more often than addresses
+    return 0.85
+
+
+IPV6_RULE = Rule(
+    id="pii.ipv6",
+    category="ip_address",
+    severity=Severity.LOW,
+    pattern=r"(?:^|[^0-9A-Za-z:_])((?:[0-9A-Fa-f]{1,4}:){1,7}(?:(?::[0-9A-Fa-f]{1,4}){1,7}|[0-9A-Fa-f]{1,4}|:))",
+    value_group=1,
+    not_followed_by=r"[0-9A-Za-z:_]",
+    validate=_ipv6_ok,
+    tags=("gdpr",),
+)
+
+
+# --- phone numbers -------------------------------------------------------------------------
+
+_PHONE_CONTEXT = (
+    b"phone", b"tel", b"mobile", b"cell", b"fax", b"call", b"desk", b"office", b"sms", b"whatsapp", b"text me",
+    b"contact", b"number", b"messages to", b"answering at", b"reach me", b"dial", b"telefon", b"handy",
+)
+_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IT", "ES", "NL", "BE", "CH", "AT", "SE", "NO", "DK", "FI", "IE", "PT",
+                  "PL", "CZ", "HU", "AU", "CA", "IN", "BR", "JP")
+
+
+def _phone_structure_ok(value: bytes) -> bool:
+    digits = sum(1 for b in value if 48 <= b <= 57)
+    if not 7 <= digits <= 15:
+        return False
+    text = value.decode("ascii", "replace")
+    parts = [p for p in text.replace("(", " ").replace(")", " ").replace("-", " ").replace(".", " ").split() if p]
+    # ISO dates (1999-01-31) and dotted versions (1.22.3) are the classic look-alikes.
+    if len(parts) == 3 and len(parts[0]) == 4 and all(p.isdigit() for p in parts) and text.count("-") == 2:
+        return False
+    if "." in text and text.count(".") in (2, 3) and len(parts[0]) <= 2 and " " not in text:
+        head = parts[0]
+        if head.isdigit() and any(len(p) == 3 for p in parts[1:]) and text.count(".") == 2:
+            return False
+    return not (text.startswith(("978", "979")) and digits == 13)
+
+
+def _parse_any_region(text: str) -> bool:
+    for region in _PHONE_REGIONS:
+        try:
+            number = phonenumbers.parse(text, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return True
+    return False
+
+
+def _phone_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    value = data[start:end]
+    if not _phone_structure_ok(value):
+        return None
+    before = _before(data, start, 40)
+    if b"isbn" in before or b"version" in before or b"released" in before:
+        return None
+    text = value.decode("ascii", "replace")
+    context = any(word in before for word in _PHONE_CONTEXT)
+    if text.startswith("+") or text.startswith("00"):
+        try:
+            number = phonenumbers.parse("+" + text.lstrip("+0") if text.startswith("00") else text, None)
+        except phonenumbers.NumberParseException:
+            return None
+        if phonenumbers.is_valid_number(number):
+            return 0.9
+        return 0.6 if context and phonenumbers.is_possible_number(number) else None
+    separated = any(b in value for b in b" -.()")
+    if context:
+        return 0.75
+    if not separated:
+        return None  # a bare run of digits is an id or a timestamp unless a word says "phone"
+    return 0.6 if _parse_any_region(text) else None
+
+
+PHONE_RULE = Rule(
+    id="pii.phone",
+    category="phone",
+    severity=Severity.LOW,
+    pattern=r"(?:^|[^0-9A-Za-z_+\-./:])(\+?\(?\d{1,5}\)?(?:[ .\-]{0,2}\(?\d{1,5}\)?){1,6}"
+    r"(?:\s{0,2}(?:x|ext\.?)\s{0,2}\d{1,5})?)",
+    value_group=1,
+    not_followed_by=r"[0-9A-Za-z_/:]|[.\-][0-9]",
+    validate=_phone_ok,
+    tags=("gdpr",),
+)
+
+DATA_RULES: tuple[Rule, ...] = (EMAIL_RULE, SSN_RULE, CARD_RULE, IBAN_RULE, IPV4_RULE, IPV6_RULE, PHONE_RULE)
+
+# Severity of an IP finding by address kind: private ranges are not personal data on their own.
+_PRIVATE_IP_SEVERITY = Severity.INFO
+
+
+def _refine(data: bytes, finding: Finding) -> Finding:
+    if finding.category == "ip_address":
+        value = data[finding.start : finding.end]
+        kind = ipv4_kind(value) if finding.rule == "pii.ipv4" else ipv6_kind(value)
+        if kind == "private":
+            return Finding(**{**finding.__dict__, "severity": _PRIVATE_IP_SEVERITY, "redact": False,
+                              "category": "ip_address_private"})
+    return finding
+
+
+def _drop_shadowed(findings: list[Finding]) -> list[Finding]:
+    """A span already explained as a card, IBAN or SSN is not also a phone number."""
+    strong = [(f.start, f.end) for f in findings if f.category in ("credit_card", "iban", "ssn", "ip_address",
+                                                                    "ip_address_private")]
+    out = []
+    for f in findings:
+        if f.category == "phone" and any(s < f.end and f.start < e for s, e in strong):
+            continue
+        out.append(f)
+    return out
+
+
+class DataScanner:
+    """Finds personal and payment data and the compliance context around it."""
+
+    name = "data"
+
+    def __init__(self, *, compliance: bool = True) -> None:
+        self._bank = PatternBank(DATA_RULES)
+        self._compliance = compliance
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules this scanner runs."""
+        return self._bank.rules
+
+    def scan(self, data: bytes, source: str = "") -> list[Finding]:
+        """Findings in ``data`` (bytes), sorted by position, with line numbers."""
+        found = [_refine(data, f) for f in self._bank.scan(data, self.name)]
+        found = _drop_shadowed(dedupe(found))
+        if self._compliance:
+            from kavach.scanning.compliance import compliance_findings
+
+            found.extend(compliance_findings(data, found))
+        return finalize(data, found, source)
+
+
+__all__ = [
+    "CARD_RULE",
+    "DATA_RULES",
+    "EMAIL_RULE",
+    "IBAN_RULE",
+    "IPV4_RULE",
+    "IPV6_RULE",
+    "PHONE_RULE",
+    "SSN_RULE",
+    "DataScanner",
+]

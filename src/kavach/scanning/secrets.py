@@ -1,0 +1,586 @@
+"""The secrets scanner: provider tokens, private keys, credentials in code and config.
+
+Three kinds of rules, all RE2 (linear time) over bytes:
+
+* **Provider rules** match a token by its documented shape (``AKIA...``, ``ghp_...``,
+  ``sk-ant-...``, ``xoxb-...``) with word boundaries; the prefix alone makes them precise.
+* **Structural rules** match PEM private keys, JWTs, ``Authorization`` headers and URLs
+  with credentials (``postgres://user:pass@host``).
+* **Keyword + assignment rules** extract the value assigned to a secret-looking name in
+  Python, JS, YAML, JSON, INI, ``.env``, shell and XML syntaxes. Only that extracted value
+  is judged: placeholders and templates are dropped, code references (``os.environ[...]``,
+  ``self.password``) are dropped, and key/token values must look random by a
+  length-aware Shannon-entropy test. Passwords need not look random, but must look like a
+  literal rather than a label or an identifier.
+
+A finding's span is the secret value itself, so redaction keeps ``password=`` readable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import re2
+
+from kavach.scanning.data import EMAIL_RULE, SSN_RULE
+from kavach.scanning.engine import PatternBank, Rule, dedupe, finalize
+from kavach.scanning.entropy import char_classes, is_hex, is_placeholder, looks_random, shannon_entropy
+from kavach.scanning.findings import Finding, Severity
+
+C, H, M, L = Severity.CRITICAL, Severity.HIGH, Severity.MEDIUM, Severity.LOW
+
+# Characters that end an unquoted token.
+_TOK = r"A-Za-z0-9_\-"
+
+
+def _token_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    """Provider tokens: reject obvious placeholders (``AKIAXXXXXXXXXXXXXXXX``, ``...EXAMPLE``)."""
+    value = data[start:end]
+    if is_placeholder(value) or b"EXAMPLE" in value.upper():
+        return None
+    # A token whose random part is one repeated character is a documentation stand-in.
+    tail = value[-16:]
+    if len(set(tail)) <= 3:
+        return None
+    return 0.95
+
+
+def _random_token_ok(data: bytes, start: int, end: int, m: re2._Match) -> float | None:
+    """Provider tokens with a short or generic prefix: the body must also look random."""
+    if _token_ok(data, start, end, m) is None:
+        return None
+    value = data[start:end]
+    return 0.9 if shannon_entropy(value) >= 3.0 else None
+
+
+def _provider(
+    rule_id: str,
+    pattern: str,
+    severity: Severity = H,
+    *,
+    category: str = "api_token",
+    random_body: bool = False,
+    case_insensitive: bool = False,
+) -> Rule:
+    return Rule(
+        id=f"secrets.{rule_id}",
+        category=category,
+        severity=severity,
+        pattern=pattern,
+        value_group=1,
+        validate=_random_token_ok if random_body else _token_ok,
+        case_insensitive=case_insensitive,
+        not_followed_by=_TOKEN_END,
+    )
+
+
+def _b(body: str) -> str:
+    """``body`` as a token not preceded by a token character (the engine checks what follows)."""
+    return rf"(?:^|[^{_TOK}])({body})"
+
+
+_TOKEN_END = rf"[{_TOK}]"
+
+
+PROVIDER_RULES: tuple[Rule, ...] = (
+    # --- cloud ---
+    _provider("aws-access-key-id", _b(r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[0-9A-Z]{16}"),
+              C, category="cloud_key"),
+    _provider("aws-bedrock-api-key", _b(r"ABSKQmVkcm9ja0FQSUtleS[A-Za-z0-9+/]{100,200}={0,2}"), C,
+              category="cloud_key"),
+    _provider("gcp-api-key", _b(r"AIza[0-9A-Za-z_\-]{35}"), H, category="cloud_key"),
+    _provider("gcp-oauth-client-secret", _b(r"GOCSPX-[0-9A-Za-z_\-]{28}"), C, category="cloud_key"),
+    _provider("gcp-oauth-access-token", _b(r"ya29\.[0-9A-Za-z_\-]{30,500}"), H, category="cloud_key"),
+    _provider("azure-ad-client-secret", r"(?:^|[^A-Za-z0-9_~.])([A-Za-z0-9_~.]{3}\dQ~[A-Za-z0-9_~.\-]{31,34})", C,
+              category="cloud_key"),
+    _provider("azure-storage-account-key", r"(?i)AccountKey\s*=\s*([A-Za-z0-9+/]{86}==)", C, category="cloud_key"),
+    _provider("azure-sas-token", r"[?&]sig=([A-Za-z0-9%+/]{43,64}(?:%3D|=))", H, category="cloud_key"),
+    _provider("alibaba-access-key-id", _b(r"LTAI[A-Za-z0-9]{17,21}"), H, category="cloud_key", random_body=True),
+    _provider("digitalocean-token", _b(r"do[opr]_v1_[a-f0-9]{64}"), C, category="cloud_key"),
+    _provider("yandex-token", _b(r"(?:YC[A-Za-z0-9_\-]{38}|AQVN[A-Za-z0-9_\-]{35,38}|t1\.[A-Z0-9a-z_\-]+[=]{0,2}"
+              r"\.[A-Z0-9a-z_\-]{86}[=]{0,2})"), H, category="cloud_key"),
+    _provider("heroku-api-key-v2", _b(r"HRKU-AA[0-9A-Za-z_\-]{58}"), C, category="cloud_key"),
+    _provider("flyio-token", _b(r"(?:fo1_[\w\-=]{43}|fm1[ar]_[A-Za-z0-9+/]{100,1000}={0,3}|fm2_[A-Za-z0-9+/]{100,1000}={0,3})"),  # noqa: E501
+              H, category="cloud_key"),
+    _provider("cloudflare-origin-ca-key", _b(r"v1\.0-[a-f0-9]{24}-[a-f0-9]{146}"), H, category="cloud_key"),
+    _provider("hashicorp-tf-token", _b(r"[A-Za-z0-9]{14}\.atlasv1\.[A-Za-z0-9_=\-]{60,70}"), C,
+              category="cloud_key"),
+    _provider("vault-token", _b(r"(?:hvs\.[A-Za-z0-9_\-]{90,120}|hvb\.[A-Za-z0-9_\-]{138,300}|s\.[A-Za-z0-9]{24})"), C,
+              category="cloud_key", random_body=True),
+    _provider("databricks-token", _b(r"dapi[a-f0-9]{32}(?:-\d)?"), C, category="cloud_key"),
+    _provider("doppler-token", _b(r"dp\.pt\.[A-Za-z0-9]{43}"), C, category="cloud_key"),
+    _provider("pulumi-token", _b(r"pul-[a-f0-9]{40}"), C, category="cloud_key"),
+    _provider("planetscale-token", _b(r"pscale_(?:tkn|pw|oauth)_[A-Za-z0-9=\-_.]{32,64}"), C, category="cloud_key"),
+    _provider("scalingo-token", _b(r"tk-us-[A-Za-z0-9\-_]{48}"), H, category="cloud_key"),
+    _provider("openshift-token", _b(r"sha256~[A-Za-z0-9_\-]{43}"), H, category="cloud_key"),
+    _provider("age-secret-key", _b(r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}"), C,
+              category="private_key"),
+    # --- source control and package registries ---
+    _provider("github-token", _b(r"gh[pousr]_[A-Za-z0-9]{36,251}"), C, category="vcs_token"),
+    _provider("github-fine-grained-pat", _b(r"github_pat_[A-Za-z0-9_]{80,90}"), C, category="vcs_token"),
+    _provider("gitlab-token", _b(r"(?:glpat|glptt|gldt|glrt|glcbt|glft|glimt|glagent|gloas|glsoat|glffct)-"
+              r"[0-9A-Za-z_\-]{20,64}(?:\.[0-9a-z]{2,12})?"), C, category="vcs_token"),
+    _provider("gitlab-runner-registration-token", _b(r"GR1348941[0-9A-Za-z_\-]{20}"), C, category="vcs_token"),
+    _provider("gitlab-session-cookie", r"_gitlab_session=([0-9a-z]{32})", H, category="vcs_token"),
+    _provider("bitbucket-app-password", _b(r"ATBB[A-Za-z0-9_=.\-]{28,64}"), C, category="vcs_token"),
+    _provider("atlassian-api-token", _b(r"ATATT3[A-Za-z0-9_\-=]{186}"), H, category="saas_token"),
+    _provider("npm-token", _b(r"npm_[A-Za-z0-9]{36}"), C, category="vcs_token"),
+    _provider("pypi-token", _b(r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_\-]{50,300}"), C, category="vcs_token"),
+    _provider("rubygems-token", _b(r"rubygems_[a-f0-9]{48}"), C, category="vcs_token"),
+    _provider("clojars-token", _b(r"CLOJARS_[a-z0-9]{60}"), C, category="vcs_token", case_insensitive=True),
+    _provider("sourcegraph-token", _b(r"sgp_(?:[a-fA-F0-9]{16}|local)_[a-fA-F0-9]{40}|sgp_[a-fA-F0-9]{40}"), H,
+              category="vcs_token"),
+    _provider("jfrog-token", _b(r"(?:AKCp[A-Za-z0-9]{69}|cmVmd[A-Za-z0-9]{59})"), H, category="vcs_token",
+              random_body=True),
+    _provider("droneci-token", r"(?i)drone[\w.\-]{0,20}[\"']?\s*[:=]+\s*[\"']?([a-z0-9]{32})\b", H,
+              category="vcs_token"),
+    # --- AI providers ---
+    _provider("openai-api-key", _b(r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_\-]{20,200}|sk-[A-Za-z0-9]{20}T3BlbkFJ"
+              r"[A-Za-z0-9]{20}|sk-(?:proj-)?[A-Za-z0-9_\-]{20,80}T3BlbkFJ[A-Za-z0-9_\-]{20,80}"), C,
+              category="ai_token"),
+    _provider("anthropic-api-key", _b(r"sk-ant-(?:api|admin|sid)\d{2}-[A-Za-z0-9_\-]{80,120}"), C, category="ai_token"),
+    _provider("huggingface-token", _b(r"(?:hf_[A-Za-z]{34}|api_org_[A-Za-z]{34})"), H, category="ai_token"),
+    _provider("perplexity-api-key", _b(r"pplx-[A-Za-z0-9]{48}"), H, category="ai_token"),
+    _provider("groq-api-key", _b(r"gsk_[A-Za-z0-9]{52}"), H, category="ai_token"),
+    _provider("replicate-api-token", _b(r"r8_[A-Za-z0-9]{37}"), H, category="ai_token"),
+    # --- payments ---
+    _provider("stripe-secret-key", _b(r"(?:sk|rk)_live_[A-Za-z0-9]{10,99}"), C, category="payment_token"),
+    _provider("stripe-test-key", _b(r"(?:sk|rk)_test_[A-Za-z0-9]{10,99}"), M, category="payment_token"),
+    _provider("square-token", _b(r"(?:sq0atp-[0-9A-Za-z_\-]{22}|sq0csp-[0-9A-Za-z\\_\-^]{43}|EAAA[A-Za-z0-9_\-+=]{22,60})"),  # noqa: E501
+              H, category="payment_token", random_body=True),
+    _provider("shopify-token", _b(r"shp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}"), C, category="payment_token"),
+    _provider("flutterwave-key", _b(r"FLW(?:SECK|PUBK)_TEST-[a-hA-H0-9]{12,32}(?:-X)?"), M, category="payment_token"),
+    _provider("gocardless-token", _b(r"live_[A-Za-z0-9\-_=]{40}"), H, category="payment_token", random_body=True),
+    _provider("shippo-token", _b(r"shippo_(?:live|test)_[a-fA-F0-9]{40}"), H, category="payment_token"),
+    _provider("easypost-token", _b(r"EZ[AT]K[A-Za-z0-9]{54}"), H, category="payment_token"),
+    _provider("duffel-token", _b(r"duffel_(?:test|live)_[A-Za-z0-9_\-=]{43}"), H, category="payment_token"),
+    _provider("plaid-token", _b(r"access-(?:sandbox|development|production)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
+              r"[0-9a-f]{4}-[0-9a-f]{12}"), H, category="payment_token"),
+    # --- messaging and SaaS ---
+    _provider("slack-token", _b(r"xox(?:[abposr]|e\.xox[bp]|e)-[0-9A-Za-z\-]{10,300}"), H, category="saas_token"),
+    _provider("slack-app-token", _b(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+"), H, category="saas_token",
+              case_insensitive=True),
+    _provider("slack-webhook", r"((?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{40,120})",
+              H, category="saas_token"),
+    _provider("teams-webhook", r"(https://[a-z0-9]+\.webhook\.office\.com/webhookb2/[a-z0-9\-]+@[a-z0-9\-]+/"
+              r"IncomingWebhook/[a-z0-9]{32}/[a-z0-9\-]{36})", H, category="saas_token"),
+    _provider("discord-webhook", r"(https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d{5,30}/"
+              r"[A-Za-z0-9_\-]{60,80})", H, category="saas_token"),
+    _provider("discord-bot-token", _b(r"[MNO][A-Za-z0-9_\-]{23,27}\.[A-Za-z0-9_\-]{6}\.[A-Za-z0-9_\-]{27,40}"), H,
+              category="saas_token", random_body=True),
+    _provider("telegram-bot-token", rf"(?:^|[^{_TOK}]|bot)(\d{{8,10}}:AA[0-9A-Za-z_\-]{{33}})", H,
+              category="saas_token"),
+    _provider("twilio-api-key", _b(r"SK[0-9a-fA-F]{32}"), H, category="saas_token", random_body=True),
+    _provider("sendgrid-api-key", _b(r"SG\.[A-Za-z0-9_\-=]{20,24}\.[A-Za-z0-9_\-=]{39,50}"), C, category="saas_token"),
+    _provider("sendinblue-api-key", _b(r"xkeysib-[a-f0-9]{64}-[A-Za-z0-9]{16}"), H, category="saas_token"),
+    _provider("mailgun-key", _b(r"(?:key|pubkey)-[a-f0-9]{32}"), H, category="saas_token", random_body=True),
+    _provider("mailchimp-api-key", _b(r"[a-f0-9]{32}-us\d{1,2}"), H, category="saas_token"),
+    _provider("postman-api-key", _b(r"PMAK-[a-fA-F0-9]{24}-[a-fA-F0-9]{34}"), H, category="saas_token"),
+    _provider("linear-api-key", _b(r"lin_api_[A-Za-z0-9]{40}"), H, category="saas_token"),
+    _provider("notion-token", _b(r"(?:ntn_[0-9]{11}[A-Za-z0-9]{35}|secret_[A-Za-z0-9]{43})"), H, category="saas_token"),
+    _provider("new-relic-key", _b(r"NR(?:AK|II|JS)-[A-Za-z0-9]{19,32}"), H, category="saas_token"),
+    _provider("grafana-token", _b(r"(?:glc_[A-Za-z0-9+/]{32,400}={0,2}|glsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}|"
+              r"eyJrIjoi[A-Za-z0-9]{70,400}={0,2})"), H, category="saas_token"),
+    _provider("sentry-token", _b(r"(?:sntrys_eyJ[A-Za-z0-9+/=_\-]{60,400}|sntryu_[a-f0-9]{64})"), H,
+              category="saas_token"),
+    _provider("dynatrace-token", _b(r"dt0c01\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{64}"), H, category="saas_token"),
+    _provider("onepassword-token", _b(r"ops_eyJ[A-Za-z0-9+/]{250,}={0,3}"), C, category="saas_token"),
+    _provider("onepassword-secret-key", _b(r"A3-[A-Z0-9]{6}-(?:[A-Z0-9]{11}|[A-Z0-9]{6}-[A-Z0-9]{5})-[A-Z0-9]{5}"
+              r"-[A-Z0-9]{5}-[A-Z0-9]{5}"), C, category="saas_token", random_body=True),
+    _provider("facebook-access-token", _b(r"(?:EAA[MC][A-Za-z0-9]{100,400}|\d{15,16}\|[0-9A-Za-z\-_]{27})"), H,
+              category="saas_token"),
+    _provider("twitter-bearer-token", _b(r"A{22}[A-Za-z0-9%]{80,120}"), H, category="saas_token"),
+    _provider("readme-token", _b(r"rdme_[a-z0-9]{70}"), H, category="saas_token"),
+    _provider("prefect-token", _b(r"pnu_[a-zA-Z0-9]{36}"), H, category="saas_token"),
+    _provider("typeform-token", _b(r"tfp_[A-Za-z0-9\-_.=]{59}"), H, category="saas_token"),
+    _provider("frameio-token", _b(r"fio-u-[A-Za-z0-9\-_=]{64}"), H, category="saas_token"),
+    _provider("infracost-token", _b(r"ico-[A-Za-z0-9]{32}"), H, category="saas_token"),
+    _provider("settlemint-token", _b(r"sm_(?:pat|aat|sat)_[a-z0-9]{16}"), H, category="saas_token"),
+    _provider("defined-networking-token", _b(r"dnkey-[a-z0-9=_\-]{26}-[a-z0-9=_\-]{52}"), H, category="saas_token"),
+    _provider("authress-key", _b(r"(?:sc|ext|scauth|authress)_[a-z0-9]{5,30}\.[a-z0-9]{4,6}\.acc[_-][a-z0-9\-]{10,32}"
+              r"\.[a-z0-9+/_=\-]{30,120}"), H, category="saas_token"),
+    _provider("adobe-client-secret", _b(r"p8e-[A-Za-z0-9]{32}"), H, category="saas_token", case_insensitive=True),
+    _provider("harness-token", _b(r"(?:pat|sat)\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{20}"), H,
+              category="saas_token"),
+    _provider("intra42-secret", _b(r"s-s4t2(?:ud|af)-[a-f0-9]{64}"), H, category="saas_token"),
+    _provider("octopus-deploy-key", _b(r"API-[A-Z0-9]{26}"), H, category="saas_token", random_body=True),
+    _provider("sidekiq-credentials", r"(?i)(?:BUNDLE_ENTERPRISE__CONTRIBSYS__COM|BUNDLE_GEMS__CONTRIBSYS__COM)"
+              r"[\"']?\s*[:=]+\s*[\"']?([a-f0-9]{8}:[a-f0-9]{8})", H, category="saas_token"),
+    _provider("sidekiq-url", r"(?i)https?://([a-f0-9]{8}:[a-f0-9]{8})@(?:gems\.contribsys\.com|enterprise\.contribsys\.com)",
+              H, category="saas_token"),
+)
+
+
+def _jwt_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    """A JWT whose header decodes to JSON (an ``{"alg"...`` object)."""
+    header = data[start:end].split(b".", 1)[0]
+    try:
+        decoded = base64.urlsafe_b64decode(header + b"=" * (-len(header) % 4))
+    except (binascii.Error, ValueError):
+        return 0.6
+    return 0.95 if decoded.lstrip().startswith(b"{") else 0.6
+
+
+def _bearer_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    value = data[start:end]
+    if is_placeholder(value) or char_classes(value) < 2 or shannon_entropy(value) < 3.0:
+        return None
+    return 0.85
+
+
+def _basic_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    """``Authorization: Basic`` values that decode to ``user:password``."""
+    value = data[start:end]
+    try:
+        decoded = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    _user, sep, password = decoded.partition(b":")
+    if not sep or not password or is_placeholder(password):
+        return None
+    return 0.9
+
+
+def _pem_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    """A private key block with a body (not just the header line of a template)."""
+    value = data[start:end]
+    body = value.split(b"-----", 2)[-1]
+    alnum = sum(1 for b in body[:400] if 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122)
+    if alnum < 16:
+        return None
+    if b"..." in body[:200] or is_placeholder(body.strip()[:40]):
+        return None
+    return 0.99
+
+
+_DB_SCHEMES = (
+    r"postgres(?:ql)?|mysql|mysqlx|mariadb|mongodb(?:\+srv)?|redis|rediss|amqps?|mssql|sqlserver|oracle|couchdb|"
+    r"cassandra|neo4j|bolt|clickhouse|snowflake|db2|cockroachdb|memcached|elasticsearch|influxdb|"
+    r"jdbc:[a-z0-9]+(?::[a-z0-9]+)?|postgresql\+[a-z0-9]+|mysql\+[a-z0-9]+"
+)
+_OTHER_SCHEMES = r"https?|ftps?|sftp|smtps?|imaps?|pop3s?|ldaps?|ssh|git|svn|kafka|nats|mqtts?|s3|wss?"
+
+
+def _url_password_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+    value = data[start:end]
+    if is_placeholder(value) or value.startswith((b"$", b"%", b"{", b"<")) or len(value) < 3:
+        return None
+    if value.lower() in {b"pass", b"password", b"pwd", b"user", b"secret", b"***", b"x"}:
+        return None
+    return 0.9
+
+
+STRUCTURAL_RULES: tuple[Rule, ...] = (
+    Rule(
+        id="secrets.private-key",
+        category="private_key",
+        severity=C,
+        pattern=r"-----BEGIN[ A-Z0-9]{0,30}PRIVATE KEY(?: BLOCK)?-----(?s:.)*?-----END[ A-Z0-9]{0,30}PRIVATE KEY"
+        r"(?: BLOCK)?-----",
+        validate=_pem_ok,
+        confidence=0.99,
+    ),
+    Rule(
+        # A key whose END line is missing (truncated output) or far away: the header plus
+        # every base64 / header line that follows it.
+        id="secrets.private-key",
+        category="private_key",
+        severity=C,
+        pattern=r"-----BEGIN[ A-Z0-9]{0,30}PRIVATE KEY(?: BLOCK)?-----(?:(?:\\[nr]|[\s\"',+])*(?:[A-Za-z0-9+/=]{16,}|"
+        r"Proc-Type:[^\n]{0,80}|DEK-Info:[^\n]{0,120}|Comment:[^\n]{0,120}))+",
+        validate=_pem_ok,
+        confidence=0.95,
+    ),
+    Rule(
+        id="secrets.putty-private-key",
+        category="private_key",
+        severity=C,
+        pattern=r"PuTTY-User-Key-File-\d: [^\n]{1,80}(?s:.){0,16}Private-Lines: \d+(?s:.)*?Private-MAC: "
+        r"[a-f0-9]{40,64}",
+        confidence=0.99,
+    ),
+    Rule(
+        id="secrets.jwt",
+        category="jwt",
+        severity=H,
+        pattern=r"(?:^|[^A-Za-z0-9_\-])(ey[A-Za-z0-9_\-]{8,1000}\.ey[A-Za-z0-9_\-/+]{8,}\.[A-Za-z0-9_\-/+=]{0,1000})",
+        value_group=1,
+        validate=_jwt_ok,
+    ),
+    Rule(
+        id="secrets.bearer-token",
+        category="auth_header",
+        severity=H,
+        pattern=r"(?i)\bbearer\s+([A-Za-z0-9_\-.~+/]{16,1000}=*)",
+        value_group=1,
+        validate=_bearer_ok,
+    ),
+    Rule(
+        id="secrets.basic-auth",
+        category="auth_header",
+        severity=H,
+        pattern=r"(?i)\bbasic\s+([A-Za-z0-9+/]{8,1000}={0,2})",
+        value_group=1,
+        validate=_basic_ok,
+    ),
+    Rule(
+        id="secrets.auth-header",
+        category="auth_header",
+        severity=H,
+        pattern=r"(?i)(?:authorization|x-api-key|x-auth-token|api-key|private-token|x-access-token)[\"']?\s*[:=]\s*"
+        r"[\"']?\s*(?:token\s+)?([A-Za-z0-9_\-.~+/]{16,1000}=*)",
+        value_group=1,
+        validate=_bearer_ok,
+    ),
+    Rule(
+        id="secrets.db-connection-string",
+        category="connection_string",
+        severity=C,
+        pattern=rf"(?i)\b(?:{_DB_SCHEMES})://[^\s:@/'\"<>]{{0,100}}:([^\s@/'\"<>]{{1,200}})@[A-Za-z0-9.\-\[\]_%]",
+        value_group=1,
+        validate=_url_password_ok,
+    ),
+    Rule(
+        id="secrets.url-credentials",
+        category="connection_string",
+        severity=H,
+        pattern=rf"(?i)\b(?:{_OTHER_SCHEMES})://[^\s:@/'\"<>]{{1,100}}:([^\s@/'\"<>]{{1,200}})@[A-Za-z0-9.\-\[\]_%]",
+        value_group=1,
+        validate=_url_password_ok,
+    ),
+)
+
+# --- keyword + assignment -----------------------------------------------------------------
+
+_PASSWORD_WORDS = r"pass(?:word|wd|wrd|phrase|code)?|pwd|passwort|contrase[nñ]a|senha|mot_?de_?passe"  # noqa: S105
+_SECRET_WORDS = (
+    r"secret|token|api[_.\-]?key|apikey|access[_.\-]?key|priv(?:ate)?[_.\-]?key|auth[_.\-]?key|"  # noqa: S105
+    r"credentials?|client[_.\-]?secret|signing[_.\-]?key|encryption[_.\-]?key|enc[_.\-]?key|master[_.\-]?key|"
+    r"session[_.\-]?key|app[_.\-]?key|secret[_.\-]?key|access[_.\-]?id|account[_.\-]?key|auth|"
+    r"license[_.\-]?key|webhook[_.\-]?url|consumer[_.\-]?key|shared[_.\-]?key|sas|salt|api[_.\-]?id"
+)
+_KEY_NAME = rf"[A-Za-z0-9_.\-]{{0,60}}?(?:{_PASSWORD_WORDS}|{_SECRET_WORDS})[A-Za-z0-9_.\-]{{0,40}}"
+# Separators of Python, JS, Go, YAML, JSON, INI, .env, shell, PHP, Ruby, TOML, C#.
+_ASSIGN = r"[\"'`\]]?\s{0,8}(?:=|:=|:|=>|->|\?\?=|\|\|=)\s{0,8}(?:@?\"|'|`|\(\s{0,4}[\"'])?"
+_VALUE = r"([^\s\"'`,;<>(){}\[\]\\]{1,300}|[^\"'`\n]{1,300}(?:[\"'`]))"
+
+
+def _strip_value(raw: bytes) -> bytes:
+    value = raw.strip()
+    if value[-1:] in (b'"', b"'", b"`"):
+        value = value[:-1]
+    return value
+
+
+_CODE_REFERENCE_PREFIXES = (
+    b"os.", b"self.", b"this.", b"process.", b"env.", b"config.", b"settings.", b"request.", b"req.",
+    b"args.", b"opts.", b"options.", b"params.", b"ctx.", b"context.", b"props.", b"state.", b"System.",
+    b"Environment.", b"ENV.", b"cls.", b"data.", b"cfg.", b"conf.", b"secrets.", b"vault.", b"kwargs",
+    b"None", b"null", b"nil", b"undefined", b"new ", b"function", b"lambda", b"await ", b"get_", b"get(",
+    b"$_", b"@", b"&", b"*", b"!", b"#", b"%", b"=", b"-", b"+", b"/", b"."
+)
+
+
+def _looks_like_code(value: bytes, quoted: bool) -> bool:
+    """Whether an unquoted assignment value is an expression (a variable, a call), not a literal."""
+    if quoted:
+        return False
+    if value.startswith(_CODE_REFERENCE_PREFIXES):
+        return True
+    # A bare identifier (``password = password``, ``token: str``), optionally dotted.
+    stripped = value.replace(b"_", b"").replace(b".", b"")
+    return stripped.isalpha() and len(value) <= 40 and not any(48 <= b <= 57 for b in value)
+
+
+def _type_or_label(value: bytes) -> bool:
+    low = value.lower()
+    return low in {
+        b"str", b"string", b"int", b"bool", b"bytes", b"text", b"varchar", b"char", b"boolean", b"object",
+        b"any", b"none", b"optional", b"secretstr", b"password", b"required", b"integer", b"number",
+    } or low.endswith((b":", b"?"))
+
+
+_NOT_SECRET_KEY_PARTS = (
+    b"path", b"file", b"dir", b"url", b"uri", b"length", b"size", b"type", b"name", b"format", b"field",
+    b"label", b"prompt", b"hint", b"policy", b"expire", b"timeout", b"count", b"mode", b"enabled", b"required",
+    b"id_",
+)
+
+
+def _assignment_ok(data: bytes, start: int, end: int, m: re2._Match) -> float | None:
+    """Judge the value extracted by a keyword + assignment rule."""
+    raw = data[start:end]
+    quoted = raw[-1:] in (b'"', b"'", b"`") or data[start - 1 : start] in (b'"', b"'", b"`")
+    value = _strip_value(raw)
+    if len(value) < 4 or is_placeholder(value) or _type_or_label(value) or _looks_like_code(value, quoted):
+        return None
+    if b" " in value or b"\t" in value:
+        return None  # prose or a prompt label, not a credential
+    key = m.group(1) or b""
+    key_low = key.lower()
+    # Identifiers, file names, flags and sizes named like secrets are not secrets.
+    if any(w in key_low for w in _NOT_SECRET_KEY_PARTS) and (not looks_random(value) or len(value) < 16):
+        return None
+    if value.lower() == key_low or value.lower() in key_low:
+        return None
+    is_password = any(w in key_low for w in (b"pass", b"pwd", b"passwort", b"senha", b"contrase"))
+    if is_password:
+        if value.isdigit() and len(value) < 6:
+            return None
+        if len(value) < 6 and not quoted:
+            return None
+        return 0.8 if char_classes(value) >= 2 or len(value) >= 8 else 0.6
+    # Keys and tokens must look machine-generated.
+    if looks_random(value) or (len(value) >= 20 and char_classes(value) >= 3):
+        return 0.8
+    if is_hex(value) and len(value) >= 32:
+        return 0.7
+    return None
+
+
+ASSIGNMENT_RULES: tuple[Rule, ...] = (
+    Rule(
+        id="secrets.password-assignment",
+        category="password",
+        severity=H,
+        pattern=rf"(?i)({_KEY_NAME}){_ASSIGN}{_VALUE}",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+    ),
+    Rule(
+        # <password>hunter2</password>, <entry key="ApiKey">...</entry>
+        id="secrets.password-assignment",
+        category="password",
+        severity=H,
+        pattern=rf"(?i)<({_KEY_NAME})(?:\s[^>]{{0,100}})?>([^<\s]{{1,300}})</",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+    ),
+    Rule(
+        # <add key="DbPassword" value="hunter2" />, name="token" value="..."
+        id="secrets.password-assignment",
+        category="password",
+        severity=H,
+        pattern=rf"(?i)(?:key|name)\s*=\s*[\"']({_KEY_NAME})[\"']\s+value\s*=\s*[\"']([^\"'\n]{{1,300}})",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+    ),
+    Rule(
+        # --password hunter2, --token=abc, -p'secret' for mysql-style clients, sshpass -p x
+        id="secrets.cli-password",
+        category="password",
+        severity=H,
+        pattern=r"(?i)(?:^|\s)(--?(?:password|passwd|pass|pwd|token|api-key|apikey|secret|auth-token|access-key|"
+        r"client-secret|secret-key))(?:=|\s+)[\"']?([^\s\"'$]{3,300})",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+    ),
+    Rule(
+        id="secrets.cli-password",
+        category="password",
+        severity=H,
+        pattern=r"(\b(?:mysql|mysqldump|mysqladmin|mariadb|sshpass)\b[^\n|;&]{0,120}?\s-p)[\"']?([^\s\"'$-][^\s\"']{2,100})",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+    ),
+    Rule(
+        id="secrets.cli-password",
+        category="password",
+        severity=H,
+        pattern=r"(\bcurl\b[^\n|;&]{0,200}?\s(?:-u|--user)\s+[\"']?[^\s:\"']{1,100}:)([^\s\"'$]{3,200})",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+    ),
+)
+
+AWS_SECRET_RULE = Rule(
+    id="secrets.aws-secret-access-key",
+    category="cloud_key",
+    severity=C,
+    pattern=r"(?i)(?:aws|amazon)[A-Za-z0-9_.\-]{0,30}(?:secret|sk)[A-Za-z0-9_.\-]{0,30}[\"'`]?\s{0,8}(?:=|:=|:|=>)"
+    r"\s{0,8}[\"'`]?([A-Za-z0-9/+]{40})(?:$|[^A-Za-z0-9/+])",
+    value_group=1,
+    validate=_token_ok,
+    confidence=0.95,
+)
+
+
+def _looks_random_ok(data: bytes, start: int, end: int, m: re2._Match) -> float | None:
+    if _token_ok(data, start, end, m) is None:
+        return None
+    return 0.7 if looks_random(data[start:end]) else None
+
+
+STANDALONE_AWS_SECRET_RULE = Rule(
+    # A 40-character base64 string right after an access key id on the same line
+    # (``AKIA... wJalr...``): CSV exports and CLI output.
+    id="secrets.aws-secret-access-key",
+    category="cloud_key",
+    severity=C,
+    pattern=r"(?:AKIA|ASIA)[0-9A-Z]{16}[\"']?[\s,;:|]{1,8}[\"']?([A-Za-z0-9/+]{40})(?:$|[^A-Za-z0-9/+=])",
+    value_group=1,
+    validate=_looks_random_ok,
+)
+
+SECRET_RULES: tuple[Rule, ...] = (
+    *PROVIDER_RULES,
+    *STRUCTURAL_RULES,
+    AWS_SECRET_RULE,
+    STANDALONE_AWS_SECRET_RULE,
+    *ASSIGNMENT_RULES,
+    EMAIL_RULE,
+    SSN_RULE,
+)
+
+# A provider or structural finding explains a value better than the generic assignment
+# rule that also matched it; the generic one is dropped when its span overlaps.
+_GENERIC_RULES = frozenset({"secrets.password-assignment", "secrets.cli-password"})
+
+
+def _prefer_specific(findings: list[Finding]) -> list[Finding]:
+    specific = sorted((f.start, f.end) for f in findings if f.rule not in _GENERIC_RULES)
+    if not specific:
+        return findings
+    out: list[Finding] = []
+    for f in findings:
+        if f.rule in _GENERIC_RULES and any(s < f.end and f.start < e for s, e in specific):
+            continue
+        out.append(f)
+    return out
+
+
+class SecretsScanner:
+    """Finds credentials; every match is reported and its span is the secret value."""
+
+    name = "secrets"
+
+    def __init__(self) -> None:
+        self._bank = PatternBank(SECRET_RULES)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules this scanner runs."""
+        return self._bank.rules
+
+    def scan(self, data: bytes, source: str = "") -> list[Finding]:
+        """Findings in ``data`` (bytes), sorted by position, with line numbers."""
+        found = [
+            _as_scanner(f, self.name) for f in self._bank.scan(data, self.name)
+        ]
+        return finalize(data, _prefer_specific(dedupe(found)), source)
+
+
+def _as_scanner(finding: Finding, scanner: str) -> Finding:
+    if finding.scanner == scanner:
+        return finding
+    return Finding(**{**finding.__dict__, "scanner": scanner})
+
+
+__all__ = ["ASSIGNMENT_RULES", "PROVIDER_RULES", "SECRET_RULES", "STRUCTURAL_RULES", "SecretsScanner"]

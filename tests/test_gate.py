@@ -1,0 +1,162 @@
+"""The externalization gate: verdicts, redaction, policy parsing, injected secrets, streaming."""
+
+from __future__ import annotations
+
+import pytest
+
+from kavach.errors import PolicyError
+from kavach.scanning import ExternalizationPolicy, Gate, Severity, Verdict
+from kavach.scanning.gate import INJECTED_SECRET_RULE, OVERSIZE_RULE, STREAM_HOLD
+
+AWS_ID = "AKIA" + "QWERTYUIOPASDFGH"
+PASSWORD_LINE = b'password = "Tr0ub4dor&3x"\n'
+
+
+def test_clean_output_passes_unchanged() -> None:
+    data = b"Total amount of memory: 16 GiB\nsync finished\nsee ../README.md\nRunning /bin/bash script\n"
+    result = Gate(ExternalizationPolicy()).apply(data, "stdout")
+    assert result.verdict is Verdict.PASS
+    assert result.released == data and result.findings == ()
+
+
+def test_email_warns_and_is_redacted() -> None:
+    result = Gate(ExternalizationPolicy()).apply(b"contact alice@corp.example.com today", "stdout")
+    assert result.verdict is Verdict.WARN
+    assert result.released == b"contact [REDACTED:email] today"
+    assert result.original == b"contact alice@corp.example.com today"
+    assert all(f.source == "stdout" for f in result.findings)
+
+
+def test_warn_without_redaction_when_policy_says_so() -> None:
+    policy = ExternalizationPolicy(redact_on_warn=False)
+    result = Gate(policy).apply(b"contact alice@corp.example.com today")
+    assert result.verdict is Verdict.WARN and result.released == b"contact alice@corp.example.com today"
+
+
+def test_password_quarantines_with_redacted_release() -> None:
+    result = Gate(ExternalizationPolicy()).apply(b"ok\n" + PASSWORD_LINE)
+    assert result.verdict is Verdict.QUARANTINE
+    assert b"Tr0ub4dor" not in result.released and b"[REDACTED:password]" in result.released
+    assert b"Tr0ub4dor" in result.original
+
+
+def test_critical_blocks_and_releases_nothing() -> None:
+    result = Gate(ExternalizationPolicy()).apply(f"AWS_ACCESS_KEY_ID={AWS_ID}\n".encode(), "file:/out/env")
+    assert result.verdict is Verdict.BLOCK and result.released == b""
+    assert result.findings[0].source == "file:/out/env"
+
+
+def test_every_secret_span_is_redacted() -> None:
+    policy = ExternalizationPolicy(block_at=Severity.CRITICAL, category_overrides={"cloud_key": "high"})
+    data = f"one {AWS_ID} two {AWS_ID} three alice@corp.example.com\n".encode()
+    result = Gate(policy).apply(data)
+    assert result.verdict is Verdict.QUARANTINE
+    assert AWS_ID.encode() not in result.released
+    assert result.released.count(b"[REDACTED:") == 3
+
+
+def test_category_override_by_rule_id_wins_over_category() -> None:
+    policy = ExternalizationPolicy(category_overrides={"email": "high", "pii.email": "info"})
+    result = Gate(policy).apply(b"alice@corp.example.com")
+    assert result.verdict is Verdict.PASS
+    assert result.findings[0].severity is Severity.INFO
+
+
+def test_allowlists_drop_rules_and_values() -> None:
+    data = b"alice@corp.example.com bob@corp.example.com"
+    by_rule = Gate(ExternalizationPolicy(allowlist_rules=frozenset({"pii.email"}))).apply(data)
+    assert by_rule.verdict is Verdict.PASS and by_rule.findings == ()
+    by_value = Gate(ExternalizationPolicy(allowlist_values=frozenset({"alice@corp.example.com"}))).apply(data)
+    assert [data[f.start : f.end] for f in by_value.findings] == [b"bob@corp.example.com"]
+
+
+def test_injected_secrets_are_always_found_and_redacted() -> None:
+    secret = "plain-words-not-random"
+    gate = Gate(ExternalizationPolicy.disabled(), known_secrets=[secret])
+    result = gate.apply(f"leaked {secret} here".encode())
+    assert result.findings[0].rule == INJECTED_SECRET_RULE
+    assert result.findings[0].severity is Severity.CRITICAL
+    assert secret.encode() not in result.released
+
+
+def test_injected_secret_in_base64_form_is_found() -> None:
+    import base64
+
+    secret = "plain-words-not-random"
+    gate = Gate(ExternalizationPolicy(), known_secrets=[secret])
+    found = gate.scan(b"x " + base64.b64encode(secret.encode()) + b" y")
+    assert [f.rule for f in found] == [INJECTED_SECRET_RULE]
+
+
+def test_disabled_policy_scans_nothing() -> None:
+    result = Gate(ExternalizationPolicy.disabled()).apply(f"{AWS_ID}".encode())
+    assert result.verdict is Verdict.PASS and result.released == AWS_ID.encode()
+
+
+def test_oversize_artifacts_fail_closed() -> None:
+    policy = ExternalizationPolicy(max_artifact_size=64)
+    result = Gate(policy).apply(b"a" * 100)
+    assert result.verdict is Verdict.BLOCK
+    assert [f.rule for f in result.findings] == [OVERSIZE_RULE]
+    lenient = ExternalizationPolicy(max_artifact_size=64, block_at="critical", category_overrides={"oversize": "high"})
+    result = Gate(lenient).apply(b"a" * 100)
+    assert result.verdict is Verdict.QUARANTINE and result.released == b"a" * 64
+
+
+def test_scanner_selection() -> None:
+    gate = Gate(ExternalizationPolicy(scanners=frozenset({"code"})))
+    assert gate.scanners == ("code",)
+    assert gate.scan(b"alice@corp.example.com") == []
+
+
+def test_policy_from_dict_parses_and_names_bad_fields() -> None:
+    policy = ExternalizationPolicy.from_dict(
+        {"block_at": "high", "quarantine_at": "medium", "warn_at": "low", "scanners": ["secrets"],
+         "category_overrides": {"email": "info"}, "allowlist_rules": ["pii.phone"], "max_artifact_size": 1024}
+    )
+    assert policy.block_at is Severity.HIGH and policy.scanners == frozenset({"secrets"})
+    assert policy.category_overrides["email"] is Severity.INFO
+    bad = [
+        ({"block_at": "fatal"}, "externalization.block_at"),
+        ({"enabled": "yes"}, "externalization.enabled"),
+        ({"scanners": ["virus"]}, "externalization.scanners"),
+        ({"max_artifact_size": -1}, "externalization.max_artifact_size"),
+        ({"category_overrides": {"email": "loud"}}, "externalization.category_overrides.email"),
+        ({"colour": "red"}, "externalization.colour"),
+        ({"block_at": "low", "quarantine_at": "high"}, "externalization.thresholds"),
+    ]
+    for data, field in bad:
+        with pytest.raises(PolicyError) as info:
+            ExternalizationPolicy.from_dict(data)
+        assert info.value.field == field, (data, info.value.field)
+
+
+def test_stream_finds_a_secret_split_across_chunks() -> None:
+    gate = Gate(ExternalizationPolicy(block_at="critical", category_overrides={"cloud_key": "high"}))
+    stream = gate.stream("stdout")
+    prefix = b"x" * (3 * STREAM_HOLD) + b"\nkey="
+    released = b""
+    findings = []
+    for chunk in (prefix + AWS_ID[:9].encode(), AWS_ID[9:].encode() + b"\nmore output\n"):
+        out, new = stream.feed(chunk)
+        released += out
+        findings += new
+    out, new = stream.close()
+    released += out
+    findings += new
+    assert [f.rule for f in findings] == ["secrets.aws-access-key-id"]
+    assert findings[0].start == len(prefix) and findings[0].line == 2
+    assert AWS_ID.encode() not in released
+    assert released.endswith(b"key=[REDACTED:cloud_key]\nmore output\n")
+    assert stream.verdict is Verdict.QUARANTINE
+    assert stream.original == prefix + AWS_ID.encode() + b"\nmore output\n"
+
+
+def test_stream_block_stops_release() -> None:
+    stream = Gate(ExternalizationPolicy()).stream("stdout")
+    out1, _ = stream.feed(b"hello\n")
+    out2, found = stream.feed(f"{AWS_ID}\n".encode() + b"y" * (3 * STREAM_HOLD))
+    out3, _ = stream.close()
+    assert stream.verdict is Verdict.BLOCK
+    assert AWS_ID.encode() not in out1 + out2 + out3
+    assert [f.rule for f in found] == ["secrets.aws-access-key-id"]
