@@ -24,6 +24,11 @@ from kavach.errors import SandboxCreateError
 _SRC_DIR = str(Path(__file__).resolve().parents[3])
 
 
+def _import_path() -> str:
+    """The caller's import path (directories only), so the spawner finds the same packages."""
+    return ":".join(p for p in sys.path if p and ":" not in p and os.path.isdir(p))
+
+
 class Spawner:
     """The connection to this process's spawner (restarted if it died or after a fork)."""
 
@@ -36,7 +41,7 @@ class Spawner:
 
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-c", BOOTSTRAP, _SRC_DIR, str(child.fileno())],
+                [sys.executable, "-I", "-c", BOOTSTRAP, _SRC_DIR, str(child.fileno()), _import_path()],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

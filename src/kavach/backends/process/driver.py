@@ -67,6 +67,7 @@ class ProcessRun(RawProcess):
         self._killed_by_caller = False
         self._timer: asyncio.TimerHandle | None = None
         self._result: RawResult | None = None
+        self._early_exit: dict[str, Any] | None = None
         self._loop = asyncio.get_running_loop()
 
     # -- setup -----------------------------------------------------------------------------
@@ -196,19 +197,33 @@ class ProcessRun(RawProcess):
         """Signal the command's process group; SIGKILL also its session and descendants."""
         if signum == signal.SIGKILL:
             self._killed_by_caller = True
+        await self._ensure_started()
         if self.pid:
             with contextlib.suppress(ChannelClosed):
                 self.instance.channel.send({"op": "kill", "pid": self.pid, "sig": signum})
+
+    async def _ensure_started(self) -> None:
+        """Read init's "started" message (it carries the pid inside the sandbox)."""
+        if self.pid or self._early_exit is not None:
+            return
+        message = await self.instance.channel.for_exec(self.exec_id)
+        if message.get("op") == "started":
+            self.pid = int(message["pid"])
+        else:
+            self._early_exit = message  # the exec failed before a process existed
+
+    async def _next_exit(self) -> dict[str, Any]:
+        await self._ensure_started()
+        if self._early_exit is not None:
+            return self._early_exit
+        return await self.instance.channel.for_exec(self.exec_id)
 
     async def wait(self) -> RawResult:
         """Wait for the exit, then for the pipes (briefly, see _DRAIN_GRACE_S)."""
         if self._result is not None:
             return self._result
         try:
-            exit_message = await self.instance.channel.for_exec(self.exec_id)
-            if exit_message.get("op") == "started":
-                self.pid = int(exit_message["pid"])
-                exit_message = await self.instance.channel.for_exec(self.exec_id)
+            exit_message = self._early_exit or await self._next_exit()
         except ChannelClosed:
             exit_message = {"op": "exit", "code": 128 + signal.SIGKILL, "signal": signal.SIGKILL, "lost": True}
         finally:
@@ -467,27 +482,22 @@ class ProcessDriver(Driver):
 
 
 def _make_cgroup(spec: LaunchSpec) -> Cgroup | None:
-    limits = spec.policy.resources
-    asked = _limits_asked(limits)
+    """The sandbox's cgroup when the policy asks for limits; None otherwise.
+
+    Without limits a cgroup would only serve pause and kill, which init does as well
+    (SIGSTOP/SIGCONT and kill(-1) inside the pid namespace), and moving a process into a
+    cgroup v1 hierarchy costs an RCU grace period, so it is skipped.
+    """
+    if not _limits_asked(spec.policy.resources):
+        return None
     try:
         from kavach.backends.process.cgroups import cgroup_support, create_cgroup
     except ImportError as exc:
-        if asked:
-            raise SandboxCreateError(f"resource limits asked but the cgroup module is unavailable: {exc}") from None
-        return None
+        raise SandboxCreateError(f"resource limits asked but the cgroup module is unavailable: {exc}") from None
     support = cgroup_support()
     if support.version is None:
-        if asked:
-            raise SandboxCreateError(f"resource limits asked but cgroups are unusable here: {support.reason}")
-        return None
-    try:
-        return create_cgroup(f"kavach-{spec.sandbox_id}", limits)
-    except SandboxCreateError:
-        if asked:
-            raise
-        # No limit was asked: the cgroup would only serve pause/kill, which init also does
-        # (SIGSTOP / kill(-1) in the pid namespace), so its absence weakens nothing asked.
-        return None
+        raise SandboxCreateError(f"resource limits asked but cgroups are unusable here: {support.reason}")
+    return create_cgroup(f"kavach-{spec.sandbox_id}", spec.policy.resources)
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -547,13 +557,13 @@ async def _start(spec: LaunchSpec, plan: dict[str, Any], cgroup: Cgroup | None) 
 def _map_ids(pid: int, spec: LaunchSpec, plan: dict[str, Any]) -> list[int]:
     try:
         namespaces.write_id_maps(pid, spec.sandbox_id)
-        if not plan["root_caller"] or not plan["rw_binds"]:
+        if not plan["root_caller"] or not plan["user_binds"]:
             return []
         userns_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         trees: list[int] = []
         try:
-            for source, _target in plan["rw_binds"]:
-                trees.append(namespaces.idmapped_tree(source, userns_fd))
+            for source, _target, _is_dir, writable in plan["user_binds"]:
+                trees.append(namespaces.idmapped_tree(source, userns_fd, writable=writable))
         except BaseException:
             for fd in trees:
                 os.close(fd)

@@ -86,41 +86,43 @@ class Sources:
 
     def __init__(self) -> None:
         self.ro: list[tuple[int, str, bool]] = []
-        self.rw: list[tuple[int, str, bool]] = []
+        self.user: list[tuple[int, str, bool]] = []
         self.dev: list[tuple[int, str]] = []
 
     def close(self) -> None:
         """Close what was not attached (on a failed setup)."""
-        for fd, _target, _is_dir in (*self.ro, *self.rw):
+        for fd, _target, _is_dir in (*self.ro, *self.user):
             os.close(fd)
         for fd, _target in self.dev:
             os.close(fd)
-        self.ro, self.rw, self.dev = [], [], []
+        self.ro, self.user, self.dev = [], [], []
 
 
-def detach_sources(plan: dict[str, Any], idmapped: list[int]) -> Sources:
-    """Step 2: detached, attribute-set copies of every bind source."""
+def detach_sources(plan: dict[str, Any], prepared: list[int]) -> Sources:
+    """Step 2: detached, attribute-set copies of every bind source.
+
+    ``prepared`` holds the root caller's idmapped copies of the user binds, in plan order.
+    """
     sources = Sources()
     ro_attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
     try:
-        for source, target in plan["ro_binds"]:
-            is_dir = stat.S_ISDIR(os.stat(source).st_mode)
-            fd = _detach(source, True, ro_attrs, f"bind {source} read-only")
-            sources.ro.append((fd, target, is_dir))
-        rw_binds = plan["rw_binds"]
-        if idmapped:
-            # Root caller: the host already made idmapped copies (see namespaces.idmapped_tree).
-            for fd, (source, target) in zip(idmapped, rw_binds, strict=True):
-                sources.rw.append((fd, target, stat.S_ISDIR(os.stat(source).st_mode)))
-            idmapped.clear()
+        for source, target, is_dir in plan["system_binds"]:
+            sources.ro.append((_detach(source, True, ro_attrs, f"bind {source} read-only"), target, is_dir))
+        if prepared:
+            for fd, (_source, target, is_dir, _writable) in zip(prepared, plan["user_binds"], strict=True):
+                sources.user.append((fd, target, is_dir))
+            prepared.clear()
         else:
-            for source, target in rw_binds:
-                is_dir = stat.S_ISDIR(os.stat(source).st_mode)
-                fd = _detach(source, True, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, f"bind {source} read-write")
-                sources.rw.append((fd, target, is_dir))
+            for source, target, is_dir, writable in plan["user_binds"]:
+                attrs = (MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV) if writable else ro_attrs
+                mode = "read-write" if writable else "read-only"
+                sources.user.append((_detach(source, True, attrs, f"bind {source} {mode}"), target, is_dir))
         for node in plan["dev_nodes"]:
             sources.dev.append((_detach(node, False, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, f"bind {node}"), node))
     except OSError as exc:
+        for fd in prepared:
+            os.close(fd)
+        prepared.clear()
         sources.close()
         if isinstance(exc, _libc.KernelCallError):
             raise
@@ -193,12 +195,24 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def _copy_memfd(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _copy_secret(source_fd: int, path: str, mode: int) -> None:
+    """Copy an injected file from its memfd with sendfile: the bytes never enter init's heap."""
+    rel = _rel(path)
+    parent = os.path.dirname(rel)
+    if parent:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    size = os.fstat(source_fd).st_size
+    fd = os.open(rel, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(fd, source_fd, offset, size - offset)
+            if sent == 0:
+                raise _libc.KernelCallError(f"copy injected file {path}", 5)
+            offset += sent
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def build_root(plan: dict[str, Any], sources: Sources, file_fds: list[int]) -> None:
@@ -219,11 +233,8 @@ def build_root(plan: dict[str, Any], sources: Sources, file_fds: list[int]) -> N
 
     for target, link in plan["symlinks"]:
         os.symlink(target, _rel(link))
-    late = ("/tmp", plan["workdir"])
-    early = [s for s in sources.ro if not any(rootfs.is_within(s[1], p) for p in late)]
-    sources.ro = [s for s in sources.ro if s not in early]
-    while early:
-        fd, target, is_dir = early.pop(0)
+    while sources.ro:
+        fd, target, is_dir = sources.ro.pop(0)
         _attach(fd, _rel(target), is_dir, f"attach {target}")
     os.makedirs("etc", mode=0o755, exist_ok=True)
     for path, content, mode in plan["generated"]:
@@ -244,14 +255,14 @@ def build_root(plan: dict[str, Any], sources: Sources, file_fds: list[int]) -> N
             MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
             f"mount a tmpfs workdir at {plan['workdir']}",
         )
-    # Binds below /tmp or the workdir come after those tmpfs mounts, shallowest first.
-    for group in (sources.ro, sources.rw):
-        while group:
-            fd, target, is_dir = group.pop(0)
-            _attach(fd, _rel(target), is_dir, f"attach {target}")
+    # User binds come after the tmpfs mounts (they may lie below /tmp or the workdir),
+    # shallowest first so that a nested bind lands on top of its parent bind.
+    while sources.user:
+        fd, target, is_dir = sources.user.pop(0)
+        _attach(fd, _rel(target), is_dir, f"attach {target}")
 
     for (path, mode), fd in zip(plan["files"], file_fds, strict=True):
-        _write_file(path, _copy_memfd(fd), mode)
+        _copy_secret(fd, path, mode)
 
     # pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves
     # only the new root (the runc way, no put_old directory needed).

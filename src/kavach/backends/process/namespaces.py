@@ -29,6 +29,7 @@ from kavach.backends.process._libc import (
     MOUNT_ATTR_IDMAP,
     MOUNT_ATTR_NODEV,
     MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_RDONLY,
     OPEN_TREE_CLOEXEC,
     OPEN_TREE_CLONE,
 )
@@ -82,8 +83,8 @@ def write_id_maps(pid: int, sandbox_id: str) -> None:
     _write_proc(pid, "gid_map", gid_map)
 
 
-def idmapped_tree(source: str, userns_fd: int) -> int:
-    """A detached, idmapped copy of ``source`` for a root caller's writable bind.
+def idmapped_tree(source: str, userns_fd: int, *, writable: bool) -> int:
+    """A detached, idmapped copy of ``source`` for a root caller's bind (read-only unless ``writable``).
 
     With the sandbox's own user namespace as the idmap, a file the host sees as owned by
     uid N is seen inside as owned by N as well (root stays root), so the sandbox's root can
@@ -95,7 +96,7 @@ def idmapped_tree(source: str, userns_fd: int) -> int:
             fd,
             "",
             AT_EMPTY_PATH | AT_RECURSIVE,
-            MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (0 if writable else MOUNT_ATTR_RDONLY),
             f"idmapped mount of {source}",
             userns_fd=userns_fd,
         )

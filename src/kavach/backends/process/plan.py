@@ -87,11 +87,11 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
     elif spec.workdir_host is not None:
         user_rw.append((spec.workdir_host, fs.workdir))
 
-    def depth(item: tuple[str, str]) -> int:
-        return item[1].rstrip("/").count("/")
-
-    user_ro.sort(key=depth)
-    user_rw.sort(key=depth)
+    user_binds = sorted(
+        [[source, target, os.path.isdir(source), False] for source, target in user_ro]
+        + [[source, target, os.path.isdir(source), True] for source, target in user_rw],
+        key=lambda bind: str(bind[1]).rstrip("/").count("/"),
+    )
 
     resolv = None
     if network is NetworkMode.HOST and os.path.exists("/etc/resolv.conf"):
@@ -141,8 +141,11 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
         "netns": use_namespaces and network is not NetworkMode.HOST,
         "network": network.value,
         "proxy_listen": list(spec.proxy_listen) if spec.proxy_listen else None,
-        "ro_binds": [list(b) for b in (*ro_binds, *user_ro)],
-        "rw_binds": [list(b) for b in user_rw],
+        # [source, target, is_dir]: world-readable system paths, bound from inside.
+        "system_binds": [[source, target, os.path.isdir(source)] for source, target in ro_binds],
+        # [source, target, is_dir, writable], shallowest first. A root caller prepares them
+        # (idmapped) from the host, since root inside may not even traverse their parents.
+        "user_binds": user_binds,
         "symlinks": [list(s) for s in symlinks],
         "dev_nodes": list(rootfs.DEV_NODES),
         "generated": generated,

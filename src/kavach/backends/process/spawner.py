@@ -25,11 +25,13 @@ import sys
 from kavach.backends.process import _libc, protocol
 from kavach.backends.process.init import child_entry, preload
 
-# Run with ``python -I -c BOOTSTRAP SRC_DIR FD``: registers the kavach packages without
+# Run with ``python -I -c BOOTSTRAP SRC_DIR FD SYS_PATH``: takes the caller's import path
+# (isolated mode ignores PYTHONPATH), registers the kavach packages without
 # executing their __init__ modules (which import the whole library), then serves.
 BOOTSTRAP = """
 import sys, types
 root = sys.argv[1]
+sys.path[:0] = [p for p in sys.argv[3].split(":") if p]
 for name in ("kavach", "kavach.backends", "kavach.backends.process"):
     module = types.ModuleType(name)
     module.__path__ = [root + "/" + name.replace(".", "/")]

@@ -1,0 +1,91 @@
+"""Shared helpers for the Process backend's tests (engine, escapes, pool, unprivileged)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kavach.backends.base import ExecRequest, LaunchSpec, RawResult
+from kavach.backends.process import ProcessDriver, ProcessInstance
+from kavach.policy import DEFAULT_PATH, ResourceLimits, SandboxPolicy
+
+ENV = {"PATH": DEFAULT_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"}
+
+
+def new_id(prefix: str = "t") -> str:
+    """A unique sandbox id for a test."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def no_limits(policy: SandboxPolicy) -> SandboxPolicy:
+    """``policy`` without cgroup limits (for runs where cgroups are not writable)."""
+    return dataclasses.replace(policy, resources=ResourceLimits())
+
+
+def with_resources(policy: SandboxPolicy, **changes: Any) -> SandboxPolicy:
+    """``policy`` with some resource limits changed."""
+    return dataclasses.replace(policy, resources=dataclasses.replace(policy.resources, **changes))
+
+
+@contextlib.asynccontextmanager
+async def sandbox(policy: SandboxPolicy | None = None, **spec: Any) -> AsyncIterator[ProcessInstance]:
+    """A started Process sandbox, destroyed on exit."""
+    launch = LaunchSpec(sandbox_id=spec.pop("sandbox_id", new_id()), policy=policy or SandboxPolicy.basic(), **spec)
+    instance = await ProcessDriver().start(launch)
+    try:
+        yield instance
+    finally:
+        await instance.destroy()
+
+
+async def sh(instance: ProcessInstance, script: str, **request: Any) -> RawResult:
+    """Run ``sh -c script`` with the default environment."""
+    request.setdefault("env", ENV)
+    request.setdefault("timeout_ms", 20_000)
+    return await instance.exec(ExecRequest(argv=("/bin/sh", "-c", script), **request))
+
+
+async def py(instance: ProcessInstance, code: str, **request: Any) -> RawResult:
+    """Run ``/usr/bin/python3 -c code`` inside the sandbox."""
+    request.setdefault("env", ENV)
+    request.setdefault("timeout_ms", 20_000)
+    return await instance.exec(ExecRequest(argv=("/usr/bin/python3", "-c", code), **request))
+
+
+def pid_ns_of(instance: ProcessInstance) -> str:
+    """The sandbox's pid namespace link text, as the enforcement probe saw it."""
+    return str(instance.enforcement().details["namespaces"]["pid"])
+
+
+def host_pids_in_namespace(pid_ns: str) -> list[int]:
+    """Host pids of every process whose pid namespace is ``pid_ns``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/ns/pid") == pid_ns:
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def comm_of(pid: int) -> str:
+    """The command name of a host pid ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a host pid, in clock ticks."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])

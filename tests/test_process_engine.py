@@ -1,0 +1,308 @@
+"""The Process backend's engine, observed from inside its sandboxes (real namespaces, real kernel)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+
+import pytest
+
+from kavach.backends.base import ExecRequest, InjectedFile
+from kavach.backends.process import ProcessDriver
+from kavach.backends.process.namespaces import ROOT_MAP_BASE
+from kavach.errors import ExecError, SandboxCreateError
+from kavach.policy import Bind, FilesystemPolicy, NetworkMode, NetworkPolicy, SandboxPolicy
+from kavach.scoring import Control, score
+from process_helpers import (
+    ENV,
+    cpu_ticks,
+    host_pids_in_namespace,
+    new_id,
+    no_limits,
+    pid_ns_of,
+    py,
+    sandbox,
+    sh,
+)
+
+pytestmark = pytest.mark.skipif(not ProcessDriver().probe().available, reason="Process backend unavailable here")
+
+
+def test_probe_reports_kernel_userns_landlock_and_cgroups() -> None:
+    result = ProcessDriver().probe()
+    assert result.available
+    assert result.version == os.uname().release
+    for fact in ("kernel", "user namespaces: yes", "Landlock ABI", "cgroup v"):
+        assert fact in result.reason
+
+
+async def test_strict_policy_scores_68_with_every_control_verified_inside() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        enforcement = box.enforcement()
+        assert enforcement.controls == frozenset(Control)
+        assert enforcement.verified
+        assert int(score(enforcement)) == 68
+        details = enforcement.details
+        assert details["seccomp_mode"] == "2"
+        assert details["no_new_privs"] == "1"
+        assert details["cap_eff"] == "0000000000000000"
+        assert details["cap_bnd"] == "0000000000000000"
+        assert details["landlock_abi"] >= 1
+        assert details["interfaces"] == ["lo"]
+        for name, inode in details["namespaces"].items():
+            assert inode != details["host_namespaces"][name], name
+
+
+async def test_basic_policy_scores_65() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        assert int(score(box.enforcement())) == 65
+
+
+async def test_root_inside_maps_to_an_unprivileged_host_range() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the root mapping applies to a root caller")
+    async with sandbox() as box:
+        inside, host, count = box.enforcement().details["uid_map"].split()
+        assert inside == "0" and int(host) >= ROOT_MAP_BASE and count == "65536"
+        result = await sh(box, "id -u; cat /proc/self/uid_map")
+        assert result.stdout.split()[0] == b"0"
+
+
+async def test_echo_exit_codes_env_and_stdin() -> None:
+    async with sandbox() as box:
+        result = await sh(box, "echo out; echo err >&2; exit 3")
+        assert (result.exit_code, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+        result = await box.exec(ExecRequest(argv=("/usr/bin/env",), env={"ONLY": "this"}))
+        assert result.stdout == b"ONLY=this\n"
+        result = await box.exec(ExecRequest(argv=("/bin/cat",), env=ENV, stdin=b"hello stdin"))
+        assert result.stdout == b"hello stdin"
+        result = await box.exec(ExecRequest(argv=("/bin/cat",), env=ENV))
+        assert result.stdout == b"" and result.exit_code == 0  # stdin is /dev/null
+
+
+async def test_killed_by_signal_reports_128_plus_n() -> None:
+    async with sandbox() as box:
+        result = await sh(box, "kill -TERM $$")
+        assert result.exit_code == 128 + signal.SIGTERM
+
+
+async def test_missing_command_is_127_with_a_message() -> None:
+    async with sandbox() as box:
+        result = await box.exec(ExecRequest(argv=("/no/such/program",), env=ENV))
+        assert result.exit_code == 127
+        assert b"No such file" in result.stderr
+
+
+async def test_state_in_tmp_and_workdir_persists_across_execs() -> None:
+    async with sandbox() as box:
+        assert (await sh(box, "echo a > /tmp/f; echo b > /work/g; pwd")).stdout == b"/work\n"
+        assert (await sh(box, "cat /tmp/f /work/g")).stdout == b"a\nb\n"
+
+
+async def test_shells_with_many_forks_and_python3_run() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        result = await sh(box, "for i in $(seq 50); do /bin/true; done; echo done")
+        assert (result.exit_code, result.stdout) == (0, b"done\n")
+        result = await py(
+            box, "import sys, json, hashlib; print(sys.version_info[0], hashlib.sha256(b'x').hexdigest()[:8])"
+        )
+        assert result.stdout == b"3 2d711642\n", result.stderr
+
+
+async def test_timeout_kills_and_keeps_partial_output() -> None:
+    async with sandbox() as box:
+        result = await sh(box, "echo started; sleep 30", timeout_ms=300)
+        assert result.timed_out and result.reason == "wall-clock timeout"
+        assert result.exit_code == 128 + signal.SIGKILL
+        assert result.stdout == b"started\n"
+        # The sandbox survives its command's timeout.
+        assert (await sh(box, "echo again")).stdout == b"again\n"
+
+
+async def test_output_cap_keeps_the_first_bytes_and_marks_truncation() -> None:
+    async with sandbox() as box:
+        result = await sh(box, "head -c 300000 /dev/zero | tr '\\0' a; echo tail >&2", stdout_cap=1000)
+        assert result.stdout == b"a" * 1000 and result.stdout_truncated
+        assert result.stderr == b"tail\n" and not result.stderr_truncated
+        assert result.exit_code == 0
+
+
+async def test_spawn_streams_output_and_can_be_killed() -> None:
+    async with sandbox() as box:
+        run = await box.spawn(ExecRequest(argv=("/bin/sh", "-c", "echo one; sleep 0.2; echo two"), env=ENV))
+        seen = [chunk async for chunk in run.chunks()]
+        assert b"".join(data for stream, data in seen if stream == "stdout") == b"one\ntwo\n"
+        assert (await run.wait()).exit_code == 0
+        run = await box.spawn(ExecRequest(argv=("/bin/sleep", "30"), env=ENV))
+        await asyncio.sleep(0.05)
+        await run.kill(signal.SIGKILL)
+        result = await run.wait()
+        assert result.exit_code == 128 + signal.SIGKILL and result.reason is None
+
+
+async def test_read_file_returns_bytes_and_enforces_the_limit() -> None:
+    async with sandbox() as box:
+        await sh(box, "printf 12345 > /work/out")
+        assert await box.read_file("/work/out", 10) == b"12345"
+        with pytest.raises(ExecError, match="larger than"):
+            await box.read_file("/work/out", 3)
+        with pytest.raises(ExecError):
+            await box.read_file("/work/missing", 10)
+
+
+async def test_injected_files_live_on_tmpfs_inside() -> None:
+    secret = InjectedFile("/run/secrets/token", b"s3cr3t-value", 0o400)
+    async with sandbox(files=(secret,)) as box:
+        result = await sh(
+            box, "cat /run/secrets/token; echo; stat -c %a /run/secrets/token; stat -f -c %T /run/secrets"
+        )
+        assert result.stdout.split() == [b"s3cr3t-value", b"400", b"tmpfs"]
+
+
+async def test_hostname_and_etc_are_generated() -> None:
+    async with sandbox(hostname="box-one") as box:
+        result = await sh(box, "hostname; cat /etc/hostname; grep -c . /etc/passwd; ls /etc/ssl/certs | head -1")
+        lines = result.stdout.decode().split()
+        assert lines[:3] == ["box-one", "box-one", "2"]
+        assert len(lines) == 4  # TLS roots are there
+
+
+async def test_rw_bind_is_writable_and_files_belong_to_the_host_owner(tmp_path: os.PathLike[str]) -> None:
+    shared = os.path.join(tmp_path, "shared")
+    os.mkdir(shared)
+    policy = dataclasses.replace(SandboxPolicy.basic(), filesystem=FilesystemPolicy(rw_binds=(Bind(shared, "/data"),)))
+    async with sandbox(policy) as box:
+        result = await sh(box, "echo hi > /data/made && cat /data/made")
+        assert result.stdout == b"hi\n", result.stderr
+    made = os.path.join(shared, "made")
+    assert os.stat(made).st_uid == os.geteuid()
+
+
+async def test_ro_bind_is_visible_but_not_writable(tmp_path: os.PathLike[str]) -> None:
+    source = os.path.join(tmp_path, "ro")
+    os.mkdir(source)
+    with open(os.path.join(source, "f"), "w") as f:
+        f.write("data")
+    policy = dataclasses.replace(SandboxPolicy.basic(), filesystem=FilesystemPolicy(ro_binds=(Bind(source, "/in"),)))
+    async with sandbox(policy) as box:
+        result = await sh(box, "cat /in/f; echo x > /in/g")
+        assert result.stdout == b"data" and result.exit_code != 0
+
+
+async def test_workdir_host_is_bound_at_the_workdir(tmp_path: os.PathLike[str]) -> None:
+    async with sandbox(workdir_host=str(tmp_path)) as box:
+        await sh(box, "echo persisted > /work/result")
+    with open(os.path.join(tmp_path, "result")) as f:
+        assert f.read() == "persisted\n"
+
+
+async def test_missing_bind_source_fails_creation() -> None:
+    policy = dataclasses.replace(
+        SandboxPolicy.basic(), filesystem=FilesystemPolicy(ro_binds=(Bind("/no/such/dir", "/x"),))
+    )
+    with pytest.raises(SandboxCreateError, match="does not exist"):
+        async with sandbox(policy):
+            pass
+
+
+async def test_proxy_listener_is_created_inside_and_reachable_from_inside() -> None:
+    policy = dataclasses.replace(SandboxPolicy.basic(), network=NetworkPolicy(mode=NetworkMode.PROXY))
+    async with sandbox(policy, proxy_listen=("127.0.0.1", 3128)) as box:
+        listener = box.take_proxy_listener()
+        assert listener is not None and box.take_proxy_listener() is None
+        assert listener.getsockname() == ("127.0.0.1", 3128)
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        client = asyncio.create_task(
+            py(box, "import socket; s=socket.create_connection(('127.0.0.1', 3128)); print(s.recv(10).decode())")
+        )
+        conn, _addr = await loop.sock_accept(listener)
+        await loop.sock_sendall(conn, b"hello")
+        conn.close()
+        listener.close()
+        assert (await client).stdout == b"hello\n"
+
+
+async def test_host_network_mode_shares_the_host_network() -> None:
+    policy = dataclasses.replace(SandboxPolicy.minimal(), network=NetworkPolicy(mode=NetworkMode.HOST))
+    async with sandbox(policy) as box:
+        assert Control.NETWORK_ISOLATED not in box.enforcement().controls
+        assert box.enforcement().details["namespaces"]["net"] == box.enforcement().details["host_namespaces"]["net"]
+
+
+async def test_pause_really_stops_a_busy_loop() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        run = await box.spawn(ExecRequest(argv=("/bin/sh", "-c", "while :; do :; done"), env=ENV))
+        await asyncio.sleep(0.3)
+        busy = [p for p in host_pids_in_namespace(pid_ns_of(box)) if p == _host_pid_of_sh(box)]
+        assert busy, "busy loop not found on the host"
+        await box.pause()
+        await asyncio.sleep(0.1)
+        frozen_at = cpu_ticks(busy[0])
+        await asyncio.sleep(0.5)
+        assert cpu_ticks(busy[0]) == frozen_at
+        await box.resume()
+        await asyncio.sleep(0.5)
+        assert cpu_ticks(busy[0]) > frozen_at
+        await run.kill(signal.SIGKILL)
+        await run.wait()
+
+
+def _host_pid_of_sh(box: object) -> int:
+    from process_helpers import comm_of
+
+    assert hasattr(box, "enforcement")
+    for pid in host_pids_in_namespace(pid_ns_of(box)):  # type: ignore[arg-type]
+        if comm_of(pid) == "sh":
+            return pid
+    return -1
+
+
+async def test_pause_without_cgroup_uses_sigstop() -> None:
+    async with sandbox(no_limits(SandboxPolicy.minimal())) as box:
+        assert box.cgroup is None
+        run = await box.spawn(ExecRequest(argv=("/bin/sh", "-c", "while :; do :; done"), env=ENV))
+        await asyncio.sleep(0.2)
+        pid = _host_pid_of_sh(box)
+        await box.pause()
+        await asyncio.sleep(0.1)
+        frozen_at = cpu_ticks(pid)
+        await asyncio.sleep(0.4)
+        assert cpu_ticks(pid) == frozen_at
+        await box.resume()
+        await run.kill(signal.SIGKILL)
+        await run.wait()
+
+
+async def test_destroy_kills_everything_and_is_idempotent() -> None:
+    async with sandbox() as box:
+        await sh(box, "sleep 1000 & (setsid sleep 1000 &) ; echo ok")
+        ns = pid_ns_of(box)
+        assert len(host_pids_in_namespace(ns)) >= 3
+        await box.destroy()
+        await box.destroy()
+        assert host_pids_in_namespace(ns) == []
+        with pytest.raises(ExecError):
+            await sh(box, "true")
+
+
+async def test_exec_after_init_died_raises() -> None:
+    async with sandbox() as box:
+        os.kill(box.init_pid, signal.SIGKILL)
+        await asyncio.sleep(0.1)
+        with pytest.raises(ExecError):
+            await sh(box, "true")
+
+
+async def test_live_pids_counts_the_sandbox_processes() -> None:
+    async with sandbox() as box:
+        before = box.live_pids()
+        run = await box.spawn(ExecRequest(argv=("/bin/sleep", "5"), env=ENV))
+        await asyncio.sleep(0.1)
+        assert before is not None
+        current = box.live_pids()
+        assert current is not None and current > before - 1
+        await run.kill()
+        await run.wait()
