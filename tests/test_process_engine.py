@@ -19,7 +19,6 @@ from process_helpers import (
     ENV,
     cpu_ticks,
     host_pids_in_namespace,
-    new_id,
     no_limits,
     pid_ns_of,
     py,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import os
-import stat
 from typing import Any
 
 from kavach.backends import rootfs
