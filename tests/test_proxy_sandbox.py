@@ -61,7 +61,7 @@ class SandboxWorld:
 async def sandboxed(tmp_path: Path) -> AsyncIterator[SandboxWorld]:
     driver = _driver()
     ca = make_test_ca(tmp_path / "upstream")
-    upstream = await Upstream().start(ca.server_context())
+    upstream = await Upstream(echo_authorization=False).start(ca.server_context())
     audit = MemoryAudit()
     config = ProxyConfig(
         allow=("api.test", "other.test", "127.0.0.1", "169.254.169.254"),
@@ -199,3 +199,106 @@ async def test_network_off_reaches_nothing_not_even_a_proxy(tmp_path: Path) -> N
         await instance.destroy()
         await proxy.close()
         await upstream.close()
+
+
+# -- through kavach.Sandbox (the lifecycle wiring) -------------------------------------------------
+
+
+def _lifecycle() -> Any:
+    try:
+        from kavach import lifecycle
+    except ImportError as exc:
+        pytest.skip(f"kavach.lifecycle not importable yet: {exc}")
+    return lifecycle
+
+
+def _sandbox_config(tmp_path: Path, mode: NetworkMode, proxy: ProxyConfig | None, **kwargs: Any) -> Any:
+    from kavach.backends.names import Backend
+    from kavach.config import AuditSettings, SandboxConfig
+
+    return SandboxConfig(
+        backend=Backend.PROCESS,
+        policy=_policy(mode),
+        proxy=proxy,
+        credential_store=_store(),
+        audit=AuditSettings(path=str(tmp_path / "audit.jsonl"), key=b"a" * 32),
+        **kwargs,
+    )
+
+
+async def test_lifecycle_proxy_sandbox_end_to_end(tmp_path: Path) -> None:
+    lifecycle = _lifecycle()
+    _driver()
+    ca = make_test_ca(tmp_path / "upstream")
+    upstream = await Upstream(echo_authorization=False).start(ca.server_context())
+    proxy_config = ProxyConfig(
+        allow=("api.test",),
+        allow_private=("127.0.0.0/8",),
+        credentials=(CredentialRule("api.test", "Authorization", "API_TOKEN"),),
+        upstream_ca=str(ca.ca_pem),
+        static_hosts=STATIC,
+    )
+    sandbox = await lifecycle.Sandbox.create(_sandbox_config(tmp_path, NetworkMode.PROXY, proxy_config))
+    try:
+        ok = await sandbox.exec(["/usr/bin/curl", "-sS", f"https://api.test:{upstream.port}/life"])
+        assert ok.exit_code == 0, ok.stderr
+        denied = await sandbox.exec(["/usr/bin/curl", "-sS", "-i", f"https://nothere.test:{upstream.port}/"])
+        assert denied.exit_code != 0
+        shown = await sandbox.exec(["/bin/sh", "-c", "echo $API_TOKEN"])
+        assert shown.stdout.decode().startswith("KAVACH_PLACEHOLDER_")
+        sandbox_id = sandbox.id
+    finally:
+        await sandbox.destroy()
+        await upstream.close()
+    assert upstream.seen[-1].headers.get_all("authorization") == [SECRET]
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert SECRET not in text
+    events = [json.loads(line) for line in text.splitlines()]
+    proxy_events = [e for e in events if e["event"].startswith("proxy.")]
+    assert {e["sandbox_id"] for e in proxy_events} == {sandbox_id}
+    decisions = {(e["payload"]["decision"], e["payload"].get("reason")) for e in proxy_events}
+    assert ("allowed", None) in decisions and ("denied", "not allowlisted") in decisions
+
+
+@pytest.mark.xfail(
+    reason="lifecycle resolves SecretRefs before the proxy exists, so a proxy-bound secret's file/env "
+    "ref gets the real value; the lead's fix: resolve_secrets(refs, store, proxy.placeholders())",
+    strict=False,
+)
+async def test_lifecycle_secret_refs_bound_to_the_proxy_get_placeholders(tmp_path: Path) -> None:
+    from kavach.credentials import SecretRef, env, file
+
+    lifecycle = _lifecycle()
+    _driver()
+    proxy_config = ProxyConfig(
+        allow=("api.test",), credentials=(CredentialRule("api.test", "Authorization", "API_TOKEN"),)
+    )
+    config = _sandbox_config(
+        tmp_path,
+        NetworkMode.PROXY,
+        proxy_config,
+        secrets=(SecretRef("API_TOKEN", file("/run/secrets/token")), SecretRef("API_TOKEN", env("TOKEN_ENV"))),
+    )
+    sandbox = await lifecycle.Sandbox.create(config)
+    try:
+        token_file = await sandbox._instance.read_file("/run/secrets/token", 4096)
+        shown = await sandbox.exec(["/bin/sh", "-c", 'case "$TOKEN_ENV" in KAVACH_PLACEHOLDER_*) echo ok;; esac'])
+    finally:
+        await sandbox.destroy()
+    assert token_file.startswith(b"KAVACH_PLACEHOLDER_")
+    assert shown.stdout.strip() == b"ok"
+
+
+async def test_lifecycle_network_off_reaches_nothing(tmp_path: Path) -> None:
+    lifecycle = _lifecycle()
+    _driver()
+    upstream = await Upstream().start()
+    sandbox = await lifecycle.Sandbox.create(_sandbox_config(tmp_path, NetworkMode.OFF, None))
+    try:
+        for url in (f"http://127.0.0.1:{upstream.port}/", "http://127.0.0.1:3128/"):
+            result = await sandbox.exec(["/usr/bin/curl", "-sS", "--max-time", "5", url])
+            assert result.exit_code != 0, url
+    finally:
+        await sandbox.destroy()
+        await upstream.close()
+    assert upstream.seen == []

@@ -102,6 +102,7 @@ class Upstream:
     """A keep-alive HTTP/1.1 server on 127.0.0.1 that records what it receives."""
 
     port: int = 0
+    echo_authorization: bool = True  # off for sandbox tests: the response must not hand the value back
     seen: list[SeenRequest] = field(default_factory=list)
     connections: int = 0
     server: asyncio.Server | None = None
@@ -152,7 +153,7 @@ class Upstream:
                     {
                         "method": request.method,
                         "target": request.target,
-                        "authorization": request.headers.get_all("authorization"),
+                        "authorization": request.headers.get_all("authorization") if self.echo_authorization else None,
                         "body_len": len(body),
                         "connection": number,
                     }

@@ -248,6 +248,11 @@ class EgressProxy:
         """Secret name -> the placeholder the sandbox holds instead of the value."""
         return dict(self._placeholders)
 
+    def secret_values(self) -> tuple[str, ...]:
+        """The values this proxy injects, for the gate's redaction only: an upstream that echoes
+        a header back (or a misbehaving one) can hand the value to the sandbox in a response."""
+        return tuple(self._values.values())
+
     def sandbox_env(self, proxy_url: str, ca_path: str) -> dict[str, str]:
         """Environment that points common clients at the proxy and at the CA bundle."""
         environment: dict[str, str] = {}
