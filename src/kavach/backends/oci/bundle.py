@@ -69,9 +69,14 @@ class Mount:
         }
 
 
-def ro_bind(source: str, destination: str | None = None) -> Mount:
-    """A recursive read-only bind; nosuid and nodev because nothing inside needs either."""
-    return Mount(destination or source, source, "bind", ("rbind", "ro", "nosuid", "nodev"))
+def ro_bind(source: str, destination: str | None = None, *, noexec: bool = False) -> Mount:
+    """A recursive read-only bind; nosuid and nodev because nothing inside needs either.
+
+    ``noexec`` must be given when the source mount has it: inside a user namespace the
+    runtime's read-only remount may not clear a flag the source mount has (locked flags).
+    """
+    options = ("rbind", "ro", "nosuid", "nodev", *(("noexec",) if noexec else ()))
+    return Mount(destination or source, source, "bind", options)
 
 
 def rw_bind(source: str, destination: str | None = None) -> Mount:

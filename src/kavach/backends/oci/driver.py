@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -63,6 +64,7 @@ from kavach.backends.oci import image as images
 from kavach.backends.oci.bundle import BundleInputs, IdMap, Mount, build_config, build_process, ro_bind
 from kavach.backends.oci.runtime import (
     DEFAULT_STATE_ROOT,
+    CgroupMode,
     RuntimeInfo,
     RuntimeName,
     cgroup_mode,
@@ -518,14 +520,39 @@ class OciInstance(Instance):
     ) -> images.PreparedRootfs:
         source = self._driver.rootfs
         if isinstance(source, images.DirectoryRootfs):
-            return images.prepare_directory_rootfs(source)
+            fs = self.policy.filesystem
+            needed = ["/proc", "/dev", "/tmp", fs.workdir, *(b.target for b in (*fs.ro_binds, *fs.rw_binds))]
+            if self.policy.network.mode is not NetworkMode.HOST:
+                needed.append("/sys")
+            needed += [f.path for f in self.spec.files]
+            prepared = images.prepare_directory_rootfs(source, needed)
+            return dataclasses.replace(prepared, path=self._bind_into_bundle(prepared.path))
         if isinstance(source, images.ImageRootfs):
-            return await images.unpack_image(source, os.path.join(self.layout.bundle_dir, "image"), uid_map, gid_map)
+            image_dir = os.path.join(self.layout.bundle_dir, "image")
+            prepared = await images.unpack_image(source, image_dir, uid_map, gid_map)
+            # umoci creates the bundle 0700; the sandbox's root must traverse it to its rootfs.
+            os.chmod(image_dir, 0o711)  # noqa: S103
+            return prepared
         resolv = None
         if self.policy.network.mode is NetworkMode.HOST:
             with contextlib.suppress(OSError):
                 resolv = Path("/etc/resolv.conf").read_bytes()
         return images.prepare_host_rootfs(self.layout.bundle_dir, self.spec.hostname, owner, resolv)
+
+    def _bind_into_bundle(self, directory: str) -> str:
+        """Bind the user's rootfs directory at ``bundle/rootfs`` (host side).
+
+        The runtime re-binds the rootfs from inside the user namespace, where the sandbox's
+        root must be able to reach it; the user's directory may sit below paths it cannot
+        traverse (``/tmp/pytest-of-root`` is 0700), the bundle (0711) can always be reached.
+        """
+        from kavach.backends.process import _libc
+
+        target = os.path.join(self.layout.bundle_dir, "rootfs")
+        os.mkdir(target, 0o755)
+        _libc.mount(directory, target, None, _libc.MS_BIND | _libc.MS_REC, None, f"bind rootfs {directory}")
+        self.layout.host_mounts.append(target)
+        return target
 
     def _write_kavach_dir(self, owner: tuple[int, int] | None) -> None:
         os.mkdir(self.layout.kavach_dir, 0o755)
@@ -617,7 +644,7 @@ class OciInstance(Instance):
                 os.fchmod(fd, injected.mode)
             finally:
                 os.close(fd)
-            mounts.append(ro_bind(host_path, injected.path))
+            mounts.append(ro_bind(host_path, injected.path, noexec=True))
         return mounts
 
     async def _make_proxy_listener(self, address: tuple[str, int]) -> socket.socket:
@@ -830,42 +857,95 @@ class OciInstance(Instance):
         return await self._start(request, streaming=True, launcher=True)
 
     async def kill_all_but_init(self) -> None:
-        """Freeze, SIGKILL every process of the container except init, thaw."""
+        """Freeze, SIGKILL every process of the container except init, thaw.
+
+        Frozen, nothing can fork between listing and killing; the SIGKILLs are delivered
+        when the cgroup is thawed.
+        """
         if self._destroyed or self._init_pid is None:
             return
         frozen = True
         try:
-            await self._runtime("pause")
+            await self._set_frozen(True)
         except ExecError:
-            frozen = False  # e.g. rootless without a freezer: kill without freezing, twice
-        for _ in range(1 if frozen else 3):
-            out = await self._runtime("ps", "--format", "json", self.container_id, check=False)
-            try:
-                pids = [int(p) for p in json.loads(out or "[]")]
-            except (ValueError, TypeError):
-                pids = []
-            for pid in pids:
-                if pid != self._init_pid:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        if frozen:
-            await self._runtime("resume", self.container_id, check=False)
+            frozen = False  # no freezer (rootless): repeat list-and-kill instead
+        try:
+            for _ in range(1 if frozen else 3):
+                for pid in self._container_pids():
+                    if pid != self._init_pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+        finally:
+            if frozen:
+                await self._set_frozen(False)
 
-    def live_pids(self) -> int | None:
-        """Processes in the container's pids cgroup."""
+    def _container_pids(self) -> list[int]:
+        assert self._init_pid is not None
+        paths = _cgroup_paths(self._init_pid)
+        for candidate in (
+            f"/sys/fs/cgroup/pids{paths.get('pids', '')}/cgroup.procs" if "pids" in paths else "",
+            f"/sys/fs/cgroup/freezer{paths.get('freezer', '')}/cgroup.procs" if "freezer" in paths else "",
+            f"/sys/fs/cgroup{paths['']}/cgroup.procs" if "" in paths and cgroup_mode() is CgroupMode.UNIFIED else "",
+        ):
+            if candidate:
+                with contextlib.suppress(OSError):
+                    return [int(p) for p in Path(candidate).read_text(encoding="ascii").split()]
+        raise ExecError("cannot list the sandbox's processes: no pids, freezer or unified cgroup")
+
+    def _freezer(self) -> tuple[str, str, str, str] | None:
+        """(file to write, file to read, frozen value, thawed value) of the container's freezer."""
         if self._init_pid is None:
             return None
         try:
             paths = _cgroup_paths(self._init_pid)
         except OSError:
             return None
-        for candidate in (
-            f"/sys/fs/cgroup/pids{paths.get('pids', '')}/cgroup.procs",
-            f"/sys/fs/cgroup{paths.get('', '')}/cgroup.procs",
-        ):
-            with contextlib.suppress(OSError):
-                return len(Path(candidate).read_text(encoding="ascii").split())
+        if "freezer" in paths:
+            state = f"/sys/fs/cgroup/freezer{paths['freezer']}/freezer.state"
+            return state, state, "FROZEN", "THAWED"
+        if "" in paths and cgroup_mode() is CgroupMode.UNIFIED:
+            base = f"/sys/fs/cgroup{paths['']}"
+            return f"{base}/cgroup.freeze", f"{base}/cgroup.events", "1", "0"
         return None
+
+    async def _set_frozen(self, frozen: bool) -> None:
+        """Freeze or thaw through the cgroup files, waiting until the kernel reports it.
+
+        runc 1.1's own ``pause`` gives up after a few milliseconds ("unable to freeze") when
+        busy processes take longer to reach the freezer on a loaded host; this waits up to
+        :data:`RUNTIME_TIMEOUT_S`, re-requesting the state as runc does.
+        """
+        freezer = self._freezer()
+        if freezer is None:
+            await self._runtime("pause" if frozen else "resume", self.container_id)
+            return
+        write_path, read_path, frozen_value, thawed_value = freezer
+        wanted = frozen_value if frozen else thawed_value
+        deadline = time.monotonic() + RUNTIME_TIMEOUT_S
+        while True:
+            try:
+                Path(write_path).write_text(wanted, encoding="ascii")
+                current = Path(read_path).read_text(encoding="ascii")
+            except OSError as exc:
+                raise ExecError(f"freezer {write_path}: {exc.strerror}") from None
+            if read_path.endswith("cgroup.events"):
+                reached = f"frozen {wanted}" in current
+            else:
+                reached = current.strip() == wanted
+            if reached:
+                return
+            if time.monotonic() > deadline:
+                raise ExecError(f"the sandbox did not reach {wanted} in {RUNTIME_TIMEOUT_S:.0f}s")
+            await asyncio.sleep(0.005)
+
+    def live_pids(self) -> int | None:
+        """Processes in the container's cgroup."""
+        if self._init_pid is None or self._destroyed:
+            return None
+        try:
+            return len(self._container_pids())
+        except (OSError, ExecError):
+            return None
 
     async def read_file(self, path: str, max_bytes: int) -> bytes:
         """``cat`` inside the sandbox (its view, its restrictions): never a host-side path walk."""
@@ -888,12 +968,12 @@ class OciInstance(Instance):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def pause(self) -> None:
-        """cgroup freezer through the runtime."""
-        await self._runtime("pause", self.container_id)
+        """Freeze every process (cgroup freezer)."""
+        await self._set_frozen(True)
 
     async def resume(self) -> None:
         """Thaw."""
-        await self._runtime("resume", self.container_id)
+        await self._set_frozen(False)
 
     async def stop(self) -> None:
         """Kill every process, init included."""
@@ -901,7 +981,8 @@ class OciInstance(Instance):
             return
         await self._runtime("kill", "--all", self.container_id, "KILL", check=False)
         # A frozen container cannot die; thaw it so the SIGKILLs are delivered.
-        await self._runtime("resume", self.container_id, check=False)
+        with contextlib.suppress(ExecError):
+            await self._set_frozen(False)
         deadline = time.monotonic() + RUNTIME_TIMEOUT_S
         while time.monotonic() < deadline:
             state = await self._runtime("state", self.container_id, check=False)
@@ -917,7 +998,8 @@ class OciInstance(Instance):
         self._destroyed = True
         errors: list[str] = []
         if os.path.exists(os.path.join(self.state_dir, self.container_id)):
-            await self._runtime("resume", self.container_id, check=False)
+            with contextlib.suppress(ExecError):
+                await self._set_frozen(False)
             try:
                 await self._runtime("delete", "--force", self.container_id)
             except ExecError as exc:
@@ -1005,7 +1087,7 @@ def _idmapped_bind(source: str, host_path: str, userns_fd: int) -> None:
         os.mkdir(host_path, 0o755)
     else:
         os.close(os.open(host_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-    tree = idmapped_tree(source, userns_fd)
+    tree = idmapped_tree(source, userns_fd, writable=True)
     try:
         _libc.move_mount(tree, _libc.AT_FDCWD, host_path, f"attach idmapped {source}")
     finally:

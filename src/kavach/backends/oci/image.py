@@ -141,8 +141,13 @@ def _exists_inside(rootfs_dir: str, path: str) -> bool:
     return os.path.lexists(os.path.join(rootfs_dir, path.lstrip("/")))
 
 
-def prepare_directory_rootfs(source: DirectoryRootfs) -> PreparedRootfs:
-    """Use the user's directory as the root; check that it exists and is a directory."""
+def prepare_directory_rootfs(source: DirectoryRootfs, mount_points: list[str]) -> PreparedRootfs:
+    """Use the user's directory as the root, unchanged.
+
+    kavach does not write into a directory it does not own, and the runtime cannot create
+    mount points in it either (the sandbox's root is an unprivileged host uid and the root
+    is read-only), so every mount point must already exist: missing ones are named.
+    """
     path = os.path.abspath(source.path)
     try:
         mode = os.stat(path).st_mode
@@ -150,6 +155,12 @@ def prepare_directory_rootfs(source: DirectoryRootfs) -> PreparedRootfs:
         raise SandboxCreateError(f"rootfs directory {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(mode):
         raise SandboxCreateError(f"rootfs {path} is not a directory")
+    if os.geteuid() == 0 and mode & 0o005 != 0o005:
+        # The sandbox's root is an unprivileged host uid, i.e. "other" for a root-owned tree.
+        raise SandboxCreateError(f"rootfs directory {path} must be readable and searchable by others (0755)")
+    missing = [m for m in mount_points if not _exists_inside(path, m)]
+    if missing:
+        raise SandboxCreateError(f"rootfs directory {path} lacks the mount points {', '.join(missing)}; create them")
     return PreparedRootfs(
         path, (), _exists_inside(path, "/usr/bin/python3"), _exists_inside(path, "/bin/sh"), "directory"
     )

@@ -1,0 +1,468 @@
+"""The OCI backend with the real runc of this machine: what a sandboxed command can and cannot do.
+
+Every test starts real containers (``runc run -d`` + ``runc exec``) as root. The tiny rootfs
+used for the directory and image tests is built here from the host's own binaries: no
+network, no registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kavach.backends.base import ExecRequest, InjectedFile, LaunchSpec
+from kavach.backends.oci import DirectoryRootfs, ImageRootfs, OciDriver, OciInstance
+from kavach.backends.oci.runtime import CgroupMode, RuntimeName, cgroup_mode, probe_runc, try_runtime
+from kavach.errors import SandboxCreateError
+from kavach.policy import Bind, FilesystemPolicy, ResourceLimits, SandboxPolicy
+from kavach.scoring import Control, score
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the OCI tests run runc as root"),
+    pytest.mark.skipif(not probe_runc().usable, reason=f"runc unusable: {probe_runc().reason}"),
+]
+
+PATH_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+_ids = itertools.count()
+
+
+def _id(prefix: str) -> str:
+    return f"t-{prefix}-{os.getpid()}-{next(_ids)}"
+
+
+def _req(script: str, **kwargs: object) -> ExecRequest:
+    return ExecRequest(argv=("/bin/sh", "-c", script), env=PATH_ENV, **kwargs)  # type: ignore[arg-type]
+
+
+async def _start(policy: SandboxPolicy, driver: OciDriver | None = None, **spec: object) -> OciInstance:
+    instance = await (driver or OciDriver()).start(LaunchSpec(_id("s"), policy, **spec))  # type: ignore[arg-type]
+    assert isinstance(instance, OciInstance)
+    return instance
+
+
+@pytest.fixture
+async def basic() -> AsyncIterator[OciInstance]:
+    instance = await _start(SandboxPolicy.basic())
+    yield instance
+    await instance.destroy()
+
+
+# -- commands, output, exit codes ------------------------------------------------------------------
+
+
+async def test_output_exit_code_and_stdin(basic: OciInstance) -> None:
+    result = await basic.exec(_req("echo out; echo err >&2; exit 3"))
+    assert (result.exit_code, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+    echoed = await basic.exec(ExecRequest(argv=("cat",), env=PATH_ENV, stdin=b"from stdin"))
+    assert echoed.stdout == b"from stdin" and echoed.exit_code == 0
+
+
+async def test_signal_exit_code_is_128_plus_n(basic: OciInstance) -> None:
+    result = await basic.exec(_req("kill -TERM $$"))
+    assert result.exit_code == 128 + 15
+
+
+async def test_files_persist_across_execs_and_python_runs(basic: OciInstance) -> None:
+    await basic.exec(_req("echo kept > /tmp/state; echo w > /work/w"))
+    result = await basic.exec(_req("cat /tmp/state /work/w; /usr/bin/python3 -c 'print(6 * 7)'"))
+    assert result.stdout == b"kept\nw\n42\n"
+
+
+async def test_environment_is_exactly_the_request(basic: OciInstance) -> None:
+    os.environ["KAVACH_HOST_ONLY"] = "leak"
+    try:
+        result = await basic.exec(ExecRequest(argv=("/usr/bin/env",), env={"ONLY": "this"}))
+    finally:
+        del os.environ["KAVACH_HOST_ONLY"]
+    # runc adds HOME when the request has none (from the generated /etc/passwd: /tmp).
+    assert sorted(result.stdout.split()) == [b"HOME=/tmp", b"ONLY=this"]
+    explicit = await basic.exec(ExecRequest(argv=("/usr/bin/env",), env={"ONLY": "this", "HOME": "/work"}))
+    assert sorted(explicit.stdout.split()) == [b"HOME=/work", b"ONLY=this"]
+    init_env = await basic.exec(_req("tr '\\0' '\\n' < /proc/1/environ || true"))
+    assert b"KAVACH_HOST_ONLY" not in init_env.stdout and b"ONLY=" not in init_env.stdout
+
+
+async def test_output_is_capped_and_marked(basic: OciInstance) -> None:
+    result = await basic.exec(_req("head -c 5000000 /dev/zero; echo tail >&2", stdout_cap=1000, stderr_cap=2))
+    assert len(result.stdout) == 1000 and result.stdout_truncated
+    assert result.stderr == b"ta" and result.stderr_truncated
+    assert result.exit_code == 0
+
+
+async def test_shell_forks_many_times(basic: OciInstance) -> None:
+    result = await basic.exec(_req("for i in $(seq 50); do /bin/true; done; echo done"))
+    assert result.stdout == b"done\n"
+
+
+async def test_spawn_streams_output(basic: OciInstance) -> None:
+    process = await basic.spawn(_req("echo one; sleep 0.2; echo two"))
+    seen = [chunk async for chunk in process.chunks()]
+    result = await process.wait()
+    assert b"".join(data for name, data in seen if name == "stdout") == b"one\ntwo\n"
+    assert result.exit_code == 0 and result.stdout == b""
+
+
+# -- timeouts, kills, pause ------------------------------------------------------------------------
+
+
+async def test_timeout_kills_the_command_and_its_daemons_but_keeps_the_sandbox(basic: OciInstance) -> None:
+    started = time.monotonic()
+    result = await basic.exec(_req("echo partial; sleep 1000 & (setsid sleep 1000 &); sleep 1000", timeout_ms=500))
+    assert time.monotonic() - started < 10
+    assert result.timed_out and result.exit_code == 137 and result.reason == "wall-clock timeout"
+    assert result.stdout == b"partial\n"
+    assert basic.live_pids() == 1  # only init is left
+    after = await basic.exec(_req("echo alive"))
+    assert after.stdout == b"alive\n"
+
+
+async def test_pause_really_stops_a_busy_loop(basic: OciInstance) -> None:
+    process = await basic.spawn(_req("while :; do :; done", timeout_ms=20_000))
+    await asyncio.sleep(0.3)
+    pids = json.loads(await basic._runtime("ps", "--format", "json", basic.container_id))
+    busy = [p for p in pids if p != basic._init_pid and b"sh" in Path(f"/proc/{p}/comm").read_bytes()]
+    assert busy
+
+    def cpu_ticks() -> int:
+        return sum(int(Path(f"/proc/{p}/stat").read_text().split()[13]) for p in busy)
+
+    await basic.pause()
+    before = cpu_ticks()
+    await asyncio.sleep(0.5)
+    frozen_delta = cpu_ticks() - before
+    await basic.resume()
+    await asyncio.sleep(0.5)
+    running_delta = cpu_ticks() - before - frozen_delta
+    await process.kill()
+    result = await process.wait()
+    assert frozen_delta == 0 and running_delta > 0
+    assert result.exit_code == 137
+
+
+# -- enforcement and escapes ------------------------------------------------------------------------
+
+
+async def test_enforcement_is_seen_from_inside(basic: OciInstance) -> None:
+    enforcement = basic.enforcement()
+    assert enforcement.verified
+    assert enforcement.controls == {
+        Control.SECCOMP,
+        Control.NETWORK_ISOLATED,
+        Control.READ_ONLY_ROOT,
+        Control.RESOURCE_LIMITS,
+    }
+    assert enforcement.details["CapEff"] == "0000000000000000" and enforcement.details["NoNewPrivs"] == "1"
+    assert int(score(enforcement)) == 55 + 5 + 5 + 3 + 2
+    status = await basic.exec(_req("grep -E '^(Seccomp|NoNewPrivs|CapEff|CapBnd):' /proc/self/status"))
+    assert b"Seccomp:\t2" in status.stdout and b"NoNewPrivs:\t1" in status.stdout
+    assert b"CapEff:\t0000000000000000" in status.stdout and b"CapBnd:\t0000000000000000" in status.stdout
+    uid_map = (await basic.exec(_req("cat /proc/self/uid_map"))).stdout.split()
+    assert uid_map[0] == b"0" and int(uid_map[1]) >= 1_000_000_000  # root inside is not host root
+
+
+async def test_escapes_are_refused(basic: OciInstance) -> None:
+    script = r"""
+    unshare -r true 2>/dev/null && echo unshare-ok
+    mount -t tmpfs x /tmp 2>/dev/null && echo mount-ok
+    echo x > /usr/escape 2>/dev/null && echo write-usr-ok
+    ls -d /root /home /var 2>/dev/null && echo host-dirs-visible
+    cat /proc/kcore 2>/dev/null | head -c 1 | grep -q . && echo kcore-readable
+    echo 1 > /proc/sys/kernel/hostname 2>/dev/null && echo procsys-writable
+    /usr/bin/python3 - <<'EOF'
+import ctypes, fcntl, os, termios
+libc = ctypes.CDLL(None, use_errno=True)
+for name, nr, args in (("keyctl", 250, (0, 0, 0)), ("bpf", 321, (0, 0, 0)), ("ptrace", 101, (16, 1, 0)),
+                       ("io_uring_setup", 425, (1, 0, 0)), ("userfaultfd", 323, (0, 0, 0))):
+    rc = libc.syscall(nr, *args)
+    print(name, "allowed" if rc >= 0 else os.strerror(ctypes.get_errno()))
+try:
+    fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+    fcntl.ioctl(fd, termios.TIOCSTI, b"x")
+    print("TIOCSTI allowed")
+except OSError as exc:
+    print("TIOCSTI", exc.strerror)
+EOF
+    echo end
+    """
+    result = await basic.exec(_req(script))
+    out = result.stdout.decode()
+    assert out.endswith("end\n"), result.stderr
+    for marker in ("unshare-ok", "mount-ok", "write-usr-ok", "host-dirs-visible", "kcore-readable", "procsys-writable"):
+        assert marker not in out
+    for name in ("keyctl", "bpf", "ptrace", "io_uring_setup", "userfaultfd", "TIOCSTI"):
+        assert f"{name} Operation not permitted" in out, out
+
+
+async def test_only_loopback_and_host_listeners_unreachable(basic: OciInstance) -> None:
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        probe = await basic.exec(
+            _req(
+                f"cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; "
+                f"/usr/bin/python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 1)' "
+                "2>/dev/null && echo reached"
+            )
+        )
+    assert probe.stdout.split() == [b"lo"]
+
+
+async def test_memory_limit_kills_a_memory_bomb() -> None:
+    policy = replace(SandboxPolicy.basic(), resources=replace(SandboxPolicy.basic().resources, memory=64 << 20))
+    instance = await _start(policy)
+    try:
+        result = await instance.exec(
+            _req("/usr/bin/python3 -c 'x = bytearray(512 << 20); print(len(x))'", timeout_ms=20_000)
+        )
+        assert result.exit_code == 137 and b"536870912" not in result.stdout
+        assert (await instance.exec(_req("echo survived"))).stdout == b"survived\n"
+    finally:
+        await instance.destroy()
+
+
+async def test_pids_limit_contains_a_fork_bomb() -> None:
+    policy = replace(SandboxPolicy.basic(), resources=replace(SandboxPolicy.basic().resources, pids=16))
+    instance = await _start(policy)
+    try:
+        bomb = (
+            "import os, time\n"
+            "n = 0\n"
+            "try:\n"
+            "    while n < 100:\n"
+            "        if os.fork() == 0:\n"
+            "            time.sleep(3)\n"
+            "            os._exit(0)\n"
+            "        n += 1\n"
+            "except OSError as exc:\n"
+            "    print('blocked', n, exc.strerror)\n"
+        )
+        result = await instance.exec(
+            ExecRequest(argv=("/usr/bin/python3", "-c", bomb), env=PATH_ENV, timeout_ms=15_000)
+        )
+        words = result.stdout.split()
+        assert words[:1] == [b"blocked"] and int(words[1]) < 16, result
+        assert instance.live_pids() is not None
+    finally:
+        await instance.destroy()
+
+
+async def test_strict_policy_applies_landlock_and_the_allow_list() -> None:
+    instance = await _start(SandboxPolicy.strict())
+    try:
+        enforcement = instance.enforcement()
+        assert Control.LANDLOCK in enforcement.controls and enforcement.details["launcher"]["landlock_domains"] == 1
+        assert int(score(enforcement)) == 55 + 5 + 3 + 5 + 3 + 2
+        result = await instance.exec(_req("ls / 2>&1; echo ok > /tmp/x && cat /tmp/x; /usr/bin/python3 -c 'print(1)'"))
+        assert b"Permission denied" in result.stdout and b"ok\n1\n" in result.stdout
+    finally:
+        await instance.destroy()
+
+
+# -- binds, workdir, injected files, destroy ---------------------------------------------------------
+
+
+async def test_workdir_host_is_writable_and_files_keep_the_host_owner(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "input").write_text("from host")
+    instance = await _start(SandboxPolicy.basic(), workdir_host=str(workdir))
+    try:
+        result = await instance.exec(_req("cat input; echo made > output"))
+        assert result.stdout == b"from host" and result.exit_code == 0
+    finally:
+        await instance.destroy()
+    assert (workdir / "output").read_text() == "made\n"
+    assert (workdir / "output").stat().st_uid == 0  # idmapped: written as the bind's host owner
+
+
+async def test_injected_file_is_readable_inside_and_lives_on_a_tmpfs() -> None:
+    instance = await _start(SandboxPolicy.basic(), files=(InjectedFile("/run/secrets/token", b"s3cret", 0o444),))
+    try:
+        assert await instance.read_file("/run/secrets/token", 100) == b"s3cret"
+        files_dir = Path(instance.layout.bundle_dir, "files")
+        assert (
+            subprocess.run(
+                ["stat", "-f", "-c", "%T", str(files_dir)], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            == "tmpfs"
+        )
+        written = await instance.exec(_req("echo x > /run/secrets/token"))
+        assert written.exit_code != 0
+    finally:
+        await instance.destroy()
+
+
+async def test_destroy_leaves_no_container_bundle_or_cgroup() -> None:
+    instance = await _start(SandboxPolicy.basic())
+    state = Path(instance.state_dir, instance.container_id)
+    bundle = Path(instance.layout.bundle_dir)
+    cgroup = Path(f"/sys/fs/cgroup/pids/kavach/{instance.container_id}")
+    assert state.exists() and bundle.exists()
+    if cgroup_mode() is not CgroupMode.UNIFIED:
+        assert cgroup.exists()
+    await instance.exec(_req("sleep 1000 >/dev/null 2>&1 &"))
+    await instance.destroy()
+    await instance.destroy()  # idempotent
+    assert not state.exists() and not bundle.exists() and not cgroup.exists()
+    listed = subprocess.run(
+        ["runc", "--root", instance.state_dir, "list", "-q"], capture_output=True, text=True, check=True
+    )
+    assert instance.container_id not in listed.stdout
+
+
+async def test_failed_creation_leaves_nothing(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    driver = OciDriver(DirectoryRootfs(str(tmp_path)))
+    with pytest.raises(SandboxCreateError, match="lacks the mount points"):
+        await _start(SandboxPolicy.basic(), driver)
+    assert not [p for p in os.listdir(driver.bundle_base) if p.startswith(f"kavach-t-s-{os.getpid()}")]
+
+
+# -- root filesystems: a directory and an OCI image layout ----------------------------------------------
+
+
+def _copy_with_libs(binaries: list[str], root: Path) -> None:
+    for binary in binaries:
+        real = os.path.realpath(binary)
+        target = root / binary.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, target)
+        ldd = subprocess.run(["ldd", real], capture_output=True, text=True, check=False).stdout
+        for line in ldd.splitlines():
+            parts = line.split()
+            lib = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+            if lib.startswith("/"):
+                dest = root / lib.lstrip("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if not dest.exists():
+                    shutil.copy2(os.path.realpath(lib), dest)
+
+
+def _tiny_rootfs(root: Path, marker: str) -> None:
+    _copy_with_libs(["/bin/sh", "/bin/cat", "/bin/sleep"], root)
+    for directory in ("proc", "dev", "sys", "tmp", "work", "etc"):
+        (root / directory).mkdir(exist_ok=True)
+    (root / "etc" / "marker").write_text(marker)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tinyroot")
+    root.chmod(0o755)
+    _tiny_rootfs(root, "directory rootfs")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_layout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci is not installed")
+    base = tmp_path_factory.mktemp("layout")
+    layout, bundle = base / "image", base / "bundle"
+    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:tiny"], check=True)
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:tiny", str(bundle)], check=True, capture_output=True)
+    _tiny_rootfs(bundle / "rootfs", "image rootfs")
+    subprocess.run(["umoci", "repack", "--image", f"{layout}:tiny", str(bundle)], check=True, capture_output=True)
+    yield layout
+
+
+async def test_rootfs_from_a_directory(tiny_dir: Path) -> None:
+    instance = await _start(SandboxPolicy.basic(), OciDriver(DirectoryRootfs(str(tiny_dir))))
+    try:
+        assert instance.enforcement().details["rootfs"] == "directory"
+        result = await instance.exec(_req("cat /etc/marker; echo x > /tmp/y && cat /tmp/y"))
+        assert result.stdout == b"directory rootfsx\n"
+        assert (
+            await instance.exec(_req("test -e /usr/bin/python3 || echo no-host-python"))
+        ).stdout == b"no-host-python\n"
+    finally:
+        await instance.destroy()
+
+
+async def test_rootfs_from_an_oci_image_layout(tiny_layout: Path) -> None:
+    policy = replace(SandboxPolicy.basic(), resources=ResourceLimits(memory=64 << 20, pids=32))
+    instance = await _start(policy, OciDriver(ImageRootfs(str(tiny_layout), "tiny")))
+    try:
+        enforcement = instance.enforcement()
+        assert enforcement.details["rootfs"] == "image" and Control.SECCOMP in enforcement.controls
+        result = await instance.exec(_req("cat /etc/marker"))
+        assert result.stdout == b"image rootfs"
+        owner = os.stat(Path(instance.layout.bundle_dir, "image", "rootfs", "etc", "marker")).st_uid
+        assert owner >= 1_000_000_000  # umoci shifted the image's root into the sandbox's range
+    finally:
+        await instance.destroy()
+
+
+async def test_landlock_needs_python_in_the_rootfs(tiny_dir: Path) -> None:
+    with pytest.raises(SandboxCreateError, match="no /usr/bin/python3"):
+        await _start(SandboxPolicy.strict(), OciDriver(DirectoryRootfs(str(tiny_dir))))
+
+
+# -- runtimes -------------------------------------------------------------------------------------------
+
+
+def test_probe_reports_runc_and_why_crun_is_not_used() -> None:
+    result = OciDriver().probe()
+    assert result.available and "runc" in result.reason and result.version
+    if shutil.which("crun") and cgroup_mode() is CgroupMode.HYBRID:
+        unusable = OciDriver(runtime=RuntimeName.CRUN)
+        refused = unusable.probe()
+        assert not refused.available and "hybrid" in refused.reason
+
+
+@pytest.mark.skipif(shutil.which("crun") is None, reason="crun is not installed")
+def test_crun_really_refuses_this_host_as_the_probe_says(tmp_path: Path) -> None:
+    if cgroup_mode() is not CgroupMode.HYBRID:
+        pytest.skip("the refusal concerns cgroup v1 hybrid hosts")
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["/bin/true"]
+    config["mounts"].append({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]})
+    (bundle / "config.json").write_text(json.dumps(config))
+    ok, output = try_runtime(shutil.which("crun") or "crun", str(bundle), str(tmp_path / "state"), _id("crun"))
+    assert not ok and "hybrid" in output
+
+
+def test_unusable_runtime_makes_start_fail_with_the_reason() -> None:
+    from kavach.backends.oci.runtime import RuntimeName
+
+    driver = OciDriver(runtime=RuntimeName.RUNSC)
+    with pytest.raises(SandboxCreateError, match="runsc"):
+        asyncio.run(driver.start(LaunchSpec(_id("x"), SandboxPolicy.basic())))
+
+
+def test_policy_filesystem_binds_are_visible(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "data").write_text("ro data")
+    policy = replace(SandboxPolicy.basic(), filesystem=FilesystemPolicy(ro_binds=(Bind(str(shared), "/data"),)))
+
+    async def run() -> tuple[bytes, int]:
+        instance = await _start(policy)
+        try:
+            read = await instance.exec(_req("cat /data/data"))
+            write = await instance.exec(_req("echo x > /data/new"))
+            return read.stdout, write.exit_code
+        finally:
+            await instance.destroy()
+
+    stdout, write_code = asyncio.run(run())
+    assert stdout == b"ro data" and write_code != 0
