@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import struct
@@ -97,7 +98,15 @@ def compile_filter(policy: SeccompPolicy, *, deny_sockets: bool = False) -> byte
     Returns ``b""`` when nothing is to be filtered (profile ``none`` with no deny list and
     no socket rule): the caller then loads nothing. Unknown syscall names in the policy
     raise :class:`~kavach.errors.PolicyError`; libseccomp failures raise :class:`SeccompError`.
+    Programs are cached per (policy, deny_sockets): creating many sandboxes with the same
+    policy compiles once.
     """
+    return _compile_cached(policy, deny_sockets)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_cached(policy: SeccompPolicy, deny_sockets: bool) -> bytes:
+    # Exceptions are not cached by lru_cache, so a bad policy raises every time.
     from kavach.backends.seccomp_profiles import build_spec
 
     spec = build_spec(policy, deny_sockets=deny_sockets)
