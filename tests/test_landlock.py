@@ -252,3 +252,40 @@ def test_applied_domain_survives_exec(tree: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 1
     assert "Permission denied" in proc.stderr
+
+
+def test_strict_preset_rules_with_strict_seccomp_run_python(tree: Path) -> None:
+    # The engine's order for an exec child: Landlock, then seccomp (last), then execve.
+    # (The preset grants /tmp, where ``tree`` lives, so the denied read is a host file.)
+    if not os.path.exists("/var/lib/dpkg/status"):
+        pytest.skip("needs a host file outside the preset's paths (/var/lib/dpkg/status)")
+    rw_dir = tree / "rw"
+    script = (
+        "import json, subprocess, threading, os\n"
+        f"open({str(rw_dir / 'out')!r}, 'w').write('ok')\n"
+        "r = subprocess.run(['/bin/sh', '-c', 'for i in 1 2 3; do /bin/true; done; echo sh'],"
+        " capture_output=True, text=True)\n"
+        "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
+        "try:\n"
+        "    open('/var/lib/dpkg/status').read(); hidden = 'readable'\n"
+        "except PermissionError:\n"
+        "    hidden = 'denied'\n"
+        "print(json.dumps([r.stdout.strip(), hidden]))\n"
+    )
+    code = (
+        "import os\n"
+        "from kavach.backends.process.landlock import apply_landlock\n"
+        "from kavach.backends.process.seccomp import compile_filter, load_filter\n"
+        "from kavach.policy import SandboxPolicy, LandlockRule, Access\n"
+        "policy = SandboxPolicy.strict()\n"
+        "program = compile_filter(policy.seccomp)\n"
+        "rules = [r for r in policy.landlock.rules if os.path.exists(r.path)]\n"
+        f"rules.append(LandlockRule({str(rw_dir)!r}, frozenset({{Access.READ, Access.WRITE}})))\n"
+        "apply_landlock(rules)\n"
+        "load_filter(program)\n"
+        f"os.execv('/usr/bin/python3', ['python3', '-c', {script!r}])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["sh", "denied"]
+    assert (rw_dir / "out").read_text() == "ok"

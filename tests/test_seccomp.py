@@ -407,3 +407,27 @@ def test_syscalls_newer_than_the_profiles_get_enosys(tmp_path: Path) -> None:
     assert out["mseal"] == baseline["mseal"]
     for policy in (BASIC, STRICT):
         assert probe(tmp_path, compile_filter(policy), "out['future'] = sc(470)") == {"future": errno.ENOSYS}
+
+
+@pytest.mark.parametrize(
+    ("tool", "script"),
+    [
+        (
+            "git",
+            "git init -q r && cd r && echo x > f && git add f && git -c user.name=a -c user.email=a@b "
+            "commit -qm m && git log --oneline | wc -l",
+        ),
+        ("make", "printf 'all:\\n\\t@echo 1\\n' > Makefile && make -s"),
+        ("perl", "perl -e 'print 1, qq(\\n)'"),
+        ("node", 'node -e \'require("child_process").execSync("true"); console.log(1)\''),
+    ],
+)
+def test_strict_runs_common_tools(tool: str, script: str, tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed")
+    code = f"os.chdir({str(tmp_path)!r}); os.execv('/bin/sh', ['sh', '-c', {script!r}])"
+    proc = run_child(tmp_path, compile_filter(STRICT), code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1"
