@@ -559,3 +559,20 @@ async def test_audit_failure_refuses_the_request(world: World) -> None:
         assert world.http.seen == [] and world.https.seen == []
     finally:
         await proxy.close()
+
+
+async def test_stalled_body_and_idle_tunnel_are_closed(world: World) -> None:
+    await world.proxy.close()
+    w = await _start(world.tmp, world.ca, world.https, world.http, credentials=(), idle_timeout=0.3)
+    try:
+        stalled = f"POST http://plain.test:{w.http.port}/ HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc".encode()
+        data = await raw_exchange(w.port, stalled)
+        assert data.startswith(b"HTTP/1.1 400") and b"idle timeout" in data
+        reader, writer = await asyncio.open_connection("127.0.0.1", w.port)
+        writer.write(f"CONNECT other.test:{w.https.port} HTTP/1.1\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.read(-1), 10) == b""  # closed by the proxy, not by us
+        writer.close()
+        assert w.http.seen == []
+    finally:
+        await w.proxy.close()

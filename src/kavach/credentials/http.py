@@ -17,6 +17,7 @@ import asyncio
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import TracebackType
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; larger heads get a 400
 MAX_HEADERS = 256
@@ -282,26 +283,67 @@ def serialize_head(first_line: str, headers: Iterable[tuple[str, str]]) -> bytes
 
 
 async def relay_body(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framing: Framing, status_on_error: int
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    framing: Framing,
+    status_on_error: int,
+    idle_timeout: float | None = None,
 ) -> None:
     """Copy one body from ``reader`` to ``writer`` in the given framing.
 
     Chunked bodies are re-framed (size lines rewritten, extensions dropped, trailers checked).
-    A malformed or truncated body raises :class:`HttpError` with ``status_on_error``.
+    A malformed or truncated body, or ``idle_timeout`` seconds without a byte, raises
+    :class:`HttpError` with ``status_on_error``.
     """
+    try:
+        async with _Idle(idle_timeout) as idle:
+            await _relay(reader, writer, framing, status_on_error, idle)
+    except TimeoutError:
+        raise HttpError(status_on_error, "body stalled (idle timeout)") from None
+
+
+class _Idle:
+    """An idle timer: each :meth:`reset` pushes the deadline ``seconds`` into the future."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._timeout: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> _Idle:
+        if self.seconds is not None:
+            self._timeout = asyncio.timeout(self.seconds)
+            await self._timeout.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._timeout is not None:
+            await self._timeout.__aexit__(exc_type, exc, tb)
+
+    def reset(self) -> None:
+        if self._timeout is not None and self.seconds is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time() + self.seconds)
+
+
+async def _relay(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framing: Framing, status_on_error: int, idle: _Idle
+) -> None:
     if framing.kind == "length":
         remaining = framing.length
         while remaining:
             data = await reader.read(min(remaining, COPY_SIZE))
             if not data:
                 raise HttpError(status_on_error, "body shorter than Content-Length")
+            idle.reset()
             writer.write(data)
             remaining -= len(data)
             await writer.drain()
     elif framing.kind == "chunked":
-        await _relay_chunked(reader, writer, status_on_error)
+        await _relay_chunked(reader, writer, status_on_error, idle)
     elif framing.kind == "close":
         while data := await reader.read(COPY_SIZE):
+            idle.reset()
             writer.write(data)
             await writer.drain()
 
@@ -321,9 +363,10 @@ async def _read_line(reader: asyncio.StreamReader, limit: int, status: int) -> b
     return line
 
 
-async def _relay_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int) -> None:
+async def _relay_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, idle: _Idle) -> None:
     while True:
         match = _CHUNK_SIZE_RE.match(await _read_line(reader, MAX_CHUNK_LINE, status))
+        idle.reset()
         if not match:
             raise HttpError(status, "invalid chunk size")
         size = int(match.group(1), 16)
@@ -335,6 +378,7 @@ async def _relay_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWri
             data = await reader.read(min(remaining, COPY_SIZE))
             if not data:
                 raise HttpError(status, "connection closed inside a chunk")
+            idle.reset()
             writer.write(data)
             remaining -= len(data)
             await writer.drain()

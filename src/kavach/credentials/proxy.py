@@ -421,7 +421,7 @@ class EgressProxy:
                 await _send(writer, _error_response(503, "audit unavailable", ""))
                 return
             await _send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await _splice((reader, writer), (up_reader, up_writer), self.config.idle_timeout)
         finally:
             up_writer.close()
 
@@ -595,10 +595,12 @@ class EgressProxy:
             try:
                 if framing.kind == "length" and framing.length <= SMALL_BODY:
                     # One write for head and body: one segment on the wire instead of two.
-                    upstream.writer.write(head + await _read_exact(reader, framing.length, 400))
+                    upstream.writer.write(
+                        head + await _read_exact(reader, framing.length, 400, self.config.idle_timeout)
+                    )
                 else:
                     upstream.writer.write(head)
-                    await relay_body(reader, upstream.writer, framing, 400)
+                    await relay_body(reader, upstream.writer, framing, 400, self.config.idle_timeout)
             except HttpError as exc:
                 upstream.close()
                 await self._refuse_malformed(writer, exc, request, decision.scheme)
@@ -629,7 +631,7 @@ class EgressProxy:
         out_head = serialize_head(f"HTTP/1.1 {response.status} {response.reason}", headers.items)
         if framing_out.kind == "length" and framing_out.length <= SMALL_BODY:
             try:
-                body = await _read_exact(upstream.reader, framing_out.length, 502)
+                body = await _read_exact(upstream.reader, framing_out.length, 502, self.config.idle_timeout)
             except HttpError as exc:
                 upstream.close()
                 self._audit("proxy.request", decision.payload("error", exc.reason, 502))
@@ -640,7 +642,7 @@ class EgressProxy:
         else:
             writer.write(out_head)
         try:
-            await relay_body(upstream.reader, writer, framing_out, 502)
+            await relay_body(upstream.reader, writer, framing_out, 502, self.config.idle_timeout)
         except HttpError:
             # Part of the response was sent: the only honest signal left is closing both sides.
             upstream.close()
@@ -855,11 +857,14 @@ def _error_response(status: int, reason: str, detail: str) -> bytes:
     return head + body_bytes
 
 
-async def _read_exact(reader: asyncio.StreamReader, size: int, status: int) -> bytes:
+async def _read_exact(reader: asyncio.StreamReader, size: int, status: int, idle_timeout: float) -> bytes:
     try:
-        return await reader.readexactly(size)
+        async with asyncio.timeout(idle_timeout):
+            return await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         raise HttpError(status, "body shorter than Content-Length") from None
+    except TimeoutError:
+        raise HttpError(status, "body stalled (idle timeout)") from None
 
 
 async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -870,15 +875,47 @@ async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
         raise _ClientGone() from exc
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _splice(
+    client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    idle_timeout: float,
+) -> None:
+    """Copy bytes both ways until both directions end, or nothing moved for ``idle_timeout``.
+
+    One idle clock for both directions: a long download with a silent client is not idle.
+    """
+    loop = asyncio.get_running_loop()
+    last_activity = loop.time()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal last_activity
+        try:
+            while data := await reader.read(TUNNEL_COPY):
+                last_activity = loop.time()
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            # Either side failing ends the tunnel for both.
+            client[1].close()
+            upstream[1].close()
+
+    pipes = asyncio.gather(pipe(client[0], upstream[1]), pipe(upstream[0], client[1]))
     try:
-        while data := await reader.read(TUNNEL_COPY):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        writer.close()
+        while True:
+            remaining = last_activity + idle_timeout - loop.time()
+            if remaining <= 0:
+                break
+            done, _pending = await asyncio.wait([pipes], timeout=remaining)
+            if done:
+                return
+    finally:
+        if not pipes.done():
+            client[1].close()
+            upstream[1].close()
+            pipes.cancel()
+            await asyncio.gather(pipes, return_exceptions=True)
 
 
 def _tls_reason(exc: BaseException) -> str:
