@@ -118,7 +118,7 @@ class SandboxConfigBuilder:
 
     def backend(self, backend: Backend | str | None) -> SandboxConfigBuilder:
         """Use ``backend`` (a name or ``Backend``); ``None`` or ``"auto"`` picks the strongest usable one."""
-        self._fields["backend"] = None if backend in (None, "auto") else Backend.parse(backend)  # type: ignore[arg-type]
+        self._fields["backend"] = None if backend in (None, "auto") else Backend.parse(backend)
         return self
 
     def inner_backend(self, backend: Backend | str | None) -> SandboxConfigBuilder:

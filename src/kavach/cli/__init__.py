@@ -187,11 +187,11 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
     table = Table("backend", "available", "base", "version", "reason")
     for row in rows:
         table.add_row(
-            row["backend"],
+            str(row["backend"]),
             "yes" if row["available"] else "no",
             str(row["base_score"]),
-            row["version"] or "-",
-            row["reason"],
+            str(row["version"] or "-"),
+            str(row["reason"]),
         )
     Console(width=160).print(table)
 
