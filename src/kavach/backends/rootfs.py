@@ -66,6 +66,7 @@ PROC_MASKED_DIRS: tuple[str, ...] = ("/proc/acpi", "/proc/scsi", "/proc/asound",
 SYS_MASKED: tuple[str, ...] = ("/sys/firmware", "/sys/devices/virtual/powercap", "/sys/kernel")
 
 DEV_TMPFS_SIZE = 64 * 1024
+DEV_SHM_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def is_within(path: str, prefix: str) -> bool:
 
 __all__ = [
     "DEV_NODES",
+    "DEV_SHM_SIZE",
     "DEV_SYMLINKS",
     "DEV_TMPFS_SIZE",
     "DEV_TTY",

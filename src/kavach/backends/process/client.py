@@ -37,18 +37,21 @@ class Spawner:
 
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        from kavach.backends.process.spawner import BOOTSTRAP
+        from kavach.backends.process.spawner import BOOTSTRAP, STARTER
 
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-c", BOOTSTRAP, _SRC_DIR, str(child.fileno()), _import_path()],
+                [sys.executable, "-I", "-c", STARTER, "kavach-spawner"],
                 pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=None if os.environ.get("KAVACH_DEBUG_SPAWNER") else subprocess.DEVNULL,
                 env={},  # nothing of the caller's environment reaches the spawner or its forks
                 close_fds=True,
             )
+            assert self.process.stdin is not None
+            self.process.stdin.write(f"{BOOTSTRAP}{_SRC_DIR}\n{child.fileno()}\n{_import_path()}\n".encode())
+            self.process.stdin.close()
         finally:
             child.close()
         self.sock = parent

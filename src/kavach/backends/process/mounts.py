@@ -175,8 +175,15 @@ def _build_dev(sources: Sources) -> None:
         _attach(fd, _rel(node), False, f"bind {node}")
     for link, target in rootfs.DEV_SYMLINKS:
         os.symlink(target, _rel(link))
-    os.makedirs("dev/shm", mode=0o1777, exist_ok=True)
-    os.chmod("dev/shm", 0o1777)  # noqa: S103 - a shared-memory dir is world-writable and sticky
+    # POSIX shared memory (Python's multiprocessing semaphores) needs a writable /dev/shm;
+    # it gets its own small tmpfs, so that /dev itself can be read-only.
+    _tmpfs(
+        "dev/shm",
+        {"mode": "1777", "size": str(rootfs.DEV_SHM_SIZE)},
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        "mount a tmpfs /dev/shm",
+    )
+    _libc.mount_setattr(AT_FDCWD, "dev", 0, MOUNT_ATTR_RDONLY, "remount /dev read-only")
 
 
 def _write_file(path: str, data: bytes, mode: int) -> None:

@@ -25,20 +25,22 @@ import sys
 from kavach.backends.process import _libc, protocol
 from kavach.backends.process.init import child_entry, preload
 
-# Run with ``python -I -c BOOTSTRAP SRC_DIR FD SYS_PATH``: takes the caller's import path
-# (isolated mode ignores PYTHONPATH), registers the kavach packages without
-# executing their __init__ modules (which import the whole library), then serves.
-BOOTSTRAP = """
-import sys, types
-root = sys.argv[1]
-sys.path[:0] = [p for p in sys.argv[3].split(":") if p]
-for name in ("kavach", "kavach.backends", "kavach.backends.process"):
-    module = types.ModuleType(name)
-    module.__path__ = [root + "/" + name.replace(".", "/")]
-    sys.modules[name] = module
-from kavach.backends.process.spawner import main
-main(int(sys.argv[2]))
-"""
+# The spawner is started as ``python -I -c STARTER kavach-spawner`` and reads this from
+# its stdin, followed by three lines: the source directory, its socket's fd and the caller's
+# import path (isolated mode ignores PYTHONPATH). Passing it on stdin keeps the command line,
+# which every sandbox can read as /proc/1/cmdline, free of host paths. It registers the
+# kavach packages without running their __init__ modules (which import the whole library).
+STARTER = "import sys; exec(sys.stdin.readline())"
+BOOTSTRAP = (
+    "import sys, types; root = sys.stdin.readline().strip(); fd = int(sys.stdin.readline());"
+    " sys.path[:0] = [p for p in sys.stdin.readline().strip().split(':') if p];"
+    " sys.stdin.close();"
+    " [sys.modules.__setitem__(n, types.ModuleType(n)) for n in"
+    " ('kavach', 'kavach.backends', 'kavach.backends.process')];"
+    " [setattr(sys.modules[n], '__path__', [root + '/' + n.replace('.', '/')]) for n in"
+    " ('kavach', 'kavach.backends', 'kavach.backends.process')];"
+    " from kavach.backends.process.spawner import main; main(fd)\n"
+)
 
 
 def main(sock_fd: int) -> None:

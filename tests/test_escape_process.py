@@ -1,0 +1,281 @@
+"""Escape and leak attempts against the Process backend, written as the attacker would try them.
+
+Every test runs real code inside a real sandbox (strict or basic policy) and asserts what
+the attacker can NOT see or do. None of them is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import uuid
+
+import pytest
+
+from kavach.backends.base import ExecRequest
+from kavach.backends.process import ProcessDriver
+from kavach.policy import MiB, SandboxPolicy
+from process_helpers import ENV, comm_of, host_pids_in_namespace, pid_ns_of, py, sandbox, sh
+
+pytestmark = pytest.mark.skipif(not ProcessDriver().probe().available, reason="Process backend unavailable here")
+
+SIGSYS_EXIT = 128 + signal.SIGSYS
+
+# Each entry: a Python expression (inside the sandbox) that performs one dangerous syscall
+# through ctypes and returns its raw result. x86_64 numbers.
+SYSCALL_ATTEMPTS = {
+    "mount": "s(165, b'none', b'/tmp', b'tmpfs', 0, 0)",
+    "umount2": "s(166, b'/proc', 2)",
+    "unshare_user": "s(272, 0x10000000)",
+    "unshare_net": "s(272, 0x40000000)",
+    "setns": "s(308, os.open('/proc/self/ns/net', os.O_RDONLY), 0)",
+    "keyctl": "s(250, 0, -3, 0, 0, 0)",
+    "add_key": "s(248, b'user', b'k', b'v', 1, -3)",
+    "io_uring_setup": "s(425, 8, ctypes.create_string_buffer(120))",
+    "ptrace_traceme": "s(101, 0, 0, 0, 0)",
+    "ptrace_attach_init": "s(101, 16, 1, 0, 0)",
+    "bpf": "s(321, 0, ctypes.create_string_buffer(64), 64)",
+    "perf_event_open": "s(298, ctypes.create_string_buffer(128), 0, -1, -1, 0)",
+    "userfaultfd": "s(323, 0)",
+    "init_module": "s(175, 0, 0, b'')",
+    "kexec_load": "s(246, 0, 0, 0, 0)",
+    "open_tree": "s(428, -100, b'/usr', 1)",
+    "fsopen": "s(430, b'tmpfs', 0)",
+    "chroot": "s(161, b'/tmp')",
+    "sethostname": "s(170, b'evil', 4)",
+    "process_vm_readv": "s(310, 1, 0, 0, 0, 0, 0)",
+    "clone_newuser": "s(56, 0x10000000 | 17, 0, 0, 0, 0)",
+    "tiocsti": "s(16, 0, 0x5412, ctypes.c_char_p(b'x'))",
+    "tiocsti_high_bits": "s(16, 0, 0x100005412, ctypes.c_char_p(b'x'))",
+    "reboot": "s(169, 0xfee1dead, 672274793, 0x4321fedc, 0)",
+    "settimeofday": "s(164, ctypes.create_string_buffer(16), 0)",
+    "swapon": "s(167, b'/tmp/x', 0)",
+}
+
+_ATTEMPT = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "libc.syscall.restype = ctypes.c_long\n"
+    "def s(n, *a):\n"
+    "    return libc.syscall(n, *[ctypes.c_long(x) if isinstance(x, int) else x for x in a])\n"
+    "r = {expr}\n"
+    "print(r, ctypes.get_errno())\n"
+)
+
+
+async def _attempt(box: object, expression: str) -> tuple[int, str]:
+    result = await py(box, _ATTEMPT.format(expr=expression))  # type: ignore[arg-type]
+    return result.exit_code, result.stdout.decode().strip()
+
+
+@pytest.mark.parametrize("profile", ["basic", "strict"])
+async def test_dangerous_syscalls_are_refused(profile: str) -> None:
+    async with sandbox(SandboxPolicy.preset(profile)) as box:
+        outcomes = await asyncio.gather(*(_attempt(box, expr) for expr in SYSCALL_ATTEMPTS.values()))
+    succeeded = {}
+    for name, (code, out) in zip(SYSCALL_ATTEMPTS, outcomes, strict=True):
+        refused = code == SIGSYS_EXIT or (code == 0 and out.split()[0] == "-1" and out.split()[1] != "0")
+        if not refused:
+            succeeded[name] = (code, out)
+    assert succeeded == {}
+
+
+async def test_tiocsti_is_refused_by_seccomp_not_only_by_the_missing_tty() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        for expr in (SYSCALL_ATTEMPTS["tiocsti"], SYSCALL_ATTEMPTS["tiocsti_high_bits"]):
+            code, out = await _attempt(box, expr)
+            # EPERM (1) from the filter; without it the answer would be ENOTTY (25).
+            assert code == SIGSYS_EXIT or out.split() == ["-1", "1"], out
+
+
+async def test_mount_unshare_and_chroot_commands_fail() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        for command in ("mount -t tmpfs none /tmp", "unshare -U true", "unshare -n true", "chroot /tmp /bin/true"):
+            result = await sh(box, command)
+            assert result.exit_code != 0, command
+
+
+async def test_pid_1_is_kavach_init_and_host_processes_are_invisible() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        result = await sh(box, "tr '\\0' ' ' < /proc/1/cmdline; echo; ls /proc | grep -E '^[0-9]+$' | wc -l")
+        cmdline, count = result.stdout.decode().splitlines()
+        assert cmdline.endswith("kavach-spawner ")
+        assert "/src" not in cmdline  # no source or data paths of the host beyond the interpreter
+        # init, the warm exec child, sh, ls/grep/wc: nothing of the host's hundreds.
+        assert int(count) <= 8
+        result = await sh(box, "cat /proc/[0-9]*/comm | sort -u")
+        for host_daemon in (b"systemd", b"sshd", b"pytest", b"cron"):
+            assert host_daemon not in result.stdout
+
+
+async def test_no_process_environment_holds_the_callers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = f"KAVACH_CALLER_SECRET_{uuid.uuid4().hex}"
+    monkeypatch.setenv("KAVACH_LEAK_MARKER", marker)
+    async with sandbox(SandboxPolicy.strict()) as box:
+        result = await sh(box, "for f in /proc/[0-9]*/environ; do cat $f; done 2>/dev/null | tr '\\0' '\\n'")
+        assert marker.encode() not in result.stdout
+        assert b"KAVACH_LEAK_MARKER" not in result.stdout
+        init_env = await sh(box, "cat /proc/1/environ")
+        assert init_env.stdout == b""
+
+
+async def test_only_loopback_and_host_loopback_listeners_are_unreachable() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        async with sandbox(SandboxPolicy.strict()) as box:
+            result = await sh(box, "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '")
+            assert result.stdout == b"lo\n"
+            code = (
+                "import socket\ntry:\n"
+                f"    socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')\n"
+                "except OSError as e:\n    print('refused', e.errno)\n"
+            )
+            result = await py(box, code)
+            assert result.stdout.startswith(b"refused"), result
+
+
+async def test_host_abstract_unix_sockets_are_unreachable() -> None:
+    name = f"\0kavach-escape-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(name)
+        server.listen(1)
+        async with sandbox(SandboxPolicy.strict()) as box:
+            code = (
+                "import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+                f"    s.connect({name!r}); print('connected')\n"
+                "except OSError as e:\n    print('refused', e.errno)\n"
+            )
+            result = await py(box, code)
+            assert result.stdout.startswith(b"refused"), result
+
+
+async def test_host_paths_do_not_exist_inside() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        for path in ("/root", "/home", "/var", "/sys", "/boot", "/etc/shadow", "/work/main", "/run/docker.sock"):
+            result = await sh(box, f"test -e {path}")
+            assert result.exit_code == 1, path
+        result = await sh(box, "ls /dev | sort | tr '\\n' ' '")
+        assert result.stdout.split() == sorted(
+            [b"fd", b"full", b"null", b"random", b"shm", b"stderr", b"stdin", b"stdout", b"urandom", b"zero"]
+        )
+
+
+async def test_proc_is_masked_and_read_only_where_runtimes_mask_it() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        # Masked: empty (a /dev/null bind) or absent, never the kernel's data.
+        for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/kallsyms", "/proc/sched_debug"):
+            result = await sh(box, f"cat {path} 2>/dev/null | wc -c")
+            assert result.stdout == b"0\n", path
+        for path in ("/proc/sysrq-trigger", "/proc/sys/kernel/hostname", "/proc/sys/vm/drop_caches"):
+            result = await sh(box, f"echo 1 > {path}")
+            assert result.exit_code != 0, path
+
+
+async def test_writes_outside_the_writable_paths_fail() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        for path in ("/usr/bin/evil", "/etc/passwd", "/evil", "/bin/sh", "/lib/evil", "/dev/evil"):
+            result = await sh(box, f"echo x > {path}")
+            assert result.exit_code != 0, path
+        assert (await sh(box, "echo ok > /tmp/ok && echo ok > /work/ok")).exit_code == 0
+
+
+async def test_capabilities_are_empty_in_commands_and_setuid_grants_nothing() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        result = await sh(box, "grep -E '^(CapEff|CapPrm|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status")
+        fields = dict(line.split(":\t") for line in result.stdout.decode().splitlines())
+        assert fields == {
+            "CapPrm": "0000000000000000",
+            "CapEff": "0000000000000000",
+            "CapBnd": "0000000000000000",
+            "CapAmb": "0000000000000000",
+            "NoNewPrivs": "1",
+        }
+
+
+async def test_init_cannot_be_killed_ptraced_or_read_from_inside() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        await sh(box, "kill -9 1; kill -TERM 1")
+        assert (await sh(box, "echo alive")).stdout == b"alive\n"
+        result = await sh(box, "head -c 16 /proc/1/mem; echo rc=$?")
+        assert b"rc=0" not in result.stdout
+        result = await sh(box, "ls /proc/1/fd 2>&1; echo rc=$?")
+        assert b"rc=0" not in result.stdout
+
+
+async def test_memory_bomb_is_killed_and_reported() -> None:
+    policy = SandboxPolicy.strict()  # memory limit 256 MiB
+    async with sandbox(policy) as box:
+        result = await py(box, f"b = bytearray({512 * MiB}); print('survived')", timeout_ms=30_000)
+        assert result.exit_code == 128 + signal.SIGKILL
+        assert result.reason == "memory limit"
+        assert b"survived" not in result.stdout
+        assert (await sh(box, "echo still-usable")).stdout == b"still-usable\n"
+
+
+async def test_fork_bomb_is_contained_by_the_pids_limit() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:  # pids limit 128
+        result = await sh(box, "bomb() { bomb | bomb & }; bomb; sleep 2; echo done", timeout_ms=4_000)
+        assert b"Cannot fork" in result.stderr  # the pids limit refused the bomb's forks
+        live = box.live_pids()
+        assert live is not None and live <= 128
+        await box.stop()
+    # The host is unaffected and can still fork.
+    assert os.system("true") == 0
+
+
+async def test_output_flood_of_100_mib_is_truncated_at_the_cap() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        result = await sh(box, "head -c 104857600 /dev/zero", timeout_ms=60_000)
+        assert result.stdout_truncated
+        assert len(result.stdout) == 16 * MiB
+        assert result.exit_code == 0
+
+
+async def test_background_children_and_daemons_die_at_timeout() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        result = await sh(box, "sleep 1000 & (setsid sleep 1000 &); sleep 1000", timeout_ms=500)
+        assert result.timed_out
+        await asyncio.sleep(0.1)
+        sleepers = [p for p in host_pids_in_namespace(pid_ns_of(box)) if comm_of(p) == "sleep"]
+        assert sleepers == []
+
+
+async def test_background_children_and_daemons_die_at_destroy() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        result = await sh(box, "sleep 1000 & (setsid sleep 1000 &); (setsid sh -c 'sleep 1000 &' &); echo started")
+        assert result.stdout == b"started\n" and not result.timed_out
+        ns = pid_ns_of(box)
+        await asyncio.sleep(0.1)
+        assert len([p for p in host_pids_in_namespace(ns) if comm_of(p) == "sleep"]) == 3
+    assert host_pids_in_namespace(ns) == []
+
+
+async def test_landlock_blocks_signals_out_of_the_domain_and_reads_outside_rules() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        # Landlock scopes signals (ABI >= 6): PID 1 is outside the command's domain.
+        result = await py(
+            box, "import os\ntry:\n    os.kill(1, 0); print('reached')\nexcept OSError as e:\n    print(e.errno)"
+        )
+        assert result.stdout == b"1\n"
+
+
+async def test_hostname_cannot_be_changed_and_clock_cannot_be_set() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        assert (await sh(box, "hostname evil")).exit_code != 0
+        assert (await sh(box, "date -s '2000-01-01'")).exit_code != 0
+
+
+async def test_stdin_is_closed_unless_given_and_no_tty_is_reachable() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        result = await box.exec(ExecRequest(argv=("/bin/sh", "-c", "test -t 0 || echo notty; cat /dev/tty"), env=ENV))
+        assert result.stdout == b"notty\n" and result.exit_code != 0
+
+
+async def test_enforcement_probe_reports_json_serialisable_details() -> None:
+    async with sandbox(SandboxPolicy.strict()) as box:
+        json.dumps(box.enforcement().to_dict())
