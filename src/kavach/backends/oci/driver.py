@@ -398,7 +398,7 @@ class OciInstance(Instance):
         self._init_pid: int | None = None
         self._destroyed = False
         self._proxy_listener: socket.socket | None = None
-        self._extra_runtime_args: tuple[str, ...] = driver.runtime_args()
+        self._extra_runtime_args: tuple[str, ...] = driver.runtime_args(spec.policy)
 
     # -- runtime calls ----------------------------------------------------------------------
 
@@ -558,7 +558,10 @@ class OciInstance(Instance):
         os.mkdir(self.layout.kavach_dir, 0o755)
         shutil.copyfile(Path(__file__).with_name("launcher.py"), os.path.join(self.layout.kavach_dir, "launcher.py"))
         layers: list[dict[str, Any]] = []
-        landlock = landlock_plan(self.policy)
+        # A runtime without Landlock (gVisor's sentry does not implement it) gets no Landlock
+        # layer; _check_policy let that happen only with allow_degraded, and the probe then
+        # lists Landlock as degraded.
+        landlock = landlock_plan(self.policy) if self._driver.supports_landlock else None
         if landlock is not None:
             layers.append({"name": "oci", "landlock": landlock})
         if self._inner is not None:
@@ -1102,6 +1105,7 @@ class OciDriver(Driver):
 
     backend = Backend.OCI
     preferred: tuple[RuntimeName, ...] = (RuntimeName.RUNC, RuntimeName.CRUN)
+    supports_landlock = True  # the launcher's Landlock calls reach the host kernel
 
     def __init__(
         self,
@@ -1116,7 +1120,7 @@ class OciDriver(Driver):
         self.state_base = state_base
         self.bundle_base = bundle_base
 
-    def runtime_args(self) -> tuple[str, ...]:
+    def runtime_args(self, policy: SandboxPolicy) -> tuple[str, ...]:
         """Global flags passed to every runtime call (none for runc/crun)."""
         return ()
 
@@ -1166,14 +1170,18 @@ class OciDriver(Driver):
 
 
 class GVisorDriver(OciDriver):
-    """The same bundle run by gVisor's ``runsc`` (user-space kernel).
+    """The same bundle run by gVisor's ``runsc`` (a user-space kernel between the sandbox and Linux).
 
-    ``platform`` is systrap (no hardware needs) or kvm; the network is ``none`` unless the
-    policy asks for the host network (runsc then uses its own netstack on the host's).
+    ``platform`` is ``systrap`` (no hardware needs), ``ptrace`` or ``kvm``. Network: ``none``
+    for policy ``off``, ``host`` for ``host``; the egress-proxy mode needs a host unix socket
+    handed into the sentry and is refused. The sentry does not implement Landlock, so a policy
+    asking for it is refused unless it allows degrading (then it is listed as degraded).
+    The policy's seccomp profile is enforced by the sentry (``--oci-seccomp``).
     """
 
     backend = Backend.GVISOR
     preferred = (RuntimeName.RUNSC,)
+    supports_landlock = False
 
     def __init__(
         self,
@@ -1188,19 +1196,31 @@ class GVisorDriver(OciDriver):
             raise SandboxCreateError(f"unknown gVisor platform {platform!r}; use systrap, ptrace or kvm")
         self.platform = platform
 
-    def runtime_args(self) -> tuple[str, ...]:
-        """runsc global flags: rootless user namespace, platform, no network of its own."""
-        return runsc_flags(self.platform, rootless=not _is_root(), network_none=True)
+    def runtime_args(self, policy: SandboxPolicy) -> tuple[str, ...]:
+        """runsc global flags for ``policy`` (see :func:`runsc_flags`)."""
+        return runsc_flags(self.platform, rootless=not _is_root(), network=policy.network.mode)
+
+    def _check_policy(self, spec: LaunchSpec) -> None:
+        super()._check_policy(spec)
+        policy = spec.policy
+        if policy.network.mode is NetworkMode.PROXY or spec.proxy_listen is not None:
+            raise SandboxCreateError("gVisor with the egress proxy is not supported by kavach yet; use network off")
+        if spec.inner_backend is not None:
+            raise SandboxCreateError("a composite inner layer needs Landlock/seccomp syscalls gVisor does not provide")
+        if policy.landlock.enabled and not policy.allow_degraded:
+            raise SandboxCreateError("gVisor does not implement Landlock; disable it or allow degrading")
 
 
-def runsc_flags(platform: str, *, rootless: bool, network_none: bool) -> tuple[str, ...]:
-    """The global ``runsc`` flags kavach passes (before the subcommand)."""
-    flags = [f"--platform={platform}"]
+def runsc_flags(platform: str, *, rootless: bool, network: NetworkMode) -> tuple[str, ...]:
+    """The global ``runsc`` flags kavach passes (before the subcommand).
+
+    ``--oci-seccomp`` makes the sentry enforce the bundle's ``linux.seccomp`` (runsc ignores
+    it by default, since the sentry itself is the syscall boundary).
+    """
+    flags = [f"--platform={platform}", "--oci-seccomp"]
     if rootless:
         flags.append("--rootless")
-    # With --network=none the sandbox has only loopback; "sandbox" would give gVisor's netstack
-    # the container's network namespace (used for the egress proxy set-up).
-    flags.append("--network=none" if network_none else "--network=sandbox")
+    flags.append("--network=host" if network is NetworkMode.HOST else "--network=none")
     return tuple(flags)
 
 
