@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import secrets as _secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from kavach.threat import ThreatAssessment
 
 PROXY_LISTEN = ("127.0.0.1", 3128)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CA_BUNDLE_PATH = "/run/kavach/ca-bundle.pem"
 
 
@@ -802,23 +804,30 @@ async def _launch_spec(config: SandboxConfig, sandbox_id: str, services: _Servic
     env.update(config.env)
     files: list[InjectedFile] = []
     known_secrets: list[str] = []
+    placeholders: Mapping[str, str] = {}
+    proxy_listen = None
+    # The proxy comes first: secrets bound to its credential rules are injected as
+    # placeholders, so their values never enter the sandbox.
+    if policy.network.mode is NetworkMode.PROXY:
+        proxy = _make_proxy(config, sandbox_id, services)
+        services.proxy = proxy
+        placeholders = proxy.placeholders()
+        known_secrets.extend(proxy.secret_values())
+        # Each proxy-bound secret is visible as a variable of its own name, holding only the
+        # placeholder (as `kavach run --credential HOST=HEADER:VAR` promises for VAR).
+        env.update({name: value for name, value in placeholders.items() if _ENV_NAME.match(name)})
+        env.update(proxy.sandbox_env(f"http://{PROXY_LISTEN[0]}:{PROXY_LISTEN[1]}", CA_BUNDLE_PATH))
+        files.append(InjectedFile(CA_BUNDLE_PATH, proxy.ca_bundle_pem(), 0o444))
+        proxy_listen = PROXY_LISTEN
     if config.secrets:
         from kavach.credentials import CredentialStore, resolve_secrets
 
         store = config.credential_store or CredentialStore()
-        resolved = resolve_secrets(config.secrets, store)
+        resolved = resolve_secrets(config.secrets, store, placeholders)
         env.update(resolved.env)
         files.extend(resolved.files)
         services.stdin_secret = resolved.stdin
         known_secrets.extend(resolved.values)
-    proxy_listen = None
-    if policy.network.mode is NetworkMode.PROXY:
-        proxy = _make_proxy(config, sandbox_id, services)
-        services.proxy = proxy
-        env.update(proxy.placeholders())
-        env.update(proxy.sandbox_env(f"http://{PROXY_LISTEN[0]}:{PROXY_LISTEN[1]}", CA_BUNDLE_PATH))
-        files.append(InjectedFile(CA_BUNDLE_PATH, proxy.ca_bundle_pem(), 0o444))
-        proxy_listen = PROXY_LISTEN
     if known_secrets and services.gate is not None:
         services.gate = Gate(services.gate.policy, known_secrets=known_secrets)
     services.base_env = env
