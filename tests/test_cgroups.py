@@ -6,6 +6,7 @@ released, so that everything it forks is born inside the cgroup.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -247,6 +248,64 @@ def test_v2_freeze_and_kill_on_the_controllerless_unified_hierarchy() -> None:
     finally:
         cgroup.destroy()
     assert not cgroup.path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting up a delegated subtree needs root")
+def test_v2_delegated_subtree_serves_an_unprivileged_caller() -> None:
+    # What systemd's Delegate=yes gives a user: a subtree owned by them. Simulated on the
+    # controller-less unified mount (so no limits, but the same permission rules).
+    mounts = cgroups._mounts()
+    if mounts.v2 is None or not os.access(mounts.v2, os.W_OK):
+        pytest.skip("no writable cgroup2 mount")
+    delegated = mounts.v2 / f"test-delegated-{uuid.uuid4().hex[:8]}"
+    leaf = delegated / "app.scope"
+    for directory in (delegated, leaf):
+        directory.mkdir()
+        for path in (directory, directory / "cgroup.procs", directory / "cgroup.subtree_control"):
+            os.chown(path, 65534, 65534)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        report: dict[str, object] = {}
+        try:
+            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            parent = cgroups.v2_parent(mounts.v2)
+            report["parent"] = str(parent)
+            assert parent is not None
+            cgroup = cgroups._create_v2(parent, "sandbox", ResourceLimits())
+            sleeper = os.fork()
+            if sleeper == 0:
+                time.sleep(1000)
+                os._exit(0)
+            cgroup.add(sleeper)
+            cgroup.freeze()
+            report["frozen"] = cgroup.frozen()
+            cgroup.thaw()
+            cgroup.kill_all()
+            report["signal"] = os.waitstatus_to_exitcode(os.waitpid(sleeper, 0)[1])
+            cgroup.destroy()
+            report["removed"] = not cgroup.path.exists()
+        except BaseException as exc:
+            report["error"] = repr(exc)
+        os.write(write_end, json.dumps(report).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        reported = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    for directory in (delegated / cgroups.PARENT / "sandbox", delegated / cgroups.PARENT, leaf, delegated):
+        if directory.exists():
+            directory.rmdir()
+    expected = {
+        "parent": str(delegated / cgroups.PARENT),
+        "frozen": True,
+        "signal": -signal.SIGKILL,
+        "removed": True,
+    }
+    assert reported == expected
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")

@@ -33,7 +33,8 @@ from kavach.errors import SandboxCreateError
 from kavach.policy import ResourceLimits
 
 PARENT = "kavach"
-V2_CONTROLLERS = frozenset({"memory", "pids", "cpu"})
+V2_REQUIRED = frozenset({"memory", "pids"})
+V2_CONTROLLERS = frozenset({"memory", "pids", "cpu"})  # cpu joins when available
 V1_REQUIRED = ("memory", "pids", "freezer")  # cpu joins when a CPU limit is asked
 CPU_PERIOD_US = 100_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -93,15 +94,21 @@ def _mounts() -> _Mounts:
 
 
 def cgroup_support() -> CgroupSupport:
-    """Probe the host: cgroup v2 with memory/pids/cpu, else v1 with memory/pids/freezer, else none."""
+    """Probe the host: cgroup v2 with memory/pids, else v1 with memory/pids/freezer, else none.
+
+    The cpu controller is used when present (a CPU limit needs it). For an unprivileged
+    caller, v2 means the delegated subtree it may write (see :func:`v2_parent`).
+    """
     mounts = _mounts()
     v2_missing = ""
     if mounts.v2 is not None:
-        available = frozenset(_read(mounts.v2 / "cgroup.controllers", "").split())
-        if available >= V2_CONTROLLERS:
-            writable = os.access(mounts.v2 / PARENT, os.W_OK) or os.access(mounts.v2, os.W_OK)
-            return CgroupSupport(2, available, f"cgroup v2 at {mounts.v2}", writable)
-        v2_missing = f"; v2 at {mounts.v2} lacks {', '.join(sorted(V2_CONTROLLERS - available))}"
+        parent = v2_parent(mounts.v2)
+        base = mounts.v2 if parent is None else parent.parent
+        available = frozenset(_read(base / "cgroup.controllers", "").split())
+        if available >= V2_REQUIRED:
+            where = f"cgroup v2 at {mounts.v2}" if base == mounts.v2 else f"delegated cgroup v2 subtree {base}"
+            return CgroupSupport(2, available & V2_CONTROLLERS, where, parent is not None)
+        v2_missing = f"; v2 at {base} lacks {', '.join(sorted(V2_REQUIRED - available))}"
     missing = [c for c in V1_REQUIRED if c not in mounts.v1]
     if not missing:
         controllers = frozenset(c for c in (*V1_REQUIRED, "cpu") if c in mounts.v1)
@@ -112,6 +119,39 @@ def cgroup_support() -> CgroupSupport:
         return CgroupSupport(1, controllers, reason, writable)
     reason = f"no usable cgroup hierarchy (v1 lacks {', '.join(missing)}{v2_missing or '; no cgroup2 mount'})"
     return CgroupSupport(None, frozenset(), reason)
+
+
+def v2_parent(v2_root: Path) -> Path | None:
+    """Where this process may create sandbox cgroups in the v2 hierarchy, or ``None``.
+
+    Root (or whoever may write the hierarchy's root) uses ``<root>/kavach``. Anyone else
+    uses the top of the subtree delegated to them (systemd's ``user@UID.service`` with
+    ``Delegate=yes``): the highest ancestor of their own cgroup whose directory and
+    ``cgroup.procs`` they may write. Moving a process between two cgroups needs write access
+    to their common ancestor's ``cgroup.procs``, which that choice guarantees.
+    """
+    if os.access(v2_root, os.W_OK) and os.access(v2_root / "cgroup.procs", os.W_OK):
+        return v2_root / PARENT
+    own = _own_v2_cgroup()
+    if own is None:
+        return None
+    top: Path | None = None
+    directory = v2_root / own
+    while directory != v2_root and v2_root in directory.parents:
+        if not (os.access(directory, os.W_OK) and os.access(directory / "cgroup.procs", os.W_OK)):
+            break
+        top = directory
+        directory = directory.parent
+    return None if top is None else top / PARENT
+
+
+def _own_v2_cgroup() -> str | None:
+    with open("/proc/self/cgroup", encoding="utf-8") as cgroup_file:
+        for line in cgroup_file:
+            if line.startswith("0::"):
+                path = line[3:].strip().lstrip("/")
+                return path or None
+    return None
 
 
 def create_cgroup(name: str, limits: ResourceLimits) -> Cgroup:
@@ -129,7 +169,18 @@ def create_cgroup(name: str, limits: ResourceLimits) -> Cgroup:
     mounts = _mounts()
     if support.version == 2:
         assert mounts.v2 is not None
-        return _create_v2(mounts.v2 / PARENT, name, limits)
+        parent = v2_parent(mounts.v2)
+        if parent is None:
+            raise CgroupError(
+                "create",
+                errno.EACCES,
+                mounts.v2,
+                f"not writable by uid {os.geteuid()} and no delegated subtree: run as root or delegate a "
+                "writable cgroup (systemd-run --user -p Delegate=yes)",
+            )
+        if limits.cpus is not None and "cpu" not in support.controllers:
+            raise CgroupError("probe", errno.ENOTSUP, parent.parent, "a CPU limit needs the v2 cpu controller")
+        return _create_v2(parent, name, limits)
     controllers = [*V1_REQUIRED]
     if limits.cpus is not None:
         if "cpu" not in mounts.v1:
@@ -143,7 +194,8 @@ def _parent_dirs() -> dict[str, Path]:
     support = cgroup_support()
     mounts = _mounts()
     if support.version == 2 and mounts.v2 is not None:
-        return {"unified": mounts.v2 / PARENT}
+        parent = v2_parent(mounts.v2)
+        return {} if parent is None else {"unified": parent}
     if support.version == 1:
         return {c: mounts.v1[c] / PARENT for c in (*V1_REQUIRED, "cpu") if c in mounts.v1}
     return {}
@@ -491,4 +543,5 @@ __all__ = [
     "create_cgroup",
     "existing_cgroups",
     "open_cgroup",
+    "v2_parent",
 ]
