@@ -101,18 +101,24 @@ def compile_filter(policy: SeccompPolicy, *, deny_sockets: bool = False) -> byte
     Programs are cached per (policy, deny_sockets): creating many sandboxes with the same
     policy compiles once.
     """
+    try:
+        hash(policy)
+    except TypeError:  # a policy built with lists instead of tuples: correct, just not cacheable
+        return _compile(policy, deny_sockets)
     return _compile_cached(policy, deny_sockets)
 
 
-@functools.lru_cache(maxsize=32)
-def _compile_cached(policy: SeccompPolicy, deny_sockets: bool) -> bytes:
-    # Exceptions are not cached by lru_cache, so a bad policy raises every time.
+def _compile(policy: SeccompPolicy, deny_sockets: bool) -> bytes:
     from kavach.backends.seccomp_profiles import build_spec
 
     spec = build_spec(policy, deny_sockets=deny_sockets)
     if spec is None:
         return b""
     return compile_spec(spec, user_names=frozenset(policy.allow) | frozenset(policy.deny))
+
+
+# Exceptions are not cached by lru_cache, so a bad policy raises every time.
+_compile_cached = functools.lru_cache(maxsize=32)(_compile)
 
 
 def compile_spec(
@@ -151,7 +157,7 @@ def compile_spec(
         flt = pyseccomp.SyscallFilter(actions[spec.default_action](spec.default_errno))
         flt.set_attr(pyseccomp.Attr.ACT_BADARCH, actions[spec.bad_arch_action](0))
         # A binary search over syscall numbers instead of libseccomp's default linear chain:
-        # the strict allow list has ~300 entries and every syscall of the sandbox walks it.
+        # the strict allow list has ~270 entries and every syscall of the sandbox walks it.
         flt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
     except OSError as exc:
         raise SeccompError("init filter", exc.errno or errno.EINVAL) from None
