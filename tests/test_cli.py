@@ -98,3 +98,33 @@ def test_run_min_score_unreachable_exits_125(capsys: pytest.CaptureFixture[str])
 def test_help_works(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "run", "--help")
     assert code == 0 and "--min-score" in out
+
+
+def test_proxy_flags_need_proxy_mode_and_valid_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "run", "--network", "off", "--allow", "example.com", "--", "true")
+    assert code == 2 and "--network proxy" in err
+    code, _, err = run_cli(capsys, "run", "--credential", "no-equals-sign", "--", "true")
+    assert code == 2 and "--credential" in err
+    code, _, err = run_cli(capsys, "run", "--credential", "api.example.com=Authorization:UNSET_VAR_XYZ", "--", "true")
+    assert code == 2 and "UNSET_VAR_XYZ" in err
+
+
+def test_credential_value_never_reaches_the_sandbox_or_the_output(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kavach.backends import registry
+    from kavach.backends.names import Backend
+
+    if not registry.probe(Backend.PROCESS).usable:
+        pytest.skip(f"process backend unusable here: {registry.probe(Backend.PROCESS).reason}")
+    monkeypatch.setenv("API_TOKEN", "tok-8f3a1c0d9e7b6a5f4e3d")
+    code, out, err = run_cli(
+        capsys,
+        "run", "--backend", "process", "--json",
+        "--allow", "api.example.com", "--credential", "api.example.com=Authorization:API_TOKEN",
+        "--", "/bin/sh", "-c", "echo $API_TOKEN; cat /proc/self/environ",
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["result"]["stdout"].startswith("KAVACH_PLACEHOLDER_")
+    assert "tok-8f3a1c0d9e7b6a5f4e3d" not in out + err

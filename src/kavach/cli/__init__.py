@@ -21,7 +21,7 @@ import typer
 
 from kavach.backends.names import Backend
 from kavach.errors import KavachError, PolicyError
-from kavach.policy import Bind, NetworkMode, NetworkPolicy, SandboxPolicy
+from kavach.policy import Bind, NetworkMode, SandboxPolicy
 
 EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 124
@@ -71,28 +71,39 @@ def _emit_json(data: Any) -> None:
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
-    command: Annotated[
-        list[str] | None, typer.Argument(help="The command and its arguments (after --).")
-    ] = None,
+    command: Annotated[list[str] | None, typer.Argument(help="The command and its arguments (after --).")] = None,
     backend: Annotated[str, typer.Option(help="auto or a backend name (see 'kavach backends').")] = "auto",
     policy: Annotated[str, typer.Option(help="minimal, basic, strict or a policy file.")] = "basic",
     min_score: Annotated[int, typer.Option(help="Fail unless the enforced score reaches N.")] = 0,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock timeout in seconds.")] = None,
     ro_bind: Annotated[list[str] | None, typer.Option("--ro-bind", help="SRC[:DST] read-only bind.")] = None,
     bind: Annotated[list[str] | None, typer.Option("--bind", help="SRC[:DST] read-write bind.")] = None,
-    workdir: Annotated[
-        str | None, typer.Option(help="Host directory bound read-write as the workdir.")
-    ] = None,
+    workdir: Annotated[str | None, typer.Option(help="Host directory bound read-write as the workdir.")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", help="K=V set in the sandbox.")] = None,
     network: Annotated[str | None, typer.Option(help="off, proxy or host (default: the policy's).")] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="[METHODS ]HOST[:PORT] the proxy lets through (repeatable).")
+    ] = None,
+    deny: Annotated[list[str] | None, typer.Option("--deny", help="HOST[:PORT] refused even if allowed.")] = None,
+    allow_private: Annotated[
+        list[str] | None, typer.Option("--allow-private", help="CIDR of private/loopback destinations to permit.")
+    ] = None,
+    credential: Annotated[
+        list[str] | None,
+        typer.Option("--credential", help="HOST=HEADER:ENVVAR: the proxy injects HEADER with $ENVVAR's value."),
+    ] = None,
+    upstream_ca: Annotated[str | None, typer.Option(help="Extra PEM CA trusted for upstream servers.")] = None,
     agent_id: Annotated[str | None, typer.Option(help="Agent on whose behalf the command runs.")] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Pass this process's stdin to the command.")] = False,
     no_audit: Annotated[bool, typer.Option("--no-audit", help="Do not write the audit log.")] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of the output.")
-    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the output.")] = False,
 ) -> None:
-    """Run CMD in a sandbox and exit with its exit code (124 on timeout)."""
+    """Run CMD in a sandbox and exit with its exit code (124 on timeout).
+
+    With --network proxy the sandbox reaches only the hosts given with --allow, through kavach's
+    egress proxy; --credential makes the proxy add a header whose value the sandbox never sees
+    (its $ENVVAR holds a placeholder).
+    """
     if not command:
         raise CliError("missing command: kavach run [OPTIONS] -- CMD [ARGS...]")
     from kavach.config import AuditSettings, SandboxConfig
@@ -104,14 +115,29 @@ def run(
         rw_binds=chosen.filesystem.rw_binds + tuple(Bind.parse(b, "--bind") for b in bind or ()),
     )
     chosen = replace(chosen, filesystem=filesystem)
+    proxy_flags = bool(allow or deny or allow_private or credential or upstream_ca)
+    if network is None and proxy_flags:
+        network = "proxy"
     if network is not None:
         try:
             mode = NetworkMode(network.lower())
         except ValueError:
             raise PolicyError("--network", network, "expected off, proxy or host") from None
-        chosen = replace(
-            chosen, network=replace(chosen.network, mode=mode) if chosen.network else NetworkPolicy(mode)
+        if proxy_flags and mode is not NetworkMode.PROXY:
+            raise PolicyError("--network", network, "--allow/--deny/--credential need --network proxy")
+        chosen = replace(chosen, network=replace(chosen.network, mode=mode))
+    proxy_settings: dict[str, Any] = {}
+    if chosen.network.mode is NetworkMode.PROXY:
+        from kavach.credentials.options import parse_proxy_options
+
+        options = parse_proxy_options(
+            allow=allow or chosen.network.egress_allowlist,
+            deny=deny or chosen.network.egress_denylist,
+            allow_private=allow_private or (),
+            credentials=credential or (),
+            upstream_ca=upstream_ca,
         )
+        proxy_settings = {"proxy": options.config, "credential_store": options.store, "secrets": options.secret_refs}
     if timeout is not None:
         if timeout <= 0:
             raise PolicyError("--timeout", timeout, "must be positive")
@@ -125,6 +151,7 @@ def run(
         min_score=min_score,
         agent_id=agent_id,
         audit=AuditSettings(enabled=not no_audit),
+        **proxy_settings,
     )
     data = sys.stdin.buffer.read() if stdin else None
     code = asyncio.run(_run_and_report(config, list(command), data, as_json))
@@ -153,9 +180,7 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
             sys.stdout.flush()
             sys.stderr.buffer.write(result.stderr)
             for item in result.quarantine_ids:
-                sys.stderr.write(
-                    f"kavach: output quarantined as {item} (see 'kavach quarantine show {item}')\n"
-                )
+                sys.stderr.write(f"kavach: output quarantined as {item} (see 'kavach quarantine show {item}')\n")
             if result.timed_out:
                 sys.stderr.write(f"kavach: timed out ({result.reason or 'wall-clock timeout'})\n")
             sys.stderr.flush()
@@ -289,6 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_KAVACH_FAILED
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug, not bad input: one line, the traceback only on request
+        if os.environ.get("KAVACH_DEBUG"):
+            raise
+        sys.stderr.write(f"kavach: internal error: {type(exc).__name__}: {exc} (KAVACH_DEBUG=1 shows the traceback)\n")
+        return 1
     return result if isinstance(result, int) else 0
 
 
