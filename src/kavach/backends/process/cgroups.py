@@ -1,11 +1,13 @@
 """Per-sandbox cgroups: memory, pids and CPU limits, freezing, killing everything, OOM reporting.
 
-cgroup v2 is used when the unified hierarchy offers the memory, pids and cpu controllers;
-otherwise cgroup v1 (memory, pids and freezer hierarchies, plus cpu when a CPU limit is
-asked), as on hybrid hosts where the controllers are bound to v1. Every sandbox gets one
+cgroup v2 is used when the unified hierarchy offers the memory and pids controllers (cpu
+too when a CPU limit is asked); otherwise cgroup v1 (memory, pids and freezer hierarchies,
+plus cpu when a CPU limit is asked), as on hybrid hosts where the controllers are bound to
+v1. Every sandbox gets one
 cgroup named after it under a ``kavach`` parent, in every hierarchy used:
 
-* v2: ``<unified>/kavach/<name>``
+* v2: ``<unified>/kavach/<name>`` (for root), or ``<delegated subtree>/kavach/<name>``
+  for an unprivileged caller with a delegated cgroup (see :func:`v2_parent`)
 * v1: ``/sys/fs/cgroup/<controller>/kavach/<name>`` for each controller
 
 Swap is turned off for the sandbox wherever the kernel allows it (``memory.swap.max = 0``,
@@ -277,6 +279,7 @@ class Cgroup:
         control = _keyed(_read(self.dirs["memory"] / "memory.oom_control", ""))
         if "oom_kill" in control:  # kernels >= 4.13
             return control["oom_kill"] > 0
+        # Older kernels only count hits of the limit: the closest signal they give.
         return int(_read(self.dirs["memory"] / "memory.failcnt", "0")) > 0
 
     def memory_peak(self) -> int | None:
