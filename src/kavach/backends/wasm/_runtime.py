@@ -61,10 +61,6 @@ def missing_features() -> list[str]:
     return [name for name in needed if not hasattr(bindings, name)]
 
 
-def _noop_finalizer(_env: int | None) -> None:
-    return None
-
-
 class DeadlineHook:
     """Installs ``decide`` as the store's epoch-deadline callback.
 
@@ -77,7 +73,7 @@ class DeadlineHook:
     def __init__(self, store: wasmtime.Store, decide: Callable[[], str | None]) -> None:
         ffi = _ffi()
         # The exact ctypes prototypes the generated binding declares for the callback and
-        # its finalizer (argument 1 and 3 of wasmtime_store_epoch_deadline_callback).
+        # the finalizer (arguments 1 and 3 of wasmtime_store_epoch_deadline_callback).
         argtypes = _bindings()._wasmtime_store_epoch_deadline_callback.argtypes
         callback_type, finalizer_type = argtypes[1], argtypes[3]
 
@@ -94,11 +90,12 @@ class DeadlineHook:
             error = ffi.wasmtime_error_new(verdict.encode())
             return ctypes.cast(error, ctypes.c_void_p).value or 0
 
-        # The ctypes thunks must outlive the store: the run keeps this object until the
-        # store is gone.
+        # The ctypes thunk must stay alive while the store can call it; the caller closes
+        # the store before dropping this object. No finalizer: wasmtime would call it when
+        # the store is deleted, possibly after a Python-side thunk was already freed.
         self._callback = callback_type(callback)
-        self._finalizer = finalizer_type(_noop_finalizer)
-        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._callback, None, self._finalizer)
+        null_finalizer = finalizer_type()  # a NULL function pointer
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._callback, None, null_finalizer)
 
 
 class EpochTicker:

@@ -376,11 +376,14 @@ class WasmInstance(Instance):
             store.set_wasi(self._wasi_config(prepared))
             runtime.ticker.acquire()
             try:
-                result = self._call_start(store, pre, prepared)
+                return self._call_start(store, pre, prepared)
             finally:
                 runtime.ticker.release()
-            del hook  # the callback thunk may go only after the store stopped running
-            return result
+                # Delete the native store here, on its own thread, before the callback
+                # thunk it points to can be collected (an exception traceback would
+                # otherwise keep the store alive until some later GC on another thread).
+                store.close()
+                del hook
         finally:
             with self._runs_lock:
                 self._runs.discard(control)
@@ -416,7 +419,7 @@ class WasmInstance(Instance):
         timed_out = False
         try:
             instance = pre.instantiate(store)
-        except wasmtime.WasmtimeError as exc:
+        except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
             return self._result(prepared, TRAP_EXIT_CODE, f"instantiation failed: {_first_line(str(exc))}")
         start = instance.exports(store).get("_start")
         if not isinstance(start, wasmtime.Func):
@@ -425,7 +428,9 @@ class WasmInstance(Instance):
             start(store)
         except wasmtime.ExitTrap as exc:
             exit_code = exc.code
-        except wasmtime.WasmtimeError as exc:
+        except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+            # Trap is not a WasmtimeError subclass: wasm traps (fuel, unreachable, ...) come
+            # as Trap, a trap raised by our epoch callback as WasmtimeError.
             if control.stop_reason is not None:
                 exit_code, reason, timed_out = (
                     control.stop_exit_code,

@@ -1,0 +1,542 @@
+"""The WASM backend with real modules: C compiled to wasm32-wasi in the session setup, plus WAT.
+
+Every test drives a real wasmtime store through ``WasmDriver`` (no mocks). The C tool
+(``tests/wasm_programs/tool.c``) is compiled once per session with Debian's clang, lld and
+wasi-libc; WAT modules are compiled by wasmtime itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+wasmtime = pytest.importorskip("wasmtime", reason="wasmtime not installed (pip install kavach[wasm])")
+
+from kavach.backends.base import ExecRequest, InjectedFile, LaunchSpec  # noqa: E402
+from kavach.backends.names import Backend  # noqa: E402
+from kavach.backends.wasm import (  # noqa: E402
+    WasmDriver,
+    WasmInstance,
+    register_module,
+    registered_modules,
+    unregister_module,
+)
+from kavach.backends.wasm import driver as wasm_driver  # noqa: E402
+from kavach.errors import ExecError, SandboxCreateError  # noqa: E402
+from kavach.policy import Bind, NetworkMode, NetworkPolicy, ResourceLimits, SandboxPolicy  # noqa: E402
+from kavach.scoring import Control, score  # noqa: E402
+
+PROGRAMS = Path(__file__).parent / "wasm_programs"
+MiB = 1024 * 1024
+
+
+def _compile_c(source: Path, output: Path) -> None:
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("clang not installed (needs clang, lld, wasi-libc, libclang-rt-14-dev-wasm32)")
+    proc = subprocess.run(
+        [clang, "--target=wasm32-wasi", "-O2", "-o", str(output), str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"clang --target=wasm32-wasi cannot build here: {proc.stderr.strip()[:300]}")
+
+
+@pytest.fixture(scope="session")
+def programs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with tool.wasm (compiled now) and the WAT modules."""
+    directory = tmp_path_factory.mktemp("wasm-programs")
+    _compile_c(PROGRAMS / "tool.c", directory / "tool.wasm")
+    for wat in PROGRAMS.glob("*.wat"):
+        shutil.copy(wat, directory / wat.name)
+    (directory / "data.txt").write_text("preopened file content")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> WasmDriver:
+    """One driver (engine + module cache) for the whole session, as in a real process."""
+    return WasmDriver(cache_dir=tmp_path_factory.mktemp("wasm-cache"))
+
+
+def _policy(
+    base: SandboxPolicy | None = None,
+    *,
+    ro: tuple[Bind, ...] = (),
+    rw: tuple[Bind, ...] = (),
+    read_only_root: bool | None = None,
+    resources: ResourceLimits | None = None,
+    allow_degraded: bool | None = None,
+) -> SandboxPolicy:
+    policy = base or SandboxPolicy.basic()
+    fs = replace(policy.filesystem, ro_binds=ro, rw_binds=rw)
+    if read_only_root is not None:
+        fs = replace(fs, read_only_root=read_only_root)
+    policy = replace(policy, filesystem=fs)
+    if resources is not None:
+        policy = replace(policy, resources=resources)
+    if rw or read_only_root is False:
+        # WASI preopens have no file size limit: a policy that asks for one with writable
+        # preopens is refused (see test_file_size_with_writable_preopen_fails_closed).
+        policy = replace(policy, resources=replace(policy.resources, file_size=None))
+    if allow_degraded is not None:
+        policy = replace(policy, allow_degraded=allow_degraded)
+    return policy
+
+
+@pytest.fixture
+async def sandbox(driver: WasmDriver, programs: Path) -> AsyncIterator[WasmInstance]:
+    """A basic-policy sandbox with the programs directory preopened read-only at /prog."""
+    instance = await driver.start(LaunchSpec("t-basic", _policy(ro=(Bind(str(programs), "/prog"),))))
+    assert isinstance(instance, WasmInstance)
+    yield instance
+    await instance.destroy()
+
+
+def _req(*argv: str, timeout_ms: int | None = 10_000, **kwargs: object) -> ExecRequest:
+    return ExecRequest(argv=argv, timeout_ms=timeout_ms, **kwargs)  # type: ignore[arg-type]
+
+
+async def _until(condition: Callable[[], bool], limit_s: float = 20.0) -> None:
+    """Wait until ``condition()`` holds; fail (not hang) after ``limit_s``."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), limit_s)
+
+
+# -- probe -------------------------------------------------------------------------------------
+
+
+def test_probe_reports_wasmtime_version_and_no_linux_commands(driver: WasmDriver) -> None:
+    result = driver.probe()
+    assert result.usable
+    assert result.version == wasmtime_version()
+    assert result.runs_linux_commands is False
+    assert result.backend is Backend.WASM
+
+
+def wasmtime_version() -> str:
+    from importlib.metadata import version
+
+    return version("wasmtime")
+
+
+# -- argv, env, stdin, exit codes ----------------------------------------------------------------
+
+
+async def test_hello_with_args_and_env_only_from_request(sandbox: WasmInstance) -> None:
+    os.environ["SECRET_HOST_VAR"] = "host-only"
+    try:
+        result = await sandbox.exec(_req("/prog/tool.wasm", "hello", "a b", "c", env={"GREETING": "hi there"}))
+    finally:
+        del os.environ["SECRET_HOST_VAR"]
+    lines = result.stdout.decode().splitlines()
+    assert result.exit_code == 0, result
+    assert lines[:4] == ["arg0=/prog/tool.wasm", "arg1=hello", "arg2=a b", "arg3=c"]
+    assert "env GREETING=hi there" in lines
+    # Nothing leaks from the host environment: only what the request carried.
+    assert "env SECRET_HOST_VAR=(unset)" in lines
+    assert "env HOME=(unset)" in lines
+
+
+async def test_shell_string_is_split_like_words(sandbox: WasmInstance) -> None:
+    request = ExecRequest(argv=("/bin/sh", "-c", "x"), shell="/prog/tool.wasm hello 'two words'", timeout_ms=10_000)
+    result = await sandbox.exec(request)
+    assert b"arg2=two words\n" in result.stdout
+
+
+async def test_shell_operators_are_refused(sandbox: WasmInstance) -> None:
+    request = ExecRequest(argv=("/bin/sh", "-c", "x"), shell="/prog/tool.wasm hello | cat", timeout_ms=10_000)
+    with pytest.raises(ExecError, match="shell operator"):
+        await sandbox.exec(request)
+
+
+async def test_stdin_bytes_reach_the_module(sandbox: WasmInstance) -> None:
+    data = b"line one\nline two\x00\xff"
+    result = await sandbox.exec(_req("/prog/tool.wasm", "stdin", stdin=data))
+    assert result.stdout == b"stdin=" + data + b"\nstdin_bytes=" + str(len(data)).encode() + b"\n"
+
+
+async def test_no_stdin_reads_empty(sandbox: WasmInstance) -> None:
+    result = await sandbox.exec(_req("/prog/tool.wasm", "stdin"))
+    assert result.stdout.endswith(b"stdin_bytes=0\n")
+
+
+async def test_exit_code_from_main_and_from_proc_exit(sandbox: WasmInstance) -> None:
+    from_main = await sandbox.exec(_req("/prog/tool.wasm", "exit", "42"))
+    assert from_main.exit_code == 42
+    assert from_main.reason is None
+    wat = await sandbox.exec(_req("/prog/hello.wat"))
+    assert wat.exit_code == 7
+    assert wat.stdout == b"hello from wat\n"
+
+
+async def test_trap_gives_nonzero_exit_and_message(sandbox: WasmInstance) -> None:
+    result = await sandbox.exec(_req("/prog/trap.wat"))
+    assert result.exit_code == wasm_driver.TRAP_EXIT_CODE
+    assert result.reason is not None
+    assert result.reason.startswith("trap: ")
+    assert "unreachable" in result.reason
+    assert result.timed_out is False
+
+
+async def test_output_caps_and_truncation_flags(sandbox: WasmInstance) -> None:
+    request = _req("/prog/tool.wasm", "flood", "100000", stdout_cap=1000, stderr_cap=5)
+    result = await sandbox.exec(request)
+    assert result.exit_code == 0
+    assert result.stdout == b"x" * 1000
+    assert result.stdout_truncated is True
+    assert result.stderr == b"flood"
+    assert result.stderr_truncated is True
+
+
+# -- filesystem -----------------------------------------------------------------------------------
+
+
+async def test_reads_a_preopened_file(sandbox: WasmInstance) -> None:
+    result = await sandbox.exec(_req("/prog/tool.wasm", "read", "/prog/data.txt"))
+    assert result.stdout == b"content=preopened file content\n"
+
+
+async def test_writing_to_read_only_preopen_fails(sandbox: WasmInstance, programs: Path) -> None:
+    result = await sandbox.exec(_req("/prog/tool.wasm", "write", "/prog/new.txt", "nope"))
+    assert result.exit_code == 1
+    assert b"open failed" in result.stdout
+    assert not (programs / "new.txt").exists()
+
+
+async def test_paths_outside_preopens_do_not_exist(sandbox: WasmInstance) -> None:
+    result = await sandbox.exec(_req("/prog/tool.wasm", "read", "/etc/passwd"))
+    assert result.exit_code == 1
+    assert b"open failed" in result.stdout
+    escape = await sandbox.exec(_req("/prog/tool.wasm", "read", "/prog/../etc/passwd"))
+    assert escape.exit_code == 1
+
+
+async def test_read_write_bind_and_read_file(driver: WasmDriver, programs: Path, tmp_path: Path) -> None:
+    policy = _policy(ro=(Bind(str(programs), "/prog"),), rw=(Bind(str(tmp_path), "/out"),), read_only_root=False)
+    instance = await driver.start(LaunchSpec("t-rw", policy))
+    try:
+        result = await instance.exec(_req("/prog/tool.wasm", "write", "/out/result.txt", "made inside"))
+        assert result.stdout == b"written\n"
+        assert (tmp_path / "result.txt").read_text() == "made inside"
+        assert await instance.read_file("/out/result.txt", 100) == b"made inside"
+        with pytest.raises(ExecError, match="larger than"):
+            await instance.read_file("/out/result.txt", 3)
+        with pytest.raises(ExecError, match="not inside a preopened"):
+            await instance.read_file("/etc/passwd", 100)
+    finally:
+        await instance.destroy()
+
+
+async def test_symlink_planted_in_writable_preopen_cannot_escape(
+    driver: WasmDriver, programs: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "evil.wasm").symlink_to("/etc/passwd")
+    policy = _policy(ro=(Bind(str(programs), "/prog"),), rw=(Bind(str(tmp_path), "/out"),), read_only_root=False)
+    instance = await driver.start(LaunchSpec("t-link", policy))
+    try:
+        with pytest.raises(ExecError, match="outside its preopened directory"):
+            await instance.exec(_req("/out/evil.wasm"))
+        with pytest.raises(ExecError, match="outside its preopened directory"):
+            await instance.read_file("/out/evil.wasm", 100)
+    finally:
+        await instance.destroy()
+
+
+async def test_per_sandbox_workdir_is_read_only_under_read_only_root_and_removed(
+    driver: WasmDriver, programs: Path
+) -> None:
+    instance = await driver.start(LaunchSpec("t-wd", _policy(ro=(Bind(str(programs), "/prog"),))))
+    assert isinstance(instance, WasmInstance)
+    workdir = next(p for p in instance.preopens if p.guest == "/work")
+    assert workdir.writable is False
+    result = await instance.exec(_req("/prog/tool.wasm", "write", "/work/x", "y"))
+    assert result.exit_code == 1
+    await instance.destroy()
+    assert not os.path.exists(workdir.host)
+
+
+async def test_writable_workdir_when_root_is_not_read_only(driver: WasmDriver, programs: Path) -> None:
+    policy = _policy(ro=(Bind(str(programs), "/prog"),), read_only_root=False)
+    instance = await driver.start(LaunchSpec("t-wd-rw", policy))
+    try:
+        result = await instance.exec(_req("/prog/tool.wasm", "write", "/work/x", "scratch"))
+        assert result.stdout == b"written\n"
+        assert await instance.read_file("/work/x", 100) == b"scratch"
+        assert Control.READ_ONLY_ROOT not in instance.enforcement().controls
+    finally:
+        await instance.destroy()
+
+
+async def test_injected_files_are_readable_read_only_and_on_tmpfs(driver: WasmDriver, programs: Path) -> None:
+    files = (InjectedFile("/run/secrets/token", b"s3cr3t-value", 0o400),)
+    spec = LaunchSpec("t-files", _policy(ro=(Bind(str(programs), "/prog"),)), files=files)
+    instance = await driver.start(spec)
+    assert isinstance(instance, WasmInstance)
+    try:
+        result = await instance.exec(_req("/prog/tool.wasm", "read", "/run/secrets/token"))
+        assert result.stdout == b"content=s3cr3t-value\n"
+        denied = await instance.exec(_req("/prog/tool.wasm", "write", "/run/secrets/token", "x"))
+        assert denied.exit_code == 1
+        secrets_dir = next(p for p in instance.preopens if p.guest == "/run/secrets")
+        assert secrets_dir.host.startswith("/dev/shm/")
+    finally:
+        await instance.destroy()
+    assert not os.path.exists(secrets_dir.host)
+
+
+# -- module resolution ---------------------------------------------------------------------------
+
+
+async def test_registered_module_name(sandbox: WasmInstance, programs: Path) -> None:
+    register_module("tool", programs / "tool.wasm")
+    try:
+        assert "tool" in registered_modules()
+        result = await sandbox.exec(_req("tool", "exit", "3"))
+        assert result.exit_code == 3
+    finally:
+        unregister_module("tool")
+    with pytest.raises(ExecError, match="not a registered WASM module"):
+        await sandbox.exec(_req("tool", "exit", "3"))
+
+
+def test_register_module_rejects_bad_names(programs: Path) -> None:
+    with pytest.raises(ValueError, match="invalid module name"):
+        register_module("a/b", programs / "tool.wasm")
+    with pytest.raises(ValueError, match="not a file"):
+        register_module("missing", programs / "missing.wasm")
+
+
+async def test_module_outside_preopens_is_refused(sandbox: WasmInstance, programs: Path) -> None:
+    # The host path exists, but the sandbox has not preopened it.
+    with pytest.raises(ExecError, match="not inside a preopened directory"):
+        await sandbox.exec(_req(str(programs.parent / "elsewhere.wasm")))
+
+
+async def test_component_binaries_are_refused_clearly(driver: WasmDriver, tmp_path: Path) -> None:
+    (tmp_path / "comp.wasm").write_bytes(b"\0asm\x0d\x00\x01\x00")
+    instance = await driver.start(LaunchSpec("t-comp", _policy(ro=(Bind(str(tmp_path), "/m"),))))
+    try:
+        with pytest.raises(ExecError, match="components"):
+            await instance.exec(_req("/m/comp.wasm"))
+    finally:
+        await instance.destroy()
+
+
+async def test_invalid_module_is_an_exec_error(driver: WasmDriver, tmp_path: Path) -> None:
+    (tmp_path / "bad.wat").write_text("(module (func $f (i32.add)))")
+    instance = await driver.start(LaunchSpec("t-bad", _policy(ro=(Bind(str(tmp_path), "/m"),))))
+    try:
+        with pytest.raises(ExecError, match="invalid WebAssembly module"):
+            await instance.exec(_req("/m/bad.wat"))
+    finally:
+        await instance.destroy()
+
+
+# -- limits --------------------------------------------------------------------------------------
+
+
+async def test_infinite_loop_stopped_by_fuel(
+    driver: WasmDriver, programs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 s of CPU is 2e9 units by default; a smaller unit keeps the test short while still
+    # exercising the real fuel trap.
+    monkeypatch.setattr(wasm_driver, "FUEL_PER_CPU_SECOND", 50_000_000)
+    resources = replace(SandboxPolicy.basic().resources, cpu_time_s=1)
+    instance = await driver.start(
+        LaunchSpec("t-fuel", _policy(ro=(Bind(str(programs), "/prog"),), resources=resources))
+    )
+    try:
+        for argv in (("/prog/loop.wat",), ("/prog/tool.wasm", "spin")):
+            result = await instance.exec(_req(*argv, timeout_ms=60_000))
+            assert result.timed_out is True, result
+            assert result.reason is not None and result.reason.startswith("fuel exhausted"), result
+            assert result.exit_code == wasm_driver.TIMEOUT_EXIT_CODE
+    finally:
+        await instance.destroy()
+
+
+async def test_infinite_loop_stopped_by_wall_clock(driver: WasmDriver, programs: Path) -> None:
+    resources = ResourceLimits(memory=64 * MiB, cpu_time_s=None)
+    policy = _policy(ro=(Bind(str(programs), "/prog"),), resources=resources, allow_degraded=True)
+    instance = await driver.start(LaunchSpec("t-wall", policy))
+    try:
+        for argv in (("/prog/loop.wat",), ("/prog/tool.wasm", "spin")):
+            result = await instance.exec(_req(*argv, timeout_ms=200))
+            assert result.timed_out is True, result
+            assert result.reason == "wall-clock timeout"
+            assert result.exit_code == wasm_driver.TIMEOUT_EXIT_CODE
+    finally:
+        await instance.destroy()
+
+
+async def test_module_blocked_in_host_call_times_out(sandbox: WasmInstance) -> None:
+    result = await sandbox.exec(_req("/prog/tool.wasm", "sleep", "30", timeout_ms=100))
+    assert result.timed_out is True
+    assert result.reason is not None and "host call" in result.reason
+    assert sandbox.abandoned_runs == 1
+
+
+async def test_memory_grower_stopped_at_limit(driver: WasmDriver, programs: Path) -> None:
+    resources = replace(SandboxPolicy.basic().resources, memory=16 * MiB)
+    instance = await driver.start(LaunchSpec("t-mem", _policy(ro=(Bind(str(programs), "/prog"),), resources=resources)))
+    try:
+        result = await instance.exec(_req("/prog/tool.wasm", "grow"))
+        assert result.exit_code == 0, result
+        allocated = int(result.stdout.decode().strip().split("=")[1])
+        assert 0 < allocated < 16
+    finally:
+        await instance.destroy()
+
+
+async def test_memory_grow_instruction_fails_at_limit(driver: WasmDriver, programs: Path) -> None:
+    resources = replace(SandboxPolicy.basic().resources, memory=2 * MiB)  # 32 pages of 64 KiB
+    instance = await driver.start(
+        LaunchSpec("t-grow", _policy(ro=(Bind(str(programs), "/prog"),), resources=resources))
+    )
+    try:
+        result = await instance.exec(_req("/prog/grow.wat"))
+        assert result.exit_code == 31  # 1 initial page + 31 grown = the 2 MiB limit
+    finally:
+        await instance.destroy()
+
+
+async def test_module_larger_than_the_limit_fails_to_instantiate(driver: WasmDriver, programs: Path) -> None:
+    resources = replace(SandboxPolicy.basic().resources, memory=64 * 1024)  # one page; tool needs more
+    instance = await driver.start(
+        LaunchSpec("t-tiny", _policy(ro=(Bind(str(programs), "/prog"),), resources=resources))
+    )
+    try:
+        result = await instance.exec(_req("/prog/tool.wasm", "hello"))
+        assert result.exit_code == wasm_driver.TRAP_EXIT_CODE
+        assert result.reason is not None and result.reason.startswith("instantiation failed")
+    finally:
+        await instance.destroy()
+
+
+# -- spawn, pause, kill, stop ----------------------------------------------------------------------
+
+
+async def test_spawn_streams_output_and_wait_returns_the_rest(sandbox: WasmInstance) -> None:
+    process = await sandbox.spawn(_req("/prog/tool.wasm", "hello", "streamed"))
+    seen = b""
+    async for stream, data in process.chunks():
+        assert stream == "stdout"
+        seen += data
+    result = await process.wait()
+    assert b"arg2=streamed\n" in seen
+    assert result.exit_code == 0
+    assert result.stdout == b""  # everything was already streamed
+
+
+async def test_pause_blocks_the_module_and_resume_continues(sandbox: WasmInstance) -> None:
+    process = await sandbox.spawn(_req("/prog/tool.wasm", "spin", "report", timeout_ms=60_000))
+    ticks: list[bytes] = []
+
+    async def collect() -> None:
+        async for _stream, data in process.chunks():
+            ticks.append(data)
+
+    collector = asyncio.create_task(collect())
+    await _until(lambda: bool(ticks))
+    await sandbox.pause()
+    await asyncio.sleep(0.1)  # the module reaches its next epoch check within one tick
+    frozen = len(ticks)
+    await asyncio.sleep(0.4)
+    assert len(ticks) == frozen, "output kept coming while paused"
+    await sandbox.resume()
+    await _until(lambda: len(ticks) > frozen)
+    await process.kill(9)
+    result = await process.wait()
+    await collector
+    assert result.exit_code == 137
+    assert result.reason == "killed (signal 9)"
+
+
+async def test_stop_ends_running_modules_and_refuses_new_ones(driver: WasmDriver, programs: Path) -> None:
+    instance = await driver.start(LaunchSpec("t-stop", _policy(ro=(Bind(str(programs), "/prog"),))))
+    process = await instance.spawn(_req("/prog/loop.wat", timeout_ms=60_000))
+    await asyncio.sleep(0.05)
+    await instance.stop()
+    result = await process.wait()
+    assert result.reason == "sandbox stopped"
+    with pytest.raises(ExecError, match="stopped"):
+        await instance.exec(_req("/prog/hello.wat"))
+    await instance.destroy()
+    await instance.destroy()  # idempotent
+
+
+# -- enforcement and score ------------------------------------------------------------------------
+
+
+async def test_basic_policy_scores_75(driver: WasmDriver) -> None:
+    instance = await driver.start(LaunchSpec("t-score", SandboxPolicy.basic()))
+    try:
+        enforcement = instance.enforcement()
+        assert enforcement.controls == {Control.NETWORK_ISOLATED, Control.READ_ONLY_ROOT, Control.RESOURCE_LIMITS}
+        assert not enforcement.has(Control.SECCOMP) and not enforcement.has(Control.LANDLOCK)
+        assert int(score(enforcement)) == 65 + 5 + 3 + 2
+    finally:
+        await instance.destroy()
+
+
+async def test_minimal_policy_scores_network_only(driver: WasmDriver) -> None:
+    instance = await driver.start(LaunchSpec("t-min", SandboxPolicy.minimal()))
+    try:
+        # Writable workdir (no read-only root asked), no memory/fuel limits: only "no network" counts.
+        assert instance.enforcement().controls == {Control.NETWORK_ISOLATED}
+        assert int(score(instance.enforcement())) == 70
+    finally:
+        await instance.destroy()
+
+
+async def test_writable_preopen_with_read_only_root_fails_closed(driver: WasmDriver, tmp_path: Path) -> None:
+    policy = _policy(rw=(Bind(str(tmp_path), "/out"),))
+    with pytest.raises(SandboxCreateError, match="read_only_root"):
+        await driver.start(LaunchSpec("t-closed", policy))
+    degraded = await driver.start(LaunchSpec("t-degraded", replace(policy, allow_degraded=True)))
+    try:
+        enforcement = degraded.enforcement()
+        assert Control.READ_ONLY_ROOT not in enforcement.controls
+        assert any("read_only_root" in item for item in enforcement.degraded)
+        assert int(score(enforcement)) == 65 + 5 + 2
+    finally:
+        await degraded.destroy()
+
+
+async def test_file_size_with_writable_preopen_fails_closed(driver: WasmDriver, tmp_path: Path) -> None:
+    policy = replace(SandboxPolicy.basic(), filesystem=replace(SandboxPolicy.basic().filesystem, read_only_root=False))
+    assert policy.resources.file_size is not None
+    with pytest.raises(SandboxCreateError, match="file_size"):
+        await driver.start(LaunchSpec("t-fsize", policy, workdir_host=str(tmp_path)))
+
+
+async def test_memory_without_fuel_is_not_claimed_as_resource_limits(driver: WasmDriver) -> None:
+    policy = _policy(resources=ResourceLimits(memory=64 * MiB, cpu_time_s=None))
+    with pytest.raises(SandboxCreateError, match="resource_limits"):
+        await driver.start(LaunchSpec("t-nofuel", policy))
+
+
+async def test_proxy_listener_cannot_be_provided(driver: WasmDriver) -> None:
+    policy = replace(SandboxPolicy.basic(), network=NetworkPolicy(mode=NetworkMode.PROXY))
+    with pytest.raises(SandboxCreateError, match="no sockets"):
+        await driver.start(LaunchSpec("t-proxy", policy, proxy_listen=("127.0.0.1", 3128)))
+
+
+async def test_file_bind_is_refused(driver: WasmDriver, programs: Path) -> None:
+    policy = _policy(ro=(Bind(str(programs / "data.txt"), "/data.txt"),))
+    with pytest.raises(SandboxCreateError, match="directories"):
+        await driver.start(LaunchSpec("t-filebind", policy))
