@@ -260,11 +260,6 @@ async def test_lifecycle_proxy_sandbox_end_to_end(tmp_path: Path) -> None:
     assert ("allowed", None) in decisions and ("denied", "not allowlisted") in decisions
 
 
-@pytest.mark.xfail(
-    reason="lifecycle resolves SecretRefs before the proxy exists, so a proxy-bound secret's file/env "
-    "ref gets the real value; the lead's fix: resolve_secrets(refs, store, proxy.placeholders())",
-    strict=False,
-)
 async def test_lifecycle_secret_refs_bound_to_the_proxy_get_placeholders(tmp_path: Path) -> None:
     from kavach.credentials import SecretRef, env, file
 

@@ -373,7 +373,7 @@ class EgressProxy:
         payload["scheme"] = scheme
         if request is not None:
             payload["method"] = request.method
-        self._audit("proxy.malformed", payload)
+        await self._audit("proxy.malformed", payload)
         await _send(writer, _error_response(exc.status, "malformed request", exc.reason))
 
     # -- CONNECT ---------------------------------------------------------------------------------
@@ -390,11 +390,11 @@ class EgressProxy:
             intercept = self._has_credentials(host, port) or self._rules.restricts_methods(host, port)
             address = await resolve_pinned(self._resolver, self._guard, host, port)
         except EgressDenied as exc:
-            self._audit("proxy.connect", decision.payload("denied", exc.reason, 403))
+            await self._audit("proxy.connect", decision.payload("denied", exc.reason, 403))
             await _send(writer, _error_response(403, exc.reason, exc.detail))
             return
         if intercept:
-            if not self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "intercept"}):
+            if not await self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "intercept"}):
                 await _send(writer, _error_response(503, "audit unavailable", ""))
                 return
             await self._intercept(reader, writer, host, port, address)
@@ -413,11 +413,11 @@ class EgressProxy:
                 up_reader, up_writer = await asyncio.open_connection(str(address), decision.port)
         except (OSError, TimeoutError) as exc:
             reason = "upstream connect timeout" if isinstance(exc, TimeoutError) else "upstream connect failed"
-            self._audit("proxy.connect", decision.payload("error", reason, 502))
+            await self._audit("proxy.connect", decision.payload("error", reason, 502))
             await _send(writer, _error_response(502, reason, f"{decision.host}:{decision.port}"))
             return
         try:
-            if not self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "tunnel"}):
+            if not await self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "tunnel"}):
                 await _send(writer, _error_response(503, "audit unavailable", ""))
                 return
             await _send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -438,7 +438,7 @@ class EgressProxy:
         try:
             await writer.start_tls(context, ssl_handshake_timeout=self.config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            self._audit(
+            await self._audit(
                 "proxy.tls",
                 {"decision": "failed", "host": host, "port": port, "reason": f"client handshake: {_tls_reason(exc)}"},
             )
@@ -446,7 +446,7 @@ class EgressProxy:
         ssl_object = writer.get_extra_info("ssl_object")
         sni = self._sni.get(ssl_object) if ssl_object is not None else None
         if (sni is None and _is_name(host)) or (sni is not None and _safe_normalize(sni) != host):
-            self._audit(
+            await self._audit(
                 "proxy.tls",
                 {"decision": "denied", "host": host, "port": port, "reason": "SNI does not match CONNECT target"},
             )
@@ -465,7 +465,7 @@ class EgressProxy:
                     return
                 except EgressDenied as exc:
                     decision = _Decision(request.method, "https", host, port, _audit_path(request.target), True)
-                    self._audit("proxy.request", decision.payload("denied", exc.reason, 403))
+                    await self._audit("proxy.request", decision.payload("denied", exc.reason, 403))
                     await _send(writer, _error_response(403, exc.reason, exc.detail))
                     return
                 keep, upstream = await self._proxy_request(
@@ -541,12 +541,12 @@ class EgressProxy:
             if address is None and not _reusable(upstream, (scheme, host, port)):
                 address = await resolve_pinned(self._resolver, self._guard, host, port)
         except EgressDenied as exc:
-            self._audit("proxy.request", decision.payload("denied", exc.reason, 403))
+            await self._audit("proxy.request", decision.payload("denied", exc.reason, 403))
             await _send(writer, _error_response(403, exc.reason, exc.detail))
             return False, upstream
         if request.method in ("CONNECT", "TRACE") or request.headers.get("upgrade") is not None:
             # Upgrades (websockets, h2c) would turn the inspected stream into an opaque one.
-            self._audit("proxy.request", decision.payload("denied", "upgrade not supported", 501))
+            await self._audit("proxy.request", decision.payload("denied", "upgrade not supported", 501))
             await _send(writer, _error_response(501, "upgrade not supported", request.method))
             return False, upstream
         headers.put("Host", _host_header(host, port, 443 if scheme == "https" else 80))
@@ -554,7 +554,7 @@ class EgressProxy:
             headers.items.append(("Transfer-Encoding", "chunked"))
         expect = headers.get("expect")
         headers.remove("expect")
-        if not self._audit("proxy.request", decision.payload("allowed")):
+        if not await self._audit("proxy.request", decision.payload("allowed")):
             await _send(writer, _error_response(503, "audit unavailable", ""))
             return False, upstream
         if expect is not None and expect.lower() == "100-continue" and framing is not NO_BODY:
@@ -568,7 +568,7 @@ class EgressProxy:
                 upstream = await self._upstream_for(upstream, scheme, host, port, address)
             except (_UpstreamFailed, EgressDenied) as exc:
                 status = exc.status if isinstance(exc, _UpstreamFailed) else 403
-                self._audit("proxy.request", decision.payload("error", exc.reason, status))
+                await self._audit("proxy.request", decision.payload("error", exc.reason, status))
                 await _send(writer, _error_response(status, exc.reason, f"{host}:{port}"))
                 return False, None
             try:
@@ -611,14 +611,14 @@ class EgressProxy:
             if reused and framing is NO_BODY and isinstance(exc, _UpstreamClosed | ConnectionError):
                 raise _StaleUpstream() from None
             reason = exc.reason if isinstance(exc, HttpError) else "upstream connection failed"
-            self._audit("proxy.request", decision.payload("error", reason, 502))
+            await self._audit("proxy.request", decision.payload("error", reason, 502))
             await _send(writer, _error_response(502, reason, f"{decision.host}:{decision.port}"))
             return False, None
         try:
             framing_out = response_framing(response, request.method)
         except HttpError as exc:
             upstream.close()
-            self._audit("proxy.request", decision.payload("error", exc.reason, 502))
+            await self._audit("proxy.request", decision.payload("error", exc.reason, 502))
             await _send(writer, _error_response(502, exc.reason, ""))
             return False, None
         headers = response.headers.without_hop_by_hop()
@@ -634,7 +634,7 @@ class EgressProxy:
                 body = await _read_exact(upstream.reader, framing_out.length, 502, self.config.idle_timeout)
             except HttpError as exc:
                 upstream.close()
-                self._audit("proxy.request", decision.payload("error", exc.reason, 502))
+                await self._audit("proxy.request", decision.payload("error", exc.reason, 502))
                 await _send(writer, _error_response(502, exc.reason, ""))
                 return False, None
             await _send(writer, out_head + body)
@@ -698,22 +698,24 @@ class EgressProxy:
 
     # -- audit -----------------------------------------------------------------------------------
 
-    def _audit(self, event: str, payload: Mapping[str, Any]) -> bool:
+    async def _audit(self, event: str, payload: Mapping[str, Any]) -> bool:
         """Append to the audit chain; False when that failed (the caller then refuses)."""
         if self._audit_log is None:
             return True
+        append = self._audit_log.append
         try:
-            result = self._audit_log.append(
-                event, sandbox_id=self.sandbox_id, agent_id=self.agent_id, payload=dict(payload)
-            )
+            if inspect.iscoroutinefunction(append):
+                await append(event, sandbox_id=self.sandbox_id, agent_id=self.agent_id, payload=dict(payload))
+            else:
+                # A synchronous log fsyncs each entry: run it off the event loop so one disk
+                # flush does not stall every other connection of the sandbox.
+                await asyncio.to_thread(
+                    append, event, sandbox_id=self.sandbox_id, agent_id=self.agent_id, payload=dict(payload)
+                )
         except (KavachError, OSError, ValueError, RuntimeError) as exc:
             # Fail closed: the caller refuses the request it could not record.
             log.error("audit append failed for %s: %s", event, type(exc).__name__)
             return False
-        if inspect.isawaitable(result):
-            # An async audit sink: schedule it; its failure is logged by the task.
-            task = asyncio.ensure_future(result)
-            task.add_done_callback(_log_task_failure)
         return True
 
 
@@ -734,11 +736,6 @@ class _UpstreamFailed(Exception):
         self.status = status
         self.reason = reason
         super().__init__(reason)
-
-
-def _log_task_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("async audit append failed: %s", type(task.exception()).__name__)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
