@@ -84,6 +84,7 @@ PLAN_INSIDE = f"{KAVACH_DIR_INSIDE}/plan.json"
 PYTHON_INSIDE = "/usr/bin/python3"
 BUNDLE_BASE = os.path.join(DEFAULT_STATE_ROOT, "bundles")
 RUNTIME_TIMEOUT_S = 30.0
+RUNTIME_CACHE_S = 60.0
 DRAIN_GRACE_S = 0.2  # how long output of leftover background processes is still collected
 EXIT_TIMEOUT = 128 + signal.SIGKILL
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -396,6 +397,7 @@ class OciInstance(Instance):
         self._inner = spec.inner_backend
         self._enforcement: Enforcement | None = None
         self._init_pid: int | None = None
+        self._init_pidns = ""
         self._destroyed = False
         self._proxy_listener: socket.socket | None = None
         self._extra_runtime_args: tuple[str, ...] = driver.runtime_args(spec.policy)
@@ -479,6 +481,7 @@ class OciInstance(Instance):
         pid_file = os.path.join(self.layout.bundle_dir, "init.pid")
         await self._run_detached(pid_file)
         self._init_pid = int(Path(pid_file).read_text(encoding="ascii").strip())
+        self._init_pidns = os.readlink(f"/proc/{self._init_pid}/ns/pid")
         if self.spec.proxy_listen is not None:
             self._proxy_listener = await self._make_proxy_listener(self.spec.proxy_listen)
         self._enforcement = await self._probe_enforcement(prepared.kind)
@@ -994,6 +997,42 @@ class OciInstance(Instance):
             await asyncio.sleep(0.02)
         raise ExecError(f"container {self.container_id} did not stop")
 
+    async def _kill_init(self) -> None:
+        """SIGKILL the container's init through a pidfd and wait for it to exit.
+
+        When PID 1 of a pid namespace dies the kernel kills every other process in it, so this
+        empties the container; ``runtime delete --force`` on a running container does the same
+        but polls in 100 ms steps. The pidfd makes the kill immune to pid reuse. Any failure
+        here only means the slower ``delete --force`` path does the work.
+        """
+        if self._init_pid is None:
+            return
+        try:
+            pidfd = os.pidfd_open(self._init_pid)
+        except OSError:
+            return  # already gone
+        try:
+            # The pid may have been reused since init exited: kill only our container's init.
+            if os.readlink(f"/proc/{self._init_pid}/ns/pid") != self._init_pidns:
+                return
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(pidfd, on_exit)
+            try:
+                await asyncio.wait_for(exited, RUNTIME_TIMEOUT_S)
+            finally:
+                loop.remove_reader(pidfd)
+        except (OSError, TimeoutError):
+            return
+        finally:
+            os.close(pidfd)
+
     async def destroy(self) -> None:
         """Delete the container and its bundle; check that no runtime state is left. Idempotent."""
         if self._destroyed:
@@ -1003,6 +1042,7 @@ class OciInstance(Instance):
         if os.path.exists(os.path.join(self.state_dir, self.container_id)):
             with contextlib.suppress(ExecError):
                 await self._set_frozen(False)
+            await self._kill_init()
             try:
                 await self._runtime("delete", "--force", self.container_id)
             except ExecError as exc:
@@ -1119,6 +1159,7 @@ class OciDriver(Driver):
         self.runtime_choice = (runtime,) if runtime is not None else self.preferred
         self.state_base = state_base
         self.bundle_base = bundle_base
+        self._cached: tuple[float, RuntimeInfo] | None = None
 
     def runtime_args(self, policy: SandboxPolicy) -> tuple[str, ...]:
         """Global flags passed to every runtime call (none for runc/crun)."""
@@ -1126,6 +1167,17 @@ class OciDriver(Driver):
 
     def _choose(self) -> tuple[RuntimeInfo | None, list[RuntimeInfo]]:
         return choose_runtime(self.runtime_choice)
+
+    def _runtime_for_start(self) -> tuple[RuntimeInfo | None, list[RuntimeInfo]]:
+        # A start must not pay for `runtime --version` every time; a usable answer is reused
+        # for RUNTIME_CACHE_S (a runtime removed meanwhile makes the start fail loudly anyway).
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < RUNTIME_CACHE_S:
+            return self._cached[1], []
+        info, results = self._choose()
+        if info is not None:
+            self._cached = (now, info)
+        return info, results
 
     def probe(self) -> ProbeResult:
         """Available when a preferred runtime is usable; the reason names every rejected one."""
@@ -1155,7 +1207,7 @@ class OciDriver(Driver):
 
     async def start(self, spec: LaunchSpec) -> Instance:
         """Create the container (see the module docstring); on any failure nothing is left."""
-        info, results = self._choose()
+        info, results = self._runtime_for_start()
         if info is None:
             raise SandboxCreateError(f"no usable OCI runtime: {explain(results)}")
         self._check_policy(spec)
