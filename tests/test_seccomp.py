@@ -19,6 +19,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kavach.backends import seccomp_profiles as profiles
 from kavach.backends.process.seccomp import (
@@ -431,3 +433,11 @@ def test_strict_runs_common_tools(tool: str, script: str, tmp_path: Path) -> Non
     proc = run_child(tmp_path, compile_filter(STRICT), code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1) | st.sampled_from(profiles.PERSONALITY_SAFE))
+def test_personality_rules_refuse_exactly_the_unsafe_values(value: int) -> None:
+    # basic refuses when any complement test matches; strict allows when a safe test matches.
+    refuse = profiles.complement_masked(0, profiles.PERSONALITY_SAFE)
+    refused = any(value & cmp.value == cmp.value_two for (cmp,) in refuse)
+    assert refused == ((value & 0xFFFFFFFF) not in profiles.PERSONALITY_SAFE)
