@@ -22,7 +22,7 @@ from __future__ import annotations
 import ast
 import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import re2
 
@@ -244,6 +244,40 @@ REGEX_RULES: tuple[Rule, ...] = (
           r"createHash\(\s*[\"'](?:md5|sha1)[\"']"),
     _rule("weak-rsa-key", CR, M, r"generate_private_key\([^\n)]{0,80}key_size\s*=\s*(?:512|768|1024)\b|"
           r"RSA\.generate\(\s*(?:512|768|1024)\b|dsa\.generate_private_key\(\s*key_size\s*=\s*(?:512|1024)"),
+)
+
+
+_NC = r"\bn(?:c|cat|etcat)\b"
+_CODE_ANCHORS: dict[str, tuple[str, ...]] = {
+    "code.pipe-to-shell": (r"(?i)curl|wget|fetch|iwr|irm",),
+    "code.shell-eval-download": (r"curl|wget",),
+    "code.dev-tcp": (r"/dev/tcp/|/dev/udp/",),
+    "code.netcat-exec": (_NC,),
+    "code.bash-interactive-redirect": (r"/dev/tcp/|/dev/udp/",),
+    "code.scripted-reverse-shell": (r"(?i)socket",),
+    "code.sudoers-write": (r"sudoers|NOPASSWD",),
+    "code.passwd-write": (r"/etc/passwd|/etc/shadow|usermod",),
+    "code.rm-root": (r"\brm\s",),
+    "code.disk-wipe": (r"/dev/",),
+    "code.fork-bomb": (r":\s*\(\s*\)",),
+    "code.persistence": (r"authorized_keys|crontab|\.bashrc|\.profile|\.bash_profile|\.zshrc|/etc/cron\.d|"
+                         r"/etc/rc\.local|/etc/systemd/system|chattr",),
+    "code.history-tamper": (r"history|HISTFILE",),
+    "code.path-traversal-sensitive": (r"\.\./\.\./\.\./",),
+    "code.netcat-send-file": (_NC,),
+    "code.read-sensitive": (r"/etc/passwd|/etc/shadow|/etc/sudoers|/etc/gshadow|master\.passwd|\.ssh/|"
+                            r"\.aws/credentials|\.kube/config|\.docker/config|\.git-credentials|\.netrc|\.npmrc|"
+                            r"\.pypirc|_history|/proc/self/environ|Login Data|Local State|cookies\.sqlite|\.env",),
+    "code.install-hook-network": (r"install",),
+    "code.hex-escaped-blob": (r"(?:\\x[0-9a-fA-F]{2}){4}",),
+    "code.builtins-indirection": (r"builtins",),
+    "code.js-api-obfuscation": (r"Object\.|process\[|os\[|child_process",),
+    "code.unicode-identifier-exec": (r"\xf0\x9d",),
+    "code.js-child-process-exec": (r"child_process|cp\.",),
+    "code.ruby-system": (r"system|exec|spawn|popen|Open3|%x",),
+}
+REGEX_RULES = tuple(
+    replace(rule, anchors=_CODE_ANCHORS[rule.id]) if rule.id in _CODE_ANCHORS else rule for rule in REGEX_RULES
 )
 
 

@@ -13,6 +13,8 @@ HIPAA PHI, and so on.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import phonenumbers
 import re2
 
@@ -93,10 +95,24 @@ SSN_RULE = Rule(
     id="pii.ssn",
     category="ssn",
     severity=Severity.HIGH,
-    pattern=r"(?:^|[^0-9A-Za-z\-./:])(\d{3}[- ]?\d{2}[- ]?\d{4})",
+    pattern=r"(?:^|[^0-9A-Za-z\-./:])(\d{3}-\d{2}-\d{4}|\d{3} \d{2} \d{4})",
     value_group=1,
     not_followed_by=r"[0-9A-Za-z\-/]|[.:][0-9]",
     validate=_ssn_ok,
+    tags=("gdpr", "soc2"),
+)
+
+
+# A bare 9-digit SSN only right after the words that name it.
+SSN_CONTEXT_RULE = Rule(
+    id="pii.ssn",
+    category="ssn",
+    severity=Severity.HIGH,
+    pattern=r"(?i)(?:ssn|social\s+security(?:\s+(?:number|no\.?|#))?|ss#|soc\.?\s*sec\.?)[^0-9A-Za-z\n]{0,6}(\d{9})",
+    value_group=1,
+    validate=_ssn_ok,
+    not_followed_by=r"[0-9A-Za-z]",
+    anchors=(r"(?i)ssn|social|ss#|soc",),
     tags=("gdpr", "soc2"),
 )
 
@@ -258,19 +274,51 @@ def _phone_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None
     return 0.6 if _parse_any_region(text) else None
 
 
+# Candidates: an international number (+cc ...), or at least three digit groups joined by
+# separators, or a parenthesised area code; bare digit runs only right after a phone word.
+# Anything looser turns every id and timestamp in a log into a phonenumbers call.
 PHONE_RULE = Rule(
     id="pii.phone",
     category="phone",
     severity=Severity.LOW,
-    pattern=r"(?:^|[^0-9A-Za-z_+\-./:])(\+?\(?\d{1,5}\)?(?:[ .\-]{0,2}\(?\d{1,5}\)?){1,6}"
-    r"(?:\s{0,2}(?:x|ext\.?)\s{0,2}\d{1,5})?)",
+    pattern=r"(?:^|[^0-9A-Za-z_+\-./:])("
+    r"\+\d{1,3}[ .\-]?\(?\d{1,5}\)?(?:[ .\-]?\(?\d{1,5}\)?){1,5}"
+    # (a 4-digit first group only with space/dot separators: 2026-11-22 is a date)
+    r"|(?:00|\(\d{2,5}\)[ .\-]?|(?:\d{2,3}|\d{5})[ .\-]|\d{4}[ .])\d{2,5}[ .\-]\d{2,5}(?:[ .\-]\d{2,5}){0,3}"
+    r"|\(\d{2,5}\)[ .\-]?\d{3,5}[ .\-]?\d{0,5}"
+    r")(?:[ ]{0,2}(?:x|ext\.?)[ ]{0,2}\d{1,5})?",
     value_group=1,
     not_followed_by=r"[0-9A-Za-z_/:]|[.\-][0-9]",
     validate=_phone_ok,
     tags=("gdpr",),
 )
 
-DATA_RULES: tuple[Rule, ...] = (EMAIL_RULE, SSN_RULE, CARD_RULE, IBAN_RULE, IPV4_RULE, IPV6_RULE, PHONE_RULE)
+# After a phone word ("Phone:", "call me on", "fax"), any 7-15 digit shape is a number.
+PHONE_CONTEXT_RULE = Rule(
+    id="pii.phone",
+    category="phone",
+    severity=Severity.LOW,
+    pattern=r"(?i)(?:phone|tel|mobile|cell|fax|call(?:\s+me)?(?:\s+(?:at|on))?|desk|sms|whatsapp|contact|number|"
+    r"messages\s+to|answering\s+at)[^0-9A-Za-z\n]{0,6}(?:\n[^0-9A-Za-z\n]{0,3})?"
+    r"(\+?\(?\d{1,5}\)?(?:[ .\-]{0,2}\(?\d{1,5}\)?){0,6}(?:[ ]{0,2}(?:x|ext\.?)[ ]{0,2}\d{1,5})?)",
+    value_group=1,
+    not_followed_by=r"[0-9A-Za-z_/:]|[.\-][0-9]",
+    validate=_phone_ok,
+    anchors=(r"(?i)phone|tel|mobile|cell|fax|call|desk|sms|whatsapp|contact|number|messages|answering",),
+    tags=("gdpr",),
+)
+
+DATA_RULES: tuple[Rule, ...] = (
+    replace(EMAIL_RULE, anchors=(r"@",)),
+    SSN_RULE,
+    SSN_CONTEXT_RULE,
+    CARD_RULE,
+    IBAN_RULE,
+    IPV4_RULE,
+    IPV6_RULE,
+    PHONE_RULE,
+    PHONE_CONTEXT_RULE,
+)
 
 # Severity of an IP finding by address kind: private ranges are not personal data on their own.
 _PRIVATE_IP_SEVERITY = Severity.INFO
@@ -330,7 +378,9 @@ __all__ = [
     "IBAN_RULE",
     "IPV4_RULE",
     "IPV6_RULE",
+    "PHONE_CONTEXT_RULE",
     "PHONE_RULE",
+    "SSN_CONTEXT_RULE",
     "SSN_RULE",
     "DataScanner",
 ]

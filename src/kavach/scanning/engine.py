@@ -6,7 +6,9 @@ scanned as **bytes**, so spans are byte offsets into the artifact, in windows of
 ``WINDOW`` bytes that overlap by ``OVERLAP``:
 
 1. one ``re2.Set`` pass over the window answers "which rules can match here at all"
-   (one DFA pass for all rules instead of one pass per rule);
+   (one DFA pass for all rules instead of one pass per rule). The Set holds each rule's
+   *anchors* (the literals every match contains: ``AKIA``, ``-----BEGIN``, ``password``),
+   which keeps its automaton small and fast; a rule without anchors is in the Set whole;
 2. only those rules run ``finditer`` over the window, with the whole artifact as context
    so ``\\b`` at the window's first byte sees the byte before it;
 3. a match is owned by the window its first byte falls in, so matches up to ``OVERLAP``
@@ -26,7 +28,7 @@ import re2
 
 from kavach.scanning.findings import Finding, Severity
 
-WINDOW = 64 * 1024
+WINDOW = 256 * 1024
 OVERLAP = 16 * 1024
 
 # RE2's default 8 MiB DFA budget is enough for single rules; the Set of all rules of a
@@ -85,6 +87,10 @@ class Rule:
     # would hide a second match one separator later), the engine rejects a value that
     # is immediately followed by a match of this pattern.
     not_followed_by: str = ""
+    # Regex fragments (usually literals) one of which every match contains; the window
+    # prefilter looks for these instead of the full pattern. Derived from the pattern's
+    # literal prefix when empty; the full pattern is used when neither exists.
+    anchors: tuple[str, ...] = ()
 
 
 def redact_value(value: bytes) -> str:
@@ -104,6 +110,108 @@ def snippet(value: bytes, limit: int = 80) -> str:
     return text + ("…" if len(value) > limit else "")
 
 
+_META = frozenset("[](){}.*+?|^$\\")
+
+
+def _split_top(pattern: str) -> list[str]:
+    """``pattern`` split at its top-level ``|`` (respecting groups, classes and escapes)."""
+    parts: list[str] = []
+    depth, cur, i = 0, "", 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            cur += pattern[i : i + 2]
+            i += 2
+            continue
+        if ch == "[":
+            j = i + 1
+            if j < len(pattern) and pattern[j] == "^":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            cur += pattern[i : j + 1]
+            i = j + 1
+            continue
+        depth += (ch == "(") - (ch == ")")
+        if ch == "|" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+        i += 1
+    parts.append(cur)
+    return parts
+
+
+def _group_end(text: str) -> int:
+    depth = 0
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return i
+        i += 1
+    return -1
+
+
+def literal_prefixes(pattern: str) -> list[str] | None:
+    """Literals (>= 3 bytes) one of which every match of ``pattern`` starts with, or None."""
+    out: list[str] = []
+    for alt in _split_top(pattern):
+        a = alt
+        while a.startswith(("\\b", "(?:^|")):
+            a = a[2:] if a.startswith("\\b") else a[_group_end(a) + 1 :]
+        if a.startswith("("):
+            end = _group_end(a)
+            if end < 0 or a[end + 1 : end + 2] in ("?", "*", "{"):
+                return None
+            sub = literal_prefixes(a[3 if a.startswith("(?:") else 1 : end])
+            if sub is None:
+                return None
+            out.extend(sub)
+            continue
+        literal = ""
+        i = 0
+        while i < len(a):
+            ch = a[i]
+            if ch == "\\" and i + 1 < len(a) and a[i + 1] in "./-_:~=@+":
+                literal += a[i + 1]
+                i += 2
+                continue
+            if ch in _META:
+                break
+            literal += ch
+            i += 1
+        if i < len(a) and a[i] in "?*{":
+            literal = literal[:-1]
+        if len(literal) < 3:
+            return None
+        out.append(literal)
+    return out
+
+
+def _escape(literal: str) -> str:
+    return "".join("\\" + ch if ch in _META or ch in "-/" else ch for ch in literal)
+
+
+def prefilter_pattern(rule: Rule) -> str:
+    """What the window prefilter searches for to decide whether ``rule`` must run."""
+    flags = "(?i)" if rule.case_insensitive or rule.pattern.startswith("(?i)") else ""
+    if rule.anchors:
+        return flags + "(?:" + "|".join(rule.anchors) + ")"
+    body = rule.pattern.removeprefix("(?i)")
+    literals = literal_prefixes(body)
+    if literals:
+        return flags + "(?:" + "|".join(_escape(lit) for lit in literals) + ")"
+    return flags + body
+
+
 class PatternBank:
     """A set of rules compiled once and matched together over windows of an artifact."""
 
@@ -117,7 +225,7 @@ class PatternBank:
         for rule in self.rules:
             pattern = rule.pattern if not rule.case_insensitive else "(?i)" + rule.pattern
             self._compiled.append(compile_bytes(pattern))
-            self._set.Add(pattern.encode("latin-1"))
+            self._set.Add(prefilter_pattern(rule).encode("latin-1"))
         self._set.Compile()
 
     def matches(self, data: bytes) -> Iterator[tuple[int, re2._Match]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import replace
 
 import re2
 
@@ -76,8 +77,12 @@ def _provider(
 
 
 def _b(body: str) -> str:
-    """``body`` as a token not preceded by a token character (the engine checks what follows)."""
-    return rf"(?:^|[^{_TOK}])({body})"
+    """``body`` as a token starting at a word boundary (the engine checks what follows).
+
+    ``\\b`` is zero-width, so the pattern starts with the token's literal prefix and RE2
+    can skip ahead to it instead of stepping the automaton over every byte.
+    """
+    return rf"\b({body})"
 
 
 _TOKEN_END = rf"[{_TOK}]"
@@ -304,7 +309,7 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
         id="secrets.jwt",
         category="jwt",
         severity=H,
-        pattern=r"(?:^|[^A-Za-z0-9_\-])(ey[A-Za-z0-9_\-]{8,1000}\.ey[A-Za-z0-9_\-/+]{8,}\.[A-Za-z0-9_\-/+=]{0,1000})",
+        pattern=r"(?:^|[^A-Za-z0-9_\-])(eyJ[A-Za-z0-9_\-]{8,1000}\.ey[A-Za-z0-9_\-/+]{8,}\.[A-Za-z0-9_\-/+=]{0,1000})",
         value_group=1,
         validate=_jwt_ok,
     ),
@@ -360,10 +365,12 @@ _SECRET_WORDS = (
     r"session[_.\-]?key|app[_.\-]?key|secret[_.\-]?key|access[_.\-]?id|account[_.\-]?key|auth|"
     r"license[_.\-]?key|webhook[_.\-]?url|consumer[_.\-]?key|shared[_.\-]?key|sas|salt|api[_.\-]?id"
 )
-_KEY_NAME = rf"[A-Za-z0-9_.\-]{{0,60}}?(?:{_PASSWORD_WORDS}|{_SECRET_WORDS})[A-Za-z0-9_.\-]{{0,40}}"
+# Unbounded (not counted) repetition around the keyword: counted repetition multiplies
+# automaton states, and this rule runs over every window that mentions a keyword.
+_KEY_NAME = rf"[A-Za-z0-9_.\-]*(?:{_PASSWORD_WORDS}|{_SECRET_WORDS})[A-Za-z0-9_.\-]*"
 # Separators of Python, JS, Go, YAML, JSON, INI, .env, shell, PHP, Ruby, TOML, C#.
-_ASSIGN = r"[\"'`\]]?\s{0,8}(?:=|:=|:|=>|->|\?\?=|\|\|=)\s{0,8}(?:@?\"|'|`|\(\s{0,4}[\"'])?"
-_VALUE = r"([^\s\"'`,;<>(){}\[\]\\]{1,300}|[^\"'`\n]{1,300}(?:[\"'`]))"
+_ASSIGN = r"[\"'`\]]?[ \t]*(?:=|:=|:|=>|->|\?\?=|\|\|=)[ \t]*(?:@?\"|'|`|\([ \t]*[\"'])?"
+_VALUE = r"([^\s\"'`,;<>(){}\[\]\\]+|[^\"'`\n]+(?:[\"'`]))"
 
 
 def _strip_value(raw: bytes) -> bytes:
@@ -529,7 +536,62 @@ STANDALONE_AWS_SECRET_RULE = Rule(
     validate=_looks_random_ok,
 )
 
-SECRET_RULES: tuple[Rule, ...] = (
+_KEYWORD_ANCHOR = (r"pass|pwd|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",)
+
+# Prefilter anchors for rules whose pattern does not start with a usable literal.
+_ANCHORS: dict[str, tuple[str, ...]] = {
+    "secrets.azure-ad-client-secret": (r"Q~",),
+    "secrets.azure-sas-token": (r"sig=",),
+    "secrets.digitalocean-token": (r"_v1_",),
+    "secrets.yandex-token": (r"YC", r"AQVN", r"t1\."),
+    "secrets.hashicorp-tf-token": (r"\.atlasv1\.",),
+    "secrets.vault-token": (r"hvs\.", r"hvb\.", r"\bs\.[A-Za-z0-9]{24}"),
+    "secrets.github-token": (r"gh[pousr]_",),
+    "secrets.stripe-secret-key": (r"_live_",),
+    "secrets.stripe-test-key": (r"_test_",),
+    "secrets.easypost-token": (r"EZ[AT]K",),
+    "secrets.slack-webhook": (r"hooks\.slack\.com",),
+    "secrets.telegram-bot-token": (r":AA",),
+    "secrets.twilio-api-key": (r"SK[0-9a-fA-F]{8}",),
+    "secrets.mailchimp-api-key": (r"-us\d",),
+    "secrets.new-relic-key": (r"NR(?:AK|II|JS)-",),
+    "secrets.facebook-access-token": (r"EAA[MC]", r"\d\|"),
+    "secrets.twitter-bearer-token": (r"AAAAAAAAAAAAAAAAAAAA",),
+    "secrets.authress-key": (r"\.acc[_-]",),
+    "secrets.jwt": (r"eyJ",),
+    "secrets.db-connection-string": (r"://",),
+    "secrets.url-credentials": (r"://",),
+    "secrets.password-assignment": _KEYWORD_ANCHOR,
+    "secrets.aws-secret-access-key": (r"aws|amazon|AKIA|ASIA",),
+    "secrets.bearer-token": (r"bearer",),
+    "secrets.basic-auth": (r"basic",),
+    "pii.email": (r"@",),
+    "secrets.discord-bot-token": (r"(?i)discord|bot",),
+    "secrets.gitlab-token": (r"gl(?:pat|ptt|dt|rt|cbt|ft|imt|agent|oas|soat|ffct)-",),
+    "secrets.sidekiq-credentials": (r"(?i)CONTRIBSYS",),
+    "secrets.auth-header": (r"(?i)authorization|api-key|auth-token|private-token|access-token",),
+}
+_CLI_ANCHORS = (
+    (r"(?i)--?(?:pass|pwd|token|api|secret|auth|access|client)",),
+    (r"mysql|mariadb|sshpass",),
+    (r"curl",),
+)
+
+
+def _anchored(rule: Rule) -> Rule:
+    if rule.anchors:
+        return rule
+    if rule.id == "secrets.cli-password":
+        for anchors in _CLI_ANCHORS:
+            if anchors[0].removeprefix("(?i)")[:5] in rule.pattern or anchors[0] in rule.pattern:
+                return replace(rule, anchors=anchors)
+        return replace(rule, anchors=_CLI_ANCHORS[0])
+    if rule.id not in _ANCHORS:
+        return rule
+    return replace(rule, anchors=_ANCHORS[rule.id])
+
+
+SECRET_RULES: tuple[Rule, ...] = tuple(_anchored(r) for r in (
     *PROVIDER_RULES,
     *STRUCTURAL_RULES,
     AWS_SECRET_RULE,
@@ -537,7 +599,7 @@ SECRET_RULES: tuple[Rule, ...] = (
     *ASSIGNMENT_RULES,
     EMAIL_RULE,
     SSN_RULE,
-)
+))
 
 # A provider or structural finding explains a value better than the generic assignment
 # rule that also matched it; the generic one is dropped when its span overlaps.
