@@ -261,6 +261,8 @@ def test_parse_proxy_options_reads_credential_from_environment(tmp_path: Path) -
     assert options.store.get("API_TOKEN") == VALUE
     assert options.secret_refs == (SecretRef("API_TOKEN", env("API_TOKEN")),)
     assert VALUE not in repr(options)
+    resolved = parse_proxy_options(allow=["api.test"], resolve=["api.test=127.0.0.1"], environ={})
+    assert resolved.config.static_hosts == (("api.test", "127.0.0.1"),)
 
 
 @pytest.mark.parametrize(
@@ -273,6 +275,8 @@ def test_parse_proxy_options_reads_credential_from_environment(tmp_path: Path) -
         ({"credentials": ["api.example.com=Bad Header:X"]}, "--credential"),
         ({"credentials": ["api.example.com=Authorization:UNSET_VAR_X"]}, "--credential"),
         ({"upstream_ca": "/nonexistent/ca.pem"}, "--upstream-ca"),
+        ({"resolve": ["api.test"]}, "--resolve"),
+        ({"resolve": ["api.test=not-an-ip"]}, "--resolve"),
     ],
 )
 def test_parse_proxy_options_names_the_flag(kwargs: dict[str, object], flag: str) -> None:

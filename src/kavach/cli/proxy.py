@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +21,7 @@ import typer
 
 from kavach.credentials.options import parse_proxy_options
 from kavach.credentials.proxy import EgressProxy
-from kavach.credentials.rules import normalize_host, parse_ip
+from kavach.credentials.rules import parse_ip
 from kavach.errors import KavachError, PolicyError
 
 EXIT_BAD_INPUT = 2
@@ -33,20 +32,6 @@ def _parse_listen(spec: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535 or parse_ip(host or "") is None:
         raise PolicyError("--listen", spec, "expected ADDRESS:PORT, e.g. 127.0.0.1:8080")
     return host.strip("[]"), int(port)
-
-
-def _parse_resolve(specs: list[str]) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for spec in specs:
-        name, sep, address = spec.partition("=")
-        try:
-            normalize_host(name)
-        except ValueError:
-            raise PolicyError("--resolve", spec, "expected NAME=ADDRESS") from None
-        if not sep or parse_ip(address) is None:
-            raise PolicyError("--resolve", spec, "expected NAME=ADDRESS")
-        pairs.append((name, address))
-    return tuple(pairs)
 
 
 async def _serve(proxy: EgressProxy, host: str, port: int, ca_out: Path, placeholders: dict[str, str]) -> None:
@@ -106,10 +91,10 @@ def proxy_command(
             allow_private=allow_private or (),
             credentials=credential or (),
             upstream_ca=upstream_ca,
+            resolve=resolve or (),
         )
         host, port = _parse_listen(listen)
-        static = _parse_resolve(resolve or [])
-        config = replace(options.config, static_hosts=static)
+        config = options.config
         audit: Any | None = None
         if not no_audit:
             from kavach.audit import open_audit_log

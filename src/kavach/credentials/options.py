@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kavach.credentials.proxy import CredentialRule, ProxyConfig
-from kavach.credentials.rules import HostRule, parse_cidrs
+from kavach.credentials.rules import HostRule, normalize_host, parse_cidrs, parse_ip
 from kavach.credentials.secrets import CredentialStore, SecretRef, env
 from kavach.credentials.tls import load_ca_file
 from kavach.errors import CredentialError, PolicyError
@@ -48,6 +48,21 @@ def parse_credential(spec: str) -> CredentialRule:
     return CredentialRule(host=host.strip(), header=header, secret=var)
 
 
+def parse_resolve(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Parse ``NAME=ADDRESS`` entries; PolicyError naming ``--resolve`` on bad input."""
+    pairs = []
+    for spec in specs:
+        name, sep, address = spec.partition("=")
+        try:
+            normalize_host(name)
+        except ValueError:
+            raise PolicyError("--resolve", spec, "expected NAME=ADDRESS") from None
+        if not sep or parse_ip(address) is None:
+            raise PolicyError("--resolve", spec, "expected NAME=ADDRESS")
+        pairs.append((name, address))
+    return tuple(pairs)
+
+
 def parse_proxy_options(
     *,
     allow: Sequence[str] = (),
@@ -55,6 +70,7 @@ def parse_proxy_options(
     allow_private: Sequence[str] = (),
     credentials: Sequence[str] = (),
     upstream_ca: str | None = None,
+    resolve: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> ProxyOptions:
     """Turn the proxy flags into config objects, raising :class:`PolicyError` naming the flag.
@@ -62,7 +78,8 @@ def parse_proxy_options(
     ``--credential api.example.com=Authorization:API_TOKEN`` reads ``API_TOKEN`` from
     ``environ`` (default ``os.environ``) into the store as secret ``API_TOKEN``; the value is
     never part of any message. Hosts named by ``--credential`` must still be allowed by
-    ``--allow`` to be reachable.
+    ``--allow`` to be reachable. ``--resolve NAME=ADDRESS`` answers NAME before DNS (the
+    address still has to pass the private-address check).
     """
     source = os.environ if environ is None else environ
     for entry in allow:
@@ -92,8 +109,9 @@ def parse_proxy_options(
         allow_private=tuple(allow_private),
         credentials=rules,
         upstream_ca=upstream_ca,
+        static_hosts=parse_resolve(resolve),
     )
     return ProxyOptions(config=config, store=store, secret_refs=tuple(refs.values()))
 
 
-__all__ = ["ProxyOptions", "parse_credential", "parse_proxy_options"]
+__all__ = ["ProxyOptions", "parse_credential", "parse_proxy_options", "parse_resolve"]
