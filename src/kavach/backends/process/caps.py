@@ -24,16 +24,21 @@ SECUREBITS = (
 )
 
 
+def drop_bounding_and_lock(last_cap: int) -> None:
+    """Empty the bounding and ambient sets and lock securebits (needs CAP_SETPCAP, so first)."""
+    for cap in range(last_cap + 1):
+        _libc.prctl(_libc.PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
+    _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient capabilities")
+    _libc.prctl(_libc.PR_SET_SECUREBITS, SECUREBITS, "lock securebits")
+
+
 def drop_all_capabilities(last_cap: int) -> None:
     """Empty the bounding, ambient, effective, permitted and inheritable sets; lock securebits.
 
     Order matters: PR_CAPBSET_DROP and PR_SET_SECUREBITS need CAP_SETPCAP, so they run
     before capset() clears the effective set.
     """
-    for cap in range(last_cap + 1):
-        _libc.prctl(_libc.PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
-    _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient capabilities")
-    _libc.prctl(_libc.PR_SET_SECUREBITS, SECUREBITS, "lock securebits")
+    drop_bounding_and_lock(last_cap)
     _libc.capset_empty("clear effective/permitted/inheritable capabilities")
 
 
@@ -42,4 +47,4 @@ def set_no_new_privs() -> None:
     _libc.prctl(_libc.PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
 
 
-__all__ = ["SECUREBITS", "drop_all_capabilities", "set_no_new_privs"]
+__all__ = ["SECUREBITS", "drop_all_capabilities", "drop_bounding_and_lock", "set_no_new_privs"]

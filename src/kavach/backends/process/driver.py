@@ -38,6 +38,8 @@ from kavach.scoring import Control, Enforcement
 if TYPE_CHECKING:
     from kavach.backends.process.cgroups import Cgroup
 
+DEGRADED_BASE_SCORE = 35  # Process base 50 minus the namespace isolation the degraded mode lacks
+
 # How long output is still read after the command exited, for data its background
 # children keep writing; they are not waited for beyond this.
 _DRAIN_GRACE_S = 0.05
@@ -461,7 +463,7 @@ class ProcessDriver(Driver):
         """Build one sandbox (see the module docstring); fail closed."""
         policy = spec.policy
         if self._simulate_userns_blocked:
-            blocked: str | None = "user namespaces blocked (simulated by the caller)"
+            blocked: str | None = f"simulated by the caller; {USERNS_HOWTO}"
         else:
             blocked = userns_block_reason()
         if blocked is not None and not policy.allow_degraded:
@@ -681,7 +683,16 @@ def verify_probe(plan: dict[str, Any], probe: dict[str, Any], cgroup: Cgroup | N
         "cgroup": None if cgroup is None else getattr(cgroup, "version", "yes"),
         "rlimits": plan["rlimits"],
     }
-    return Enforcement(Backend.PROCESS, frozenset(controls), verified=True, details=details, degraded=tuple(degraded))
+    return Enforcement(
+        Backend.PROCESS,
+        frozenset(controls),
+        verified=True,
+        details=details,
+        degraded=tuple(degraded),
+        # Without namespaces the sandbox shares the host's view of processes, mounts and
+        # users: a weaker base than the full engine's.
+        base_score=None if plan["namespaces"] else DEGRADED_BASE_SCORE,
+    )
 
 
 def network_isolated(mode: NetworkMode) -> bool:

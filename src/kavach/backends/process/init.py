@@ -42,6 +42,7 @@ from kavach.backends.process._libc import KernelCallError
 _SECURITY: dict[str, Callable[..., Any]] = {}
 
 EXIT_EXEC_FAILED = 127
+NOBODY = 65534
 _ERR_FD = 3
 _RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -559,8 +560,20 @@ def _confine(plan: dict[str, Any]) -> None:
             resource.setrlimit(_RLIMITS[name], (value, value))
         except (OSError, ValueError) as exc:
             raise KernelCallError(f"setrlimit {name}={value}", getattr(exc, "errno", 0) or 0) from None
-    if plan["namespaces"] or os.geteuid() == 0:
+    if plan["namespaces"]:
         caps.drop_all_capabilities(plan["last_cap"])
+    elif os.geteuid() == 0:
+        # Degraded mode for a root caller: no user namespace makes root inside harmless, so
+        # the command runs as nobody (the uid switch needs the capabilities that the
+        # bounding-set drop leaves in place until capset clears them).
+        caps.drop_bounding_and_lock(plan["last_cap"])
+        try:
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+        except OSError as exc:
+            raise KernelCallError("switch to nobody (degraded mode)", exc.errno or 0) from None
+        _libc.capset_empty("clear capabilities")
     else:
         # Degraded mode as a normal user: nothing to drop from the bounding set (that
         # needs CAP_SETPCAP); clearing what is there is enough.

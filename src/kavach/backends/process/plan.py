@@ -20,6 +20,8 @@ from kavach.backends.process import _libc
 from kavach.errors import SandboxCreateError
 from kavach.policy import NetworkMode, SeccompPolicy, SeccompProfile
 
+DEGRADED_ROOT_UID = 65534  # a root caller's commands run as nobody in the degraded mode
+
 
 @functools.lru_cache(maxsize=32)
 def seccomp_program(policy: SeccompPolicy, deny_sockets: bool) -> bytes:
@@ -84,6 +86,8 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
             workdir = spec.workdir_host
         else:
             workdir = private_workdir = tempfile.mkdtemp(prefix=f"kavach-{spec.sandbox_id[:32]}-", dir="/dev/shm")
+            if os.geteuid() == 0:
+                os.chown(workdir, DEGRADED_ROOT_UID, DEGRADED_ROOT_UID)  # commands run as nobody
     elif spec.workdir_host is not None:
         user_rw.append((spec.workdir_host, fs.workdir))
 
@@ -175,7 +179,10 @@ def degraded_landlock_rules(workdir: str) -> list[list[Any]]:
     """Landlock rules of the degraded mode: system files read/execute, the workdir read/write."""
     rx = ["execute", "read"]
     rules: list[list[Any]] = [[path, rx] for path in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc")]
-    rules += [["/proc", ["read"]], ["/dev/null", ["read", "write"]], ["/dev/urandom", ["read"]]]
+    # Of /proc only the process's own directory (resolved when the rules are applied, in
+    # the process that then execs the command): without a pid namespace all of /proc would
+    # show the host's processes and the environment of the caller's own ones.
+    rules += [["/proc/self", ["read"]], ["/dev/null", ["read", "write"]], ["/dev/urandom", ["read"]]]
     rules.append([workdir, ["read", "write"]])
     return [rule for rule in rules if os.path.exists(rule[0])]
 

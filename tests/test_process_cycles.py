@@ -1,0 +1,56 @@
+"""200 create/exec/destroy cycles leave no process, mount or cgroup of kavach behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kavach.backends.process import ProcessDriver
+from kavach.backends.process.client import Spawner
+from kavach.policy import SandboxPolicy
+from process_helpers import new_id, sandbox, sh
+
+pytestmark = pytest.mark.skipif(not ProcessDriver().probe().available, reason="Process backend unavailable here")
+
+CYCLES = 200
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found.extend(int(x) for x in f.read().split())
+    return found
+
+
+def _cgroups_named(prefix: str) -> list[str]:
+    found = []
+    for parent in Path("/sys/fs/cgroup").glob("*/kavach"):
+        found.extend(str(p) for p in parent.iterdir() if p.name.startswith(f"kavach-{prefix}"))
+    for parent in Path("/sys/fs/cgroup").glob("unified/kavach"):
+        found.extend(str(p) for p in parent.iterdir() if p.name.startswith(f"kavach-{prefix}"))
+    return found
+
+
+def _mount_count() -> int:
+    with open("/proc/self/mountinfo") as f:
+        return len(f.readlines())
+
+
+@pytest.mark.slow
+async def test_200_cycles_leave_nothing_behind() -> None:
+    prefix = new_id("cycle")
+    policy = SandboxPolicy.basic() if os.geteuid() == 0 else SandboxPolicy.minimal()
+    mounts_before = _mount_count()
+    for i in range(CYCLES):
+        async with sandbox(policy, sandbox_id=f"{prefix}-{i}") as box:
+            result = await sh(box, "echo $((6*7)) > /tmp/x; cat /tmp/x; sleep 1000 &")
+            assert result.stdout == b"42\n"
+    spawner = Spawner.get()
+    assert _children_of(spawner.pid) == []  # no init and no orphan left under the spawner
+    assert _cgroups_named(prefix) == []
+    assert _mount_count() == mounts_before
+    fds = len(os.listdir("/proc/self/fd"))
+    assert fds < 64, f"{fds} fds open in the caller"

@@ -1,0 +1,174 @@
+"""The Process backend run by an unprivileged user (created by this test's setup).
+
+The test (as root) creates a system user ``kavachtest`` if it is missing and runs one
+script as that user with ``runuser``: the script builds sandboxes with the real engine and
+prints what it observed as JSON; the assertions run here. Debian's /usr/bin/python3 runs
+the script, with the checkout's ``src`` and the venv's site-packages on PYTHONPATH (the
+venv's interpreter lives under /root, which the user cannot read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+USER = "kavachtest"
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import asyncio, dataclasses, json, os, sys
+from kavach.backends.base import ExecRequest, LaunchSpec
+from kavach.backends.process import ProcessDriver
+from kavach.errors import SandboxCreateError
+from kavach.policy import Access, Bind, LandlockPolicy, LandlockRule, ResourceLimits, SandboxPolicy
+
+ENV = {"PATH": "/usr/bin:/bin"}
+shared = sys.argv[1]
+out = {"uid": os.getuid()}
+
+async def sh(box, script, **kw):
+    r = await box.exec(ExecRequest(argv=("/bin/sh", "-c", script), env=ENV, timeout_ms=kw.pop("timeout_ms", 20000), **kw))
+    return {"code": r.exit_code, "out": r.stdout.decode(), "err": r.stderr.decode(), "timed_out": r.timed_out}
+
+def pids_in(ns):
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") == ns:
+                    found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+async def main():
+    driver = ProcessDriver()
+    out["probe_available"] = driver.probe().available
+    try:
+        await driver.start(LaunchSpec("unpriv-limits", SandboxPolicy.basic()))
+        out["limits_error"] = None
+    except SandboxCreateError as exc:
+        out["limits_error"] = str(exc)
+    base = SandboxPolicy.strict()
+    rules = (*base.landlock.rules, LandlockRule("/shared", frozenset({Access.READ, Access.WRITE})))
+    strict = dataclasses.replace(
+        base,
+        landlock=LandlockPolicy(enabled=True, rules=rules),
+        resources=ResourceLimits(),
+        filesystem=dataclasses.replace(SandboxPolicy.strict().filesystem, rw_binds=(Bind(shared, "/shared"),)),
+    )
+    os.environ["KAVACH_LEAK_MARKER"] = "unprivileged-caller-secret"
+    box = await driver.start(LaunchSpec("unpriv-strict", strict))
+    e = box.enforcement()
+    out["controls"] = sorted(c.value for c in e.controls)
+    out["uid_map"] = e.details["uid_map"]
+    out["namespaces_differ"] = all(e.details["namespaces"][n] != e.details["host_namespaces"][n] for n in e.details["namespaces"])
+    out["id"] = await sh(box, "id -u; grep CapEff /proc/self/status")
+    out["bind"] = await sh(box, "echo from-sandbox > /shared/made && cat /shared/made")
+    out["python"] = await sh(box, "/usr/bin/python3 -c 'print(6*7)'")
+    out["mount"] = await sh(box, "mount -t tmpfs none /tmp")
+    out["unshare"] = await sh(box, "unshare -U true")
+    out["root_home"] = await sh(box, "ls -d /root /home")
+    out["interfaces"] = await sh(box, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
+    out["write_usr"] = await sh(box, "echo x > /usr/evil")
+    out["environ"] = await sh(box, "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'")
+    out["timeout"] = await sh(box, "sleep 1000 & (setsid sleep 1000 &); sleep 1000", timeout_ms=400)
+    ns = e.details["namespaces"]["pid"]
+    await asyncio.sleep(0.1)
+    out["after_timeout"] = [open(f"/proc/{p}/comm").read().strip() for p in pids_in(ns)]
+    await sh(box, "sleep 1000 & (setsid sleep 1000 &) ; echo bg")
+    await box.destroy()
+    out["after_destroy"] = pids_in(ns)
+    out["owner_of_made"] = os.stat(os.path.join(shared, "made")).st_uid
+
+asyncio.run(main())
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def unprivileged_user() -> pwd.struct_passwd:
+    """The ``kavachtest`` user, created when missing (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating the test user needs root")
+    if shutil.which("runuser") is None or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("runuser or /usr/bin/python3 missing")
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
+        return pwd.getpwnam(USER)
+
+
+@pytest.fixture(scope="module")
+def observed(unprivileged_user: pwd.struct_passwd, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What the unprivileged script saw."""
+    base = tmp_path_factory.mktemp("unpriv")
+    os.chmod(base, 0o755)
+    for parent in base.parents:
+        if str(parent).startswith("/tmp/"):
+            os.chmod(parent, os.stat(parent).st_mode | 0o005)
+    shared = base / "shared"
+    shared.mkdir()
+    os.chown(shared, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", "HOME": str(base)}
+    proc = subprocess.run(
+        [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, str(shared)],
+        capture_output=True,
+        env=env,
+        cwd=str(base),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+def test_runs_as_the_unprivileged_user(observed: dict[str, Any], unprivileged_user: pwd.struct_passwd) -> None:
+    assert observed["uid"] == unprivileged_user.pw_uid
+    assert observed["probe_available"]
+
+
+def test_root_inside_is_the_caller_outside(observed: dict[str, Any], unprivileged_user: pwd.struct_passwd) -> None:
+    assert observed["uid_map"] == f"0 {unprivileged_user.pw_uid} 1"
+    assert observed["id"]["out"].split() == ["0", "CapEff:", "0000000000000000"]
+    assert observed["namespaces_differ"]
+
+
+def test_limits_without_cgroup_access_fail_closed(observed: dict[str, Any]) -> None:
+    assert observed["limits_error"] is not None
+    assert "cgroup" in observed["limits_error"]
+
+
+def test_strict_controls_without_limits_are_enforced(observed: dict[str, Any]) -> None:
+    assert observed["controls"] == ["landlock", "network_isolated", "read_only_root", "seccomp"]
+
+
+def test_rw_bind_writes_land_as_the_caller(observed: dict[str, Any], unprivileged_user: pwd.struct_passwd) -> None:
+    assert observed["bind"]["out"] == "from-sandbox\n"
+    assert observed["owner_of_made"] == unprivileged_user.pw_uid
+
+
+def test_escapes_fail_for_an_unprivileged_caller_too(observed: dict[str, Any]) -> None:
+    assert observed["python"]["out"] == "42\n"
+    assert observed["mount"]["code"] != 0
+    assert observed["unshare"]["code"] != 0
+    assert observed["root_home"]["code"] != 0 and observed["root_home"]["out"] == ""
+    assert observed["interfaces"]["out"] == "lo\n"
+    assert observed["write_usr"]["code"] != 0
+    assert "unprivileged-caller-secret" not in observed["environ"]["out"]
+
+
+def test_background_processes_die_at_timeout_and_destroy(observed: dict[str, Any]) -> None:
+    assert observed["timeout"]["timed_out"]
+    assert "sleep" not in observed["after_timeout"]
+    assert observed["after_destroy"] == []
