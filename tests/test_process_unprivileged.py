@@ -35,7 +35,8 @@ shared = sys.argv[1]
 out = {"uid": os.getuid()}
 
 async def sh(box, script, **kw):
-    r = await box.exec(ExecRequest(argv=("/bin/sh", "-c", script), env=ENV, timeout_ms=kw.pop("timeout_ms", 20000), **kw))
+    timeout = kw.pop("timeout_ms", 20000)
+    r = await box.exec(ExecRequest(argv=("/bin/sh", "-c", script), env=ENV, timeout_ms=timeout, **kw))
     return {"code": r.exit_code, "out": r.stdout.decode(), "err": r.stderr.decode(), "timed_out": r.timed_out}
 
 def pids_in(ns):
@@ -70,7 +71,8 @@ async def main():
     e = box.enforcement()
     out["controls"] = sorted(c.value for c in e.controls)
     out["uid_map"] = e.details["uid_map"]
-    out["namespaces_differ"] = all(e.details["namespaces"][n] != e.details["host_namespaces"][n] for n in e.details["namespaces"])
+    inside, host = e.details["namespaces"], e.details["host_namespaces"]
+    out["namespaces_differ"] = all(inside[n] != host[n] for n in inside)
     out["id"] = await sh(box, "id -u; grep CapEff /proc/self/status")
     out["bind"] = await sh(box, "echo from-sandbox > /shared/made && cat /shared/made")
     out["python"] = await sh(box, "/usr/bin/python3 -c 'print(6*7)'")
@@ -121,7 +123,7 @@ def observed(unprivileged_user: pwd.struct_passwd, tmp_path_factory: pytest.Temp
     os.chown(shared, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
     site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", "HOME": str(base)}
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
         [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, str(shared)],
         capture_output=True,
         env=env,
