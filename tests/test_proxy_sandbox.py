@@ -297,3 +297,39 @@ async def test_lifecycle_network_off_reaches_nothing(tmp_path: Path) -> None:
         await sandbox.destroy()
         await upstream.close()
     assert upstream.seen == []
+
+
+async def test_kavach_run_credential_flag_end_to_end(tmp_path: Path) -> None:
+    """`kavach run --credential HOST=HEADER:VAR`: the upstream gets $VAR, the sandbox and the
+    CLI output only ever show the placeholder. The upstream is addressed by IP literal (allowed
+    explicitly), so no name resolution is involved."""
+    import os
+    import sys
+
+    _lifecycle()
+    _driver()
+    ca = make_test_ca(tmp_path / "upstream")
+    upstream = await Upstream(echo_authorization=False).start(ca.server_context())
+    # NO_PROXY lists 127.0.0.1, so curl is told to use the proxy for it anyway.
+    script = f'echo "token=$API_TOKEN"; curl -sS --noproxy "" https://127.0.0.1:{upstream.port}/run'
+    argv = [
+        sys.executable, "-c", "from kavach.cli import main; main()", "run", "--backend", "process",
+        "--network", "proxy", "--allow", "127.0.0.1", "--allow-private", "127.0.0.0/8",
+        "--credential", "127.0.0.1=Authorization:API_TOKEN", "--upstream-ca", str(ca.ca_pem),
+        "--", "/bin/sh", "-c", script,
+    ]  # fmt: skip
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "API_TOKEN": SECRET, "KAVACH_DATA_DIR": str(tmp_path / "data")},
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await upstream.close()
+    text = out.decode() + err.decode()
+    assert proc.returncode == 0, text
+    assert "token=KAVACH_PLACEHOLDER_" in text and '"target": "/run"' in text
+    assert SECRET not in text
+    assert upstream.seen[-1].headers.get_all("authorization") == [SECRET]
