@@ -23,7 +23,7 @@ import pytest
 from kavach.backends.base import ExecRequest, InjectedFile, LaunchSpec
 from kavach.backends.oci import DirectoryRootfs, ImageRootfs, OciDriver, OciInstance
 from kavach.backends.oci.runtime import CgroupMode, RuntimeName, cgroup_mode, probe_runc, try_runtime
-from kavach.errors import SandboxCreateError
+from kavach.errors import ExecError, SandboxCreateError
 from kavach.policy import Bind, FilesystemPolicy, ResourceLimits, SandboxPolicy
 from kavach.scoring import Control, score
 
@@ -71,6 +71,27 @@ async def test_output_exit_code_and_stdin(basic: OciInstance) -> None:
 async def test_signal_exit_code_is_128_plus_n(basic: OciInstance) -> None:
     result = await basic.exec(_req("kill -TERM $$"))
     assert result.exit_code == 128 + 15
+
+
+async def test_unrunnable_commands_exit_like_a_shell(basic: OciInstance) -> None:
+    missing = await basic.exec(ExecRequest(argv=("no-such-command",), env=PATH_ENV))
+    assert missing.exit_code == 127 and missing.stderr == b"kavach: no-such-command: No such file or directory\n"
+    not_executable = await basic.exec(ExecRequest(argv=("/etc/passwd",), env=PATH_ENV))
+    assert not_executable.exit_code == 126 and b"Permission denied" in not_executable.stderr
+    with pytest.raises(ExecError, match="chdir"):
+        await basic.exec(ExecRequest(argv=("pwd",), env=PATH_ENV, cwd="/no/such/dir"))
+
+
+async def test_file_size_rlimit_is_reported() -> None:
+    policy = replace(SandboxPolicy.basic(), resources=replace(SandboxPolicy.basic().resources, file_size=1 << 20))
+    instance = await _start(policy)
+    try:
+        result = await instance.exec(
+            ExecRequest(argv=("/bin/sh", "-c", "head -c 2000000 /dev/zero > /tmp/big"), env=PATH_ENV)
+        )
+        assert result.exit_code == 128 + 25 and result.reason == "file size limit"
+    finally:
+        await instance.destroy()
 
 
 async def test_files_persist_across_execs_and_python_runs(basic: OciInstance) -> None:
@@ -229,6 +250,7 @@ async def test_memory_limit_kills_a_memory_bomb() -> None:
             _req("/usr/bin/python3 -c 'x = bytearray(512 << 20); print(len(x))'", timeout_ms=20_000)
         )
         assert result.exit_code == 137 and b"536870912" not in result.stdout
+        assert result.reason == "memory limit"
         assert (await instance.exec(_req("echo survived"))).stdout == b"survived\n"
     finally:
         await instance.destroy()

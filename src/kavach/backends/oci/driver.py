@@ -215,6 +215,48 @@ def cgroup_limits(pid: int) -> dict[str, int | None]:
     return limits
 
 
+_EXEC_ERRORS: tuple[tuple[bytes, int, str], ...] = (
+    (b"executable file not found", 127, "No such file or directory"),
+    (b"no such file or directory", 127, "No such file or directory"),
+    (b"permission denied", 126, "Permission denied"),
+    (b"exec format error", 126, "Exec format error"),
+    (b"is a directory", 126, "Is a directory"),
+)
+
+
+def start_failure(code: int, stderr: bytes, argv0: str) -> tuple[int, bytes] | None:
+    """Map the runtime's own failure to start the command to a shell-style result.
+
+    runc exits 255 with ``exec failed: unable to start container process: exec: "X": ...``
+    when the command cannot be executed: that becomes 127 (not found) or 126 (not
+    executable) with ``kavach: X: <strerror>`` on stderr, as the Process backend reports it.
+    Any other start failure (the working directory is missing, ...) raises ExecError.
+    """
+    if code != 255 or b"exec failed: unable to start container process" not in stderr:
+        return None
+    detail = stderr.lower()
+    if b"exec: " in detail:
+        for needle, exit_code, text in _EXEC_ERRORS:
+            if needle in detail:
+                return exit_code, f"kavach: {argv0}: {text}\n".encode()
+    message = stderr.decode(errors="replace").strip().rsplit("unable to start container process: ", 1)[-1]
+    message = message.rstrip('"').replace('\\"', '"')
+    raise ExecError(f"exec setup failed in the sandbox: {message}")
+
+
+def exit_reason(code: int, timed_out: bool, oom_killed: bool) -> str | None:
+    """The ``RawResult.reason`` of an abnormal end, with the Process backend's wording."""
+    if timed_out:
+        return "wall-clock timeout"
+    if code == 128 + signal.SIGKILL and oom_killed:
+        return "memory limit"
+    if code == 128 + signal.SIGXCPU:
+        return "cpu time limit"
+    if code == 128 + signal.SIGXFSZ:
+        return "file size limit"
+    return None
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -258,6 +300,7 @@ class OciProcess(RawProcess):
         if streaming:
             self._streams.queue = asyncio.Queue()
         self._yielded = False
+        self._oom_before = instance.oom_kills()
         self._result: RawResult | None = None
         self._killed_by: int | None = None
         assert proc.stdout is not None and proc.stderr is not None
@@ -280,6 +323,14 @@ class OciProcess(RawProcess):
             await writer.wait_closed()
 
     async def _supervise(self) -> RawResult:
+        try:
+            return await self._supervise_inner()
+        finally:
+            # End of stream for chunks(), whatever happened (a start failure raises).
+            if self._streams.queue is not None:
+                self._streams.queue.put_nowait(None)
+
+    async def _supervise_inner(self) -> RawResult:
         timeout = self._request.timeout_ms / 1000 if self._request.timeout_ms is not None else None
         timed_out = False
         try:
@@ -303,8 +354,6 @@ class OciProcess(RawProcess):
         self._stdin_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stdin_task
-        if self._streams.queue is not None:
-            await self._streams.queue.put(None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._process_file)
         code = self._proc.returncode if self._proc.returncode is not None else EXIT_TIMEOUT
@@ -312,13 +361,21 @@ class OciProcess(RawProcess):
             code = 128 - code
         if self._killed_by is not None:
             code = 128 + self._killed_by
-        reason = None
+        stderr = self._streams.stderr.getvalue()
+        failure = start_failure(code, stderr, self._request.argv[0]) if not timed_out else None
+        if failure is not None:
+            # The command never ran: report it as the Process backend (and a shell) does.
+            code, message = failure
+            stderr = message if self._streams.queue is None else b""
+            if self._streams.queue is not None:
+                await self._streams.queue.put(("stderr", message))
+        reason = exit_reason(code, timed_out, self._instance.oom_kills() > self._oom_before)
         if timed_out:
-            code, reason = EXIT_TIMEOUT, "wall-clock timeout"
+            code = EXIT_TIMEOUT
         return RawResult(
             exit_code=code,
             stdout=self._streams.stdout.getvalue(),
-            stderr=self._streams.stderr.getvalue(),
+            stderr=stderr,
             duration_ms=(time.monotonic() - self._started) * 1000,
             timed_out=timed_out,
             stdout_truncated=self._streams.stdout.truncated,
@@ -943,6 +1000,27 @@ class OciInstance(Instance):
             if time.monotonic() > deadline:
                 raise ExecError(f"the sandbox did not reach {wanted} in {RUNTIME_TIMEOUT_S:.0f}s")
             await asyncio.sleep(0.005)
+
+    def oom_kills(self) -> int:
+        """How many times the kernel's OOM killer fired in the container's memory cgroup."""
+        if self._init_pid is None:
+            return 0
+        try:
+            paths = _cgroup_paths(self._init_pid)
+        except OSError:
+            return 0
+        if "memory" in paths:
+            source, key = f"/sys/fs/cgroup/memory{paths['memory']}/memory.oom_control", "oom_kill"
+        elif "" in paths and cgroup_mode() is CgroupMode.UNIFIED:
+            source, key = f"/sys/fs/cgroup{paths['']}/memory.events", "oom_kill"
+        else:
+            return 0
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(source).read_text(encoding="ascii").splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+        return 0
 
     def live_pids(self) -> int | None:
         """Processes in the container's cgroup."""

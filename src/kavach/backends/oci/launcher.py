@@ -224,7 +224,8 @@ def run_exec(args: list[str]) -> int:
     try:
         os.execvp(argv[0], argv)  # noqa: S606 - the sandboxed command, exec'd without a shell on purpose
     except OSError as exc:
-        print(f"kavach-launcher: exec {argv[0]}: {exc.strerror}", file=sys.stderr)
+        # Same message and codes as the Process backend and shells: 127 not found, 126 otherwise.
+        print(f"kavach: {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 127 if exc.errno == errno.ENOENT else EXIT_SETUP_FAILED
     return EXIT_SETUP_FAILED  # not reached: execvp returns only by raising
 
