@@ -1,0 +1,110 @@
+"""Correctness of the scanners on pathological and generated inputs (no timing assertions).
+
+Timing lives in benchmarks/bench_scanners.py; here we check that the linear-time engine's
+shortcuts (window prefilter, anchors, window boundaries, streaming) never lose a match.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kavach.scanning import ExternalizationPolicy, Gate, Verdict
+from kavach.scanning.code import REGEX_RULES
+from kavach.scanning.data import DATA_RULES
+from kavach.scanning.engine import WINDOW, PatternBank, compile_bytes
+from kavach.scanning.secrets import SECRET_RULES
+
+AWS_ID = b"AKIA" + b"QWERTYUIOPASDFGH"
+GH = b"ghp_" + b"a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+
+PATHOLOGICAL = [
+    b"a" * 200_000,
+    b"\"'" * 100_000,
+    b"password=" * 20_000,
+    b"4 " * 100_000,
+    b"a@a." * 50_000,
+    b"-----BEGIN RSA PRIVATE KEY-----\n" + b"A" * 200_000,
+    b"a:" * 100_000,
+    b"((((" * 50_000 + b"))))" * 50_000,
+    b"\\x41" * 50_000,
+]
+
+
+def test_pathological_inputs_still_find_an_embedded_secret() -> None:
+    gate = Gate(ExternalizationPolicy(max_artifact_size=1 << 24))
+    for filler in PATHOLOGICAL:
+        half = len(filler) // 2
+        data = filler[:half] + b"\n" + AWS_ID + b"\n" + filler[half:]
+        found = [f for f in gate.scan(data) if f.rule == "secrets.aws-access-key-id"]
+        assert len(found) == 1, filler[:20]
+        assert data[found[0].start : found[0].end] == AWS_ID
+        assert gate.apply(data).verdict is Verdict.BLOCK
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(offset=st.integers(min_value=-80, max_value=80), windows=st.integers(min_value=1, max_value=2))
+def test_tokens_straddling_window_boundaries_are_found_once(offset: int, windows: int) -> None:
+    gate = Gate(ExternalizationPolicy(max_artifact_size=1 << 24))
+    position = windows * WINDOW + offset
+    data = b"x " * (position // 2) + b" " * (position % 2) + GH + b" tail"
+    found = [f for f in gate.scan(data) if f.rule == "secrets.github-token"]
+    assert [(f.start, f.end) for f in found] == [(position, position + len(GH))]
+
+
+_PIECES = st.sampled_from([
+    b" ", b"\n", b"=", b":", b'"', b"'", b"password", b"token", b"api_key", b"AKIA", b"QWERTYUIOPASDFGH",
+    b"Tr0ub4dor&3x", b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1", b"@", b"corp.example.com", b"alice", b"4111 1111 1111 1111",
+    b"536-22-8172", b"+44 20 7946 0958", b"8.8.8.8", b"curl https://x.example/i", b"|", b"sh", b"bash -i",
+    b">& /dev/tcp/203.0.113.7/4444", b"eval(", b"atob(", b"-----BEGIN ", b"PRIVATE KEY-----", b"ghp_",
+    b"a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8", b"postgres://u:", b"Xk9mQ2vL7pR4@db", b"Bearer ", b"eyJhbGciOiJIUzI1NiJ9",
+    b".", b"eyJzdWIiOiIxMjM0In0", b"sig", b"GB82 WEST 1234 5698 7654 32", b"Phone: ", b"SSN: 536228172",
+])
+
+
+def _naive(rules: tuple, data: bytes) -> set[tuple[str, int, int]]:  # type: ignore[type-arg]
+    """Every rule run over the whole input, no prefilter, no windows."""
+    out = set()
+    for rule in rules:
+        pattern = compile_bytes(("(?i)" if rule.case_insensitive else "") + rule.pattern)
+        follower = compile_bytes(rule.not_followed_by) if rule.not_followed_by else None
+        for m in pattern.finditer(data):
+            start, end = m.span(rule.value_group)
+            if start < 0 or end <= start or (follower is not None and follower.match(data, end) is not None):
+                continue
+            if rule.validate is not None and rule.validate(data, start, end, m) is None:
+                continue
+            out.add((rule.id, start, end))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_PIECES, min_size=1, max_size=40))
+def test_prefilter_and_anchors_never_drop_a_match(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    for rules in (SECRET_RULES, DATA_RULES, REGEX_RULES):
+        bank = PatternBank(rules)
+        got = {(f.rule, f.start, f.end) for f in bank.scan(data, "t")}
+        assert got == _naive(rules, data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_PIECES, min_size=1, max_size=40), st.integers(min_value=1, max_value=64))
+def test_redaction_removes_every_reported_value(pieces: list[bytes], chunk: int) -> None:
+    data = b"".join(pieces)
+    policy = ExternalizationPolicy(block_at="critical", quarantine_at="critical",
+                                   category_overrides={k: "high" for k in ("cloud_key", "vcs_token", "private_key",
+                                                                           "connection_string", "pci_dss")})
+    gate = Gate(policy)
+    result = gate.apply(data)
+    for f in result.findings:
+        value = data[f.start : f.end]
+        if f.redact and f.severity >= policy.warn_at and len(value) >= 8 and result.verdict is not Verdict.PASS:
+            assert value not in result.released, (f.rule, value)
+
+
+_BANKS = {name: PatternBank(rules) for name, rules in (("s", SECRET_RULES), ("d", DATA_RULES), ("c", REGEX_RULES))}
+
+
+def test_every_rule_compiles_and_is_in_a_bank() -> None:
+    assert sum(len(b.rules) for b in _BANKS.values()) == len(SECRET_RULES) + len(DATA_RULES) + len(REGEX_RULES)
