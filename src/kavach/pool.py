@@ -1,0 +1,259 @@
+"""Pre-warmed sandboxes: :class:`SandboxPool`.
+
+A pool keeps ``size`` sandboxes of one :class:`~kavach.config.SandboxConfig` created ahead
+(namespaces, mounts, cgroup, init and its pre-confined exec child already built), so that
+:meth:`SandboxPool.claim` hands one out at once. It refills in the background.
+
+Rules:
+
+* a claimed sandbox belongs to its claimant; :meth:`SandboxPool.release` destroys it,
+  unless the pool was made with ``reuse=True``, when it goes back to the pool until it has
+  served ``max_uses`` claimants (state in /tmp and the workdir then carries over: only for
+  callers that trust each other);
+* a warm sandbox older than ``max_lifetime_s`` or no longer running is destroyed instead of
+  handed out (the health check), and replaced;
+* when the pool is empty, :meth:`claim` creates a sandbox on demand;
+* every method is safe to call from many asyncio tasks of one event loop.
+
+Use it as ``async with SandboxPool(config, size=4) as pool: async with pool.lease() as sb: ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from kavach.backends.base import Driver
+from kavach.config import SandboxConfig
+from kavach.errors import KavachError, PolicyError
+from kavach.lifecycle import Sandbox, SandboxState
+
+HealthCheck = Callable[[Sandbox], Awaitable[bool]]
+
+
+@dataclass
+class _Entry:
+    sandbox: Sandbox
+    created: float
+    uses: int = 0
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Counters for monitoring a pool."""
+
+    warm: int
+    leased: int
+    created: int
+    claimed_warm: int
+    claimed_cold: int
+    discarded: int
+
+
+class SandboxPool:
+    """A pool of pre-created sandboxes of one configuration (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: SandboxConfig | None = None,
+        size: int = 4,
+        *,
+        reuse: bool = False,
+        max_uses: int = 1,
+        max_lifetime_s: float | None = 600.0,
+        health_check: HealthCheck | None = None,
+        driver: Driver | None = None,
+        concurrency: int = 2,
+    ) -> None:
+        if size < 0:
+            raise PolicyError("pool.size", size, "must be >= 0")
+        if max_uses < 1:
+            raise PolicyError("pool.max_uses", max_uses, "must be >= 1")
+        if max_lifetime_s is not None and max_lifetime_s <= 0:
+            raise PolicyError("pool.max_lifetime_s", max_lifetime_s, "must be positive")
+        if concurrency < 1:
+            raise PolicyError("pool.concurrency", concurrency, "must be >= 1")
+        self.config = config or SandboxConfig()
+        self.size = size
+        self.reuse = reuse
+        self.max_uses = max_uses if reuse else 1
+        self.max_lifetime_s = max_lifetime_s
+        self._health_check = health_check
+        self._driver = driver
+        self._warm: deque[_Entry] = deque()
+        self._leased: dict[int, _Entry] = {}
+        self._creating = 0
+        self._create_slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        self._refiller: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_error: BaseException | None = None
+        self._created = self._claimed_warm = self._claimed_cold = self._discarded = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Fill the pool to ``size`` now and start the background refill."""
+        self._check_open()
+        await self.replenish()
+        if self._refiller is None:
+            self._refiller = asyncio.create_task(self._refill_loop(), name="kavach-pool-refill")
+
+    async def close(self) -> None:
+        """Stop refilling and destroy every sandbox of the pool, warm and leased."""
+        self._closed = True
+        if self._refiller is not None:
+            self._refiller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refiller
+            self._refiller = None
+        entries = [*self._warm, *self._leased.values()]
+        self._warm.clear()
+        self._leased.clear()
+        await asyncio.gather(*(self._destroy(entry) for entry in entries))
+
+    async def __aenter__(self) -> SandboxPool:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    async def claim(self) -> Sandbox:
+        """A running sandbox for the caller alone: a warm one at once, or a new one if none is warm."""
+        self._check_open()
+        while self._warm:
+            entry = self._warm.popleft()
+            self._wake.set()
+            if await self._healthy(entry):
+                self._claimed_warm += 1
+                return self._lease(entry)
+            await self._discard(entry)
+        self._wake.set()
+        entry = await self._create()
+        self._claimed_cold += 1
+        return self._lease(entry)
+
+    async def release(self, sandbox: Sandbox) -> None:
+        """Give a claimed sandbox back: destroyed, or returned warm when reuse allows it."""
+        entry = self._leased.pop(id(sandbox), None)
+        if entry is None:
+            raise KavachError(f"sandbox {sandbox.id} was not claimed from this pool")
+        if self.reuse and not self._closed and entry.uses < self.max_uses and await self._healthy(entry):
+            self._warm.append(entry)
+            return
+        await self._destroy(entry)
+        self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[Sandbox]:
+        """``async with pool.lease() as sandbox``: claim, then release on exit (even on error)."""
+        sandbox = await self.claim()
+        try:
+            yield sandbox
+        finally:
+            await self.release(sandbox)
+
+    async def replenish(self) -> None:
+        """Create sandboxes until ``size`` are warm (creation errors propagate)."""
+        self._check_open()
+        missing = self.size - len(self._warm) - self._creating
+        if missing <= 0:
+            return
+        entries = await asyncio.gather(*(self._create() for _ in range(missing)), return_exceptions=True)
+        errors = [e for e in entries if isinstance(e, BaseException)]
+        for entry in entries:
+            if isinstance(entry, _Entry):
+                if self._closed:
+                    await self._destroy(entry)
+                else:
+                    self._warm.append(entry)
+        if errors:
+            raise errors[0]
+
+    @property
+    def stats(self) -> PoolStats:
+        """Current counters."""
+        return PoolStats(
+            warm=len(self._warm),
+            leased=len(self._leased),
+            created=self._created,
+            claimed_warm=self._claimed_warm,
+            claimed_cold=self._claimed_cold,
+            discarded=self._discarded,
+        )
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The last error of the background refill (it retries with a pause)."""
+        return self._last_error
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KavachError("the sandbox pool is closed")
+
+    def _lease(self, entry: _Entry) -> Sandbox:
+        entry.uses += 1
+        self._leased[id(entry.sandbox)] = entry
+        return entry.sandbox
+
+    async def _create(self) -> _Entry:
+        self._creating += 1
+        try:
+            async with self._create_slots:
+                sandbox = await Sandbox.create(self.config, driver=self._driver)
+        finally:
+            self._creating -= 1
+        self._created += 1
+        return _Entry(sandbox, time.monotonic())
+
+    async def _healthy(self, entry: _Entry) -> bool:
+        if entry.sandbox.state is not SandboxState.RUNNING:
+            return False
+        if self.max_lifetime_s is not None and time.monotonic() - entry.created > self.max_lifetime_s:
+            return False
+        return self._health_check is None or await self._health_check(entry.sandbox)
+
+    async def _discard(self, entry: _Entry) -> None:
+        self._discarded += 1
+        await self._destroy(entry)
+
+    async def _destroy(self, entry: _Entry) -> None:
+        with contextlib.suppress(KavachError):
+            # Already destroyed or broken sandboxes raise; the pool only needs them gone.
+            await entry.sandbox.destroy()
+
+    async def _refill_loop(self) -> None:
+        while not self._closed:
+            timeout = None if self.max_lifetime_s is None else max(self.max_lifetime_s / 4, 0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            await self._expire_old()
+            try:
+                await self.replenish()
+                self._last_error = None
+            except KavachError as exc:
+                self._last_error = exc
+                await asyncio.sleep(1.0)  # the host is short of something; do not spin
+
+    async def _expire_old(self) -> None:
+        for entry in list(self._warm):
+            if not await self._healthy(entry):
+                with contextlib.suppress(ValueError):
+                    self._warm.remove(entry)
+                    await self._discard(entry)
+
+
+__all__ = ["HealthCheck", "PoolStats", "SandboxPool"]

@@ -1,0 +1,123 @@
+"""SandboxPool over real Process sandboxes (kavach.Sandbox on the native engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from kavach.backends.names import Backend
+from kavach.backends.process import ProcessDriver
+from kavach.config import SandboxConfig
+from kavach.errors import KavachError, PolicyError
+from kavach.lifecycle import Sandbox, SandboxState
+from kavach.policy import SandboxPolicy
+from kavach.pool import SandboxPool
+
+pytestmark = pytest.mark.skipif(not ProcessDriver().probe().available, reason="Process backend unavailable here")
+
+
+def _config() -> SandboxConfig:
+    return SandboxConfig(backend=Backend.PROCESS, policy=SandboxPolicy.basic())
+
+
+async def test_claim_is_served_warm_and_the_pool_refills() -> None:
+    async with SandboxPool(_config(), size=2) as pool:
+        assert pool.stats.warm == 2
+        async with pool.lease() as sandbox:
+            assert sandbox.state is SandboxState.RUNNING
+            result = await sandbox.exec(["echo", "pooled"])
+            assert result.stdout == b"pooled\n"
+        assert pool.stats.claimed_warm == 1
+        for _ in range(100):
+            if pool.stats.warm == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert pool.stats.warm == 2
+
+
+async def test_sandboxes_are_not_reused_across_claimants() -> None:
+    async with SandboxPool(_config(), size=1) as pool:
+        first = await pool.claim()
+        await first.exec(["sh", "-c", "echo secret > /tmp/left-behind"])
+        await pool.release(first)
+        assert first.state is SandboxState.DESTROYED
+        second = await pool.claim()
+        assert second.id != first.id
+        result = await second.exec(["sh", "-c", "cat /tmp/left-behind || echo absent"])
+        assert b"absent" in result.stdout
+        await pool.release(second)
+
+
+async def test_reuse_when_configured_up_to_max_uses() -> None:
+    async with SandboxPool(_config(), size=1, reuse=True, max_uses=2) as pool:
+        first = await pool.claim()
+        await pool.release(first)
+        again = await pool.claim()
+        assert again is first
+        await pool.release(again)
+        assert first.state is SandboxState.DESTROYED
+        third = await pool.claim()
+        assert third is not first
+        await pool.release(third)
+
+
+async def test_expired_and_dead_warm_entries_are_not_handed_out() -> None:
+    async with SandboxPool(_config(), size=1, max_lifetime_s=0.2) as pool:
+        await asyncio.sleep(0.4)
+        sandbox = await pool.claim()
+        assert sandbox.state is SandboxState.RUNNING
+        assert pool.stats.discarded >= 1
+        await pool.release(sandbox)
+    async with SandboxPool(_config(), size=1, max_lifetime_s=None) as pool:
+        warm = pool._warm[0].sandbox
+        await warm.destroy()  # dies while warm
+        sandbox = await pool.claim()
+        assert sandbox is not warm and sandbox.state is SandboxState.RUNNING
+        await pool.release(sandbox)
+
+
+async def test_empty_pool_creates_on_demand() -> None:
+    async with SandboxPool(_config(), size=0) as pool:
+        async with pool.lease() as sandbox:
+            assert (await sandbox.exec(["true"])).exit_code == 0
+        assert pool.stats.claimed_cold == 1
+
+
+async def test_many_tasks_claim_distinct_sandboxes() -> None:
+    async with SandboxPool(_config(), size=2) as pool:
+
+        async def use() -> str:
+            async with pool.lease() as sandbox:
+                await sandbox.exec(["true"])
+                return sandbox.id
+
+        ids = await asyncio.gather(*(use() for _ in range(6)))
+        assert len(set(ids)) == 6
+
+
+async def test_close_destroys_warm_and_leased_sandboxes() -> None:
+    pool = SandboxPool(_config(), size=2)
+    await pool.start()
+    warm = [entry.sandbox for entry in pool._warm]
+    leased = await pool.claim()
+    await pool.close()
+    for sandbox in (*warm, leased):
+        assert sandbox.state is SandboxState.DESTROYED
+    with pytest.raises(KavachError):
+        await pool.claim()
+
+
+async def test_foreign_sandbox_release_and_bad_arguments_are_refused() -> None:
+    with pytest.raises(PolicyError):
+        SandboxPool(_config(), size=-1)
+    with pytest.raises(PolicyError):
+        SandboxPool(_config(), max_uses=0)
+    async with SandboxPool(_config(), size=0) as pool:
+        stranger = await Sandbox.create(dataclasses.replace(_config()))
+        try:
+            with pytest.raises(KavachError):
+                await pool.release(stranger)
+        finally:
+            await stranger.destroy()
