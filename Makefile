@@ -20,7 +20,8 @@ typecheck: install
 test: install lint typecheck  ## the whole suite, ruff and mypy --strict
 	bash scripts/test.sh
 
-bench: install  ## benchmarks (not part of `make test`)
+bench: install  ## benchmarks (not part of `make test`); installs the benchmark peers first
+	@$(VENV)/bin/pip install -q -e ".[all,dev,bench]"
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
