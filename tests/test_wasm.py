@@ -241,6 +241,20 @@ async def test_read_write_bind_and_read_file(driver: WasmDriver, programs: Path,
         await instance.destroy()
 
 
+async def test_rewritten_module_file_is_not_served_stale(driver: WasmDriver, programs: Path, tmp_path: Path) -> None:
+    policy = _policy(rw=(Bind(str(tmp_path), "/m"),), read_only_root=False)
+    instance = await driver.start(LaunchSpec("t-stale", policy))
+    try:
+        module = tmp_path / "mod.wat"
+        shutil.copy(programs / "hello.wat", module)
+        assert (await instance.exec(_req("/m/mod.wat"))).exit_code == 7
+        # Same size, same directory entry: only the content (and ctime) changes.
+        module.write_text((programs / "hello.wat").read_text().replace("(i32.const 7)", "(i32.const 8)"))
+        assert (await instance.exec(_req("/m/mod.wat"))).exit_code == 8
+    finally:
+        await instance.destroy()
+
+
 async def test_symlink_planted_in_writable_preopen_cannot_escape(
     driver: WasmDriver, programs: Path, tmp_path: Path
 ) -> None:
@@ -388,6 +402,15 @@ async def test_module_blocked_in_host_call_times_out(sandbox: WasmInstance) -> N
     assert result.timed_out is True
     assert result.reason is not None and "host call" in result.reason
     assert sandbox.abandoned_runs == 1
+
+
+async def test_spawned_module_blocked_in_host_call_ends_its_stream(sandbox: WasmInstance) -> None:
+    process = await sandbox.spawn(_req("/prog/tool.wasm", "sleep", "30", timeout_ms=100))
+    async for _stream, _data in process.chunks():
+        pass
+    result = await process.wait()
+    assert result.timed_out is True
+    assert result.reason is not None and "host call" in result.reason
 
 
 async def test_memory_grower_stopped_at_limit(driver: WasmDriver, programs: Path) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import os
 import platform
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -163,6 +165,8 @@ class Runtime:
             directory=cache_dir,
         )
         self._pre: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
+        self._by_file: OrderedDict[tuple[object, ...], wasmtime.InstancePre] = OrderedDict()
+        self.workers = WorkerPool()
         self._pre_lock = threading.Lock()
 
     def _compile(self, source: bytes) -> wasmtime.Module:
@@ -185,5 +189,78 @@ class Runtime:
                 self._pre.popitem(last=False)
         return pre
 
+    def instance_pre_for_file(self, path: str, read: Callable[[str], bytes]) -> wasmtime.InstancePre:
+        """Like :meth:`instance_pre` for the module file at ``path``, skipping read and hash
+        when the file is unchanged since the last call.
 
-__all__ = ["EPOCH_TICK_S", "DeadlineHook", "EpochTicker", "Runtime", "missing_features", "wasmtime_version"]
+        "Unchanged" is the file's identity and change stamps (device, inode, size, mtime and
+        ctime in ns). ctime cannot be set from user space and moves on every write, so a
+        rewritten or replaced file always misses. ``read`` returns the validated bytes.
+        """
+        try:
+            info = os.stat(path)
+        except OSError:
+            return self.instance_pre(read(path))  # read() reports the error in its own words
+        identity = (path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        with self._pre_lock:
+            pre = self._by_file.get(identity)
+            if pre is not None:
+                self._by_file.move_to_end(identity)
+                return pre
+        pre = self.instance_pre(read(path))
+        with self._pre_lock:
+            self._by_file[identity] = pre
+            while len(self._by_file) > MEMORY_ENTRIES:
+                self._by_file.popitem(last=False)
+        return pre
+
+
+class WorkerPool:
+    """Daemon threads that run modules; idle ones are reused, so an exec starts no thread.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, and a module
+    stuck in a host call (a long WASI sleep) must not keep the process alive. Idle
+    workers exit after ``idle_s``.
+    """
+
+    def __init__(self, idle_s: float = 30.0) -> None:
+        self._idle_s = idle_s
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # workers waiting on the queue and not yet promised a job
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on an idle worker, or on a new one if none is idle."""
+        with self._lock:
+            self._queue.put(job)
+            if self._idle > 0:
+                self._idle -= 1  # that worker is now promised this job
+                return
+        threading.Thread(target=self._work, name="kavach-wasm-run", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    # Leave only if no job was promised to an idle worker meanwhile;
+                    # otherwise take it on the next get().
+                    if self._idle > 0:
+                        self._idle -= 1
+                        return
+                continue
+            job()
+            with self._lock:
+                self._idle += 1
+
+
+__all__ = [
+    "EPOCH_TICK_S",
+    "DeadlineHook",
+    "EpochTicker",
+    "Runtime",
+    "WorkerPool",
+    "missing_features",
+    "wasmtime_version",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import posixpath
 import shlex
@@ -161,11 +162,7 @@ class _RunControl:
         """Runs on the wasm thread at each epoch tick: None = go on, else trap message."""
         with self.cond:
             while True:
-                if (
-                    self.stop_reason is None
-                    and self.deadline is not None
-                    and time.monotonic() >= self.deadline
-                ):
+                if self.stop_reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
                     self.stop_reason = "wall-clock timeout"
                     self.stop_timed_out = True
                 if self.stop_reason is not None:
@@ -208,13 +205,14 @@ class _Output:
 class _Prepared:
     """An exec request resolved on the event-loop side, ready to run on a thread."""
 
-    source: bytes
+    module_path: str  # host path, already checked to lie inside a preopen or registered
     display: str
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     stdin: bytes | None
     control: _RunControl
     output: _Output
+    timeout_ms: int | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -250,9 +248,7 @@ class WasmInstance(Instance):
         resources = spec.policy.resources
         limits = [v for v in (resources.memory, resources.address_space) if v is not None]
         self.memory_limit: int | None = min(limits) if limits else None
-        self.fuel = (
-            UNLIMITED_FUEL if resources.cpu_time_s is None else resources.cpu_time_s * FUEL_PER_CPU_SECOND
-        )
+        self.fuel = UNLIMITED_FUEL if resources.cpu_time_s is None else resources.cpu_time_s * FUEL_PER_CPU_SECOND
         self._runs: set[_RunControl] = set()
         self._runs_lock = threading.Lock()
         self._paused = False
@@ -273,13 +269,7 @@ class WasmInstance(Instance):
     async def exec(self, request: ExecRequest) -> RawResult:
         prepared = self._prepare(request)
         future = self._start_thread(prepared)
-        if request.timeout_ms is None:
-            return await future
-        budget = request.timeout_ms / 1000 + HOST_CALL_GRACE_S
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), budget)
-        except TimeoutError:
-            return self._abandon(prepared)
+        return await future
 
     async def spawn(self, request: ExecRequest) -> RawProcess:
         prepared = self._prepare(request)
@@ -292,7 +282,7 @@ class WasmInstance(Instance):
 
         prepared.output.listener = listener
         future = self._start_thread(prepared, queue)
-        return WasmProcess(self, prepared, future, queue, request.timeout_ms)
+        return WasmProcess(prepared, future, queue)
 
     def _abandon(self, prepared: _Prepared) -> RawResult:
         """The module sits in a host call past the wall clock: report the timeout now.
@@ -317,6 +307,13 @@ class WasmInstance(Instance):
     def _start_thread(
         self, prepared: _Prepared, queue: asyncio.Queue[tuple[str, bytes] | None] | None = None
     ) -> asyncio.Future[RawResult]:
+        """Run the module on a worker; the future settles with its result, or with the
+        timeout result once the wall clock plus grace has passed.
+
+        Normally the epoch callback ends the module at the wall clock and its own result
+        arrives first; the timer only wins for a module stuck inside a host call. Both
+        settle the future on the loop thread, so exactly one of them does.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RawResult] = loop.create_future()
 
@@ -327,8 +324,6 @@ class WasmInstance(Instance):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-            if queue is not None:
-                queue.put_nowait(None)
 
         def body() -> None:
             outcome: RawResult | BaseException
@@ -339,12 +334,29 @@ class WasmInstance(Instance):
             with contextlib.suppress(RuntimeError):  # loop closed: the caller went away
                 loop.call_soon_threadsafe(deliver, outcome)
 
+        timer: asyncio.TimerHandle | None = None
+        if prepared.timeout_ms is not None:
+            budget = prepared.timeout_ms / 1000 + HOST_CALL_GRACE_S
+
+            def expire() -> None:
+                if not future.done():
+                    future.set_result(self._abandon(prepared))
+
+            timer = loop.call_later(budget, expire)
+
+        def settled(_future: asyncio.Future[RawResult]) -> None:
+            if timer is not None:
+                timer.cancel()
+            if queue is not None:
+                queue.put_nowait(None)  # after every chunk: they were queued before deliver
+
+        future.add_done_callback(settled)
         with self._runs_lock:
             if self._closed:
+                future.cancel()
                 raise ExecError("sandbox is stopped")
             self._runs.add(prepared.control)
-        thread = threading.Thread(target=body, name="kavach-wasm-run", daemon=True)
-        thread.start()
+        self._runtime.workers.submit(body)
         return future
 
     def _run(self, prepared: _Prepared) -> RawResult:
@@ -357,11 +369,11 @@ class WasmInstance(Instance):
         control = prepared.control
         try:
             try:
-                pre = runtime.instance_pre(prepared.source)
+                pre = runtime.instance_pre_for_file(
+                    prepared.module_path, lambda path: self._read_module(path, prepared.display)
+                )
             except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
-                raise ExecError(
-                    f"{prepared.display}: invalid WebAssembly module: {_first_line(str(exc))}"
-                ) from None
+                raise ExecError(f"{prepared.display}: invalid WebAssembly module: {_first_line(str(exc))}") from None
             store = wasmtime.Store(runtime.engine)
             store.set_fuel(self.fuel)
             store.set_limits(
@@ -446,9 +458,7 @@ class WasmInstance(Instance):
         return self._result(prepared, exit_code, reason, timed_out)
 
     @staticmethod
-    def _result(
-        prepared: _Prepared, exit_code: int, reason: str | None, timed_out: bool = False
-    ) -> RawResult:
+    def _result(prepared: _Prepared, exit_code: int, reason: str | None, timed_out: bool = False) -> RawResult:
         out, err, out_trunc, err_trunc = prepared.output.snapshot()
         return RawResult(
             exit_code,
@@ -467,7 +477,7 @@ class WasmInstance(Instance):
         if self._closed:
             raise ExecError("sandbox is stopped")
         argv = self._argv(request)
-        source, display = self._resolve_module(argv[0], request.cwd)
+        module_path, display = self._resolve_module(argv[0], request.cwd)
         env: list[tuple[str, str]] = []
         for name, value in request.env.items():
             if not name or "=" in name or "\0" in name or "\0" in value:
@@ -478,13 +488,14 @@ class WasmInstance(Instance):
                 raise ExecError("arguments must not contain NUL")
         deadline = None if request.timeout_ms is None else time.monotonic() + request.timeout_ms / 1000
         return _Prepared(
-            source=source,
+            module_path=module_path,
             display=display,
             argv=argv,
             env=tuple(env),
             stdin=request.stdin,
             control=_RunControl(deadline, self._paused),
             output=_Output(request.stdout_cap, request.stderr_cap),
+            timeout_ms=request.timeout_ms,
         )
 
     @staticmethod
@@ -504,26 +515,24 @@ class WasmInstance(Instance):
         for token in tokens:
             if token and all(ch in _SHELL_OPERATORS for ch in token):
                 raise ExecError(
-                    f"shell operator {token!r} is not supported by the WASM backend (no shell); "
-                    "run one module per exec"
+                    f"shell operator {token!r} is not supported by the WASM backend (no shell); run one module per exec"
                 )
         if not tokens:
             raise ExecError("empty command")
         return tuple(tokens)
 
-    def _resolve_module(self, name: str, cwd: str | None) -> tuple[bytes, str]:
-        """Module bytes for ``argv[0]``: a registered name, or a .wasm/.wat path inside a preopen."""
+    def _resolve_module(self, name: str, cwd: str | None) -> tuple[str, str]:
+        """The host file of ``argv[0]``: a registered name, or a .wasm/.wat path inside a preopen."""
         registered = registered_modules().get(name) if "/" not in name else None
         if registered is not None:
-            return self._read_module(str(registered), name), name
+            return str(registered), name
         if not name.endswith(_MODULE_SUFFIXES):
             raise ExecError(
                 f"{name}: not a registered WASM module and not a .wasm/.wat path "
                 "(register one with kavach.backends.wasm.register_module)"
             )
         base = cwd or self.spec.policy.filesystem.workdir
-        host = self._host_path(posixpath.join(base, name))
-        return self._read_module(host, name), name
+        return self._host_path(posixpath.join(base, name)), name
 
     def _host_path(self, guest_path: str) -> str:
         """The host file behind ``guest_path``, refusing anything that escapes its preopen."""
@@ -619,18 +628,14 @@ class WasmProcess(RawProcess):
 
     def __init__(
         self,
-        instance: WasmInstance,
         prepared: _Prepared,
         future: asyncio.Future[RawResult],
         queue: asyncio.Queue[tuple[str, bytes] | None],
-        timeout_ms: int | None,
     ) -> None:
         self.pid = 0
-        self._instance = instance
         self._prepared = prepared
         self._future = future
         self._queue = queue
-        self._timeout_ms = timeout_ms
         self._yielded = {"stdout": 0, "stderr": 0}
 
     async def chunks(self) -> AsyncIterator[tuple[str, bytes]]:
@@ -643,18 +648,12 @@ class WasmProcess(RawProcess):
             yield stream, data
 
     async def wait(self) -> RawResult:
-        if self._timeout_ms is None:
-            result = await self._future
-        else:
-            elapsed = time.monotonic() - self._prepared.started
-            budget = max(0.0, self._timeout_ms / 1000 + HOST_CALL_GRACE_S - elapsed)
-            try:
-                result = await asyncio.wait_for(asyncio.shield(self._future), budget)
-            except TimeoutError:
-                result = self._instance._abandon(self._prepared)
-        result.stdout = result.stdout[self._yielded["stdout"] :]
-        result.stderr = result.stderr[self._yielded["stderr"] :]
-        return result
+        result = await self._future
+        return dataclasses.replace(
+            result,
+            stdout=result.stdout[self._yielded["stdout"] :],
+            stderr=result.stderr[self._yielded["stderr"] :],
+        )
 
     async def kill(self, signum: int = 9) -> None:
         self._prepared.control.stop(f"killed (signal {signum})", 128 + signum, timed_out=False)
@@ -816,17 +815,11 @@ def _enforcement(policy: SandboxPolicy, preopens: tuple[Preopen, ...], runtime: 
     missing: list[str] = []
     requested = requested_controls(policy) & supported_controls(Backend.WASM)
     if Control.READ_ONLY_ROOT in requested and Control.READ_ONLY_ROOT not in controls:
-        missing.append(
-            f"read_only_root: writable preopens {', '.join(writable)} (rw_binds or a host workdir)"
-        )
+        missing.append(f"read_only_root: writable preopens {', '.join(writable)} (rw_binds or a host workdir)")
     if Control.RESOURCE_LIMITS in requested and Control.RESOURCE_LIMITS not in controls:
-        missing.append(
-            "resource_limits: the WASM backend needs resources.memory and resources.cpu_time_s (fuel)"
-        )
+        missing.append("resource_limits: the WASM backend needs resources.memory and resources.cpu_time_s (fuel)")
     if resources.cpus is not None and resources.cpus < 1:
-        missing.append(
-            f"resources.cpus={resources.cpus}: fractional CPU bandwidth cannot be enforced on wasm"
-        )
+        missing.append(f"resources.cpus={resources.cpus}: fractional CPU bandwidth cannot be enforced on wasm")
     if resources.file_size is not None and writable:
         missing.append("resources.file_size: WASI preopens have no file size limit")
     if missing and not policy.allow_degraded:
