@@ -69,7 +69,8 @@ class ProcessRun(RawProcess):
         self._killed_by_caller = False
         self._timer: asyncio.TimerHandle | None = None
         self._result: RawResult | None = None
-        self._early_exit: dict[str, Any] | None = None
+        # The cgroup's OOM record is sticky; only a change during this command counts.
+        self._oom_before = instance.oom_killed()
         self._loop = asyncio.get_running_loop()
 
     # -- setup -----------------------------------------------------------------------------
@@ -199,33 +200,24 @@ class ProcessRun(RawProcess):
         """Signal the command's process group; SIGKILL also its session and descendants."""
         if signum == signal.SIGKILL:
             self._killed_by_caller = True
-        await self._ensure_started()
-        if self.pid:
-            with contextlib.suppress(ChannelClosed):
-                self.instance.channel.send({"op": "kill", "pid": self.pid, "sig": signum})
-
-    async def _ensure_started(self) -> None:
-        """Read init's "started" message (it carries the pid inside the sandbox)."""
-        if self.pid or self._early_exit is not None:
-            return
-        message = await self.instance.channel.for_exec(self.exec_id)
-        if message.get("op") == "started":
-            self.pid = int(message["pid"])
-        else:
-            self._early_exit = message  # the exec failed before a process existed
+        with contextlib.suppress(ChannelClosed):
+            # By exec id: init knows the pid even before its "started" message reached us.
+            self.instance.channel.send({"op": "kill", "id": self.exec_id, "sig": signum})
 
     async def _next_exit(self) -> dict[str, Any]:
-        await self._ensure_started()
-        if self._early_exit is not None:
-            return self._early_exit
-        return await self.instance.channel.for_exec(self.exec_id)
+        while True:
+            message = await self.instance.channel.for_exec(self.exec_id)
+            if message.get("op") == "started":
+                self.pid = int(message["pid"])
+                continue
+            return message
 
     async def wait(self) -> RawResult:
         """Wait for the exit, then for the pipes (briefly, see _DRAIN_GRACE_S)."""
         if self._result is not None:
             return self._result
         try:
-            exit_message = self._early_exit or await self._next_exit()
+            exit_message = await self._next_exit()
         except ChannelClosed:
             exit_message = {"op": "exit", "code": 128 + signal.SIGKILL, "signal": signal.SIGKILL, "lost": True}
         finally:
@@ -254,7 +246,12 @@ class ProcessRun(RawProcess):
             reason = "wall-clock timeout"
         elif message.get("lost"):
             reason = "sandbox init exited"
-        elif message.get("signal") == signal.SIGKILL and not self._killed_by_caller and self.instance.oom_killed():
+        elif (
+            message.get("signal") == signal.SIGKILL
+            and not self._killed_by_caller
+            and not self._oom_before
+            and self.instance.oom_killed()
+        ):
             reason = "memory limit"
         elif message.get("signal") == signal.SIGXCPU:
             reason = "cpu time limit"
@@ -373,14 +370,19 @@ class ProcessInstance(Instance):
         if self._destroyed:
             return
         self._destroyed = True
-        if self.cgroup is not None:
-            if self._paused:
-                self.cgroup.thaw()
-            self.cgroup.kill_all()
-        with contextlib.suppress(ChannelClosed):
-            self.channel.send({"op": "shutdown"})
+        if self.cgroup is not None and self._paused:
+            self.cgroup.thaw()  # a frozen (v1) task does not even die of SIGKILL until thawed
+        if self.plan["namespaces"]:
+            # PID 1's death makes the kernel kill everything else in its pid namespace.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ChannelClosed):
+                self.channel.send({"op": "shutdown"})  # init kills its descendants, then exits
         self.channel.close()
         await _wait_pidfd(self._pidfd, timeout=5.0)
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
         os.close(self._pidfd)
         if self._proxy is not None:
             self._proxy.close()

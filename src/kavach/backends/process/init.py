@@ -342,7 +342,7 @@ class Init:
         for fd in fds:
             os.close(fd)
         if op == "kill":
-            self._kill_exec(int(message["pid"]), int(message["sig"]))
+            self._kill_exec(int(message["id"]), int(message["sig"]))
         elif op == "killall":
             self.kill_all(int(message["sig"]))
             if message.get("ack"):
@@ -427,10 +427,12 @@ class Init:
                 reply["error"] = error
             protocol.send(self.ctl, reply)
 
-    def _kill_exec(self, pid: int, signum: int) -> None:
+    def _kill_exec(self, exec_id: int, signum: int) -> None:
         """Signal an exec's process group; SIGKILL also reaches its session and descendants."""
-        if pid not in self.children:
+        pids = [pid for pid, (known_id, _err) in self.children.items() if known_id == exec_id]
+        if not pids:
             return
+        pid = pids[0]
         targets = {pid}
         if signum == signal.SIGKILL:
             targets |= _descendants(pid)
