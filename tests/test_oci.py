@@ -24,7 +24,7 @@ from kavach.backends.base import ExecRequest, InjectedFile, LaunchSpec
 from kavach.backends.oci import DirectoryRootfs, ImageRootfs, OciDriver, OciInstance
 from kavach.backends.oci.runtime import CgroupMode, RuntimeName, cgroup_mode, probe_runc, try_runtime
 from kavach.errors import ExecError, SandboxCreateError
-from kavach.policy import Bind, FilesystemPolicy, ResourceLimits, SandboxPolicy
+from kavach.policy import Bind, FilesystemPolicy, ResourceLimits, SandboxPolicy, SeccompPolicy, SeccompProfile
 from kavach.scoring import Control, score
 
 pytestmark = [
@@ -428,6 +428,46 @@ async def test_rootfs_from_an_oci_image_layout(tiny_layout: Path) -> None:
         assert owner >= 1_000_000_000  # umoci shifted the image's root into the sandbox's range
     finally:
         await instance.destroy()
+
+
+LIAR_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc > 2 && strstr(argv[2], "sleep 3600")) { for (;;) pause(); }  /* play init */
+    printf("Seccomp:\t2\nSeccomp_filters:\t1\nNoNewPrivs:\t1\nCapEff:\t0000000000000000\n");
+    printf("uid_map:\t0 1000000000 65536\nroot_opts:\tro\nnet_ifaces:\t lo\nroot_listing:\tallowed\n");
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build the lying /bin/sh")
+async def test_an_image_whose_shell_lies_to_the_probe_is_caught(tmp_path: Path) -> None:
+    root = tmp_path / "liar-root"
+    for directory in ("bin", "proc", "dev", "sys", "tmp", "work"):
+        (root / directory).mkdir(parents=True)
+    (tmp_path / "liar.c").write_text(LIAR_C)
+    built = subprocess.run(
+        ["gcc", "-static", "-O2", "-o", str(root / "bin" / "sh"), str(tmp_path / "liar.c")],
+        capture_output=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        pytest.skip(f"static linking unavailable: {built.stderr.decode()[-200:]}")
+    tmp_path.chmod(0o755)
+    root.chmod(0o755)
+    # No seccomp filter is asked for, but the fake shell claims one: the host's view of init disagrees.
+    policy = replace(SandboxPolicy.basic(), seccomp=SeccompPolicy(profile=SeccompProfile.NONE))
+    with pytest.raises(SandboxCreateError, match="disagrees with the host's view"):
+        await _start(policy, OciDriver(DirectoryRootfs(str(root))))
+
+
+async def test_launcher_with_a_writable_image_root_is_refused(tiny_layout: Path) -> None:
+    policy = replace(SandboxPolicy.strict(), filesystem=FilesystemPolicy(read_only_root=False))
+    with pytest.raises(SandboxCreateError, match="could replace /usr/bin/python3"):
+        await _start(policy, OciDriver(ImageRootfs(str(tiny_layout), "tiny")))
 
 
 async def test_landlock_needs_python_in_the_rootfs(tiny_dir: Path) -> None:

@@ -257,6 +257,16 @@ def exit_reason(code: int, timed_out: bool, oom_killed: bool) -> str | None:
     return None
 
 
+def _status_fields(pid: int) -> dict[str, str]:
+    """``/proc/PID/status`` as a dict (read on the host, not trusting anything inside)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status", encoding="ascii") as stream:
+        for line in stream:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -498,6 +508,15 @@ class OciInstance(Instance):
         owner = (uid_map[0].host_id, gid_map[0].host_id) if _is_root() else None
         prepared = await self._prepare_rootfs(uid_map, gid_map, owner)
         self._launcher_needed = policy.landlock.enabled or self._inner is not None or self.spec.proxy_listen is not None
+        if self._launcher_needed and prepared.kind != "host" and not policy.filesystem.read_only_root:
+            # The launcher runs the rootfs's own python3 before Landlock is applied. With a
+            # writable image or directory root the sandbox could replace that binary and
+            # make every later command skip its restrictions; the host layout binds /usr
+            # read-only, so it is safe there.
+            raise SandboxCreateError(
+                f"Landlock / composite / proxy listener with a writable {prepared.kind} root is refused: "
+                f"the sandbox could replace {PYTHON_INSIDE}; set filesystem.read_only_root"
+            )
         if self._launcher_needed and not prepared.has_python3:
             raise SandboxCreateError(
                 f"the {prepared.kind} rootfs has no {PYTHON_INSIDE}: kavach's in-sandbox launcher needs it "
@@ -812,6 +831,25 @@ class OciInstance(Instance):
             raise SandboxCreateError(
                 f"the sandbox runs with privileges: NoNewPrivs={facts.get('NoNewPrivs')} CapEff={facts.get('CapEff')}"
             )
+        # The probe's shell comes from the rootfs, which may be an untrusted image: what it
+        # reports must agree with what the host sees of the container's init, which the
+        # runtime started with the same seccomp filter, capabilities and no_new_privs.
+        host_view = _status_fields(self._init_pid)
+        disagreement = [
+            key
+            for key, inside in (
+                ("NoNewPrivs", facts.get("NoNewPrivs")),
+                ("CapEff", facts.get("CapEff")),
+                ("Seccomp", facts.get("Seccomp")),
+            )
+            if host_view.get(key) != inside
+        ]
+        if int(host_view.get("Seccomp_filters", "0")) < outer_filters:
+            disagreement.append("Seccomp_filters")
+        if disagreement:
+            raise SandboxCreateError(
+                f"the probe's report disagrees with the host's view of the sandbox init on {', '.join(disagreement)}"
+            )
         missing = [c.value for c, ok in seen.items() if not ok]
         if missing and not policy.allow_degraded:
             raise SandboxCreateError(
@@ -941,6 +979,19 @@ class OciInstance(Instance):
         finally:
             if frozen:
                 await self._set_frozen(False)
+        # The SIGKILLs land on thaw; wait until init has reaped them so that "killed" means
+        # gone (a caller counting processes right after sees only init).
+        deadline = time.monotonic() + RUNTIME_TIMEOUT_S
+        while True:
+            survivors = [p for p in self._container_pids() if p != self._init_pid]
+            if not survivors:
+                return
+            if time.monotonic() > deadline:
+                raise ExecError(f"{len(survivors)} processes of the sandbox survived SIGKILL")
+            for pid in survivors:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.005)
 
     def _container_pids(self) -> list[int]:
         assert self._init_pid is not None
