@@ -516,6 +516,40 @@ async def test_basic_policy_scores_75(driver: WasmDriver) -> None:
         await instance.destroy()
 
 
+async def test_enforcement_is_verified_from_inside_a_store(driver: WasmDriver, programs: Path) -> None:
+    instance = await driver.start(LaunchSpec("t-verify", _policy(ro=(Bind(str(programs), "/prog"),))))
+    try:
+        enforcement = instance.enforcement()
+        assert enforcement.verified is True
+        checks = enforcement.details["verified_checks"]
+        assert any(check.startswith("memory.grow beyond") for check in checks)
+        assert "read-only preopens refuse file creation" in checks
+        assert "no descriptors beyond stdio and the preopens (no sockets)" in checks
+    finally:
+        await instance.destroy()
+
+
+def test_self_check_detects_a_writable_preopen_claimed_read_only(driver: WasmDriver, tmp_path: Path) -> None:
+    from kavach.backends.wasm._runtime import VerificationError, verify_from_inside
+
+    def misconfigured(store: object, wasi: wasmtime.WasiConfig) -> None:
+        wasi.preopen_dir(str(tmp_path), "/data", True)  # writable, while the claim says read-only
+
+    with pytest.raises(VerificationError, match="created a file in read-only preopen"):
+        verify_from_inside(driver.runtime, misconfigured, [(str(tmp_path), False)], None)
+    assert list(tmp_path.iterdir()) == []  # the probe's file was removed
+
+
+def test_self_check_detects_a_missing_memory_limit(driver: WasmDriver) -> None:
+    from kavach.backends.wasm._runtime import VerificationError, verify_from_inside
+
+    def no_limits(store: object, wasi: object) -> None:
+        return None
+
+    with pytest.raises(VerificationError, match=r"memory\.grow beyond"):
+        verify_from_inside(driver.runtime, no_limits, [], 1024 * 1024)
+
+
 async def test_minimal_policy_scores_network_only(driver: WasmDriver) -> None:
     instance = await driver.start(LaunchSpec("t-min", SandboxPolicy.minimal()))
     try:

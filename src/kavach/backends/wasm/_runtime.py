@@ -9,6 +9,7 @@ running without a wall clock.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import os
@@ -19,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import wasmtime
 
@@ -255,12 +256,110 @@ class WorkerPool:
                 self._idle += 1
 
 
+# A tiny WASI module that checks the sandbox's limits from inside a store configured exactly
+# like an exec's. Its functions are called directly from Python (no _start).
+_PROBE_WAT = b"""
+(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_prestat_get" (func $fd_prestat_get (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  ;; 1 if memory.grow granted the pages, 0 if it refused.
+  (func (export "grow") (param $pages i32) (result i32)
+    (i32.ne (memory.grow (local.get $pages)) (i32.const -1)))
+  ;; errno of creating (O_CREAT|O_EXCL, right fd_write) the file named at [ptr, ptr+len) in dir fd.
+  (func (export "create_in") (param $fd i32) (param $ptr i32) (param $len i32) (result i32)
+    (call $path_open (local.get $fd) (i32.const 0) (local.get $ptr) (local.get $len)
+      (i32.const 5) (i64.const 64) (i64.const 64) (i32.const 0) (i32.const 0)))
+  ;; errno of fd_prestat_get(fd): 0 for a preopened directory, 8 (EBADF) for no such fd.
+  (func (export "prestat") (param $fd i32) (result i32)
+    (call $fd_prestat_get (local.get $fd) (i32.const 8))))
+"""
+
+_WASI_EBADF = 8
+_FIRST_PREOPEN_FD = 3  # after stdin, stdout, stderr
+_PAGE = 65536
+
+
+_E = TypeVar("_E")
+
+
+def _export(exports: Any, name: str, kind: type[_E]) -> _E:
+    item = exports[name]
+    if not isinstance(item, kind):
+        raise VerificationError(f"probe export {name} is not a {kind.__name__}")
+    return item
+
+
+class VerificationError(Exception):
+    """A limit the sandbox claims did not hold inside a probe store."""
+
+
+def verify_from_inside(
+    runtime: Runtime,
+    configure: Callable[[wasmtime.Store, wasmtime.WasiConfig], None],
+    preopens: list[tuple[str, bool]],
+    memory_limit: int | None,
+) -> list[str]:
+    """Check from inside a wasm store what the enforcement record claims; return the checks.
+
+    ``configure`` applies the exec's store limits and WASI preopens; ``preopens`` lists
+    (host path, writable) in preopen order. Raises :class:`VerificationError` naming the
+    first check that failed.
+    """
+    store = wasmtime.Store(runtime.engine)
+    # The probe runs a handful of instructions; without a deadline the epoch check traps at once.
+    store.set_epoch_deadline(1_000_000)
+    wasi = wasmtime.WasiConfig()
+    configure(store, wasi)
+    store.set_wasi(wasi)
+    checks: list[str] = []
+    try:
+        fuel = 1_000_000
+        store.set_fuel(fuel)
+        if store.get_fuel() != fuel:
+            raise VerificationError("fuel metering is not active")
+        checks.append("fuel metered")
+        instance = runtime.instance_pre(_PROBE_WAT).instantiate(store)
+        exports = instance.exports(store)
+        grow, create_in, prestat = (_export(exports, name, wasmtime.Func) for name in ("grow", "create_in", "prestat"))
+        memory = _export(exports, "memory", wasmtime.Memory)
+        if memory_limit is not None:
+            # One page exists; asking for limit/64KiB more pages must exceed the limit.
+            if grow(store, memory_limit // _PAGE) != 0:
+                raise VerificationError(f"memory.grow beyond {memory_limit} bytes succeeded")
+            checks.append(f"memory.grow beyond {memory_limit} bytes refused")
+        for index, (host, writable) in enumerate(preopens):
+            fd = _FIRST_PREOPEN_FD + index
+            if prestat(store, fd) != 0:
+                raise VerificationError(f"preopen {index} is not at fd {fd}")
+            if writable:
+                continue
+            name = f".kavach-probe-{os.urandom(8).hex()}".encode()
+            memory.write(store, name, 1024)
+            if create_in(store, fd, 1024, len(name)) == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(host, name.decode()))
+                raise VerificationError(f"created a file in read-only preopen {host}")
+        if preopens:
+            checks.append("read-only preopens refuse file creation")
+        beyond = _FIRST_PREOPEN_FD + len(preopens)
+        if prestat(store, beyond) != _WASI_EBADF:
+            raise VerificationError(f"an unexpected descriptor exists at fd {beyond}")
+        checks.append("no descriptors beyond stdio and the preopens (no sockets)")
+    finally:
+        store.close()
+    return checks
+
+
 __all__ = [
     "EPOCH_TICK_S",
     "DeadlineHook",
     "EpochTicker",
     "Runtime",
+    "VerificationError",
     "WorkerPool",
     "missing_features",
+    "verify_from_inside",
     "wasmtime_version",
 ]

@@ -376,13 +376,7 @@ class WasmInstance(Instance):
                 raise ExecError(f"{prepared.display}: invalid WebAssembly module: {_first_line(str(exc))}") from None
             store = wasmtime.Store(runtime.engine)
             store.set_fuel(self.fuel)
-            store.set_limits(
-                memory_size=-1 if self.memory_limit is None else self.memory_limit,
-                table_elements=MAX_TABLE_ELEMENTS,
-                instances=MAX_INSTANCES,
-                tables=MAX_TABLES,
-                memories=MAX_MEMORIES,
-            )
+            self._apply_limits(store)
             hook = DeadlineHook(store, control.decide)
             store.set_epoch_deadline(1)
             store.set_wasi(self._wasi_config(prepared))
@@ -418,9 +412,45 @@ class WasmInstance(Instance):
                 wasi.stdin_file = f"/proc/self/fd/{fd}"
             finally:
                 os.close(fd)
+        self._apply_preopens(wasi)
+        return wasi
+
+    def _apply_limits(self, store: Any) -> None:
+        store.set_limits(
+            memory_size=-1 if self.memory_limit is None else self.memory_limit,
+            table_elements=MAX_TABLE_ELEMENTS,
+            instances=MAX_INSTANCES,
+            tables=MAX_TABLES,
+            memories=MAX_MEMORIES,
+        )
+
+    def _apply_preopens(self, wasi: Any) -> None:
         for preopen in self.preopens:
             wasi.preopen_dir(preopen.host, preopen.guest, preopen.writable)
-        return wasi
+
+    def verify(self) -> None:
+        """Check the claimed limits from inside a store configured like an exec's (blocking).
+
+        Marks the enforcement verified and lists the checks; raises
+        :class:`SandboxCreateError` when one does not hold.
+        """
+        from kavach.backends.wasm._runtime import VerificationError, verify_from_inside
+
+        def configure(store: Any, wasi: Any) -> None:
+            self._apply_limits(store)
+            self._apply_preopens(wasi)
+
+        try:
+            checks = verify_from_inside(
+                self._runtime,
+                configure,
+                [(p.host, p.writable) for p in self.preopens],
+                self.memory_limit,
+            )
+        except VerificationError as exc:
+            raise SandboxCreateError(f"WASM sandbox failed its self-check: {exc}") from None
+        details = {**self._enforcement.details, "verified_checks": checks}
+        self._enforcement = dataclasses.replace(self._enforcement, verified=True, details=details)
 
     def _call_start(self, store: Any, pre: Any, prepared: _Prepared) -> RawResult:
         import wasmtime
@@ -736,11 +766,14 @@ class WasmDriver(Driver):
         try:
             preopens = _build_preopens(spec, owned)
             enforcement = _enforcement(spec.policy, preopens, runtime)
+            instance = WasmInstance(runtime, spec, preopens, tuple(owned), enforcement)
+            # The probe compiles (first time) and runs wasm: keep it off the event loop.
+            await asyncio.to_thread(instance.verify)
         except BaseException:
             for directory in owned:
                 shutil.rmtree(directory, ignore_errors=True)
             raise
-        return WasmInstance(runtime, spec, preopens, tuple(owned), enforcement)
+        return instance
 
 
 def _build_preopens(spec: LaunchSpec, owned: list[str]) -> tuple[Preopen, ...]:
@@ -850,7 +883,7 @@ def _enforcement(policy: SandboxPolicy, preopens: tuple[Preopen, ...], runtime: 
     return Enforcement(
         Backend.WASM,
         frozenset(controls),
-        verified=False,
+        verified=False,  # set by WasmInstance.verify() once the probe store confirmed it
         details=details,
         degraded=tuple(missing),
     )
