@@ -25,7 +25,7 @@ BENCH_PEERS := .bench-peers
 
 bench: install  ## benchmarks (not part of `make test`), with their peers installed first
 	@[ -x $(BENCH_PEERS)/bin/mitmdump ] || { python3 -m venv $(BENCH_PEERS) && $(BENCH_PEERS)/bin/pip install -q mitmproxy; }
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; PATH="$$PWD/$(BENCH_PEERS)/bin:$$PATH" $(PY) $$b || exit 1; done
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; PATH="$$PATH:$$PWD/$(BENCH_PEERS)/bin" $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
