@@ -93,6 +93,9 @@ def run(
         typer.Option("--credential", help="HOST=HEADER:ENVVAR: the proxy injects HEADER with $ENVVAR's value."),
     ] = None,
     upstream_ca: Annotated[str | None, typer.Option(help="Extra PEM CA trusted for upstream servers.")] = None,
+    resolve: Annotated[
+        list[str] | None, typer.Option("--resolve", help="NAME=ADDRESS the proxy uses before DNS (repeatable).")
+    ] = None,
     agent_id: Annotated[str | None, typer.Option(help="Agent on whose behalf the command runs.")] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Pass this process's stdin to the command.")] = False,
     no_audit: Annotated[bool, typer.Option("--no-audit", help="Do not write the audit log.")] = False,
@@ -115,7 +118,7 @@ def run(
         rw_binds=chosen.filesystem.rw_binds + tuple(Bind.parse(b, "--bind") for b in bind or ()),
     )
     chosen = replace(chosen, filesystem=filesystem)
-    proxy_flags = bool(allow or deny or allow_private or credential or upstream_ca)
+    proxy_flags = bool(allow or deny or allow_private or credential or upstream_ca or resolve)
     if network is None and proxy_flags:
         network = "proxy"
     if network is not None:
@@ -136,6 +139,7 @@ def run(
             allow_private=allow_private or (),
             credentials=credential or (),
             upstream_ca=upstream_ca,
+            resolve=resolve or (),
         )
         proxy_settings = {"proxy": options.config, "credential_store": options.store, "secrets": options.secret_refs}
     if timeout is not None:
