@@ -366,7 +366,7 @@ async def test_invalid_module_is_an_exec_error(driver: WasmDriver, tmp_path: Pat
 async def test_infinite_loop_stopped_by_fuel(
     driver: WasmDriver, programs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 1 s of CPU is 2e9 units by default; a smaller unit keeps the test short while still
+    # 1 s of CPU is 1e9 units by default; a smaller unit keeps the test short while still
     # exercising the real fuel trap.
     monkeypatch.setattr(wasm_driver, "FUEL_PER_CPU_SECOND", 50_000_000)
     resources = replace(SandboxPolicy.basic().resources, cpu_time_s=1)

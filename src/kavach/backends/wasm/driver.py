@@ -32,10 +32,12 @@ from kavach.scoring import Control, Enforcement, requested_controls, supported_c
 if TYPE_CHECKING:
     from kavach.backends.wasm._runtime import Runtime
 
-# Fuel is wasmtime's instruction budget: about one unit per executed wasm operator. A tight
-# loop on this project's 2-core VM burns ~4e9 units per CPU second (docs/wasm.md); 2e9 per
-# second errs on the generous side for code that touches memory (slower per operator).
-FUEL_PER_CPU_SECOND = 2_000_000_000
+# Fuel is wasmtime's instruction budget: about one unit per executed wasm operator. Measured
+# on this project's 2-core VM (docs/wasm.md): a branch-only loop burns 0.85e9 units per CPU
+# second, a C loop incrementing a volatile counter 4.6e9. One CPU second = 1e9 units keeps
+# cpu_time_s close to an upper bound (~1.2x for the branch-only worst case) at the price of
+# stopping operator-dense code earlier (~0.2x).
+FUEL_PER_CPU_SECOND = 1_000_000_000
 UNLIMITED_FUEL = 2**63 - 1
 
 # Exit codes of abnormal ends, as a shell would report them for a process.
