@@ -138,7 +138,7 @@ def build_process(
     env_list = [f"{k}={v}" for k, v in env.items()] if isinstance(env, Mapping) else list(env)
     return {
         "terminal": False,
-        "user": {"uid": 0, "gid": 0, "additionalGids": [0]},
+        "user": {"uid": 0, "gid": 0},
         "args": list(args),
         "env": env_list,
         "cwd": cwd,

@@ -43,6 +43,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -267,6 +268,23 @@ def _status_fields(pid: int) -> dict[str, str]:
     return fields
 
 
+def _user_state_root() -> str:
+    """An unprivileged caller's state directory: $XDG_RUNTIME_DIR/kavach, else /tmp/kavach-UID."""
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir and os.path.isdir(runtime_dir):
+        return os.path.join(runtime_dir, "kavach")
+    return f"/tmp/kavach-{os.geteuid()}"
+
+
+def _check_private_dir(path: str) -> None:
+    """Refuse a state directory someone else owns or can write (e.g. planted in /tmp)."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise SandboxCreateError(
+            f"state directory {path} must be a directory owned by uid {os.geteuid()}, not group/other writable"
+        )
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -465,6 +483,10 @@ class OciInstance(Instance):
         self._enforcement: Enforcement | None = None
         self._init_pid: int | None = None
         self._init_pidns = ""
+        # Only a root caller gives the container a cgroup of its own (cgroupsPath). Without
+        # one, the init's cgroup is the caller's session: processes are then found by pid
+        # namespace and frozen with SIGSTOP, never through that shared cgroup.
+        self._own_cgroup = _is_root()
         self._destroyed = False
         self._proxy_listener: socket.socket | None = None
         self._extra_runtime_args: tuple[str, ...] = driver.runtime_args(spec.policy)
@@ -498,6 +520,7 @@ class OciInstance(Instance):
         """Build the bundle, start the init, probe the enforcement (fail closed)."""
         policy = self.policy
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        _check_private_dir(self._driver.state_base)
         os.makedirs(self._driver.bundle_base, mode=0o711, exist_ok=True)
         if os.path.lexists(self.layout.bundle_dir):
             raise SandboxCreateError(f"bundle {self.layout.bundle_dir} already exists (sandbox id reused?)")
@@ -548,7 +571,7 @@ class OciInstance(Instance):
             workdir_host=self.spec.workdir_host,
             source_overrides=overrides,
             seccomp=None if spec is None else to_oci(spec),
-            cgroups_path=f"/kavach/{self.container_id}" if _is_root() else None,
+            cgroups_path=f"/kavach/{self.container_id}" if self._own_cgroup else None,
             annotations={"org.kavach.sandbox-id": self.spec.sandbox_id},
         )
         config = build_config(policy, inputs)
@@ -801,7 +824,9 @@ class OciInstance(Instance):
 
         inside_ns = namespace_inodes(self._init_pid)
         host_ns = namespace_inodes("self")
-        limits = cgroup_limits(self._init_pid)
+        limits = (
+            cgroup_limits(self._init_pid) if self._own_cgroup else {"memory": None, "pids": None, "cpu_quota_us": None}
+        )
         seccomp_spec = build_spec(policy.seccomp)
         filters = int(facts.get("Seccomp_filters", "0") or 0)
         outer_filters = 1 if seccomp_spec is not None else 0
@@ -993,8 +1018,19 @@ class OciInstance(Instance):
                     os.kill(pid, signal.SIGKILL)
             await asyncio.sleep(0.005)
 
+    def _pidns_members(self) -> list[int]:
+        members = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/ns/pid") == self._init_pidns:
+                        members.append(int(entry))
+        return members
+
     def _container_pids(self) -> list[int]:
         assert self._init_pid is not None
+        if not self._own_cgroup:
+            return self._pidns_members()
         paths = _cgroup_paths(self._init_pid)
         for candidate in (
             f"/sys/fs/cgroup/pids{paths.get('pids', '')}/cgroup.procs" if "pids" in paths else "",
@@ -1008,7 +1044,7 @@ class OciInstance(Instance):
 
     def _freezer(self) -> tuple[str, str, str, str] | None:
         """(file to write, file to read, frozen value, thawed value) of the container's freezer."""
-        if self._init_pid is None:
+        if self._init_pid is None or not self._own_cgroup:
             return None
         try:
             paths = _cgroup_paths(self._init_pid)
@@ -1031,7 +1067,12 @@ class OciInstance(Instance):
         """
         freezer = self._freezer()
         if freezer is None:
-            await self._runtime("pause" if frozen else "resume", self.container_id)
+            # No cgroup of our own: stop (or continue) every process of the pid namespace.
+            signum = signal.SIGSTOP if frozen else signal.SIGCONT
+            for _ in range(3 if frozen else 1):  # again, for anything forked meanwhile
+                for pid in self._pidns_members():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signum)
             return
         write_path, read_path, frozen_value, thawed_value = freezer
         wanted = frozen_value if frozen else thawed_value
@@ -1054,7 +1095,7 @@ class OciInstance(Instance):
 
     def oom_kills(self) -> int:
         """How many times the kernel's OOM killer fired in the container's memory cgroup."""
-        if self._init_pid is None:
+        if self._init_pid is None or not self._own_cgroup:
             return 0
         try:
             paths = _cgroup_paths(self._init_pid)
@@ -1281,13 +1322,15 @@ class OciDriver(Driver):
         rootfs: images.RootfsSource | None = None,
         *,
         runtime: RuntimeName | None = None,
-        state_base: str = DEFAULT_STATE_ROOT,
-        bundle_base: str = BUNDLE_BASE,
+        state_base: str | None = None,
+        bundle_base: str | None = None,
     ) -> None:
+        if state_base is None:
+            state_base = DEFAULT_STATE_ROOT if _is_root() else _user_state_root()
         self.rootfs: images.RootfsSource = rootfs if rootfs is not None else images.HostRootfs()
         self.runtime_choice = (runtime,) if runtime is not None else self.preferred
         self.state_base = state_base
-        self.bundle_base = bundle_base
+        self.bundle_base = bundle_base or os.path.join(state_base, "bundles")
         self._cached: tuple[float, RuntimeInfo] | None = None
 
     def runtime_args(self, policy: SandboxPolicy) -> tuple[str, ...]:
@@ -1369,8 +1412,8 @@ class GVisorDriver(OciDriver):
         rootfs: images.RootfsSource | None = None,
         *,
         platform: str = "systrap",
-        state_base: str = DEFAULT_STATE_ROOT,
-        bundle_base: str = BUNDLE_BASE,
+        state_base: str | None = None,
+        bundle_base: str | None = None,
     ) -> None:
         super().__init__(rootfs, runtime=RuntimeName.RUNSC, state_base=state_base, bundle_base=bundle_base)
         if platform not in ("systrap", "ptrace", "kvm"):
