@@ -270,6 +270,18 @@ async def test_symlink_planted_in_writable_preopen_cannot_escape(
         await instance.destroy()
 
 
+async def test_read_file_refuses_fifos(driver: WasmDriver, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.wasm")
+    instance = await driver.start(LaunchSpec("t-fifo", _policy(ro=(Bind(str(tmp_path), "/d"),))))
+    try:
+        with pytest.raises(ExecError, match="not a regular file"):
+            await instance.read_file("/d/pipe.wasm", 100)
+        with pytest.raises(ExecError, match="not a regular file"):
+            await instance.exec(_req("/d/pipe.wasm"))
+    finally:
+        await instance.destroy()
+
+
 async def test_per_sandbox_workdir_is_read_only_under_read_only_root_and_removed(
     driver: WasmDriver, programs: Path
 ) -> None:

@@ -14,6 +14,7 @@ import os
 import posixpath
 import shlex
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -133,6 +134,42 @@ def _tmpfs_shm() -> str | None:
     return None
 
 
+def _read_contained(host_path: str, root: str | None, limit: int, display: str) -> bytes:
+    """At most ``limit`` bytes of the regular file ``host_path``, which must lie under ``root``.
+
+    The path was checked with realpath before, but a module running concurrently in a
+    writable preopen could swap a component for a symlink since: the check is repeated on
+    the opened descriptor itself (/proc/self/fd), which no later rename can change.
+    O_NONBLOCK keeps a FIFO from blocking the open; only regular files are read.
+    """
+    try:
+        fd = os.open(host_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ExecError(f"{display}: cannot read: {exc.strerror}") from None
+    try:
+        opened = os.readlink(f"/proc/self/fd/{fd}")
+        if root is not None and opened != root and not opened.startswith(root.rstrip("/") + "/"):
+            raise ExecError(f"{display}: resolves outside its preopened directory")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ExecError(f"{display}: not a regular file")
+        chunks: list[bytes] = []
+        remaining = limit + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as exc:
+        raise ExecError(f"{display}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise ExecError(f"{display}: larger than {limit} bytes")
+    return data
+
+
 # -- one run ----------------------------------------------------------------------------------
 
 
@@ -208,6 +245,7 @@ class _Prepared:
     """An exec request resolved on the event-loop side, ready to run on a thread."""
 
     module_path: str  # host path, already checked to lie inside a preopen or registered
+    module_root: str | None  # the preopen's real directory the file must stay in (None: registered)
     display: str
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
@@ -372,7 +410,7 @@ class WasmInstance(Instance):
         try:
             try:
                 pre = runtime.instance_pre_for_file(
-                    prepared.module_path, lambda path: self._read_module(path, prepared.display)
+                    prepared.module_path, lambda path: self._read_module(path, prepared.module_root, prepared.display)
                 )
             except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
                 raise ExecError(f"{prepared.display}: invalid WebAssembly module: {_first_line(str(exc))}") from None
@@ -509,7 +547,7 @@ class WasmInstance(Instance):
         if self._closed:
             raise ExecError("sandbox is stopped")
         argv = self._argv(request)
-        module_path, display = self._resolve_module(argv[0], request.cwd)
+        module_path, module_root, display = self._resolve_module(argv[0], request.cwd)
         env: list[tuple[str, str]] = []
         for name, value in request.env.items():
             if not name or "=" in name or "\0" in name or "\0" in value:
@@ -521,6 +559,7 @@ class WasmInstance(Instance):
         deadline = None if request.timeout_ms is None else time.monotonic() + request.timeout_ms / 1000
         return _Prepared(
             module_path=module_path,
+            module_root=module_root,
             display=display,
             argv=argv,
             env=tuple(env),
@@ -553,21 +592,24 @@ class WasmInstance(Instance):
             raise ExecError("empty command")
         return tuple(tokens)
 
-    def _resolve_module(self, name: str, cwd: str | None) -> tuple[str, str]:
-        """The host file of ``argv[0]``: a registered name, or a .wasm/.wat path inside a preopen."""
+    def _resolve_module(self, name: str, cwd: str | None) -> tuple[str, str | None, str]:
+        """(host file, preopen root or None, display name) of ``argv[0]``: a registered name,
+        or a .wasm/.wat path inside a preopen."""
         registered = registered_modules().get(name) if "/" not in name else None
         if registered is not None:
-            return str(registered), name
+            return str(registered), None, name
         if not name.endswith(_MODULE_SUFFIXES):
             raise ExecError(
                 f"{name}: not a registered WASM module and not a .wasm/.wat path "
                 "(register one with kavach.backends.wasm.register_module)"
             )
         base = cwd or self.spec.policy.filesystem.workdir
-        return self._host_path(posixpath.join(base, name)), name
+        host, root = self._host_path(posixpath.join(base, name))
+        return host, root, name
 
-    def _host_path(self, guest_path: str) -> str:
-        """The host file behind ``guest_path``, refusing anything that escapes its preopen."""
+    def _host_path(self, guest_path: str) -> tuple[str, str]:
+        """The host file behind ``guest_path`` and its preopen's real root, refusing anything
+        that escapes the preopen."""
         if "\0" in guest_path:
             raise ExecError("path must not contain NUL")
         normalized = posixpath.normpath(posixpath.join("/", guest_path))
@@ -581,17 +623,11 @@ class WasmInstance(Instance):
         host = os.path.realpath(os.path.join(root, rest))
         if host != root and not host.startswith(root + os.sep):
             raise ExecError(f"{guest_path}: resolves outside its preopened directory")
-        return host
+        return host, root
 
     @staticmethod
-    def _read_module(host_path: str, display: str) -> bytes:
-        try:
-            with open(host_path, "rb") as handle:
-                data = handle.read(MAX_MODULE_BYTES + 1)
-        except OSError as exc:
-            raise ExecError(f"{display}: cannot read module: {exc.strerror}") from None
-        if len(data) > MAX_MODULE_BYTES:
-            raise ExecError(f"{display}: module larger than {MAX_MODULE_BYTES} bytes")
+    def _read_module(host_path: str, root: str | None, display: str) -> bytes:
+        data = _read_contained(host_path, root, MAX_MODULE_BYTES, display)
         if data.startswith(b"\0asm") and data[4:8] != b"\x01\x00\x00\x00":
             raise ExecError(
                 f"{display}: WebAssembly components (WASI preview 2) are not supported by this "
@@ -641,15 +677,8 @@ class WasmInstance(Instance):
             shutil.rmtree(directory, ignore_errors=True)
 
     async def read_file(self, path: str, max_bytes: int) -> bytes:
-        host = self._host_path(path)
-        try:
-            with open(host, "rb") as handle:
-                data = handle.read(max_bytes + 1)
-        except OSError as exc:
-            raise ExecError(f"{path}: cannot read: {exc.strerror}") from None
-        if len(data) > max_bytes:
-            raise ExecError(f"{path}: larger than {max_bytes} bytes")
-        return data
+        host, root = self._host_path(path)
+        return _read_contained(host, root, max_bytes, path)
 
 
 class WasmProcess(RawProcess):
