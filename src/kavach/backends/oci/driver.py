@@ -71,6 +71,7 @@ from kavach.backends.oci.runtime import (
     cgroup_mode,
     choose_runtime,
     explain,
+    probe_runtime,
     state_root,
 )
 from kavach.backends.oci.seccomp_oci import to_oci
@@ -1354,13 +1355,16 @@ class OciDriver(Driver):
     def probe(self) -> ProbeResult:
         """Available when a preferred runtime is usable; the reason names every rejected one."""
         try:
-            info, results = self._choose()
+            # Every candidate is probed (not just up to the first usable) so that the reason
+            # also says why the others cannot be used, e.g. crun on a cgroup v1 hybrid host.
+            results = [probe_runtime(name) for name in self.runtime_choice]
         except OSError as exc:  # never raise from a probe
             return ProbeResult(self.backend, False, f"runtime probe failed: {exc}")
+        info = next((r for r in results if r.usable), None)
         if info is None:
             return ProbeResult(self.backend, False, explain(results))
-        rejected = [r for r in results if not r.usable]
-        reason = info.reason + (f" ({explain(rejected)})" if rejected else "")
+        rejected = [r for r in results if not r.usable and r.path is not None]
+        reason = info.reason + (f"; not used: {explain(rejected)}" if rejected else "")
         return ProbeResult(self.backend, True, reason, version=info.version)
 
     def _check_policy(self, spec: LaunchSpec) -> None:
