@@ -24,7 +24,16 @@ from kavach.backends.base import ExecRequest, InjectedFile, LaunchSpec
 from kavach.backends.oci import DirectoryRootfs, ImageRootfs, OciDriver, OciInstance
 from kavach.backends.oci.runtime import CgroupMode, RuntimeName, cgroup_mode, probe_runc, try_runtime
 from kavach.errors import ExecError, SandboxCreateError
-from kavach.policy import Bind, FilesystemPolicy, ResourceLimits, SandboxPolicy, SeccompPolicy, SeccompProfile
+from kavach.policy import (
+    Bind,
+    FilesystemPolicy,
+    NetworkMode,
+    NetworkPolicy,
+    ResourceLimits,
+    SandboxPolicy,
+    SeccompPolicy,
+    SeccompProfile,
+)
 from kavach.scoring import Control, score
 
 pytestmark = [
@@ -240,6 +249,40 @@ async def test_only_loopback_and_host_listeners_unreachable(basic: OciInstance) 
             )
         )
     assert probe.stdout.split() == [b"lo"]
+
+
+async def test_proxy_listener_is_created_inside_and_handed_to_the_host() -> None:
+    policy = replace(SandboxPolicy.basic(), network=NetworkPolicy(mode=NetworkMode.PROXY))
+    instance = await _start(policy, proxy_listen=("127.0.0.1", 3128))
+    try:
+        assert Control.NETWORK_ISOLATED in instance.enforcement().controls
+        listener = instance.take_proxy_listener()
+        assert listener is not None and instance.take_proxy_listener() is None  # handed over once
+        with listener:
+            client = asyncio.create_task(
+                instance.exec(
+                    ExecRequest(
+                        argv=(
+                            "/usr/bin/python3",
+                            "-c",
+                            "import socket; s = socket.create_connection(('127.0.0.1', 3128), 5); "
+                            "s.sendall(b'ping'); print(s.recv(10).decode())",
+                        ),
+                        env=PATH_ENV,
+                        timeout_ms=10_000,
+                    )
+                )
+            )
+            listener.setblocking(False)
+            loop = asyncio.get_running_loop()
+            conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 10)
+            with conn:
+                assert await loop.sock_recv(conn, 10) == b"ping"
+                await loop.sock_sendall(conn, b"pong")
+            result = await client
+        assert result.stdout == b"pong\n"
+    finally:
+        await instance.destroy()
 
 
 async def test_memory_limit_kills_a_memory_bomb() -> None:
