@@ -234,6 +234,21 @@ EOF
         assert f"{name} Operation not permitted" in out, out
 
 
+INT80 = """
+import ctypes, mmap
+code = bytes([0xB8, 0x14, 0, 0, 0, 0xCD, 0x80, 0xC3])  # mov eax, 20 (i386 getpid); int 0x80; ret
+buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+buf.write(code)
+print("i386 getpid returned", ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))())
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the i386 ABI check is x86_64 specific")
+async def test_a_foreign_architecture_syscall_kills_the_process(basic: OciInstance) -> None:
+    result = await basic.exec(ExecRequest(argv=("/usr/bin/python3", "-c", INT80), env=PATH_ENV))
+    assert result.exit_code == 128 + 31 and b"returned" not in result.stdout  # SIGSYS: killed by seccomp
+
+
 async def test_only_loopback_and_host_listeners_unreachable(basic: OciInstance) -> None:
     import socket
 
