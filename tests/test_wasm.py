@@ -605,6 +605,11 @@ async def test_proxy_listener_cannot_be_provided(driver: WasmDriver) -> None:
         await driver.start(LaunchSpec("t-proxy", policy, proxy_listen=("127.0.0.1", 3128)))
 
 
+async def test_inner_backend_is_refused(driver: WasmDriver) -> None:
+    with pytest.raises(SandboxCreateError, match="inner backend"):
+        await driver.start(LaunchSpec("t-inner", SandboxPolicy.basic(), inner_backend=Backend.PROCESS))
+
+
 async def test_file_bind_is_refused(driver: WasmDriver, programs: Path) -> None:
     policy = _policy(ro=(Bind(str(programs / "data.txt"), "/data.txt"),))
     with pytest.raises(SandboxCreateError, match="directories"):

@@ -92,6 +92,17 @@ async def test_gate_blocks_a_cloud_key_printed_by_the_module(sandbox: Sandbox) -
         await sandbox.exec(["/prog/tool.wasm", "print", f"AWS_ACCESS_KEY_ID={AWS_ID}"])
 
 
+async def test_spawn_streams_gated_output(sandbox: Sandbox) -> None:
+    handle = await sandbox.spawn(["/prog/tool.wasm", "print", "contact alice@corp.example.com today"])
+    streamed = b""
+    async for _stream, chunk in handle.stream():
+        streamed += chunk
+    result = await handle.wait()
+    assert result.exit_code == 0
+    assert b"alice@corp.example.com" not in streamed + result.stdout
+    assert b"[REDACTED:email]" in streamed + result.stdout
+
+
 async def test_timeout_is_a_result_not_an_exception(sandbox: Sandbox) -> None:
     result = await sandbox.exec("/prog/loop.wat", timeout_ms=200)
     assert result.timed_out is True

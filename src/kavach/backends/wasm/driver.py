@@ -787,6 +787,11 @@ class WasmDriver(Driver):
         probe = self.probe()
         if not probe.usable:
             raise SandboxCreateError(f"WASM backend unavailable: {probe.reason}")
+        if spec.inner_backend is not None:
+            raise SandboxCreateError(
+                f"the WASM backend cannot host an inner backend ({spec.inner_backend}): "
+                "a wasm module cannot start another sandbox"
+            )
         if spec.proxy_listen is not None:
             raise SandboxCreateError(
                 "network mode proxy needs a listening socket inside the sandbox; WASI preview 1 "
