@@ -252,18 +252,24 @@ async def test_a_foreign_architecture_syscall_kills_the_process(basic: OciInstan
 async def test_only_loopback_and_host_listeners_unreachable(basic: OciInstance) -> None:
     import socket
 
-    with socket.socket() as server:
+    abstract = f"\0kavach-oci-test-{os.getpid()}"
+    with socket.socket() as server, socket.socket(socket.AF_UNIX) as unix_server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
+        unix_server.bind(abstract)
+        unix_server.listen(1)
         port = server.getsockname()[1]
-        probe = await basic.exec(
-            _req(
-                f"cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; "
-                f"/usr/bin/python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 1)' "
-                "2>/dev/null && echo reached"
-            )
+        connect = (
+            "import socket\n"
+            f"try:\n    socket.create_connection(('127.0.0.1', {port}), 1); print('tcp reached')\n"
+            "except OSError: pass\n"
+            f"s = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({abstract!r}); print('abstract reached')\n"
+            "except OSError: pass\n"
         )
-    assert probe.stdout.split() == [b"lo"]
+        ifaces = await basic.exec(_req("cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '"))
+        reached = await basic.exec(ExecRequest(argv=("/usr/bin/python3", "-c", connect), env=PATH_ENV))
+    assert ifaces.stdout.split() == [b"lo"]
+    assert reached.exit_code == 0 and reached.stdout == b"", reached.stderr
 
 
 async def test_proxy_listener_is_created_inside_and_handed_to_the_host() -> None:
