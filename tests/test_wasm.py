@@ -501,6 +501,15 @@ async def test_pause_blocks_the_module_and_resume_continues(sandbox: WasmInstanc
     assert result.reason == "killed (signal 9)"
 
 
+async def test_cancelling_exec_stops_the_module(sandbox: WasmInstance) -> None:
+    task = asyncio.create_task(sandbox.exec(_req("/prog/loop.wat", timeout_ms=60_000)))
+    await _until(lambda: bool(sandbox._controls()))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _until(lambda: not sandbox._controls())  # the module ended without waiting for 60 s
+
+
 async def test_stop_ends_running_modules_and_refuses_new_ones(driver: WasmDriver, programs: Path) -> None:
     instance = await driver.start(LaunchSpec("t-stop", _policy(ro=(Bind(str(programs), "/prog"),))))
     process = await instance.spawn(_req("/prog/loop.wat", timeout_ms=60_000))

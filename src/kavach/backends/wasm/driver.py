@@ -384,9 +384,12 @@ class WasmInstance(Instance):
 
             timer = loop.call_later(budget, expire)
 
-        def settled(_future: asyncio.Future[RawResult]) -> None:
+        def settled(done: asyncio.Future[RawResult]) -> None:
             if timer is not None:
                 timer.cancel()
+            if done.cancelled():
+                # The awaiting task was cancelled: nobody wants the result, end the module.
+                prepared.control.stop("cancelled", TIMEOUT_EXIT_CODE, timed_out=False)
             if queue is not None:
                 queue.put_nowait(None)  # after every chunk: they were queued before deliver
 
