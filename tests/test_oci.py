@@ -410,6 +410,12 @@ async def test_destroy_leaves_no_container_bundle_or_cgroup() -> None:
     assert instance.container_id not in listed.stdout
 
 
+async def test_a_reused_sandbox_id_fails_without_touching_the_live_one(basic: OciInstance) -> None:
+    with pytest.raises(SandboxCreateError, match="already exists"):
+        await OciDriver().start(LaunchSpec(basic.spec.sandbox_id, SandboxPolicy.basic()))
+    assert (await basic.exec(_req("echo still-here"))).stdout == b"still-here\n"
+
+
 async def test_failed_creation_leaves_nothing(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     driver = OciDriver(DirectoryRootfs(str(tmp_path)))

@@ -489,6 +489,7 @@ class OciInstance(Instance):
         # namespace and frozen with SIGSTOP, never through that shared cgroup.
         self._own_cgroup = _is_root()
         self._destroyed = False
+        self._owns_bundle = False  # set once this instance created the bundle (and the container id)
         self._proxy_listener: socket.socket | None = None
         self._extra_runtime_args: tuple[str, ...] = driver.runtime_args(spec.policy)
 
@@ -523,9 +524,13 @@ class OciInstance(Instance):
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         _check_private_dir(self._driver.state_base)
         os.makedirs(self._driver.bundle_base, mode=0o711, exist_ok=True)
-        if os.path.lexists(self.layout.bundle_dir):
-            raise SandboxCreateError(f"bundle {self.layout.bundle_dir} already exists (sandbox id reused?)")
-        os.mkdir(self.layout.bundle_dir, 0o711)
+        try:
+            os.mkdir(self.layout.bundle_dir, 0o711)
+        except FileExistsError:
+            # Another sandbox with this id is alive: destroy() must not touch its bundle or
+            # container, so nothing of this instance is marked as owned.
+            raise SandboxCreateError(f"bundle {self.layout.bundle_dir} already exists (sandbox id reused?)") from None
+        self._owns_bundle = True
         # 0711, not 0700: the sandbox's root (an unprivileged host uid) must traverse it.
         os.chmod(self.layout.bundle_dir, 0o711)  # noqa: S103
         uid_map, gid_map = self._id_maps()
@@ -1209,6 +1214,8 @@ class OciInstance(Instance):
         if self._destroyed:
             return
         self._destroyed = True
+        if not self._owns_bundle:
+            return  # creation stopped before anything of this instance existed
         errors: list[str] = []
         if os.path.exists(os.path.join(self.state_dir, self.container_id)):
             with contextlib.suppress(ExecError):
