@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kavach.backends.base import ExecRequest, LaunchSpec  # noqa: E402
-from kavach.backends.names import Backend  # noqa: E402
-from kavach.backends.process import ProcessDriver, ProcessInstance  # noqa: E402
-from kavach.config import AuditSettings, SandboxConfig  # noqa: E402
-from kavach.policy import ResourceLimits, SandboxPolicy  # noqa: E402
-from kavach.pool import SandboxPool  # noqa: E402
+from kavach.backends.base import ExecRequest, LaunchSpec
+from kavach.backends.names import Backend
+from kavach.backends.process import ProcessDriver, ProcessInstance
+from kavach.config import AuditSettings, SandboxConfig
+from kavach.policy import ResourceLimits, SandboxPolicy
+from kavach.pool import SandboxPool
 
 TRUE = ExecRequest(argv=("/bin/true",), env={})
 BWRAP = [
@@ -135,7 +134,9 @@ async def main() -> None:
     print(f"kernel {os.uname().release}, {os.cpu_count()} cpus, uid {os.geteuid()}, runs {runs}")
     print(driver.probe().reason)
     limits_ok = os.geteuid() == 0
-    basic = SandboxPolicy.basic() if limits_ok else dataclasses.replace(SandboxPolicy.basic(), resources=ResourceLimits())
+    basic = (
+        SandboxPolicy.basic() if limits_ok else dataclasses.replace(SandboxPolicy.basic(), resources=ResourceLimits())
+    )
 
     bare = report("bare subprocess.run(/bin/true)", timed_sync(lambda: subprocess.run(["/bin/true"], check=True), runs))
     bwrap = None
@@ -156,7 +157,9 @@ async def main() -> None:
     for name, policy in (("basic", basic), ("strict", SandboxPolicy.strict() if limits_ok else basic)):
         instance = await driver.start(spec(policy))
         try:
-            exec_p50[name] = report(f"kavach exec in existing sandbox ({name})", await timed(lambda i=instance: i.exec(TRUE), runs * 3, 5))
+            exec_p50[name] = report(
+                f"kavach exec in existing sandbox ({name})", await timed(lambda i=instance: i.exec(TRUE), runs * 3, 5)
+            )
         finally:
             await instance.destroy()
 
@@ -208,7 +211,9 @@ async def main() -> None:
     if bwrap is not None:
         print(f"  create+exec+destroy minimal / bwrap   {cycle_minimal / bwrap:6.2f}x   [<= 1.0x]")
         print(f"  create+exec+destroy basic / bwrap     {cycle_basic / bwrap:6.2f}x")
-    print(f"  exec in existing (basic) / bare        {exec_p50['basic'] / bare:6.2f}x   [p50 <= 2 ms: {exec_p50['basic']:.2f} ms]")
+    print(
+        f"  exec in existing (basic) / bare        {exec_p50['basic'] / bare:6.2f}x   [p50 <= 2 ms: {exec_p50['basic']:.2f} ms]"
+    )
     print(f"  pool claim+exec / bare                 {pool_p50 / bare:6.2f}x   [p50 <= 2 ms: {pool_p50:.2f} ms]")
     print(f"  idle PSS per sandbox                   {per_sandbox / 4:6.2f}x   [<= 4 MiB: {per_sandbox:.2f} MiB]")
 

@@ -44,6 +44,7 @@ async def test_200_cycles_leave_nothing_behind() -> None:
     prefix = new_id("cycle")
     policy = SandboxPolicy.basic() if os.geteuid() == 0 else SandboxPolicy.minimal()
     mounts_before = _mount_count()
+    fds_before = len(os.listdir("/proc/self/fd"))
     for i in range(CYCLES):
         async with sandbox(policy, sandbox_id=f"{prefix}-{i}") as box:
             result = await sh(box, "echo $((6*7)) > /tmp/x; cat /tmp/x; sleep 1000 &")
@@ -52,5 +53,4 @@ async def test_200_cycles_leave_nothing_behind() -> None:
     assert _children_of(spawner.pid) == []  # no init and no orphan left under the spawner
     assert _cgroups_named(prefix) == []
     assert _mount_count() == mounts_before
-    fds = len(os.listdir("/proc/self/fd"))
-    assert fds < 64, f"{fds} fds open in the caller"
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 1  # the spawner socket, if it started now

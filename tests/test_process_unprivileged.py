@@ -15,6 +15,8 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +113,18 @@ def unprivileged_user() -> pwd.struct_passwd:
 
 
 @pytest.fixture(scope="module")
-def observed(unprivileged_user: pwd.struct_passwd, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def observed(unprivileged_user: pwd.struct_passwd) -> Iterator[dict[str, Any]]:
     """What the unprivileged script saw."""
-    base = tmp_path_factory.mktemp("unpriv")
+    # Not under pytest's basetemp: its root is 0700 (and reset by every pytest session).
+    base = Path(tempfile.mkdtemp(prefix="kavach-unpriv-", dir="/tmp"))
+    try:
+        yield _run_script(unprivileged_user, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_script(unprivileged_user: pwd.struct_passwd, base: Path) -> dict[str, Any]:
     os.chmod(base, 0o755)
-    for parent in base.parents:
-        if str(parent).startswith("/tmp/"):
-            os.chmod(parent, os.stat(parent).st_mode | 0o005)
     shared = base / "shared"
     shared.mkdir()
     os.chown(shared, unprivileged_user.pw_uid, unprivileged_user.pw_gid)

@@ -83,6 +83,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "pidfd_open": 434,
         "close_range": 436,
         "mount_setattr": 442,
+        "clone": 56,
     },
     "aarch64": {
         "pivot_root": 41,
@@ -96,6 +97,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "pidfd_open": 434,
         "close_range": 436,
         "mount_setattr": 442,
+        "clone": 220,
     },
 }
 _ARCH = platform.machine()
@@ -277,6 +279,27 @@ def new_fs_mount(fstype: str, options: dict[str, str], attr_flags: int, step: st
         os.close(fs_fd)
 
 
+def clone_process(flags: int, step: str) -> int:
+    """clone(2) like fork() (no new stack: the child runs on a copy of the caller's), with
+    namespace ``flags``; returns 0 in the child, the child's pid in the parent.
+
+    Only for a single-threaded caller (the spawner): unlike os.fork() it skips Python's
+    after-fork hooks, which exist to repair state of other threads and held locks.
+    """
+    sigchld = 17
+    return _check(
+        _syscall(
+            ctypes.c_long(_nr("clone", step)),
+            ctypes.c_ulong(flags | sigchld),
+            ctypes.c_void_p(None),
+            ctypes.c_void_p(None),
+            ctypes.c_void_p(None),
+            ctypes.c_ulong(0),
+        ),
+        step,
+    )
+
+
 def pidfd_open(pid: int, step: str = "pidfd_open") -> int:
     """pidfd_open(2)."""
     return _check(_syscall(ctypes.c_long(_nr("pidfd_open", step)), ctypes.c_int(pid), ctypes.c_uint(0)), step)
@@ -342,6 +365,7 @@ __all__ = [
     "CLONE_NEWUTS",
     "KernelCallError",
     "capset_empty",
+    "clone_process",
     "close_range_from",
     "last_cap",
     "mount",

@@ -66,24 +66,40 @@ class Spawner:
                 cls._instance = current = Spawner()
             return current
 
-    def fork(self, sandbox_end: socket.socket) -> int:
-        """Fork a sandbox process that owns ``sandbox_end``; return its host pid."""
+    def fork(self, sandbox_end: socket.socket, flags: int) -> int:
+        """Create a sandbox process (in new namespaces ``flags``) that owns ``sandbox_end``.
+
+        Returns its host pid; raises :class:`SpawnError` with the kernel's errno.
+        """
         with self._lock:
             try:
-                protocol.send(self.sock, {"op": "fork"}, [sandbox_end.fileno()])
+                protocol.send(self.sock, {"op": "fork", "flags": flags}, [sandbox_end.fileno()])
                 message, fds = protocol.recv(self.sock)
             except OSError as exc:
                 raise SandboxCreateError(f"spawner: {exc}") from None
         for fd in fds:
             os.close(fd)
-        if message is None or message.get("op") != "forked":
-            raise SandboxCreateError(f"spawner refused to fork: {message}")
+        if message is None:
+            raise SandboxCreateError("spawner exited")
+        if message.get("op") != "forked":
+            raise SpawnError(str(message.get("step")), int(message.get("errno", 0)))
         return int(message["pid"])
 
     @property
     def pid(self) -> int:
         """The spawner's pid."""
         return self.process.pid
+
+
+class SpawnError(SandboxCreateError):
+    """The spawner could not create a sandbox process; ``errno`` says why."""
+
+    def __init__(self, step: str, err: int) -> None:
+        self.step = step
+        self.errno = err
+        import errno as errno_names
+
+        super().__init__(f"{step}: {errno_names.errorcode.get(err, str(err))} ({os.strerror(err)})")
 
 
 class ChannelClosed(ConnectionError):
@@ -195,4 +211,4 @@ class Channel:
         self.sock.close()
 
 
-__all__ = ["Channel", "ChannelClosed", "Spawner"]
+__all__ = ["Channel", "ChannelClosed", "SpawnError", "Spawner"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -28,7 +29,7 @@ from kavach.backends.base import Driver, ExecRequest, Instance, LaunchSpec, Prob
 from kavach.backends.capture import CappedBuffer
 from kavach.backends.names import Backend
 from kavach.backends.process import _libc, namespaces
-from kavach.backends.process.client import Channel, ChannelClosed, Spawner
+from kavach.backends.process.client import Channel, ChannelClosed, Spawner, SpawnError
 from kavach.backends.process.plan import build_plan, remove_private_workdir
 from kavach.backends.process.probe import USERNS_HOWTO, probe_host, userns_block_reason
 from kavach.errors import ExecError, SandboxCreateError
@@ -516,31 +517,37 @@ async def _start(spec: LaunchSpec, plan: dict[str, Any], cgroup: Cgroup | None) 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     channel = Channel(ours)
     pidfd = -1
+    flags = 0
+    if plan["namespaces"]:
+        flags = namespaces.SANDBOX_NAMESPACES | (_libc.CLONE_NEWNET if plan["netns"] else 0)
     try:
         try:
-            stage1_pid = Spawner.get().fork(theirs)
+            pid = Spawner.get().fork(theirs, flags)
+        except SpawnError as exc:
+            if flags and exc.errno in (errno.EPERM, errno.ENOSPC, errno.EACCES, errno.EINVAL, errno.EUSERS):
+                raise SandboxCreateError(
+                    f"user namespaces are blocked: clone(CLONE_NEWUSER|...) failed: {exc}; {USERNS_HOWTO}"
+                ) from None
+            raise
         finally:
             theirs.close()
+        pidfd = _libc.pidfd_open(pid, "pidfd_open of the sandbox init")
         file_fds = [_memfd(os.path.basename(f.path), f.data) for f in spec.files]
         try:
             channel.send({"op": "plan", "plan": plan}, file_fds)
         finally:
             for fd in file_fds:
                 os.close(fd)
-        await _expect(channel, "userns")
         if cgroup is not None:
-            cgroup.add(stage1_pid)
-        idmapped = _map_ids(stage1_pid, spec, plan) if plan["namespaces"] else []
+            cgroup.add(pid)
+        idmapped = _map_ids(pid, spec, plan) if plan["namespaces"] else []
         try:
             channel.send({"op": "mapped"}, idmapped)
         finally:
             for fd in idmapped:
                 os.close(fd)
-        message, _fds = await _expect(channel, "init")
-        init_pid = int(message["pid"])
-        pidfd = _libc.pidfd_open(init_pid, "pidfd_open of the sandbox init")
         message, fds = await _expect(channel, "ready")
-        instance = ProcessInstance(spec, plan, channel, init_pid, pidfd, cgroup)
+        instance = ProcessInstance(spec, plan, channel, pid, pidfd, cgroup)
         if fds:
             instance._proxy = socket.socket(fileno=fds[0])
             for fd in fds[1:]:

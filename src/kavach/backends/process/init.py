@@ -94,8 +94,13 @@ def _reopen_std_fds() -> None:
 
 
 def sandbox_main(ctl_fd: int) -> NoReturn:
-    """Entry of the process the spawner forks for one sandbox. Never returns."""
-    code = 1
+    """Entry of the process the spawner created for one sandbox: it becomes init. Never returns.
+
+    With namespaces it was cloned straight into new user, mount, pid, net, ipc and uts
+    namespaces, so it is already PID 1. It waits for the plan, then for "mapped" (the
+    caller has written its uid/gid maps and put it in its cgroup), becomes root inside and
+    enters a new cgroup namespace, rooted at that cgroup.
+    """
     ctl = socket.socket(fileno=ctl_fd)
     try:
         for sig in (signal.SIGCHLD, *_RELAYED_SIGNALS, signal.SIGPIPE):
@@ -106,24 +111,16 @@ def sandbox_main(ctl_fd: int) -> NoReturn:
         if message is None or message.get("op") != "plan":
             os._exit(1)
         plan: dict[str, Any] = message["plan"]
-        if plan["namespaces"]:
-            _libc.unshare(_libc.CLONE_NEWUSER, "unshare the user namespace")
-        protocol.send(ctl, {"op": "userns"})
         message, idmapped = protocol.recv(ctl)
         if message is None or message.get("op") != "mapped":
             os._exit(1)
         if plan["namespaces"]:
             _become_root_inside(plan)
-            flags = namespaces.SANDBOX_NAMESPACES | (_libc.CLONE_NEWNET if plan["netns"] else 0)
-            _libc.unshare(flags, "unshare the mount/pid/ipc/uts/cgroup/net namespaces")
-        pid = os.fork()
-        if pid == 0:
-            _init_main(ctl, plan, file_fds, idmapped)
-        protocol.send(ctl, {"op": "init", "pid": pid})
-        code = 0
+            _libc.unshare(_libc.CLONE_NEWCGROUP, "unshare the cgroup namespace")
     except (OSError, ValueError, KeyError) as exc:
         _send_quietly(ctl, _error_message(exc, "prepare the sandbox"))
-    os._exit(code)
+        os._exit(1)
+    _init_main(ctl, plan, file_fds, idmapped)
 
 
 def _become_root_inside(plan: dict[str, Any]) -> None:
@@ -689,7 +686,7 @@ def _report_exception(exc: BaseException, step: str) -> None:
 
 
 def child_entry(ctl_fd: int) -> NoReturn:
-    """What the spawner's fork runs (kept separate so the spawner never touches sandbox data)."""
+    """What the spawner's clone runs (kept separate so the spawner never touches sandbox data)."""
     sys.stdout.flush()
     sandbox_main(ctl_fd)
 

@@ -34,8 +34,9 @@ from kavach.backends.process._libc import (
     OPEN_TREE_CLONE,
 )
 
+# Created at clone time; the cgroup namespace comes later, once the process is in its cgroup.
 SANDBOX_NAMESPACES = (
-    _libc.CLONE_NEWNS | _libc.CLONE_NEWPID | _libc.CLONE_NEWIPC | _libc.CLONE_NEWUTS | _libc.CLONE_NEWCGROUP
+    _libc.CLONE_NEWUSER | _libc.CLONE_NEWNS | _libc.CLONE_NEWPID | _libc.CLONE_NEWIPC | _libc.CLONE_NEWUTS
 )
 NS_NAMES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 

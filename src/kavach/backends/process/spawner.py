@@ -8,9 +8,9 @@ the sandbox side needs (then freezes them out of the garbage collector, so forke
 share those pages), and does nothing but fork: it never sees a sandbox's plan or secrets,
 which the caller sends straight to the forked child over that sandbox's own socket.
 
-Protocol on the spawner socket (SOCK_SEQPACKET): the caller sends ``{"op": "fork"}`` with
-one fd (the sandbox's end of its control socket); the spawner answers
-``{"op": "forked", "pid": N}``. The spawner is a child subreaper with SIGCHLD ignored, so
+Protocol on the spawner socket (SOCK_SEQPACKET): the caller sends
+``{"op": "fork", "flags": CLONE_NEW...}`` with one fd (the sandbox's end of its control
+socket); the spawner answers ``{"op": "forked", "pid": N}`` or ``{"op": "error", ...}``. The spawner is a child subreaper with SIGCHLD ignored, so
 every sandbox process that ends up parented to it is reaped by the kernel.
 """
 
@@ -43,6 +43,16 @@ BOOTSTRAP = (
 )
 
 
+_ALLOWED_FLAGS = (
+    _libc.CLONE_NEWUSER
+    | _libc.CLONE_NEWNS
+    | _libc.CLONE_NEWPID
+    | _libc.CLONE_NEWNET
+    | _libc.CLONE_NEWIPC
+    | _libc.CLONE_NEWUTS
+)
+
+
 def main(sock_fd: int) -> None:
     """Serve fork requests until the caller closes the socket."""
     sock = socket.socket(fileno=sock_fd)
@@ -60,12 +70,20 @@ def main(sock_fd: int) -> None:
             continue
         if message is None:
             return
-        if message.get("op") != "fork" or len(fds) != 1:
+        if message.get("op") != "fork" or len(fds) != 1 or not isinstance(message.get("flags"), int):
             for fd in fds:
                 os.close(fd)
-            protocol.send(sock, {"op": "error", "message": "expected fork with one fd"})
+            protocol.send(sock, {"op": "error", "step": "fork request", "errno": 22})
             continue
-        pid = os.fork()
+        flags = message["flags"] & _ALLOWED_FLAGS
+        try:
+            # One clone(2) creates the process directly in its new namespaces (it is PID 1
+            # of its pid namespace at once); without namespaces it is a plain fork.
+            pid = _libc.clone_process(flags, "clone the sandbox process") if flags else os.fork()
+        except OSError as exc:
+            os.close(fds[0])
+            protocol.send(sock, {"op": "error", "step": "clone the sandbox process", "errno": exc.errno or 0})
+            continue
         if pid == 0:
             sock.close()
             child_entry(fds[0])
