@@ -510,6 +510,31 @@ async def test_cancelling_exec_stops_the_module(sandbox: WasmInstance) -> None:
     await _until(lambda: not sandbox._controls())  # the module ended without waiting for 60 s
 
 
+def test_a_failing_deadline_check_stops_the_module(driver: WasmDriver, programs: Path) -> None:
+    from kavach.backends.wasm._runtime import DeadlineHook
+
+    runtime = driver.runtime
+
+    def broken() -> str | None:
+        raise RuntimeError("bug in the check")
+
+    store = wasmtime.Store(runtime.engine)
+    store.set_fuel(10**15)
+    hook = DeadlineHook(store, broken)
+    store.set_epoch_deadline(1)
+    store.set_wasi(wasmtime.WasiConfig())
+    instance = runtime.instance_pre((programs / "loop.wat").read_bytes()).instantiate(store)
+    runtime.ticker.acquire()
+    try:
+        # Fail closed: the infinite loop ends at the first tick instead of running unsupervised.
+        with pytest.raises(wasmtime.WasmtimeError, match="deadline check failed: RuntimeError"):
+            instance.exports(store)["_start"](store)
+    finally:
+        runtime.ticker.release()
+        store.close()
+        del hook
+
+
 async def test_stop_ends_running_modules_and_refuses_new_ones(driver: WasmDriver, programs: Path) -> None:
     instance = await driver.start(LaunchSpec("t-stop", _policy(ro=(Bind(str(programs), "/prog"),))))
     process = await instance.spawn(_req("/prog/loop.wat", timeout_ms=60_000))
