@@ -247,3 +247,22 @@ def test_runsc_probe_names_the_missing_binary() -> None:
     assert info.name is RuntimeName.RUNSC
     if shutil.which("runsc") is None:
         assert not info.usable and "runsc not found" in info.reason
+
+
+# -- the proxy hand-over accepts only the sandbox's own processes ----------------------------------
+
+
+def test_proxy_hand_over_from_a_host_process_is_refused() -> None:
+    import socket
+
+    from kavach.backends.base import LaunchSpec
+    from kavach.backends.oci import OciDriver, OciInstance
+    from kavach.backends.oci.runtime import RuntimeInfo
+    from kavach.errors import SandboxCreateError
+
+    info = RuntimeInfo(RuntimeName.RUNC, "/usr/sbin/runc", "runc version test", True, "unit test")
+    instance = OciInstance(OciDriver(), LaunchSpec("t-peer", SandboxPolicy.basic()), info)
+    instance._init_pidns = "pid:[4026599999]"  # the (never started) sandbox's pid namespace
+    left, right = socket.socketpair()
+    with left, right, pytest.raises(SandboxCreateError, match="not from this sandbox"):
+        instance._check_peer_is_sandbox(left)  # the peer is this test process, on the host

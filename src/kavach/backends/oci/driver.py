@@ -44,6 +44,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -783,25 +784,51 @@ class OciInstance(Instance):
             )
             process = await self._start(request, streaming=False, launcher=False)
             loop = asyncio.get_running_loop()
-            try:
-                conn, _ = await asyncio.wait_for(loop.sock_accept(server), RUNTIME_TIMEOUT_S)
-            except TimeoutError:
-                result = await process.wait()
+            accept = asyncio.create_task(loop.sock_accept(server))
+            finished = asyncio.create_task(process.wait())
+            await asyncio.wait({accept, finished}, timeout=RUNTIME_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            if not accept.done():
+                accept.cancel()
+                result = await finished
                 raise SandboxCreateError(
                     f"proxy listener was not handed over: {result.stderr.decode(errors='replace').strip()}"
-                ) from None
+                )
+            conn, _ = accept.result()
             with conn:
+                self._check_peer_is_sandbox(conn)
                 conn.setblocking(True)
+                conn.settimeout(RUNTIME_TIMEOUT_S)
                 _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 1)
-            result = await process.wait()
+                conn.sendall(b"k")
+            result = await finished
         os.unlink(path)
-        if result.exit_code != 0 or not fds:
+        if result.exit_code != 0 or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise SandboxCreateError(
                 f"proxy listener failed inside the sandbox: {result.stderr.decode(errors='replace').strip()}"
             )
-        return socket.socket(fileno=fds[0])
+        listener = socket.socket(fileno=fds[0])
+        if listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1 or listener.getsockname()[:2] != address:
+            listener.close()
+            raise SandboxCreateError("the handed-over proxy socket is not a listener on the requested address")
+        return listener
+
+    def _check_peer_is_sandbox(self, conn: socket.socket) -> None:
+        """Only a process of this sandbox may hand over the listener.
+
+        The unix socket's path is reachable by anyone who can guess it (the bundle is 0711);
+        a host process that connected first could otherwise pass its own socket and be
+        served by the egress proxy, credentials included.
+        """
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _uid, _gid = struct.unpack("3i", creds)
+        try:
+            peer_ns = os.readlink(f"/proc/{pid}/ns/pid")
+        except OSError:
+            peer_ns = ""
+        if peer_ns != self._init_pidns:
+            raise SandboxCreateError(f"proxy listener hand-over came from pid {pid}, not from this sandbox")
 
     # -- enforcement -------------------------------------------------------------------------
 

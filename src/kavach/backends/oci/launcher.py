@@ -264,6 +264,9 @@ def run_listen(args: list[str]) -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as channel:
             channel.connect(unix_path)
             socket.send_fds(channel, [b"L"], [listener.fileno()])
+            # Stay alive until the host acknowledges: it checks (SO_PEERCRED) that the
+            # sender is a process of this sandbox, which needs the sender to still exist.
+            channel.recv(1)
     return 0
 
 
