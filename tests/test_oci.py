@@ -119,6 +119,8 @@ async def test_environment_is_exactly_the_request(basic: OciInstance) -> None:
     assert sorted(result.stdout.split()) == [b"HOME=/tmp", b"ONLY=this"]
     explicit = await basic.exec(ExecRequest(argv=("/usr/bin/env",), env={"ONLY": "this", "HOME": "/work"}))
     assert sorted(explicit.stdout.split()) == [b"HOME=/work", b"ONLY=this"]
+    fds = await basic.exec(ExecRequest(argv=("ls", "/proc/self/fd"), env=PATH_ENV))
+    assert fds.stdout.split() == [b"0", b"1", b"2", b"3"]  # stdio and ls's own directory fd only
     init_env = await basic.exec(_req("tr '\\0' '\\n' < /proc/1/environ || true"))
     assert b"KAVACH_HOST_ONLY" not in init_env.stdout and b"ONLY=" not in init_env.stdout
 

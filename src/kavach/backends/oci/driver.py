@@ -15,7 +15,7 @@ itself when it fails, and everything built so far is torn down):
    inside; namespace inodes and cgroup limits are read from the host. Every control the
    policy asks for must be seen, else creation fails (or, with ``allow_degraded``, the control
    is listed as degraded and not scored);
-4. ``exec``: ``runtime exec --process exec-N.json`` (a complete process object: the request's
+4. ``exec``: ``runtime exec --process /proc/self/fd/N`` (a memfd: a complete process object: the request's
    environment and nothing else, empty capabilities, rlimits, no_new_privs). With Landlock or a
    composite inner layer the command runs through the launcher, which applies them and execs it;
 5. timeout: the container is frozen, every process but init is SIGKILLed, it is thawed, so
@@ -317,14 +317,12 @@ class OciProcess(RawProcess):
         instance: OciInstance,
         proc: asyncio.subprocess.Process,
         request: ExecRequest,
-        process_file: str,
         streaming: bool,
     ) -> None:
         self.pid = proc.pid
         self._instance = instance
         self._proc = proc
         self._request = request
-        self._process_file = process_file
         self._started = time.monotonic()
         self._streams = _Streams(CappedBuffer(request.stdout_cap), CappedBuffer(request.stderr_cap))
         if streaming:
@@ -384,8 +382,6 @@ class OciProcess(RawProcess):
         self._stdin_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stdin_task
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._process_file)
         code = self._proc.returncode if self._proc.returncode is not None else EXIT_TIMEOUT
         if code < 0:  # the runtime itself was killed by a signal
             code = 128 - code
@@ -994,17 +990,24 @@ class OciInstance(Instance):
         if launcher and self._launcher_needed:
             argv = (PYTHON_INSIDE, "-I", "-S", LAUNCHER_INSIDE, "exec", PLAN_INSIDE, "--", *argv)
         self._exec_counter += 1
-        process_file = os.path.join(self.layout.bundle_dir, f"exec-{self._exec_counter}.json")
         cwd = request.cwd or self.policy.filesystem.workdir
-        with open(process_file, "w", encoding="utf-8") as stream:
-            json.dump(build_process(self.policy, argv, dict(request.env), cwd), stream)
-        proc = await asyncio.create_subprocess_exec(
-            *self._runtime_argv("exec", "--process", process_file, self.container_id),
-            stdin=asyncio.subprocess.PIPE if request.stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        return OciProcess(self, proc, request, process_file, streaming)
+        process = json.dumps(build_process(self.policy, argv, dict(request.env), cwd)).encode()
+        # The process object holds the request's environment, which may carry secrets: it
+        # goes to the runtime through a memfd (read as /proc/self/fd/N), never a file on disk.
+        memfd = os.memfd_create(f"kavach-exec-{self._exec_counter}", os.MFD_CLOEXEC)
+        try:
+            os.write(memfd, process)
+            os.lseek(memfd, 0, os.SEEK_SET)
+            proc = await asyncio.create_subprocess_exec(
+                *self._runtime_argv("exec", "--process", f"/proc/self/fd/{memfd}", self.container_id),
+                stdin=asyncio.subprocess.PIPE if request.stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(memfd,),
+            )
+        finally:
+            os.close(memfd)
+        return OciProcess(self, proc, request, streaming)
 
     async def exec(self, request: ExecRequest) -> RawResult:
         """Run to completion (timeout and caps enforced)."""
