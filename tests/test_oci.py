@@ -412,6 +412,24 @@ async def test_destroy_leaves_no_container_bundle_or_cgroup() -> None:
     assert instance.container_id not in listed.stdout
 
 
+async def test_stop_kills_everything_including_init() -> None:
+    instance = await _start(SandboxPolicy.basic())
+    try:
+        await instance.exec(_req("sleep 1000 >/dev/null 2>&1 &"))
+        init_pid = instance._init_pid
+        await instance.stop()
+        assert init_pid is not None
+        # Dead: gone, or a zombie waiting for the host's reaper (runc run -d orphans init to PID 1).
+        stat_file = Path(f"/proc/{init_pid}/stat")
+        assert not stat_file.exists() or stat_file.read_text().split()[2] == "Z"
+        assert all(Path(f"/proc/{p}/stat").read_text().split()[2] == "Z" for p in instance._pidns_members())
+        with pytest.raises(ExecError):
+            await instance.exec(_req("true"))
+    finally:
+        await instance.destroy()
+    assert not Path(instance.layout.bundle_dir).exists()
+
+
 async def test_a_reused_sandbox_id_fails_without_touching_the_live_one(basic: OciInstance) -> None:
     with pytest.raises(SandboxCreateError, match="already exists"):
         await OciDriver().start(LaunchSpec(basic.spec.sandbox_id, SandboxPolicy.basic()))

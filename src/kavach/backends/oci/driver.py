@@ -486,6 +486,7 @@ class OciInstance(Instance):
         # namespace and frozen with SIGSTOP, never through that shared cgroup.
         self._own_cgroup = _is_root()
         self._destroyed = False
+        self._stopped = False
         self._owns_bundle = False  # set once this instance created the bundle (and the container id)
         self._proxy_listener: socket.socket | None = None
         self._extra_runtime_args: tuple[str, ...] = driver.runtime_args(spec.policy)
@@ -982,8 +983,8 @@ class OciInstance(Instance):
     # -- exec --------------------------------------------------------------------------------
 
     async def _start(self, request: ExecRequest, *, streaming: bool, launcher: bool) -> OciProcess:
-        if self._destroyed:
-            raise ExecError("the sandbox was destroyed")
+        if self._destroyed or self._stopped:
+            raise ExecError(f"the sandbox was {'destroyed' if self._destroyed else 'stopped'}")
         argv = tuple(request.argv)
         if not argv:
             raise ExecError("empty command")
@@ -1191,6 +1192,7 @@ class OciInstance(Instance):
         """Kill every process, init included."""
         if self._init_pid is None or self._destroyed:
             return
+        self._stopped = True
         await self._runtime("kill", "--all", self.container_id, "KILL", check=False)
         # A frozen container cannot die; thaw it so the SIGKILLs are delivered.
         with contextlib.suppress(ExecError):
