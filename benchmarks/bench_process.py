@@ -212,7 +212,8 @@ async def main() -> None:
         print(f"  create+exec+destroy minimal / bwrap   {cycle_minimal / bwrap:6.2f}x   [<= 1.0x]")
         print(f"  create+exec+destroy basic / bwrap     {cycle_basic / bwrap:6.2f}x")
     print(
-        f"  exec in existing (basic) / bare        {exec_p50['basic'] / bare:6.2f}x   [p50 <= 2 ms: {exec_p50['basic']:.2f} ms]"
+        f"  exec in existing (basic) / bare        {exec_p50['basic'] / bare:6.2f}x"
+        f"   [p50 <= 2 ms: {exec_p50['basic']:.2f} ms]"
     )
     print(f"  pool claim+exec / bare                 {pool_p50 / bare:6.2f}x   [p50 <= 2 ms: {pool_p50:.2f} ms]")
     print(f"  idle PSS per sandbox                   {per_sandbox / 4:6.2f}x   [<= 4 MiB: {per_sandbox:.2f} MiB]")

@@ -144,12 +144,16 @@ def _send_quietly(ctl: socket.socket, message: dict[str, Any]) -> None:
 
 
 def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> NoReturn:
+    init = Init(ctl, plan)
     try:
         started = time.monotonic()
+        # The first warm child is forked now and waits for "go": its fork overlaps with
+        # the mount work below (pivot_root moves its root along with init's). It closes
+        # every inherited fd (the secrets' memfds among them) before anything else.
+        first = _fork_warm(plan, probe=True, wait_for_go=True)
         proxy_fd = _setup(plan, file_fds, idmapped)
         built = time.monotonic()
-        init = Init(ctl, plan)
-        probe = init.first_warm_child()
+        probe = init.adopt_first_warm_child(first)
         probe["setup_ms"] = round((built - started) * 1000, 2)
         probe["probe_ms"] = round((time.monotonic() - built) * 1000, 2)
         protocol.send(ctl, {"op": "ready", "probe": probe}, [proxy_fd] if proxy_fd is not None else [])
@@ -210,7 +214,7 @@ class WarmChild:
         self.err_read = err_read
 
 
-def _fork_warm(plan: dict[str, Any], probe: bool) -> WarmChild:
+def _fork_warm(plan: dict[str, Any], probe: bool, wait_for_go: bool = False) -> WarmChild:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     err_read, err_write = os.pipe2(os.O_CLOEXEC)
     try:
@@ -222,7 +226,7 @@ def _fork_warm(plan: dict[str, Any], probe: bool) -> WarmChild:
         theirs.close()
         raise
     if pid == 0:
-        _warm_child(plan, theirs.fileno(), err_write, probe)
+        _warm_child(plan, theirs.fileno(), err_write, probe, wait_for_go)
     theirs.close()
     os.close(err_write)
     return WarmChild(pid, ours, err_read)
@@ -253,10 +257,10 @@ class Init:
         self.refill = False
         self.null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
 
-    def first_warm_child(self) -> dict[str, Any]:
-        """Fork the first warm child and return its enforcement probe (what it observes)."""
-        warm = _fork_warm(self.plan, probe=True)
+    def adopt_first_warm_child(self, warm: WarmChild) -> dict[str, Any]:
+        """Let the first warm child confine itself; return its enforcement probe (what it observes)."""
         try:
+            protocol.send(warm.sock, {"op": "go"})
             message, fds = protocol.recv(warm.sock)
         except OSError:
             message, fds = None, []
@@ -628,7 +632,7 @@ def _probe_data(plan: dict[str, Any]) -> dict[str, Any]:
 _SOCK_FD = 4
 
 
-def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool) -> NoReturn:
+def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wait_for_go: bool) -> NoReturn:
     """Confine now, then wait for one command and execve it. Never returns.
 
     Everything a command of this sandbox starts from is applied here, before the command
@@ -646,10 +650,15 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool) ->
         os.dup2(100, _ERR_FD, inheritable=False)
         os.dup2(101, _SOCK_FD, inheritable=False)
         _libc.close_range_from(_SOCK_FD + 1)
+        sock = socket.socket(fileno=_SOCK_FD)
+        if wait_for_go:
+            step = "wait for the root filesystem"
+            go, _fds = protocol.recv(sock)
+            if go is None:
+                os._exit(0)
         step = "new session"
         os.setsid()
         _confine(plan)
-        sock = socket.socket(fileno=_SOCK_FD)
         if probe:
             step = "enforcement probe"
             protocol.send(sock, {"op": "probe", "report": _probe_data(plan)})

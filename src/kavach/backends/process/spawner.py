@@ -10,7 +10,8 @@ which the caller sends straight to the forked child over that sandbox's own sock
 
 Protocol on the spawner socket (SOCK_SEQPACKET): the caller sends
 ``{"op": "fork", "flags": CLONE_NEW...}`` with one fd (the sandbox's end of its control
-socket); the spawner answers ``{"op": "forked", "pid": N}`` or ``{"op": "error", ...}``. The spawner is a child subreaper with SIGCHLD ignored, so
+socket); the spawner answers ``{"op": "forked", "pid": N}`` or ``{"op": "error", ...}``.
+The spawner is a child subreaper with SIGCHLD ignored, so
 every sandbox process that ends up parented to it is reaped by the kernel.
 """
 
