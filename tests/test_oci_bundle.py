@@ -7,8 +7,11 @@ config-linux.md of opencontainers/runtime-spec): names, types and the values kav
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,3 +269,55 @@ def test_proxy_hand_over_from_a_host_process_is_refused() -> None:
     left, right = socket.socketpair()
     with left, right, pytest.raises(SandboxCreateError, match="not from this sandbox"):
         instance._check_peer_is_sandbox(left)  # the peer is this test process, on the host
+
+
+# -- validation against the official runtime-spec JSON schema ------------------------------------
+
+SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
+
+
+@pytest.fixture(scope="module")
+def spec_validator() -> Any:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (dev dependency)")
+    referencing = pytest.importorskip("referencing")
+    from referencing.jsonschema import DRAFT4
+
+    if not (SCHEMA_DIR / "config-schema.json").exists():
+        pytest.skip("the runtime-spec schema is not installed (Debian: golang-github-opencontainers-specs-dev)")
+    resources = [
+        (
+            f"file://{path}",
+            referencing.Resource.from_contents(json.loads(path.read_text()), default_specification=DRAFT4),
+        )
+        for path in SCHEMA_DIR.glob("*.json")
+    ]
+    registry = referencing.Registry().with_resources(resources)
+    schema = json.loads((SCHEMA_DIR / "config-schema.json").read_text())
+    schema["id"] = f"file://{SCHEMA_DIR}/config-schema.json"  # base for the schema's relative $refs
+    return jsonschema.Draft4Validator(schema, registry=registry)
+
+
+@pytest.mark.parametrize("preset", ["minimal", "basic", "strict"])
+def test_config_validates_against_the_runtime_spec_schema(spec_validator: Any, preset: str) -> None:
+    policy = SandboxPolicy.preset(preset)
+    config = _config(
+        policy,
+        seccomp=policy_to_oci(policy.seccomp, "x86_64"),
+        late_mounts=(ro_bind("/run/f/0", "/run/secrets/x", noexec=True),),
+        annotations={"org.kavach.sandbox-id": "x"},
+    )
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in spec_validator.iter_errors(config)]
+    assert errors == []
+
+
+def test_schema_check_is_not_vacuous(spec_validator: Any) -> None:
+    config = _config(SandboxPolicy.basic())
+    config["process"]["cwd"] = 5
+    config["linux"]["namespaces"].append({"type": "not-a-namespace"})
+    assert len(list(spec_validator.iter_errors(config))) >= 2
+
+
+def test_exec_process_object_validates_against_the_schema(spec_validator: Any) -> None:
+    config = _config(SandboxPolicy.strict())
+    config["process"] = build_process(SandboxPolicy.strict(), ["/bin/sh", "-c", "true"], {"A": "b"}, "/work")
+    assert list(spec_validator.iter_errors(config)) == []
