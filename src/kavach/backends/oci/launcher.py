@@ -45,6 +45,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 from typing import Any
 
@@ -145,7 +146,7 @@ def apply_landlock(layer: dict[str, Any]) -> int:
                 raise SetupError(f"open {path} for a landlock rule", exc.errno or errno.EIO) from None
             try:
                 # A rule on a file may only carry file rights; the host computed both masks.
-                is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
+                is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
                 mask = int(access) if is_dir else int(access) & int(layer["file_access_mask"])
                 beneath = _PathBeneathAttr(mask, fd)
                 rc = _libc.syscall(
