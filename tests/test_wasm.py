@@ -352,12 +352,68 @@ async def test_module_outside_preopens_is_refused(sandbox: WasmInstance, program
         await sandbox.exec(_req(str(programs.parent / "elsewhere.wasm")))
 
 
-async def test_component_binaries_are_refused_clearly(driver: WasmDriver, tmp_path: Path) -> None:
-    (tmp_path / "comp.wasm").write_bytes(b"\0asm\x0d\x00\x01\x00")
-    instance = await driver.start(LaunchSpec("t-comp", _policy(ro=(Bind(str(tmp_path), "/m"),))))
+async def test_unknown_binary_version_is_refused(driver: WasmDriver, tmp_path: Path) -> None:
+    (tmp_path / "odd.wasm").write_bytes(b"\0asm\x02\x00\x00\x00")
+    instance = await driver.start(LaunchSpec("t-odd", _policy(ro=(Bind(str(tmp_path), "/m"),))))
     try:
-        with pytest.raises(ExecError, match="components"):
-            await instance.exec(_req("/m/comp.wasm"))
+        with pytest.raises(ExecError, match="unknown WebAssembly binary version"):
+            await instance.exec(_req("/m/odd.wasm"))
+    finally:
+        await instance.destroy()
+
+
+# -- components (WASI 0.2) -------------------------------------------------------------------------
+
+
+async def test_component_writes_stdout_and_returns_ok(sandbox: WasmInstance, programs: Path) -> None:
+    result = await sandbox.exec(_req("/prog/hello_p2.wat"))
+    assert result.exit_code == 0, result
+    assert result.stdout == b"hello from a component\n"
+    # The same component as a binary (wasmtime's own WAT encoder) runs the same.
+    (programs / "hello_p2.wasm").write_bytes(bytes(wasmtime.wat2wasm((programs / "hello_p2.wat").read_text())))
+    binary = await sandbox.exec(_req("/prog/hello_p2.wasm"))
+    assert binary.stdout == b"hello from a component\n"
+
+
+async def test_component_run_err_is_exit_code_1(sandbox: WasmInstance) -> None:
+    result = await sandbox.exec(_req("/prog/fail_p2.wat"))
+    assert result.exit_code == 1
+    assert result.reason is None
+
+
+async def test_component_stopped_by_fuel_and_by_wall_clock(
+    driver: WasmDriver, programs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wasm_driver, "FUEL_PER_CPU_SECOND", 50_000_000)
+    fuel = replace(SandboxPolicy.basic().resources, cpu_time_s=1)
+    instance = await driver.start(LaunchSpec("t-cfuel", _policy(ro=(Bind(str(programs), "/prog"),), resources=fuel)))
+    try:
+        result = await instance.exec(_req("/prog/loop_p2.wat", timeout_ms=60_000))
+        assert result.timed_out and result.reason is not None and result.reason.startswith("fuel exhausted"), result
+    finally:
+        await instance.destroy()
+    wall = ResourceLimits(memory=64 * MiB, cpu_time_s=None)
+    policy = _policy(ro=(Bind(str(programs), "/prog"),), resources=wall, allow_degraded=True)
+    instance = await driver.start(LaunchSpec("t-cwall", policy))
+    try:
+        result = await instance.exec(_req("/prog/loop_p2.wat", timeout_ms=200))
+        assert result.timed_out and result.reason == "wall-clock timeout", result
+    finally:
+        await instance.destroy()
+
+
+@pytest.mark.parametrize(("memory", "exit_code"), [(2 * MiB, 0), (4 * MiB, 1)])
+async def test_component_memory_share_of_the_limit(
+    driver: WasmDriver, programs: Path, memory: int, exit_code: int
+) -> None:
+    # A component may have two memories, so each gets half the limit: with 2 MiB the
+    # component's memory stops at exactly 1 MiB (exit 0); with 4 MiB it grows further (exit 1).
+    resources = replace(SandboxPolicy.basic().resources, memory=memory)
+    instance = await driver.start(
+        LaunchSpec("t-cmem", _policy(ro=(Bind(str(programs), "/prog"),), resources=resources))
+    )
+    try:
+        assert (await instance.exec(_req("/prog/grow_p2.wat"))).exit_code == exit_code
     finally:
         await instance.destroy()
 

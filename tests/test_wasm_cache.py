@@ -65,6 +65,16 @@ def test_second_runtime_loads_the_artifact_without_compiling(tmp_path: Path) -> 
     assert second.cache.stats.compiles == 0
 
 
+def test_components_are_cached_too(tmp_path: Path) -> None:
+    component = (PROGRAMS / "hello_p2.wat").read_bytes()
+    first = Runtime(tmp_path)
+    assert first.program(component).component is not None
+    second = Runtime(tmp_path)
+    program = second.program(component)
+    assert program.component is not None and program.run_export == "wasi:cli/run@0.2.0"
+    assert second.cache.stats.disk_hits == 1 and second.cache.stats.compiles == 0
+
+
 def test_tampered_artifact_is_rejected_and_recompiled(tmp_path: Path) -> None:
     Runtime(tmp_path).cache.get(HELLO)
     path = Runtime(tmp_path).cache.path_for(HELLO)

@@ -19,12 +19,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import wasmtime
+from wasmtime.component import Component
+from wasmtime.component import Linker as ComponentLinker
 
 from kavach.backends.wasm.cache import MEMORY_ENTRIES, ModuleCache
+from kavach.backends.wasm.driver import COMPONENT_VERSION
 
 # The engine's epoch advances every EPOCH_TICK_S while at least one module runs; each
 # store's deadline callback runs once per tick, so the wall clock is exact to one tick.
@@ -138,6 +142,25 @@ class EpochTicker:
             self._engine.increment_epoch()
 
 
+_KIND_MODULE = b"M"
+_KIND_COMPONENT = b"C"
+
+Compiled = wasmtime.Module | Component
+
+
+@dataclass(frozen=True)
+class Program:
+    """A compiled command ready to instantiate.
+
+    A core module (WASI preview 1) comes pre-linked as ``pre``; a component (WASI 0.2)
+    comes as ``component`` with the name of its ``wasi:cli/run`` export.
+    """
+
+    pre: wasmtime.InstancePre | None = None
+    component: Component | None = None
+    run_export: str | None = None
+
+
 class Runtime:
     """One wasmtime engine with WASI linked, its ticker and its compiled-module cache."""
 
@@ -148,6 +171,7 @@ class Runtime:
         self.engine = wasmtime.Engine(config)
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
+        self._component_linker: ComponentLinker | None = None
         self.ticker = EpochTicker(self.engine)
         self.version = wasmtime_version()
         self.fingerprint = ";".join(
@@ -158,41 +182,85 @@ class Runtime:
                 *(f"{name}={value}" for name, value in _ENGINE_SETTINGS),
             ]
         )
-        self.cache: ModuleCache[wasmtime.Module] = ModuleCache(
+        self.cache: ModuleCache[Compiled] = ModuleCache(
             self.fingerprint,
             compile=self._compile,
-            serialize=lambda module: bytes(module.serialize()),
-            deserialize=lambda data: wasmtime.Module.deserialize(self.engine, data),
+            serialize=self._serialize,
+            deserialize=self._deserialize,
             directory=cache_dir,
         )
-        self._pre: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
-        self._by_file: OrderedDict[tuple[object, ...], wasmtime.InstancePre] = OrderedDict()
+        self._programs: OrderedDict[str, Program] = OrderedDict()
+        self._by_file: OrderedDict[tuple[object, ...], Program] = OrderedDict()
         self.workers = WorkerPool()
-        self._pre_lock = threading.Lock()
+        self._lock = threading.Lock()
 
-    def _compile(self, source: bytes) -> wasmtime.Module:
-        if source.startswith(b"\0asm"):
-            return wasmtime.Module(self.engine, source)
-        return wasmtime.Module(self.engine, bytes(wasmtime.wat2wasm(source.decode("utf-8"))))
+    # -- compile / serialize (the cache's callbacks) -----------------------------------------
+
+    def _compile(self, source: bytes) -> Compiled:
+        wasm = source if source.startswith(b"\0asm") else bytes(wasmtime.wat2wasm(source.decode("utf-8")))
+        if wasm[4:8] == COMPONENT_VERSION:
+            return Component(self.engine, wasm)
+        return wasmtime.Module(self.engine, wasm)
+
+    @staticmethod
+    def _serialize(compiled: Compiled) -> bytes:
+        kind = _KIND_COMPONENT if isinstance(compiled, Component) else _KIND_MODULE
+        return kind + bytes(compiled.serialize())
+
+    def _deserialize(self, data: bytes) -> Compiled:
+        kind, payload = data[:1], data[1:]
+        if kind == _KIND_COMPONENT:
+            return Component.deserialize(self.engine, payload)
+        if kind == _KIND_MODULE:
+            return wasmtime.Module.deserialize(self.engine, payload)
+        raise ValueError("unknown artifact kind")
+
+    # -- programs ----------------------------------------------------------------------------
+
+    @property
+    def component_linker(self) -> ComponentLinker:
+        """The WASI 0.2 linker for components (built on first use)."""
+        with self._lock:
+            if self._component_linker is None:
+                linker = ComponentLinker(self.engine)
+                linker.add_wasip2()
+                self._component_linker = linker
+            return self._component_linker
+
+    def program(self, source: bytes) -> Program:
+        """The runnable form of ``source`` (compiled, or from the cache)."""
+        key = self.cache.key_for(source)
+        with self._lock:
+            program = self._programs.get(key)
+            if program is not None:
+                self._programs.move_to_end(key)
+                return program
+        compiled = self.cache.get(source)
+        if isinstance(compiled, Component):
+            program = Program(component=compiled, run_export=self._run_export(compiled))
+        else:
+            program = Program(pre=self.linker.instantiate_pre(compiled))
+        with self._lock:
+            self._programs[key] = program
+            while len(self._programs) > MEMORY_ENTRIES:
+                self._programs.popitem(last=False)
+        return program
 
     def instance_pre(self, source: bytes) -> wasmtime.InstancePre:
-        """A pre-linked instantiation template for ``source`` (compiled or from the cache)."""
-        key = self.cache.key_for(source)
-        with self._pre_lock:
-            pre = self._pre.get(key)
-            if pre is not None:
-                self._pre.move_to_end(key)
-                return pre
-        pre = self.linker.instantiate_pre(self.cache.get(source))
-        with self._pre_lock:
-            self._pre[key] = pre
-            while len(self._pre) > MEMORY_ENTRIES:
-                self._pre.popitem(last=False)
-        return pre
+        """A pre-linked instantiation template for the core module ``source``."""
+        program = self.program(source)
+        if program.pre is None:
+            raise ValueError("not a core module")
+        return program.pre
 
-    def instance_pre_for_file(self, path: str, read: Callable[[str], bytes]) -> wasmtime.InstancePre:
-        """Like :meth:`instance_pre` for the module file at ``path``, skipping read and hash
-        when the file is unchanged since the last call.
+    def _run_export(self, component: Component) -> str | None:
+        names = sorted(component.type.exports(self.engine))
+        runs = [name for name in names if name.startswith("wasi:cli/run@0.2.")]
+        return runs[-1] if runs else None
+
+    def program_for_file(self, path: str, read: Callable[[str], bytes]) -> Program:
+        """Like :meth:`program` for the file at ``path``, skipping read and hash when the
+        file is unchanged since the last call.
 
         "Unchanged" is the file's identity and change stamps (device, inode, size, mtime and
         ctime in ns). ctime cannot be set from user space and moves on every write, so a
@@ -201,19 +269,19 @@ class Runtime:
         try:
             info = os.stat(path)
         except OSError:
-            return self.instance_pre(read(path))  # read() reports the error in its own words
+            return self.program(read(path))  # read() reports the error in its own words
         identity = (path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        with self._pre_lock:
-            pre = self._by_file.get(identity)
-            if pre is not None:
+        with self._lock:
+            program = self._by_file.get(identity)
+            if program is not None:
                 self._by_file.move_to_end(identity)
-                return pre
-        pre = self.instance_pre(read(path))
-        with self._pre_lock:
-            self._by_file[identity] = pre
+                return program
+        program = self.program(read(path))
+        with self._lock:
+            self._by_file[identity] = program
             while len(self._by_file) > MEMORY_ENTRIES:
                 self._by_file.popitem(last=False)
-        return pre
+        return program
 
 
 class WorkerPool:
@@ -356,6 +424,7 @@ __all__ = [
     "EPOCH_TICK_S",
     "DeadlineHook",
     "EpochTicker",
+    "Program",
     "Runtime",
     "VerificationError",
     "WorkerPool",

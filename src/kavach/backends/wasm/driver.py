@@ -31,7 +31,7 @@ from kavach.policy import SandboxPolicy
 from kavach.scoring import Control, Enforcement, requested_controls, supported_controls
 
 if TYPE_CHECKING:
-    from kavach.backends.wasm._runtime import Runtime
+    from kavach.backends.wasm._runtime import Program, Runtime
 
 # Fuel is wasmtime's instruction budget: about one unit per executed wasm operator. Measured
 # on this project's 2-core VM (docs/wasm.md): a branch-only loop burns 0.85e9 units per CPU
@@ -55,6 +55,14 @@ MAX_MODULE_BYTES = 256 * 1024 * 1024
 # How long exec() waits beyond the wall clock for a module blocked inside a host call
 # (WASI sleep, a slow read) before it returns the timeout and abandons the thread.
 HOST_CALL_GRACE_S = 1.0
+
+# StoreLimits for components: their core instances, tables and memories (an adapter's too).
+MAX_COMPONENT_INSTANCES = 32
+MAX_COMPONENT_TABLES = 16
+MAX_COMPONENT_MEMORIES = 2
+
+CORE_VERSION = b"\x01\x00\x00\x00"
+COMPONENT_VERSION = b"\x0d\x00\x01\x00"
 
 _SHELL_OPERATORS = frozenset("();<>|&")
 _MODULE_SUFFIXES = (".wasm", ".wat")
@@ -256,6 +264,16 @@ class _Prepared:
     started: float = field(default_factory=time.monotonic)
 
 
+def _out_of_fuel(exc: BaseException) -> bool:
+    """True when wasmtime stopped the code because the store's fuel ran out."""
+    import wasmtime
+
+    if isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+        return True
+    # A component's call reports the same trap as an error whose cause is this message.
+    return "all fuel consumed" in str(exc)
+
+
 def _first_line(message: str) -> str:
     """The informative line of a wasmtime error: the root cause, without the backtrace."""
     text = message.split("Caused by:", 1)[1] if "Caused by:" in message else message
@@ -412,20 +430,20 @@ class WasmInstance(Instance):
         control = prepared.control
         try:
             try:
-                pre = runtime.instance_pre_for_file(
+                program = runtime.program_for_file(
                     prepared.module_path, lambda path: self._read_module(path, prepared.module_root, prepared.display)
                 )
             except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
                 raise ExecError(f"{prepared.display}: invalid WebAssembly module: {_first_line(str(exc))}") from None
             store = wasmtime.Store(runtime.engine)
             store.set_fuel(self.fuel)
-            self._apply_limits(store)
+            self._apply_limits(store, component=program.component is not None)
             hook = DeadlineHook(store, control.decide)
             store.set_epoch_deadline(1)
             store.set_wasi(self._wasi_config(prepared))
             runtime.ticker.acquire()
             try:
-                return self._call_start(store, pre, prepared)
+                return self._call_start(store, program, prepared)
             finally:
                 runtime.ticker.release()
                 # Delete the native store here, on its own thread, before the callback
@@ -458,13 +476,17 @@ class WasmInstance(Instance):
         self._apply_preopens(wasi)
         return wasi
 
-    def _apply_limits(self, store: Any) -> None:
+    def _apply_limits(self, store: Any, component: bool = False) -> None:
+        # StoreLimits bound each linear memory. A core module has one, so the limit is the
+        # total; a component may have several (its own and an adapter's), so each gets
+        # an equal share and the total still stays within the limit.
+        memories = MAX_COMPONENT_MEMORIES if component else MAX_MEMORIES
         store.set_limits(
-            memory_size=-1 if self.memory_limit is None else self.memory_limit,
+            memory_size=-1 if self.memory_limit is None else self.memory_limit // memories,
             table_elements=MAX_TABLE_ELEMENTS,
-            instances=MAX_INSTANCES,
-            tables=MAX_TABLES,
-            memories=MAX_MEMORIES,
+            instances=MAX_COMPONENT_INSTANCES if component else MAX_INSTANCES,
+            tables=MAX_COMPONENT_TABLES if component else MAX_TABLES,
+            memories=memories,
         )
 
     def _apply_preopens(self, wasi: Any) -> None:
@@ -495,7 +517,7 @@ class WasmInstance(Instance):
         details = {**self._enforcement.details, "verified_checks": checks}
         self._enforcement = dataclasses.replace(self._enforcement, verified=True, details=details)
 
-    def _call_start(self, store: Any, pre: Any, prepared: _Prepared) -> RawResult:
+    def _call_start(self, store: Any, program: Program, prepared: _Prepared) -> RawResult:
         import wasmtime
 
         control = prepared.control
@@ -503,32 +525,62 @@ class WasmInstance(Instance):
         reason: str | None = None
         timed_out = False
         try:
-            instance = pre.instantiate(store)
+            run = self._entry_point(store, program, prepared)
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
             return self._result(prepared, TRAP_EXIT_CODE, f"instantiation failed: {_first_line(str(exc))}")
-        start = instance.exports(store).get("_start")
-        if not isinstance(start, wasmtime.Func):
-            raise ExecError(f"{prepared.display}: no _start export (not a WASI command module)")
         try:
-            start(store)
+            exit_code = run()
         except wasmtime.ExitTrap as exc:
             exit_code = exc.code
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-            # Trap is not a WasmtimeError subclass: wasm traps (fuel, unreachable, ...) come
-            # as Trap, a trap raised by our epoch callback as WasmtimeError.
+            # Trap is not a WasmtimeError subclass: wasm traps (fuel, unreachable, ...) of a
+            # core module come as Trap; a component's traps and a trap raised by our epoch
+            # callback come as WasmtimeError.
             if control.stop_reason is not None:
                 exit_code, reason, timed_out = (
                     control.stop_exit_code,
                     control.stop_reason,
                     control.stop_timed_out,
                 )
-            elif isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+            elif _out_of_fuel(exc):
                 cpu = self.spec.policy.resources.cpu_time_s
                 exit_code, timed_out = TIMEOUT_EXIT_CODE, True
                 reason = f"fuel exhausted (cpu_time_s={cpu}, {self.fuel} units)"
             else:
                 exit_code, reason = TRAP_EXIT_CODE, f"trap: {_first_line(str(exc))}"
         return self._result(prepared, exit_code, reason, timed_out)
+
+    def _entry_point(self, store: Any, program: Program, prepared: _Prepared) -> Callable[[], int]:
+        """Instantiate ``program`` in ``store``; return a call that runs it and gives its exit code."""
+        import wasmtime
+
+        if program.pre is not None:
+            start = program.pre.instantiate(store).exports(store).get("_start")
+            if not isinstance(start, wasmtime.Func):
+                raise ExecError(f"{prepared.display}: no _start export (not a WASI command module)")
+
+            def run_core() -> int:
+                start(store)
+                return 0
+
+            return run_core
+        assert program.component is not None
+        if program.run_export is None:
+            raise ExecError(f"{prepared.display}: no wasi:cli/run@0.2 export (not a WASI command component)")
+        instance = self._runtime.component_linker.instantiate(store, program.component)
+        run_index = instance.get_export_index(store, program.run_export)
+        func_index = instance.get_export_index(store, "run", run_index) if run_index is not None else None
+        func = instance.get_func(store, func_index) if func_index is not None else None
+        if func is None:
+            raise ExecError(f"{prepared.display}: {program.run_export} exports no run function")
+
+        def run_component() -> int:
+            # wasi:cli/run returns result<_, _>: ok is exit code 0, err is 1 (as the
+            # wasmtime CLI reports it); wasi:cli/exit raises ExitTrap with the code.
+            outcome = func(store)
+            return 0 if getattr(outcome, "tag", None) == "ok" else 1
+
+        return run_component
 
     @staticmethod
     def _result(prepared: _Prepared, exit_code: int, reason: str | None, timed_out: bool = False) -> RawResult:
@@ -631,11 +683,8 @@ class WasmInstance(Instance):
     @staticmethod
     def _read_module(host_path: str, root: str | None, display: str) -> bytes:
         data = _read_contained(host_path, root, MAX_MODULE_BYTES, display)
-        if data.startswith(b"\0asm") and data[4:8] != b"\x01\x00\x00\x00":
-            raise ExecError(
-                f"{display}: WebAssembly components (WASI preview 2) are not supported by this "
-                "release; build a WASI preview 1 core module (wasm32-wasi / wasm32-wasip1)"
-            )
+        if data.startswith(b"\0asm") and data[4:8] not in (CORE_VERSION, COMPONENT_VERSION):
+            raise ExecError(f"{display}: unknown WebAssembly binary version {data[4:8].hex()}")
         return data
 
     # -- lifecycle ---------------------------------------------------------------------------
