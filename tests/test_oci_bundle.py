@@ -321,3 +321,12 @@ def test_exec_process_object_validates_against_the_schema(spec_validator: Any) -
     config = _config(SandboxPolicy.strict())
     config["process"] = build_process(SandboxPolicy.strict(), ["/bin/sh", "-c", "true"], {"A": "b"}, "/work")
     assert list(spec_validator.iter_errors(config)) == []
+
+
+def test_mount_targets_cannot_leave_the_rootfs(tmp_path: Path) -> None:
+    from kavach.backends.oci.image import create_mountpoints
+    from kavach.errors import SandboxCreateError
+
+    with pytest.raises(SandboxCreateError, match="absolute path"):
+        create_mountpoints(str(tmp_path / "rootfs"), [("/data/../../escape", True)], None)
+    assert not (tmp_path / "escape").exists()

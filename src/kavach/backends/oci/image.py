@@ -86,6 +86,9 @@ def _write_file(path: str, data: bytes, mode: int, owner: tuple[int, int] | None
 
 def _mountpoint(rootfs_dir: str, target: str, is_dir: bool, owner: tuple[int, int] | None) -> None:
     """Create ``target`` (and its parents) inside a rootfs kavach built itself (no symlinks)."""
+    if not target.startswith("/") or any(part in ("..", ".") for part in target.split("/")) or "\0" in target:
+        # Policies built in code skip Bind.parse's checks; never let a target leave the rootfs.
+        raise SandboxCreateError(f"mount target {target!r} must be an absolute path without '.' or '..'")
     for parent in layout.parent_dirs(target):
         host = rootfs_dir + parent
         if not os.path.lexists(host):
