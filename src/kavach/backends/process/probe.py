@@ -10,6 +10,7 @@ import os
 from kavach.backends.base import ProbeResult
 from kavach.backends.names import Backend
 from kavach.backends.process import _libc
+from kavach.errors import KavachError
 
 MIN_KERNEL = (5, 12)  # mount_setattr (idmapped mounts, recursive read-only) and the new mount API
 
@@ -55,6 +56,13 @@ def userns_block_reason() -> str | None:
 
 def probe_host() -> ProbeResult:
     """The Process backend's :class:`ProbeResult`; never raises."""
+    try:
+        return _probe_host()
+    except (OSError, ValueError, KavachError) as exc:
+        return ProbeResult(Backend.PROCESS, False, f"probe failed: {exc}", os.uname().release)
+
+
+def _probe_host() -> ProbeResult:
     release = os.uname().release
     facts = [f"kernel {release}"]
     if not _libc.supported_arch():
@@ -71,7 +79,7 @@ def probe_host() -> ProbeResult:
         facts.append(f"Landlock ABI {landlock_abi()}")
     except ImportError as exc:
         facts.append(f"Landlock: module unavailable ({exc})")
-    except OSError as exc:
+    except (OSError, KavachError) as exc:
         facts.append(f"Landlock: {exc}")
     try:
         from kavach.backends.process.seccomp import seccomp_supported
@@ -89,7 +97,7 @@ def probe_host() -> ProbeResult:
         )
     except ImportError as exc:
         facts.append(f"cgroups: module unavailable ({exc})")
-    except OSError as exc:
+    except (OSError, KavachError) as exc:
         facts.append(f"cgroups: {exc}")
     if blocked is not None:
         return ProbeResult(
