@@ -1,4 +1,4 @@
-"""The WASM backend (``Backend.WASM``): WASI preview 1 modules in wasmtime, scored 65 + modifiers.
+"""The WASM backend (``Backend.WASM``): WASI modules and components in wasmtime, scored 65 + modifiers.
 
 ``exec("prog.wasm arg1 arg2")`` runs a module found inside one of the sandbox's preopened
 directories; ``exec("name args")`` runs a module registered with :func:`register_module`.

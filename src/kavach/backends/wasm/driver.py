@@ -1,4 +1,4 @@
-"""The WASM backend: WebAssembly (WASI preview 1) modules run in wasmtime, in-process.
+"""The WASM backend: WebAssembly modules (WASI preview 1) and components (WASI 0.2) in wasmtime.
 
 A sandbox is a set of WASI preopened directories plus limits; each ``exec`` runs one
 module in a fresh wasmtime store on its own thread. See ``docs/wasm.md`` for the
@@ -776,7 +776,7 @@ class WasmProcess(RawProcess):
 
 
 class WasmDriver(Driver):
-    """Runs WASI preview 1 modules in wasmtime; one engine and module cache per driver.
+    """Runs WASI modules and components in wasmtime; one engine and module cache per driver.
 
     ``cache_dir`` defaults to :func:`kavach.backends.wasm.cache.default_cache_dir`;
     ``disk_cache=False`` keeps compiled modules in memory only.
@@ -816,7 +816,7 @@ class WasmDriver(Driver):
         return ProbeResult(
             Backend.WASM,
             True,
-            f"wasmtime {version}: WASI preview 1 modules, fuel, epochs, store limits",
+            f"wasmtime {version}: WASI preview 1 modules and 0.2 components, fuel, epochs, store limits",
             version=version,
             runs_linux_commands=False,
         )
@@ -846,8 +846,8 @@ class WasmDriver(Driver):
             )
         if spec.proxy_listen is not None:
             raise SandboxCreateError(
-                "network mode proxy needs a listening socket inside the sandbox; WASI preview 1 "
-                "modules have no sockets (use network mode off with the WASM backend)"
+                "network mode proxy needs a listening socket inside the sandbox; WASM sandboxes "
+                "have no network (use network mode off with the WASM backend)"
             )
         runtime = self.runtime
         owned: list[str] = []
@@ -951,8 +951,8 @@ def _enforcement(policy: SandboxPolicy, preopens: tuple[Preopen, ...], runtime: 
         )
     details: dict[str, Any] = {
         "wasmtime": runtime.version,
-        "wasi": "preview1",
-        "network": "none: WASI preview 1 without socket preopens",
+        "wasi": ["preview1 (core modules)", "0.2 (command components)"],
+        "network": "none: no socket descriptors (p1); every socket address refused, no name lookup (0.2)",
         "preopens": [{"guest": p.guest, "writable": p.writable} for p in preopens],
         "memory_limit": resources.memory if resources.memory is not None else resources.address_space,
         "fuel": None if resources.cpu_time_s is None else resources.cpu_time_s * FUEL_PER_CPU_SECOND,
