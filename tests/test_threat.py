@@ -206,3 +206,12 @@ def test_records_persist_across_processes(tmp_path: Path, monkeypatch: pytest.Mo
     assert out.split() == ["True", "1.0"]
     assert not store.is_revoked("agent-p")
     assert (tmp_path / "data" / "offenders.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_lone_critical_finding_suspends_and_a_repeat_offence_revokes(assessor: ThreatAssessor) -> None:
+    key_leak = [finding("credential", Severity.CRITICAL, 1.0, rule="private-key")]
+    first = assessor.assess("leaky", key_leak)
+    assert (first.classification, first.tier) == (Classification.LIKELY_MALICIOUS, Tier.SUSPEND)
+    second = assessor.assess("leaky", key_leak)
+    assert second.intent_score == pytest.approx(0.70 * 1.2)
+    assert (second.classification, second.tier) == (Classification.MALICIOUS, Tier.REVOKE)

@@ -4,7 +4,8 @@ The intent score (0.0-1.0) combines three things:
 
 1. **Evidence.** Each finding contributes ``weight(severity) x confidence``; contributions
    combine as independent evidence (noisy-OR): ``base = 1 - prod(1 - w_i * c_i)``. Weights:
-   info 0, low 0.10, medium 0.30, high 0.55, critical 0.80.
+   info 0, low 0.10, medium 0.30, high 0.55, critical 0.70 (one finding alone, however
+   severe, scores below *malicious*: revoking takes corroboration or a history).
 2. **Kill chain.** Findings are mapped to the seven stages reconnaissance, weaponization,
    delivery, exploitation, installation, command and control, exfiltration (from their category
    and rule). Activity across stages is what an attack looks like: two distinct stages multiply
@@ -93,7 +94,7 @@ SEVERITY_WEIGHTS: Mapping[Severity, float] = {
     Severity.LOW: 0.10,
     Severity.MEDIUM: 0.30,
     Severity.HIGH: 0.55,
-    Severity.CRITICAL: 0.80,
+    Severity.CRITICAL: 0.70,
 }
 
 # Upper bounds (exclusive) of each classification's intent score.
