@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -125,6 +126,20 @@ def test_probe_reports_wasmtime_version_and_no_linux_commands(driver: WasmDriver
     assert result.version == wasmtime_version()
     assert result.runs_linux_commands is False
     assert result.backend is Backend.WASM
+
+
+def test_without_wasmtime_the_package_imports_and_probe_says_how_to_install() -> None:
+    # A child interpreter where "import wasmtime" fails, as on a host without the extra.
+    code = (
+        "import sys; sys.modules['wasmtime'] = None\n"
+        "from kavach.backends import registry\n"
+        "from kavach.backends.names import Backend\n"
+        "result = registry.probe(Backend.WASM)\n"
+        "print(result.available, result.runs_linux_commands, result.reason)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False False wasmtime not installed (pip install kavach[wasm])"
 
 
 def wasmtime_version() -> str:

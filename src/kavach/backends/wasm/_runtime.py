@@ -58,14 +58,22 @@ def _bindings() -> Any:
 
 
 def missing_features() -> list[str]:
-    """The private wasmtime C-API entry points kavach needs that this release lacks."""
+    """What kavach needs and this wasmtime release lacks (private C-API entry points and
+    public APIs that arrived in later releases); empty when everything is there."""
     bindings = _bindings()
-    needed = (
+    private = (
         "_wasmtime_store_epoch_deadline_callback",
         "wasmtime_store_epoch_deadline_callback",
         "wasmtime_error_new",
     )
-    return [name for name in needed if not hasattr(bindings, name)]
+    missing = [name for name in private if not hasattr(bindings, name)]
+    public = {
+        "WasiConfig.stdout_custom": hasattr(wasmtime.WasiConfig, "stdout_custom"),
+        "Linker.instantiate_pre": hasattr(wasmtime.Linker, "instantiate_pre"),
+        "Engine.is_pulley": hasattr(wasmtime.Engine, "is_pulley"),
+        "component.Linker.add_wasip2": hasattr(ComponentLinker, "add_wasip2"),
+    }
+    return missing + [name for name, present in public.items() if not present]
 
 
 class DeadlineHook:

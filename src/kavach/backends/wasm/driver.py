@@ -809,7 +809,7 @@ class WasmDriver(Driver):
             return ProbeResult(
                 Backend.WASM,
                 False,
-                f"wasmtime {version} lacks {', '.join(missing)} (needed for the wall clock)",
+                f"wasmtime {version} lacks {', '.join(missing)} (pip install 'wasmtime>=50')",
                 version=version,
                 runs_linux_commands=False,
             )
