@@ -76,8 +76,12 @@ class ProcessRun(RawProcess):
 
     # -- setup -----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Create the pipes, hand the command to init, start reading and the timer."""
+    def start(self, *, report_pid: bool = True) -> None:
+        """Create the pipes, hand the command to init, start reading and the timer.
+
+        ``report_pid`` asks init for a "started" message with the pid (one more wake-up of
+        both sides; exec() does without it).
+        """
         out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # The child's ends must block like ordinary pipes.
@@ -95,6 +99,7 @@ class ProcessRun(RawProcess):
             "env": dict(self.request.env),
             "cwd": self.request.cwd,
             "stdin": self.request.stdin is not None,
+            "report_pid": report_pid,
         }
         try:
             self.instance.channel.send(message, fds)
@@ -224,8 +229,9 @@ class ProcessRun(RawProcess):
         finally:
             if self._timer is not None:
                 self._timer.cancel()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._eof.wait(), _DRAIN_GRACE_S)
+        if not self._eof.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._eof.wait(), _DRAIN_GRACE_S)
         self._close_all_streams()
         self._result = self._make_result(exit_message)
         self._queue.put_nowait(None)
@@ -312,18 +318,21 @@ class ProcessInstance(Instance):
 
     async def exec(self, request: ExecRequest) -> RawResult:
         """Run ``request`` to completion in a fresh child of init."""
-        run = await self.spawn(request)
+        run = self._start(request, report_pid=False)
         return await run.wait()
 
     async def spawn(self, request: ExecRequest) -> ProcessRun:
-        """Start ``request``; the handle streams its output."""
+        """Start ``request``; the handle streams its output (``pid`` is set once init reports it)."""
+        return self._start(request, report_pid=True)
+
+    def _start(self, request: ExecRequest, *, report_pid: bool) -> ProcessRun:
         if self._destroyed:
             raise ExecError(f"sandbox {self.sandbox_id} was destroyed")
         if not request.argv:
             raise ExecError("empty argv")
         self._next_id += 1
         run = ProcessRun(self, self._next_id, request)
-        run.start()
+        run.start(report_pid=report_pid)
         return run
 
     def kill_everything(self, signum: int = signal.SIGKILL, ack: bool = False) -> None:

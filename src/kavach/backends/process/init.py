@@ -371,7 +371,8 @@ class Init:
                 os.close(fd)
         self.children[pid] = (exec_id, err_read)
         self.refill = True
-        protocol.send(self.ctl, {"op": "started", "id": exec_id, "pid": pid})
+        if message.get("report_pid"):
+            protocol.send(self.ctl, {"op": "started", "id": exec_id, "pid": pid})
 
     def _dispatch(self, message: dict[str, Any], fds: list[int]) -> tuple[int, int]:
         """Hand the command to the warm child, or fork a cold one when there is none."""
