@@ -72,7 +72,8 @@ def _naive(rules: tuple, data: bytes) -> set[tuple[str, int, int]]:  # type: ign
             start, end = m.span(rule.value_group)
             if start < 0 or end <= start or (follower is not None and follower.match(data, end) is not None):
                 continue
-            if rule.validate is not None and rule.validate(data, start, end, m) is None:
+            spans = [m.span(i) for i in range(pattern.groups + 1)]
+            if rule.validate is not None and rule.validate(data, start, end, spans) is None:
                 continue
             out.add((rule.id, start, end))
     return out

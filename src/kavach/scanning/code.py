@@ -24,9 +24,17 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-import re2
-
-from kavach.scanning.engine import PatternBank, Rule, dedupe, finalize, line_bounds, make_finding, snippet
+from kavach.scanning.engine import (
+    MAX_MATCH,
+    PatternBank,
+    Rule,
+    Spans,
+    dedupe,
+    finalize,
+    line_bounds,
+    make_finding,
+    snippet,
+)
 from kavach.scanning.findings import Finding, Severity
 
 C, H, M, L = Severity.CRITICAL, Severity.HIGH, Severity.MEDIUM, Severity.LOW
@@ -49,7 +57,7 @@ def _shell_tokens(line: str) -> list[str] | None:
         return None  # unbalanced quotes: the caller falls back to the regex verdict
 
 
-def _pipe_to_shell(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _pipe_to_shell(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     """``curl|wget ... | [sudo] sh``: the fetcher and the shell are command words of a pipeline."""
     lo, hi = line_bounds(data, start, end, 2048)
     tokens = _shell_tokens(data[lo:hi].decode("utf-8", "replace"))
@@ -69,7 +77,7 @@ def _pipe_to_shell(data: bytes, start: int, end: int, _m: re2._Match) -> float |
     return None
 
 
-def _decode_to_shell(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _decode_to_shell(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     lo, hi = line_bounds(data, start, end, 2048)
     tokens = _shell_tokens(data[lo:hi].decode("utf-8", "replace"))
     if tokens is None:
@@ -268,16 +276,31 @@ _CODE_ANCHORS: dict[str, tuple[str, ...]] = {
     "code.read-sensitive": (r"/etc/passwd|/etc/shadow|/etc/sudoers|/etc/gshadow|master\.passwd|\.ssh/|"
                             r"\.aws/credentials|\.kube/config|\.docker/config|\.git-credentials|\.netrc|\.npmrc|"
                             r"\.pypirc|_history|/proc/self/environ|Login Data|Local State|cookies\.sqlite|\.env",),
-    "code.install-hook-network": (r"install",),
+    "code.install-hook-network": (r"[\"'](?:pre|post)?install[\"']\s*:",),
+    "code.pipe-secrets-to-network": (r"\|\s*(?:base64\s*\|\s*)?(?:curl|wget|nc|ncat|netcat|telnet|openssl)\b",),
+    "code.js-send-env": (r"process\.env",),
+    "code.dns-exfiltration": (r"\$\((?:whoami|hostname|id|cat|base64|env|uname)|`(?:whoami|hostname|id|cat)",),
+    "code.python-exec-decoded": (r"(?:exec|eval)\s*\(\s*(?:compile\()?\s*(?:base64|zlib|marshal|codecs|bytes|"
+                                 r"__import__|[\"'])",),
+    "code.shady-link": (r"(?i)grabify|iplogger|workers\.dev|ngrok|pastebin\.com/raw|transfer\.sh|requestbin|"
+                        r"webhook\.site|interact\.sh|burpcollaborator|oast\.|\.(?:tk|ml|ga|cf|gq)/",),
+    "code.discord-webhook-exfil": (r"discord(?:app)?\.com/api/webhooks",),
+    "code.js-function-constructor": (r"Function\s*\(\s*(?:atob|Buffer|String|unescape)|constructor\s*\(\s*[\"']return",),  # noqa: E501
     "code.hex-escaped-blob": (r"(?:\\x[0-9a-fA-F]{2}){4}",),
     "code.builtins-indirection": (r"builtins",),
     "code.js-api-obfuscation": (r"Object\.|process\[|os\[|child_process",),
     "code.unicode-identifier-exec": (r"\xf0\x9d",),
     "code.js-child-process-exec": (r"child_process|cp\.",),
-    "code.ruby-system": (r"system|exec|spawn|popen|Open3|%x",),
+    "code.ruby-system": (r"Kernel\.|%x[({\[]|#\{|Open3\.|IO\.popen",),
 }
+_MULTILINE = frozenset({"code.go-exec-download", "code.go-exec-decoded", "code.silent-process"})
 REGEX_RULES = tuple(
-    replace(rule, anchors=_CODE_ANCHORS[rule.id]) if rule.id in _CODE_ANCHORS else rule for rule in REGEX_RULES
+    replace(
+        rule,
+        anchors=_CODE_ANCHORS.get(rule.id, rule.anchors),
+        max_len=MAX_MATCH if rule.id in _MULTILINE else rule.max_len,
+    )
+    for rule in REGEX_RULES
 )
 
 
@@ -466,6 +489,8 @@ class CodeScanner:
 
     name = "code"
 
+    pattern_rules: tuple[Rule, ...] = REGEX_RULES
+
     def __init__(self, *, python_ast: bool = True) -> None:
         self._bank = PatternBank(REGEX_RULES)
         self._python_ast = python_ast
@@ -475,12 +500,16 @@ class CodeScanner:
         """The RE2 rules and the Python AST rules."""
         return (*self._bank.rules, *AST_RULES)
 
-    def scan(self, data: bytes, source: str = "") -> list[Finding]:
-        """Findings in ``data`` (bytes), sorted by position, with line numbers."""
-        found = self._bank.scan(data, self.name)
+    def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
+        """Add the Python AST findings and drop regex findings the AST explains better."""
+        found = list(raw)
         if self._python_ast:
             found.extend(python_findings(data))
-        return finalize(data, _drop_regex_shadowed(dedupe(found)), source)
+        return _drop_regex_shadowed(dedupe(found))
+
+    def scan(self, data: bytes, source: str = "") -> list[Finding]:
+        """Findings in ``data`` (bytes), sorted by position, with line numbers."""
+        return finalize(data, self.post(data, self._bank.scan(data, self.name)), source)
 
 
 def _drop_regex_shadowed(findings: list[Finding]) -> list[Finding]:

@@ -13,8 +13,8 @@ A lone keyword is not a compliance event; a combination is:
   data (high), the confidentiality criterion's concern, whatever each item's severity.
 
 Patterns here run with RE2 on small windows around existing findings, so the pack adds
-work proportional to the number of findings, not to the artifact size (except the one
-medical-record-number pass, a single linear scan).
+work proportional to the number of findings, not to the artifact size (medical record
+numbers are found by the data scanner's own ``pii.medical-record-number`` rule).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ _CVV = compile_bytes(r"(?i)\b(?:cvv2?|cvc2?|cid|csc|card\s+security\s+code|secur
                      r"\s{0,3}[\"']?(\d{3,4})\b")
 _EXPIRY = compile_bytes(r"(?i)\b(?:exp(?:iry|iration)?(?:\s+date)?|valid\s+thru|good\s+thru|expires)\b[\"']?\s{0,3}"
                         r"[:=]?\s{0,3}[\"']?((?:0[1-9]|1[0-2])\s?/\s?(?:\d{2}|\d{4}))\b")
-_MRN = compile_bytes(r"(?i)\b(?:mrn|medical\s+record(?:\s+(?:number|no\.?|num|#))?|patient\s+(?:id|number|no\.?|#)|"
-                     r"chart\s+(?:number|no\.?|#))\s{0,3}[:#=]?\s{0,3}([A-Z]{0,4}-?\d{5,12})\b")
 _NAME = compile_bytes(r"(?:(?i:patient|name|pt|full\s+name|customer|client|employee|member)\s{0,3}[:=]\s{0,3}[\"']?"
                       r"\p{Lu}[\p{Ll}'\-]+(?:\s+\p{Lu}\.?)?\s+\p{Lu}[\p{Ll}'\-]+|(?:Mr|Mrs|Ms|Miss|Dr)\.?\s+\p{Lu}"
                       r"[\p{Ll}'\-]+)", utf8=True)
@@ -46,13 +44,12 @@ PCI_SAD_RULE = Rule(id="compliance.pci-sensitive-auth-data", category="pci_dss",
                     pattern="", description="CVV/CVC value next to a card number (PCI-DSS 3.3.1)")
 HIPAA_RULE = Rule(id="compliance.hipaa-phi", category="hipaa", severity=Severity.HIGH, pattern="",
                   description="medical record number near a name or date of birth (HIPAA 164.514)")
-MRN_RULE = Rule(id="pii.medical-record-number", category="medical_record", severity=Severity.MEDIUM, pattern="")
 GDPR_RULE = Rule(id="compliance.gdpr-personal-data", category="gdpr", severity=Severity.MEDIUM, pattern="",
                  description="an identifier next to a person's name (GDPR Art. 4(1))", redact=False)
 SOC2_RULE = Rule(id="compliance.soc2-bulk-pii", category="soc2", severity=Severity.HIGH, pattern="",
                  description="bulk personal data in one artifact (SOC 2 C1.1)", redact=False)
 
-COMPLIANCE_RULES: tuple[Rule, ...] = (PCI_RULE, PCI_SAD_RULE, HIPAA_RULE, MRN_RULE, GDPR_RULE, SOC2_RULE)
+COMPLIANCE_RULES: tuple[Rule, ...] = (PCI_RULE, PCI_SAD_RULE, HIPAA_RULE, GDPR_RULE, SOC2_RULE)
 
 
 def _window(data: bytes, start: int, end: int) -> tuple[int, int]:
@@ -74,15 +71,11 @@ def _pci(data: bytes, card: Finding) -> list[Finding]:
     return out
 
 
-def _hipaa(data: bytes) -> list[Finding]:
-    out: list[Finding] = []
-    for m in _MRN.finditer(data):
-        s, e = m.span(1)
-        out.append(make_finding("data", MRN_RULE, data, s, e, 0.8))
-        lo, hi = _window(data, s, e)
-        if _NAME.search(data, lo, hi) is not None or _DOB.search(data, lo, hi) is not None:
-            out.append(make_finding("data", HIPAA_RULE, data, s, e, 0.85))
-    return out
+def _hipaa(data: bytes, mrn: Finding) -> list[Finding]:
+    lo, hi = _window(data, mrn.start, mrn.end)
+    if _NAME.search(data, lo, hi) is not None or _DOB.search(data, lo, hi) is not None:
+        return [make_finding("data", HIPAA_RULE, data, mrn.start, mrn.end, 0.85)]
+    return []
 
 
 def _gdpr(data: bytes, findings: Sequence[Finding]) -> list[Finding]:
@@ -104,8 +97,8 @@ def compliance_findings(data: bytes, findings: Sequence[Finding]) -> list[Findin
     for f in findings:
         if f.category == "credit_card":
             out.extend(_pci(data, f))
-    if b"mrn" in data.lower() if len(data) < 4096 else True:
-        out.extend(_hipaa(data))
+        elif f.category == "medical_record":
+            out.extend(_hipaa(data, f))
     out.extend(_gdpr(data, findings))
     personal = [f for f in findings if f.category in _PERSON_IDENTIFIERS]
     if len(personal) >= _BULK_PII:

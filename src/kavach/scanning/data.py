@@ -13,12 +13,12 @@ HIPAA PHI, and so on.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import phonenumbers
-import re2
 
-from kavach.scanning.engine import PatternBank, Rule, dedupe, finalize
+from kavach.scanning.engine import PatternBank, Rule, SpanIndex, Spans, dedupe, finalize
 from kavach.scanning.findings import Finding, Severity
 from kavach.scanning.validators import card_brand, iban_valid, ipv4_kind, ipv6_kind, luhn_valid, ssn_valid
 
@@ -43,7 +43,7 @@ _NOT_TLDS = frozenset(
 )
 
 
-def _email_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _email_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     value = data[start:end]
     local, _, domain = value.rpartition(b"@")
     tld = domain.rsplit(b".", 1)[-1].lower()
@@ -78,7 +78,7 @@ EMAIL_RULE = Rule(
 _SSN_CONTEXT = (b"ssn", b"social security", b"social-security", b"soc sec", b"ss#", b"ss #", b"taxpayer", b"tin")
 
 
-def _ssn_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _ssn_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     value = data[start:end]
     if not ssn_valid(value):
         return None
@@ -120,7 +120,7 @@ SSN_CONTEXT_RULE = Rule(
 # --- cards ---------------------------------------------------------------------------------
 
 
-def _card_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _card_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     value = data[start:end]
     separators = {b for b in value if b in b" -"}
     if len(separators) > 1:
@@ -145,15 +145,24 @@ CARD_RULE = Rule(
 # --- IBAN ----------------------------------------------------------------------------------
 
 
-def _iban_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
-    return 0.95 if iban_valid(data[start:end]) else None
+def _iban_ok(data: bytes, start: int, end: int, _spans: Spans) -> tuple[float, int] | None:
+    """Valid as matched, or after dropping trailing space-separated groups (``... 00 EUR``)."""
+    value = data[start:end]
+    while value:
+        if iban_valid(value):
+            return 0.95, start + len(value)
+        cut = value.rfind(b" ")
+        if cut < 15:
+            return None
+        value = value[:cut]
+    return None
 
 
 IBAN_RULE = Rule(
     id="pii.iban",
     category="iban",
     severity=Severity.MEDIUM,
-    pattern=r"(?:^|[^A-Za-z0-9])([A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30})",
+    pattern=r"(?:^|[^A-Za-z0-9])([A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}|[a-z]{2}\d{2}[a-z0-9]{11,30})",
     value_group=1,
     not_followed_by=r"[A-Za-z0-9]",
     validate=_iban_ok,
@@ -163,15 +172,17 @@ IBAN_RULE = Rule(
 
 # --- IP addresses --------------------------------------------------------------------------
 
-_VERSION_CONTEXT = (b"version", b"ver ", b"ver.", b"v=", b"release", b"__version__", b"build", b"oid", b"mib")
+# A dotted quad right after one of these words is a version or an OID, not an address.
+# (Python re on a bounded 32-byte slice: linear in practice and never on untrusted length.)
+_VERSION_CONTEXT = re.compile(rb"(?i)(?:\b(?:version|ver|v|release|rel|build|oid|mib|__version__)\b|_version)"
+                              rb"[\s:=\"']{0,4}$")
 
 
-def _ipv4_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _ipv4_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     kind = ipv4_kind(data[start:end])
     if kind is None:
         return None
-    before = _before(data, start, 24)
-    if any(word in before for word in _VERSION_CONTEXT) or data[start - 1 : start] in (b"v", b"V"):
+    if _VERSION_CONTEXT.search(data[max(0, start - 32) : start]) is not None:
         return None
     return 0.9
 
@@ -188,7 +199,7 @@ IPV4_RULE = Rule(
 )
 
 
-def _ipv6_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _ipv6_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     value = data[start:end]
     if value.count(b":") < 2 or ipv6_kind(value) is None:
         return None
@@ -204,7 +215,9 @@ IPV6_RULE = Rule(
     id="pii.ipv6",
     category="ip_address",
     severity=Severity.LOW,
-    pattern=r"(?:^|[^0-9A-Za-z:_])((?:[0-9A-Fa-f]{1,4}:){1,7}(?:(?::[0-9A-Fa-f]{1,4}){1,7}|[0-9A-Fa-f]{1,4}|:))",
+    pattern=r"(?:^|[^0-9A-Za-z:_])((?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|"
+    r"(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?)",
+    anchors=(r"[0-9A-Fa-f]::|::[0-9A-Fa-f]|[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:",),
     value_group=1,
     not_followed_by=r"[0-9A-Za-z:_]",
     validate=_ipv6_ok,
@@ -217,9 +230,10 @@ IPV6_RULE = Rule(
 _PHONE_CONTEXT = (
     b"phone", b"tel", b"mobile", b"cell", b"fax", b"call", b"desk", b"office", b"sms", b"whatsapp", b"text me",
     b"contact", b"number", b"messages to", b"answering at", b"reach me", b"dial", b"telefon", b"handy",
+    b"registered",
 )
-_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IT", "ES", "NL", "BE", "CH", "AT", "SE", "NO", "DK", "FI", "IE", "PT",
-                  "PL", "CZ", "HU", "AU", "CA", "IN", "BR", "JP")
+# Directory-style listings put the label after the number ("416 60 039 office").
+_PHONE_AFTER_CONTEXT = (b"office", b"fax", b"mobile", b"cell", b"home", b"work", b"(m)", b"(o)", b"(h)")
 
 
 def _phone_structure_ok(value: bytes) -> bool:
@@ -238,8 +252,25 @@ def _phone_structure_ok(value: bytes) -> bool:
     return not (text.startswith(("978", "979")) and digits == 13)
 
 
+def _candidate_regions(digits: str) -> tuple[str, ...]:
+    """Regions whose national format fits ``digits`` (no country code), most likely first.
+
+    Each try is a full phonenumbers parse, so only plausible regions are tried: numbers
+    with a trunk prefix 0 are European/Australian national numbers, 10 digits without
+    it are North American or Indian, 11 digits starting with 1 are North American.
+    """
+    if digits.startswith("0"):
+        return ("GB", "DE", "FR", "AU", "IT", "NL", "BE")
+    if len(digits) == 10:
+        return ("US", "IN")
+    if len(digits) == 11 and digits.startswith("1"):
+        return ("US",)
+    return ()
+
+
 def _parse_any_region(text: str) -> bool:
-    for region in _PHONE_REGIONS:
+    digits = "".join(ch for ch in text if ch.isdigit())
+    for region in _candidate_regions(digits):
         try:
             number = phonenumbers.parse(text, region)
         except phonenumbers.NumberParseException:
@@ -249,7 +280,7 @@ def _parse_any_region(text: str) -> bool:
     return False
 
 
-def _phone_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _phone_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     value = data[start:end]
     if not _phone_structure_ok(value):
         return None
@@ -257,7 +288,10 @@ def _phone_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None
     if b"isbn" in before or b"version" in before or b"released" in before:
         return None
     text = value.decode("ascii", "replace")
-    context = any(word in before for word in _PHONE_CONTEXT)
+    after = data[end : end + 12].lower()
+    context = any(word in before for word in _PHONE_CONTEXT) or any(
+        word in after for word in _PHONE_AFTER_CONTEXT
+    )
     if text.startswith("+") or text.startswith("00"):
         try:
             number = phonenumbers.parse("+" + text.lstrip("+0") if text.startswith("00") else text, None)
@@ -308,8 +342,21 @@ PHONE_CONTEXT_RULE = Rule(
     tags=("gdpr",),
 )
 
+MRN_RULE = Rule(
+    id="pii.medical-record-number",
+    category="medical_record",
+    severity=Severity.MEDIUM,
+    pattern=r"(?i)\b(?:mrn|medical\s+record(?:\s+(?:number|no\.?|num|#))?|patient\s+(?:id|number|no\.?|#)|"
+    r"chart\s+(?:number|no\.?|#))[ \t]{0,3}[:#=]?[ \t]{0,3}([A-Z]{0,4}-?\d{5,12})",
+    value_group=1,
+    not_followed_by=r"[0-9A-Za-z]",
+    anchors=(r"(?i)mrn|medical\s+record|patient\s+(?:id|number|no)|chart\s+(?:number|no)",),
+    confidence=0.8,
+    tags=("hipaa",),
+)
+
 DATA_RULES: tuple[Rule, ...] = (
-    replace(EMAIL_RULE, anchors=(r"@",)),
+    replace(EMAIL_RULE, anchors=(r"@[A-Za-z0-9][A-Za-z0-9\-]*\.[A-Za-z]",)),
     SSN_RULE,
     SSN_CONTEXT_RULE,
     CARD_RULE,
@@ -318,6 +365,7 @@ DATA_RULES: tuple[Rule, ...] = (
     IPV6_RULE,
     PHONE_RULE,
     PHONE_CONTEXT_RULE,
+    MRN_RULE,
 )
 
 # Severity of an IP finding by address kind: private ranges are not personal data on their own.
@@ -336,20 +384,17 @@ def _refine(data: bytes, finding: Finding) -> Finding:
 
 def _drop_shadowed(findings: list[Finding]) -> list[Finding]:
     """A span already explained as a card, IBAN or SSN is not also a phone number."""
-    strong = [(f.start, f.end) for f in findings if f.category in ("credit_card", "iban", "ssn", "ip_address",
-                                                                    "ip_address_private")]
-    out = []
-    for f in findings:
-        if f.category == "phone" and any(s < f.end and f.start < e for s, e in strong):
-            continue
-        out.append(f)
-    return out
+    strong = SpanIndex((f.start, f.end) for f in findings if f.category in (
+        "credit_card", "iban", "ssn", "ip_address", "ip_address_private"))
+    return [f for f in findings if not (f.category == "phone" and strong.overlaps(f.start, f.end))]
 
 
 class DataScanner:
     """Finds personal and payment data and the compliance context around it."""
 
     name = "data"
+
+    pattern_rules: tuple[Rule, ...] = DATA_RULES
 
     def __init__(self, *, compliance: bool = True) -> None:
         self._bank = PatternBank(DATA_RULES)
@@ -360,15 +405,18 @@ class DataScanner:
         """The rules this scanner runs."""
         return self._bank.rules
 
-    def scan(self, data: bytes, source: str = "") -> list[Finding]:
-        """Findings in ``data`` (bytes), sorted by position, with line numbers."""
-        found = [_refine(data, f) for f in self._bank.scan(data, self.name)]
-        found = _drop_shadowed(dedupe(found))
+    def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
+        """Validate context, drop shadowed spans and add the compliance findings."""
+        found = _drop_shadowed(dedupe([_refine(data, f) for f in raw]))
         if self._compliance:
             from kavach.scanning.compliance import compliance_findings
 
             found.extend(compliance_findings(data, found))
-        return finalize(data, found, source)
+        return found
+
+    def scan(self, data: bytes, source: str = "") -> list[Finding]:
+        """Findings in ``data`` (bytes), sorted by position, with line numbers."""
+        return finalize(data, self.post(data, self._bank.scan(data, self.name)), source)
 
 
 __all__ = [
@@ -378,6 +426,7 @@ __all__ = [
     "IBAN_RULE",
     "IPV4_RULE",
     "IPV6_RULE",
+    "MRN_RULE",
     "PHONE_CONTEXT_RULE",
     "PHONE_RULE",
     "SSN_CONTEXT_RULE",

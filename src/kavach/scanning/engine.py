@@ -3,7 +3,7 @@
 Every pattern is compiled with RE2 (``google-re2``), whose automata run in time linear in
 the input: untrusted output cannot stall the gate with a pathological string. Input is
 scanned as **bytes**, so spans are byte offsets into the artifact, in windows of
-``WINDOW`` bytes that overlap by ``OVERLAP``:
+``WINDOW`` bytes:
 
 1. one ``re2.Set`` pass over the window answers "which rules can match here at all"
    (one DFA pass for all rules instead of one pass per rule). The Set holds each rule's
@@ -11,16 +11,18 @@ scanned as **bytes**, so spans are byte offsets into the artifact, in windows of
    which keeps its automaton small and fast; a rule without anchors is in the Set whole;
 2. only those rules run ``finditer`` over the window, with the whole artifact as context
    so ``\\b`` at the window's first byte sees the byte before it;
-3. a match is owned by the window its first byte falls in, so matches up to ``OVERLAP``
-   bytes long that straddle a window boundary are found exactly once.
+3. a match is owned by the window its first byte falls in and may extend up to its
+   rule's ``max_len`` (``OVERLAP`` unless the rule says more, e.g. PEM blocks) past the
+   window, so a match straddling a window boundary is found exactly once.
 
-Quantifiers in rule patterns are bounded well below ``OVERLAP`` except for the PEM block
-rule, whose match is truncated at the window's end on inputs with a key longer than that
-(the rest of the block is still caught by the private-key header rule's span).
+A match longer than its rule's ``max_len`` is truncated there (only unbounded
+repetitions can do that: base64 bodies of absurd length); the span still covers the
+secret's start, so redaction still removes the identifying part.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,8 +30,12 @@ import re2
 
 from kavach.scanning.findings import Finding, Severity
 
-WINDOW = 256 * 1024
-OVERLAP = 16 * 1024
+WINDOW = 8 * 1024
+# How far past its window a match may extend (its rule's ``max_len`` may say more) and
+# how far past the window the prefilter looks for a rule's anchor.
+OVERLAP = 1024
+# The longest match any rule may need (a PEM block of a 8192-bit RSA key is ~6.5 KiB).
+MAX_MATCH = 16 * 1024
 
 # RE2's default 8 MiB DFA budget is enough for single rules; the Set of all rules of a
 # scanner gets more so that it never has to fall back (a Set has no slower fallback).
@@ -58,8 +64,17 @@ def compile_bytes(pattern: str, *, case_insensitive: bool = False, utf8: bool = 
     return re2.compile(encoded, re2_options(case_insensitive=case_insensitive, utf8=utf8))
 
 
-Validator = Callable[[bytes, int, int, "re2._Match"], "float | None"]
-"""``(artifact, value_start, value_end, match) -> confidence or None to reject``."""
+Spans = list[tuple[int, int]]
+"""Byte spans of a match: the whole match first, then each group ((-1, -1) if unset)."""
+
+Validator = Callable[[bytes, int, int, Spans], "float | tuple[float, int] | None"]
+"""``(artifact, value_start, value_end, spans) -> confidence, or (confidence, new_end), or None to reject``.
+
+Returning a new end lets a validator trim a greedy candidate to the part that validates
+(an IBAN followed by an upper-case word)."""
+
+_UNANCHORED = re2._Anchor.UNANCHORED
+_ANCHOR_START = re2._Anchor.ANCHOR_START
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,8 @@ class Rule:
     # prefilter looks for these instead of the full pattern. Derived from the pattern's
     # literal prefix when empty; the full pattern is used when neither exists.
     anchors: tuple[str, ...] = ()
+    # Longest match this rule must find whole (the search runs this far past its window).
+    max_len: int = OVERLAP
 
 
 def redact_value(value: bytes) -> str:
@@ -215,12 +232,15 @@ def prefilter_pattern(rule: Rule) -> str:
 class PatternBank:
     """A set of rules compiled once and matched together over windows of an artifact."""
 
-    def __init__(self, rules: Sequence[Rule]) -> None:
+    def __init__(self, rules: Sequence[Rule], owners: Sequence[str] | None = None) -> None:
         self.rules = tuple(rules)
+        # Which scanner reports each rule's findings when one bank serves several scanners.
+        self.owners = tuple(owners) if owners is not None else None
         self._compiled: list[re2._Regexp] = []
-        self._followers: list[re2._Regexp | None] = [
-            compile_bytes(rule.not_followed_by) if rule.not_followed_by else None for rule in self.rules
+        self._followers = [
+            compile_bytes(rule.not_followed_by)._regexp.Match if rule.not_followed_by else None for rule in self.rules
         ]
+        self._max_lens = [rule.max_len for rule in self.rules]
         self._set = re2.Set.SearchSet(re2_options(_SET_MEM))
         for rule in self.rules:
             pattern = rule.pattern if not rule.case_insensitive else "(?i)" + rule.pattern
@@ -228,39 +248,59 @@ class PatternBank:
             self._set.Add(prefilter_pattern(rule).encode("latin-1"))
         self._set.Compile()
 
-    def matches(self, data: bytes) -> Iterator[tuple[int, re2._Match]]:
-        """Every (rule index, match) in ``data``, each match reported once, windows in order."""
+    def matches(self, data: bytes) -> Iterator[tuple[int, Spans]]:
+        """Every (rule index, match) in ``data``, each match reported once, windows in order.
+
+        Windows are small so that the prefilter is selective: a rule runs only over the
+        few windows that contain one of its anchors. Invariant (checked by the property
+        tests): every match contains an anchor within its first ``OVERLAP`` bytes.
+        """
         n = len(data)
+        # The binding's C++ matcher directly: the Python finditer wrapper's per-match
+        # objects cost more than the matching itself on small windows.
+        raw = [regexp._regexp for regexp in self._compiled]
+        max_lens = self._max_lens
+        set_match = self._set.Match
         for ws in range(0, n, WINDOW):
             owned_end = min(n, ws + WINDOW)
-            we = min(n, owned_end + OVERLAP)
-            hits = self._set.Match(data[ws:we])
+            hits = set_match(data[ws : min(n, owned_end + OVERLAP)])
             if not hits:
                 continue
             for index in sorted(hits):
-                for m in self._compiled[index].finditer(data, ws, we):
-                    if m.start() >= owned_end:
+                match = raw[index].Match
+                pos, endpos = ws, min(n, owned_end + max_lens[index])
+                while True:
+                    spans = match(_UNANCHORED, data, pos, endpos)
+                    start, end = spans[0]
+                    if start < 0 or start >= owned_end:
                         break
-                    yield index, m
+                    yield index, spans
+                    if pos == endpos:
+                        break
+                    pos = pos + 1 if end == pos else end
 
     def scan(self, data: bytes, scanner: str) -> list[Finding]:
         """Validated findings of every rule (lines not yet assigned: see :func:`finalize`)."""
         found: list[Finding] = []
-        for index, m in self.matches(data):
+        for index, spans in self.matches(data):
             rule = self.rules[index]
-            vstart, vend = m.span(rule.value_group)
+            vstart, vend = spans[rule.value_group]
             if vstart < 0 or vend <= vstart:
                 continue
             follower = self._followers[index]
-            if follower is not None and follower.match(data, vend) is not None:
+            if follower is not None and follower(_ANCHOR_START, data, vend, len(data))[0][0] >= 0:
                 continue
             confidence = rule.confidence
             if rule.validate is not None:
-                verdict = rule.validate(data, vstart, vend, m)
+                verdict = rule.validate(data, vstart, vend, spans)
                 if verdict is None:
                     continue
-                confidence = verdict
-            found.append(make_finding(scanner, rule, data, vstart, vend, confidence))
+                if isinstance(verdict, tuple):
+                    confidence, vend = verdict
+                else:
+                    confidence = verdict
+            owner = scanner if self.owners is None else self.owners[index]
+            found.append(make_finding(owner, rule, data, vstart, vend, confidence))
         return found
 
 
@@ -290,6 +330,28 @@ def make_finding(
         confidence=confidence,
         redact=rule.redact,
     )
+
+
+class SpanIndex:
+    """Sorted, merged byte spans answering "does [start, end) overlap any of them?" in log time."""
+
+    def __init__(self, spans: Iterable[tuple[int, int]]) -> None:
+        merged: list[list[int]] = []
+        for start, end in sorted(spans):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self._starts = [s for s, _ in merged]
+        self._ends = [e for _, e in merged]
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` overlaps a stored span."""
+        i = bisect.bisect_right(self._starts, end - 1) - 1
+        return i >= 0 and self._ends[i] > start
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
 
 
 def dedupe(findings: Iterable[Finding]) -> list[Finding]:
@@ -357,6 +419,8 @@ __all__ = [
     "WINDOW",
     "PatternBank",
     "Rule",
+    "SpanIndex",
+    "Spans",
     "Validator",
     "compile_bytes",
     "dedupe",

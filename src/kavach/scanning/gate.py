@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from kavach.errors import PolicyError
-from kavach.scanning.engine import OVERLAP, dedupe, finalize, redact_value
+from kavach.scanning.engine import MAX_MATCH, PatternBank, Rule, dedupe, finalize, redact_value
 from kavach.scanning.findings import Finding, Severity, Verdict
 
 SCANNER_NAMES = frozenset({"secrets", "code", "data"})
@@ -45,6 +45,11 @@ class Scanner(Protocol):
     """What the gate needs from a scanner."""
 
     name: str
+    pattern_rules: tuple[Rule, ...]
+
+    def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
+        """Turn this scanner's raw rule matches into its findings (no line numbers)."""
+        ...
 
     def scan(self, data: bytes, source: str = "") -> list[Finding]:
         """Findings in ``data``, sorted, with 1-based line numbers."""
@@ -238,6 +243,7 @@ class Gate:
     def __init__(self, policy: ExternalizationPolicy, *, known_secrets: Iterable[str] = ()) -> None:
         self.policy = policy
         self._scanners = _build_scanners(policy)
+        self._bank = _combined_bank(self._scanners)
         self._known: dict[bytes, str] = {}
         for secret in known_secrets:
             if secret:
@@ -254,9 +260,14 @@ class Gate:
         """Every finding in ``data`` with policy overrides and allowlists applied."""
         bounded = data[: self.policy.max_artifact_size]
         found: list[Finding] = []
-        if self.policy.enabled:
+        if self.policy.enabled and self._scanners:
+            # One pass of the combined bank serves every scanner: each window is
+            # prefiltered once, not once per scanner.
+            raw: dict[str, list[Finding]] = {s.name: [] for s in self._scanners}
+            for f in self._bank.scan(bounded, ""):
+                raw[f.scanner].append(f)
             for scanner in self._scanners:
-                found.extend(scanner.scan(bounded))
+                found.extend(scanner.post(bounded, raw[scanner.name]))
             found = [self._apply_policy(bounded, f) for f in found if self._allowed(bounded, f)]
         found = _dedupe_across_scanners(found)
         found.extend(dedupe(self._known_secret_findings(bounded)))
@@ -335,13 +346,37 @@ def _build_scanners(policy: ExternalizationPolicy) -> tuple[Scanner, ...]:
     from kavach.scanning.secrets import SecretsScanner
 
     built: list[Scanner] = []
+    # data first: rules shared with secrets (email, SSN) are then reported by data.
+    if "data" in policy.scanners:
+        built.append(_shared("data", DataScanner))
     if "secrets" in policy.scanners:
         built.append(_shared("secrets", SecretsScanner))
     if "code" in policy.scanners:
         built.append(_shared("code", CodeScanner))
-    if "data" in policy.scanners:
-        built.append(_shared("data", DataScanner))
     return tuple(built)
+
+
+_BANKS: dict[tuple[str, ...], PatternBank] = {}
+
+
+def _combined_bank(scanners: tuple[Scanner, ...]) -> PatternBank:
+    """One bank with every rule of ``scanners`` (a shared rule once, owned by the first scanner)."""
+    key = tuple(s.name for s in scanners)
+    bank = _BANKS.get(key)
+    if bank is None:
+        rules: list[Rule] = []
+        owners: list[str] = []
+        seen: set[int] = set()
+        for scanner in scanners:
+            for rule in scanner.pattern_rules:
+                if id(rule) in seen or any(r.id == rule.id and r.pattern == rule.pattern for r in rules):
+                    continue
+                seen.add(id(rule))
+                rules.append(rule)
+                owners.append(scanner.name)
+        bank = PatternBank(rules, owners)
+        _BANKS[key] = bank
+    return bank
 
 
 _SHARED: dict[str, Scanner] = {}
@@ -359,7 +394,7 @@ def _shared(name: str, factory: Any) -> Scanner:
 # Bytes held back between chunks so that a secret split across two chunks is seen whole.
 STREAM_HOLD = 4096
 # A finding that would keep more than this held back is released (redacted) anyway.
-_STREAM_MAX_HOLD = OVERLAP
+_STREAM_MAX_HOLD = MAX_MATCH
 
 
 class StreamGate:

@@ -22,10 +22,8 @@ import base64
 import binascii
 from dataclasses import replace
 
-import re2
-
 from kavach.scanning.data import EMAIL_RULE, SSN_RULE
-from kavach.scanning.engine import PatternBank, Rule, dedupe, finalize
+from kavach.scanning.engine import MAX_MATCH, PatternBank, Rule, SpanIndex, Spans, dedupe, finalize
 from kavach.scanning.entropy import char_classes, is_hex, is_placeholder, looks_random, shannon_entropy
 from kavach.scanning.findings import Finding, Severity
 
@@ -35,7 +33,7 @@ C, H, M, L = Severity.CRITICAL, Severity.HIGH, Severity.MEDIUM, Severity.LOW
 _TOK = r"A-Za-z0-9_\-"
 
 
-def _token_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _token_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     """Provider tokens: reject obvious placeholders (``AKIAXXXXXXXXXXXXXXXX``, ``...EXAMPLE``)."""
     value = data[start:end]
     if is_placeholder(value) or b"EXAMPLE" in value.upper():
@@ -47,9 +45,9 @@ def _token_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None
     return 0.95
 
 
-def _random_token_ok(data: bytes, start: int, end: int, m: re2._Match) -> float | None:
+def _random_token_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
     """Provider tokens with a short or generic prefix: the body must also look random."""
-    if _token_ok(data, start, end, m) is None:
+    if _token_ok(data, start, end, spans) is None:
         return None
     value = data[start:end]
     return 0.9 if shannon_entropy(value) >= 3.0 else None
@@ -217,7 +215,7 @@ PROVIDER_RULES: tuple[Rule, ...] = (
 )
 
 
-def _jwt_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _jwt_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     """A JWT whose header decodes to JSON (an ``{"alg"...`` object)."""
     header = data[start:end].split(b".", 1)[0]
     try:
@@ -227,14 +225,14 @@ def _jwt_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
     return 0.95 if decoded.lstrip().startswith(b"{") else 0.6
 
 
-def _bearer_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _bearer_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     value = data[start:end]
     if is_placeholder(value) or char_classes(value) < 2 or shannon_entropy(value) < 3.0:
         return None
     return 0.85
 
 
-def _basic_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _basic_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     """``Authorization: Basic`` values that decode to ``user:password``."""
     value = data[start:end]
     try:
@@ -247,7 +245,7 @@ def _basic_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None
     return 0.9
 
 
-def _pem_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _pem_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     """A private key block with a body (not just the header line of a template)."""
     value = data[start:end]
     body = value.split(b"-----", 2)[-1]
@@ -267,7 +265,7 @@ _DB_SCHEMES = (
 _OTHER_SCHEMES = r"https?|ftps?|sftp|smtps?|imaps?|pop3s?|ldaps?|ssh|git|svn|kafka|nats|mqtts?|s3|wss?"
 
 
-def _url_password_ok(data: bytes, start: int, end: int, _m: re2._Match) -> float | None:
+def _url_password_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     value = data[start:end]
     if is_placeholder(value) or value.startswith((b"$", b"%", b"{", b"<")) or len(value) < 3:
         return None
@@ -285,6 +283,7 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
         r"(?: BLOCK)?-----",
         validate=_pem_ok,
         confidence=0.99,
+        max_len=MAX_MATCH,
     ),
     Rule(
         # A key whose END line is missing (truncated output) or far away: the header plus
@@ -296,6 +295,7 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
         r"Proc-Type:[^\n]{0,80}|DEK-Info:[^\n]{0,120}|Comment:[^\n]{0,120}))+",
         validate=_pem_ok,
         confidence=0.95,
+        max_len=MAX_MATCH,
     ),
     Rule(
         id="secrets.putty-private-key",
@@ -304,12 +304,13 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
         pattern=r"PuTTY-User-Key-File-\d: [^\n]{1,80}(?s:.){0,16}Private-Lines: \d+(?s:.)*?Private-MAC: "
         r"[a-f0-9]{40,64}",
         confidence=0.99,
+        max_len=MAX_MATCH,
     ),
     Rule(
         id="secrets.jwt",
         category="jwt",
         severity=H,
-        pattern=r"(?:^|[^A-Za-z0-9_\-])(eyJ[A-Za-z0-9_\-]{8,1000}\.ey[A-Za-z0-9_\-/+]{8,}\.[A-Za-z0-9_\-/+=]{0,1000})",
+        pattern=r"(?:^|[^A-Za-z0-9_\-])(eyJ[A-Za-z0-9_\-]{8,}\.ey[A-Za-z0-9_\-/+]{8,}\.[A-Za-z0-9_\-/+=]*)",
         value_group=1,
         validate=_jwt_ok,
     ),
@@ -415,7 +416,7 @@ _NOT_SECRET_KEY_PARTS = (
 )
 
 
-def _assignment_ok(data: bytes, start: int, end: int, m: re2._Match) -> float | None:
+def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
     """Judge the value extracted by a keyword + assignment rule."""
     raw = data[start:end]
     quoted = raw[-1:] in (b'"', b"'", b"`") or data[start - 1 : start] in (b'"', b"'", b"`")
@@ -424,7 +425,7 @@ def _assignment_ok(data: bytes, start: int, end: int, m: re2._Match) -> float | 
         return None
     if b" " in value or b"\t" in value:
         return None  # prose or a prompt label, not a credential
-    key = m.group(1) or b""
+    key = data[spans[1][0] : spans[1][1]] if spans[1][0] >= 0 else b""
     key_low = key.lower()
     # Identifiers, file names, flags and sizes named like secrets are not secrets.
     if any(w in key_low for w in _NOT_SECRET_KEY_PARTS) and (not looks_random(value) or len(value) < 16):
@@ -519,8 +520,8 @@ AWS_SECRET_RULE = Rule(
 )
 
 
-def _looks_random_ok(data: bytes, start: int, end: int, m: re2._Match) -> float | None:
-    if _token_ok(data, start, end, m) is None:
+def _looks_random_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
+    if _token_ok(data, start, end, spans) is None:
         return None
     return 0.7 if looks_random(data[start:end]) else None
 
@@ -559,10 +560,13 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
     "secrets.twitter-bearer-token": (r"AAAAAAAAAAAAAAAAAAAA",),
     "secrets.authress-key": (r"\.acc[_-]",),
     "secrets.jwt": (r"eyJ",),
-    "secrets.db-connection-string": (r"://",),
-    "secrets.url-credentials": (r"://",),
-    "secrets.password-assignment": _KEYWORD_ANCHOR,
-    "secrets.aws-secret-access-key": (r"aws|amazon|AKIA|ASIA",),
+    "secrets.onepassword-token": (r"ops_eyJ",),
+    "secrets.db-connection-string": (r"://[^\s:@/]*:[^\s@/]*@",),
+    "secrets.url-credentials": (r"://[^\s:@/]*:[^\s@/]*@",),
+    "secrets.aws-secret-access-key": (r"(?i)(?:aws|amazon)[A-Za-z0-9_.\-]*(?:secret|sk)", r"AKIA|ASIA"),
+    "secrets.mailgun-key": (r"\b(?:key|pubkey)-[a-f0-9]{8}",),
+    "secrets.harness-token": (r"\b(?:pat|sat)\.[A-Za-z0-9_\-]{22}\.",),
+    "secrets.sidekiq-url": (r"(?i)contribsys",),
     "secrets.bearer-token": (r"bearer",),
     "secrets.basic-auth": (r"basic",),
     "pii.email": (r"@",),
@@ -578,9 +582,24 @@ _CLI_ANCHORS = (
 )
 
 
+# The three keyword-assignment shapes: ``name = value``, ``<name>value</``, ``key="name" value=``.
+_ASSIGNMENT_ANCHORS = (
+    (rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[A-Za-z0-9_.\-]*[\"'`\]]?[ \t]*(?:=|:)",),
+    (rf"(?i)<[A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})",),
+    (rf"(?i)(?:key|name)\s*=\s*[\"'][^\"']*(?:{_KEYWORD_ANCHOR[0]})",),
+)
+
+
 def _anchored(rule: Rule) -> Rule:
     if rule.anchors:
         return rule
+    if rule.id == "secrets.password-assignment":
+        shape = 0
+        if rule.pattern.startswith("(?i)<"):
+            shape = 1
+        elif rule.pattern.startswith("(?i)(?:key|name)"):
+            shape = 2
+        return replace(rule, anchors=_ASSIGNMENT_ANCHORS[shape])
     if rule.id == "secrets.cli-password":
         for anchors in _CLI_ANCHORS:
             if anchors[0].removeprefix("(?i)")[:5] in rule.pattern or anchors[0] in rule.pattern:
@@ -607,21 +626,18 @@ _GENERIC_RULES = frozenset({"secrets.password-assignment", "secrets.cli-password
 
 
 def _prefer_specific(findings: list[Finding]) -> list[Finding]:
-    specific = sorted((f.start, f.end) for f in findings if f.rule not in _GENERIC_RULES)
+    specific = SpanIndex((f.start, f.end) for f in findings if f.rule not in _GENERIC_RULES)
     if not specific:
         return findings
-    out: list[Finding] = []
-    for f in findings:
-        if f.rule in _GENERIC_RULES and any(s < f.end and f.start < e for s, e in specific):
-            continue
-        out.append(f)
-    return out
+    return [f for f in findings if not (f.rule in _GENERIC_RULES and specific.overlaps(f.start, f.end))]
 
 
 class SecretsScanner:
     """Finds credentials; every match is reported and its span is the secret value."""
 
     name = "secrets"
+
+    pattern_rules: tuple[Rule, ...] = SECRET_RULES
 
     def __init__(self) -> None:
         self._bank = PatternBank(SECRET_RULES)
@@ -631,18 +647,13 @@ class SecretsScanner:
         """The rules this scanner runs."""
         return self._bank.rules
 
+    def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
+        """Scanner-specific clean-up of the raw rule matches (no line numbers yet)."""
+        return _prefer_specific(dedupe(raw))
+
     def scan(self, data: bytes, source: str = "") -> list[Finding]:
         """Findings in ``data`` (bytes), sorted by position, with line numbers."""
-        found = [
-            _as_scanner(f, self.name) for f in self._bank.scan(data, self.name)
-        ]
-        return finalize(data, _prefer_specific(dedupe(found)), source)
-
-
-def _as_scanner(finding: Finding, scanner: str) -> Finding:
-    if finding.scanner == scanner:
-        return finding
-    return Finding(**{**finding.__dict__, "scanner": scanner})
+        return finalize(data, self.post(data, self._bank.scan(data, self.name)), source)
 
 
 __all__ = ["ASSIGNMENT_RULES", "PROVIDER_RULES", "SECRET_RULES", "STRUCTURAL_RULES", "SecretsScanner"]

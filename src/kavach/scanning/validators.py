@@ -42,7 +42,8 @@ _ISSUERS: tuple[tuple[int, int, int, frozenset[int], str], ...] = (
     (6011, 6011, 4, frozenset({16, 19}), "discover"),
     (644, 649, 3, frozenset({16, 19}), "discover"),
     (65, 65, 2, frozenset({16, 19}), "discover"),
-    (3528, 3589, 4, frozenset({16, 17, 18, 19}), "jcb"),
+    # JCB's registered range is 3528-3589; generators and some issuers use all of 35xx.
+    (3500, 3599, 4, frozenset({16, 17, 18, 19}), "jcb"),
     (300, 305, 3, frozenset({14, 16, 19}), "diners"),
     (36, 36, 2, frozenset({14, 16, 19}), "diners"),
     (38, 39, 2, frozenset({14, 16, 19}), "diners"),
@@ -51,6 +52,8 @@ _ISSUERS: tuple[tuple[int, int, int, frozenset[int], str], ...] = (
     (50, 50, 2, frozenset({12, 13, 14, 15, 16, 17, 18, 19}), "maestro"),
     (56, 58, 2, frozenset({12, 13, 14, 15, 16, 17, 18, 19}), "maestro"),
     (6759, 6759, 4, frozenset({12, 13, 14, 15, 16, 17, 18, 19}), "maestro"),
+    (6761, 6763, 4, frozenset({12, 13, 14, 15, 16, 17, 18, 19}), "maestro"),
+    (6304, 6304, 4, frozenset({12, 13, 14, 15, 16, 17, 18, 19}), "maestro"),
     (676770, 676774, 6, frozenset({12, 13, 14, 15, 16, 17, 18, 19}), "maestro"),
     (1800, 1800, 4, frozenset({15}), "jcb"),
     (2131, 2131, 4, frozenset({15}), "jcb"),
