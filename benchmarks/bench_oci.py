@@ -88,9 +88,8 @@ async def main(iterations: int) -> int:
     if os.geteuid() != 0:
         print("bench_oci: needs root (runc as root, cgroup limits)", file=sys.stderr)
         return 2
-    print(
-        f"OCI backend benchmark: runc {subprocess.run([RUNC, '--version'], capture_output=True, text=True, check=True).stdout.split()[2]}, {os.cpu_count()} CPUs, {iterations} iterations each"
-    )
+    version = subprocess.run([RUNC, "--version"], capture_output=True, text=True, check=True).stdout.split()[2]
+    print(f"OCI backend benchmark: runc {version}, {os.cpu_count()} CPUs, {iterations} iterations each")
     with tempfile.TemporaryDirectory(prefix="bench-oci-") as tmp:
         base = Path(tmp)
         state = str(base / "state")
