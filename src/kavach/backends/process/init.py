@@ -80,7 +80,7 @@ def _error_message(exc: BaseException, default_step: str) -> dict[str, Any]:
     return {"op": "error", "step": default_step, "errno": 0, "message": f"{default_step}: {exc!r}"}
 
 
-def _reopen_std_fds() -> None:
+def reopen_std_fds() -> None:
     """fds 0-2 on /dev/null: nothing of the caller's terminal survives into the sandbox."""
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
@@ -105,7 +105,7 @@ def sandbox_main(ctl_fd: int) -> NoReturn:
     try:
         for sig in (signal.SIGCHLD, *_RELAYED_SIGNALS, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
-        _reopen_std_fds()
+        reopen_std_fds()
         ctl.setblocking(True)
         message, file_fds = protocol.recv(ctl)
         if message is None or message.get("op") != "plan":
@@ -701,4 +701,4 @@ def child_entry(ctl_fd: int) -> NoReturn:
     sandbox_main(ctl_fd)
 
 
-__all__ = ["EXIT_EXEC_FAILED", "Init", "child_entry", "preload", "sandbox_main"]
+__all__ = ["EXIT_EXEC_FAILED", "Init", "child_entry", "preload", "reopen_std_fds", "sandbox_main"]

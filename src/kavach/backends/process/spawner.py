@@ -24,7 +24,7 @@ import socket
 import sys
 
 from kavach.backends.process import _libc, protocol
-from kavach.backends.process.init import child_entry, preload
+from kavach.backends.process.init import child_entry, preload, reopen_std_fds
 
 # The spawner is started as ``python -I -c STARTER kavach-spawner`` and reads this from
 # its stdin, followed by three lines: the source directory, its socket's fd and the caller's
@@ -56,6 +56,9 @@ _ALLOWED_FLAGS = (
 
 def main(sock_fd: int) -> None:
     """Serve fork requests until the caller closes the socket."""
+    # fd 0 was the bootstrap pipe (closed by now): keep 0-2 on /dev/null, or a received fd
+    # could take number 0 and be clobbered when a sandbox process reopens its stdio.
+    reopen_std_fds()
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(True)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
