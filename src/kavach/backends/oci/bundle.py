@@ -182,6 +182,11 @@ def _policy_mounts(policy: SandboxPolicy, inputs: BundleInputs) -> list[Mount]:
     return mounts
 
 
+def cpu_quota_us(cpus: float) -> int:
+    """CFS quota per :data:`CPU_PERIOD_US` for ``cpus`` cores (at least 1 ms, the kernel's minimum)."""
+    return max(1000, int(cpus * CPU_PERIOD_US))
+
+
 def _resources(policy: SandboxPolicy) -> dict[str, Any]:
     r = policy.resources
     # Deny every device by default; the runtime then allows only its default set.
@@ -192,7 +197,7 @@ def _resources(policy: SandboxPolicy) -> dict[str, Any]:
     if r.pids is not None:
         resources["pids"] = {"limit": r.pids}
     if r.cpus is not None:
-        resources["cpu"] = {"quota": max(1000, int(r.cpus * CPU_PERIOD_US)), "period": CPU_PERIOD_US}
+        resources["cpu"] = {"quota": cpu_quota_us(r.cpus), "period": CPU_PERIOD_US}
     return resources
 
 
@@ -252,6 +257,7 @@ __all__ = [
     "Mount",
     "build_config",
     "build_process",
+    "cpu_quota_us",
     "namespaces",
     "rlimits",
     "ro_bind",

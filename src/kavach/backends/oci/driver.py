@@ -63,7 +63,7 @@ from kavach.backends.base import (
 from kavach.backends.capture import CappedBuffer
 from kavach.backends.names import Backend
 from kavach.backends.oci import image as images
-from kavach.backends.oci.bundle import BundleInputs, IdMap, Mount, build_config, build_process, ro_bind
+from kavach.backends.oci.bundle import BundleInputs, IdMap, Mount, build_config, build_process, cpu_quota_us, ro_bind
 from kavach.backends.oci.runtime import (
     DEFAULT_STATE_ROOT,
     CgroupMode,
@@ -88,7 +88,7 @@ PYTHON_INSIDE = "/usr/bin/python3"
 BUNDLE_BASE = os.path.join(DEFAULT_STATE_ROOT, "bundles")
 RUNTIME_TIMEOUT_S = 30.0
 RUNTIME_CACHE_S = 60.0
-DRAIN_GRACE_S = 0.2  # how long output of leftover background processes is still collected
+DRAIN_GRACE_S = 0.05  # output of leftover background processes is still read this long (as the Process backend)
 EXIT_TIMEOUT = 128 + signal.SIGKILL
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -874,7 +874,7 @@ class OciInstance(Instance):
             seen[Control.RESOURCE_LIMITS] = (
                 (r.memory is None or limits["memory"] == r.memory)
                 and (r.pids is None or limits["pids"] == r.pids)
-                and (r.cpus is None or limits["cpu_quota_us"] is not None)
+                and (r.cpus is None or limits["cpu_quota_us"] == cpu_quota_us(r.cpus))
             )
         landlock_seen = int(announce.get("landlock_domains", 0)) >= 1 and (
             facts.get("root_listing") == "denied" or _root_listing_allowed_by_rules(policy)
