@@ -18,6 +18,7 @@ import inspect
 import os
 import re
 import secrets as _secrets
+import shlex
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -173,10 +174,17 @@ class ExecResult:
         }
 
 
-def _command_argv(command: str | Sequence[str]) -> tuple[tuple[str, ...], str | None]:
+def _command_argv(command: str | Sequence[str], backend: Backend) -> tuple[tuple[str, ...], str | None]:
     if isinstance(command, str):
         if not command.strip():
             raise ExecError("empty command")
+        if backend is Backend.WASM:
+            # No shell in wasm: the string is split into the module's argv (the driver refuses
+            # shell operators); audit and guards see the real argv.
+            try:
+                return tuple(shlex.split(command)), command
+            except ValueError as exc:
+                raise ExecError(f"cannot parse command: {exc}") from None
         return ("/bin/sh", "-c", command), command
     argv = tuple(command)
     if not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
@@ -283,9 +291,7 @@ class Sandbox:
         if services.proxy is not None:
             listener = self._instance.take_proxy_listener()
             if listener is None:
-                raise SandboxCreateError(
-                    f"backend {self.backend} gave no proxy listener for network mode proxy"
-                )
+                raise SandboxCreateError(f"backend {self.backend} gave no proxy listener for network mode proxy")
             services.proxy_task = asyncio.create_task(services.proxy.serve(listener))
         if self._score < self.config.min_score:
             raise ScoreTooLow(int(self._score), self.config.min_score, missing_controls(self._enforcement))
@@ -338,7 +344,7 @@ class Sandbox:
         timeout_ms: int | None,
         cwd: str | None,
     ) -> ExecRequest:
-        argv, shell = _command_argv(command)
+        argv, shell = _command_argv(command, self.backend)
         if self.backend is not Backend.WASM:
             guards.check_command(argv, self.policy.guards, shell=shell)
         full_env = dict(self._services.base_env)
@@ -382,9 +388,7 @@ class Sandbox:
         try:
             request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
         except GuardViolation as exc:
-            self._audit(
-                "guard.violation", {"rule": exc.rule, "detail": exc.detail, "argv": _argv_for_audit(command)}
-            )
+            self._audit("guard.violation", {"rule": exc.rule, "detail": exc.detail, "argv": _argv_for_audit(command)})
             raise
         self._audit("exec.started", {"argv": list(request.argv)})
         raw = await self._instance.exec(request)
@@ -471,9 +475,7 @@ class Sandbox:
             if inspect.isawaitable(outcome):
                 await outcome
         if assessment.tier >= 4 and self.config.agent_id is not None:
-            self._services.assessor.store.revoke(
-                self.config.agent_id, f"threat tier 4: {assessment.classification}"
-            )
+            self._services.assessor.store.revoke(self.config.agent_id, f"threat tier 4: {assessment.classification}")
             self._audit("agent.revoked", {"agent_id": self.config.agent_id})
         if assessment.tier >= 3 and self._fsm.state is SandboxState.RUNNING:
             await self.pause()
@@ -492,9 +494,7 @@ class Sandbox:
         try:
             request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
         except GuardViolation as exc:
-            self._audit(
-                "guard.violation", {"rule": exc.rule, "detail": exc.detail, "argv": _argv_for_audit(command)}
-            )
+            self._audit("guard.violation", {"rule": exc.rule, "detail": exc.detail, "argv": _argv_for_audit(command)})
             raise
         self._audit("exec.started", {"argv": list(request.argv), "spawn": True})
         process = await self._instance.spawn(request)
@@ -665,9 +665,7 @@ class SpawnHandle:
                 "exec.blocked",
                 {"argv": list(self._request.argv), "findings": _finding_counts(self._findings)},
             )
-            raise ExternalizationBlocked(
-                "streamed output blocked by the externalization gate", self._findings
-            )
+            raise ExternalizationBlocked("streamed output blocked by the externalization gate", self._findings)
 
     async def wait(self) -> ExecResult:
         """Wait for the exit; gate whatever was not streamed."""
@@ -767,9 +765,7 @@ def _finding_counts(findings: Sequence[Finding]) -> dict[str, int]:
     return counts
 
 
-def _open_services(
-    config: SandboxConfig, backend: Backend, assessor: threat.ThreatAssessor
-) -> _Services:
+def _open_services(config: SandboxConfig, backend: Backend, assessor: threat.ThreatAssessor) -> _Services:
     """Audit log, gate and quarantine store, opened before the backend starts (a missing key fails first)."""
     settings = config.audit
     audit = None
