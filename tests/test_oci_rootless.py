@@ -54,6 +54,7 @@ SCRIPT = textwrap.dedent(
         out = {"uid": os.geteuid()}
         driver = OciDriver()
         out["state_base"] = driver.state_base
+        out["probe"] = [driver.probe().available, driver.probe().reason]
         try:
             await driver.start(LaunchSpec(f"rl-limits-{os.getpid()}", SandboxPolicy.basic()))
             out["limits"] = "started"
@@ -93,6 +94,8 @@ def test_unprivileged_user_gets_a_rootless_sandbox() -> None:
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["uid"] == 65534 and out["state_base"] == "/tmp/kavach-65534"
     assert "resource limits need root" in out["limits"]  # fail closed, not silently unlimited
+    # ... and automatic backend selection is told so, since presets ask for limits
+    assert out["probe"][0] is False and "rootless runc cannot apply resource limits" in out["probe"][1]
     assert out["controls"] == ["network_isolated", "read_only_root", "seccomp"]
     assert out["uid_map"] == ["0", "65534", "1"]  # root inside is the unprivileged caller
     assert out["timeout"] == [True, 137, 1]  # found by pid namespace, not the session's cgroup

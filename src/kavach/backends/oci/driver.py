@@ -1402,6 +1402,17 @@ class OciDriver(Driver):
         info = next((r for r in results if r.usable), None)
         if info is None:
             return ProbeResult(self.backend, False, explain(results))
+        if not _is_root() and cgroup_mode() is not CgroupMode.UNIFIED:
+            # Rootless runc gets no cgroup here, so every preset's resource limits would fail
+            # at start: report it unusable so that automatic selection picks a backend that
+            # works (an explicit OciDriver still runs policies without limits).
+            return ProbeResult(
+                self.backend,
+                False,
+                f"{info.reason}; rootless runc cannot apply resource limits on this cgroup "
+                f"{cgroup_mode().value} host (no delegated cgroup v2); run as root",
+                version=info.version,
+            )
         rejected = [r for r in results if not r.usable and r.path is not None]
         reason = info.reason + (f"; not used: {explain(rejected)}" if rejected else "")
         return ProbeResult(self.backend, True, reason, version=info.version)
