@@ -345,8 +345,7 @@ class Sandbox:
         cwd: str | None,
     ) -> ExecRequest:
         argv, shell = _command_argv(command, self.backend)
-        if self.backend is not Backend.WASM:
-            guards.check_command(argv, self.policy.guards, shell=shell)
+        guards.check_command(argv, self.policy.guards, shell=None if self.backend is Backend.WASM else shell)
         full_env = dict(self._services.base_env)
         full_env.update(env or {})
         if isinstance(stdin, str):
