@@ -436,6 +436,38 @@ async def test_a_reused_sandbox_id_fails_without_touching_the_live_one(basic: Oc
     assert (await basic.exec(_req("echo still-here"))).stdout == b"still-here\n"
 
 
+async def test_repeated_cycles_leave_no_process_mount_cgroup_or_state(tmp_path: Path) -> None:
+    def kavach_mounts() -> list[str]:
+        return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "/run/kavach/" in line]
+
+    def kavach_cgroups() -> list[str]:
+        return sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/kavach/kavach-t-s-{os.getpid()}-*"))
+
+    (tmp_path / "work").mkdir()
+    before_mounts = kavach_mounts()
+    init_pids = []
+    for i in range(12):
+        # every kind of host-side state: idmapped workdir, injected-file tmpfs, a daemon left running
+        instance = await _start(
+            SandboxPolicy.basic() if i % 2 else SandboxPolicy.strict(),
+            workdir_host=str(tmp_path / "work"),
+            files=(InjectedFile("/run/secrets/t", b"x"),),
+        )
+        await instance.exec(_req("sleep 1000 >/dev/null 2>&1 & echo $i > /work/f"))
+        init_pids.append(instance._init_pid)
+        await instance.destroy()
+    assert kavach_mounts() == before_mounts
+    assert kavach_cgroups() == []
+    assert not [p for p in os.listdir("/run/kavach/bundles") if p.startswith(f"kavach-t-s-{os.getpid()}")]
+    leftover = subprocess.run(
+        ["runc", "--root", "/run/kavach/runc", "list", "-q"], capture_output=True, text=True, check=True
+    )
+    assert not [c for c in leftover.stdout.split() if c.startswith(f"kavach-t-s-{os.getpid()}")]
+    for pid in init_pids:
+        stat_file = Path(f"/proc/{pid}/stat")
+        assert not stat_file.exists() or stat_file.read_text().split()[2] == "Z"
+
+
 async def test_failed_creation_leaves_nothing(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     driver = OciDriver(DirectoryRootfs(str(tmp_path)))
