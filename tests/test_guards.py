@@ -5,6 +5,8 @@ from __future__ import annotations
 import shlex
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kavach.errors import GuardViolation
 from kavach.guards import check_command, program_names
@@ -66,6 +68,18 @@ BYPASSES = [
     ["dash", "-c", "X=1 /usr/bin/curl http://x"],
     ["dash", "-c", "if true; then nc -l 1; fi"],
     ["dash", "-c", "{curl,http://x}"],
+    ["env", "-u", "FOO", "-S", "bash -x"],
+    ["env", "-iu", "FOO", "bash"],
+    ["env", "-iuFOO", "-C", "/tmp", "bash"],
+    ["env", "-iS", "bash -x"],
+    ["script", "-qc", "bash", "/dev/null"],
+    ["su", "root", "-c", "bash"],
+    ["dash", "-c", "function f { bash; }; f"],
+    ["dash", "-c", "f() { nc -l 1; }; f"],
+    ["dash", "-c", "coproc bash"],
+    ["dash", "-c", "coproc cp { bash; }"],
+    ["dash", "-c", "echo $((bash) )"],
+    ["dash", "-c", "for i in 1; do curl x; done"],
     ["perl", "-e", "system('bash -i')"],
     ["awk", 'BEGIN { system("/bin/bash") }'],
 ]
@@ -226,3 +240,25 @@ def test_violation_names_rule_and_detail() -> None:
     assert info.value.rule == "blocked_command"
     assert "bash" in info.value.detail
     assert str(info.value).startswith("guard blocked_command:")
+
+
+PIECES = [*"ab $(){}`'\"\\|&;<>#\n=*/-cS", "bash", "env", "sh", "$((", "$'", "/etc/shadow", "-c", "-S"]
+SHELLISH = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(script=SHELLISH)
+def test_any_script_is_either_accepted_or_refused_with_a_guard_violation(script: str) -> None:
+    try:
+        check_command(["/bin/sh", "-c", script], BLOCK_SHELLS, shell=script)
+    except GuardViolation as exc:
+        assert exc.rule in {"blocked_command", "not_allowed", "sensitive_path", "shell_trick", "unparseable"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(argv=st.lists(SHELLISH, min_size=1, max_size=6))
+def test_any_argv_is_either_accepted_or_refused_with_a_guard_violation(argv: list[str]) -> None:
+    try:
+        check_command(argv, BLOCK_SHELLS)
+    except GuardViolation as exc:
+        assert exc.rule in {"blocked_command", "not_allowed", "sensitive_path", "shell_trick", "unparseable"}

@@ -71,13 +71,15 @@ INTERPRETER_CODE_FLAGS: Mapping[str, frozenset[str]] = {
 AWKS = frozenset({"awk", "gawk", "mawk", "nawk"})
 
 REDIRECTIONS = frozenset({">", ">>", "<", "<<", "<<<", ">&", "<&", "&>", "&>>", ">|", "<>", "<<-"})
-SEPARATORS = frozenset({";", "&", "&&", "||", "|", "|&", ";;", ";&", ";;&", "(", ")", "\n"})
+# "{" and "}" as whole tokens are group delimiters; treating them as separators puts the
+# command after "{" (function bodies, coproc groups) at a command position.
+SEPARATORS = frozenset({";", "&", "&&", "||", "|", "|&", ";;", ";&", ";;&", "(", ")", "{", "}", "\n"})
 PIPES = frozenset({"|", "|&"})
 # Reserved words after which a command starts (skipped), and those that start no command.
 LEADING_KEYWORDS = frozenset(
-    {"!", "{", "}", "then", "do", "else", "elif", "if", "while", "until", "fi", "done", "esac"}
+    {"!", "then", "do", "else", "elif", "if", "while", "until", "fi", "done", "esac", "coproc"}
 )
-NON_COMMANDS = frozenset({"for", "select", "case", "[[", "function", "in"})
+NON_COMMANDS = frozenset({"for", "select", "case", "[[", "function"})
 
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^\]]*\])?\+?=")
 _VERSIONED = re.compile(r"(?P<stem>[A-Za-z][A-Za-z_+]*?)(?P<sep>-?)(?P<version>\d+(?:\.\d+)*)")
@@ -195,48 +197,67 @@ def _skip_options(words: Sequence[str], start: int, with_arg: frozenset[str]) ->
     return i
 
 
-def _short_option_value(words: Sequence[str], start: int, end: int, flag: str) -> str | None:
-    """The value given to short option ``flag`` (``-c CMD`` or ``-cCMD``) in ``words[start:end]``."""
+def _short_option_value(
+    words: Sequence[str], start: int, end: int, flag: str, with_arg: frozenset[str] = frozenset()
+) -> str | None:
+    """The value of short option ``flag`` in ``words[start:end]``: ``-c CMD``, ``-cCMD``, ``-qc CMD``.
+
+    Letters of a cluster are read left to right; another option in ``with_arg`` takes the rest
+    of the word as its value, so ``-Ecmd`` is ``-E cmd``, not ``-c``.
+    """
+    letter = flag[1]
     for i in range(start, min(end, len(words))):
         word = words[i]
-        if word == flag and i + 1 < len(words):
-            return words[i + 1]
-        if word.startswith(flag) and not word.startswith("--") and len(word) > len(flag):
-            return word[len(flag) :]
+        if not word.startswith("-") or word.startswith("--") or len(word) < 2:
+            continue
+        for j in range(1, len(word)):
+            if word[j] == letter:
+                value = word[j + 1 :]
+                if value:
+                    return value
+                return words[i + 1] if i + 1 < len(words) else ""
+            if f"-{word[j]}" in with_arg:
+                break
     return None
+
+
+_ENV_LONG_WITH_ARG = frozenset({"--unset", "--chdir"})
 
 
 def _unwrap_env(words: Sequence[str]) -> list[str]:
     """The command ``env`` runs, after its options, ``-S`` strings and NAME=VALUE assignments."""
-    with_arg = frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"})
     rest = list(words[1:])
     i = 0
     while i < len(rest):
         word = rest[i]
-        split: str | None = None
-        if word in ("-S", "--split-string") and i + 1 < len(rest):
-            split, tail = rest[i + 1], rest[i + 2 :]
-        elif word.startswith("--split-string="):
-            split, tail = word.split("=", 1)[1], rest[i + 1 :]
-        elif word.startswith("-S") and len(word) > 2:
-            split, tail = word[2:], rest[i + 1 :]
-        elif word.startswith("-") and not word.startswith("--") and "S" in word[1:]:
-            # A cluster such as -iS'bash -x': the S takes the rest of the word or the next one.
-            at = word.index("S")
-            value = word[at + 1 :]
-            split, tail = (value, rest[i + 1 :]) if value else (rest[i + 1] if i + 1 < len(rest) else "", rest[i + 2 :])
-        if split is not None:
-            # env -S splits the string into separate arguments and carries on parsing them.
-            rest = _split_words(split) + tail
-            i = 0
-            continue
         if word == "--":
             i += 1
             break
-        if word.startswith("-") and len(word) > 1:
-            i = _skip_options(rest, i, with_arg) if word in with_arg or word.split("=")[0] in with_arg else i + 1
+        if word.startswith("--split-string"):
+            _, sep, value = word.partition("=")
+            split, tail = (value, rest[i + 1 :]) if sep else (rest[i + 1] if i + 1 < len(rest) else "", rest[i + 2 :])
+            # env -S splits the string into separate arguments and carries on parsing them.
+            rest, i = _split_words(split) + tail, 0
             continue
-        break
+        if word.startswith("--"):
+            i += 2 if ("=" not in word and word in _ENV_LONG_WITH_ARG) else 1
+            continue
+        if not word.startswith("-") or len(word) == 1:
+            break
+        # A short-option cluster, read left to right: -u NAME and -C DIR take a value,
+        # -S STRING takes the rest of the word (or the next word) as arguments to split.
+        step = 1
+        for j in range(1, len(word)):
+            letter = word[j]
+            if letter not in "uCS":
+                continue
+            attached = word[j + 1 :]
+            value = attached if attached else (rest[i + 1] if i + 1 < len(rest) else "")
+            step = 1 if attached else 2
+            if letter == "S":
+                rest, i, step = _split_words(value) + rest[i + step :], 0, 0
+            break
+        i += step
     while i < len(rest) and "=" in rest[i] and not rest[i].startswith("="):
         i += 1  # NAME=VALUE assignments before the command
     return rest[i:]
@@ -379,12 +400,14 @@ def _prepass(script: str) -> _Prepass:
             continue
         if script.startswith("$((", i):
             end = _matching_paren(script, i + 1)
-            # Arithmetic is not a command, but a substitution inside it is.
-            subs.extend(_prepass(script[i + 3 : end - 1]).substitutions)
-            out.append("0")
-            i = end + 1
-            word_start = False
-            continue
+            if script[end - 1] == ")":
+                # Arithmetic is not a command, but a substitution inside it is.
+                subs.extend(_prepass(script[i + 3 : end - 1]).substitutions)
+                out.append("0")
+                i = end + 1
+                word_start = False
+                continue
+            # "$((cmd) )": bash reads a command substitution of a subshell; fall through.
         if script.startswith("$(", i) or (quote is None and script[i : i + 2] in ("<(", ">(")):
             end = _matching_paren(script, i + 1)
             out.append(placeholder(script[i + 2 : end]))
@@ -533,11 +556,11 @@ class _Analyzer:
             if base in ("su", "runuser"):
                 # su USER -c CMD: options may follow the user name; without -c it starts the
                 # user's login shell, a program we cannot name here.
-                command = _short_option_value(words, 1, len(words), spec.shell_flag)
+                command = _short_option_value(words, 1, len(words), spec.shell_flag, spec.with_arg)
             elif rest and rest[0] == spec.shell_flag:  # flock FILE -c CMD
                 command = rest[1] if len(rest) > 1 else ""
             else:
-                command = _short_option_value(words, 1, start, spec.shell_flag)
+                command = _short_option_value(words, 1, start, spec.shell_flag, spec.with_arg)
             if command is not None:
                 self.script(command, depth + 1)
                 return
