@@ -305,3 +305,19 @@ async def test_live_pids_counts_the_sandbox_processes() -> None:
         assert current is not None and current > before - 1
         await run.kill()
         await run.wait()
+
+
+async def test_large_stdin_and_too_large_commands() -> None:
+    async with sandbox() as box:
+        data = bytes(range(256)) * 4096  # 1 MiB, more than a pipe holds
+        result = await box.exec(ExecRequest(argv=("/bin/sh", "-c", "wc -c"), env=ENV, stdin=data))
+        assert result.stdout.strip() == str(len(data)).encode()
+        with pytest.raises(ExecError, match="too large"):
+            await box.exec(ExecRequest(argv=("/bin/echo", "x" * 400_000), env=ENV))
+        assert (await sh(box, "echo fine")).stdout == b"fine\n"
+
+
+async def test_concurrent_execs_in_one_sandbox() -> None:
+    async with sandbox() as box:
+        results = await asyncio.gather(*(sh(box, f"sleep 0.1; echo {i}") for i in range(8)))
+        assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(8)]

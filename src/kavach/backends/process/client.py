@@ -191,6 +191,8 @@ class Channel:
             raise ChannelClosed("sandbox init closed its control socket")
         try:
             protocol.send(self.sock, message, fds)
+        except protocol.ProtocolError:
+            raise  # a message we refused to send (too large); the channel is fine
         except BlockingIOError:
             # The buffer is full only if init stopped reading; it is then wedged or frozen.
             raise ChannelClosed("sandbox init is not reading its control socket") from None

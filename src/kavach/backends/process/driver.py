@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 from kavach.backends.base import Driver, ExecRequest, Instance, LaunchSpec, ProbeResult, RawProcess, RawResult
 from kavach.backends.capture import CappedBuffer
 from kavach.backends.names import Backend
-from kavach.backends.process import _libc, namespaces
+from kavach.backends.process import _libc, namespaces, protocol
 from kavach.backends.process.client import Channel, ChannelClosed, Spawner, SpawnError
 from kavach.backends.process.plan import build_plan, remove_private_workdir
 from kavach.backends.process.probe import USERNS_HOWTO, probe_host, userns_block_reason
 from kavach.errors import ExecError, SandboxCreateError
-from kavach.policy import NetworkMode, ResourceLimits
+from kavach.policy import ResourceLimits
 from kavach.scoring import Control, Enforcement
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class ProcessRun(RawProcess):
         self._killed_by_caller = False
         self._timer: asyncio.TimerHandle | None = None
         self._result: RawResult | None = None
+        self._stdin_task: asyncio.Task[None] | None = None
         # The cgroup's OOM record is sticky; only a change during this command counts.
         self._oom_before = instance.oom_killed()
         self._loop = asyncio.get_running_loop()
@@ -103,9 +104,11 @@ class ProcessRun(RawProcess):
         }
         try:
             self.instance.channel.send(message, fds)
-        except ChannelClosed as exc:
+        except (ChannelClosed, protocol.ProtocolError) as exc:
             for fd in (out_r, err_r, *fds, *([stdin_w] if stdin_w is not None else [])):
                 os.close(fd)
+            if isinstance(exc, protocol.ProtocolError):
+                raise ExecError(f"command not sent: {exc}") from None
             raise ExecError(f"sandbox {self.instance.sandbox_id} is gone: {exc}") from None
         for fd in fds:
             os.close(fd)
@@ -113,7 +116,7 @@ class ProcessRun(RawProcess):
         for fd in self._open:
             self._loop.add_reader(fd, self._on_output, fd)
         if stdin_w is not None:
-            self._loop.create_task(self._feed_stdin(stdin_w, self.request.stdin or b""))
+            self._stdin_task = self._loop.create_task(self._feed_stdin(stdin_w, self.request.stdin or b""))
         if self.request.timeout_ms is not None:
             self._timer = self._loop.call_later(self.request.timeout_ms / 1000, self._on_timeout)
 
@@ -278,8 +281,6 @@ class ProcessRun(RawProcess):
 
 
 def _errname(err: int) -> str:
-    import errno
-
     return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
 
 
@@ -711,11 +712,6 @@ def verify_probe(plan: dict[str, Any], probe: dict[str, Any], cgroup: Cgroup | N
         # users: a weaker base than the full engine's.
         base_score=None if plan["namespaces"] else DEGRADED_BASE_SCORE,
     )
-
-
-def network_isolated(mode: NetworkMode) -> bool:
-    """True for the modes that score the network modifier."""
-    return mode is not NetworkMode.HOST
 
 
 __all__ = ["ProcessDriver", "ProcessInstance", "ProcessRun", "host_namespaces", "verify_probe"]
