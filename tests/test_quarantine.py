@@ -169,3 +169,13 @@ def test_default_location_follows_the_environment(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("KAVACH_DATA_DIR", str(tmp_path / "data"))
     item_id = put(QuarantineStore())
     assert (tmp_path / "data" / "quarantine" / "items" / f"{item_id}.bin").exists()
+
+
+def test_store_is_usable_from_other_threads(store: QuarantineStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda _: put(store), range(8)))
+        items = list(pool.map(store.get, ids))
+    assert sorted(i.id for i in items) == sorted(ids)
+    assert len(store.list()) == 8

@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -125,9 +126,7 @@ class QuarantineItem:
 
 def _valid_id(item_id: str) -> bool:
     # Ids become file names: only our own format is accepted, so "../x" can never be one.
-    return (
-        len(item_id) == 18 and item_id.startswith("q-") and all(c in "0123456789abcdef" for c in item_id[2:])
-    )
+    return len(item_id) == 18 and item_id.startswith("q-") and all(c in "0123456789abcdef" for c in item_id[2:])
 
 
 class QuarantineStore:
@@ -138,6 +137,7 @@ class QuarantineStore:
     def __init__(self, directory: str | Path | None = None, *, audit: AuditLog | None = None) -> None:
         self.directory = Path(directory) if directory is not None else paths.quarantine_dir()
         self.audit = audit
+        self._lock = threading.RLock()
         try:
             paths.ensure_private_dir(self.directory)
             self._items_dir = paths.ensure_private_dir(self.directory / "items")
@@ -145,7 +145,7 @@ class QuarantineStore:
             # Create the database file ourselves so it is 0600 from the first byte
             # (SQLite gives its -wal/-shm files the database file's mode).
             os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, paths.PRIVATE_FILE_MODE))
-            self._db = sqlite3.connect(db, timeout=30, isolation_level=None)
+            self._db = sqlite3.connect(db, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
@@ -154,7 +154,8 @@ class QuarantineStore:
 
     def close(self) -> None:
         """Close the database connection."""
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def __enter__(self) -> QuarantineStore:
         return self
@@ -164,15 +165,30 @@ class QuarantineStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front: the status check and the update that
-        # follows cannot interleave with another process's transition.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        # IMMEDIATE takes the write lock up front: a status check and the update that follows
+        # cannot interleave with another process's. The thread lock does the same for threads
+        # sharing this connection.
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise QuarantineError(f"quarantine store {self.directory}: {exc}") from None
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise QuarantineError(f"quarantine store {self.directory}: {exc}") from None
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise QuarantineError(f"quarantine store {self.directory}: {exc}") from None
 
     def _data_path(self, item_id: str) -> Path:
         return self._items_dir / f"{item_id}.bin"
@@ -273,9 +289,7 @@ class QuarantineStore:
         """approved -> released (terminal): the original bytes, once, after approval."""
         current = self.get(item_id)
         if current.status is not QuarantineStatus.APPROVED:
-            raise QuarantineError(
-                f"cannot release item {item_id}: it is {current.status.value}, not approved"
-            )
+            raise QuarantineError(f"cannot release item {item_id}: it is {current.status.value}, not approved")
         # Read and check the bytes before the transition: a missing or altered file must
         # leave the item approved, not released with nothing to show for it.
         data = self._read_verified(current)
@@ -306,7 +320,7 @@ class QuarantineStore:
     def _item(self, row: tuple[Any, ...]) -> QuarantineItem:
         history = tuple(
             QuarantineAction(action, actor, at)
-            for at, action, actor in self._db.execute(
+            for at, action, actor in self._query(
                 "SELECT at, action, actor FROM actions WHERE item_id = ? ORDER BY rowid", (row[0],)
             )
         )
@@ -328,19 +342,17 @@ class QuarantineStore:
         """The item called ``item_id``; :class:`QuarantineError` when there is none."""
         if not _valid_id(item_id):
             raise QuarantineError(f"no quarantine item {item_id!r} (ids look like q-0123456789abcdef)")
-        row = self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
-        if row is None:
+        rows = self._query("SELECT * FROM items WHERE id = ?", (item_id,))
+        if not rows:
             raise QuarantineError(f"no quarantine item {item_id}")
-        return self._item(row)
+        return self._item(rows[0])
 
     def list(self, status: QuarantineStatus | None = None) -> list[QuarantineItem]:
         """Every item (oldest first), or those with ``status``."""
         if status is None:
-            rows = self._db.execute("SELECT * FROM items ORDER BY created_at, id").fetchall()
+            rows = self._query("SELECT * FROM items ORDER BY created_at, id")
         else:
-            rows = self._db.execute(
-                "SELECT * FROM items WHERE status = ? ORDER BY created_at, id", (status.value,)
-            ).fetchall()
+            rows = self._query("SELECT * FROM items WHERE status = ? ORDER BY created_at, id", (status.value,))
         return [self._item(row) for row in rows]
 
 

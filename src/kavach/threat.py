@@ -36,6 +36,7 @@ import contextlib
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -308,10 +309,11 @@ class OffenderStore:
         self.path = Path(path)
         self.half_life_s = half_life_s
         self._clock = clock
+        self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=paths.PRIVATE_DIR_MODE)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, paths.PRIVATE_FILE_MODE))
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
@@ -319,20 +321,35 @@ class OffenderStore:
 
     def close(self) -> None:
         """Close the database connection."""
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise OffenderError(f"offender database {self.path}: {exc}") from None
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        # IMMEDIATE takes the write lock up front: a status check and the update that follows
+        # cannot interleave with another process's. The thread lock does the same for threads
+        # sharing this connection.
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise OffenderError(f"offender database {self.path}: {exc}") from None
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise OffenderError(f"offender database {self.path}: {exc}") from None
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise OffenderError(f"offender database {self.path}: {exc}") from None
 
     def _decay(self, age_s: float) -> float:
         return float(0.5 ** (max(0.0, age_s) / self.half_life_s))
@@ -345,15 +362,13 @@ class OffenderStore:
     def history(self, agent_id: str) -> float:
         """The decayed count of the agent's past offences: sum of ``0.5^(age / half_life)``."""
         now = self._clock()
-        rows = self._db.execute("SELECT at FROM offences WHERE agent_id = ?", (agent_id,)).fetchall()
+        rows = self._query("SELECT at FROM offences WHERE agent_id = ?", (agent_id,))
         return float(sum(self._decay(now - at) for (at,) in rows))
 
     def is_revoked(self, agent_id: str) -> bool:
         """True while the agent has a revocation no operator has cleared."""
-        row = self._db.execute(
-            "SELECT 1 FROM revocations WHERE agent_id = ? AND cleared_at IS NULL LIMIT 1", (agent_id,)
-        ).fetchone()
-        return row is not None
+        rows = self._query("SELECT 1 FROM revocations WHERE agent_id = ? AND cleared_at IS NULL LIMIT 1", (agent_id,))
+        return bool(rows)
 
     def revoke(self, agent_id: str, reason: str) -> None:
         """Block the agent until :meth:`clear`. Revoking a revoked agent changes nothing."""
@@ -383,11 +398,11 @@ class OffenderStore:
         """Every agent with an offence or a revocation, most recent offenders first."""
         now = self._clock()
         offences: dict[str, list[tuple[float, float]]] = {}
-        for agent_id, at, intent in self._db.execute("SELECT agent_id, at, intent FROM offences"):
+        for agent_id, at, intent in self._query("SELECT agent_id, at, intent FROM offences"):
             offences.setdefault(agent_id, []).append((at, intent))
         revoked = {
             agent_id: (reason, at)
-            for agent_id, reason, at in self._db.execute(
+            for agent_id, reason, at in self._query(
                 "SELECT agent_id, reason, revoked_at FROM revocations WHERE cleared_at IS NULL"
             )
         }
