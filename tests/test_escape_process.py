@@ -279,3 +279,17 @@ async def test_stdin_is_closed_unless_given_and_no_tty_is_reachable() -> None:
 async def test_enforcement_probe_reports_json_serialisable_details() -> None:
     async with sandbox(SandboxPolicy.strict()) as box:
         json.dumps(box.enforcement().to_dict())
+
+
+async def test_the_waiting_exec_child_and_init_expose_no_fds_to_commands() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        # init and the warm exec child are kavach's Python processes: their fds (pipes and
+        # sockets to init) must not be reachable through /proc by a command.
+        script = (
+            "for p in /proc/[0-9]*; do c=$(cat $p/comm 2>/dev/null); "
+            "case $c in python*) ls $p/fd >/dev/null 2>&1 && echo open:${p#/proc/}:$c || echo closed:$c;; esac; done"
+        )
+        result = await sh(box, script)
+        lines = result.stdout.decode().split()
+        assert len([line for line in lines if line.startswith("closed:")]) >= 2, lines  # init + warm child
+        assert [line for line in lines if line.startswith("open:")] == []

@@ -583,9 +583,10 @@ def _confine(plan: dict[str, Any]) -> None:
         # needs CAP_SETPCAP); clearing what is there is enough.
         _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient capabilities")
         _libc.capset_empty("clear capabilities")
-    # execve makes the command dumpable again anyway; doing it now (after the capabilities
-    # are gone, moments before execve) lets it raise its own oom_score_adj, whose /proc
-    # file a non-dumpable process cannot write inside a user namespace.
+    # A non-dumpable process cannot write its own /proc files inside a user namespace, so
+    # the child is dumpable just long enough to raise its oom_score_adj, then not again:
+    # while a warm child waits, other commands of the sandbox cannot open its /proc/PID/fd
+    # (its pipe to init). execve makes the command dumpable, as for any program.
     _libc.prctl(_libc.PR_SET_DUMPABLE, 1, "make the exec child dumpable")
     try:
         # The sandbox's commands are the OOM killer's first choice, before init or the host.
@@ -593,6 +594,7 @@ def _confine(plan: dict[str, Any]) -> None:
             f.write("1000")
     except OSError as exc:
         raise KernelCallError("raise oom_score_adj", exc.errno or 0) from None
+    _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make the waiting exec child non-dumpable")
     caps.set_no_new_privs()
     load_filter, apply_landlock = _security_modules()
     landlock = plan["landlock"]
