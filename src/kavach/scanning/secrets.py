@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import replace
 
 from kavach.scanning.data import EMAIL_RULE, SSN_RULE
@@ -117,6 +118,7 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("planetscale-token", _b(r"pscale_(?:tkn|pw|oauth)_[A-Za-z0-9=\-_.]{32,64}"), C, category="cloud_key"),
     _provider("scalingo-token", _b(r"tk-us-[A-Za-z0-9\-_]{48}"), H, category="cloud_key"),
     _provider("openshift-token", _b(r"sha256~[A-Za-z0-9_\-]{43}"), H, category="cloud_key"),
+    _provider("nats-nkey-seed", _b(r"S[ACNOPUX][A-Z2-7]{56}"), C, category="private_key", random_body=True),
     _provider("age-secret-key", _b(r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}"), C,
               category="private_key"),
     # --- source control and package registries ---
@@ -262,7 +264,8 @@ _DB_SCHEMES = (
     r"cassandra|neo4j|bolt|clickhouse|snowflake|db2|cockroachdb|memcached|elasticsearch|influxdb|"
     r"jdbc:[a-z0-9]+(?::[a-z0-9]+)?|postgresql\+[a-z0-9]+|mysql\+[a-z0-9]+"
 )
-_OTHER_SCHEMES = r"https?|ftps?|sftp|smtps?|imaps?|pop3s?|ldaps?|ssh|git|svn|kafka|nats|mqtts?|s3|wss?"
+# Any other scheme (nats-route://, amqp+ssl://, custom://) with user:password@ is a credential too.
+_OTHER_SCHEMES = r"[a-z][a-z0-9+.\-]{1,24}"
 
 
 def _url_password_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
@@ -359,19 +362,21 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
 
 # --- keyword + assignment -----------------------------------------------------------------
 
-_PASSWORD_WORDS = r"pass(?:word|wd|wrd|phrase|code)?|pwd|passwort|contrase[nñ]a|senha|mot_?de_?passe"  # noqa: S105
+_PASSWORD_WORDS = r"pass(?:word|wd|wrd|phrase|code)?|pwd|pw|passwort|contrase[nñ]a|senha|mot_?de_?passe"  # noqa: S105
 _SECRET_WORDS = (
-    r"secret|token|api[_.\-]?key|apikey|access[_.\-]?key|priv(?:ate)?[_.\-]?key|auth[_.\-]?key|"  # noqa: S105
-    r"credentials?|client[_.\-]?secret|signing[_.\-]?key|encryption[_.\-]?key|enc[_.\-]?key|master[_.\-]?key|"
-    r"session[_.\-]?key|app[_.\-]?key|secret[_.\-]?key|access[_.\-]?id|account[_.\-]?key|auth|"
-    r"license[_.\-]?key|webhook[_.\-]?url|consumer[_.\-]?key|shared[_.\-]?key|sas|salt|api[_.\-]?id"
+    r"secret|token|api[ _.\-]?key|apikey|access[ _.\-]?key|priv(?:ate)?[ _.\-]?key|auth[ _.\-]?key|"  # noqa: S105
+    r"credentials?|client[ _.\-]?secret|signing[ _.\-]?key|encryption[ _.\-]?key|enc[ _.\-]?key|master[ _.\-]?key|"
+    r"session[ _.\-]?key|app[ _.\-]?key|secret[ _.\-]?key|access[ _.\-]?id|account[ _.\-]?key|auth|"
+    r"license[ _.\-]?key|webhook[ _.\-]?url|consumer[ _.\-]?key|shared[ _.\-]?key|sas|salt|api[ _.\-]?id"
 )
 # Unbounded (not counted) repetition around the keyword: counted repetition multiplies
 # automaton states, and this rule runs over every window that mentions a keyword.
 _KEY_NAME = rf"[A-Za-z0-9_.\-]*(?:{_PASSWORD_WORDS}|{_SECRET_WORDS})[A-Za-z0-9_.\-]*"
 # Separators of Python, JS, Go, YAML, JSON, INI, .env, shell, PHP, Ruby, TOML, C#.
-_ASSIGN = r"[\"'`\]]?[ \t]*(?:=|:=|:|=>|->|\?\?=|\|\|=)[ \t]*(?:@?\"|'|`|\([ \t]*[\"'])?"
-_VALUE = r"([^\s\"'`,;<>(){}\[\]\\]+|[^\"'`\n]+(?:[\"'`]))"
+# An optional type between the name and the operator: Go ``var token string =``,
+# Kotlin/Swift/TS ``val token: String =``.
+_ASSIGN = r"(?:\\?[\"'`\]]){0,2}(?:[ \t]*:?[ \t]*(?:string|String|str|&str|\[\]byte|SecureString)\??)?[ \t]*(?:=|:=|:|=>|->|\?\?=|\|\|=)[ \t]*(?:@?\\?\"|\\?'|`|\([ \t]*[\"'])?"  # noqa: E501
+_VALUE = r"([^\s\"'`,;<>(){}\[\]\\]+|[^\"'`\n\\]+(?:[\"'`]))"
 
 
 def _strip_value(raw: bytes) -> bytes:
@@ -416,35 +421,99 @@ _NOT_SECRET_KEY_PARTS = (
 )
 
 
+# Password hashes are not plaintext credentials (bcrypt, sha-crypt, argon2, LDAP schemes).
+_HASH_PREFIXES = (b"$2a$", b"$2b$", b"$2y$", b"$1$", b"$5$", b"$6$", b"$argon2", b"$pbkdf2", b"{SSHA}", b"{SHA}",
+                  b"{CRYPT}", b"pbkdf2_sha256$", b"sha1$", b"md5$")
+_PASSWORD_KEY_PARTS = (b"pass", b"pwd", b"pw", b"passwort", b"senha", b"contrase")
+
+
+def _config_context(data: bytes, key_start: int, value_start: int) -> bool:
+    """Whether the assignment is config syntax (YAML ``key: v``, ``.env``/shell ``KEY=v``).
+
+    There an unquoted word is a literal; in code (``password = password``) it is a variable.
+    """
+    between = data[key_start:value_start]
+    if b":" in between and b"=" not in between and b":=" not in between:
+        return True  # YAML, JS object literals in config, INI-style "key: value"
+    line_start = data.rfind(b"\n", max(0, key_start - 200), key_start) + 1
+    prefix = data[line_start:key_start].strip()
+    key = between.split(b"=", 1)[0]
+    # .env / shell: KEY=value at the start of a line (after an optional "export"/"set"/"-").
+    return (prefix in (b"", b"export", b"set", b"-", b"SET", b"ENV", b"ARG") and key.isupper()
+            and b" =" not in between and b"= " not in between)
+
+
+def _value_ok(value: bytes, quoted: bool) -> bool:
+    """Common rejections: placeholders, type names, hashes, self-describing and prose values."""
+    if len(value) < 4 or is_placeholder(value) or _type_or_label(value):
+        return False
+    if value.startswith(_HASH_PREFIXES):
+        return False
+    low = value.lower()
+    if any(w in low for w in (b"password", b"passwd", b"secret", b"notreal", b"not_real", b"not-real")):
+        return False  # "my_secret", "api_password": a value that names itself is a stand-in
+    return not (b" " in value or b"\t" in value or (not quoted and b"(" in value))
+
+
+def _random_enough(value: bytes) -> bool:
+    """Keys and tokens: machine-generated by a length-aware entropy test, per alphabet."""
+    n = len(value)
+    if looks_random(value) or (n >= 20 and char_classes(value) >= 3):
+        return True
+    ent = shannon_entropy(value)
+    if is_hex(value):
+        return n >= 10 and ent >= 0.8 * math.log2(min(n, 16))
+    if value.isdigit():
+        return n >= 16 and ent >= 3.0
+    # Single-alphabet random strings (all lower-case): high entropy for their length.
+    return n >= 16 and char_classes(value) == 1 and ent >= 0.85 * math.log2(min(n, 26))
+
+
 def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
     """Judge the value extracted by a keyword + assignment rule."""
     raw = data[start:end]
-    quoted = raw[-1:] in (b'"', b"'", b"`") or data[start - 1 : start] in (b'"', b"'", b"`")
+    opening = data[start - 1 : start]
+    closing_quote = raw[-1:] in (b'"', b"'", b"`")
+    if closing_quote and opening not in (b'"', b"'", b"`"):
+        return None  # text up to some later quote, not a quoted literal
+    quoted = closing_quote or opening in (b'"', b"'", b"`")
+    if quoted and not closing_quote and data[end : end + 1] not in (b'"', b"'", b"`", b"\\"):
+        return None  # the quoted string continues past the value: prose ("User Password")
     value = _strip_value(raw)
-    if len(value) < 4 or is_placeholder(value) or _type_or_label(value) or _looks_like_code(value, quoted):
+    if not _value_ok(value, quoted):
         return None
-    if b" " in value or b"\t" in value:
-        return None  # prose or a prompt label, not a credential
-    key = data[spans[1][0] : spans[1][1]] if spans[1][0] >= 0 else b""
+    key_start, key_end = spans[1]
+    key = data[key_start:key_end] if key_start >= 0 else b""
     key_low = key.lower()
+    config = not quoted and key_start >= 0 and _config_context(data, key_start, start)
+    if not quoted and not config and _looks_like_code(value, quoted):
+        return None
+    if not quoted and not config and value.startswith(_CODE_REFERENCE_PREFIXES):
+        return None
     # Identifiers, file names, flags and sizes named like secrets are not secrets.
     if any(w in key_low for w in _NOT_SECRET_KEY_PARTS) and (not looks_random(value) or len(value) < 16):
         return None
     if value.lower() == key_low or value.lower() in key_low:
         return None
-    is_password = any(w in key_low for w in (b"pass", b"pwd", b"passwort", b"senha", b"contrase"))
-    if is_password:
+    if any(w in key_low for w in _PASSWORD_KEY_PARTS):
         if value.isdigit() and len(value) < 6:
             return None
-        if len(value) < 6 and not quoted:
+        if len(value) < 6 and not (quoted or config):
             return None
         return 0.8 if char_classes(value) >= 2 or len(value) >= 8 else 0.6
-    # Keys and tokens must look machine-generated.
-    if looks_random(value) or (len(value) >= 20 and char_classes(value) >= 3):
+    if _random_enough(value):
         return 0.8
-    if is_hex(value) and len(value) >= 32:
-        return 0.7
     return None
+
+
+def _cli_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
+    """A value given to a password/token flag on a command line is a literal by construction."""
+    value = data[start:end].strip(b"\"'")
+    if len(value) < 3 or is_placeholder(value) or value.startswith((b"$", b"%", b"<", b"{", b"-")):
+        return None
+    if value.lower() in (b"stdin", b"prompt", b"ask", b"file", b"env", b"none", b"true", b"false"):
+        return None
+    return 0.8
 
 
 ASSIGNMENT_RULES: tuple[Rule, ...] = (
@@ -462,7 +531,7 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         id="secrets.password-assignment",
         category="password",
         severity=H,
-        pattern=rf"(?i)<({_KEY_NAME})(?:\s[^>]{{0,100}})?>([^<\s]{{1,300}})</",
+        pattern=rf"(?i)<({_KEY_NAME})(?:\s[^>]{{0,100}})?>\s{{0,20}}([^<\s]{{1,300}})\s{{0,20}}</",
         value_group=2,
         validate=_assignment_ok,
         confidence=0.8,
@@ -482,10 +551,10 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         id="secrets.cli-password",
         category="password",
         severity=H,
-        pattern=r"(?i)(?:^|\s)(--?(?:password|passwd|pass|pwd|token|api-key|apikey|secret|auth-token|access-key|"
-        r"client-secret|secret-key))(?:=|\s+)[\"']?([^\s\"'$]{3,300})",
+        pattern=r"(?i)(?:^|\s)(--?[A-Za-z_\-]{0,20}(?:password|passwd|passphrase|pass|pwd|token|api-key|apikey|"
+        r"secret|auth-token|access-key|client-secret|secret-key|bearer))(?:=|\s+)[\"']?([^\s\"'$]{3,300})",
         value_group=2,
-        validate=_assignment_ok,
+        validate=_cli_ok,
         confidence=0.8,
     ),
     Rule(
@@ -494,7 +563,7 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         severity=H,
         pattern=r"(\b(?:mysql|mysqldump|mysqladmin|mariadb|sshpass)\b[^\n|;&]{0,120}?\s-p)[\"']?([^\s\"'$-][^\s\"']{2,100})",
         value_group=2,
-        validate=_assignment_ok,
+        validate=_cli_ok,
         confidence=0.8,
     ),
     Rule(
@@ -503,8 +572,18 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         severity=H,
         pattern=r"(\bcurl\b[^\n|;&]{0,200}?\s(?:-u|--user)\s+[\"']?[^\s:\"']{1,100}:)([^\s\"'$]{3,200})",
         value_group=2,
-        validate=_assignment_ok,
+        validate=_cli_ok,
         confidence=0.8,
+    ),
+    Rule(
+        # PowerShell: ConvertTo-SecureString 'hunter2' -AsPlainText
+        id="secrets.cli-password",
+        category="password",
+        severity=H,
+        pattern=r"(?i)(ConvertTo-SecureString)\s+(?:-String\s+)?(?:-Force\s+)?\\?[\"']?([^\"'\s\\]{3,200})",
+        value_group=2,
+        validate=_cli_ok,
+        confidence=0.9,
     ),
 )
 
@@ -537,7 +616,7 @@ STANDALONE_AWS_SECRET_RULE = Rule(
     validate=_looks_random_ok,
 )
 
-_KEYWORD_ANCHOR = (r"pass|pwd|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",)
+_KEYWORD_ANCHOR = (r"pass|pw|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",)
 
 # Prefilter anchors for rules whose pattern does not start with a usable literal.
 _ANCHORS: dict[str, tuple[str, ...]] = {
@@ -576,15 +655,17 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
     "secrets.auth-header": (r"(?i)authorization|api-key|auth-token|private-token|access-token",),
 }
 _CLI_ANCHORS = (
-    (r"(?i)--?(?:pass|pwd|token|api|secret|auth|access|client)",),
+    (r"(?i)-[A-Za-z_\-]{0,20}(?:pass|pwd|token|api|secret|auth|access|client|bearer)",),
     (r"mysql|mariadb|sshpass",),
     (r"curl",),
+    (r"(?i)ConvertTo-SecureString",),
 )
 
 
 # The three keyword-assignment shapes: ``name = value``, ``<name>value</``, ``key="name" value=``.
 _ASSIGNMENT_ANCHORS = (
-    (rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[A-Za-z0-9_.\-]*[\"'`\]]?[ \t]*(?:=|:)",),
+    # keyword, then (after the rest of the name, quotes and an optional type) the operator
+    (rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[^\n=:]{{0,40}}[=:]",),
     (rf"(?i)<[A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})",),
     (rf"(?i)(?:key|name)\s*=\s*[\"'][^\"']*(?:{_KEYWORD_ANCHOR[0]})",),
 )
@@ -601,8 +682,9 @@ def _anchored(rule: Rule) -> Rule:
             shape = 2
         return replace(rule, anchors=_ASSIGNMENT_ANCHORS[shape])
     if rule.id == "secrets.cli-password":
-        for anchors in _CLI_ANCHORS:
-            if anchors[0].removeprefix("(?i)")[:5] in rule.pattern or anchors[0] in rule.pattern:
+        for marker, anchors in (("ConvertTo", _CLI_ANCHORS[3]), ("mysql", _CLI_ANCHORS[1]),
+                                ("curl", _CLI_ANCHORS[2])):
+            if marker in rule.pattern:
                 return replace(rule, anchors=anchors)
         return replace(rule, anchors=_CLI_ANCHORS[0])
     if rule.id not in _ANCHORS:
@@ -622,7 +704,7 @@ SECRET_RULES: tuple[Rule, ...] = tuple(_anchored(r) for r in (
 
 # A provider or structural finding explains a value better than the generic assignment
 # rule that also matched it; the generic one is dropped when its span overlaps.
-_GENERIC_RULES = frozenset({"secrets.password-assignment", "secrets.cli-password"})
+_GENERIC_RULES = frozenset({"secrets.password-assignment", "secrets.cli-password", "secrets.url-credentials"})
 
 
 def _prefer_specific(findings: list[Finding]) -> list[Finding]:
