@@ -7,17 +7,20 @@ the attacker can NOT see or do. None of them is mocked.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 import socket
+import stat
 import uuid
+from pathlib import Path
 
 import pytest
 
 from kavach.backends.base import ExecRequest
 from kavach.backends.process import ProcessDriver
-from kavach.policy import MiB, SandboxPolicy
+from kavach.policy import Bind, FilesystemPolicy, MiB, SandboxPolicy
 from process_helpers import ENV, comm_of, host_pids_in_namespace, pid_ns_of, py, sandbox, sh
 
 pytestmark = pytest.mark.skipif(not ProcessDriver().probe().available, reason="Process backend unavailable here")
@@ -293,3 +296,22 @@ async def test_the_waiting_exec_child_and_init_expose_no_fds_to_commands() -> No
         lines = result.stdout.decode().split()
         assert len([line for line in lines if line.startswith("closed:")]) >= 2, lines  # init + warm child
         assert [line for line in lines if line.startswith("open:")] == []
+
+
+async def test_no_setuid_file_can_be_planted_through_a_writable_bind(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    policy = dataclasses.replace(
+        SandboxPolicy.basic(), filesystem=FilesystemPolicy(rw_binds=(Bind(str(shared), "/data"),))
+    )
+    async with sandbox(policy) as box:
+        script = (
+            "cp /bin/sh /data/planted && chmod 755 /data/planted && echo normal-chmod-ok; "
+            "chmod u+s /data/planted; chmod g+s /data/planted; chmod 6755 /data/planted; "
+            "python3 -c \"import os; os.close(os.open('/data/made', os.O_CREAT | os.O_WRONLY, 0o4755))\"; true"
+        )
+        result = await sh(box, script)
+        assert b"normal-chmod-ok" in result.stdout, result.stderr
+    for path in shared.iterdir():
+        mode = path.stat().st_mode
+        assert not mode & (stat.S_ISUID | stat.S_ISGID), (path, oct(mode))

@@ -606,6 +606,10 @@ def _confine(plan: dict[str, Any]) -> None:
         rules = [LandlockRule(path, frozenset(Access(a) for a in access)) for path, access in landlock["rules"]]
         abi = apply_landlock(rules, deny_network=landlock["deny_network"])
         plan["landlock_abi_applied"] = abi
+    if plan.get("setid_guard") is not None:
+        if load_filter is None:
+            raise KernelCallError("load the setuid guard filter: module unavailable", 38)
+        load_filter(base64.b64decode(plan["setid_guard"]))
     if plan["seccomp"] is not None:
         if load_filter is None:
             raise KernelCallError("load the seccomp filter: module unavailable", 38)

@@ -31,6 +31,47 @@ def seccomp_program(policy: SeccompPolicy, deny_sockets: bool) -> bytes:
     return compile_filter(policy, deny_sockets=deny_sockets)
 
 
+_S_ISUID = 0o4000
+_S_ISGID = 0o2000
+# (syscall, index of its mode argument)
+_MODE_ARGUMENTS = (
+    ("chmod", 1),
+    ("fchmod", 1),
+    ("fchmodat", 2),
+    ("fchmodat2", 2),
+    ("open", 2),
+    ("openat", 3),
+    ("creat", 1),
+    ("mknod", 1),
+    ("mknodat", 2),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def setid_guard_program() -> bytes:
+    """A seccomp filter refusing to set the setuid/setgid bits (and openat2, whose mode it cannot see).
+
+    Needed for a root caller's writable binds: through the idmapped mount, files that root
+    inside creates belong to the host owner of the bind, often host root; a setuid bit on
+    one of them would be a setuid-root program on the host's disk. Capabilities are gone
+    (no chown, no file capabilities), so the mode bits are what is left to refuse. Stacked
+    with the policy's filter; it is not a scored control.
+    """
+    import errno
+
+    from kavach.backends.process.seccomp import compile_spec
+    from kavach.backends.seccomp_profiles import Action, ArgCmp, CmpOp, SeccompSpec, SyscallRule
+
+    rules = [
+        SyscallRule((name,), Action.ERRNO, errno.EPERM, (ArgCmp(index, CmpOp.MASKED_EQ, bit, bit),))
+        for name, index in _MODE_ARGUMENTS
+        for bit in (_S_ISUID, _S_ISGID)
+    ]
+    rules.append(SyscallRule(("openat2",), Action.ERRNO, errno.ENOSYS))
+    spec = SeccompSpec(SeccompProfile.BASIC, Action.ALLOW, 0, tuple(rules))
+    return compile_spec(spec)
+
+
 def wants_seccomp(policy: SeccompPolicy) -> bool:
     """True if the policy asks for any seccomp filtering."""
     return policy.profile is not SeccompProfile.NONE or bool(policy.deny)
@@ -137,8 +178,12 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
         raise SandboxCreateError("proxy_listen is only valid with network mode 'proxy'")
     if network is NetworkMode.PROXY and spec.proxy_listen is None:
         raise SandboxCreateError("network mode 'proxy' needs LaunchSpec.proxy_listen")
+    setid_guard = None
+    if use_namespaces and os.geteuid() == 0 and any(writable for *_rest, writable in user_binds):
+        setid_guard = base64.b64encode(setid_guard_program()).decode()
     return {
         "sandbox_id": spec.sandbox_id,
+        "setid_guard": setid_guard,
         "hostname": spec.hostname,
         "namespaces": use_namespaces,
         "root_caller": os.geteuid() == 0,
