@@ -321,3 +321,15 @@ async def test_concurrent_execs_in_one_sandbox() -> None:
     async with sandbox() as box:
         results = await asyncio.gather(*(sh(box, f"sleep 0.1; echo {i}") for i in range(8)))
         assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(8)]
+
+
+async def test_tmpfs_mounts_are_capped_in_bytes_and_inodes() -> None:
+    async with sandbox() as box:
+        result = await sh(
+            box, "df -k /tmp /work | tail -n 2 | awk '{print $2}'; df -i /tmp | tail -n 1 | awk '{print $2}'"
+        )
+        tmp_kib, work_kib, tmp_inodes = (int(x) for x in result.stdout.split())
+        assert tmp_kib == 64 * 1024 and work_kib == 64 * 1024
+        assert tmp_inodes == 64 * 1024
+        result = await sh(box, "head -c 70000000 /dev/zero > /tmp/big; echo rc=$?")
+        assert b"rc=1" in result.stdout and b"No space left" in result.stderr

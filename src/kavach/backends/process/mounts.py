@@ -75,6 +75,12 @@ def _attach(fd: int, target: str, is_dir: bool, step: str) -> None:
         os.close(fd)
 
 
+def _tmpfs_options(mode: str, size: int) -> dict[str, str]:
+    """tmpfs options with a byte cap and an inode cap (one inode per KiB of size, at least
+    1024), so that empty files cannot pin unbounded kernel memory when no memory limit is set."""
+    return {"mode": mode, "size": str(size), "nr_inodes": str(max(1024, size // 1024))}
+
+
 def _tmpfs(target: str, options: dict[str, str], attrs: int, step: str) -> None:
     fd = _libc.new_fs_mount("tmpfs", options, attrs, step)
     _attach(fd, target, True, step)
@@ -166,7 +172,7 @@ def _build_proc() -> None:
 def _build_dev(sources: Sources) -> None:
     _tmpfs(
         "dev",
-        {"mode": "0755", "size": str(rootfs.DEV_TMPFS_SIZE)},
+        _tmpfs_options("0755", rootfs.DEV_TMPFS_SIZE),
         MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
         "mount a tmpfs /dev",
     )
@@ -179,7 +185,7 @@ def _build_dev(sources: Sources) -> None:
     # it gets its own small tmpfs, so that /dev itself can be read-only.
     _tmpfs(
         "dev/shm",
-        {"mode": "1777", "size": str(rootfs.DEV_SHM_SIZE)},
+        _tmpfs_options("1777", rootfs.DEV_SHM_SIZE),
         MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
         "mount a tmpfs /dev/shm",
     )
@@ -229,7 +235,7 @@ def build_root(plan: dict[str, Any], sources: Sources, file_fds: list[int]) -> N
         files_size += os.fstat(fd).st_size
     root_size = ROOT_TMPFS_BASE + files_size
     root_fd = _libc.new_fs_mount(
-        "tmpfs", {"mode": "0755", "size": str(root_size)}, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, "mount the root tmpfs"
+        "tmpfs", _tmpfs_options("0755", root_size), MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, "mount the root tmpfs"
     )
     try:
         _libc.move_mount(root_fd, AT_FDCWD, STAGING_DIR, "attach the root tmpfs")
@@ -250,14 +256,14 @@ def build_root(plan: dict[str, Any], sources: Sources, file_fds: list[int]) -> N
     _build_proc()
     _tmpfs(
         "tmp",
-        {"mode": "1777", "size": str(plan["tmp_size"])},
+        _tmpfs_options("1777", plan["tmp_size"]),
         MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         "mount a tmpfs /tmp",
     )
     if plan["workdir_tmpfs"]:
         _tmpfs(
             _rel(plan["workdir"]),
-            {"mode": "0755", "size": str(plan["workdir_size"])},
+            _tmpfs_options("0755", plan["workdir_size"]),
             MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
             f"mount a tmpfs workdir at {plan['workdir']}",
         )
