@@ -102,3 +102,48 @@ def test_kill_9_during_concurrent_appends_loses_no_acknowledged_entry(tmp_path: 
     assert acks <= logged, f"acknowledged but missing: {sorted(acks - logged)[:10]}"
     serials = [e["serial"] for e in read_entries(path)]
     assert serials == list(range(len(serials)))
+
+
+BIG_WRITER = """
+import sys
+from kavach.audit import AuditLog
+log = AuditLog(sys.argv[1], bytes(range(32)), fsync=False)
+blob = "x" * (48 * 1024 * 1024)  # one entry big enough that write(2) takes milliseconds
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+log.append("big", payload={"blob": blob})
+"""
+
+
+def test_kill_9_in_the_middle_of_a_write_leaves_a_torn_tail_that_is_reported_and_repaired(tmp_path: Path) -> None:
+    """A real torn write: SIGKILL lands while the kernel is still copying one large entry."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    for attempt in range(3):
+        path = tmp_path / f"torn{attempt}.jsonl"
+        log = AuditLog(path, KEY)
+        log.append("before", payload={"n": 1})
+        log.close()
+        complete = path.stat().st_size
+        proc = subprocess.Popen([sys.executable, "-c", BIG_WRITER, str(path)], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        while path.stat().st_size == complete and proc.poll() is None:
+            pass  # kill as soon as the first bytes of the big entry land
+        proc.kill()
+        proc.wait()
+        result = verify(path, KEY)
+        if result.torn_tail_bytes == 0:
+            continue  # the write finished before the signal arrived; try again
+        assert not result.ok
+        assert result.entries == 2
+        assert result.first_bad_serial == 2
+        assert result.torn_tail_bytes == path.stat().st_size - complete
+        repaired = AuditLog(path, KEY)
+        assert [r.torn_bytes for r in repaired.repairs] == [result.torn_tail_bytes]
+        repaired.close()
+        after = verify(path, KEY)
+        assert after.ok, after
+        events = [e["event"] for e in read_entries(path)]
+        assert events == ["audit.genesis", "before", "audit.repaired"]
+        return
+    pytest.fail("three kills all arrived after the 48 MiB write had finished")
