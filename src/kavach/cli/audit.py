@@ -41,6 +41,8 @@ def verify_command(
 ) -> None:
     """Check every entry's HMAC, the chain links and the signed checkpoints of FILE."""
     log = _log_path(file)
+    if not log.exists():
+        raise fail(f"audit log {log} does not exist")
     try:
         key = read_key_file(key_file) if key_file else resolve_key(log)
         result = verify(log, key, anchor_path=anchor)
