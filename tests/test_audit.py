@@ -302,3 +302,19 @@ def test_short_explicit_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match="at least 16 bytes"):
         AuditLog(tmp_path / "a.jsonl", b"short")
     assert not os.path.exists(tmp_path / "a.jsonl")
+
+
+def test_opening_a_log_whose_anchor_was_deleted_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 3)
+    audit.anchor_path_for(path).unlink()
+    with pytest.raises(AuditError, match="missing or empty"):
+        AuditLog(path, KEY)
+
+
+def test_a_crash_between_genesis_and_its_checkpoint_is_completed_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    AuditLog(path, KEY).close()
+    audit.anchor_path_for(path).write_bytes(b"")  # as if killed right after the genesis entry
+    AuditLog(path, KEY).close()
+    assert verify(path, KEY).ok

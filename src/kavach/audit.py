@@ -70,9 +70,7 @@ _ENTRY_DOMAIN = b"kavach-audit-entry-v1\x00"
 _ANCHOR_DOMAIN = b"kavach-audit-anchor-v1\x00"
 _KEY_ID_DOMAIN = b"kavach-audit-key-id-v1\x00"
 
-_ENTRY_FIELDS = frozenset(
-    {"serial", "timestamp", "event", "sandbox_id", "agent_id", "payload", "prev_hmac", "hmac"}
-)
+_ENTRY_FIELDS = frozenset({"serial", "timestamp", "event", "sandbox_id", "agent_id", "payload", "prev_hmac", "hmac"})
 _ANCHOR_FIELDS = frozenset({"serial", "hmac", "timestamp", "sig"})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 64 * 1024
@@ -422,9 +420,7 @@ class AuditLog:
                 torn,
                 self._tail.serial,
             )
-            self._write_entry(
-                REPAIRED_EVENT, None, None, {"torn_bytes": torn, "after_serial": repair.after_serial}
-            )
+            self._write_entry(REPAIRED_EVENT, None, None, {"torn_bytes": torn, "after_serial": repair.after_serial})
         return self._tail
 
     def _read_tail(self, size: int) -> _Tail:
@@ -435,8 +431,7 @@ class AuditLog:
             entry = AuditEntry.from_dict(data)
         except (ValueError, AuditError) as exc:
             raise AuditError(
-                f"the last entry of audit log {self.path} is corrupt ({exc}); "
-                f"run `kavach audit verify {self.path}`"
+                f"the last entry of audit log {self.path} is corrupt ({exc}); run `kavach audit verify {self.path}`"
             ) from None
         expected = _mac(self._key, _ENTRY_DOMAIN, entry.body())
         if not hmac.compare_digest(expected, entry.hmac):
@@ -453,15 +448,29 @@ class AuditLog:
         end = _last_newline(self._anchor_fd, size) + 1
         line = _last_line(self._anchor_fd, end)
         if line is None:
+            # The genesis checkpoint is written right after the genesis entry, under the same
+            # lock, so only a crash between the two leaves a log without one. Anything longer
+            # with no checkpoint means the anchor was deleted: refuse rather than start a new
+            # anchor that would vouch for a possibly truncated log.
+            if self._tail.serial > 0:
+                raise AuditError(
+                    f"anchor file {self.anchor_path} is missing or empty but audit log {self.path} has "
+                    f"{self._tail.serial + 1} entries; run `kavach audit verify {self.path}`"
+                )
+            self._write_checkpoint()
             return
         checkpoint = _parse_checkpoint(self._key, line)
         if isinstance(checkpoint, str):
             raise AuditError(f"anchor file {self.anchor_path}: {checkpoint}")
-        serial, _ = checkpoint
+        serial, entry_hmac = checkpoint
         if serial > self._tail.serial:
             raise AuditError(
                 f"audit log {self.path} ends at serial {self._tail.serial} but its anchor has a "
                 f"checkpoint at serial {serial}: the log was truncated or rolled back"
+            )
+        if serial == self._tail.serial and not hmac.compare_digest(entry_hmac, self._tail.hmac):
+            raise AuditError(
+                f"the last entry of audit log {self.path} differs from its checkpoint: the log was rewritten"
             )
 
     # -- writing ---------------------------------------------------------------------------
@@ -597,9 +606,7 @@ def read_key_file(path: str | Path) -> bytes:
     try:
         mode = os.fstat(fd).st_mode & 0o777
         if mode & 0o077:
-            raise AuditError(
-                f"audit key file {path} is accessible by group or others (mode {mode:04o}); chmod 600 it"
-            )
+            raise AuditError(f"audit key file {path} is accessible by group or others (mode {mode:04o}); chmod 600 it")
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)
@@ -610,9 +617,7 @@ def _create_key_file(path: Path) -> None:
     """Create ``path`` with a fresh random key, atomically; a concurrent creator wins harmlessly."""
     paths.ensure_private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(
-        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, paths.PRIVATE_FILE_MODE
-    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, paths.PRIVATE_FILE_MODE)
     try:
         try:
             _write_all(fd, secrets.token_bytes(DEFAULT_KEY_BYTES).hex().encode("ascii") + b"\n")
@@ -687,9 +692,7 @@ def open_audit_log(
 ) -> AuditLog:
     """Open (creating if needed) the log at ``path``, ``$KAVACH_AUDIT_LOG`` or the default location."""
     log = Path(path) if path is not None else paths.audit_log_path()
-    return AuditLog(
-        log, resolve_key(log, key=key, create=True), fsync=fsync, checkpoint_every=checkpoint_every
-    )
+    return AuditLog(log, resolve_key(log, key=key, create=True), fsync=fsync, checkpoint_every=checkpoint_every)
 
 
 # -- reading and verifying ----------------------------------------------------------------------
