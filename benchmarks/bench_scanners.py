@@ -108,44 +108,106 @@ def _note(row: dict[str, object], extra: str = "") -> str:
 SECRET_FILES = ("creddata_dev.jsonl", "gitleaks_rule_examples.jsonl", "credsweeper_samples_silver.jsonl")
 
 
-def detect_secrets_flags(texts: list[str]) -> list[bool]:
+def detect_secrets_values(texts: list[str]) -> list[list[str]]:
+    """The secret values detect-secrets reports for each text (every line through scan_line)."""
     from detect_secrets.core.scan import scan_line
     from detect_secrets.settings import default_settings
 
-    flags = []
+    out: list[list[str]] = []
     with default_settings():
         for text in texts:
-            flags.append(any(any(True for _ in scan_line(line)) for line in text.splitlines() or [text]))
-    return flags
+            values: list[str] = []
+            for line in text.splitlines() or [text]:
+                values.extend(str(secret.secret_value or "") for secret in scan_line(line))
+            out.append(values)
+    return out
+
+
+def detect_secrets_flags(texts: list[str]) -> list[bool]:
+    return [bool(v) for v in detect_secrets_values(texts)]
+
+
+def _value_span(row: dict[str, object]) -> tuple[int, int] | None:
+    start, end, text = row.get("value_start"), row.get("value_end"), str(row["text"])
+    if not isinstance(start, int) or not isinstance(end, int) or start < 0 or end <= start:
+        return None
+    if text[start:end] != row.get("value"):
+        return None
+    return start, end
+
+
+def _ds_hits_value(text: str, values: list[str], span: tuple[int, int]) -> bool:
+    s, e = span
+    for value in values:
+        if not value:
+            continue
+        pos = text.find(value)
+        while pos >= 0:
+            if pos < e and s < pos + len(value):
+                return True
+            pos = text.find(value, pos + 1)
+    return False
 
 
 def bench_secrets(data_dir: Path, report: list[str]) -> tuple[Score, Score]:
+    """Row level on every file; on CredData also value level (CredData's own convention).
+
+    Value level: a positive row counts only when a reported span overlaps the labelled
+    credential value (rows without a usable value span fall back to row level); a
+    negative row is a false positive when anything is reported.
+    """
     scanner = SecretsScanner()
     ours_total, ds_total = Score(), Score()
+    ours_value_total, ds_value_total = Score(), Score()
     report.append("secrets (row flagged = finding >= medium; detect-secrets = any finding)")
     for name in SECRET_FILES:
         rows = load(data_dir / "secrets" / name)
         texts = [str(r["text"]) for r in rows]
-        ours, ds = Score(), Score()
+        ours, ds, ours_value, ds_value = Score(), Score(), Score(), Score()
         t0 = time.perf_counter()
+        spans_found: list[list[tuple[int, int]]] = []
         for row, text in zip(rows, texts, strict=True):
-            found = [f for f in scanner.scan(text.encode()) if f.severity >= Severity.MEDIUM]
+            data = text.encode()
+            found = [f for f in scanner.scan(data) if f.severity >= Severity.MEDIUM]
+            to_char = _byte_to_char(text)
+            spans_found.append([(to_char(f.start), to_char(f.end)) for f in found])
             rules = ",".join(sorted({f.rule for f in found}))
             ours.add(bool(found), row["label"] == 1, _note(row, f"<{rules}> " if rules else ""))
         ours_time = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for row, flagged in zip(rows, detect_secrets_flags(texts), strict=True):
-            ds.add(flagged, row["label"] == 1, _note(row))
+        ds_values = detect_secrets_values(texts)
         ds_time = time.perf_counter() - t0
+        for row, text, values, found_spans in zip(rows, texts, ds_values, spans_found, strict=True):
+            ds.add(bool(values), row["label"] == 1, _note(row))
+            span = _value_span(row)
+            if row["label"] == 1 and span is not None:
+                hit = any(s < span[1] and span[0] < e for s, e in found_spans)
+                ours_value.add(hit, True, _note(row))
+                ds_value.add(_ds_hits_value(text, values, span), True)
+            else:
+                ours_value.add(bool(found_spans), row["label"] == 1, _note(row))
+                ds_value.add(bool(values), row["label"] == 1)
         write_notes(f"secrets_{name.removesuffix('.jsonl')}", ours)
         report.append(ours.line(f"kavach         {name}"))
         report.append(ds.line(f"detect-secrets {name}"))
+        if name.startswith("creddata"):
+            write_notes("secrets_creddata_value_level", ours_value)
+            report.append(ours_value.line("kavach         creddata, value level"))
+            report.append(ds_value.line("detect-secrets creddata, value level"))
+            cred_ratio = ours_value.f() / ds_value.f() if ds_value.f() else float("inf")
+            report.append(f"    CredData F1 ratio kavach / detect-secrets (value level) = {cred_ratio:.2f}x")
         report.append(f"    rows {len(rows)}; time kavach {ours_time:.1f}s, detect-secrets {ds_time:.1f}s")
         ours_total, ds_total = ours_total.merge(ours), ds_total.merge(ds)
-    report.append(ours_total.line("kavach         ALL secrets files"))
-    report.append(ds_total.line("detect-secrets ALL secrets files"))
-    ratio = ours_total.f() / ds_total.f() if ds_total.f() else float("inf")
-    report.append(f"  secrets F1 ratio kavach / detect-secrets = {ratio:.2f}x   (target >= 2x)")
+        ours_value_total = ours_value_total.merge(ours_value if name.startswith("creddata") else ours)
+        ds_value_total = ds_value_total.merge(ds_value if name.startswith("creddata") else ds)
+    report.append(ours_total.line("kavach         ALL secrets files (row level)"))
+    report.append(ds_total.line("detect-secrets ALL secrets files (row level)"))
+    report.append(ours_value_total.line("kavach         ALL (CredData value level)"))
+    report.append(ds_value_total.line("detect-secrets ALL (CredData value level)"))
+    for label, ours_s, ds_s in (("row level", ours_total, ds_total),
+                                ("CredData value level", ours_value_total, ds_value_total)):
+        ratio = ours_s.f() / ds_s.f() if ds_s.f() else float("inf")
+        report.append(f"  secrets F1 ratio kavach / detect-secrets ({label}) = {ratio:.2f}x   (target >= 2x)")
     return ours_total, ds_total
 
 
@@ -169,6 +231,18 @@ CONTRAST_CATEGORIES = {
     "ipv4": {"ip_address", "ip_address_private"},
 }
 CLAIMED = set().union(*PRESIDIO_TYPES.values())
+
+
+def _byte_to_char(text: str) -> Callable[[int], int]:
+    if text.isascii():
+        return lambda i: i
+    table: dict[int, int] = {}
+    pos = 0
+    for index, ch in enumerate(text):
+        table[pos] = index
+        pos += len(ch.encode())
+    table[pos] = len(text)
+    return lambda i: table.get(i, len(text))
 
 
 def _char_to_byte(text: str) -> Callable[[int], int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from dataclasses import replace
 
 from kavach.scanning.data import EMAIL_RULE, SSN_RULE
@@ -268,8 +269,16 @@ _DB_SCHEMES = (
 _OTHER_SCHEMES = r"[a-z][a-z0-9+.\-]{1,24}"
 
 
+# RFC 2606 / 6761 documentation hosts and Microsoft's sample domain: credentials in
+# examples, not in use.
+_DOC_HOSTS = re.compile(rb"(?i)@(?:[A-Za-z0-9\-]+\.)*(?:example\.(?:com|net|org)|[a-z0-9\-]+\.example|"
+                        rb"[a-z0-9\-]+\.(?:test|invalid)|contoso\.com)(?:[:/\s\"'?#]|$)")
+
+
 def _url_password_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     value = data[start:end]
+    if _DOC_HOSTS.match(data, end, min(len(data), end + 256)) is not None:
+        return None
     if is_placeholder(value) or value.startswith((b"$", b"%", b"{", b"<")) or len(value) < 3:
         return None
     if value.lower() in {b"pass", b"password", b"pwd", b"user", b"secret", b"***", b"x"}:
@@ -443,15 +452,38 @@ def _config_context(data: bytes, key_start: int, value_start: int) -> bool:
             and b" =" not in between and b"= " not in between)
 
 
+_SELF_DESCRIBING = (b"password", b"passwd", b"secret", b"notreal", b"not_real", b"not-real", b"apikey", b"api_key",
+                    b"token", b"letmein", b"let_me_in")
+_FILE_SUFFIXES = (b".md", b".pem", b".json", b".txt", b".crt", b".cer", b".key", b".html", b".yaml", b".yml", b".xml",
+                  b".py", b".js", b".ts", b".go", b".cs", b".java", b".rb", b".php", b".sh", b".cfg", b".conf", b".ini",
+                  b".p12", b".pfx", b".jks", b".der", b".csr", b".log", b".png", b".svg")
+_UPPER_SNAKE = re.compile(rb"[A-Z][A-Z0-9]*(?:[_\-][A-Z0-9]+)+")
+_MEMBER_ACCESS = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$]*(?:\.[A-Za-z_$][A-Za-z0-9_$]*)+")
+
+
+def _identifier_like(value: bytes) -> bool:
+    """camelCase / PascalCase words without digits ("bitbucketAuthModes") name things; keys are random."""
+    if not value.isalpha() or value.islower() or value.isupper():
+        return False
+    words = re.findall(rb"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", value)
+    return len(words) >= 2 and sum(len(w) for w in words) / len(words) >= 3
+
+
 def _value_ok(value: bytes, quoted: bool) -> bool:
-    """Common rejections: placeholders, type names, hashes, self-describing and prose values."""
+    """Common rejections: placeholders, type names, hashes, names, paths, self-describing and prose values."""
     if len(value) < 4 or is_placeholder(value) or _type_or_label(value):
         return False
     if value.startswith(_HASH_PREFIXES):
         return False
     low = value.lower()
-    if any(w in low for w in (b"password", b"passwd", b"secret", b"notreal", b"not_real", b"not-real")):
-        return False  # "my_secret", "api_password": a value that names itself is a stand-in
+    if any(w in low for w in _SELF_DESCRIBING):
+        return False  # "my_secret", "api_password", "correctAPIKey": a value that names itself is a stand-in
+    if low.endswith(_FILE_SUFFIXES) or (b"/" in value and not quoted) or value.startswith((b"./", b"../", b"~/")):
+        return False
+    if _UPPER_SNAKE.fullmatch(value) is not None and not any(48 <= b <= 57 for b in value):
+        return False  # GCM_MSAUTH_FLOW: a constant's name
+    if not quoted and _MEMBER_ACCESS.fullmatch(value) is not None and not looks_random(value):
+        return False  # c.apiKey, config.APIKey
     return not (b" " in value or b"\t" in value or (not quoted and b"(" in value))
 
 
@@ -493,6 +525,10 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
     # Identifiers, file names, flags and sizes named like secrets are not secrets.
     if any(w in key_low for w in _NOT_SECRET_KEY_PARTS) and (not looks_random(value) or len(value) < 16):
         return None
+    if key_low.rstrip(b"\"'`]").endswith((b"id", b"uri", b"url", b"name", b"mode", b"modes", b"flow", b"helper")):
+        return None  # OAuthClientId, RedirectUri: identifiers next to secrets, not secrets
+    if not _keyword_is_token(key_low):
+        return None
     if value.lower() == key_low or value.lower() in key_low:
         return None
     if any(w in key_low for w in _PASSWORD_KEY_PARTS):
@@ -501,9 +537,22 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
         if len(value) < 6 and not (quoted or config):
             return None
         return 0.8 if char_classes(value) >= 2 or len(value) >= 8 else 0.6
-    if _random_enough(value):
+    if _random_enough(value) and not _identifier_like(value):
         return 0.8
     return None
+
+
+# "auth" is a keyword only as a word of its own ("auth_token", "x-auth"), not inside
+# "OAuth", "Authentication", "Authority".
+_AUTH_WORD = re.compile(rb"(?:^|[^a-z])auth(?:$|[^a-z]|token|key|code|secret|pass)")
+_STRONG_WORDS = (b"pass", b"pwd", b"pw", b"secret", b"token", b"key", b"credential", b"salt", b"sas", b"api",
+                 b"passwort", b"senha", b"contrase", b"mot")
+
+
+def _keyword_is_token(key_low: bytes) -> bool:
+    if any(w in key_low for w in _STRONG_WORDS):
+        return True
+    return _AUTH_WORD.search(key_low) is not None
 
 
 def _cli_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
