@@ -318,3 +318,36 @@ def test_a_crash_between_genesis_and_its_checkpoint_is_completed_on_open(tmp_pat
     audit.anchor_path_for(path).write_bytes(b"")  # as if killed right after the genesis entry
     AuditLog(path, KEY).close()
     assert verify(path, KEY).ok
+
+
+def test_secrets_inside_strings_and_argv_are_redacted(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.jsonl", KEY)
+    argv = [
+        "curl",
+        "-H",
+        "Authorization: Bearer sk-abc.def",
+        "https://bob:hunter2@example.com/p",
+        "--password",
+        "pw-value-1",
+        "--token=tok-value-2",
+        "API_KEY=key-value-3",
+        "-la",
+    ]
+    entry = log.append("exec.started", payload={"argv": argv, "detail": "export GITHUB_TOKEN=ghp_value4; make"})
+    log.close()
+    assert entry.payload["argv"] == [
+        "curl",
+        "-H",
+        "Authorization: [redacted]",
+        "https://bob:[redacted]@example.com/p",
+        "--password",
+        "[redacted]",
+        "--token=[redacted]",
+        "API_KEY=[redacted]",
+        "-la",
+    ]
+    assert entry.payload["detail"] == "export GITHUB_TOKEN=[redacted]; make"
+    text = (tmp_path / "a.jsonl").read_text()
+    for secret in ("sk-abc", "hunter2", "pw-value-1", "tok-value-2", "key-value-3", "ghp_value4"):
+        assert secret not in text
+    assert verify(tmp_path / "a.jsonl", KEY).ok

@@ -82,6 +82,23 @@ _SECRET_KEY = re.compile(
     r"(^|_)auth(orization)?($|_)|cookie|session[_-]?id|bearer)"
 )
 REDACTED = "[redacted]"
+_SECRET_WORD = r"[\w-]*(?:passw(?:or)?d|passphrase|secret|token|api[_-]?key|private[_-]?key|credential)[\w-]*"  # noqa: S105 (a pattern of secret names, not a secret)
+# Secrets embedded in strings (argv words, details): the value part is replaced, the name kept.
+_SECRET_IN_TEXT = (
+    re.compile(rf"(?i)((?:^|\s|[;&|])-{{0,2}}{_SECRET_WORD}=)[^\s;&|]+"),  # --password=x, TOKEN=x
+    re.compile(r"(?i)\b((?:proxy-)?authorization\s*:\s*|cookie\s*:\s*|x-api-key\s*:\s*)[^\r\n]+"),  # headers
+    re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)(://[^/\s:@]+:)[^@\s/]+(?=@)"),  # https://user:password@host
+)
+# A flag whose *next* argv word is a secret: ["--password", "hunter2"].
+_SECRET_FLAG = re.compile(rf"(?i)^-{{1,2}}{_SECRET_WORD}$")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with secret values in ``name=value``, auth headers, bearer tokens and URLs replaced."""
+    for pattern in _SECRET_IN_TEXT:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
 
 
 # -- canonical encoding -------------------------------------------------------------------------
@@ -110,7 +127,11 @@ def _now() -> str:
 
 
 def sanitize_payload(payload: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Plain JSON data for a payload; string values under secret-like keys are redacted.
+    """Plain JSON data for a payload, with secrets redacted (a defence in depth).
+
+    String values under secret-like keys are replaced; inside other strings, ``name=value``
+    pairs with secret-like names, auth headers, bearer tokens and URL passwords are replaced,
+    and in lists the word after a flag such as ``--password`` is.
 
     Bytes are refused (they would be sandbox output, which never belongs in the log).
     Paths and enums become strings; other unknown objects are refused.
@@ -134,7 +155,9 @@ def _sanitize_mapping(value: Mapping[Any, Any], where: str) -> dict[str, Any]:
 
 
 def _sanitize_value(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, bool | int | str):
+    if isinstance(value, str):
+        return redact_text(value.value if isinstance(value, Enum) else value)
+    if value is None or isinstance(value, bool | int):
         return value.value if isinstance(value, Enum) else value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -143,8 +166,12 @@ def _sanitize_value(value: Any, where: str) -> Any:
     if isinstance(value, Mapping):
         return _sanitize_mapping(value, where)
     if isinstance(value, list | tuple | set | frozenset):
-        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
-        return [_sanitize_value(v, f"{where}[]") for v in items]
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else list(value)
+        clean = [_sanitize_value(v, f"{where}[]") for v in items]
+        for i in range(1, len(items)):
+            if isinstance(items[i - 1], str) and isinstance(items[i], str) and _SECRET_FLAG.match(items[i - 1]):
+                clean[i] = REDACTED
+        return clean
     if isinstance(value, Enum):
         return _sanitize_value(value.value, where)
     if isinstance(value, PurePath):
@@ -915,6 +942,7 @@ __all__ = [
     "open_audit_log",
     "read_entries",
     "read_key_file",
+    "redact_text",
     "resolve_key",
     "sanitize_payload",
     "verify",
