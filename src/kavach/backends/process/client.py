@@ -117,6 +117,7 @@ class Channel:
         self._by_id: dict[int, deque[dict[str, Any]]] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._warm: tuple[int, socket.socket] | None = None
 
     def _ensure_reader(self) -> None:
         loop = asyncio.get_running_loop()
@@ -142,12 +143,26 @@ class Channel:
                 self._by_id.setdefault(int(message["id"]), deque()).append(message)
                 for fd in fds:
                     os.close(fd)
+            elif message.get("op") == "warm" and len(fds) == 1:
+                self._set_warm(int(message["pid"]), socket.socket(fileno=fds[0]))
             else:
                 self._control.append((message, fds))
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _set_warm(self, pid: int, sock: socket.socket) -> None:
+        if self._warm is not None:
+            self._warm[1].close()
+        self._warm = (pid, sock)
+
+    def take_warm(self) -> tuple[int, socket.socket] | None:
+        """The offered warm exec child (pid, socket), once; None when there is none at hand."""
+        if not self.closed:
+            self._on_readable()  # pick up an offer even if no reader ran since it arrived
+        warm, self._warm = self._warm, None
+        return warm
 
     def _mark_closed(self) -> None:
         self.closed = True
@@ -210,6 +225,9 @@ class Channel:
             _message, fds = self._control.popleft()
             for fd in fds:
                 os.close(fd)
+        if self._warm is not None:
+            self._warm[1].close()
+            self._warm = None
         self.sock.close()
 
 

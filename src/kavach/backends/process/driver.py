@@ -103,7 +103,8 @@ class ProcessRun(RawProcess):
             "report_pid": report_pid,
         }
         try:
-            self.instance.channel.send(message, fds)
+            if not self._send_to_warm_child(message, fds):
+                self.instance.channel.send(message, fds)
         except (ChannelClosed, protocol.ProtocolError) as exc:
             for fd in (out_r, err_r, *fds, *([stdin_w] if stdin_w is not None else [])):
                 os.close(fd)
@@ -119,6 +120,24 @@ class ProcessRun(RawProcess):
             self._stdin_task = self._loop.create_task(self._feed_stdin(stdin_w, self.request.stdin or b""))
         if self.request.timeout_ms is not None:
             self._timer = self._loop.call_later(self.request.timeout_ms / 1000, self._on_timeout)
+
+    def _send_to_warm_child(self, message: dict[str, Any], fds: list[int]) -> bool:
+        """Give the command straight to init's pre-confined child; False if none is at hand."""
+        warm = self.instance.channel.take_warm()
+        if warm is None:
+            return False
+        pid, sock = warm
+        try:
+            protocol.send(sock, message, fds)
+        except protocol.ProtocolError:
+            raise
+        except OSError:
+            return False  # it was killed while waiting (a timeout's kill(-1)); init forks one
+        finally:
+            sock.close()
+        self.pid = pid
+        self.instance.channel.send({"op": "took", "pid": pid, "id": self.exec_id})
+        return True
 
     async def _feed_stdin(self, fd: int, data: bytes) -> None:
         os.set_blocking(fd, False)

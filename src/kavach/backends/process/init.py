@@ -159,6 +159,8 @@ def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], id
         protocol.send(ctl, {"op": "ready", "probe": probe}, [proxy_fd] if proxy_fd is not None else [])
         if proxy_fd is not None:
             os.close(proxy_fd)
+        init.offer(init.first_warm)
+        init.first_warm = None
     except (OSError, ValueError, KeyError) as exc:
         _send_quietly(ctl, _error_message(exc, "build the sandbox"))
         os._exit(1)
@@ -203,9 +205,9 @@ class WarmChild:
     """A child of init that is already confined and waits for one command to execve.
 
     Forking and confining (capabilities, Landlock, seccomp) take most of an exec's time;
-    a warm child does it ahead, so an exec only passes its fds, argv and env over a socket.
-    The first warm child also runs the enforcement probe: what it reports is exactly what
-    every command of this sandbox starts from.
+    a warm child does it ahead. Its socket is handed to the caller, who sends the command
+    (fds, cwd, argv, env) straight to it. The first warm child also runs the enforcement
+    probe: what it reports is exactly what every command of this sandbox starts from.
     """
 
     def __init__(self, pid: int, sock: socket.socket, err_read: int) -> None:
@@ -253,7 +255,12 @@ class Init:
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.running = True
-        self.warm: WarmChild | None = None
+        # The warm child's socket goes to the caller, who sends it a command directly (one
+        # process hop less per exec) and then tells init which exec it took ("took").
+        self.offered: dict[int, int] = {}  # pid -> error pipe, of warm children handed out
+        self.first_warm: WarmChild | None = None
+        # offered pid -> (wait status, error) of a warm child that ended before its "took"
+        self.early_exits: dict[int, tuple[int, dict[str, Any] | None]] = {}
         self.refill = False
         self.null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -273,20 +280,42 @@ class Init:
             if error is not None:
                 raise KernelCallError(f"enforcement probe: {error['step']}", error["errno"])
             raise KernelCallError(f"enforcement probe exited with wait status {status}", 0)
-        self.warm = warm
+        self.first_warm = warm
         report: dict[str, Any] = message["report"]
         return report
 
-    def _refill_warm(self) -> None:
-        self.refill = False
-        if self.warm is not None or not self.running:
+    def offer(self, warm: WarmChild | None) -> None:
+        """Hand a warm child's socket to the caller."""
+        if warm is None:
             return
         try:
-            self.warm = _fork_warm(self.plan, probe=False)
+            protocol.send(self.ctl, {"op": "warm", "pid": warm.pid}, [warm.sock.fileno()])
+        finally:
+            warm.sock.close()
+        self.offered[warm.pid] = warm.err_read
+
+    def _refill_warm(self) -> None:
+        self.refill = False
+        if self.offered or not self.running:
+            return  # one warm child at a time
+        try:
+            warm = _fork_warm(self.plan, probe=False)
         except OSError:
             # The pids limit is exhausted (a fork bomb, say): execs fall back to a cold fork,
-            # which reports the error to the caller; retry at the next exec.
-            self.warm = None
+            # which reports the error to the caller; retry after the next exec.
+            return
+        self.offer(warm)
+
+    def _took(self, pid: int, exec_id: int) -> None:
+        """The caller gave exec ``exec_id`` to the warm child ``pid``."""
+        self.refill = True
+        err_read = self.offered.pop(pid, None)
+        if err_read is not None:
+            self.children[pid] = (exec_id, err_read)
+            return
+        early = self.early_exits.pop(pid, None)
+        if early is not None:
+            self._send_exit(exec_id, *early)
 
     def serve(self) -> None:
         """The loop: commands from the caller and SIGCHLD, until shutdown or the caller leaves."""
@@ -342,7 +371,9 @@ class Init:
             return
         for fd in fds:
             os.close(fd)
-        if op == "kill":
+        if op == "took":
+            self._took(int(message["pid"]), int(message["id"]))
+        elif op == "kill":
             self._kill_exec(int(message["id"]), int(message["sig"]))
         elif op == "killall":
             self.kill_all(int(message["sig"]))
@@ -375,18 +406,7 @@ class Init:
             protocol.send(self.ctl, {"op": "started", "id": exec_id, "pid": pid})
 
     def _dispatch(self, message: dict[str, Any], fds: list[int]) -> tuple[int, int]:
-        """Hand the command to the warm child, or fork a cold one when there is none."""
-        warm, self.warm = self.warm, None
-        if warm is not None:
-            try:
-                protocol.send(warm.sock, message, fds)
-            except OSError:
-                # It died (killed by a timeout's kill(-1)); the reaper collects it.
-                os.close(warm.err_read)
-            else:
-                return warm.pid, warm.err_read
-            finally:
-                warm.sock.close()
+        """Fork a cold exec child (the caller had no warm child at hand)."""
         err_read, err_write = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
@@ -407,27 +427,29 @@ class Init:
                 return
             if pid == 0:
                 return
-            if self.warm is not None and pid == self.warm.pid:
-                # The warm child was killed (timeout, stop); make a new one when idle.
-                self.warm.sock.close()
-                os.close(self.warm.err_read)
-                self.warm = None
+            if pid in self.offered:
+                # A warm child ended before the caller said it took it: either it ran a
+                # command whose "took" is on its way, or it was killed while waiting.
+                self.early_exits[pid] = (status, _read_error(self.offered.pop(pid)))
+                while len(self.early_exits) > 16:
+                    self.early_exits.pop(next(iter(self.early_exits)))
                 self.refill = True
                 continue
             entry = self.children.pop(pid, None)
-            if entry is None:
-                continue
-            exec_id, err_read = entry
-            error = _read_error(err_read)
-            reply: dict[str, Any] = {"op": "exit", "id": exec_id}
-            if os.WIFSIGNALED(status):
-                reply["signal"] = os.WTERMSIG(status)
-                reply["code"] = 128 + os.WTERMSIG(status)
-            else:
-                reply["code"] = os.WEXITSTATUS(status)
-            if error is not None:
-                reply["error"] = error
-            protocol.send(self.ctl, reply)
+            if entry is not None:
+                exec_id, err_read = entry
+                self._send_exit(exec_id, status, _read_error(err_read))
+
+    def _send_exit(self, exec_id: int, status: int, error: dict[str, Any] | None) -> None:
+        reply: dict[str, Any] = {"op": "exit", "id": exec_id}
+        if os.WIFSIGNALED(status):
+            reply["signal"] = os.WTERMSIG(status)
+            reply["code"] = 128 + os.WTERMSIG(status)
+        else:
+            reply["code"] = os.WEXITSTATUS(status)
+        if error is not None:
+            reply["error"] = error
+        protocol.send(self.ctl, reply)
 
     def _kill_exec(self, exec_id: int, signum: int) -> None:
         """Signal an exec's process group; SIGKILL also reaches its session and descendants."""
@@ -674,7 +696,11 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wa
         if message is None:
             os._exit(0)
         step = "set up stdio"
-        for target, fd in enumerate(fds[:3]):
+        # Without stdin bytes, fd 0 stays on /dev/null (inherited from init).
+        targets = (0, 1, 2) if message.get("stdin") else (1, 2)
+        if len(fds) != len(targets):
+            raise KernelCallError("set up stdio: wrong number of fds", 22)
+        for target, fd in zip(targets, fds, strict=True):
             os.dup2(fd, target)
         _libc.close_range_from(_SOCK_FD)
         cwd = message.get("cwd") or plan["workdir"]
