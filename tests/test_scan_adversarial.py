@@ -6,6 +6,8 @@ shortcuts (window prefilter, anchors, window boundaries, streaming) never lose a
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,10 +100,24 @@ def test_redaction_removes_every_reported_value(pieces: list[bytes], chunk: int)
                                                                            "connection_string", "pci_dss")})
     gate = Gate(policy)
     result = gate.apply(data)
+    # Streaming the same bytes in small chunks reports the same findings.
+    stream = gate.stream("stdout")
+    streamed = []
+    for i in range(0, len(data), chunk):
+        streamed += stream.feed(data[i : i + chunk])[1]
+    streamed += stream.close()[1]
+    assert {(f.rule, f.start, f.end) for f in streamed} == {(f.rule, f.start, f.end) for f in result.findings}
+    if result.verdict is Verdict.PASS:
+        return
+    redacted: Counter[bytes] = Counter()
     for f in result.findings:
         value = data[f.start : f.end]
-        if f.redact and f.severity >= policy.warn_at and len(value) >= 8 and result.verdict is not Verdict.PASS:
-            assert value not in result.released, (f.rule, value)
+        if f.redact and f.severity >= policy.warn_at and len(value) >= 8:
+            redacted[value] += 1
+    for value, count in redacted.items():
+        # Each reported occurrence is gone; unreported look-alikes (a card number glued to a
+        # word) may remain.
+        assert result.released.count(value) <= data.count(value) - count, value
 
 
 _BANKS = {name: PatternBank(rules) for name, rules in (("s", SECRET_RULES), ("d", DATA_RULES), ("c", REGEX_RULES))}
