@@ -410,16 +410,19 @@ class ProcessInstance(Instance):
             with contextlib.suppress(ChannelClosed):
                 self.channel.send({"op": "shutdown"})  # init kills its descendants, then exits
         self.channel.close()
-        await _wait_pidfd(self._pidfd, timeout=5.0)
-        if self.cgroup is not None:
-            self.cgroup.kill_all()
-        os.close(self._pidfd)
-        if self._proxy is not None:
-            self._proxy.close()
-            self._proxy = None
-        if self.cgroup is not None:
-            self.cgroup.destroy()
-        remove_private_workdir(self.plan)
+        try:
+            await _wait_pidfd(self._pidfd, timeout=5.0)
+        finally:
+            # Whatever happened above, release what the host holds for this sandbox.
+            os.close(self._pidfd)
+            if self._proxy is not None:
+                self._proxy.close()
+                self._proxy = None
+            try:
+                if self.cgroup is not None:
+                    self.cgroup.destroy()  # kills what is left, then removes it
+            finally:
+                remove_private_workdir(self.plan)
 
     async def read_file(self, path: str, max_bytes: int) -> bytes:
         """``path`` as the sandbox sees it, read by a confined ``cat`` (never by init)."""
