@@ -3,14 +3,18 @@
 Creating a sandbox (``ProcessDriver.start``), in order:
 
 1. build the plan from the spec (paths checked, seccomp compiled once, :mod:`.plan`);
-2. create the cgroup (memory, pids, cpu, freezer) when the host and the policy allow;
-3. ask the spawner to fork the sandbox's first process, send it the plan and the secrets;
-4. when it has unshared its user namespace: put it in the cgroup, write its uid/gid maps
-   and (root caller) make idmapped copies of the writable binds;
-5. it unshares the other namespaces and forks init (PID 1), which builds the root
-   filesystem and runs one enforcement probe through the real exec path;
-6. :meth:`ProcessInstance.enforcement` is built from what that probe observed, and any
-   control the policy asked for that the probe does not confirm fails creation.
+2. create the cgroup (memory, pids, cpu, freezer) when the policy asks for limits;
+3. ask the spawner to clone the sandbox's init straight into new user, mount, pid, net,
+   ipc and uts namespaces; send it the plan and the secrets (as memfds);
+4. put it in the cgroup, write its uid/gid maps and (root caller) make idmapped copies of
+   the user binds; send "mapped";
+5. init builds the root filesystem and lets its first warm exec child confine itself and
+   report what it observes (the enforcement probe);
+6. :meth:`ProcessInstance.enforcement` is built from that probe, and any control the
+   policy asked for that the probe does not confirm fails creation.
+
+Each exec goes straight to init's warm (pre-confined) child when one is at hand, else to
+init, which forks one; init reports the exit status.
 """
 
 from __future__ import annotations

@@ -1,19 +1,20 @@
-"""The inside of a sandbox: namespace setup, init (PID 1) and the confined exec child.
+"""The inside of a sandbox: init (PID 1) and the confined exec children.
 
-Three processes take part, all forked from the single-threaded spawner:
+The spawner clones one process per sandbox straight into new user, mount, pid, net, ipc
+and uts namespaces; it runs :func:`sandbox_main` and is the sandbox's init:
 
-``sandbox_main`` (stage 1, forked by the spawner)
-    receives the plan from the caller, unshares the user namespace, waits until the caller
-    has written its uid/gid maps, becomes root inside, unshares the other namespaces and
-    forks init. It reports init's host pid and exits.
-``_init_main`` (PID 1 of the new pid namespace)
-    builds the root filesystem (:mod:`.mounts`), sets the hostname, brings up loopback,
-    creates the proxy listener, makes itself non-dumpable, runs one enforcement probe
-    through the exact exec path, reports ``ready`` and then serves commands: each ``exec``
-    is a fresh child; it reaps every zombie, relays signals and kills everything on request.
-``_exec_child``
-    the confinement sequence, in the order the kernel needs: fds, session, cwd, rlimits,
-    capabilities, no_new_privs, Landlock, seccomp LAST, execve.
+``sandbox_main``
+    waits for the plan and for "mapped" (the caller wrote its uid/gid maps and moved it
+    into its cgroup), becomes root inside and enters a new cgroup namespace.
+``_init_main`` (PID 1)
+    forks the first warm exec child, builds the root filesystem (:mod:`.mounts`), sets the
+    hostname, brings up loopback, creates the proxy listener, makes itself non-dumpable,
+    lets the warm child confine itself and report the enforcement probe, reports ``ready``
+    and serves: it hands warm children to the caller, forks cold ones when needed, reaps
+    every zombie, reports exits, relays signals and kills everything on request.
+``_warm_child`` / ``_exec_child``
+    the confinement sequence, in the order the kernel needs: fds, session, rlimits,
+    capabilities, oom score, no_new_privs, Landlock, seccomp LAST; then cwd and execve.
 
 Only the standard library and small kavach modules are imported; the spawner has already
 imported them, so forking costs no imports.
@@ -90,7 +91,7 @@ def reopen_std_fds() -> None:
         os.close(null)
 
 
-# -- stage 1 -----------------------------------------------------------------------------------
+# -- the sandbox's first moments ------------------------------------------------------------------
 
 
 def sandbox_main(ctl_fd: int) -> NoReturn:

@@ -1,7 +1,7 @@
 """Turning a :class:`LaunchSpec` into the plain-data plan the sandbox side executes.
 
 The plan is computed in the caller (host view of paths, policy checks, the seccomp program
-compiled once) and sent to the sandbox's first process as JSON. Secrets are not in it:
+compiled once) and sent to the sandbox's init as JSON. Secrets are not in it:
 they travel as memfds next to it.
 """
 
