@@ -41,7 +41,11 @@ class Spawner:
 
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-c", STARTER, "kavach-spawner"],
+                # argv[0] is a plain name: every sandbox can read it as /proc/1/cmdline,
+                # and the interpreter's path would name a host directory. The bootstrap
+                # brings the caller's import path, so nothing depends on argv[0].
+                ["kavach-spawner", "-I", "-c", STARTER],
+                executable=sys.executable,
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
