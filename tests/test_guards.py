@@ -262,3 +262,19 @@ def test_any_argv_is_either_accepted_or_refused_with_a_guard_violation(argv: lis
         check_command(argv, BLOCK_SHELLS)
     except GuardViolation as exc:
         assert exc.rule in {"blocked_command", "not_allowed", "sensitive_path", "shell_trick", "unparseable"}
+
+
+ADVERSARIAL = [
+    (["python3", "-c", "a/" * 50_000], None),  # was quadratic in the blocked-name search
+    (["sh", "-c", "echo $'" + "\\1" * 50_000 + "'"], None),
+    (["sh", "-c", "echo " + "$((" * 3_000 + "1" + "))" * 3_000], "unparseable"),  # was a RecursionError
+    (["sh", "-c", "{" + "," * 100_000 + "a"], None),  # was quadratic in the brace-expansion check
+    (["sh", "-c", "$(" * 5_000], "unparseable"),
+    (["cat", "/" + "*/" * 20_000], "sensitive_path"),
+]
+
+
+@pytest.mark.parametrize(("argv", "rule"), ADVERSARIAL, ids=[f"case{i}" for i in range(len(ADVERSARIAL))])
+def test_adversarial_inputs_end_with_an_answer(argv: list[str], rule: str | None) -> None:
+    """Large hostile inputs finish (linear work) and end in a verdict, never another exception."""
+    assert rule_of(argv, GuardPolicy(blocked_commands=("bash", "curl"))) == rule

@@ -88,6 +88,14 @@ _IFS = re.compile(r"\$\{?IFS\b")
 _DEV_NET = re.compile(r"/dev/(tcp|udp)/")
 _PLACEHOLDER = "__kavach_subst_"
 _GLOB_CHARS = frozenset("*?[")
+_OCTAL = re.compile(r"[0-7]{1,3}")
+_HEX_DIGITS = {width: re.compile(rf"[0-9a-fA-F]{{1,{width}}}") for width in (2, 4, 8)}
+
+
+def _is_brace_list(word: str) -> bool:
+    """``{a,b}``: a brace expansion bash turns into separate words (checked without a regex)."""
+    inner = word[1:-1]
+    return len(word) > 2 and word[0] == "{" and word[-1] == "}" and "," in inner and not {"{", "}"} & set(inner)
 
 
 # -- wrappers -----------------------------------------------------------------------------------
@@ -293,13 +301,13 @@ def _decode_ansi_c(text: str, start: int) -> tuple[str, int]:
             out.append(_ANSI_C_ESCAPES[nxt])
             i += 2
         elif nxt in "01234567":
-            digits = re.match(r"[0-7]{1,3}", text[i + 1 :])
+            digits = _OCTAL.match(text, i + 1)
             assert digits is not None
             out.append(chr(int(digits.group(), 8) & 0xFF))
             i += 1 + len(digits.group())
         elif nxt in "xuU":
             width = {"x": 2, "u": 4, "U": 8}[nxt]
-            digits = re.match(rf"[0-9a-fA-F]{{1,{width}}}", text[i + 2 :])
+            digits = _HEX_DIGITS[width].match(text, i + 2)
             if digits is None:
                 out.append("\\" + nxt)
                 i += 2
@@ -360,7 +368,7 @@ class _Prepass:
     substitutions: list[str]
 
 
-def _prepass(script: str) -> _Prepass:
+def _prepass(script: str, depth: int = 0) -> _Prepass:
     """Rewrite ``script`` into something ``shlex`` tokenises like a shell would.
 
     Command substitutions become placeholder words (their text is returned for separate
@@ -402,7 +410,9 @@ def _prepass(script: str) -> _Prepass:
             end = _matching_paren(script, i + 1)
             if script[end - 1] == ")":
                 # Arithmetic is not a command, but a substitution inside it is.
-                subs.extend(_prepass(script[i + 3 : end - 1]).substitutions)
+                if depth >= MAX_DEPTH:
+                    raise GuardViolation("unparseable", f"arithmetic nests deeper than {MAX_DEPTH} levels")
+                subs.extend(_prepass(script[i + 3 : end - 1], depth + 1).substitutions)
                 out.append("0")
                 i = end + 1
                 word_start = False
@@ -465,7 +475,9 @@ class _Analyzer:
         self.tricks = policy.block_shell_tricks
         self._blocked_word = (
             re.compile(
-                r"(?<![\w.-])(?:[\w./-]*/)?(?:"
+                # "/" in the lookbehind: a match starts only at the start of a path-like run,
+                # which keeps the search linear on adversarial input such as "a/a/a/...".
+                r"(?<![\w./-])(?:[\w./-]*/)?(?:"
                 + "|".join(re.escape(b) for b in sorted(self.blocked))
                 + r")(?:-?\d+(?:\.\d+)*)?(?![\w.-])"
             )
@@ -670,7 +682,7 @@ class _Analyzer:
                 continue
             argv.append(word)
             i += 1
-        if argv and re.fullmatch(r"\{[^{}]*,[^{}]*\}", argv[0]):
+        if argv and _is_brace_list(argv[0]):
             # Brace expansion at the command position: {cat,/etc/shadow} runs cat /etc/shadow.
             argv = argv[0][1:-1].split(",") + argv[1:]
         return argv or None
