@@ -162,7 +162,12 @@ def _build_proc() -> None:
         rel = _rel(path)
         if not os.path.isdir(rel):
             continue
-        fd = _libc.new_fs_mount("tmpfs", {"size": "4096", "mode": "0555"}, MOUNT_ATTR_RDONLY, f"mask {path}")
+        fd = _libc.new_fs_mount(
+            "tmpfs",
+            {"size": "4096", "mode": "0555"},
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            f"mask {path}",
+        )
         try:
             _libc.move_mount(fd, AT_FDCWD, rel, f"mask {path}")
         finally:
