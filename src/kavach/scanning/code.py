@@ -226,8 +226,9 @@ REGEX_RULES: tuple[Rule, ...] = (
     _rule("builtins-indirection", OB, H, r"(?:getattr\(\s*(?:__builtins__|builtins)\s*,|vars\(\s*(?:globals|locals)\(\)\s*"  # noqa: E501
           r"\[\s*[\"']__builtins__[\"']\s*\]\s*\)\s*\[|__builtins__\.__dict__\s*\[)"),
     _rule("js-api-obfuscation", OB, M, r"\b(?:process|os|child_process|require\([\"']child_process[\"']\))\s*\[\s*"
-          r"(?:Object\.(?:getOwnPropertyNames|keys|entries)|[\"']\\x)|Object\.(?:getOwnPropertyNames|keys|entries)"
-          r"\((?:process|os|child_process)\)\.find\("),
+          r"[^\]\n]{1,160}\]\s*(?:\(|\.(?:call|apply|bind)\s*\()|Reflect\.get\(\s*(?:process|os|child_process)\s*,|"
+          r"Object\.getOwnPropertyDescriptor\(\s*(?:process|os|child_process)\s*,|"
+          r"Object\.(?:getOwnPropertyNames|keys|entries)\(\s*(?:process|os|child_process)\s*\)\.(?:find|filter)\("),
     _rule("python-api-obfuscation", OB, M, r"__import__\(\s*[\"'][a-z]+[\"']\s*\)\.__getattribute__\(|"
           r"__getattribute__\(\s*[\"'](?:system|popen|startfile|exec|spawn)"),
     _rule("steganography", OB, M, r"\b(?:steganography|stegano|lsb\.reveal|exif\.load|piexif)\b"),
@@ -288,7 +289,7 @@ _CODE_ANCHORS: dict[str, tuple[str, ...]] = {
     "code.js-function-constructor": (r"Function\s*\(\s*(?:atob|Buffer|String|unescape)|constructor\s*\(\s*[\"']return",),  # noqa: E501
     "code.hex-escaped-blob": (r"(?:\\x[0-9a-fA-F]{2}){4}",),
     "code.builtins-indirection": (r"builtins",),
-    "code.js-api-obfuscation": (r"Object\.|process\[|os\[|child_process",),
+    "code.js-api-obfuscation": (r"Object\.|Reflect\.get|process\s*\[|os\s*\[|child_process",),
     "code.unicode-identifier-exec": (r"\xf0\x9d",),
     "code.js-child-process-exec": (r"child_process|cp\.",),
     "code.ruby-system": (r"Kernel\.|%x[({\[]|#\{|Open3\.|IO\.popen",),
@@ -329,9 +330,11 @@ PY_SETUP_HOOK = _ast_rule("install-hook", SC, H, "setup.py cmdclass overriding i
 PY_SETUID = _ast_rule("setuid-root", PE, H, "os.setuid(0)/setgid(0)")
 PY_DESERIALIZE = _ast_rule("unsafe-deserialize", CI, L, "pickle/marshal/yaml.load of data")
 PY_DOWNLOAD_EXEC = _ast_rule("download-execute", SC, H, "file downloaded, made executable and run")
+PY_DNS_EXFIL = _ast_rule("dns-exfiltration", EX, H, "data smuggled out in a DNS name (f-string host lookup)")
 
 AST_RULES: tuple[Rule, ...] = (PY_EXEC_DYNAMIC, PY_EXEC_DECODED, PY_DUNDER_IMPORT, PY_SHELL_TRUE, PY_OS_SYSTEM,
-                               PY_REVERSE_SHELL, PY_EXFIL, PY_SETUP_HOOK, PY_SETUID, PY_DESERIALIZE, PY_DOWNLOAD_EXEC)
+                               PY_REVERSE_SHELL, PY_EXFIL, PY_SETUP_HOOK, PY_SETUID, PY_DESERIALIZE, PY_DOWNLOAD_EXEC,
+                               PY_DNS_EXFIL)
 
 _DECODERS = frozenset({"b64decode", "b32decode", "b16decode", "b85decode", "a85decode", "urlsafe_b64decode",
                        "decompress", "loads", "fromhex", "unhexlify", "decode", "standard_b64decode"})
@@ -385,7 +388,11 @@ def _mentions(node: ast.AST, names: frozenset[str]) -> bool:
 
 
 _SECRET_SOURCES = frozenset({"os.environ", "environ", "getenv", ".ssh", "id_rsa", ".aws", "credentials", "passwd",
-                             "Login Data", "cookies", "keychain", "token"})
+                             "Login Data", "cookies", "keychain", "token", "creds", "env_vars", "AWS_", "password",
+                             "secret", "cookie"})
+_DNS_LOOKUPS = frozenset({"socket.gethostbyname", "socket.gethostbyname_ex", "socket.getaddrinfo", "gethostbyname",
+                          "dns.resolver.query", "dns.resolver.resolve", "resolver.query", "resolver.resolve"})
+_EXEC_BITS = frozenset({"S_IEXEC", "S_IXUSR", "S_IXGRP", "S_IXOTH", "0o7", "0o5", "493", "511", "777", "755"})
 
 
 def _python_hits(tree: ast.Module) -> Iterator[_AstHit]:
@@ -411,14 +418,22 @@ def _python_hits(tree: ast.Module) -> Iterator[_AstHit]:
             arg = call.args[0]
             if not isinstance(arg, ast.Constant) or arg.value in ("os", "subprocess", "socket", "base64", "pty", "ctypes"):  # noqa: E501
                 yield _AstHit(PY_DUNDER_IMPORT, call)
-        elif (name.startswith(("subprocess.", "sp.")) or name in _SUBPROCESS) and last in _SUBPROCESS:
+        elif (name.startswith(("subprocess.", "sp.")) or name in _SUBPROCESS or last == "run") and (
+            last in _SUBPROCESS
+        ):
             shell = any(k.arg == "shell" and isinstance(k.value, ast.Constant) and k.value.value is True
                         for k in call.keywords)
-            if shell and call.args and not _is_literal(call.args[0]):
+            if call.args and _contains_decoder(call.args[0], tainted):
+                yield _AstHit(PY_EXEC_DECODED, call)  # python -c <base64-decoded code>
+            elif shell and call.args and not _is_literal(call.args[0]):
                 yield _AstHit(PY_SHELL_TRUE, call)
         elif name in ("os.system", "os.popen", "system", "popen", "os.popen2", "os.popen3") and call.args:
-            if not _is_literal(call.args[0]):
+            if _contains_decoder(call.args[0], tainted):
+                yield _AstHit(PY_EXEC_DECODED, call)
+            elif not _is_literal(call.args[0]):
                 yield _AstHit(PY_OS_SYSTEM, call)
+        elif name in _DNS_LOOKUPS and call.args and isinstance(call.args[0], (ast.JoinedStr, ast.BinOp)):
+            yield _AstHit(PY_DNS_EXFIL, call)
         elif name in ("os.setuid", "os.setgid", "os.seteuid", "setuid") and call.args:
             arg = call.args[0]
             if isinstance(arg, ast.Constant) and arg.value == 0:
@@ -441,11 +456,24 @@ def _python_hits(tree: ast.Module) -> Iterator[_AstHit]:
                     for n in names)
             ):
                 yield _AstHit(PY_SETUP_HOOK, call)
-    retrieve = [c for c in calls if _dotted(c.func).endswith(("urlretrieve", "urlopen", "requests.get"))]
-    chmod = [c for c in calls if _dotted(c.func) == "os.chmod" and _mentions(c, frozenset({"S_IEXEC", "S_IXUSR", "0o7",
-                                                                                             "493", "511"}))]
-    if retrieve and chmod:
-        yield _AstHit(PY_DOWNLOAD_EXEC, chmod[0])
+    fetched = any(_dotted(c.func).endswith(("urlretrieve", "urlopen", "requests.get", ".get", ".content"))
+                  for c in calls) or _writes_binary(calls)
+    made_executable = [c for c in calls if (_dotted(c.func) == "os.chmod" and _mentions(c, _EXEC_BITS)) or (
+        _dotted(c.func) in ("os.system", "subprocess.call", "subprocess.run") and _mentions(c, frozenset({"chmod +x",
+                                                                                                        "start "})))]
+    if fetched and made_executable:
+        yield _AstHit(PY_DOWNLOAD_EXEC, made_executable[0])
+
+
+def _writes_binary(calls: list[ast.Call]) -> bool:
+    """``open(path, "wb")``: a payload being written to disk."""
+    for call in calls:
+        if _dotted(call.func) == "open" and len(call.args) >= 2:
+            mode = call.args[1]
+            text = mode.value if isinstance(mode, ast.Constant) and isinstance(mode.value, str) else ""
+            if "w" in text and "b" in text:
+                return True
+    return False
 
 
 def _line_offsets(data: bytes) -> list[int]:
@@ -458,6 +486,8 @@ def _line_offsets(data: bytes) -> list[int]:
 
 
 def _looks_like_python(data: bytes) -> bool:
+    if len(data) <= 65536:
+        return True  # small artifacts are cheap to try: a one-line snippet has no "import"
     head = data[:65536]
     return any(marker in head for marker in (b"import ", b"def ", b"print(", b"exec(", b"eval(", b"setup(", b"class "))
 

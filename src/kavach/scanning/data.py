@@ -20,7 +20,15 @@ import phonenumbers
 
 from kavach.scanning.engine import PatternBank, Rule, SpanIndex, Spans, dedupe, finalize
 from kavach.scanning.findings import Finding, Severity
-from kavach.scanning.validators import card_brand, iban_valid, ipv4_kind, ipv6_kind, luhn_valid, ssn_valid
+from kavach.scanning.validators import (
+    IBAN_LENGTHS,
+    card_brand,
+    iban_valid,
+    ipv4_kind,
+    ipv6_kind,
+    luhn_valid,
+    ssn_valid,
+)
 
 _CONTEXT_WINDOW = 48
 
@@ -145,6 +153,9 @@ CARD_RULE = Rule(
 # --- IBAN ----------------------------------------------------------------------------------
 
 
+_IBAN_COUNTRIES = "|".join(sorted(IBAN_LENGTHS))
+
+
 def _iban_ok(data: bytes, start: int, end: int, _spans: Spans) -> tuple[float, int] | None:
     """Valid as matched, or after dropping trailing space-separated groups (``... 00 EUR``)."""
     value = data[start:end]
@@ -162,7 +173,9 @@ IBAN_RULE = Rule(
     id="pii.iban",
     category="iban",
     severity=Severity.MEDIUM,
-    pattern=r"(?:^|[^A-Za-z0-9])([A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}|[a-z]{2}\d{2}[a-z0-9]{11,30})",
+    # Only registered country codes: "ab12..." in a hex request id is not an IBAN candidate.
+    pattern=r"(?:^|[^A-Za-z0-9])((?:" + _IBAN_COUNTRIES + r")\d{2}(?: ?[A-Z0-9]){11,30}|"
+    r"(?i:" + _IBAN_COUNTRIES + r")\d{2}[a-z0-9]{11,30})",
     value_group=1,
     not_followed_by=r"[A-Za-z0-9]",
     validate=_iban_ok,
