@@ -289,6 +289,7 @@ async def test_the_waiting_exec_child_and_init_expose_no_fds_to_commands() -> No
         # init and the warm exec child are kavach's Python processes: their fds (pipes and
         # sockets to init) must not be reachable through /proc by a command.
         script = (
+            "sleep 0.5; "  # init makes the next warm child while this command runs
             "for p in /proc/[0-9]*; do c=$(cat $p/comm 2>/dev/null); "
             "case $c in python*) ls $p/fd >/dev/null 2>&1 && echo open:${p#/proc/}:$c || echo closed:$c;; esac; done"
         )
