@@ -351,3 +351,13 @@ def test_secrets_inside_strings_and_argv_are_redacted(tmp_path: Path) -> None:
     for secret in ("sk-abc", "hunter2", "pw-value-1", "tok-value-2", "key-value-3", "ghp_value4"):
         assert secret not in text
     assert verify(tmp_path / "a.jsonl", KEY).ok
+
+
+def test_redaction_handles_large_hostile_strings() -> None:
+    """Argv comes from the workload: every redaction pattern must stay linear on it."""
+    hostile = ["token" * 40_000, "-" + "password" * 20_000, "://a:" + "b" * 200_000, "a=" * 100_000]
+    clean = audit.sanitize_payload({"argv": hostile})["argv"]
+    assert clean[0] == hostile[0]
+    assert clean[1] == hostile[1]
+    assert clean[2] == "[redacted]"  # the word after a --password... flag
+    assert len(clean[3]) == len(hostile[3])

@@ -82,22 +82,35 @@ _SECRET_KEY = re.compile(
     r"(^|_)auth(orization)?($|_)|cookie|session[_-]?id|bearer)"
 )
 REDACTED = "[redacted]"
-_SECRET_WORD = r"[\w-]*(?:passw(?:or)?d|passphrase|secret|token|api[_-]?key|private[_-]?key|credential)[\w-]*"  # noqa: S105 (a pattern of secret names, not a secret)
+# Every pattern here runs on strings that can come from a sandboxed workload (argv), so each
+# one is linear: no pattern has two unbounded repeats that can both match the same text.
+_SECRET_NAME = re.compile(r"(?i)passw(?:or)?d|passphrase|secret|token|api[_-]?key|private[_-]?key|credential")
+_NAME = re.compile(r"-{0,2}[\w-]+")
+_WORD = re.compile(r"[^\s;&|]+")
 # Secrets embedded in strings (argv words, details): the value part is replaced, the name kept.
 _SECRET_IN_TEXT = (
-    re.compile(rf"(?i)((?:^|\s|[;&|])-{{0,2}}{_SECRET_WORD}=)[^\s;&|]+"),  # --password=x, TOKEN=x
-    re.compile(r"(?i)\b((?:proxy-)?authorization\s*:\s*|cookie\s*:\s*|x-api-key\s*:\s*)[^\r\n]+"),  # headers
-    re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+"),
-    re.compile(r"(?i)(://[^/\s:@]+:)[^@\s/]+(?=@)"),  # https://user:password@host
+    re.compile(r"(?i)\b((?:proxy-)?authorization[ \t]*:[ \t]*|cookie[ \t]*:[ \t]*|x-api-key[ \t]*:[ \t]*)[^\r\n]+"),
+    re.compile(r"(?i)\b(bearer[ \t]+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(://[^/\s:@]+:)[^@\s/]+(@)"),  # https://user:password@host
 )
-# A flag whose *next* argv word is a secret: ["--password", "hunter2"].
-_SECRET_FLAG = re.compile(rf"(?i)^-{{1,2}}{_SECRET_WORD}$")
+
+
+def _secret_name(name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and _SECRET_NAME.search(name) is not None
+
+
+def _redact_assignment(match: re.Match[str]) -> str:
+    word = match.group()
+    name, sep, _ = word.partition("=")
+    return f"{name}={REDACTED}" if sep and _secret_name(name) else word
 
 
 def redact_text(text: str) -> str:
     """``text`` with secret values in ``name=value``, auth headers, bearer tokens and URLs replaced."""
+    if "=" in text:
+        text = _WORD.sub(_redact_assignment, text)  # --password=x, GITHUB_TOKEN=x
     for pattern in _SECRET_IN_TEXT:
-        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+        text = pattern.sub(lambda m: m.group(1) + REDACTED + (m.group(2) if m.lastindex == 2 else ""), text)
     return text
 
 
@@ -169,7 +182,8 @@ def _sanitize_value(value: Any, where: str) -> Any:
         items = sorted(value, key=str) if isinstance(value, set | frozenset) else list(value)
         clean = [_sanitize_value(v, f"{where}[]") for v in items]
         for i in range(1, len(items)):
-            if isinstance(items[i - 1], str) and isinstance(items[i], str) and _SECRET_FLAG.match(items[i - 1]):
+            flag = items[i - 1]
+            if isinstance(flag, str) and isinstance(items[i], str) and flag[:1] == "-" and _secret_name(flag):
                 clean[i] = REDACTED
         return clean
     if isinstance(value, Enum):
