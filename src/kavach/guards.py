@@ -50,6 +50,7 @@ from kavach.backends.base import ExecRequest, Instance
 from kavach.backends.names import Backend
 from kavach.errors import ExecError, GuardViolation, PolicyError
 from kavach.policy import GuardPolicy
+from kavach.scanning.findings import Finding, Severity
 from kavach.scoring import Control, Enforcement
 
 logger = logging.getLogger(__name__)
@@ -756,6 +757,37 @@ def check_command(argv: Sequence[str], policy: GuardPolicy, *, shell: str | None
         analyzer.argv(argv, 0)
 
 
+# What a refused command says about intent, for threat assessment (kavach.threat maps the
+# category to a kill-chain stage: sensitive_path is reconnaissance, the rest exploitation).
+_VIOLATION_SEVERITY: Mapping[str, Severity] = {
+    "sensitive_path": Severity.HIGH,
+    "shell_trick": Severity.HIGH,
+    "blocked_command": Severity.MEDIUM,
+    "unparseable": Severity.MEDIUM,
+    "not_allowed": Severity.LOW,
+    "fork_bomb": Severity.HIGH,
+}
+VIOLATION_CONFIDENCE = 0.9  # the rule fired for certain; the intent behind it is an inference
+
+
+def violation_finding(violation: GuardViolation) -> Finding:
+    """A :class:`Finding` for a guard violation, so refused commands count in threat assessment."""
+    detail = violation.detail if len(violation.detail) <= 200 else violation.detail[:197] + "..."
+    return Finding(
+        scanner="guards",
+        rule=violation.rule,
+        category=violation.rule,
+        severity=_VIOLATION_SEVERITY.get(violation.rule, Severity.MEDIUM),
+        start=0,
+        end=0,
+        line=0,
+        evidence=detail,
+        confidence=VIOLATION_CONFIDENCE,
+        source="command",
+        redact=False,
+    )
+
+
 # -- fork bombs ---------------------------------------------------------------------------------
 
 
@@ -1069,4 +1101,5 @@ __all__ = [
     "parse_mountinfo",
     "parse_status",
     "program_names",
+    "violation_finding",
 ]
