@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import posixpath
@@ -742,6 +743,12 @@ def _path_covers(candidate: str, sensitive: str) -> bool:
     return all(fnmatch.fnmatchcase(s, c) for c, s in pairs)
 
 
+@functools.lru_cache(maxsize=64)
+def _analyzer_for(policy: GuardPolicy) -> _Analyzer:
+    # Analyzers hold only what they derive from the (frozen) policy, so one per policy suffices.
+    return _Analyzer(policy)
+
+
 def check_command(argv: Sequence[str], policy: GuardPolicy, *, shell: str | None = None) -> None:
     """Refuse a command the guard policy forbids; raises :class:`GuardViolation` (rule, detail).
 
@@ -750,7 +757,7 @@ def check_command(argv: Sequence[str], policy: GuardPolicy, *, shell: str | None
     built around it) is not. Rules: ``blocked_command``, ``not_allowed``, ``sensitive_path``,
     ``shell_trick`` and ``unparseable`` (the guard could not follow the command: fail closed).
     """
-    analyzer = _Analyzer(policy)
+    analyzer = _analyzer_for(policy)
     if shell is not None:
         analyzer.script(shell, 0)
     else:
