@@ -757,7 +757,10 @@ def check_command(argv: Sequence[str], policy: GuardPolicy, *, shell: str | None
     built around it) is not. Rules: ``blocked_command``, ``not_allowed``, ``sensitive_path``,
     ``shell_trick`` and ``unparseable`` (the guard could not follow the command: fail closed).
     """
-    analyzer = _analyzer_for(policy)
+    try:
+        analyzer = _analyzer_for(policy)
+    except TypeError:  # a policy built with lists is not hashable: analyse without the cache
+        analyzer = _Analyzer(policy)
     if shell is not None:
         analyzer.script(shell, 0)
     else:
