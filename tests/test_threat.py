@@ -215,3 +215,18 @@ def test_a_lone_critical_finding_suspends_and_a_repeat_offence_revokes(assessor:
     second = assessor.assess("leaky", key_leak)
     assert second.intent_score == pytest.approx(0.70 * 1.2)
     assert (second.classification, second.tier) == (Classification.MALICIOUS, Tier.REVOKE)
+
+
+def test_default_store_is_shared_per_location_and_reopened_after_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAVACH_DATA_DIR", str(tmp_path / "one"))
+    first = default_offender_store()
+    assert default_offender_store() is first
+    first.revoke("x", "test")
+    first.close()
+    reopened = default_offender_store()
+    assert reopened is not first
+    assert reopened.is_revoked("x")
+    monkeypatch.setenv("KAVACH_DATA_DIR", str(tmp_path / "two"))
+    assert not default_offender_store().is_revoked("x")

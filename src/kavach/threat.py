@@ -310,6 +310,7 @@ class OffenderStore:
         self.half_life_s = half_life_s
         self._clock = clock
         self._lock = threading.RLock()
+        self.closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=paths.PRIVATE_DIR_MODE)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, paths.PRIVATE_FILE_MODE))
@@ -322,6 +323,7 @@ class OffenderStore:
     def close(self) -> None:
         """Close the database connection."""
         with self._lock:
+            self.closed = True
             self._db.close()
 
     @contextlib.contextmanager
@@ -425,13 +427,26 @@ class OffenderStore:
         return records
 
 
+_DEFAULT_STORES: dict[Path, OffenderStore] = {}
+_DEFAULT_STORES_LOCK = threading.Lock()
+
+
 def default_offender_store() -> OffenderStore:
-    """The offender store in the user's data directory (``<data dir>/offenders.sqlite3``)."""
-    try:
-        paths.ensure_private_dir(paths.data_dir())
-    except OSError as exc:
-        raise OffenderError(f"cannot create the kavach data directory {paths.data_dir()}: {exc}") from None
-    return OffenderStore(paths.offenders_db())
+    """The offender store in the user's data directory (``<data dir>/offenders.sqlite3``).
+
+    One open store per location and process, shared by every caller (every ``Sandbox.create``
+    asks for it); a store someone closed is reopened.
+    """
+    path = paths.offenders_db()
+    with _DEFAULT_STORES_LOCK:
+        store = _DEFAULT_STORES.get(path)
+        if store is None or store.closed:
+            try:
+                paths.ensure_private_dir(paths.data_dir())
+            except OSError as exc:
+                raise OffenderError(f"cannot create the kavach data directory {paths.data_dir()}: {exc}") from None
+            store = _DEFAULT_STORES[path] = OffenderStore(path)
+        return store
 
 
 # -- assessment ---------------------------------------------------------------------------------
