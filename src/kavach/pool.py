@@ -13,6 +13,8 @@ Rules:
 * a warm sandbox older than ``max_lifetime_s`` or no longer running is destroyed instead of
   handed out (the health check), and replaced;
 * when the pool is empty, :meth:`claim` creates a sandbox on demand;
+* the refill starts ``refill_delay_s`` after a claim, so that it does not compete with the
+  claimant's first command for the CPU;
 * every method is safe to call from many asyncio tasks of one event loop.
 
 Use it as ``async with SandboxPool(config, size=4) as pool: async with pool.lease() as sb: ...``.
@@ -69,6 +71,7 @@ class SandboxPool:
         health_check: HealthCheck | None = None,
         driver: Driver | None = None,
         concurrency: int = 2,
+        refill_delay_s: float = 0.1,
     ) -> None:
         if size < 0:
             raise PolicyError("pool.size", size, "must be >= 0")
@@ -78,12 +81,17 @@ class SandboxPool:
             raise PolicyError("pool.max_lifetime_s", max_lifetime_s, "must be positive")
         if concurrency < 1:
             raise PolicyError("pool.concurrency", concurrency, "must be >= 1")
+        if refill_delay_s < 0:
+            raise PolicyError("pool.refill_delay_s", refill_delay_s, "must be >= 0")
         self.config = config or SandboxConfig()
         self.size = size
         self.reuse = reuse
         self.max_uses = max_uses if reuse else 1
         self.max_lifetime_s = max_lifetime_s
         self._health_check = health_check
+        # Creating a sandbox is CPU work in several processes; right after a claim it would
+        # compete with the claimant's first command, so the refill waits this long.
+        self.refill_delay_s = refill_delay_s
         self._driver = driver
         self._warm: deque[_Entry] = deque()
         self._leased: dict[int, _Entry] = {}
@@ -240,6 +248,8 @@ class SandboxPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
+            if self.refill_delay_s > 0:
+                await asyncio.sleep(self.refill_delay_s)
             await self._expire_old()
             try:
                 await self.replenish()
