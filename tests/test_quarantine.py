@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -179,3 +180,19 @@ def test_store_is_usable_from_other_threads(store: QuarantineStore) -> None:
         items = list(pool.map(store.get, ids))
     assert sorted(i.id for i in items) == sorted(ids)
     assert len(store.list()) == 8
+
+
+def test_orphaned_held_files_are_swept_on_open(tmp_path: Path) -> None:
+    store = QuarantineStore(tmp_path / "q")
+    kept = put(store)
+    store.close()
+    items = tmp_path / "q" / "items"
+    old_orphan = items / "q-00000000000000aa.bin"  # written, then the process died before recording it
+    young_orphan = items / "q-00000000000000bb.bin"  # another process may be recording it right now
+    for orphan in (old_orphan, young_orphan):
+        orphan.write_bytes(b"secret")
+    os.utime(old_orphan, (1_000_000_000, 1_000_000_000))
+    QuarantineStore(tmp_path / "q").close()
+    assert not old_orphan.exists()
+    assert young_orphan.exists()
+    assert (items / f"{kept}.bin").exists()

@@ -151,6 +151,25 @@ class QuarantineStore:
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise QuarantineError(f"cannot open quarantine store {self.directory}: {exc}") from None
+        self._sweep_orphans()
+
+    ORPHAN_AGE_S = 3600.0
+
+    def _sweep_orphans(self) -> None:
+        """Delete held files that no item row names (a crash between writing and recording).
+
+        Only files older than :attr:`ORPHAN_AGE_S`: a younger one may belong to a ``put`` that
+        another process is still completing.
+        """
+        known = {row[0] for row in self._query("SELECT id FROM items")}
+        cutoff = time.time() - self.ORPHAN_AGE_S
+        for entry in os.scandir(self._items_dir):
+            item_id = entry.name.removesuffix(".bin")
+            if item_id in known or not entry.name.endswith(".bin"):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
 
     def close(self) -> None:
         """Close the database connection."""
