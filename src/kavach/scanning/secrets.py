@@ -148,6 +148,7 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("anthropic-api-key", _b(r"sk-ant-(?:api|admin|sid)\d{2}-[A-Za-z0-9_\-]{80,120}"), C, category="ai_token"),
     _provider("huggingface-token", _b(r"(?:hf_[A-Za-z]{34}|api_org_[A-Za-z]{34})"), H, category="ai_token"),
     _provider("perplexity-api-key", _b(r"pplx-[A-Za-z0-9]{48}"), H, category="ai_token"),
+    _provider("llamacloud-api-key", _b(r"llx-[A-Za-z0-9_\-]{40,64}"), H, category="ai_token"),
     _provider("groq-api-key", _b(r"gsk_[A-Za-z0-9]{52}"), H, category="ai_token"),
     _provider("replicate-api-token", _b(r"r8_[A-Za-z0-9]{37}"), H, category="ai_token"),
     # --- payments ---
@@ -183,6 +184,7 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("mailgun-key", _b(r"(?:key|pubkey)-[a-f0-9]{32}"), H, category="saas_token", random_body=True),
     _provider("mailchimp-api-key", _b(r"[a-f0-9]{32}-us\d{1,2}"), H, category="saas_token"),
     _provider("postman-api-key", _b(r"PMAK-[a-fA-F0-9]{24}-[a-fA-F0-9]{34}"), H, category="saas_token"),
+    _provider("netlify-token", _b(r"nfp_[A-Za-z0-9]{36,40}"), H, category="saas_token"),
     _provider("linear-api-key", _b(r"lin_api_[A-Za-z0-9]{40}"), H, category="saas_token"),
     _provider("notion-token", _b(r"(?:ntn_[0-9]{11}[A-Za-z0-9]{35}|secret_[A-Za-z0-9]{43})"), H, category="saas_token"),
     _provider("new-relic-key", _b(r"NR(?:AK|II|JS)-[A-Za-z0-9]{19,32}"), H, category="saas_token"),
@@ -371,7 +373,10 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
 
 # --- keyword + assignment -----------------------------------------------------------------
 
-_PASSWORD_WORDS = r"pass(?:word|wd|wrd|phrase|code)?|pwd|pw|passwort|contrase[nñ]a|senha|mot_?de_?passe"  # noqa: S105
+_PASSWORD_WORDS = (
+    r"pass(?:word|wd|wrd|phrase|code)?|pwd|pw|passwort|contrase[nñ]a|senha|mot_?de_?passe|"
+    r"p(?:a|s)?s{1,2}w(?:o?r)?d"  # pswd, psswd, pswrd, paswd, paswrd, pasword ...
+)  # noqa: S105
 _SECRET_WORDS = (
     r"secret|token|api[ _.\-]?key|apikey|access[ _.\-]?key|priv(?:ate)?[ _.\-]?key|auth[ _.\-]?key|"  # noqa: S105
     r"credentials?|client[ _.\-]?secret|signing[ _.\-]?key|encryption[ _.\-]?key|enc[ _.\-]?key|master[ _.\-]?key|"
@@ -384,7 +389,7 @@ _KEY_NAME = rf"[A-Za-z0-9_.\-]*(?:{_PASSWORD_WORDS}|{_SECRET_WORDS})[A-Za-z0-9_.
 # Separators of Python, JS, Go, YAML, JSON, INI, .env, shell, PHP, Ruby, TOML, C#.
 # An optional type between the name and the operator: Go ``var token string =``,
 # Kotlin/Swift/TS ``val token: String =``.
-_ASSIGN = r"(?:\\?[\"'`\]]){0,2}(?:[ \t]*:?[ \t]*(?:string|String|str|&str|\[\]byte|SecureString)\??)?[ \t]*(?:=|:=|:|=>|->|\?\?=|\|\|=)[ \t]*(?:@?\\?\"|\\?'|`|\([ \t]*[\"'])?"  # noqa: E501
+_ASSIGN = r"(?:\\?[\"'`\]]){0,2}(?:[ \t]*:?[ \t]*(?:string|String|str|&str|\[\]byte|SecureString)\??)?[ \t]*(?:=>|:=|===|==|!==|!=|->|\?\?=|\|\|=|=|:)[ \t]*(?:@?\\?\"|\\?'|`|\([ \t]*[\"'])?"  # noqa: E501
 _VALUE = r"([^\s\"'`,;<>(){}\[\]\\]+|[^\"'`\n\\]+(?:[\"'`]))"
 
 
@@ -433,7 +438,7 @@ _NOT_SECRET_KEY_PARTS = (
 # Password hashes are not plaintext credentials (bcrypt, sha-crypt, argon2, LDAP schemes).
 _HASH_PREFIXES = (b"$2a$", b"$2b$", b"$2y$", b"$1$", b"$5$", b"$6$", b"$argon2", b"$pbkdf2", b"{SSHA}", b"{SHA}",
                   b"{CRYPT}", b"pbkdf2_sha256$", b"sha1$", b"md5$")
-_PASSWORD_KEY_PARTS = (b"pass", b"pwd", b"pw", b"passwort", b"senha", b"contrase")
+_PASSWORD_KEY_PARTS = (b"pass", b"pwd", b"pw", b"psw", b"pssw", b"pasw", b"passwort", b"senha", b"contrase")
 
 
 def _config_context(data: bytes, key_start: int, value_start: int) -> bool:
@@ -545,7 +550,7 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
 # "auth" is a keyword only as a word of its own ("auth_token", "x-auth"), not inside
 # "OAuth", "Authentication", "Authority".
 _AUTH_WORD = re.compile(rb"(?:^|[^a-z])auth(?:$|[^a-z]|token|key|code|secret|pass)")
-_STRONG_WORDS = (b"pass", b"pwd", b"pw", b"secret", b"token", b"key", b"credential", b"salt", b"sas", b"api",
+_STRONG_WORDS = (b"pass", b"pwd", b"pw", b"psw", b"pssw", b"pasw", b"secret", b"token", b"key", b"credential", b"salt", b"sas", b"api",
                  b"passwort", b"senha", b"contrase", b"mot")
 
 
@@ -591,6 +596,17 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         category="password",
         severity=H,
         pattern=rf"(?i)(?:key|name)\s*=\s*[\"']({_KEY_NAME})[\"']\s+value\s*=\s*[\"']([^\"'\n]{{1,300}})",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+    ),
+    Rule(
+        # PHP define('DB_PASSWORD', 'hunter2'); C #define PASSWORD "x"; RPM %define; batch SET x "y"
+        id="secrets.password-assignment",
+        category="password",
+        severity=H,
+        pattern=rf"(?i)(?:\bdefine\(\s*[\"']|#define\s+|%define\s+|%global\s+|\bset\s+)({_KEY_NAME})"
+        r"(?:[\"']\s*,\s*|\s+)[\"']([^\"'\n]{1,300})[\"']",
         value_group=2,
         validate=_assignment_ok,
         confidence=0.8,
@@ -665,7 +681,7 @@ STANDALONE_AWS_SECRET_RULE = Rule(
     validate=_looks_random_ok,
 )
 
-_KEYWORD_ANCHOR = (r"pass|pw|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",)
+_KEYWORD_ANCHOR = (r"pass|pw|psw|pssw|pasw|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",)
 
 # Prefilter anchors for rules whose pattern does not start with a usable literal.
 _ANCHORS: dict[str, tuple[str, ...]] = {
@@ -714,9 +730,11 @@ _CLI_ANCHORS = (
 # The three keyword-assignment shapes: ``name = value``, ``<name>value</``, ``key="name" value=``.
 _ASSIGNMENT_ANCHORS = (
     # keyword, then (after the rest of the name, quotes and an optional type) the operator
-    (rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[^\n=:]{{0,40}}[=:]",),
+    (rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[A-Za-z0-9_.\-]*(?:\\?[\"'`\]]){{0,2}}"
+     r"(?:[ \t]*:?[ \t]*(?:string|str|&str|\[\]byte|SecureString)\??)?[ \t]*[=:]",),
     (rf"(?i)<[A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})",),
     (rf"(?i)(?:key|name)\s*=\s*[\"'][^\"']*(?:{_KEYWORD_ANCHOR[0]})",),
+    (r"(?i)define\(|#define|%define|%global|\bset\s",),
 )
 
 
@@ -729,6 +747,8 @@ def _anchored(rule: Rule) -> Rule:
             shape = 1
         elif rule.pattern.startswith("(?i)(?:key|name)"):
             shape = 2
+        elif rule.pattern.startswith("(?i)(?:\\bdefine"):
+            shape = 3
         return replace(rule, anchors=_ASSIGNMENT_ANCHORS[shape])
     if rule.id == "secrets.cli-password":
         for marker, anchors in (("ConvertTo", _CLI_ANCHORS[3]), ("mysql", _CLI_ANCHORS[1]),
