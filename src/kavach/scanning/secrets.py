@@ -373,10 +373,10 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
 
 # --- keyword + assignment -----------------------------------------------------------------
 
-_PASSWORD_WORDS = (
+_PASSWORD_WORDS = (  # noqa: S105 (a keyword pattern, not a password)
     r"pass(?:word|wd|wrd|phrase|code)?|pwd|pw|passwort|contrase[nñ]a|senha|mot_?de_?passe|"
     r"p(?:a|s)?s{1,2}w(?:o?r)?d"  # pswd, psswd, pswrd, paswd, paswrd, pasword ...
-)  # noqa: S105
+)
 _SECRET_WORDS = (
     r"secret|token|api[ _.\-]?key|apikey|access[ _.\-]?key|priv(?:ate)?[ _.\-]?key|auth[ _.\-]?key|"  # noqa: S105
     r"credentials?|client[ _.\-]?secret|signing[ _.\-]?key|encryption[ _.\-]?key|enc[ _.\-]?key|master[ _.\-]?key|"
@@ -550,7 +550,8 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
 # "auth" is a keyword only as a word of its own ("auth_token", "x-auth"), not inside
 # "OAuth", "Authentication", "Authority".
 _AUTH_WORD = re.compile(rb"(?:^|[^a-z])auth(?:$|[^a-z]|token|key|code|secret|pass)")
-_STRONG_WORDS = (b"pass", b"pwd", b"pw", b"psw", b"pssw", b"pasw", b"secret", b"token", b"key", b"credential", b"salt", b"sas", b"api",
+_STRONG_WORDS = (b"pass", b"pwd", b"pw", b"psw", b"pssw", b"pasw", b"secret", b"token", b"key", b"credential",
+                 b"salt", b"sas", b"api",
                  b"passwort", b"senha", b"contrase", b"mot")
 
 
@@ -681,7 +682,9 @@ STANDALONE_AWS_SECRET_RULE = Rule(
     validate=_looks_random_ok,
 )
 
-_KEYWORD_ANCHOR = (r"pass|pw|psw|pssw|pasw|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",)
+_KEYWORD_ANCHOR = (
+    r"pass|pw|psw|pssw|pasw|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",
+)
 
 # Prefilter anchors for rules whose pattern does not start with a usable literal.
 _ANCHORS: dict[str, tuple[str, ...]] = {
