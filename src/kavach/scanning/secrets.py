@@ -373,8 +373,9 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
 
 # --- keyword + assignment -----------------------------------------------------------------
 
-_PASSWORD_WORDS = (  # noqa: S105 (a keyword pattern, not a password)
-    r"pass(?:word|wd|wrd|phrase|code)?|pwd|pw|passwort|contrase[nñ]a|senha|mot_?de_?passe|"
+# (keyword patterns, not passwords)
+_PASSWORD_WORDS = (
+    r"pass(?:word|wd|wrd|phrase|code)?|pwd|pw|passwort|contrase[nñ]a|senha|mot_?de_?passe|"  # noqa: S105
     r"p(?:a|s)?s{1,2}w(?:o?r)?d"  # pswd, psswd, pswrd, paswd, paswrd, pasword ...
 )
 _SECRET_WORDS = (
