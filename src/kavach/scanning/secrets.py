@@ -509,6 +509,8 @@ def _random_enough(value: bytes) -> bool:
 
 def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
     """Judge the value extracted by a keyword + assignment rule."""
+    if end - start > 1024:
+        return None  # no assigned credential is this long; a run of "key=key=..." is not one
     raw = data[start:end]
     opening = data[start - 1 : start]
     closing_quote = raw[-1:] in (b'"', b"'", b"`")

@@ -13,7 +13,7 @@ _SEPARATORS = b" -."
 
 def digits_only(value: bytes) -> bytes:
     """``value`` with spaces, dashes and dots removed."""
-    return bytes(b for b in value if b not in _SEPARATORS)
+    return value.translate(None, _SEPARATORS)
 
 
 def luhn_valid(number: bytes) -> bool:
@@ -21,15 +21,13 @@ def luhn_valid(number: bytes) -> bool:
     digits = digits_only(number)
     if not digits.isdigit() or len(digits) < 2:
         return False
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ch - 48
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    # Odd positions from the right count once, even positions doubled (digit sums 0..9 -> table).
+    odd = sum(digits[-1::-2]) - 48 * len(digits[-1::-2])
+    even = sum(_DOUBLED[d - 48] for d in digits[-2::-2])
+    return (odd + even) % 10 == 0
+
+
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
 
 # (prefix range low, high, prefix length, allowed lengths, brand)
