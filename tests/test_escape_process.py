@@ -316,3 +316,15 @@ async def test_no_setuid_file_can_be_planted_through_a_writable_bind(tmp_path: P
     for path in shared.iterdir():
         mode = path.stat().st_mode
         assert not mode & (stat.S_ISUID | stat.S_ISGID), (path, oct(mode))
+
+
+async def test_no_process_of_the_sandbox_keeps_a_host_directory() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        await asyncio.sleep(0.2)
+        # At rest the sandbox is init and its first warm exec child (forked before the
+        # mounts): neither may keep a cwd or root in the host's tree.
+        pids = host_pids_in_namespace(pid_ns_of(box))
+        assert len(pids) == 2
+        for pid in pids:
+            for link in ("cwd", "root"):
+                assert os.readlink(f"/proc/{pid}/{link}") == "/", (pid, link)

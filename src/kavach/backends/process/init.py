@@ -686,6 +686,9 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wa
             go, _fds = protocol.recv(sock)
             if go is None:
                 os._exit(0)
+            # Forked before pivot_root, its cwd may still be a host directory of the old
+            # root (pivot_root only moves cwds that were the old root itself): drop it.
+            os.chdir("/")
         step = "new session"
         os.setsid()
         _confine(plan)
