@@ -328,3 +328,8 @@ async def test_no_process_of_the_sandbox_keeps_a_host_directory() -> None:
         for pid in pids:
             for link in ("cwd", "root"):
                 assert os.readlink(f"/proc/{pid}/{link}") == "/", (pid, link)
+            # Every fd on the sandbox's own mounts: a file of the detached host tree would
+            # show from here as a path relative to its mount (/null, not /dev/null).
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                assert target == "/dev/null" or target.startswith(("socket:", "pipe:", "anon_inode:")), (pid, target)

@@ -145,7 +145,6 @@ def _send_quietly(ctl: socket.socket, message: dict[str, Any]) -> None:
 
 
 def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> NoReturn:
-    init = Init(ctl, plan)
     try:
         started = time.monotonic()
         # The first warm child is forked now and waits for "go": its fork overlaps with
@@ -154,6 +153,7 @@ def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], id
         first = _fork_warm(plan, probe=True, wait_for_go=True)
         proxy_fd = _setup(plan, file_fds, idmapped)
         built = time.monotonic()
+        init = Init(ctl, plan)  # after the setup: its /dev/null is the sandbox's
         probe = init.adopt_first_warm_child(first)
         probe["setup_ms"] = round((built - started) * 1000, 2)
         probe["probe_ms"] = round((time.monotonic() - built) * 1000, 2)
@@ -194,6 +194,8 @@ def _setup(plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> in
             listener.close()
             raise KernelCallError(f"listen on the proxy address {host}:{port}", exc.errno or 0) from None
         proxy_fd = listener.detach()
+    if plan["namespaces"]:
+        reopen_std_fds()  # the sandbox's /dev/null, not the host's (inherited before pivot_root)
     os.setsid()
     _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make init non-dumpable")
     # Orphans (double-forked daemons) come back to init, so it can reap and kill them
@@ -687,8 +689,10 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wa
             if go is None:
                 os._exit(0)
             # Forked before pivot_root, its cwd may still be a host directory of the old
-            # root (pivot_root only moves cwds that were the old root itself): drop it.
+            # root (pivot_root only moves cwds that were the old root itself) and its stdio
+            # the host's /dev/null: trade both for the sandbox's own.
             os.chdir("/")
+            reopen_std_fds()
         step = "new session"
         os.setsid()
         _confine(plan)
