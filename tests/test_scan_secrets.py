@@ -171,6 +171,10 @@ def test_email_is_low_and_ssn_is_found() -> None:
         ("<etsyToken>\n    oyglweb05d3ho3w6fvcr7vik\n</etsyToken>", b"oyglweb05d3ho3w6fvcr7vik"),
         ("gpg --decrypt --passphrase N1DdkUD3E73 --output x", b"N1DdkUD3E73"),
         ("nats-route://ruser:vkb_nhwwmd@10.1.2.3:5244", b"vkb_nhwwmd"),
+        ("LIQUID_WEB_PASSWORD=dcojuynu", b"dcojuynu"),  # "ID_" inside LIQUID_ is not an id
+        ("export LASTFM_KEY=b2c9fb7a1a8f541d6089140692faf70a", b"b2c9fb7a1a8f541d6089140692faf70a"),
+        ("define('DB_PASSWORD', '2Arh5dA1Sn0ywiVYdnpwr3a');", b"2Arh5dA1Sn0ywiVYdnpwr3a"),
+        ("'access_key' => '8zBhTTWfBKWP9hJ8wunD7zMaEvWOGg',", b"8zBhTTWfBKWP9hJ8wunD7zMaEvWOGg"),
     ],
 )
 def test_config_and_cli_literals(text: str, value: bytes) -> None:
@@ -189,6 +193,8 @@ def test_config_and_cli_literals(text: str, value: bytes) -> None:
         "password: $2a$10$LoRPzN3GtF2pNX5QgCBBHeUr6/zVN./RVGOu5U8SpHyg2sfzvfXji",  # a bcrypt hash
         'new Uri("http://john.doe:letmein123@proxy.example.com")',  # documentation host
         'AUTODNS_API_PASSWORD = "User Password"',  # prose
+        "SORT_KEY=name",  # a word, not a key
+        "CLIENT_ID_TOKEN_URL=https://login.example.com/oauth",  # a URL setting
     ],
 )
 def test_names_hashes_and_examples_are_not_secrets(text: str) -> None:

@@ -432,7 +432,6 @@ def _type_or_label(value: bytes) -> bool:
 _NOT_SECRET_KEY_PARTS = (
     b"path", b"file", b"dir", b"url", b"uri", b"length", b"size", b"type", b"name", b"format", b"field",
     b"label", b"prompt", b"hint", b"policy", b"expire", b"timeout", b"count", b"mode", b"enabled", b"required",
-    b"id_",
 )
 
 
@@ -531,7 +530,9 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
     if not quoted and not config and value.startswith(_CODE_REFERENCE_PREFIXES):
         return None
     # Identifiers, file names, flags and sizes named like secrets are not secrets.
-    if any(w in key_low for w in _NOT_SECRET_KEY_PARTS) and (not looks_random(value) or len(value) < 16):
+    parts = key_low.replace(b"-", b"_").replace(b".", b"_").split(b"_")
+    named_like_data = any(w in key_low for w in _NOT_SECRET_KEY_PARTS) or b"id" in parts[:-1]
+    if named_like_data and (not looks_random(value) or len(value) < 16):
         return None
     if key_low.rstrip(b"\"'`]").endswith((b"id", b"uri", b"url", b"name", b"mode", b"modes", b"flow", b"helper")):
         return None  # OAuthClientId, RedirectUri: identifiers next to secrets, not secrets
@@ -600,6 +601,18 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         category="password",
         severity=H,
         pattern=rf"(?i)(?:key|name)\s*=\s*[\"']({_KEY_NAME})[\"']\s+value\s*=\s*[\"']([^\"'\n]{{1,300}})",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+    ),
+    Rule(
+        # .env / shell: TUMBLR_KEY=..., export GH_TOKEN=... (a bare KEY/TOKEN suffix counts here,
+        # where the upper-case NAME=value shape says "configuration")
+        id="secrets.password-assignment",
+        category="password",
+        severity=H,
+        pattern=r"(?m)^[ \t]*(?:export[ \t]+|set[ \t]+)?([A-Z][A-Z0-9_]*_(?:KEY|TOKEN|SECRET|PASS|PASSWD|PASSWORD|"
+        r"PWD|PW|AUTH|CREDENTIALS?|APIKEY|ACCESS_KEY))=[\"']?([^\s\"']{1,300})",
         value_group=2,
         validate=_assignment_ok,
         confidence=0.8,
@@ -741,6 +754,7 @@ _ASSIGNMENT_ANCHORS = (
     (rf"(?i)<[A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})",),
     (rf"(?i)(?:key|name)\s*=\s*[\"'][^\"']*(?:{_KEYWORD_ANCHOR[0]})",),
     (r"(?i)define\(|#define|%define|%global|\bset\s",),
+    (r"_(?:KEY|TOKEN|SECRET|PASS|PASSWD|PASSWORD|PWD|PW|AUTH|CREDENTIALS?|APIKEY|ACCESS_KEY)=",),
 )
 
 
@@ -755,6 +769,8 @@ def _anchored(rule: Rule) -> Rule:
             shape = 2
         elif rule.pattern.startswith("(?i)(?:\\bdefine"):
             shape = 3
+        elif rule.pattern.startswith("(?m)^"):
+            shape = 4
         return replace(rule, anchors=_ASSIGNMENT_ANCHORS[shape])
     if rule.id == "secrets.cli-password":
         for marker, anchors in (("ConvertTo", _CLI_ANCHORS[3]), ("mysql", _CLI_ANCHORS[1]),
