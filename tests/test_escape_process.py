@@ -20,7 +20,7 @@ import pytest
 
 from kavach.backends.base import ExecRequest
 from kavach.backends.process import ProcessDriver
-from kavach.policy import Bind, FilesystemPolicy, MiB, SandboxPolicy
+from kavach.policy import Bind, FilesystemPolicy, MiB, NetworkMode, NetworkPolicy, SandboxPolicy
 from process_helpers import ENV, comm_of, host_pids_in_namespace, pid_ns_of, py, sandbox, sh
 
 pytestmark = pytest.mark.skipif(not ProcessDriver().probe().available, reason="Process backend unavailable here")
@@ -333,3 +333,28 @@ async def test_no_process_of_the_sandbox_keeps_a_host_directory() -> None:
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 assert target == "/dev/null" or target.startswith(("socket:", "pipe:", "anon_inode:")), (pid, target)
+
+
+async def test_proxy_mode_with_landlock_connects_only_to_the_proxy_port() -> None:
+    policy = dataclasses.replace(SandboxPolicy.strict(), network=NetworkPolicy(mode=NetworkMode.PROXY))
+    async with sandbox(policy, proxy_listen=("127.0.0.1", 3128)) as box:
+        listener = box.take_proxy_listener()
+        assert listener is not None
+        code = (
+            "import socket\n"
+            "def connect(port):\n"
+            "    try:\n"
+            "        socket.create_connection(('127.0.0.1', port), timeout=2).close(); return 'ok'\n"
+            "    except OSError as e:\n"
+            "        return str(e.errno)\n"
+            "s = socket.socket()\n"
+            "try:\n"
+            "    s.bind(('127.0.0.1', 8080)); s.listen(); bound = 'bound'\n"
+            "except OSError as e:\n"
+            "    bound = str(e.errno)\n"
+            "print(connect(3128), connect(3129), bound)\n"
+        )
+        result = await py(box, code)
+        listener.close()
+        # 13 = EACCES from Landlock: neither another port nor a listening socket is allowed.
+        assert result.stdout.split() == [b"ok", b"13", b"13"], result

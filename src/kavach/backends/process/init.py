@@ -629,7 +629,9 @@ def _confine(plan: dict[str, Any]) -> None:
         from kavach.policy import Access, LandlockRule
 
         rules = [LandlockRule(path, frozenset(Access(a) for a in access)) for path, access in landlock["rules"]]
-        abi = apply_landlock(rules, deny_network=landlock["deny_network"])
+        abi = apply_landlock(
+            rules, deny_network=landlock["deny_network"], connect_ports=tuple(landlock.get("connect_ports", ()))
+        )
         plan["landlock_abi_applied"] = abi
     if plan.get("setid_guard") is not None:
         if load_filter is None:

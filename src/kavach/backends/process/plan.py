@@ -170,10 +170,14 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
             [_host_path(rule.path, fs.workdir, workdir), sorted(a.value for a in rule.access)]
             for rule in policy.landlock.rules
         ]
-        landlock = {"rules": rules, "deny_network": deny_sockets}
+        landlock = {"rules": rules, "deny_network": deny_sockets, "connect_ports": []}
+        if network is NetworkMode.PROXY and spec.proxy_listen is not None and _landlock_abi() >= 4:
+            # The egress proxy is the only way out: TCP connects to its port alone, no binds.
+            landlock["deny_network"] = True
+            landlock["connect_ports"] = [spec.proxy_listen[1]]
     elif not use_namespaces:
         # Without namespaces Landlock is the filesystem boundary, asked or not.
-        landlock = {"rules": degraded_landlock_rules(workdir), "deny_network": deny_sockets}
+        landlock = {"rules": degraded_landlock_rules(workdir), "deny_network": deny_sockets, "connect_ports": []}
     if spec.proxy_listen is not None and network is not NetworkMode.PROXY:
         raise SandboxCreateError("proxy_listen is only valid with network mode 'proxy'")
     if network is NetworkMode.PROXY and spec.proxy_listen is None:
@@ -211,6 +215,12 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
         "deny_sockets": deny_sockets,
         "last_cap": _libc.last_cap(),
     }
+
+
+def _landlock_abi() -> int:
+    from kavach.backends.process.landlock import landlock_abi
+
+    return landlock_abi()
 
 
 def _host_path(path: str, inside_workdir: str, host_workdir: str) -> str:
