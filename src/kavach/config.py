@@ -72,6 +72,9 @@ class SandboxConfig:
     quarantine_dir: str | None = None
     hostname: str = "kavach"
     on_alert: AlertCallback | None = None
+    # Probe the sandbox from inside at creation (namespaces, mounts, seccomp, no_new_privs,
+    # capabilities) and fail if a claimed control is not seen. Costs one exec per create.
+    integrity_check: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

@@ -14,6 +14,7 @@ States follow the specification exactly::
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import re
@@ -52,7 +53,8 @@ from kavach.errors import (
 from kavach.policy import NetworkMode, SandboxPolicy
 from kavach.quarantine import QuarantineStore
 from kavach.scanning.findings import Finding, Verdict, worst_verdict
-from kavach.scanning.gate import ExternalizationPolicy, Gate, GateResult
+from kavach.scanning.gate import INJECTED_SECRET_RULE, ExternalizationPolicy, Gate, GateResult, redact
+from kavach.scanning.secrets import SecretsScanner
 from kavach.scoring import Enforcement, StrengthScore, missing_controls, score
 
 if TYPE_CHECKING:
@@ -293,6 +295,8 @@ class Sandbox:
             if listener is None:
                 raise SandboxCreateError(f"backend {self.backend} gave no proxy listener for network mode proxy")
             services.proxy_task = asyncio.create_task(services.proxy.serve(listener))
+        if self.config.integrity_check and self.backend not in (Backend.NOOP, Backend.WASM):
+            await self._check_integrity_at_create()
         if self._score < self.config.min_score:
             raise ScoreTooLow(int(self._score), self.config.min_score, missing_controls(self._enforcement))
         self._fsm.transition(SandboxState.RUNNING)
@@ -310,6 +314,16 @@ class Sandbox:
         if threshold is not None:
             self._fork_watch = guards.ForkBombWatch(self._instance.live_pids, threshold, self._on_fork_bomb)
             self._fork_watch.start()
+
+    async def _check_integrity_at_create(self) -> None:
+        """Probe from inside before the first command: a control the backend claims but the
+        probe cannot see fails creation. The report joins the enforcement record."""
+        report = await guards.check_integrity(self._instance, self._enforcement)
+        self._integrity = report
+        if not report.ok:
+            raise SandboxCreateError("integrity check failed: " + "; ".join(report.problems))
+        details = {**self._enforcement.details, "integrity": report.to_dict()}
+        self._enforcement = replace(self._enforcement, details=details)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -387,9 +401,9 @@ class Sandbox:
         try:
             request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
         except GuardViolation as exc:
-            self._audit("guard.violation", {"rule": exc.rule, "detail": exc.detail, "argv": _argv_for_audit(command)})
+            self._audit_guard_violation(exc, command)
             raise
-        self._audit("exec.started", {"argv": list(request.argv)})
+        self._audit("exec.started", {"argv": self._scrub_argv(request.argv)})
         raw = await self._instance.exec(request)
         return await self._finish_exec(request, raw)
 
@@ -405,7 +419,7 @@ class Sandbox:
         self._audit(
             "exec.finished",
             {
-                "argv": list(request.argv),
+                "argv": self._scrub_argv(request.argv),
                 "exit_code": raw.exit_code,
                 "duration_ms": round(raw.duration_ms, 3),
                 "timed_out": raw.timed_out,
@@ -493,9 +507,9 @@ class Sandbox:
         try:
             request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
         except GuardViolation as exc:
-            self._audit("guard.violation", {"rule": exc.rule, "detail": exc.detail, "argv": _argv_for_audit(command)})
+            self._audit_guard_violation(exc, command)
             raise
-        self._audit("exec.started", {"argv": list(request.argv), "spawn": True})
+        self._audit("exec.started", {"argv": self._scrub_argv(request.argv), "spawn": True})
         process = await self._instance.spawn(request)
         return SpawnHandle(self, request, process)
 
@@ -588,6 +602,31 @@ class Sandbox:
         if self._fsm.state is SandboxState.RUNNING:
             await self.stop()
 
+    def _scrub(self, text: str) -> str:
+        """``text`` with every secret the scanners (or the injected values) find redacted.
+
+        Command lines are audited, and a command line can carry a secret; the audit log must
+        never hold one, whether or not the gate is enabled for output.
+        """
+        data = text.encode("utf-8", "surrogateescape")
+        gate = self._services.gate
+        if gate is not None:
+            found = [f for f in gate.scan(data) if f.scanner == "secrets" or f.rule == INJECTED_SECRET_RULE]
+        else:
+            found = _fallback_secrets_scanner().scan(data)
+        return redact(data, found).decode("utf-8", "replace") if found else text
+
+    def _scrub_argv(self, argv: Sequence[str]) -> list[str]:
+        return [self._scrub(arg) for arg in argv]
+
+    def _audit_guard_violation(self, exc: GuardViolation, command: str | Sequence[str]) -> None:
+        payload = {
+            "rule": exc.rule,
+            "detail": self._scrub(exc.detail),
+            "argv": self._scrub_argv(_argv_for_audit(command)),
+        }
+        self._audit("guard.violation", payload)
+
     def _audit(self, event: str, payload: Mapping[str, Any]) -> None:
         log = self._services.audit
         if log is not None:
@@ -662,7 +701,7 @@ class SpawnHandle:
             await self._process.kill()
             self._sandbox._audit(
                 "exec.blocked",
-                {"argv": list(self._request.argv), "findings": _finding_counts(self._findings)},
+                {"argv": self._sandbox._scrub_argv(self._request.argv), "findings": _finding_counts(self._findings)},
             )
             raise ExternalizationBlocked("streamed output blocked by the externalization gate", self._findings)
 
@@ -755,6 +794,11 @@ class SyncSandbox:
 
 def _argv_for_audit(command: str | Sequence[str]) -> list[str]:
     return [command] if isinstance(command, str) else [str(a) for a in command]
+
+
+@functools.cache
+def _fallback_secrets_scanner() -> SecretsScanner:
+    return SecretsScanner()
 
 
 def _finding_counts(findings: Sequence[Finding]) -> dict[str, int]:

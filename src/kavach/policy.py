@@ -363,6 +363,9 @@ class SandboxPolicy:
         for name in ("stdout_cap", "stderr_cap"):
             if getattr(r, name) <= 0:
                 raise PolicyError(f"resources.{name}", getattr(r, name), "must be positive")
+        threshold = self.guards.fork_bomb_threshold
+        if threshold is not None and threshold < 2:
+            raise PolicyError("guards.fork_bomb_threshold", threshold, "must be at least 2 (init counts as one)")
         if self.filesystem.tmp_size <= 0:
             raise PolicyError("filesystem.tmp_size", self.filesystem.tmp_size, "must be positive")
         for entry in (*self.network.egress_allowlist, *self.network.egress_denylist):

@@ -1,0 +1,76 @@
+"""The lifecycle wired to a real backend: integrity at create, audit, quarantine, threat."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kavach import paths
+from kavach.backends import registry
+from kavach.backends.names import Backend
+from kavach.config import SandboxConfig
+from kavach.errors import ExternalizationBlocked, PolicyError
+from kavach.lifecycle import Sandbox
+from kavach.policy import GuardPolicy, SandboxPolicy
+from kavach.scanning.findings import Verdict
+
+pytestmark = pytest.mark.skipif(
+    not registry.probe(Backend.PROCESS).usable, reason=f"process backend: {registry.probe(Backend.PROCESS).reason}"
+)
+
+
+def process_config(**kwargs: object) -> SandboxConfig:
+    return SandboxConfig(backend=Backend.PROCESS, policy=SandboxPolicy.strict(), **kwargs)  # type: ignore[arg-type]
+
+
+def audit_events() -> list[dict[str, object]]:
+    return [json.loads(line) for line in paths.audit_log_path().read_text().splitlines()]
+
+
+async def test_integrity_is_probed_at_create_and_recorded() -> None:
+    async with await Sandbox.create(process_config()) as sandbox:
+        integrity = sandbox.enforcement.details["integrity"]
+        assert integrity["ok"] is True and integrity["checked"]
+        assert str(sandbox.score) == "68 (standard)"
+        report = await sandbox.check_integrity()
+        assert report.ok
+    created = [e for e in audit_events() if e["event"] == "sandbox.created"]
+    assert created and created[0]["payload"]["enforcement"]["details"]["integrity"]["ok"] is True  # type: ignore[index]
+
+
+async def test_integrity_check_can_be_turned_off_explicitly() -> None:
+    async with await Sandbox.create(process_config(integrity_check=False)) as sandbox:
+        assert "integrity" not in sandbox.enforcement.details
+
+
+async def test_quarantined_output_is_redacted_held_and_released_after_approval() -> None:
+    from kavach.quarantine import QuarantineStore
+
+    password_line = "db_password = 'Zr8#kq2LmvX91pT'"
+    async with await Sandbox.create(process_config(agent_id="agent-q")) as sandbox:
+        result = await sandbox.exec(["/bin/echo", password_line])
+    assert result.verdict in (Verdict.QUARANTINE, Verdict.WARN)
+    assert b"Zr8#kq2LmvX91pT" not in result.stdout
+    if result.verdict is Verdict.QUARANTINE:
+        store = QuarantineStore()
+        item_id = result.quarantine_id
+        assert item_id is not None
+        store.approve(item_id, by="operator")
+        assert b"Zr8#kq2LmvX91pT" in store.release(item_id, by="operator")
+
+
+async def test_critical_secret_blocks_and_is_audited_without_the_value() -> None:
+    key = "AKIAQYLPMN5HHHFPZAM2"
+    async with await Sandbox.create(process_config()) as sandbox:
+        with pytest.raises(ExternalizationBlocked) as info:
+            await sandbox.exec(["/bin/echo", f"aws_access_key_id={key}"])
+    assert info.value.findings
+    text = paths.audit_log_path().read_text()
+    assert key not in text
+    assert '"verdict":"block"' in text.replace(" ", "")
+
+
+def test_fork_bomb_threshold_below_two_is_a_policy_error() -> None:
+    with pytest.raises(PolicyError, match="fork_bomb_threshold"):
+        SandboxPolicy(guards=GuardPolicy(fork_bomb_threshold=1)).validate()
