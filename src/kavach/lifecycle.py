@@ -401,7 +401,7 @@ class Sandbox:
         try:
             request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
         except GuardViolation as exc:
-            self._audit_guard_violation(exc, command)
+            await self._on_guard_violation(exc, command)
             raise
         self._audit("exec.started", {"argv": self._scrub_argv(request.argv)})
         raw = await self._instance.exec(request)
@@ -507,7 +507,7 @@ class Sandbox:
         try:
             request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
         except GuardViolation as exc:
-            self._audit_guard_violation(exc, command)
+            await self._on_guard_violation(exc, command)
             raise
         self._audit("exec.started", {"argv": self._scrub_argv(request.argv), "spawn": True})
         process = await self._instance.spawn(request)
