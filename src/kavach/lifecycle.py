@@ -619,13 +619,13 @@ class Sandbox:
     def _scrub_argv(self, argv: Sequence[str]) -> list[str]:
         return [self._scrub(arg) for arg in argv]
 
-    def _audit_guard_violation(self, exc: GuardViolation, command: str | Sequence[str]) -> None:
-        payload = {
-            "rule": exc.rule,
-            "detail": self._scrub(exc.detail),
-            "argv": self._scrub_argv(_argv_for_audit(command)),
-        }
-        self._audit("guard.violation", payload)
+    async def _on_guard_violation(self, exc: GuardViolation, command: str | Sequence[str]) -> None:
+        """Audit a refused command and count it in the agent's threat record."""
+        argv = self._scrub_argv(_argv_for_audit(command))
+        detail = self._scrub(exc.detail)
+        self._audit("guard.violation", {"rule": exc.rule, "detail": detail, "argv": argv})
+        finding = replace(guards.violation_finding(exc), evidence=detail[:200])
+        await self._assess([finding])
 
     def _audit(self, event: str, payload: Mapping[str, Any]) -> None:
         log = self._services.audit
