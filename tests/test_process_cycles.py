@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,32 @@ async def test_200_cycles_leave_nothing_behind() -> None:
     assert _cgroups_named(prefix) == []
     assert _mount_count() == mounts_before
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 1  # the spawner socket, if it started now
+
+
+def test_a_caller_that_exits_without_destroy_leaves_no_cgroup_or_process() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("cgroups need root here")
+    name = new_id("exit")
+    script = (
+        "import asyncio\n"
+        "from kavach.backends.base import ExecRequest, LaunchSpec\n"
+        "from kavach.backends.process import ProcessDriver\n"
+        "from kavach.policy import SandboxPolicy\n"
+        "async def main():\n"
+        f"    box = await ProcessDriver().start(LaunchSpec({name!r}, SandboxPolicy.basic()))\n"
+        "    await box.exec(ExecRequest(argv=('/bin/sh', '-c', 'sleep 1000 &'), env={}))\n"
+        "    print(box.init_pid, flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, check=True)
+    init_pid = int(proc.stdout.split()[-1])
+    assert _cgroups_named(name) == []
+    assert not os.path.exists(f"/proc/{init_pid}") or _state(init_pid) in ("Z", "X")
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return "X"

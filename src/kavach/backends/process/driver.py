@@ -20,6 +20,7 @@ init, which forks one; init reports the exit status.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import errno
 import os
@@ -404,6 +405,7 @@ class ProcessInstance(Instance):
         if self._destroyed:
             return
         self._destroyed = True
+        _LIVE.discard(self)
         if self.cgroup is not None and self._paused:
             self.cgroup.thaw()  # a frozen (v1) task does not even die of SIGKILL until thawed
         if self.plan["namespaces"]:
@@ -427,6 +429,24 @@ class ProcessInstance(Instance):
                     self.cgroup.destroy()  # kills what is left, then removes it
             finally:
                 remove_private_workdir(self.plan)
+
+    def destroy_now(self) -> None:
+        """Synchronous last-resort teardown (interpreter exit): kill init, remove the cgroup."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        _LIVE.discard(self)
+        if self.cgroup is not None and self._paused:
+            self.cgroup.thaw()
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        self.channel.close()
+        os.close(self._pidfd)
+        try:
+            if self.cgroup is not None:
+                self.cgroup.destroy()  # waits until the killed processes are gone
+        finally:
+            remove_private_workdir(self.plan)
 
     async def read_file(self, path: str, max_bytes: int) -> bytes:
         """``path`` as the sandbox sees it, read by a confined ``cat`` (never by init)."""
@@ -453,6 +473,19 @@ class ProcessInstance(Instance):
     def oom_killed(self) -> bool:
         """True if the memory cgroup reported an OOM kill."""
         return self.cgroup is not None and self.cgroup.oom_killed()
+
+
+# Instances not destroyed yet (strong references: an instance nobody destroyed is a leak
+# either way). Their inits die anyway when this process exits (their control sockets
+# close), but cgroups would stay behind: remove them at interpreter exit.
+_LIVE: set[ProcessInstance] = set()
+
+
+@atexit.register
+def _destroy_leftovers() -> None:
+    for instance in list(_LIVE):
+        with contextlib.suppress(OSError, SandboxCreateError):
+            instance.destroy_now()
 
 
 async def _wait_readable(fd: int, timeout: float) -> bool:
@@ -584,6 +617,7 @@ async def _start(spec: LaunchSpec, plan: dict[str, Any], cgroup: Cgroup | None) 
                 os.close(fd)
         message, fds = await _expect(channel, "ready")
         instance = ProcessInstance(spec, plan, channel, pid, pidfd, cgroup)
+        _LIVE.add(instance)
         if fds:
             instance._proxy = socket.socket(fileno=fds[0])
             for fd in fds[1:]:
