@@ -160,3 +160,20 @@ def test_sync_facade_without_asyncio() -> None:
         assert sandbox.exec(["true"]).exit_code == 0
         assert sandbox.state is S.RUNNING
     assert sandbox.state is S.DESTROYED
+
+
+async def test_injected_secret_is_redacted_even_with_the_gate_off() -> None:
+    from kavach.backends.noop import NoopDriver
+    from kavach.credentials import CredentialStore, SecretRef, env
+
+    store = CredentialStore()
+    store.set("TOKEN", "tok-3c9e1f7a2b5d8e0f")
+
+    def echo_env(request: ExecRequest) -> RawResult:
+        return RawResult(0, f"token is {request.env['API_TOKEN']}\n".encode())
+
+    config = noop_config(secrets=(SecretRef("TOKEN", env("API_TOKEN")),), credential_store=store)
+    async with await Sandbox.create(config, driver=NoopDriver(responder=echo_env)) as sandbox:
+        result = await sandbox.exec("env")
+    assert b"tok-3c9e1f7a2b5d8e0f" not in result.stdout
+    assert result.stdout.startswith(b"token is ")

@@ -611,7 +611,8 @@ class Sandbox:
         data = text.encode("utf-8", "surrogateescape")
         gate = self._services.gate
         if gate is not None:
-            found = [f for f in gate.scan(data) if f.scanner == "secrets" or f.rule == INJECTED_SECRET_RULE]
+            # Secrets and personal data (scanner "data"), never code patterns.
+            found = [f for f in gate.scan(data) if f.scanner != "code" or f.rule == INJECTED_SECRET_RULE]
         else:
             found = _fallback_secrets_scanner().scan(data)
         return redact(data, found).decode("utf-8", "replace") if found else text
@@ -867,8 +868,11 @@ async def _launch_spec(config: SandboxConfig, sandbox_id: str, services: _Servic
         files.extend(resolved.files)
         services.stdin_secret = resolved.stdin
         known_secrets.extend(resolved.values)
-    if known_secrets and services.gate is not None:
-        services.gate = Gate(services.gate.policy, known_secrets=known_secrets)
+    if known_secrets:
+        # Injected values are redacted wherever they appear, even when the gate is otherwise
+        # off (a disabled policy scans nothing but the known secrets).
+        policy_for_gate = services.gate.policy if services.gate is not None else ExternalizationPolicy.disabled()
+        services.gate = Gate(policy_for_gate, known_secrets=known_secrets)
     services.base_env = env
     return LaunchSpec(
         sandbox_id=sandbox_id,
