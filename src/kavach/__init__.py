@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from kavach.config import AuditSettings, SandboxConfig, SandboxConfigBuilder
     from kavach.lifecycle import ExecResult, Sandbox, SandboxState, SpawnHandle, SyncSandbox
     from kavach.policy import NetworkMode, SandboxPolicy, SeccompProfile, merge
+    from kavach.pool import SandboxPool
     from kavach.scanning.findings import Finding, Severity, Verdict
     from kavach.scoring import Control, Enforcement, StrengthScore, score, score_backend
 
@@ -57,6 +58,7 @@ _LAZY = {
     "SandboxPolicy": "kavach.policy",
     "SeccompProfile": "kavach.policy",
     "merge": "kavach.policy",
+    "SandboxPool": "kavach.pool",
     "Finding": "kavach.scanning.findings",
     "Severity": "kavach.scanning.findings",
     "Verdict": "kavach.scanning.findings",
@@ -147,6 +149,7 @@ __all__ = [
     "SandboxConfigBuilder",
     "SandboxCreateError",
     "SandboxPolicy",
+    "SandboxPool",
     "SandboxState",
     "ScoreTooLow",
     "SeccompProfile",
