@@ -159,6 +159,16 @@ async def test_timeout_kills_the_command_and_its_daemons_but_keeps_the_sandbox(b
     assert after.stdout == b"alive\n"
 
 
+async def test_a_background_process_holding_stdout_does_not_block_the_exec(basic: OciInstance) -> None:
+    started = time.monotonic()
+    result = await basic.exec(_req("sleep 1000 & echo started", timeout_ms=20_000))
+    assert result.stdout == b"started\n" and result.exit_code == 0 and not result.timed_out
+    assert time.monotonic() - started < 5
+    assert basic.live_pids() == 2  # init and the sleep, until a timeout or destroy kills it
+    daemon = await basic.exec(_req("cat /proc/[0-9]*/comm | grep -c sleep"))
+    assert daemon.stdout == b"1\n"
+
+
 async def test_pause_really_stops_a_busy_loop(basic: OciInstance) -> None:
     process = await basic.spawn(_req("while :; do :; done", timeout_ms=20_000))
     await asyncio.sleep(0.3)

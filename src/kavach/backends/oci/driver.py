@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -95,6 +96,16 @@ _ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
 # A POSIX-shell init for rootfs without python3: `wait` with no operand makes dash/bash call
 # waitpid(-1), which also reaps orphans re-parented to PID 1.
 SH_INIT = 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait; done'
+
+# Attached (non-detached) ``runtime exec`` copies the command's stdio through pipes of its
+# own and exits only when they reach EOF: a command that leaves `sleep 1000 &` behind
+# holding stdout would never return. So kavach's pipes are also passed in as fds 3-5 and
+# this wrapper execs the command on them; the runtime's own pipes close at that exec and it
+# returns when the command exits, with its status (128+N for a signal; 127/126 from the
+# shell when the command cannot run). No extra process stays behind. `unset PWD`: the shell
+# would otherwise export PWD, and the environment must be exactly the request's. The
+# runtime's own stdin is /dev/null, or its copy loop would consume the command's input.
+STDIO_WRAPPER = 'unset PWD; exec "$@" <&3 >&4 2>&5 3<&- 4>&- 5>&-'
 
 # The enforcement probe, in shell builtins only (it must work in any rootfs with /bin/sh).
 # It reads its *own* /proc/self entries, i.e. those of a process started exactly like every
@@ -227,14 +238,25 @@ _EXEC_ERRORS: tuple[tuple[bytes, int, str], ...] = (
 )
 
 
-def start_failure(code: int, stderr: bytes, argv0: str) -> tuple[int, bytes] | None:
-    """Map the runtime's own failure to start the command to a shell-style result.
+_SHELL_EXEC_FAILURE = re.compile(
+    rb"kavach: \d+: exec: (.+): (not found|Permission denied|Exec format error|Is a directory)\n"
+)
 
-    runc exits 255 with ``exec failed: unable to start container process: exec: "X": ...``
+
+def start_failure(code: int, stderr: bytes, argv0: str) -> tuple[int, bytes] | None:
+    """Map a failure to start the command to a shell-style result.
+
+    With STDIO_WRAPPER the shell's ``exec`` reports it (127/126 and its own message); without
+    it runc exits 255 with ``exec failed: unable to start container process: exec: "X": ...``
     when the command cannot be executed: that becomes 127 (not found) or 126 (not
     executable) with ``kavach: X: <strerror>`` on stderr, as the Process backend reports it.
     Any other start failure (the working directory is missing, ...) raises ExecError.
     """
+    shell = _SHELL_EXEC_FAILURE.fullmatch(stderr)
+    if code in (126, 127) and shell is not None and shell.group(1) == argv0.encode():
+        # STDIO_WRAPPER's `exec` could not run the command: the shell said so in its words.
+        text = "No such file or directory" if code == 127 else shell.group(2).decode(errors="replace")
+        return code, f"kavach: {argv0}: {text}\n".encode()
     if code != 255 or b"exec failed: unable to start container process" not in stderr:
         return None
     detail = stderr.lower()
@@ -309,6 +331,36 @@ async def _pump(reader: asyncio.StreamReader, name: str, buffer: CappedBuffer, s
             await streams.queue.put((name, kept))
 
 
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """The process's exit status as soon as it exits.
+
+    ``Process.wait()`` (Python 3.11) also waits until its stdout/stderr pipes are closed;
+    after ``runtime exec -d`` those pipes belong to the command, which may run on.
+    """
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        pidfd = -1  # already exited and reaped: the child watcher has set the status
+    if pidfd >= 0:
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+    # The child watcher reaps it right after it exits and then records the status.
+    while proc.returncode is None:
+        await asyncio.sleep(0.001)
+    return proc.returncode
+
+
 class OciProcess(RawProcess):
     """One ``runtime exec``: streams output, enforces the timeout, kills the whole sandbox tree."""
 
@@ -362,15 +414,15 @@ class OciProcess(RawProcess):
         timeout = self._request.timeout_ms / 1000 if self._request.timeout_ms is not None else None
         timed_out = False
         try:
-            await asyncio.wait_for(self._proc.wait(), timeout)
+            await asyncio.wait_for(_exited(self._proc), timeout)
         except TimeoutError:
             timed_out = True
             await self._instance.kill_all_but_init()
             try:
-                await asyncio.wait_for(self._proc.wait(), RUNTIME_TIMEOUT_S)
+                await asyncio.wait_for(_exited(self._proc), RUNTIME_TIMEOUT_S)
             except TimeoutError:
                 self._proc.kill()
-                await self._proc.wait()
+                await _exited(self._proc)
         # Output of processes the command left running in the background is collected for a
         # short grace only: the exec ends when its command ends, as with the Process backend.
         _done, pending = await asyncio.wait(self._streams.tasks, timeout=DRAIN_GRACE_S)
@@ -435,7 +487,7 @@ class OciProcess(RawProcess):
 
     async def kill(self, signum: int = signal.SIGKILL) -> None:
         """SIGKILL kills every process of the sandbox but init; other signals go to the command."""
-        if self._proc.returncode is not None:
+        if self._result is not None or self._waiter.done():
             return
         if signum == signal.SIGKILL:
             self._killed_by = signum
@@ -487,6 +539,8 @@ class OciInstance(Instance):
         self._own_cgroup = _is_root()
         self._destroyed = False
         self._stopped = False
+        self._has_sh = False  # /bin/sh in the rootfs: execs run under STDIO_WRAPPER
+        self._owner: tuple[int, int] | None = None
         self._owns_bundle = False  # set once this instance created the bundle (and the container id)
         self._proxy_listener: socket.socket | None = None
         self._extra_runtime_args: tuple[str, ...] = driver.runtime_args(spec.policy)
@@ -533,7 +587,9 @@ class OciInstance(Instance):
         os.chmod(self.layout.bundle_dir, 0o711)  # noqa: S103
         uid_map, gid_map = self._id_maps()
         owner = (uid_map[0].host_id, gid_map[0].host_id) if _is_root() else None
+        self._owner = owner
         prepared = await self._prepare_rootfs(uid_map, gid_map, owner)
+        self._has_sh = prepared.has_sh
         self._launcher_needed = policy.landlock.enabled or self._inner is not None or self.spec.proxy_listen is not None
         if self._launcher_needed and prepared.kind != "host" and not policy.filesystem.read_only_root:
             # The launcher runs the rootfs's own python3 before Landlock is applied. With a
@@ -661,7 +717,10 @@ class OciInstance(Instance):
         return target
 
     def _write_kavach_dir(self, owner: tuple[int, int] | None) -> None:
-        os.mkdir(self.layout.kavach_dir, 0o755)
+        # 0711: the sandbox reaches its files by name; nobody else can list the random
+        # names of the status FIFOs created here.
+        os.mkdir(self.layout.kavach_dir, 0o711)
+        os.chmod(self.layout.kavach_dir, 0o711)  # noqa: S103
         shutil.copyfile(Path(__file__).with_name("launcher.py"), os.path.join(self.layout.kavach_dir, "launcher.py"))
         layers: list[dict[str, Any]] = []
         # A runtime without Landlock (gVisor's sentry does not implement it) gets no Landlock
@@ -993,14 +1052,35 @@ class OciInstance(Instance):
         self._exec_counter += 1
         cwd = request.cwd or self.policy.filesystem.workdir
         process = json.dumps(build_process(self.policy, argv, dict(request.env), cwd)).encode()
+        if self._has_sh:
+            argv = ("/bin/sh", "-c", STDIO_WRAPPER, "kavach", *argv)
+        process = json.dumps(build_process(self.policy, argv, dict(request.env), cwd)).encode()
         # The process object holds the request's environment, which may carry secrets: it
         # goes to the runtime through a memfd (read as /proc/self/fd/N), never a file on disk.
-        memfd = os.memfd_create(f"kavach-exec-{self._exec_counter}", os.MFD_CLOEXEC)
+        # It is moved above fd 9 so the fd shuffle below (3, 4, 5) cannot clobber it.
+        raw_memfd = os.memfd_create(f"kavach-exec-{self._exec_counter}", os.MFD_CLOEXEC)
+        memfd = fcntl.fcntl(raw_memfd, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(raw_memfd)
+        runtime_argv = self._runtime_argv("exec", "--process", f"/proc/self/fd/{memfd}", self.container_id)
+        if self._has_sh:
+            # Our stdio pipes also become the runtime's fds 3, 4, 5 and are passed into the
+            # container (--preserve-fds 3), where STDIO_WRAPPER gives them to the command.
+            runtime_argv = [
+                "/bin/sh",
+                "-c",
+                'exec "$@" 3<&0 4>&1 5>&2 0</dev/null',
+                "kavach-exec",
+                *runtime_argv[:-4],
+                "exec",
+                "--preserve-fds",
+                "3",
+                *runtime_argv[-3:],
+            ]
         try:
             os.write(memfd, process)
             os.lseek(memfd, 0, os.SEEK_SET)
             proc = await asyncio.create_subprocess_exec(
-                *self._runtime_argv("exec", "--process", f"/proc/self/fd/{memfd}", self.container_id),
+                *runtime_argv,
                 stdin=asyncio.subprocess.PIPE if request.stdin is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
