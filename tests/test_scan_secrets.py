@@ -199,3 +199,38 @@ def test_config_and_cli_literals(text: str, value: bytes) -> None:
 )
 def test_names_hashes_and_examples_are_not_secrets(text: str) -> None:
     assert [f for f in SCANNER.scan(text.encode()) if f.severity >= Severity.MEDIUM] == [], text
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ('clientSecret = "6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06"', "secrets.uuid"),
+        ('{"appid":"wx5c9e1f03a7b24d68","attach":"x"}', "secrets.wechat-app-id"),
+        ("TWILIO_SID=AC" + "3f9a1c7e5b2d8046f1a9c3e7b5d20486", "secrets.twilio-account-sid"),
+        # Named only "key": one machine-made token (base32, hex, base64) is reported.
+        ('    nkey = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4"', "secrets.password-assignment"),
+        ("\tconst KEY = '9f2c1b7e4a6d08e35c9b1f7a2d4e6c80';", "secrets.password-assignment"),
+        # Lower-case letters no language strings together, under a key-named variable.
+        ("EXOSCALE_API_KEY=hkrnkcjlaxjmwmtvjawnkjep", "secrets.password-assignment"),
+    ],
+)
+def test_token_shaped_identifiers_and_key_named_tokens(text: str, rule: str) -> None:
+    one(text, rule)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '"id": "00000000-0000-0000-0000-000000000000",',  # nil UUID
+        'gpo-id "12345677-ABCD-9876-ABCD-123456789012"',  # typed by a person
+        "BAIT: bace4d59-fa7e-beef-cafe-9129474bcd81",  # hexspeak
+        "wx123456dead1beef0",
+        '"key": "windows-7",',  # a dictionary's key, not a secret
+        "'key': '/test-path'",
+        '"DetectKeyPhrases": "comprehend:DetectKeyPhrases",',
+        'public_key = "UD466L6EBCM3YY5HEGHJANNTN4LSKTSUXTH7RILHCKEQMQHTBNLHJJXT"',  # meant to be shared
+        "translation_key = 'developmentenvironments'",  # words, not a token
+    ],
+)
+def test_made_up_ids_and_ordinary_keys_are_not_secrets(text: str) -> None:
+    assert [f for f in SCANNER.scan(text.encode()) if f.severity >= Severity.MEDIUM] == [], rules(text)

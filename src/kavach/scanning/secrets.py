@@ -55,6 +55,27 @@ def _random_token_ok(data: bytes, start: int, end: int, spans: Spans) -> float |
     return 0.9 if shannon_entropy(value) >= 3.0 else None
 
 
+# Hex "words" people type into made-up identifiers (``deadbeef``, ``cafebabe``).
+_HEXSPEAK = (b"dead", b"beef", b"cafe", b"babe", b"face", b"feed", b"fade", b"deaf", b"c0de", b"f00d", b"d00d")
+
+
+def _typed_by_person(hexdigits: bytes) -> bool:
+    """Whether a hex string was made up rather than generated: a run like ``12345``/``abcde``/``98765``
+    or two hexspeak words (each has odds of about 1 in 10^4 per position in random hex)."""
+    for i in range(len(hexdigits) - 4):
+        run = hexdigits[i : i + 5]
+        if all(run[k + 1] - run[k] == 1 for k in range(4)) or all(run[k] - run[k + 1] == 1 for k in range(4)):
+            return True
+    return sum(hexdigits.count(w) for w in _HEXSPEAK) >= 2
+
+
+def _random_hex_id_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
+    """A prefixed hex identifier (``wx...``, ``AC...``) whose hex body was generated, not typed."""
+    if _random_token_ok(data, start, end, spans) is None or _typed_by_person(data[start + 2 : end].lower()):
+        return None
+    return 0.8
+
+
 def _provider(
     rule_id: str,
     pattern: str,
@@ -213,6 +234,12 @@ PROVIDER_RULES: tuple[Rule, ...] = (
               category="saas_token"),
     _provider("intra42-secret", _b(r"s-s4t2(?:ud|af)-[a-f0-9]{64}"), H, category="saas_token"),
     _provider("octopus-deploy-key", _b(r"API-[A-Z0-9]{26}"), H, category="saas_token", random_body=True),
+    # Identifiers issued with credentials, reported at medium (warn + redact): a WeChat AppID
+    # and a Twilio Account SID are half of a credential pair and name the account to attack.
+    replace(_provider("wechat-app-id", _b(r"wx[0-9a-f]{16}"), M, category="cloud_key"),
+            validate=_random_hex_id_ok),
+    replace(_provider("twilio-account-sid", _b(r"AC[0-9a-f]{32}"), M, category="saas_token"),
+            validate=_random_hex_id_ok),
     _provider("sidekiq-credentials", r"(?i)(?:BUNDLE_ENTERPRISE__CONTRIBSYS__COM|BUNDLE_GEMS__CONTRIBSYS__COM)"
               r"[\"']?\s*[:=]+\s*[\"']?([a-f0-9]{8}:[a-f0-9]{8})", H, category="saas_token"),
     _provider("sidekiq-url", r"(?i)https?://([a-f0-9]{8}:[a-f0-9]{8})@(?:gems\.contribsys\.com|enterprise\.contribsys\.com)",
@@ -382,7 +409,10 @@ _SECRET_WORDS = (
     r"secret|token|api[ _.\-]?key|apikey|access[ _.\-]?key|priv(?:ate)?[ _.\-]?key|auth[ _.\-]?key|"  # noqa: S105
     r"credentials?|client[ _.\-]?secret|signing[ _.\-]?key|encryption[ _.\-]?key|enc[ _.\-]?key|master[ _.\-]?key|"
     r"session[ _.\-]?key|app[ _.\-]?key|secret[ _.\-]?key|access[ _.\-]?id|account[ _.\-]?key|auth|"
-    r"license[ _.\-]?key|webhook[ _.\-]?url|consumer[ _.\-]?key|shared[ _.\-]?key|sas|salt|api[ _.\-]?id"
+    r"license[ _.\-]?key|webhook[ _.\-]?url|consumer[ _.\-]?key|shared[ _.\-]?key|sas|salt|api[ _.\-]?id|"
+    # Any other *key name (nkey, xkey, issuer_key, validationKey, KEY): only a value that
+    # passes the entropy test is reported, so "key: value" in ordinary dictionaries is not.
+    r"key"
 )
 # Unbounded (not counted) repetition around the keyword: counted repetition multiplies
 # automaton states, and this rule runs over every window that mentions a keyword.
@@ -502,8 +532,25 @@ def _random_enough(value: bytes) -> bool:
         return n >= 10 and ent >= 0.8 * math.log2(min(n, 16))
     if value.isdigit():
         return n >= 16 and ent >= 3.0
-    # Single-alphabet random strings (all lower-case): high entropy for their length.
-    return n >= 16 and char_classes(value) == 1 and ent >= 0.85 * math.log2(min(n, 26))
+    if value.isalnum() and value.upper() == value and n >= 32:
+        # Base32 (upper-case letters and 2-7: NATS nkeys, TOTP seeds): 5 bits per character at most.
+        return ent >= 0.85 * math.log2(32)
+    # Single-alphabet random strings (all lower-case): high entropy for their length, or
+    # letters no language strings together (few vowels, long consonant runs).
+    if n >= 16 and char_classes(value) == 1 and ent >= 0.85 * math.log2(min(n, 26)):
+        return True
+    return n >= 12 and value.isalpha() and ent >= 3.0 and _gibberish(value.lower())
+
+
+_VOWELS = frozenset(b"aeiouy")
+_CONSONANT_RUN = re.compile(rb"[b-df-hj-np-tv-xz]{5,}")
+
+
+def _gibberish(letters: bytes) -> bool:
+    """Lower-case letters that are not words: under a fifth vowels, or five consonants in a row
+    (words have about two vowels in five; random letters about one in four)."""
+    vowels = sum(1 for b in letters if b in _VOWELS)
+    return vowels * 5 < len(letters) or _CONSONANT_RUN.search(letters) is not None
 
 
 def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
@@ -546,9 +593,22 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
         if len(value) < 6 and not (quoted or config):
             return None
         return 0.8 if char_classes(value) >= 2 or len(value) >= 8 else 0.6
-    if _random_enough(value) and not _identifier_like(value):
-        return 0.8
-    return None
+    if b"public" in key_low:
+        return None  # public keys and public identifiers are meant to be shared
+    if not _random_enough(value) or _identifier_like(value):
+        return None
+    if not any(w in key_low for w in _STRONG_WORDS if w != b"key") and not _AUTH_WORD.search(key_low):
+        # Named only "...key" (nkey, KEY, validationKey): dictionaries and lookup tables use
+        # that name for ordinary words, so the value must be one machine-made token.
+        if _TOKEN_ALPHABET.fullmatch(value) is None or len(value) < 16:
+            return None
+        if not any(48 <= b <= 57 for b in value) and not _gibberish(value.lower()):
+            return None
+    return 0.8
+
+
+# A token's alphabet: base64 / base64url / hex / base32 (no word separators but - and _).
+_TOKEN_ALPHABET = re.compile(rb"[A-Za-z0-9+/=_\-]+")
 
 
 # "auth" is a keyword only as a word of its own ("auth_token", "x-auth"), not inside
@@ -667,6 +727,29 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         validate=_cli_ok,
         confidence=0.9,
     ),
+)
+
+def _uuid_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
+    """A random-looking UUID: not a nil/sequential stand-in (``0000...``, ``12345678-ABCD-...``)."""
+    hexdigits = data[start:end].replace(b"-", b"").lower()
+    if len(set(hexdigits)) < 8 or _typed_by_person(hexdigits):
+        return None  # 00000000-0000-..., 11111111-1111-..., bace4d19-dead-beef-...
+    return 0.5
+
+
+UUID_RULE = Rule(
+    # Many credentials are UUID-shaped (Heroku and Azure keys, client secrets, tenant-scoped
+    # tokens); a random UUID leaving the sandbox is reported at medium (warn + redact), with
+    # a category of its own so a policy can lower it (``category_overrides: {uuid: info}``).
+    id="secrets.uuid",
+    category="uuid",
+    severity=M,
+    pattern=r"\b([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})",
+    value_group=1,
+    validate=_uuid_ok,
+    confidence=0.5,
+    not_followed_by=_TOKEN_END,
+    anchors=(r"[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",),
 )
 
 AWS_SECRET_RULE = Rule(
@@ -788,6 +871,7 @@ SECRET_RULES: tuple[Rule, ...] = tuple(_anchored(r) for r in (
     *STRUCTURAL_RULES,
     AWS_SECRET_RULE,
     STANDALONE_AWS_SECRET_RULE,
+    UUID_RULE,
     *ASSIGNMENT_RULES,
     EMAIL_RULE,
     SSN_RULE,
@@ -795,7 +879,8 @@ SECRET_RULES: tuple[Rule, ...] = tuple(_anchored(r) for r in (
 
 # A provider or structural finding explains a value better than the generic assignment
 # rule that also matched it; the generic one is dropped when its span overlaps.
-_GENERIC_RULES = frozenset({"secrets.password-assignment", "secrets.cli-password", "secrets.url-credentials"})
+_GENERIC_RULES = frozenset({"secrets.password-assignment", "secrets.cli-password", "secrets.url-credentials",
+                            "secrets.uuid"})
 
 
 def _prefer_specific(findings: list[Finding]) -> list[Finding]:
