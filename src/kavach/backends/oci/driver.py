@@ -15,9 +15,10 @@ itself when it fails, and everything built so far is torn down):
    inside; namespace inodes and cgroup limits are read from the host. Every control the
    policy asks for must be seen, else creation fails (or, with ``allow_degraded``, the control
    is listed as degraded and not scored);
-4. ``exec``: ``runtime exec --preserve-fds 3 --process /proc/self/fd/N`` (a memfd: a complete process object: the request's
-   environment and nothing else, empty capabilities, rlimits, no_new_privs). With Landlock or a
-   composite inner layer the command runs through the launcher, which applies them and execs it;
+4. ``exec``: ``runtime exec --preserve-fds 3 --process /proc/self/fd/N`` (a memfd holding a
+   complete process object: the request's environment and nothing else, empty capabilities,
+   rlimits, no_new_privs; the command gets kavach's pipes directly, see STDIO_WRAPPER). With
+   Landlock or a composite inner layer the command runs through the launcher, which applies them and execs it;
 5. timeout: the container is frozen, every process but init is SIGKILLed, it is thawed, so
    daemons the command started die too and the sandbox stays usable;
 6. ``destroy``: ``runtime delete --force`` (kills everything, removes the cgroups), unmounts
