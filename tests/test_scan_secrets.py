@@ -230,6 +230,15 @@ def test_token_shaped_identifiers_and_key_named_tokens(text: str, rule: str) -> 
         '"DetectKeyPhrases": "comprehend:DetectKeyPhrases",',
         'public_key = "UD466L6EBCM3YY5HEGHJANNTN4LSKTSUXTH7RILHCKEQMQHTBNLHJJXT"',  # meant to be shared
         "translation_key = 'developmentenvironments'",  # words, not a token
+        "        $password = Yii::$app->request->post('password');",  # code: scope and member access
+        "  mimikatz # token::elevate",
+        "'passthroughBehavior': 'when_no_match',",  # "pass" inside another word
+        "GRAYLOG_SHA256_PASSWORD=" + "b1cb6e31e172577918c9e7806c572b5e" * 2,  # a digest, not the password
+        "MAILU_PASSWORD_SCHEME=SHA512-CRYPT",
+        "'authorizerCredentials': 'arn:role',",  # words joined by separators: a label
+        '  users: [ { user: auth, password: admin } ]',  # documentation stand-ins
+        'private const string MOCK_ACCESS_TOKEN = "at-0987654321";',  # typed digit run
+        'const testPassword = "basicPass";',  # names itself
     ],
 )
 def test_made_up_ids_and_ordinary_keys_are_not_secrets(text: str) -> None:

@@ -462,7 +462,18 @@ def _type_or_label(value: bytes) -> bool:
 _NOT_SECRET_KEY_PARTS = (
     b"path", b"file", b"dir", b"url", b"uri", b"length", b"size", b"type", b"name", b"format", b"field",
     b"label", b"prompt", b"hint", b"policy", b"expire", b"timeout", b"count", b"mode", b"enabled", b"required",
+    b"scheme", b"algorithm", b"charset", b"header", b"behavior", b"behaviour", b"strategy",
 )
+# English words that contain "pass" but do not name a password.
+_PASS_WORDS = re.compile(rb"pass(?:through|ive|enger|port|age|ed\b|ing\b)|bypass|compass")
+# Hash names: a hex value under such a name is a digest, not the plaintext.
+_HASH_KEY = re.compile(rb"sha\d*|md5|hash|digest")
+_HASH_LENGTHS = frozenset({32, 40, 56, 64, 96, 128})
+# Code, not a literal: PHP/C++/Ruby member and scope access (``Yii::$app->request``), or a
+# value starting with a scope operator (mimikatz ``token::elevate``).
+_CODE_OPERATORS = (b"->", b"::")
+# Words joined by separators ("cognito_user_pools", "role-arn", "arn:role"): a label.
+_WORD_PARTS = re.compile(rb"[A-Za-z]+(?:[_\-:./][A-Za-z]+)+")
 
 
 # Password hashes are not plaintext credentials (bcrypt, sha-crypt, argon2, LDAP schemes).
@@ -488,7 +499,12 @@ def _config_context(data: bytes, key_start: int, value_start: int) -> bool:
 
 
 _SELF_DESCRIBING = (b"password", b"passwd", b"secret", b"notreal", b"not_real", b"not-real", b"apikey", b"api_key",
-                    b"token", b"letmein", b"let_me_in")
+                    b"token", b"letmein", b"let_me_in", b"pass", b"pwd")
+# Stand-ins used as passwords in documentation and tests: account names and "wrong" values.
+_STAND_IN_VALUES = frozenset({
+    b"admin", b"administrator", b"root", b"guest", b"user", b"username", b"login", b"auth", b"client", b"hello",
+    b"world", b"wrong", b"incorrect", b"invalid", b"bad", b"good", b"right", b"correct",
+})
 _FILE_SUFFIXES = (b".md", b".pem", b".json", b".txt", b".crt", b".cer", b".key", b".html", b".yaml", b".yml", b".xml",
                   b".py", b".js", b".ts", b".go", b".cs", b".java", b".rb", b".php", b".sh", b".cfg", b".conf", b".ini",
                   b".p12", b".pfx", b".jks", b".der", b".csr", b".log", b".png", b".svg")
@@ -506,7 +522,7 @@ def _identifier_like(value: bytes) -> bool:
 
 def _value_ok(value: bytes, quoted: bool) -> bool:
     """Common rejections: placeholders, type names, hashes, names, paths, self-describing and prose values."""
-    if len(value) < 4 or is_placeholder(value) or _type_or_label(value):
+    if len(value) < 4 or is_placeholder(value) or _type_or_label(value) or value.lower() in _STAND_IN_VALUES:
         return False
     if value.startswith(_HASH_PREFIXES):
         return False
@@ -576,6 +592,10 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
         return None
     if not quoted and not config and value.startswith(_CODE_REFERENCE_PREFIXES):
         return None
+    if not quoted and (any(op in value for op in _CODE_OPERATORS) or value.startswith(b":")):
+        return None
+    if _HASH_KEY.search(key_low) is not None and is_hex(value) and len(value) in _HASH_LENGTHS:
+        return None  # GRAYLOG_SHA256_PASSWORD=<hex>: a digest of the password
     # Identifiers, file names, flags and sizes named like secrets are not secrets.
     parts = key_low.replace(b"-", b"_").replace(b".", b"_").split(b"_")
     named_like_data = any(w in key_low for w in _NOT_SECRET_KEY_PARTS) or b"id" in parts[:-1]
@@ -587,6 +607,10 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
         return None
     if value.lower() == key_low or value.lower() in key_low:
         return None
+    if any(w in key_low for w in _PASSWORD_KEY_PARTS) and _PASS_WORDS.sub(b"", key_low) != key_low and not any(
+        w in _PASS_WORDS.sub(b"", key_low) for w in _STRONG_WORDS
+    ):
+        return None  # passthroughBehavior, passport: no password, and no other secret word
     if any(w in key_low for w in _PASSWORD_KEY_PARTS):
         if value.isdigit() and len(value) < 6:
             return None
@@ -596,6 +620,10 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
     if b"public" in key_low:
         return None  # public keys and public identifiers are meant to be shared
     if not _random_enough(value) or _identifier_like(value):
+        return None
+    if len(value) < 24 and _typed_by_person(value.lower()):
+        return None  # "at-0987654321", "012345abcdef": the typed run is most of a short value
+    if _WORD_PARTS.fullmatch(value) is not None and not _gibberish(value.lower()):
         return None
     if not any(w in key_low for w in _STRONG_WORDS if w != b"key") and not _AUTH_WORD.search(key_low):
         # Named only "...key" (nkey, KEY, validationKey): dictionaries and lookup tables use
