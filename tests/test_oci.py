@@ -119,6 +119,9 @@ async def test_environment_is_exactly_the_request(basic: OciInstance) -> None:
     assert sorted(result.stdout.split()) == [b"HOME=/tmp", b"ONLY=this"]
     explicit = await basic.exec(ExecRequest(argv=("/usr/bin/env",), env={"ONLY": "this", "HOME": "/work"}))
     assert sorted(explicit.stdout.split()) == [b"HOME=/work", b"ONLY=this"]
+    # names a shell would drop, and PWD, still arrive exactly as given
+    odd = await basic.exec(ExecRequest(argv=("/usr/bin/env",), env={"A.B": "1", "PWD": "/elsewhere", "HOME": "/tmp"}))
+    assert sorted(odd.stdout.split()) == [b"A.B=1", b"HOME=/tmp", b"PWD=/elsewhere"]
     fds = await basic.exec(ExecRequest(argv=("ls", "/proc/self/fd"), env=PATH_ENV))
     assert fds.stdout.split() == [b"0", b"1", b"2", b"3"]  # stdio and ls's own directory fd only
     init_env = await basic.exec(_req("tr '\\0' '\\n' < /proc/1/environ || true"))

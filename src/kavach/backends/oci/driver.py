@@ -239,6 +239,7 @@ _EXEC_ERRORS: tuple[tuple[bytes, int, str], ...] = (
 )
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHELL_EXEC_FAILURE = re.compile(
     rb"kavach: \d+: exec: (.+): (not found|Permission denied|Exec format error|Is a directory)\n"
 )
@@ -1053,7 +1054,10 @@ class OciInstance(Instance):
         self._exec_counter += 1
         cwd = request.cwd or self.policy.filesystem.workdir
         process = json.dumps(build_process(self.policy, argv, dict(request.env), cwd)).encode()
-        if self._has_sh:
+        # The wrapper is a POSIX shell: it would drop environment names that are not shell
+        # identifiers and rewrite PWD. Such a request runs without it (plain attached exec).
+        wrapped = self._has_sh and "PWD" not in request.env and all(_ENV_NAME.fullmatch(k) for k in request.env)
+        if wrapped:
             argv = ("/bin/sh", "-c", STDIO_WRAPPER, "kavach", *argv)
         process = json.dumps(build_process(self.policy, argv, dict(request.env), cwd)).encode()
         # The process object holds the request's environment, which may carry secrets: it
@@ -1063,7 +1067,7 @@ class OciInstance(Instance):
         memfd = fcntl.fcntl(raw_memfd, fcntl.F_DUPFD_CLOEXEC, 10)
         os.close(raw_memfd)
         runtime_argv = self._runtime_argv("exec", "--process", f"/proc/self/fd/{memfd}", self.container_id)
-        if self._has_sh:
+        if wrapped:
             # Our stdio pipes also become the runtime's fds 3, 4, 5 and are passed into the
             # container (--preserve-fds 3), where STDIO_WRAPPER gives them to the command.
             runtime_argv = [
