@@ -8,7 +8,6 @@ Landlock denying what the rules do not grant, and they check the launcher on its
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from dataclasses import replace
@@ -21,6 +20,7 @@ from kavach.backends.base import ExecRequest, LaunchSpec
 from kavach.backends.names import Backend
 from kavach.backends.oci import OciDriver, OciInstance
 from kavach.backends.oci.driver import landlock_plan
+from kavach.backends.oci.launcher import Layer, render_plan
 from kavach.backends.oci.runtime import probe_runc
 from kavach.backends.process.seccomp import compile_filter
 from kavach.errors import SandboxCreateError
@@ -109,9 +109,9 @@ async def test_composite_through_the_public_api() -> None:
 # -- the launcher on its own (host side, no container): does each layer really restrict? ------------
 
 
-def _launch(tmp_path: Path, plan: dict, *argv: str) -> subprocess.CompletedProcess[str]:
-    plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(plan))
+def _launch(tmp_path: Path, layers: list[Layer], *argv: str) -> subprocess.CompletedProcess[str]:
+    plan_file = tmp_path / "plan"
+    plan_file.write_text(render_plan(layers))
     return subprocess.run(
         ["/usr/bin/python3", "-I", "-S", str(LAUNCHER), "exec", str(plan_file), "--announce", "--", *argv],
         capture_output=True,
@@ -125,11 +125,11 @@ def test_launcher_seccomp_program_refuses_what_the_policy_denies(tmp_path: Path)
     program = compile_filter(SeccompPolicy(profile=SeccompProfile.BASIC, deny=("chmod", "fchmodat")))
     (tmp_path / "inner.bpf").write_bytes(program)
     (tmp_path / "file").write_text("x")
-    plan = {"layers": [{"name": "inner", "seccomp_bpf": str(tmp_path / "inner.bpf")}]}
+    plan = [Layer("inner", seccomp_bpf=str(tmp_path / "inner.bpf"))]
     done = _launch(tmp_path, plan, "/bin/sh", "-c", f"grep Seccomp: /proc/self/status; chmod 600 {tmp_path}/file")
     assert "Seccomp:\t2" in done.stdout
     assert done.returncode != 0 and "Operation not permitted" in done.stderr
-    assert '"seccomp_loaded": 1' in done.stderr
+    assert "seccomp_loaded=1" in done.stderr
 
 
 def test_launcher_landlock_denies_outside_the_rules(tmp_path: Path) -> None:
@@ -139,15 +139,15 @@ def test_launcher_landlock_denies_outside_the_rules(tmp_path: Path) -> None:
         *(LandlockRule(p, rx) for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)),
         LandlockRule(str(tmp_path / "allowed"), frozenset({Access.READ})),
     )
-    plan = {"layers": [{"name": "oci", "landlock": landlock_plan(SandboxPolicy(landlock=LandlockPolicy(True, rules)))}]}
+    plan = [Layer("oci", landlock_plan(SandboxPolicy(landlock=LandlockPolicy(True, rules))))]
     done = _launch(tmp_path, plan, "/bin/sh", "-c", f"cat {tmp_path}/allowed; echo; ls {tmp_path} || echo denied")
     assert done.stdout.startswith("visible\n") and "denied" in done.stdout, done.stderr
-    assert '"landlock_domains": 1' in done.stderr
+    assert "landlock_domains=1" in done.stderr
 
 
 def test_launcher_fails_closed_on_a_missing_rule_path(tmp_path: Path) -> None:
     rules = (LandlockRule("/nonexistent-kavach-path", frozenset({Access.READ})),)
-    plan = {"layers": [{"name": "oci", "landlock": landlock_plan(SandboxPolicy(landlock=LandlockPolicy(True, rules)))}]}
+    plan = [Layer("oci", landlock_plan(SandboxPolicy(landlock=LandlockPolicy(True, rules))))]
     done = _launch(tmp_path, plan, "/bin/echo", "ran")
     assert done.returncode == 126 and "ran" not in done.stdout
     assert "nonexistent-kavach-path" in done.stderr

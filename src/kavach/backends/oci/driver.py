@@ -66,6 +66,7 @@ from kavach.backends.capture import CappedBuffer
 from kavach.backends.names import Backend
 from kavach.backends.oci import image as images
 from kavach.backends.oci.bundle import BundleInputs, IdMap, Mount, build_config, build_process, cpu_quota_us, ro_bind
+from kavach.backends.oci.launcher import LandlockLayer, Layer, render_plan
 from kavach.backends.oci.runtime import (
     DEFAULT_STATE_ROOT,
     CgroupMode,
@@ -85,7 +86,7 @@ from kavach.scoring import Control, Enforcement
 
 KAVACH_DIR_INSIDE = "/dev/.kavach"  # on the runtime's fresh /dev tmpfs: exists in every rootfs
 LAUNCHER_INSIDE = f"{KAVACH_DIR_INSIDE}/launcher.py"
-PLAN_INSIDE = f"{KAVACH_DIR_INSIDE}/plan.json"
+PLAN_INSIDE = f"{KAVACH_DIR_INSIDE}/plan"
 PYTHON_INSIDE = "/usr/bin/python3"
 BUNDLE_BASE = os.path.join(DEFAULT_STATE_ROOT, "bundles")
 RUNTIME_TIMEOUT_S = 30.0
@@ -145,7 +146,7 @@ def container_id(sandbox_id: str) -> str:
     return "kavach-" + _ID_RE.sub("_", sandbox_id)[:100]
 
 
-def landlock_plan(policy: SandboxPolicy) -> dict[str, Any] | None:
+def landlock_plan(policy: SandboxPolicy) -> LandlockLayer | None:
     """The Landlock layer for the launcher, resolved on the host with the Process backend's mapping."""
     if not policy.landlock.enabled:
         return None
@@ -157,17 +158,12 @@ def landlock_plan(policy: SandboxPolicy) -> dict[str, Any] | None:
     scoped = (landlock.SCOPE_SIGNAL | landlock.SCOPE_ABSTRACT_UNIX_SOCKET) if abi >= 6 else 0
     rules = []
     for rule in policy.landlock.rules:
+        if "\n" in rule.path or "\r" in rule.path:
+            raise SandboxCreateError(f"landlock rule path {rule.path!r} contains a line break")
         mask = landlock.access_mask(rule.access, abi)
         if mask:
-            rules.append([rule.path, mask])
-    return {
-        "min_abi": abi,
-        "handled_access_fs": landlock.handled_fs_access(abi),
-        "handled_access_net": 0,
-        "scoped": scoped,
-        "file_access_mask": landlock.FILE_ACCESS,
-        "rules": rules,
-    }
+            rules.append((rule.path, mask))
+    return LandlockLayer(abi, landlock.handled_fs_access(abi), 0, scoped, landlock.FILE_ACCESS, rules)
 
 
 def _root_listing_allowed_by_rules(policy: SandboxPolicy) -> bool:
@@ -185,11 +181,13 @@ def parse_probe(text: str) -> dict[str, str]:
 
 
 def parse_announce(stderr: str) -> dict[str, Any]:
-    """The launcher's ``--announce`` JSON line (empty when there was none)."""
+    """The launcher's ``--announce`` line (``landlock_domains=1 ... layers=oci,inner``), typed."""
     for line in stderr.splitlines():
-        if line.startswith("kavach-launcher: {"):
-            data: dict[str, Any] = json.loads(line.partition(": ")[2])
-            return data
+        if line.startswith("kavach-launcher: landlock_domains="):
+            fields = dict(item.partition("=")[::2] for item in line.partition(": ")[2].split())
+            report: dict[str, Any] = {k: int(v) for k, v in fields.items() if v.isdigit()}
+            report["layers"] = [name for name in fields.get("layers", "").split(",") if name]
+            return report
     return {}
 
 
@@ -724,35 +722,32 @@ class OciInstance(Instance):
         os.mkdir(self.layout.kavach_dir, 0o711)
         os.chmod(self.layout.kavach_dir, 0o711)  # noqa: S103
         shutil.copyfile(Path(__file__).with_name("launcher.py"), os.path.join(self.layout.kavach_dir, "launcher.py"))
-        layers: list[dict[str, Any]] = []
+        layers: list[Layer] = []
         # A runtime without Landlock (gVisor's sentry does not implement it) gets no Landlock
         # layer; _check_policy let that happen only with allow_degraded, and the probe then
         # lists Landlock as degraded.
         landlock = landlock_plan(self.policy) if self._driver.supports_landlock else None
         if landlock is not None:
-            layers.append({"name": "oci", "landlock": landlock})
+            layers.append(Layer("oci", landlock))
         if self._inner is not None:
             layers.append(self._inner_layer(landlock))
-        with open(os.path.join(self.layout.kavach_dir, "plan.json"), "w", encoding="utf-8") as stream:
-            json.dump({"layers": layers}, stream)
+        with open(os.path.join(self.layout.kavach_dir, "plan"), "w", encoding="utf-8") as stream:
+            stream.write(render_plan(layers))
         for name in os.listdir(self.layout.kavach_dir):
             os.chmod(os.path.join(self.layout.kavach_dir, name), 0o644)
 
-    def _inner_layer(self, landlock: dict[str, Any] | None) -> dict[str, Any]:
+    def _inner_layer(self, landlock: LandlockLayer | None) -> Layer:
         """The composite inner layer: the policy's own seccomp program (a second, stacked filter,
         compiled by the Process backend's compiler) and a second Landlock domain."""
         from kavach.backends.process.seccomp import compile_filter
 
-        layer: dict[str, Any] = {"name": f"inner-{self._inner.value if self._inner else '?'}"}
+        layer = Layer(f"inner-{self._inner.value if self._inner else '?'}", landlock)
         program = compile_filter(self.policy.seccomp)
         if program:
-            path = os.path.join(self.layout.kavach_dir, "inner.bpf")
-            with open(path, "wb") as stream:
+            with open(os.path.join(self.layout.kavach_dir, "inner.bpf"), "wb") as stream:
                 stream.write(program)
-            layer["seccomp_bpf"] = f"{KAVACH_DIR_INSIDE}/inner.bpf"
-        if landlock is not None:
-            layer["landlock"] = landlock
-        if "seccomp_bpf" not in layer and "landlock" not in layer:
+            layer.seccomp_bpf = f"{KAVACH_DIR_INSIDE}/inner.bpf"
+        if layer.seccomp_bpf is None and layer.landlock is None:
             raise SandboxCreateError(
                 "composite inner layer has nothing to apply: the policy asks for neither seccomp nor Landlock"
             )

@@ -12,6 +12,9 @@ library. That is a design decision, not an accident:
   Process backend loads) and written as raw BPF; the Landlock rules are resolved to access
   masks on the host (:func:`kavach.backends.oci.driver.landlock_plan`). What remains here is
   the few kernel calls that must be made by the sandboxed process itself.
+* It starts on every exec that needs it, so it imports little: no json, typing or socket at
+  the top (about 20 ms of start-up on this machine). The plan is a line-based text file
+  written by :func:`render_plan` and read by :func:`parse_plan`, both in this module.
 * ``-I -S``: isolated mode (no PYTHON* variables, no user site, no cwd on sys.path) and no
   ``site`` import, so nothing the sandboxed command controls is imported before the
   restrictions are in place.
@@ -27,7 +30,7 @@ Modes:
     then every seccomp program (a seccomp filter could refuse the Landlock syscalls, and
     seccomp must be last before execve). A composite sandbox's plan has two layers, so the
     command runs under two stacked seccomp filters (the runtime's and the inner one) and
-    Landlock. ``--announce`` prints one JSON line to stderr saying what was applied, for the
+    Landlock. ``--announce`` prints one ``key=value`` line to stderr saying what was applied, for the
     enforcement probe. Any failed kernel call stops with exit code 126 and names the step and
     the errno: the command never runs with fewer restrictions than planned.
 ``listen HOST PORT UNIX_SOCKET``
@@ -41,13 +44,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import signal
-import socket
 import stat
 import sys
-from typing import Any
 
 EXIT_SETUP_FAILED = 126
 
@@ -66,6 +66,78 @@ O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+
+class LandlockLayer:
+    """One Landlock domain: handled rights and ``(path, access mask)`` rules, resolved on the host."""
+
+    __slots__ = ("file_access_mask", "handled_fs", "handled_net", "min_abi", "rules", "scoped")
+
+    def __init__(
+        self,
+        min_abi: int,
+        handled_fs: int,
+        handled_net: int,
+        scoped: int,
+        file_access_mask: int,
+        rules: list[tuple[str, int]],
+    ) -> None:
+        self.min_abi = min_abi
+        self.handled_fs = handled_fs
+        self.handled_net = handled_net
+        self.scoped = scoped
+        self.file_access_mask = file_access_mask
+        self.rules = rules
+
+
+class Layer:
+    """One layer of restrictions: a Landlock domain and/or a precompiled seccomp program."""
+
+    __slots__ = ("landlock", "name", "seccomp_bpf")
+
+    def __init__(self, name: str, landlock: LandlockLayer | None = None, seccomp_bpf: str | None = None) -> None:
+        self.name = name
+        self.landlock = landlock
+        self.seccomp_bpf = seccomp_bpf
+
+
+def render_plan(layers: list[Layer]) -> str:
+    """The plan file for ``layers`` (host side). Paths must not contain newlines."""
+    lines = []
+    for layer in layers:
+        lines.append(f"layer {layer.name}")
+        if layer.landlock is not None:
+            ll = layer.landlock
+            lines.append(f"landlock {ll.min_abi} {ll.handled_fs} {ll.handled_net} {ll.scoped} {ll.file_access_mask}")
+            lines += [f"rule {mask} {path}" for path, mask in ll.rules]
+        if layer.seccomp_bpf is not None:
+            lines.append(f"seccomp {layer.seccomp_bpf}")
+    for line in lines:
+        if "\n" in line or "\r" in line:
+            raise ValueError(f"plan entry with a line break: {line!r}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_plan(text: str) -> list[Layer]:
+    """Read :func:`render_plan`'s output; an unknown or misplaced line is an error."""
+    layers: list[Layer] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line:
+            continue
+        kind, _, rest = line.partition(" ")
+        if kind == "layer":
+            layers.append(Layer(rest))
+        elif kind == "landlock" and layers:
+            abi, fs, net, scoped, file_mask = (int(v) for v in rest.split())
+            layers[-1].landlock = LandlockLayer(abi, fs, net, scoped, file_mask, [])
+        elif kind == "rule" and layers and layers[-1].landlock is not None:
+            mask, _, path = rest.partition(" ")
+            layers[-1].landlock.rules.append((path, int(mask)))
+        elif kind == "seccomp" and layers:
+            layers[-1].seccomp_bpf = rest
+        else:
+            raise ValueError(f"plan line {number}: {line!r}")
+    return layers
 
 
 class SetupError(Exception):
@@ -119,15 +191,12 @@ def _attr_size(abi: int) -> int:
     return 8
 
 
-def apply_landlock(layer: dict[str, Any]) -> int:
+def apply_landlock(layer: LandlockLayer) -> int:
     """Create, fill and enforce one Landlock domain; returns the ABI used."""
     abi = landlock_abi()
-    required = int(layer.get("min_abi", 1))
-    if abi < required:
-        raise SetupError(f"landlock ABI {abi} < required {required}", errno.EOPNOTSUPP)
-    attr = _RulesetAttr(
-        int(layer["handled_access_fs"]), int(layer.get("handled_access_net", 0)), int(layer.get("scoped", 0))
-    )
+    if abi < layer.min_abi:
+        raise SetupError(f"landlock ABI {abi} < required {layer.min_abi}", errno.EOPNOTSUPP)
+    attr = _RulesetAttr(layer.handled_fs, layer.handled_net, layer.scoped)
     ruleset = _libc.syscall(
         ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET),
         ctypes.byref(attr),
@@ -137,7 +206,7 @@ def apply_landlock(layer: dict[str, Any]) -> int:
     if ruleset < 0:
         raise SetupError("landlock_create_ruleset", ctypes.get_errno())
     try:
-        for path, access in layer.get("rules", []):
+        for path, access in layer.rules:
             try:
                 # A missing rule path is an error, as in the Process backend: fail closed
                 # rather than run with a rule set other than the one the policy names.
@@ -147,7 +216,7 @@ def apply_landlock(layer: dict[str, Any]) -> int:
             try:
                 # A rule on a file may only carry file rights; the host computed both masks.
                 is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-                mask = int(access) if is_dir else int(access) & int(layer["file_access_mask"])
+                mask = access if is_dir else access & layer.file_access_mask
                 beneath = _PathBeneathAttr(mask, fd)
                 rc = _libc.syscall(
                     ctypes.c_long(SYS_LANDLOCK_ADD_RULE),
@@ -187,20 +256,19 @@ def load_seccomp(path: str) -> None:
         raise SetupError(f"prctl(PR_SET_SECCOMP) {path}", ctypes.get_errno())
 
 
-def apply_plan(plan: dict[str, Any]) -> dict[str, Any]:
-    """Apply every layer: all Landlock domains, then all seccomp programs. Returns a report."""
-    report: dict[str, Any] = {"landlock_domains": 0, "landlock_abi": 0, "seccomp_loaded": 0, "layers": []}
-    layers = plan.get("layers", [])
+def apply_plan(layers: list[Layer]) -> str:
+    """Apply every layer: all Landlock domains, then all seccomp programs. Returns a report line."""
+    domains = abi = loaded = 0
     for layer in layers:
-        if layer.get("landlock"):
-            report["landlock_abi"] = apply_landlock(layer["landlock"])
-            report["landlock_domains"] += 1
+        if layer.landlock is not None:
+            abi = apply_landlock(layer.landlock)
+            domains += 1
     for layer in layers:
-        if layer.get("seccomp_bpf"):
-            load_seccomp(layer["seccomp_bpf"])
-            report["seccomp_loaded"] += 1
-        report["layers"].append(layer.get("name", "?"))
-    return report
+        if layer.seccomp_bpf is not None:
+            load_seccomp(layer.seccomp_bpf)
+            loaded += 1
+    names = ",".join(layer.name for layer in layers)
+    return f"landlock_domains={domains} landlock_abi={abi} seccomp_loaded={loaded} layers={names}"
 
 
 def run_exec(args: list[str]) -> int:
@@ -213,15 +281,15 @@ def run_exec(args: list[str]) -> int:
     if not options or not argv:
         print("kavach-launcher: exec needs a plan and a command", file=sys.stderr)
         return 2
-    with open(options[0], encoding="utf-8") as stream:
-        plan = json.load(stream)
     try:
-        report = apply_plan(plan)
-    except (SetupError, OSError) as exc:
+        with open(options[0], encoding="utf-8") as stream:
+            layers = parse_plan(stream.read())
+        report = apply_plan(layers)
+    except (SetupError, OSError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_SETUP_FAILED
     if "--announce" in options[1:]:
-        print("kavach-launcher: " + json.dumps(report, sort_keys=True), file=sys.stderr, flush=True)
+        print(f"kavach-launcher: {report}", file=sys.stderr, flush=True)
     try:
         os.execvp(argv[0], argv)  # noqa: S606 - the sandboxed command, exec'd without a shell on purpose
     except OSError as exc:
@@ -253,6 +321,8 @@ def run_init() -> int:
 
 def run_listen(args: list[str]) -> int:
     """``listen HOST PORT UNIX_SOCKET``: hand a listening socket of this namespace to the host."""
+    import socket  # only this mode needs it (start-up time of every exec)
+
     if len(args) != 3:
         print("kavach-launcher: usage: listen HOST PORT UNIX_SOCKET", file=sys.stderr)
         return 2
