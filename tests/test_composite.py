@@ -162,3 +162,25 @@ def test_launcher_imports_only_the_standard_library() -> None:
     )
     # Without a mode it prints its usage and exits 2: it loaded with Debian's bare python3.
     assert done.returncode == 2 and "usage" in done.stderr and "ModuleNotFoundError" not in done.stderr
+
+
+def test_plan_round_trips_and_rejects_garbage() -> None:
+    from kavach.backends.oci.launcher import LandlockLayer, parse_plan
+
+    layers = [
+        Layer("oci", LandlockLayer(7, 0xFFFF, 0, 3, 0xC007, [("/usr", 13), ("/path with spaces", 4)])),
+        Layer("inner-process", None, "/dev/.kavach/inner.bpf"),
+    ]
+    parsed = parse_plan(render_plan(layers))
+    assert [layer.name for layer in parsed] == ["oci", "inner-process"]
+    assert parsed[0].landlock is not None and parsed[0].landlock.rules == [("/usr", 13), ("/path with spaces", 4)]
+    assert (parsed[0].landlock.min_abi, parsed[0].landlock.scoped, parsed[0].landlock.file_access_mask) == (
+        7,
+        3,
+        0xC007,
+    )
+    assert parsed[1].seccomp_bpf == "/dev/.kavach/inner.bpf" and parsed[1].landlock is None
+    with pytest.raises(ValueError, match="plan line 1"):
+        parse_plan("rule 4 /etc\n")  # a rule outside a Landlock layer
+    with pytest.raises(ValueError, match="line break"):
+        render_plan([Layer("x", LandlockLayer(1, 1, 0, 0, 1, [("/a\nlayer evil", 1)]))])
