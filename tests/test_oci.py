@@ -172,6 +172,16 @@ async def test_a_background_process_holding_stdout_does_not_block_the_exec(basic
     assert daemon.stdout == b"1\n"
 
 
+async def test_spawn_kill_with_sigterm_reaches_the_command(basic: OciInstance) -> None:
+    process = await basic.spawn(_req("trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.1; done"))
+    async for name, data in process.chunks():
+        if name == "stdout" and b"ready" in data:
+            break
+    await process.kill(15)
+    result = await process.wait()
+    assert result.exit_code == 3
+
+
 async def test_pause_really_stops_a_busy_loop(basic: OciInstance) -> None:
     process = await basic.spawn(_req("while :; do :; done", timeout_ms=20_000))
     await asyncio.sleep(0.3)
