@@ -177,3 +177,12 @@ async def test_injected_secret_is_redacted_even_with_the_gate_off() -> None:
         result = await sandbox.exec("env")
     assert b"tok-3c9e1f7a2b5d8e0f" not in result.stdout
     assert result.stdout.startswith(b"token is ")
+
+
+async def test_refused_creation_is_audited() -> None:
+    from kavach import paths
+
+    with pytest.raises(ScoreTooLow):
+        await Sandbox.create(noop_config(min_score=10, agent_id="agent-low"))
+    text = paths.audit_log_path().read_text()
+    assert '"sandbox.create_failed"' in text and "ScoreTooLow" in text and "agent-low" in text

@@ -269,7 +269,8 @@ class Sandbox:
         try:
             spec = await _launch_spec(config, sandbox_id, services)
             instance = await driver.start(spec)
-        except BaseException:
+        except BaseException as exc:
+            _audit_create_failure(services, sandbox_id, config, backend, exc)
             await _close_services(services)
             raise
         try:
@@ -282,8 +283,9 @@ class Sandbox:
                 services=services,
             )
             await sandbox._finish_create()
-        except BaseException:
+        except BaseException as exc:
             await instance.destroy()
+            _audit_create_failure(services, sandbox_id, config, backend, exc)
             await _close_services(services)
             raise
         return sandbox
@@ -791,6 +793,16 @@ class SyncSandbox:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _audit_create_failure(
+    services: _Services, sandbox_id: str, config: SandboxConfig, backend: Backend, exc: BaseException
+) -> None:
+    """Record a refused or failed creation (what was asked, and why it did not happen)."""
+    if services.audit is None or not isinstance(exc, Exception):
+        return
+    payload = {"backend": backend.value, "error": type(exc).__name__, "reason": str(exc)[:500]}
+    services.audit.append("sandbox.create_failed", sandbox_id=sandbox_id, agent_id=config.agent_id, payload=payload)
 
 
 def _argv_for_audit(command: str | Sequence[str]) -> list[str]:
