@@ -293,6 +293,10 @@ _CODE_ANCHORS: dict[str, tuple[str, ...]] = {
     "code.unicode-identifier-exec": (r"\xf0\x9d",),
     "code.js-child-process-exec": (r"child_process|cp\.",),
     "code.ruby-system": (r"Kernel\.|%x[({\[]|#\{|Open3\.|IO\.popen",),
+    # The call with its decoder, not the bare word "eval" / "stdout" (common in ordinary code).
+    "code.js-eval-decoded": (r"eval\s*\(\s*(?:atob|unescape|decodeURIComponent|Buffer|String|require)",),
+    "code.ruby-eval-decoded": (r"eval\s*\(?\s*(?:Base64|\[|Zlib)",),
+    "code.silent-process": (r"detached\s*:\s*true|subprocess\.DEVNULL",),
 }
 _MULTILINE = frozenset({"code.go-exec-download", "code.go-exec-decoded", "code.silent-process"})
 REGEX_RULES = tuple(

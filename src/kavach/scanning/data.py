@@ -120,7 +120,8 @@ SSN_CONTEXT_RULE = Rule(
     value_group=1,
     validate=_ssn_ok,
     not_followed_by=r"[0-9A-Za-z]",
-    anchors=(r"(?i)ssn|social|ss#|soc",),
+    # The word right before a digit, not the word alone ("social", "socket" are everywhere).
+    anchors=(r"(?i)(?:ssn|social\s+security(?:\s+(?:number|no\.?|#))?|ss#|soc\.?\s*sec\.?)[^0-9A-Za-z\n]{0,6}\d",),
     tags=("gdpr", "soc2"),
 )
 
@@ -350,7 +351,10 @@ PHONE_CONTEXT_RULE = Rule(
     value_group=1,
     not_followed_by=r"[0-9A-Za-z_/:]|[.\-][0-9]",
     validate=_phone_ok,
-    anchors=(r"(?i)phone|tel|mobile|cell|fax|call|desk|sms|whatsapp|contact|number|messages|answering",),
+    # The word right before the number's first digit, not the word alone ("number", "call"
+    # and "contact" are in most source files).
+    anchors=(r"(?i)(?:phone|tel|mobile|cell|fax|call(?:\s+me)?(?:\s+(?:at|on))?|desk|sms|whatsapp|contact|number|"
+             r"messages\s+to|answering\s+at)[^0-9A-Za-z\n]{0,6}(?:\n[^0-9A-Za-z\n]{0,3})?\+?\(?\d",),
     tags=("gdpr",),
 )
 

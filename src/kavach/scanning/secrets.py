@@ -848,6 +848,9 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
     "secrets.gitlab-token": (r"gl(?:pat|ptt|dt|rt|cbt|ft|imt|agent|oas|soat|ffct)-",),
     "secrets.sidekiq-credentials": (r"(?i)CONTRIBSYS",),
     "secrets.auth-header": (r"(?i)authorization|api-key|auth-token|private-token|access-token",),
+    # The host part, not "https://" (in every other line of output).
+    "secrets.teams-webhook": (r"\.webhook\.office\.com/webhookb2/",),
+    "secrets.discord-webhook": (r"discord(?:app)?\.com/api/webhooks/",),
 }
 _CLI_ANCHORS = (
     (r"(?i)-[A-Za-z_\-]{0,20}(?:pass|pwd|token|api|secret|auth|access|client|bearer)",),
@@ -864,7 +867,9 @@ _ASSIGNMENT_ANCHORS = (
      r"(?:[ \t]*:?[ \t]*(?:string|str|&str|\[\]byte|SecureString)\??)?[ \t]*[=:]",),
     (rf"(?i)<[A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})",),
     (rf"(?i)(?:key|name)\s*=\s*[\"'][^\"']*(?:{_KEYWORD_ANCHOR[0]})",),
-    (r"(?i)define\(|#define|%define|%global|\bset\s",),
+    # the directive, then a name holding a keyword ("set " alone is in every other shell script)
+    (rf"(?i)(?:define\(\s*[\"']|#define\s+|%define\s+|%global\s+|\bset\s+)[A-Za-z0-9_.\-]*"
+     rf"(?:{_KEYWORD_ANCHOR[0]})",),
     (r"_(?:KEY|TOKEN|SECRET|PASS|PASSWD|PASSWORD|PWD|PW|AUTH|CREDENTIALS?|APIKEY|ACCESS_KEY)=",),
 )
 
