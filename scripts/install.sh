@@ -10,6 +10,8 @@ APT_PACKAGES=(
   python3-venv                # the .venv below
   runc                        # OCI backend runtime
   umoci                       # unpacking OCI image layouts for the OCI backend
+  crun                        # probed by the OCI backend (refused on cgroup-v1 hybrid hosts; a test shows it)
+  golang-github-opencontainers-specs-dev   # the runtime-spec JSON schema the OCI bundle tests validate against
   bubblewrap                  # benchmark anchor only (benchmarks/bench_process.py)
   clang lld wasi-libc libclang-rt-14-dev-wasm32   # compiling C test programs to wasm32-wasi
   curl                        # sandboxed HTTP client in the proxy tests

@@ -128,3 +128,20 @@ def test_credential_value_never_reaches_the_sandbox_or_the_output(
     data = json.loads(out)
     assert data["result"]["stdout"].startswith("KAVACH_PLACEHOLDER_")
     assert "tok-8f3a1c0d9e7b6a5f4e3d" not in out + err
+
+
+def test_run_inner_backend_gives_a_composite(capsys: pytest.CaptureFixture[str]) -> None:
+    from kavach.backends import registry
+    from kavach.backends.names import Backend
+
+    for backend in (Backend.OCI, Backend.PROCESS):
+        if not registry.probe(backend).usable:
+            pytest.skip(f"{backend} unusable here: {registry.probe(backend).reason}")
+    args = ("run", "--backend", "oci", "--inner", "process", "--policy", "strict", "--json")
+    code, out, err = run_cli(capsys, *args, "--", "/bin/grep", "Seccomp_filters", "/proc/self/status")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["score"] == 78  # max(OCI 73, inner) + 5, both layers verified
+    assert data["result"]["stdout"].split() == ["Seccomp_filters:", "2"]
+    code, _, err = run_cli(capsys, "run", "--inner", "nonsense", "--", "true")
+    assert code == 2 and "unknown backend" in err

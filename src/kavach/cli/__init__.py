@@ -73,6 +73,7 @@ def _emit_json(data: Any) -> None:
 def run(
     command: Annotated[list[str] | None, typer.Argument(help="The command and its arguments (after --).")] = None,
     backend: Annotated[str, typer.Option(help="auto or a backend name (see 'kavach backends').")] = "auto",
+    inner: Annotated[str | None, typer.Option(help="Inner backend of a composite (e.g. process inside oci).")] = None,
     policy: Annotated[str, typer.Option(help="minimal, basic, strict or a policy file.")] = "basic",
     min_score: Annotated[int, typer.Option(help="Fail unless the enforced score reaches N.")] = 0,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock timeout in seconds.")] = None,
@@ -149,6 +150,7 @@ def run(
     chosen.validate()
     config = SandboxConfig(
         backend=None if backend.lower() == "auto" else Backend.parse(backend),
+        inner_backend=Backend.parse(inner) if inner else None,
         policy=chosen,
         env=_parse_env(env or ()),
         workdir=os.path.abspath(workdir) if workdir else None,
