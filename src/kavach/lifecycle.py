@@ -20,7 +20,7 @@ import os
 import re
 import secrets as _secrets
 import shlex
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -562,24 +562,22 @@ class Sandbox:
 
     async def pause(self) -> None:
         """Freeze every process of the sandbox."""
-        async with self._lock:
-            self._fsm.check(SandboxState.PAUSED)
-            await self._instance.pause()
-            self._transition(SandboxState.PAUSED)
+        await self._change_state(SandboxState.PAUSED, self._instance.pause)
 
     async def resume(self) -> None:
         """Thaw a paused sandbox."""
-        async with self._lock:
-            self._fsm.check(SandboxState.RUNNING)
-            await self._instance.resume()
-            self._transition(SandboxState.RUNNING)
+        await self._change_state(SandboxState.RUNNING, self._instance.resume)
 
     async def stop(self) -> None:
         """Kill every process; afterwards only :meth:`destroy` is allowed."""
+        await self._change_state(SandboxState.STOPPED, self._instance.stop)
+
+    async def _change_state(self, target: SandboxState, action: Callable[[], Awaitable[None]]) -> None:
+        # Checked before acting: an invalid call must not touch the backend.
         async with self._lock:
-            self._fsm.check(SandboxState.STOPPED)
-            await self._instance.stop()
-            self._transition(SandboxState.STOPPED)
+            self._fsm.check(target)
+            await action()
+            self._transition(target)
 
     async def destroy(self) -> None:
         """Kill everything and remove all state. Calling it again on a destroyed sandbox is a no-op."""

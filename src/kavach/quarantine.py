@@ -27,13 +27,14 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from kavach import paths
+from kavach._sqlite import immediate_transaction, locked_query
 from kavach.audit import AuditLog
 from kavach.errors import QuarantineError
 from kavach.scanning.findings import Finding
@@ -182,32 +183,14 @@ class QuarantineStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front: a status check and the update that follows
-        # cannot interleave with another process's. The thread lock does the same for threads
-        # sharing this connection.
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise QuarantineError(f"quarantine store {self.directory}: {exc}") from None
-            try:
-                yield self._db
-            except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise QuarantineError(f"quarantine store {self.directory}: {exc}") from None
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _fail(self, exc: sqlite3.Error) -> QuarantineError:
+        return QuarantineError(f"quarantine store {self.directory}: {exc}")
+
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._db, self._lock, self._fail)
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise QuarantineError(f"quarantine store {self.directory}: {exc}") from None
+        return locked_query(self._db, self._lock, self._fail, sql, params)
 
     def _data_path(self, item_id: str) -> Path:
         return self._items_dir / f"{item_id}.bin"

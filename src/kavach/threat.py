@@ -38,13 +38,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
 
 from kavach import paths
+from kavach._sqlite import immediate_transaction, locked_query
 from kavach.errors import KavachError
 from kavach.scanning.findings import Finding, Severity
 
@@ -326,32 +327,14 @@ class OffenderStore:
             self.closed = True
             self._db.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front: a status check and the update that follows
-        # cannot interleave with another process's. The thread lock does the same for threads
-        # sharing this connection.
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise OffenderError(f"offender database {self.path}: {exc}") from None
-            try:
-                yield self._db
-            except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise OffenderError(f"offender database {self.path}: {exc}") from None
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _fail(self, exc: sqlite3.Error) -> OffenderError:
+        return OffenderError(f"offender database {self.path}: {exc}")
+
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._db, self._lock, self._fail)
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise OffenderError(f"offender database {self.path}: {exc}") from None
+        return locked_query(self._db, self._lock, self._fail, sql, params)
 
     def _decay(self, age_s: float) -> float:
         return float(0.5 ** (max(0.0, age_s) / self.half_life_s))
