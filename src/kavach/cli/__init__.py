@@ -20,6 +20,14 @@ from typing import Annotated, Any
 import typer
 
 from kavach.backends.names import Backend
+from kavach.cli.proxy import (
+    AllowOption,
+    AllowPrivateOption,
+    CredentialOption,
+    DenyOption,
+    ResolveOption,
+    UpstreamCaOption,
+)
 from kavach.errors import KavachError, PolicyError
 from kavach.policy import Bind, NetworkMode, SandboxPolicy
 
@@ -82,21 +90,12 @@ def run(
     workdir: Annotated[str | None, typer.Option(help="Host directory bound read-write as the workdir.")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", help="K=V set in the sandbox.")] = None,
     network: Annotated[str | None, typer.Option(help="off, proxy or host (default: the policy's).")] = None,
-    allow: Annotated[
-        list[str] | None, typer.Option("--allow", help="[METHODS ]HOST[:PORT] the proxy lets through (repeatable).")
-    ] = None,
-    deny: Annotated[list[str] | None, typer.Option("--deny", help="HOST[:PORT] refused even if allowed.")] = None,
-    allow_private: Annotated[
-        list[str] | None, typer.Option("--allow-private", help="CIDR of private/loopback destinations to permit.")
-    ] = None,
-    credential: Annotated[
-        list[str] | None,
-        typer.Option("--credential", help="HOST=HEADER:ENVVAR: the proxy injects HEADER with $ENVVAR's value."),
-    ] = None,
-    upstream_ca: Annotated[str | None, typer.Option(help="Extra PEM CA trusted for upstream servers.")] = None,
-    resolve: Annotated[
-        list[str] | None, typer.Option("--resolve", help="NAME=ADDRESS the proxy uses before DNS (repeatable).")
-    ] = None,
+    allow: AllowOption = None,
+    deny: DenyOption = None,
+    allow_private: AllowPrivateOption = None,
+    credential: CredentialOption = None,
+    upstream_ca: UpstreamCaOption = None,
+    resolve: ResolveOption = None,
     agent_id: Annotated[str | None, typer.Option(help="Agent on whose behalf the command runs.")] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Pass this process's stdin to the command.")] = False,
     no_audit: Annotated[bool, typer.Option("--no-audit", help="Do not write the audit log.")] = False,

@@ -56,25 +56,34 @@ async def _serve(proxy: EgressProxy, host: str, port: int, ca_out: Path, placeho
         await proxy.close()
 
 
+# The egress-rule options, shared with `kavach run` so both commands read the same flags.
+AllowOption = Annotated[
+    list[str] | None, typer.Option("--allow", help="[METHODS ]HOST[:PORT] that may be reached (repeatable).")
+]
+DenyOption = Annotated[list[str] | None, typer.Option("--deny", help="HOST[:PORT] refused even if allowed.")]
+AllowPrivateOption = Annotated[
+    list[str] | None, typer.Option("--allow-private", help="CIDR of private/loopback destinations to permit.")
+]
+CredentialOption = Annotated[
+    list[str] | None,
+    typer.Option("--credential", help="HOST=HEADER:ENVVAR: inject HEADER with the value of $ENVVAR."),
+]
+UpstreamCaOption = Annotated[
+    str | None, typer.Option("--upstream-ca", help="Extra PEM CA trusted for upstream servers.")
+]
+ResolveOption = Annotated[
+    list[str] | None, typer.Option("--resolve", help="NAME=ADDRESS answered before DNS (repeatable).")
+]
+
+
 def proxy_command(
     listen: Annotated[str, typer.Option(help="ADDRESS:PORT to listen on (port 0 picks one).")] = "127.0.0.1:8080",
-    allow: Annotated[
-        list[str] | None, typer.Option("--allow", help="[METHODS ]HOST[:PORT] that may be reached (repeatable).")
-    ] = None,
-    deny: Annotated[list[str] | None, typer.Option("--deny", help="HOST[:PORT] refused even if allowed.")] = None,
-    allow_private: Annotated[
-        list[str] | None, typer.Option("--allow-private", help="CIDR of private/loopback destinations to permit.")
-    ] = None,
-    credential: Annotated[
-        list[str] | None,
-        typer.Option("--credential", help="HOST=HEADER:ENVVAR: inject HEADER with the value of $ENVVAR."),
-    ] = None,
-    upstream_ca: Annotated[
-        str | None, typer.Option("--upstream-ca", help="Extra PEM CA trusted for upstream servers.")
-    ] = None,
-    resolve: Annotated[
-        list[str] | None, typer.Option("--resolve", help="NAME=ADDRESS answered before DNS (repeatable).")
-    ] = None,
+    allow: AllowOption = None,
+    deny: DenyOption = None,
+    allow_private: AllowPrivateOption = None,
+    credential: CredentialOption = None,
+    upstream_ca: UpstreamCaOption = None,
+    resolve: ResolveOption = None,
     ca_out: Annotated[
         Path | None, typer.Option("--ca-out", help="Write the CA bundle clients must trust here.")
     ] = None,
