@@ -122,6 +122,9 @@ class Channel:
         self._waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warm: tuple[int, socket.socket] | None = None
+        # "killall" requests sent; an offer that init made before carrying out the last one
+        # (its "gen" is lower) names a warm child that killall kills: it is dropped.
+        self._kills_sent = 0
 
     def _ensure_reader(self) -> None:
         loop = asyncio.get_running_loop()
@@ -148,7 +151,10 @@ class Channel:
                 for fd in fds:
                     os.close(fd)
             elif message.get("op") == "warm" and len(fds) == 1:
-                self._set_warm(int(message["pid"]), socket.socket(fileno=fds[0]))
+                if int(message.get("gen", 0)) < self._kills_sent:
+                    os.close(fds[0])  # killed (or about to be) by a killall sent since
+                else:
+                    self._set_warm(int(message["pid"]), socket.socket(fileno=fds[0]))
             else:
                 self._control.append((message, fds))
         waiters, self._waiters = self._waiters, []
@@ -160,6 +166,18 @@ class Channel:
         if self._warm is not None:
             self._warm[1].close()
         self._warm = (pid, sock)
+
+    def send_killall(self, signum: int, ack: bool) -> None:
+        """Ask init to signal every process but itself; the warm child at hand goes with them.
+
+        Without this, a command could be handed to a warm child that the killall is about
+        to kill, and it would be reported as killed although it never ran.
+        """
+        self._kills_sent += 1
+        if self._warm is not None:
+            self._warm[1].close()
+            self._warm = None
+        self.send({"op": "killall", "sig": signum, "ack": ack})
 
     def take_warm(self) -> tuple[int, socket.socket] | None:
         """The offered warm exec child (pid, socket), once; None when there is none at hand."""

@@ -363,7 +363,7 @@ class ProcessInstance(Instance):
     def kill_everything(self, signum: int = signal.SIGKILL, ack: bool = False) -> None:
         """Signal every process of the sandbox except init (init's kill(-1) in the pid namespace)."""
         with contextlib.suppress(ChannelClosed):
-            self.channel.send({"op": "killall", "sig": signum, "ack": ack})
+            self.channel.send_killall(signum, ack)
 
     async def pause(self) -> None:
         """Freeze every process (cgroup freezer; SIGSTOP through init when there is no cgroup)."""

@@ -300,6 +300,10 @@ class Init:
         self.early_exits: dict[int, tuple[int, dict[str, Any] | None]] = {}
         self.refill = False
         self.null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        # How many "killall" requests were carried out. Offers carry it, so that the caller
+        # can tell an offer made before its last killall (that warm child is dead or about
+        # to be) from one made after.
+        self.kill_generation = 0
 
     def adopt_first_warm_child(self, warm: WarmChild) -> dict[str, Any]:
         """Let the first warm child confine itself; return its enforcement probe (what it observes)."""
@@ -326,7 +330,7 @@ class Init:
         if warm is None:
             return
         try:
-            protocol.send(self.ctl, {"op": "warm", "pid": warm.pid}, [warm.sock.fileno()])
+            protocol.send(self.ctl, {"op": "warm", "pid": warm.pid, "gen": self.kill_generation}, [warm.sock.fileno()])
         finally:
             warm.sock.close()
         self.offered[warm.pid] = warm.err_read
@@ -413,6 +417,7 @@ class Init:
         elif op == "kill":
             self._kill_exec(int(message["id"]), int(message["sig"]))
         elif op == "killall":
+            self.kill_generation += 1
             self.kill_all(int(message["sig"]))
             if message.get("ack"):
                 protocol.send(self.ctl, {"op": "killed"})
