@@ -619,6 +619,14 @@ def _report_child_error(step: str, err: int) -> None:
 
 def _confine(plan: dict[str, Any]) -> None:
     """rlimits, oom score, capabilities, no_new_privs, Landlock, then seccomp (last)."""
+    _confine_process(plan)
+    _confine_access(plan)
+
+
+def _confine_process(plan: dict[str, Any]) -> None:
+    """The controls that do not depend on the root filesystem: rlimits, capabilities, oom
+    score, no_new_privs. The first warm child applies them while init still builds the
+    root (they are per process: init keeps its own capabilities for the mounts)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for name, value in plan["rlimits"].items():
         try:
@@ -657,6 +665,11 @@ def _confine(plan: dict[str, Any]) -> None:
         raise KernelCallError("raise oom_score_adj", exc.errno or 0) from None
     _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make the waiting exec child non-dumpable")
     caps.set_no_new_privs()
+
+
+def _confine_access(plan: dict[str, Any]) -> None:
+    """Landlock (its rules name paths of the sandbox's root, so after pivot_root), then
+    the seccomp filters, last."""
     load_filter, apply_landlock = _security_modules()
     landlock = plan["landlock"]
     if landlock is not None:
@@ -718,7 +731,12 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wa
         os.dup2(101, _SOCK_FD, inheritable=False)
         _libc.close_range_from(_SOCK_FD + 1)
         sock = socket.socket(fileno=_SOCK_FD)
+        step = "new session"
+        os.setsid()
         if wait_for_go:
+            # What does not need the sandbox's root is applied now, in parallel with
+            # init's mount work; Landlock and seccomp follow once the root is built.
+            _confine_process(plan)
             step = "wait for the root filesystem"
             go, _fds = protocol.recv(sock)
             if go is None:
@@ -728,9 +746,9 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wa
             # the host's /dev/null: trade both for the sandbox's own.
             os.chdir("/")
             reopen_std_fds()
-        step = "new session"
-        os.setsid()
-        _confine(plan)
+            _confine_access(plan)
+        else:
+            _confine(plan)
         if probe:
             step = "enforcement probe"
             protocol.send(sock, {"op": "probe", "report": _probe_data(plan)})
