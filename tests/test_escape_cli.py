@@ -77,11 +77,6 @@ def _b64_python(code: str) -> list[str]:
 # -- known OCI weaknesses (xfail strict: the test turns red once they are fixed) -----------
 
 OCI_KNOWN: dict[str, str] = {
-    "bind_plant:setuid_root_file_on_host": (
-        "OCI: root inside creates a host-root-owned setuid/setgid file in a --bind directory "
-        "(idmapped mount maps inside root to host root; chmod/fchmod/open with S_ISUID/S_ISGID "
-        "are not refused by the OCI seccomp profile)"
-    ),
     "dev_not_writable": (
         "OCI: /dev is a writable tmpfs (runc's default); files can be created in /dev, a path the "
         "policy does not make writable"

@@ -37,6 +37,12 @@ Profiles
 ``none``
     No filter, unless the policy lists extra denied syscalls or sockets must be denied.
 
+Both ``basic`` and ``strict`` refuse (``EPERM``) to set the setuid or setgid bit through
+``chmod``/``fchmod``/``fchmodat``/``fchmodat2``/``creat``/``mknod``/``mknodat`` and a
+creating ``open``/``openat``, and answer ``openat2`` (mode in a struct) with ``ENOSYS``:
+files a sandbox writes through an idmapped bind belong to a host user (see
+:data:`MODE_SYSCALLS`).
+
 ``policy.seccomp.deny`` adds names refused with ``EPERM`` (it wins over every allow);
 ``policy.seccomp.allow`` extends the strict allow list (argument rules still apply to
 the syscalls that have them). ``deny_sockets`` (the degraded no-namespace mode with
@@ -258,8 +264,35 @@ BASIC_DENY: tuple[str, ...] = (
 
 # Refused with ENOSYS instead of EPERM: glibc (2.34+) tries clone3 first and falls back to
 # clone only on ENOSYS. clone3 passes its flags in memory, which BPF cannot read, so the
-# namespace-flag check is only possible on clone.
-ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3",)
+# namespace-flag check is only possible on clone. openat2 likewise carries its mode in a
+# struct, where the setuid/setgid check below cannot see it; callers fall back to openat.
+ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3", "openat2")
+
+# -- setuid/setgid bits --------------------------------------------------------------------
+# Root inside a sandbox owns, through an idmapped writable bind, files that belong to the
+# bind's host owner (host root for a root caller). A setuid or setgid bit on one of them
+# is a setuid-root program on the host's disk, whatever no_new_privs does inside. Without
+# capabilities (no chown, no file capabilities) the mode bits are what is left, so no
+# profile lets a sandbox set them, on any file.
+S_ISUID = 0o4000
+S_ISGID = 0o2000
+SETID_BITS = S_ISUID | S_ISGID
+O_CREAT = 0o100
+O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE (O_TMPFILE is this bit plus O_DIRECTORY)
+# (syscall, index of its mode argument)
+MODE_SYSCALLS: tuple[tuple[str, int], ...] = (
+    ("chmod", 1),
+    ("fchmod", 1),
+    ("fchmodat", 2),
+    ("fchmodat2", 2),
+    ("creat", 1),
+    ("mknod", 1),
+    ("mknodat", 2),
+)
+# open/openat read their mode only when they create (O_CREAT, O_TMPFILE); otherwise the
+# register holds whatever the caller left there, so only creating calls are checked.
+# (syscall, index of flags, index of mode)
+OPEN_SYSCALLS: tuple[tuple[str, int, int], ...] = (("open", 1, 2), ("openat", 2, 3))
 
 # -- the strict allow list -----------------------------------------------------------------
 
@@ -585,6 +618,44 @@ def _masked_equal(index: int, values: Iterable[int], mask: int = LOW32) -> list[
     return [(ArgCmp(index, CmpOp.MASKED_EQ, mask, v & mask),) for v in values]
 
 
+def setid_deny_rules() -> list[SyscallRule]:
+    """Deny rules (default-allow profiles): EPERM when a call would set S_ISUID or S_ISGID."""
+    rules = [
+        SyscallRule((name,), Action.ERRNO, DENY_ERRNO, (ArgCmp(index, CmpOp.MASKED_EQ, bit, bit),))
+        for name, index in MODE_SYSCALLS
+        for bit in (S_ISUID, S_ISGID)
+    ]
+    rules += [
+        SyscallRule(
+            (name,),
+            Action.ERRNO,
+            DENY_ERRNO,
+            (ArgCmp(flags, CmpOp.MASKED_EQ, creator, creator), ArgCmp(mode, CmpOp.MASKED_EQ, bit, bit)),
+        )
+        for name, flags, mode in OPEN_SYSCALLS
+        for creator in (O_CREAT, O_TMPFILE_BIT)
+        for bit in (S_ISUID, S_ISGID)
+    ]
+    return rules
+
+
+def setid_allow_rules(allowed: frozenset[str]) -> list[SyscallRule]:
+    """Allow rules (the allow-list profile) for the mode syscalls in ``allowed``: only without setid bits."""
+    rules = [
+        SyscallRule((name,), Action.ALLOW, 0, (ArgCmp(index, CmpOp.MASKED_EQ, SETID_BITS, 0),))
+        for name, index in MODE_SYSCALLS
+        if name in allowed
+    ]
+    for name, flags, mode in OPEN_SYSCALLS:
+        if name in allowed:
+            rules.append(SyscallRule((name,), Action.ALLOW, 0, (ArgCmp(mode, CmpOp.MASKED_EQ, SETID_BITS, 0),)))
+            # Not creating: the mode register is meaningless, any value is fine.
+            rules.append(
+                SyscallRule((name,), Action.ALLOW, 0, (ArgCmp(flags, CmpOp.MASKED_EQ, O_CREAT | O_TMPFILE_BIT, 0),))
+            )
+    return rules
+
+
 def basic_argument_rules(*, deny_sockets: bool) -> list[SyscallRule]:
     """The argument rules of the deny-list profile (refuse when the argument is dangerous)."""
     eperm = Action.ERRNO
@@ -598,6 +669,7 @@ def basic_argument_rules(*, deny_sockets: bool) -> list[SyscallRule]:
         rules += _rules(("socket", "socketpair"), eperm, DENY_ERRNO, _masked_equal(0, (AF_VSOCK,)))
     if deny_sockets:
         rules += _rules(("socket", "socketpair"), eperm, DENY_ERRNO, complement_masked(0, (AF_UNIX,)))
+    rules += setid_deny_rules()
     return rules
 
 
@@ -652,7 +724,8 @@ def build_spec(policy: SeccompPolicy, *, deny_sockets: bool = False) -> SeccompS
 
 
 def _strict_spec(extra_deny: frozenset[str], extra_allow: frozenset[str], *, deny_sockets: bool) -> SeccompSpec:
-    argument_rules = _without(strict_argument_rules(deny_sockets=deny_sockets), extra_deny)
+    listed = (frozenset(STRICT_ALLOW) | extra_allow) - extra_deny
+    argument_rules = _without(strict_argument_rules(deny_sockets=deny_sockets) + setid_allow_rules(listed), extra_deny)
     checked = {n for r in argument_rules for n in r.names}
     # An explicit allow of an argument-checked syscall (e.g. "ioctl") keeps the argument check.
     allow = (frozenset(STRICT_ALLOW) | extra_allow) - extra_deny - checked - frozenset(ENOSYS_SYSCALLS)
@@ -677,7 +750,10 @@ __all__ = [
     "CLONE_NAMESPACE_FLAGS",
     "DENY_ERRNO",
     "ENOSYS_SYSCALLS",
+    "MODE_SYSCALLS",
+    "OPEN_SYSCALLS",
     "PERSONALITY_SAFE",
+    "SETID_BITS",
     "STRICT_ALLOW",
     "STRICT_SOCKET_FAMILIES",
     "TIOCLINUX",
@@ -690,5 +766,7 @@ __all__ = [
     "basic_argument_rules",
     "build_spec",
     "complement_masked",
+    "setid_allow_rules",
+    "setid_deny_rules",
     "strict_argument_rules",
 ]
