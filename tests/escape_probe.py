@@ -37,6 +37,20 @@ RAW: dict[str, object] = {}
 # reached the kernel's argument checks, i.e. the sandbox did not stop it.
 DENIED = {errno.EPERM, errno.EACCES, errno.ENOSYS, errno.EROFS, errno.ENOENT, errno.ENXIO, errno.ENOTTY}
 
+
+# Taken first, before the probe opens anything: what the sandbox handed the command.
+def _open_fds() -> dict[str, str]:
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the descriptor listdir itself used, closed by now
+            continue
+    return fds
+
+
+STARTING_FDS = _open_fds()
+
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 
@@ -497,6 +511,11 @@ def _self_exe() -> None:
         all(refused(o) or (o[0] == "ret" and o[2] == errno.ETXTBSY) for o in outcomes.values()),
         {k: describe(v) for k, v in outcomes.items()},
     )
+
+
+@check("only_stdio_fds_at_start")
+def _start_fds() -> None:
+    record("only_stdio_fds_at_start", set(STARTING_FDS) <= {"0", "1", "2"}, STARTING_FDS)
 
 
 @check("stray_fds_closed")

@@ -198,7 +198,13 @@ class CliRun:
 
 
 def _run_cli(
-    bait: Bait, backend: str, command: list[str], *options: str, timeout: float = 60, json_out: bool = True
+    bait: Bait,
+    backend: str,
+    command: list[str],
+    *options: str,
+    timeout: float = 60,
+    json_out: bool = True,
+    pass_fds: tuple[int, ...] = (),
 ) -> CliRun:
     argv = [*_kavach_argv(), "run", "--policy", "strict", "--backend", backend]
     if json_out:
@@ -206,7 +212,13 @@ def _run_cli(
     argv += [*options, "--", *command]
     start = time.monotonic()
     proc = subprocess.run(
-        argv, env=bait.env(), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+        argv,
+        env=bait.env(),
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        pass_fds=pass_fds,
     )
     return CliRun(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
 
@@ -282,7 +294,16 @@ def _probe_run(bait: Bait, backend: str) -> CliRun:
     options = ["--bind", f"{rw}:/tmp/kv-rw", "--ro-bind", f"{ro}:/tmp/kv-ro"]
     for key, value in env_for_probe.items():
         options += ["--env", f"{key}={value}"]
-    run = _run_cli(bait, backend, _b64_python(PROBE.read_text()), *options, timeout=120)
+    # The caller holds open, inheritable descriptors (a host directory and a secret file), as
+    # an agent harness might: none of them may reach the sandbox.
+    secret = bait.base / f"caller-fd-{backend}.txt"
+    secret.write_text(bait.canary_value)
+    inherited = (os.open(secret, os.O_RDONLY), os.open(bait.base, os.O_RDONLY | os.O_DIRECTORY))
+    try:
+        run = _run_cli(bait, backend, _b64_python(PROBE.read_text()), *options, timeout=120, pass_fds=inherited)
+    finally:
+        for fd in inherited:
+            os.close(fd)
     results = rw / "results.json"
     run.extra["rw"] = rw
     run.extra["results"] = json.loads(results.read_text()) if results.exists() else None
@@ -320,7 +341,8 @@ def _fork_bomb_run(bait: Bait, backend: str) -> CliRun:
 
 
 def _flood_run(bait: Bait, backend: str) -> CliRun:
-    return _run_cli(bait, backend, ["/bin/sh", "-c", "head -c 104857600 /dev/zero | tr '\\0' a"], timeout=120)
+    script = "head -c 104857600 /dev/zero | tr '\\0' a; head -c 104857600 /dev/zero | tr '\\0' b >&2"
+    return _run_cli(bait, backend, ["/bin/sh", "-c", script], timeout=120)
 
 
 def _daemons_at_timeout_run(bait: Bait, backend: str) -> CliRun:
@@ -515,6 +537,7 @@ PROBE_CHECKS = (
     "proc1_links_closed",
     "self_exe_not_writable",
     "stray_fds_closed",
+    "only_stdio_fds_at_start",
     "only_loopback",
     "host_tcp_listener_unreachable",
     "host_abstract_socket_unreachable",
@@ -666,6 +689,8 @@ def test_output_flood_is_truncated_at_the_cap(runs: Runs, backend: str) -> None:
     assert result["stdout_truncated"] is True, {k: v for k, v in result.items() if k != "stdout"}
     assert len(result["stdout"]) == OUTPUT_CAP
     assert set(result["stdout"]) == {"a"}  # the first bytes are kept
+    assert result["stderr_truncated"] is True
+    assert len(result["stderr"]) == OUTPUT_CAP and set(result["stderr"]) == {"b"}
     assert run.returncode == 0
 
 
