@@ -75,9 +75,11 @@ def _naive(rules: tuple, data: bytes) -> set[tuple[str, int, int]]:  # type: ign
             if start < 0 or end <= start or (follower is not None and follower.match(data, end) is not None):
                 continue
             spans = [m.span(i) for i in range(pattern.groups + 1)]
-            if rule.validate is not None and rule.validate(data, start, end, spans) is None:
+            verdict = rule.validate(data, start, end, spans) if rule.validate is not None else 1.0
+            if verdict is None:
                 continue
-            out.add((rule.id, start, end))
+            # A validator may trim a greedy candidate (an IBAN followed by more digit groups).
+            out.add((rule.id, start, verdict[1] if isinstance(verdict, tuple) else end))
     return out
 
 

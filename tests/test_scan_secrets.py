@@ -212,6 +212,9 @@ def test_names_hashes_and_examples_are_not_secrets(text: str) -> None:
         ("\tconst KEY = '9f2c1b7e4a6d08e35c9b1f7a2d4e6c80';", "secrets.password-assignment"),
         # Lower-case letters no language strings together, under a key-named variable.
         ("EXOSCALE_API_KEY=hkrnkcjlaxjmwmtvjawnkjep", "secrets.password-assignment"),
+        # An unquoted literal followed by more command-line flags is still a literal.
+        ("msfvenom -p windows/adduser USER=backdoor PASS=ujyadfys759 -f msi", "secrets.password-assignment"),
+        ('url.Parse("nats://deploy:Xk9mQ2vL7pR4@10.0.0.5:4222")', "secrets.url-credentials"),
     ],
 )
 def test_token_shaped_identifiers_and_key_named_tokens(text: str, rule: str) -> None:
@@ -239,6 +242,15 @@ def test_token_shaped_identifiers_and_key_named_tokens(text: str, rule: str) -> 
         '  users: [ { user: auth, password: admin } ]',  # documentation stand-ins
         'private const string MOCK_ACCESS_TOKEN = "at-0987654321";',  # typed digit run
         'const testPassword = "basicPass";',  # names itself
+        "JOKER_PASSWORD=<your password> \\",  # a template slot
+        "        $API_Password   = $this->_password;",  # variable references
+        '        $passwordElement = $doc.CreateElement("add")',
+        "$SecPassword = ConvertTo-SecureString '<Wtver>' -AsPlainText -Force",  # a command, its argument a slot
+        "userPassword:2.5.13.18:=\\xx",  # an OID
+        'u, _ := url.Parse("nats://user1:pwd1@host2:5222")',  # URL passwords that name themselves
+        "-u http://admin:admin@docker.registry.local",
+        "http://google.com:80?@www.whitelisteddomain.tld/",  # '@' in a query, no userinfo
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMj...Fh7HgQ",  # an elided JWT
     ],
 )
 def test_made_up_ids_and_ordinary_keys_are_not_secrets(text: str) -> None:

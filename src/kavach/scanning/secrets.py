@@ -249,6 +249,8 @@ PROVIDER_RULES: tuple[Rule, ...] = (
 
 def _jwt_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     """A JWT whose header decodes to JSON (an ``{"alg"...`` object)."""
+    if b"..." in data[max(start, end - 2) : end + 3]:
+        return None  # "eyJ...eyJzdWIiOiIxMj...": an elided example, not a token
     header = data[start:end].split(b".", 1)[0]
     try:
         decoded = base64.urlsafe_b64decode(header + b"=" * (-len(header) % 4))
@@ -312,6 +314,11 @@ def _url_password_ok(data: bytes, start: int, end: int, _spans: Spans) -> float 
         return None
     if value.lower() in {b"pass", b"password", b"pwd", b"user", b"secret", b"***", b"x"}:
         return None
+    if b"?" in value or b"#" in value:
+        return None  # no userinfo holds '?' or '#': the '@' is in a query or fragment
+    low = value.lower()
+    if low in _STAND_IN_VALUES or _SELF_DESCRIBING_RE.search(low) is not None:
+        return None  # admin:admin, user1:pwd1, no-such-user:invalid-password
     return 0.9
 
 
@@ -472,6 +479,9 @@ _HASH_LENGTHS = frozenset({32, 40, 56, 64, 96, 128})
 # Code, not a literal: PHP/C++/Ruby member and scope access (``Yii::$app->request``), or a
 # value starting with a scope operator (mimikatz ``token::elevate``).
 _CODE_OPERATORS = (b"->", b"::")
+# A shell/PHP/PowerShell variable or member reference.
+_VARIABLE_REFERENCE = re.compile(rb"\$[A-Za-z_{]")
+_DOTTED_NUMBERS = re.compile(rb"\d+(?:\.\d+){2,}[:=]*")
 # Words joined by separators ("cognito_user_pools", "role-arn", "arn:role"): a label.
 _WORD_PARTS = re.compile(rb"[A-Za-z]+(?:[_\-:./][A-Za-z]+)+")
 
@@ -609,6 +619,12 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
         return None
     if not quoted and (any(op in value for op in _CODE_OPERATORS) or value.startswith(b":")):
         return None
+    if not quoted and (_VARIABLE_REFERENCE.match(value) is not None or value.startswith(b"<")):
+        return None  # $this->x, $doc.Create(...), ${X}; "<your password>": a slot, not a value
+    if not quoted and not config and data[end : end + 2] in (b" '", b' "'):
+        return None  # "$p = ConvertTo-SecureString '...'": a command with arguments, not a literal
+    if _DOTTED_NUMBERS.fullmatch(value) is not None:
+        return None  # 2.5.13.18, 10.0.0.1:=: an OID, version or address
     if _HASH_KEY.search(key_low) is not None and is_hex(value) and len(value) in _HASH_LENGTHS:
         return None  # GRAYLOG_SHA256_PASSWORD=<hex>: a digest of the password
     # Identifiers, file names, flags and sizes named like secrets are not secrets.
