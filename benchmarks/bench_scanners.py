@@ -383,25 +383,29 @@ def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sampl
     gate.scan(b"warm up the compiled scanners")
     # Artifacts as exec would see them: 1 MiB outputs / files.
     step = 1024 * 1024
-    t0 = time.perf_counter()
+    # Wall clock is what a caller waits; CPU time (this process only) is what the gate costs
+    # when other work shares the cores (the benchmark machine is shared), so both are printed.
+    t0, c0 = time.perf_counter(), time.process_time()
     findings = 0
     verdicts: Counter[str] = Counter()
     for i in range(0, len(corpus), step):
         result = gate.apply(corpus[i : i + step], "stdout")
         findings += len(result.findings)
         verdicts[str(result.verdict)] += 1
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     mbps = len(corpus) / elapsed / 1e6
     sample = corpus[: int(ds_sample_mb * 1024 * 1024)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     detect_secrets_flags(sample.decode("utf-8", "replace").split("\n"))
-    ds_elapsed = time.perf_counter() - t0
+    ds_elapsed, ds_cpu = time.perf_counter() - t0, time.process_time() - c0
     ds_mbps = len(sample) / ds_elapsed / 1e6
     report.append("throughput (whole gate: secrets + code + data + compliance, redaction included)")
     report.append(f"  kavach gate      {len(corpus) / 1e6:.0f} MB in {elapsed:.1f}s = {mbps:.1f} MB/s "
                   f"({findings} findings; verdicts {dict(verdicts)})   (target >= 50 MB/s)")
+    report.append(f"    CPU time of this process {cpu:.1f}s = {len(corpus) / cpu / 1e6:.1f} MB/s of CPU "
+                  f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     report.append(f"  detect-secrets   {len(sample) / 1e6:.1f} MB sample of the same corpus in {ds_elapsed:.1f}s "
-                  f"= {ds_mbps:.2f} MB/s")
+                  f"= {ds_mbps:.2f} MB/s ({len(sample) / ds_cpu / 1e6:.2f} MB/s of CPU)")
     report.append(f"  speed ratio kavach / detect-secrets = {mbps / ds_mbps:.0f}x   (target >= 20x)")
     return mbps, ds_mbps
 
