@@ -223,7 +223,10 @@ def build_config(policy: SandboxPolicy, inputs: BundleInputs) -> dict[str, Any]:
     linux: dict[str, Any] = {
         "namespaces": namespaces(policy, user_namespace),
         "maskedPaths": list(inputs.masked_paths),
-        "readonlyPaths": list(inputs.readonly_paths),
+        # /dev last: runc remounts it read-only after creating the device nodes, so nothing
+        # new can be created there (the nodes themselves stay usable: a read-only mount does
+        # not stop writes to a character device). /dev/pts, /dev/shm keep their own mounts.
+        "readonlyPaths": [*inputs.readonly_paths, *(() if "/dev" in inputs.readonly_paths else ("/dev",))],
         "resources": _resources(policy),
         "rootfsPropagation": "private",
     }
