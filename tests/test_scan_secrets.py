@@ -204,7 +204,7 @@ def test_names_hashes_and_examples_are_not_secrets(text: str) -> None:
 @pytest.mark.parametrize(
     ("text", "rule"),
     [
-        ('clientSecret = "6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06"', "secrets.uuid"),
+        ('[InlineData("6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06")]', "secrets.uuid"),
         ('{"appid":"wx5c9e1f03a7b24d68","attach":"x"}', "secrets.wechat-app-id"),
         ("TWILIO_SID=AC" + "3f9a1c7e5b2d8046f1a9c3e7b5d20486", "secrets.twilio-account-sid"),
         # Named only "key": one machine-made token (base32, hex, base64) is reported.
@@ -255,3 +255,8 @@ def test_token_shaped_identifiers_and_key_named_tokens(text: str, rule: str) -> 
 )
 def test_made_up_ids_and_ordinary_keys_are_not_secrets(text: str) -> None:
     assert [f for f in SCANNER.scan(text.encode()) if f.severity >= Severity.MEDIUM] == [], rules(text)
+
+
+def test_a_uuid_assigned_to_a_secret_name_is_one_finding() -> None:
+    text = b'client_secret = "6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06"'
+    assert [f.rule for f in SCANNER.scan(text)] == ["secrets.password-assignment"]

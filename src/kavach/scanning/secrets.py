@@ -950,9 +950,13 @@ _GENERIC_RULES = frozenset({"secrets.password-assignment", "secrets.cli-password
 
 def _prefer_specific(findings: list[Finding]) -> list[Finding]:
     specific = SpanIndex((f.start, f.end) for f in findings if f.rule not in _GENERIC_RULES)
-    if not specific:
+    if specific:
+        findings = [f for f in findings if not (f.rule in _GENERIC_RULES and specific.overlaps(f.start, f.end))]
+    # A UUID assigned to a secret's name is reported once, as that secret.
+    named = SpanIndex((f.start, f.end) for f in findings if f.rule != UUID_RULE.id)
+    if not named:
         return findings
-    return [f for f in findings if not (f.rule in _GENERIC_RULES and specific.overlaps(f.start, f.end))]
+    return [f for f in findings if not (f.rule == UUID_RULE.id and named.overlaps(f.start, f.end))]
 
 
 class SecretsScanner:
