@@ -125,6 +125,12 @@ class Channel:
         # "killall" requests sent; an offer that init made before carrying out the last one
         # (its "gen" is lower) names a warm child that killall kills: it is dropped.
         self._kills_sent = 0
+        # Sockets of warm children that took a command: each reports its command's exit
+        # there, before init reports the same exit (see init._wait_and_pass_on).
+        self._links: dict[int, socket.socket] = {}
+        # Execs in progress: reports about any other exec (a second report of an exit
+        # already consumed, in a race) are dropped.
+        self._active: set[int] = set()
 
     def _ensure_reader(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,8 +138,12 @@ class Channel:
             return
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self.sock.fileno())
+            for fd in self._links:
+                self._loop.remove_reader(fd)
         self._loop = loop
         loop.add_reader(self.sock.fileno(), self._on_readable)
+        for fd, link in self._links.items():
+            loop.add_reader(fd, self._on_link_readable, link)
 
     def _on_readable(self) -> None:
         while not self.closed:
@@ -147,7 +157,7 @@ class Channel:
                 self._mark_closed()
                 break
             if "id" in message:
-                self._by_id.setdefault(int(message["id"]), deque()).append(message)
+                self._route(message)
                 for fd in fds:
                     os.close(fd)
             elif message.get("op") == "warm" and len(fds) == 1:
@@ -161,6 +171,56 @@ class Channel:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _route(self, message: dict[str, Any]) -> None:
+        exec_id = int(message["id"])
+        if exec_id in self._active:
+            self._by_id.setdefault(exec_id, deque()).append(message)
+
+    def begin(self, exec_id: int) -> None:
+        """Exec ``exec_id`` is about to be sent: keep the reports about it."""
+        self._active.add(exec_id)
+
+    def watch(self, link: socket.socket) -> None:
+        """Read the exit report of a warm child that took a command (until it closes)."""
+        link.setblocking(False)
+        self._links[link.fileno()] = link
+        if self._loop is not None and not self._loop.is_closed() and not self.closed:
+            self._loop.add_reader(link.fileno(), self._on_link_readable, link)
+
+    def _on_link_readable(self, link: socket.socket) -> None:
+        while True:
+            try:
+                message, fds = protocol.recv(link)
+            except BlockingIOError:
+                break
+            except (OSError, protocol.ProtocolError):
+                message, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if message is None:
+                self._unwatch(link)
+                break
+            if "id" in message:
+                self._route(message)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _unwatch(self, link: socket.socket) -> None:
+        fd = link.fileno()
+        if fd < 0:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        self._links.pop(fd, None)
+        link.close()
+
+    def finish(self, exec_id: int) -> None:
+        """Exec ``exec_id`` is over: drop what is left about it (a second exit report)."""
+        self._active.discard(exec_id)
+        self._by_id.pop(exec_id, None)
 
     def _set_warm(self, pid: int, sock: socket.socket) -> None:
         if self._warm is not None:
@@ -190,7 +250,6 @@ class Channel:
         self.closed = True
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self.sock.fileno())
-        self._loop = None
 
     async def _wait(self) -> None:
         self._ensure_reader()
@@ -242,7 +301,6 @@ class Channel:
         if self._loop is not None and not self._loop.is_closed() and not self.closed:
             self._loop.remove_reader(self.sock.fileno())
         self.closed = True
-        self._loop = None
         while self._control:
             _message, fds = self._control.popleft()
             for fd in fds:
@@ -250,6 +308,9 @@ class Channel:
         if self._warm is not None:
             self._warm[1].close()
             self._warm = None
+        for link in list(self._links.values()):
+            self._unwatch(link)
+        self._loop = None
         self.sock.close()
 
 

@@ -107,10 +107,12 @@ class ProcessRun(RawProcess):
             "stdin": self.request.stdin is not None,
             "report_pid": report_pid,
         }
+        self.instance.channel.begin(self.exec_id)
         try:
             if not self._send_to_warm_child(message, fds):
                 self.instance.channel.send(message, fds)
         except (ChannelClosed, protocol.ProtocolError) as exc:
+            self.instance.channel.finish(self.exec_id)
             for fd in (out_r, err_r, *fds, *([stdin_w] if stdin_w is not None else [])):
                 os.close(fd)
             if isinstance(exc, protocol.ProtocolError):
@@ -135,11 +137,13 @@ class ProcessRun(RawProcess):
         try:
             protocol.send(sock, message, fds)
         except protocol.ProtocolError:
+            sock.close()
             raise
         except OSError:
-            return False  # it was killed while waiting (a timeout's kill(-1)); init forks one
-        finally:
             sock.close()
+            return False  # it was killed while waiting (a timeout's kill(-1)); init forks one
+        # It reports the command's exit on this socket too, ahead of init.
+        self.instance.channel.watch(sock)
         self.pid = pid
         self.instance.channel.send({"op": "took", "pid": pid, "id": self.exec_id})
         return True
@@ -256,6 +260,7 @@ class ProcessRun(RawProcess):
         finally:
             if self._timer is not None:
                 self._timer.cancel()
+        self.instance.channel.finish(self.exec_id)
         if not self._eof.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._eof.wait(), _DRAIN_GRACE_S)

@@ -272,13 +272,22 @@ def _fork_warm(plan: dict[str, Any], probe: bool, wait_for_go: bool = False) -> 
 
 
 def _read_error(fd: int) -> dict[str, Any] | None:
+    """What an exec child wrote to its error pipe (one JSON object a line), merged; None if nothing.
+
+    Only kavach's code writes there: the pipe is close-on-exec, so no command has it.
+    """
+    if fd < 0:
+        return None
     try:
         data = os.read(fd, 65536)
     finally:
         os.close(fd)
     if not data:
         return None
-    result: dict[str, Any] = json.loads(data)
+    result: dict[str, Any] = {}
+    for line in data.splitlines():
+        if line.strip():
+            result.update(json.loads(line))
     return result
 
 
@@ -482,16 +491,25 @@ class Init:
                 exec_id, err_read = entry
                 self._send_exit(exec_id, status, _read_error(err_read))
 
-    def _send_exit(self, exec_id: int, status: int, error: dict[str, Any] | None) -> None:
-        reply: dict[str, Any] = {"op": "exit", "id": exec_id}
-        if os.WIFSIGNALED(status):
-            reply["signal"] = os.WTERMSIG(status)
-            reply["code"] = 128 + os.WTERMSIG(status)
-        else:
-            reply["code"] = os.WEXITSTATUS(status)
-        if error is not None:
-            reply["error"] = error
-        protocol.send(self.ctl, reply)
+    def _send_exit(self, exec_id: int, status: int, info: dict[str, Any] | None) -> None:
+        """Report the end of an exec child; for a warm child, what its command did."""
+        if info is not None and info.get("reported"):
+            return  # the warm child reported its command's exit to the caller itself
+        command = info.get("command") if info is not None else None
+        if isinstance(command, int) and "step" not in (info or {}):
+            # The warm child was killed while its command ran (the command may signal it:
+            # same uid and domain). The command is init's child now: report its own exit.
+            try:
+                done, command_status = os.waitpid(command, os.WNOHANG)
+            except ChildProcessError:
+                done, command_status = -1, 0  # already reaped as an orphan: its status is gone
+            if done == 0:
+                self.children[command] = (exec_id, -1)
+                return
+            if done == command:
+                status = command_status
+            info = None
+        protocol.send(self.ctl, exit_message(exec_id, status, info))
 
     def _kill_exec(self, exec_id: int, signum: int) -> None:
         """Signal an exec's process group; SIGKILL also reaches its session and descendants."""
@@ -519,6 +537,19 @@ class Init:
         # tree below init instead (orphans come back to init, a child subreaper).
         for target in _descendants(os.getpid()):
             _signal(target, signum)
+
+
+def exit_message(exec_id: int, status: int, error: dict[str, Any] | None) -> dict[str, Any]:
+    """The "exit" report of exec ``exec_id`` from its wait status (128+N for signal N)."""
+    reply: dict[str, Any] = {"op": "exit", "id": exec_id}
+    if os.WIFSIGNALED(status):
+        reply["signal"] = os.WTERMSIG(status)
+        reply["code"] = 128 + os.WTERMSIG(status)
+    else:
+        reply["code"] = os.WEXITSTATUS(status)
+    if error is not None:
+        reply["error"] = error
+    return reply
 
 
 def _noop_handler(_signum: int, _frame: object) -> None:
@@ -614,7 +645,7 @@ def _exec_child(
 def _report_child_error(step: str, err: int) -> None:
     # If init is gone, the exit status still says the exec failed.
     with contextlib.suppress(OSError):
-        os.write(_ERR_FD, json.dumps({"step": step, "errno": err}).encode())
+        os.write(_ERR_FD, json.dumps({"step": step, "errno": err}).encode() + b"\n")
 
 
 def _confine(plan: dict[str, Any]) -> None:
@@ -713,6 +744,7 @@ def _probe_data(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 _SOCK_FD = 4
+_REPORTED = b'{"reported": true}'
 
 
 def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wait_for_go: bool) -> NoReturn:
@@ -763,17 +795,83 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wa
             raise KernelCallError("set up stdio: wrong number of fds", 22)
         for target, fd in zip(targets, fds, strict=True):
             os.dup2(fd, target)
-        _libc.close_range_from(_SOCK_FD)
+        _libc.close_range_from(_SOCK_FD + 1)  # fd 3 (error pipe) and 4 (socket) are close-on-exec
+        exec_id = int(message["id"])
         cwd = message.get("cwd") or plan["workdir"]
         step = f"chdir {cwd}"
         os.chdir(cwd)
         argv = [os.fsencode(a) for a in message["argv"]]
         env = {os.fsencode(k): os.fsencode(v) for k, v in message["env"].items()}
         step = "execve"
-        os.execvpe(argv[0], argv, env)  # noqa: S606 - argv is the command, run without a shell
+        pid = spawn_command(argv, env)
+        # For init, if this process is killed before it reports: whose exit to report.
+        os.write(_ERR_FD, json.dumps({"command": pid}).encode() + b"\n")
+        if message.get("report_pid"):
+            step = "report the pid"
+            protocol.send(sock, {"op": "started", "id": exec_id, "pid": pid})
     except BaseException as exc:  # noqa: BLE001 - the child must never return into init's code
         _report_exception(exc, step)
-    os._exit(EXIT_EXEC_FAILED)
+        os._exit(EXIT_EXEC_FAILED)
+    _wait_and_pass_on(sock, exec_id, pid)
+
+
+def spawn_command(argv: list[bytes], env: dict[bytes, bytes]) -> int:
+    """Start the command as a child of this (already confined) process with posix_spawn.
+
+    posix_spawn is the C library's vfork+execve: the command starts from this process's
+    controls (capabilities, no_new_privs, rlimits, oom score, its own Landlock domain and
+    seccomp filter, all inherited) without a copy of this Python process's memory, and the
+    exec does not tear that memory down either: on this machine a fork+execve from the
+    25 MiB warm child costs about 2.3 ms of CPU, a posix_spawn 0.7 ms. Signal dispositions
+    and the (empty) mask pass as through execve. The PATH search is os.execvpe's: the
+    command's own PATH, else os.defpath; the first error other than ENOENT/ENOTDIR wins.
+    """
+    if os.path.dirname(argv[0]):
+        return os.posix_spawn(argv[0], argv, env)
+    first_error: OSError | None = None
+    last_error: OSError = FileNotFoundError(2, "No such file or directory")
+    for directory in os.get_exec_path(env):  # type: ignore[arg-type]  # bytes keys are accepted
+        try:
+            return os.posix_spawn(os.path.join(os.fsencode(directory), argv[0]), argv, env)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last_error = exc
+        except OSError as exc:
+            last_error = exc
+            first_error = first_error or exc
+    raise first_error or last_error
+
+
+def _wait_and_pass_on(sock: socket.socket, exec_id: int, pid: int) -> NoReturn:
+    """Wait for the command, report its exit to the caller, then end the same way.
+
+    The report goes straight to the caller (one process hop less than through init). This
+    process then ends with the command's status; init, which reaps it, reports that status
+    only if this process could not (it was killed first: a killall, the caller's SIGKILL
+    to the process group). The command is in this process's process group
+    (the caller's kill reaches both; this process ignores what it can); this process is
+    non-dumpable, so the command cannot reach its socket through /proc.
+    """
+    # Signals sent to the process group are the command's: blocked here (one syscall; the
+    # command's own mask was set when it started), so this process outlives the command.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    # The command's pipes: let go of them, or the caller would not see their end.
+    for fd in (0, 1, 2):
+        os.close(fd)
+    _pid, status = os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):
+        protocol.send(sock, exit_message(exec_id, status, None))
+        # Tell init (through the error pipe, which the command never had) that the caller
+        # has the report, so that init does not send it a second time.
+        os.write(_ERR_FD, _REPORTED + b"\n")
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_DFL)
+        # Only that signal unblocked: whatever else is pending stays blocked as this ends.
+        os.kill(os.getpid(), signum)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+        os._exit(128 + signum)  # a signal that does not end a process (it did end the command)
+    os._exit(os.WEXITSTATUS(status))
 
 
 def _report_exception(exc: BaseException, step: str) -> None:
