@@ -202,9 +202,25 @@ def test_names_hashes_and_examples_are_not_secrets(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "request 6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06 completed in 12 ms",
+        'X-Request-ID: 9b2f61c4-77aa-4e0b-a1d3-5c8e2f4b6d10',
+        "9b2f61c4-77aa-4e0b-a1d3-5c8e2f4b6d10   nginx:1.25   Up 3 minutes",
+        '{"id": "3f2a9b1c-4d5e-4f60-8a7b-9c0d1e2f3a4b", "status": "ok"}',
+    ],
+)
+def test_bare_uuids_in_ordinary_output_are_not_secrets(text: str) -> None:
+    # Request, container and resource ids are everywhere in tool output; redacting them
+    # would break the agent's next command.
+    assert [f for f in SCANNER.scan(text.encode()) if f.severity >= Severity.MEDIUM] == [], text
+
+
+@pytest.mark.parametrize(
     ("text", "rule"),
     [
-        ('[InlineData("6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06")]', "secrets.uuid"),
+        ('storage account key 6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06', "secrets.uuid"),
+        ('const string tenantId = "6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06";', "secrets.uuid"),
         ('{"appid":"wx5c9e1f03a7b24d68","attach":"x"}', "secrets.wechat-app-id"),
         ("TWILIO_SID=AC" + "3f9a1c7e5b2d8046f1a9c3e7b5d20486", "secrets.twilio-account-sid"),
         # Named only "key": one machine-made token (base32, hex, base64) is reported.

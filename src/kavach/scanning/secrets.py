@@ -789,11 +789,33 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
     ),
 )
 
+# Bare UUIDs are everywhere in ordinary output (request ids, container and cloud resource
+# ids); one is a possible credential only when its line names a credential. (A UUID assigned
+# to a secret's name is found by the assignment rules anyway.)
+_UUID_CONTEXT = re.compile(
+    rb"(?i)secret|token|passw|pwd|api[_.\-]?key|apikey|access[_.\-]?key|private[_.\-]?key|auth|credential|"
+    rb"bearer|\bkey\b|_key\b|signature|\bsas\b|license|"
+    # identity-provider identifiers travel with credentials (OAuth client ids, tenant ids)
+    rb"client[_.\-]?id|tenant"
+)
+_UUID_CONTEXT_REACH = 160  # bytes looked at on each side, within the line
+
+
+def _uuid_line_context(data: bytes, start: int, end: int) -> bytes:
+    lo = max(0, start - _UUID_CONTEXT_REACH)
+    line_start = data.rfind(b"\n", lo, start) + 1 or lo
+    hi = min(len(data), end + _UUID_CONTEXT_REACH)
+    newline = data.find(b"\n", end, hi)
+    return data[line_start:start] + b" " + data[end : hi if newline < 0 else newline]
+
+
 def _uuid_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
-    """A random-looking UUID: not a nil/sequential stand-in (``0000...``, ``12345678-ABCD-...``)."""
+    """A random-looking UUID (not ``0000...`` or ``12345678-ABCD-...``) on a line that names a credential."""
     hexdigits = data[start:end].replace(b"-", b"").lower()
     if len(set(hexdigits)) < 8 or _typed_by_person(hexdigits):
         return None  # 00000000-0000-..., 11111111-1111-..., bace4d19-dead-beef-...
+    if not _UUID_CONTEXT.search(_uuid_line_context(data, start, end)):
+        return None
     return 0.5
 
 
