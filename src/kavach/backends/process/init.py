@@ -184,6 +184,7 @@ def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], id
         # The first warm child is forked now and waits for "go": its fork overlaps with
         # the mount work below (pivot_root moves its root along with init's). It closes
         # every inherited fd (the secrets' memfds among them) before anything else.
+        prepare_confinement(plan)
         first = _fork_warm(plan, probe=True, wait_for_go=True)
         proxy_fd = _setup(plan, file_fds, idmapped)
         built = time.monotonic()
@@ -698,29 +699,62 @@ def _confine_process(plan: dict[str, Any]) -> None:
     caps.set_no_new_privs()
 
 
+class _Prepared:
+    """The plan's Landlock rules and seccomp programs, decoded once in init.
+
+    Every exec child inherits them with the fork instead of building them again: fewer
+    objects allocated in each child, so fewer pages copied (CPU, and the memory of every
+    waiting warm child).
+    """
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.rules: list[Any] | None = None
+        landlock = plan["landlock"]
+        if landlock is not None:
+            from kavach.policy import Access, LandlockRule
+
+            self.rules = [
+                LandlockRule(path, frozenset(Access(a) for a in access)) for path, access in landlock["rules"]
+            ]
+        self.setid_guard = None if plan.get("setid_guard") is None else base64.b64decode(plan["setid_guard"])
+        self.seccomp = None if plan["seccomp"] is None else base64.b64decode(plan["seccomp"])
+
+
+_PREPARED: dict[int, _Prepared] = {}
+
+
+def prepare_confinement(plan: dict[str, Any]) -> _Prepared:
+    """The decoded confinement of ``plan`` (built on first use; init calls it before forking)."""
+    prepared = _PREPARED.get(id(plan))
+    if prepared is None:
+        _PREPARED.clear()  # one plan per init
+        prepared = _PREPARED[id(plan)] = _Prepared(plan)
+    return prepared
+
+
 def _confine_access(plan: dict[str, Any]) -> None:
     """Landlock (its rules name paths of the sandbox's root, so after pivot_root), then
     the seccomp filters, last."""
     load_filter, apply_landlock = _security_modules()
+    prepared = prepare_confinement(plan)
     landlock = plan["landlock"]
     if landlock is not None:
-        if apply_landlock is None:
+        if apply_landlock is None or prepared.rules is None:
             raise KernelCallError("apply Landlock: module unavailable", 38)
-        from kavach.policy import Access, LandlockRule
-
-        rules = [LandlockRule(path, frozenset(Access(a) for a in access)) for path, access in landlock["rules"]]
         abi = apply_landlock(
-            rules, deny_network=landlock["deny_network"], connect_ports=tuple(landlock.get("connect_ports", ()))
+            prepared.rules,
+            deny_network=landlock["deny_network"],
+            connect_ports=tuple(landlock.get("connect_ports", ())),
         )
         plan["landlock_abi_applied"] = abi
-    if plan.get("setid_guard") is not None:
+    if prepared.setid_guard is not None:
         if load_filter is None:
             raise KernelCallError("load the setuid guard filter: module unavailable", 38)
-        load_filter(base64.b64decode(plan["setid_guard"]))
-    if plan["seccomp"] is not None:
+        load_filter(prepared.setid_guard)
+    if prepared.seccomp is not None:
         if load_filter is None:
             raise KernelCallError("load the seccomp filter: module unavailable", 38)
-        load_filter(base64.b64decode(plan["seccomp"]))
+        load_filter(prepared.seccomp)
 
 
 def _probe_data(plan: dict[str, Any]) -> dict[str, Any]:
