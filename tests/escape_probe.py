@@ -922,6 +922,16 @@ def _uts() -> None:
     record("hostname_isolated", name != os.environ["KV_HOST_HOSTNAME"], name)
 
 
+@check("etc_is_generated")
+def _etc() -> None:
+    host_name = os.environ["KV_HOST_HOSTNAME"]
+    users = sorted(line.split(":")[0] for line in _read("/etc/passwd").decode().splitlines() if line)
+    groups = sorted(line.split(":")[0] for line in _read("/etc/group").decode().splitlines() if line)
+    named = [p for p in ("/etc/hostname", "/etc/hosts") if os.path.exists(p) and host_name.encode() in _read(p).split()]
+    ok = set(users) <= {"root", "nobody"} and set(groups) <= {"root", "nogroup"} and not named
+    record("etc_is_generated", ok, f"users={users} groups={groups} host name in {named}")
+
+
 @check("shell_loop_forks")
 def _loop() -> None:
     proc = subprocess.run(

@@ -76,12 +76,9 @@ def _b64_python(code: str) -> list[str]:
 
 # -- known OCI weaknesses (xfail strict: the test turns red once they are fixed) -----------
 
-OCI_KNOWN: dict[str, str] = {
-    "dev_not_writable": (
-        "OCI: /dev is a writable tmpfs (runc's default); files can be created in /dev, a path the "
-        "policy does not make writable"
-    ),
-}
+# Fixed so far: setuid/setgid plants in --bind directories (shared seccomp profiles) and a
+# writable /dev (the OCI bundle remounts it read-only).
+OCI_KNOWN: dict[str, str] = {}
 
 
 # -- host bait -------------------------------------------------------------------------------
@@ -555,6 +552,7 @@ PROBE_CHECKS = (
     "root_inside_is_not_host_root",
     "symlinks_out_of_binds",
     "hostname_isolated",
+    "etc_is_generated",
     "attack_tools_fail",
 )
 
