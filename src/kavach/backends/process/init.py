@@ -702,8 +702,13 @@ def _confine_process(plan: dict[str, Any]) -> None:
     _libc.prctl(_libc.PR_SET_DUMPABLE, 1, "make the exec child dumpable")
     try:
         # The sandbox's commands are the OOM killer's first choice, before init or the host.
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
+        # (os.open/os.write: no io objects, fewer pages copied in every exec child.)
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if os.write(fd, b"1000") != 4:
+                raise OSError(5, "short write")
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise KernelCallError("raise oom_score_adj", exc.errno or 0) from None
     _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make the waiting exec child non-dumpable")
