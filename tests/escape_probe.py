@@ -501,6 +501,44 @@ def _proc1_links() -> None:
     record("proc1_links_closed", not host_only and not bad_fds, f"{findings} host_only={host_only}")
 
 
+@check("other_processes_fds_closed")
+def _other_fds() -> None:
+    # kavach's own processes in the sandbox (init, the exec child that started this command,
+    # a warm child) hold pipes and sockets to the host: reopening one through /proc would
+    # let the command forge what the host reads. Only the command's own fds may be open.
+    me = os.getpid()
+    reopened = []
+    listed = {}
+    for pid in _pids():
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError as exc:
+            listed[pid] = errno.errorcode.get(exc.errno or 0, "?")
+            continue
+        listed[pid] = str(len(fds))
+        for fd in fds:
+            try:
+                os.close(os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_NONBLOCK))
+                reopened.append(f"{pid}/{fd}")
+            except OSError:
+                continue
+    record("other_processes_fds_closed", not reopened, f"reopened={reopened} listing={listed}")
+    # Positive control: the same reopening works on a child of our own (so a refusal above
+    # is the sandbox's protection of kavach's processes, not a broken technique).
+    child = subprocess.Popen(["/bin/sleep", "5"], stdin=subprocess.PIPE)
+    try:
+        os.close(os.open(f"/proc/{child.pid}/fd/0", os.O_RDWR | os.O_NONBLOCK))
+        control = "reopened"
+    except OSError as exc:
+        control = errno.errorcode.get(exc.errno or 0, "?")
+    finally:
+        child.kill()
+        child.wait()
+    record("fd_reopen_positive_control", control == "reopened", control)
+
+
 @check("self_exe_not_writable")
 def _self_exe() -> None:
     outcomes = {}

@@ -532,6 +532,8 @@ PROBE_CHECKS = (
     "signals_to_pid1_ignored",
     "pid1_and_siblings_memory_unreadable",
     "proc1_links_closed",
+    "other_processes_fds_closed",
+    "fd_reopen_positive_control",
     "self_exe_not_writable",
     "stray_fds_closed",
     "only_stdio_fds_at_start",
