@@ -95,6 +95,8 @@ class Bait:
     host_process: subprocess.Popen[bytes]
     tcp_port: int
     tcp_hits: list[str]
+    udp: socket.socket
+    abstract: socket.socket
     abstract_name: str
     host_files: list[Path]
     data_dir: Path
@@ -138,6 +140,10 @@ def bait() -> Iterator[Bait]:
     abstract_name = f"kv-escape-{token}"
     abstract.bind("\0" + abstract_name)
     abstract.listen(8)
+    abstract.setblocking(False)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
     host_files = [Path(f"/tmp/kv-escape-bait-{token}"), Path(f"/dev/shm/kv-escape-bait-{token}")]
     for path in host_files:
         path.write_text("host secret\n")
@@ -151,6 +157,8 @@ def bait() -> Iterator[Bait]:
             host_process=host_process,
             tcp_port=port,
             tcp_hits=hits,
+            udp=udp,
+            abstract=abstract,
             abstract_name=abstract_name,
             host_files=host_files,
             data_dir=data_dir,
@@ -160,6 +168,7 @@ def bait() -> Iterator[Bait]:
         host_process.wait()
         server.close()
         abstract.close()
+        udp.close()
         for path in host_files:
             path.unlink(missing_ok=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -274,6 +283,7 @@ def _probe_run(bait: Bait, backend: str) -> CliRun:
         "KV_RO": "/tmp/kv-ro",
         "KV_VISIBLE": "yes",
         "KV_TCP_PORT": str(bait.tcp_port),
+        "KV_UDP_PORT": str(bait.udp.getsockname()[1]),
         "KV_ABSTRACT": bait.abstract_name,
         "KV_HOST_MARKER": bait.host_marker,
         "KV_HOST_HOSTNAME": socket.gethostname(),
@@ -622,6 +632,10 @@ def test_no_caller_environment_in_any_process(runs: Runs, bait: Bait, backend: s
 def test_host_listeners_saw_no_connection(runs: Runs, bait: Bait, backend: str) -> None:
     _probe_results(runs, backend)
     assert bait.tcp_hits == [], f"[{backend}] the host's 127.0.0.1 listener was reached from {bait.tcp_hits}"
+    with pytest.raises(BlockingIOError):
+        bait.udp.recvfrom(4096)  # no datagram arrived on the host's 127.0.0.1 UDP port
+    with pytest.raises(BlockingIOError):
+        bait.abstract.accept()  # nobody connected to the host's abstract socket
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
