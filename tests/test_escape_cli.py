@@ -662,6 +662,60 @@ def test_bind_plants_grant_nothing_on_the_host(runs: Runs, backend: str) -> None
     _verdict(runs, backend, "bind_plant:setuid_root_file_on_host", not privileged, privileged)
 
 
+_PLANT_WITHOUT_FILTER = r"""
+import ctypes, os, shutil, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+d = "/tmp/kv-rw"
+shutil.copy("/usr/bin/id", d + "/suid")
+for call in (
+    lambda: os.chmod(d + "/suid", 0o4755),
+    lambda: os.chmod(d + "/suid", 0o2755),
+    lambda: os.close(os.open(d + "/created", os.O_CREAT | os.O_WRONLY, 0o6755)),
+    lambda: libc.syscall(437, -100, (d + "/openat2").encode(),
+                         struct.pack("QQQ", os.O_CREAT | os.O_WRONLY, 0o4755, 0), 24),
+):
+    try:
+        call()
+    except OSError:
+        pass
+print("planted")
+"""
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "process",
+        pytest.param(
+            "oci",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "OCI: with seccomp profile none (policy minimal) a root caller's --bind gets host-root "
+                    "setuid files; the bundle should install kavach.backends.seccomp_profiles.setid_guard_spec()"
+                ),
+            ),
+        ),
+    ],
+)
+def test_no_setuid_plant_even_when_the_policy_filters_no_syscalls(bait: Bait, backend: str) -> None:
+    """``--policy minimal`` has no seccomp profile; a root caller's writable bind still gets no setuid file."""
+    shared = bait.base / f"minimal-{backend}"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    argv = [*_kavach_argv(), "run", "--policy", "minimal", "--backend", backend, "--json"]
+    argv += ["--bind", f"{shared}:/tmp/kv-rw", "--", *_b64_python(_PLANT_WITHOUT_FILTER)]
+    proc = subprocess.run(argv, env=bait.env(), capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0 and "planted" in json.loads(proc.stdout)["result"]["stdout"], proc.stderr[-800:]
+    privileged = [
+        f"{path.name} {oct(path.stat().st_mode)}"
+        for path in shared.iterdir()
+        if path.stat().st_mode & (stat.S_ISUID | stat.S_ISGID)
+    ]
+    assert privileged == [], f"[{backend}] setuid/setgid files planted on the host: {privileged}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_links_made_inside_stay_links_on_the_host(runs: Runs, backend: str) -> None:
     rw: Path = runs.get(backend, "probe").extra["rw"]

@@ -639,6 +639,18 @@ def setid_deny_rules() -> list[SyscallRule]:
     return rules
 
 
+def setid_guard_spec() -> SeccompSpec:
+    """A default-allow filter with only the setid rules (and openat2 -> ENOSYS).
+
+    For a sandbox whose policy filters nothing (profile ``none``) but which a root caller
+    gives writable binds: the one refusal that keeps such a sandbox from planting a
+    setuid-root file on the host's disk. Backends stack it with (or use it instead of) the
+    policy's filter; it is not a scored control.
+    """
+    rules = [*setid_deny_rules(), SyscallRule(("openat2",), Action.ERRNO, errno.ENOSYS)]
+    return SeccompSpec(SeccompProfile.NONE, Action.ALLOW, 0, tuple(rules))
+
+
 def setid_allow_rules(allowed: frozenset[str]) -> list[SyscallRule]:
     """Allow rules (the allow-list profile) for the mode syscalls in ``allowed``: only without setid bits."""
     rules = [
@@ -768,5 +780,6 @@ __all__ = [
     "complement_masked",
     "setid_allow_rules",
     "setid_deny_rules",
+    "setid_guard_spec",
     "strict_argument_rules",
 ]

@@ -31,22 +31,6 @@ def seccomp_program(policy: SeccompPolicy, deny_sockets: bool) -> bytes:
     return compile_filter(policy, deny_sockets=deny_sockets)
 
 
-_S_ISUID = 0o4000
-_S_ISGID = 0o2000
-# (syscall, index of its mode argument)
-_MODE_ARGUMENTS = (
-    ("chmod", 1),
-    ("fchmod", 1),
-    ("fchmodat", 2),
-    ("fchmodat2", 2),
-    ("open", 2),
-    ("openat", 3),
-    ("creat", 1),
-    ("mknod", 1),
-    ("mknodat", 2),
-)
-
-
 @functools.lru_cache(maxsize=1)
 def setid_guard_program() -> bytes:
     """A seccomp filter refusing to set the setuid/setgid bits (and openat2, whose mode it cannot see).
@@ -55,21 +39,13 @@ def setid_guard_program() -> bytes:
     inside creates belong to the host owner of the bind, often host root; a setuid bit on
     one of them would be a setuid-root program on the host's disk. Capabilities are gone
     (no chown, no file capabilities), so the mode bits are what is left to refuse. Stacked
-    with the policy's filter; it is not a scored control.
+    with the policy's filter (whose basic and strict profiles carry the same rules), so it
+    also holds with seccomp profile ``none``; it is not a scored control.
     """
-    import errno
-
     from kavach.backends.process.seccomp import compile_spec
-    from kavach.backends.seccomp_profiles import Action, ArgCmp, CmpOp, SeccompSpec, SyscallRule
+    from kavach.backends.seccomp_profiles import setid_guard_spec
 
-    rules = [
-        SyscallRule((name,), Action.ERRNO, errno.EPERM, (ArgCmp(index, CmpOp.MASKED_EQ, bit, bit),))
-        for name, index in _MODE_ARGUMENTS
-        for bit in (_S_ISUID, _S_ISGID)
-    ]
-    rules.append(SyscallRule(("openat2",), Action.ERRNO, errno.ENOSYS))
-    spec = SeccompSpec(SeccompProfile.BASIC, Action.ALLOW, 0, tuple(rules))
-    return compile_spec(spec)
+    return compile_spec(setid_guard_spec())
 
 
 def wants_seccomp(policy: SeccompPolicy) -> bool:
