@@ -34,10 +34,11 @@ async def test_a_spawned_command_reports_its_own_pid_and_a_caught_signal_reaches
             first += data
             if first.endswith(b"\n"):
                 break
-        assert int(first) == run.pid  # the command's pid, not its warm exec child's
         await run.kill(signal.SIGTERM)  # to the process group: the command handles it
         result = await run.wait()
         assert result.exit_code == 3, result
+        # ``pid`` is set once the "started" report is read (it may trail the output).
+        assert int(first) == run.pid  # the command's pid, not its warm exec child's
 
 
 async def test_sigkill_of_a_spawned_command_kills_what_left_its_session() -> None:
