@@ -28,6 +28,7 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pty
@@ -485,6 +486,21 @@ RUNS: dict[str, Callable[[Bait, str], CliRun]] = {
 }
 
 
+@functools.cache
+def _unusable_reason(backend: str) -> str | None:
+    from kavach.backends.names import Backend
+    from kavach.backends.registry import probe
+
+    result = probe(Backend.parse(backend))
+    return None if result.usable else result.reason
+
+
+def _require_backend(backend: str) -> None:
+    """Skip (saying why) when a named backend cannot run on this machine; ``auto`` always runs."""
+    if backend != "auto" and (reason := _unusable_reason(backend)) is not None:
+        pytest.skip(f"{backend} is not usable here: {reason}")
+
+
 class Runs:
     """Starts every run of a backend together (threads: the work is in the sandboxes)."""
 
@@ -495,6 +511,7 @@ class Runs:
         self.lock = threading.Lock()
 
     def get(self, backend: str, name: str) -> CliRun:
+        _require_backend(backend)
         with self.lock:
             if (backend, name) not in self.futures:
                 for run_name, fn in RUNS.items():
@@ -701,6 +718,7 @@ print("planted")
 )
 def test_no_setuid_plant_even_when_the_policy_filters_no_syscalls(bait: Bait, backend: str) -> None:
     """``--policy minimal`` has no seccomp profile; a root caller's writable bind still gets no setuid file."""
+    _require_backend(backend)
     shared = bait.base / f"minimal-{backend}"
     shared.mkdir()
     os.chmod(shared, 0o777)
