@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 OUT = os.environ.get("KV_OUT", "/tmp/out")
 RESULTS: dict[str, dict[str, object]] = {}
@@ -59,10 +61,10 @@ def record(name: str, ok: bool, detail: object = "") -> None:
     RESULTS[name] = {"ok": bool(ok), "detail": str(detail)[:2000]}
 
 
-def check(name: str):  # type: ignore[no-untyped-def]
+def check(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
     """Decorator: run the check now; an exception is a failed check with its traceback."""
 
-    def run(fn):  # type: ignore[no-untyped-def]
+    def run(fn: Callable[[], None]) -> Callable[[], None]:
         try:
             fn()
         except Exception:  # the probe must report every check, whatever breaks
@@ -82,7 +84,7 @@ def sys_call(nr: int, *args: object) -> tuple[int, int]:
     return ret, ctypes.get_errno()
 
 
-def in_child(fn) -> tuple[str, int, int]:  # type: ignore[no-untyped-def]
+def in_child(fn: Callable[[], tuple[int, int]]) -> tuple[str, int, int]:
     """Run fn() -> (ret, errno) in a forked child; ('signal', signo, 0) if it was killed."""
     r, w = os.pipe()
     pid = os.fork()
@@ -245,6 +247,11 @@ def _netlink_add_address() -> tuple[int, int]:
     return 0, 0
 
 
+def _mount_tmpfs() -> tuple[int, int]:
+    os.makedirs("/tmp/kv-mnt", exist_ok=True)
+    return sys_call(165, b"none", b"/tmp/kv-mnt", b"tmpfs", 0, 0)
+
+
 def _personality() -> tuple[int, int]:
     # READ_IMPLIES_EXEC makes every readable mapping executable; Docker's profile refuses it.
     ret, err = sys_call(135, 0x0400000)
@@ -273,10 +280,7 @@ def _mknod(kind: int, dev: tuple[int, int]) -> tuple[int, int]:
 
 
 SYSCALLS = {
-    "mount_tmpfs": lambda: (
-        os.makedirs("/tmp/kv-mnt", exist_ok=True),
-        sys_call(165, b"none", b"/tmp/kv-mnt", b"tmpfs", 0, 0),
-    )[1],
+    "mount_tmpfs": _mount_tmpfs,
     "mount_bind_root": lambda: sys_call(165, b"/", b"/tmp", None, 0x1000 | 0x4000, 0),  # MS_BIND|MS_REC
     "umount_proc": lambda: sys_call(166, b"/proc", 2),
     "unshare_user": lambda: sys_call(272, CLONE_NEWUSER),
@@ -475,7 +479,7 @@ def _memory() -> None:
 
 @check("proc1_links_closed")
 def _proc1_links() -> None:
-    findings = {}
+    findings: dict[str, object] = {}
     for link in ("exe", "root", "cwd"):
         try:
             target = os.readlink(f"/proc/1/{link}")
@@ -539,11 +543,19 @@ def _other_fds() -> None:
     record("fd_reopen_positive_control", control == "reopened", control)
 
 
+def _open_for_write(path: str) -> tuple[int, int]:
+    return os.open(path, os.O_WRONLY), 0
+
+
+def _read_length(path: str) -> tuple[int, int]:
+    return len(_read(path, 4096)), 0
+
+
 @check("self_exe_not_writable")
 def _self_exe() -> None:
     outcomes = {}
     for path in ("/proc/self/exe", "/proc/1/exe", "/usr/bin/python3", "/bin/sh"):
-        outcomes[path] = in_child(lambda p=path: (os.open(p, os.O_WRONLY), 0))
+        outcomes[path] = in_child(functools.partial(_open_for_write, path))
     record(
         "self_exe_not_writable",
         all(refused(o) or (o[0] == "ret" and o[2] == errno.ETXTBSY) for o in outcomes.values()),
@@ -726,14 +738,15 @@ def _writes() -> None:
     ro = os.environ["KV_RO"]
     targets = [*WRITE_TARGETS, f"{ro}/kept.txt", f"{ro}/kv-new"]
     outcomes = {path: _try_write(path) for path in targets}
-    for op, fn in {
+    operations: dict[str, Callable[[], None]] = {
         "ro_unlink": lambda: os.unlink(f"{ro}/kept.txt"),
         "ro_rename": lambda: os.rename(f"{ro}/kept.txt", f"{ro}/moved"),
         "ro_chmod": lambda: os.chmod(f"{ro}/kept.txt", 0o777),
         "ro_mkdir": lambda: os.mkdir(f"{ro}/kv-dir"),
         "usr_mkdir": lambda: os.mkdir("/usr/kv-dir"),
         "etc_symlink": lambda: os.symlink("/tmp", "/etc/kv-link"),
-    }.items():
+    }
+    for op, fn in operations.items():
         try:
             fn()
             outcomes[op] = "done"
@@ -771,7 +784,7 @@ def _masked() -> None:
                 if os.listdir(path):
                     leaks[path] = "non-empty dir"
                 continue
-            data = in_child(lambda p=path: (len(_read(p, 4096)), 0))
+            data = in_child(functools.partial(_read_length, path))
             if data[0] == "ret" and data[1] > 0:
                 leaks[path] = f"{data[1]} bytes"
         except OSError:
@@ -875,6 +888,11 @@ def _uidmap() -> None:
     record("root_inside_is_not_host_root", ok, f"uid_map={uid_map} gid_map={gid_map}")
 
 
+def _mkdir_sgid(path: str) -> None:
+    os.mkdir(path)
+    os.chmod(path, 0o2777)
+
+
 def _ok(result: tuple[int, int]) -> None:
     ret, err = result
     if ret < 0:
@@ -893,7 +911,7 @@ def _plants() -> None:
     done = {}
     import shutil
 
-    def attempt(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+    def attempt(name: str, fn: Callable[[], object]) -> None:
         try:
             fn()
             done[name] = "done"
@@ -907,7 +925,7 @@ def _plants() -> None:
     attempt("chmod_2755", lambda: os.chmod(f"{out}/plant-sgid", 0o2755))
     attempt("create_4755", lambda: os.close(os.open(f"{out}/plant-created", os.O_CREAT | os.O_WRONLY, 0o4755)))
     attempt("fchmod_4755", lambda: os.fchmod(os.open(f"{out}/plant-fchmod", os.O_CREAT | os.O_WRONLY, 0o755), 0o4755))
-    attempt("mkdir_sgid", lambda: (os.mkdir(f"{out}/plant-dir"), os.chmod(f"{out}/plant-dir", 0o2777)))
+    attempt("mkdir_sgid", lambda: _mkdir_sgid(f"{out}/plant-dir"))
     attempt(
         "file_caps",
         lambda: os.setxattr(f"{out}/plant-sgid", "security.capability", b"\x01\x00\x00\x02" + b"\xff" * 16),
