@@ -79,7 +79,7 @@ from kavach.backends.oci.runtime import (
     state_root,
 )
 from kavach.backends.oci.seccomp_oci import to_oci
-from kavach.backends.seccomp_profiles import build_spec
+from kavach.backends.seccomp_profiles import build_spec, setid_guard_spec
 from kavach.errors import ExecError, SandboxCreateError
 from kavach.policy import Access, NetworkMode, SandboxPolicy
 from kavach.scoring import Control, Enforcement
@@ -620,6 +620,12 @@ class OciInstance(Instance):
             (PYTHON_INSIDE, "-I", "-S", LAUNCHER_INSIDE, "init") if prepared.has_python3 else ("/bin/sh", "-c", SH_INIT)
         )
         spec = build_spec(policy.seccomp)
+        if spec is None and os.geteuid() == 0 and (policy.filesystem.rw_binds or self.spec.workdir_host):
+            # A root caller's writable binds are idmapped so that files keep their host owner:
+            # root inside writes as host root there. With no policy filter to refuse setuid and
+            # setgid bits, install the guard alone (it is not the scored seccomp control: the
+            # enforcement probe still counts only the policy's own filter).
+            spec = setid_guard_spec()
         inputs = BundleInputs(
             rootfs=prepared.path,
             init_args=init_args,
