@@ -700,22 +700,7 @@ print("planted")
 """
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "process",
-        pytest.param(
-            "oci",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "OCI: with seccomp profile none (policy minimal) a root caller's --bind gets host-root "
-                    "setuid files; the bundle should install kavach.backends.seccomp_profiles.setid_guard_spec()"
-                ),
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", ["process", "oci"])
 def test_no_setuid_plant_even_when_the_policy_filters_no_syscalls(bait: Bait, backend: str) -> None:
     """``--policy minimal`` has no seccomp profile; a root caller's writable bind still gets no setuid file."""
     _require_backend(backend)
