@@ -93,9 +93,7 @@ def test_load_toml_yaml_json_give_equal_policies(tmp_path: Path) -> None:
         ('[seccomp]\nprofile = "basic"\nallow = ["ptrace"]', "seccomp.allow", "ptrace"),
     ],
 )
-def test_validation_errors_name_the_field_and_the_value(
-    tmp_path: Path, text: str, field: str, value: str
-) -> None:
+def test_validation_errors_name_the_field_and_the_value(tmp_path: Path, text: str, field: str, value: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(PolicyError) as info:
@@ -211,3 +209,18 @@ def test_host_patterns() -> None:
     assert host_pattern_matches("example.com", "EXAMPLE.com.")
     assert intersect_host_patterns(["*.a.com"], ["*.b.a.com"]) == ("*.b.a.com",)
     assert intersect_host_patterns(["x.com:80"], ["x.com:443"]) == ()
+
+
+def test_landlock_rules_grant_the_binds() -> None:
+    from dataclasses import replace
+
+    from kavach.policy import FilesystemPolicy, landlock_rules
+
+    strict = SandboxPolicy.strict()
+    with_binds = replace(
+        strict, filesystem=FilesystemPolicy(ro_binds=(Bind("/opt", "/ro"),), rw_binds=(Bind("/srv", "/data"),))
+    )
+    rules = {r.path: r.access for r in landlock_rules(with_binds)}
+    assert rules["/ro"] == {Access.READ, Access.EXECUTE}
+    assert rules["/data"] == {Access.READ, Access.WRITE}  # written files are not executable
+    assert landlock_rules(SandboxPolicy.basic()) == ()  # Landlock off: no rules at all

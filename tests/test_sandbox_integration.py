@@ -74,3 +74,24 @@ async def test_critical_secret_blocks_and_is_audited_without_the_value() -> None
 def test_fork_bomb_threshold_below_two_is_a_policy_error() -> None:
     with pytest.raises(PolicyError, match="fork_bomb_threshold"):
         SandboxPolicy(guards=GuardPolicy(fork_bomb_threshold=1)).validate()
+
+
+async def test_binds_are_usable_under_strict_landlock(tmp_path: object) -> None:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from kavach.policy import Bind
+
+    base = Path(str(tmp_path))
+    (base / "rw").mkdir()
+    (base / "ro").mkdir()
+    (base / "ro" / "input.txt").write_text("data\n")
+    strict = SandboxPolicy.strict()
+    fs = replace(
+        strict.filesystem, ro_binds=(Bind(str(base / "ro"), "/in"),), rw_binds=(Bind(str(base / "rw"), "/out"),)
+    )
+    config = SandboxConfig(backend=Backend.PROCESS, policy=replace(strict, filesystem=fs))
+    async with await Sandbox.create(config) as sandbox:
+        result = await sandbox.exec("cat /in/input.txt > /out/copy.txt && ls / >/dev/null 2>&1 || echo listing-denied")
+    assert (base / "rw" / "copy.txt").read_text() == "data\n"
+    assert result.stdout_text.strip() == "listing-denied"  # Landlock still hides everything else

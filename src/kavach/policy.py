@@ -391,6 +391,22 @@ def _parse_policy_text(text: str, suffix: str, name: str) -> Any:
         raise PolicyError("policy", name, f"syntax error: {first_line}") from None
 
 
+def landlock_rules(policy: SandboxPolicy) -> tuple[LandlockRule, ...]:
+    """The Landlock rules a backend applies: the policy's, plus one per bind.
+
+    A bind is an explicit grant of a path, so Landlock must not hide it: read-only binds get
+    read + execute, writable binds read + write (not execute, as /tmp and /work in
+    ``strict``: a file the command wrote is not run unless a rule says so).
+    """
+    if not policy.landlock.enabled:
+        return ()
+    rx = frozenset({Access.READ, Access.EXECUTE})
+    rw = frozenset({Access.READ, Access.WRITE})
+    extra = [LandlockRule(b.target, rx) for b in policy.filesystem.ro_binds]
+    extra += [LandlockRule(b.target, rw) for b in policy.filesystem.rw_binds]
+    return (*policy.landlock.rules, *extra)
+
+
 # -- merge ---------------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -820,6 +836,7 @@ __all__ = [
     "SeccompProfile",
     "host_pattern_matches",
     "intersect_host_patterns",
+    "landlock_rules",
     "merge",
     "parse_size",
 ]

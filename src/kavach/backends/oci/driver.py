@@ -81,7 +81,7 @@ from kavach.backends.oci.runtime import (
 from kavach.backends.oci.seccomp_oci import to_oci
 from kavach.backends.seccomp_profiles import build_spec, setid_guard_spec
 from kavach.errors import ExecError, SandboxCreateError
-from kavach.policy import Access, NetworkMode, SandboxPolicy
+from kavach.policy import Access, NetworkMode, SandboxPolicy, landlock_rules
 from kavach.scoring import Control, Enforcement
 
 KAVACH_DIR_INSIDE = "/dev/.kavach"  # on the runtime's fresh /dev tmpfs: exists in every rootfs
@@ -157,7 +157,7 @@ def landlock_plan(policy: SandboxPolicy) -> LandlockLayer | None:
         raise SandboxCreateError("the policy asks for Landlock but this kernel has none enabled")
     scoped = (landlock.SCOPE_SIGNAL | landlock.SCOPE_ABSTRACT_UNIX_SOCKET) if abi >= 6 else 0
     rules = []
-    for rule in policy.landlock.rules:
+    for rule in landlock_rules(policy):
         if "\n" in rule.path or "\r" in rule.path:
             raise SandboxCreateError(f"landlock rule path {rule.path!r} contains a line break")
         mask = landlock.access_mask(rule.access, abi)

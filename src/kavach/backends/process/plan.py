@@ -18,7 +18,7 @@ from kavach.backends import rootfs
 from kavach.backends.base import LaunchSpec
 from kavach.backends.process import _libc
 from kavach.errors import SandboxCreateError
-from kavach.policy import NetworkMode, SeccompPolicy, SeccompProfile
+from kavach.policy import NetworkMode, SeccompPolicy, SeccompProfile, landlock_rules
 
 DEGRADED_ROOT_UID = 65534  # a root caller's commands run as nobody in the degraded mode
 
@@ -144,7 +144,7 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
     if policy.landlock.enabled:
         rules = [
             [_host_path(rule.path, fs.workdir, workdir), sorted(a.value for a in rule.access)]
-            for rule in policy.landlock.rules
+            for rule in landlock_rules(policy)
         ]
         landlock = {"rules": rules, "deny_network": deny_sockets, "connect_ports": []}
         if network is NetworkMode.PROXY and spec.proxy_listen is not None and _landlock_abi() >= 4:
