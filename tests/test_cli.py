@@ -145,3 +145,17 @@ def test_run_inner_backend_gives_a_composite(capsys: pytest.CaptureFixture[str])
     assert data["result"]["stdout"].split() == ["Seccomp_filters:", "2"]
     code, _, err = run_cli(capsys, "run", "--inner", "nonsense", "--", "true")
     assert code == 2 and "unknown backend" in err
+
+
+def test_abnormal_end_is_reported_in_plain_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    from kavach.backends import registry
+    from kavach.backends.names import Backend
+
+    if not registry.probe(Backend.PROCESS).usable:
+        pytest.skip(f"process backend unusable here: {registry.probe(Backend.PROCESS).reason}")
+    bomb = ["/usr/bin/python3", "-c", "b = bytearray(1 << 30)"]
+    code, _, err = run_cli(capsys, "run", "--backend", "process", "--policy", "strict", "--", *bomb)
+    assert code == 137
+    assert "memory limit" in err
+    code, _, err = run_cli(capsys, "run", "--backend", "process", "--timeout", "0.5", "--", "sleep", "5")
+    assert code == 124 and "timed out" in err

@@ -188,6 +188,8 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
                 sys.stderr.write(f"kavach: output quarantined as {item} (see 'kavach quarantine show {item}')\n")
             if result.timed_out:
                 sys.stderr.write(f"kavach: timed out ({result.reason or 'wall-clock timeout'})\n")
+            elif result.reason:
+                sys.stderr.write(f"kavach: command ended abnormally: {result.reason} (exit {result.exit_code})\n")
             sys.stderr.flush()
     return EXIT_TIMEOUT if result.timed_out else result.exit_code
 
