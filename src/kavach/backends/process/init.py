@@ -853,6 +853,9 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wa
         argv = [os.fsencode(a) for a in message["argv"]]
         env = {os.fsencode(k): os.fsencode(v) for k, v in message["env"].items()}
         step = "execve"
+        # From the moment the command exists, signals to its process group are the
+        # command's: this process blocks them (the command starts with an empty mask).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         pid = spawn_command(argv, env)
         # For init, if this process is killed before it reports: whose exit to report.
         os.write(_ERR_FD, json.dumps({"command": pid}).encode() + b"\n")
@@ -873,16 +876,17 @@ def spawn_command(argv: list[bytes], env: dict[bytes, bytes]) -> int:
     seccomp filter, all inherited) without a copy of this Python process's memory, and the
     exec does not tear that memory down either: on this machine a fork+execve from the
     25 MiB warm child costs about 2.3 ms of CPU, a posix_spawn 0.7 ms. Signal dispositions
-    and the (empty) mask pass as through execve. The PATH search is os.execvpe's: the
+    pass as through execve; the mask is set empty (this process blocks every signal while
+    the command runs). The PATH search is os.execvpe's: the
     command's own PATH, else os.defpath; the first error other than ENOENT/ENOTDIR wins.
     """
     if os.path.dirname(argv[0]):
-        return os.posix_spawn(argv[0], argv, env)
+        return os.posix_spawn(argv[0], argv, env, setsigmask=())
     first_error: OSError | None = None
     last_error: OSError = FileNotFoundError(2, "No such file or directory")
     for directory in os.get_exec_path(env):  # type: ignore[arg-type]  # bytes keys are accepted
         try:
-            return os.posix_spawn(os.path.join(os.fsencode(directory), argv[0]), argv, env)
+            return os.posix_spawn(os.path.join(os.fsencode(directory), argv[0]), argv, env, setsigmask=())
         except (FileNotFoundError, NotADirectoryError) as exc:
             last_error = exc
         except OSError as exc:
@@ -901,10 +905,9 @@ def _wait_and_pass_on(sock: socket.socket, exec_id: int, pid: int) -> NoReturn:
     (the caller's kill reaches both; this process ignores what it can); this process is
     non-dumpable, so the command cannot reach its socket through /proc.
     """
-    # Signals sent to the process group are the command's: blocked here (one syscall; the
-    # command's own mask was set when it started), so this process outlives the command.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
-    # The command's pipes: let go of them, or the caller would not see their end.
+    # Signals sent to the process group are the command's: blocked since before the spawn,
+    # so this process outlives the command. The command's pipes: let go of them, or the
+    # caller would not see their end.
     for fd in (0, 1, 2):
         os.close(fd)
     _pid, status = os.waitpid(pid, 0)
