@@ -34,7 +34,7 @@ from kavach.backends.base import Driver, ExecRequest, Instance, LaunchSpec, Prob
 from kavach.backends.capture import CappedBuffer
 from kavach.backends.names import Backend
 from kavach.backends.process import _libc, namespaces, protocol
-from kavach.backends.process.client import Channel, ChannelClosed, Spawner, SpawnError
+from kavach.backends.process.client import Channel, ChannelClosed, Spawner, SpawnError, forked_pid
 from kavach.backends.process.plan import build_plan, remove_private_workdir
 from kavach.backends.process.probe import USERNS_HOWTO, probe_host, userns_block_reason
 from kavach.errors import ExecError, SandboxCreateError
@@ -547,9 +547,22 @@ class ProcessDriver(Driver):
             raise SandboxCreateError(f"user namespaces are blocked: {blocked}")
         plan = build_plan(spec, use_namespaces=blocked is None)
         try:
-            cgroup = _make_cgroup(spec)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            channel = Channel(ours)
             try:
-                return await _start(spec, plan, cgroup)
+                try:
+                    # The spawner clones while this process creates the cgroup: the reply
+                    # is awaited in _start. If anything fails before, closing the channel
+                    # makes the new process (waiting for its plan) exit.
+                    reply = Spawner.get().request_fork(theirs, _clone_flags(plan))
+                finally:
+                    theirs.close()
+                cgroup = _make_cgroup(spec)
+            except BaseException:
+                channel.close()
+                raise
+            try:
+                return await _start(spec, plan, cgroup, channel, reply)
             except BaseException:
                 if cgroup is not None:
                     cgroup.kill_all()
@@ -587,24 +600,35 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-async def _start(spec: LaunchSpec, plan: dict[str, Any], cgroup: Cgroup | None) -> ProcessInstance:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    channel = Channel(ours)
+def _clone_flags(plan: dict[str, Any]) -> int:
+    if not plan["namespaces"]:
+        return 0
+    return namespaces.SANDBOX_NAMESPACES | (_libc.CLONE_NEWNET if plan["netns"] else 0)
+
+
+async def _start(
+    spec: LaunchSpec,
+    plan: dict[str, Any],
+    cgroup: Cgroup | None,
+    channel: Channel,
+    reply: asyncio.Future[dict[str, Any] | None],
+) -> ProcessInstance:
     pidfd = -1
-    flags = 0
-    if plan["namespaces"]:
-        flags = namespaces.SANDBOX_NAMESPACES | (_libc.CLONE_NEWNET if plan["netns"] else 0)
     try:
         try:
-            pid = Spawner.get().fork(theirs, flags)
+            pid = forked_pid(await reply)
         except SpawnError as exc:
-            if flags and exc.errno in (errno.EPERM, errno.ENOSPC, errno.EACCES, errno.EINVAL, errno.EUSERS):
+            if _clone_flags(plan) and exc.errno in (
+                errno.EPERM,
+                errno.ENOSPC,
+                errno.EACCES,
+                errno.EINVAL,
+                errno.EUSERS,
+            ):
                 raise SandboxCreateError(
                     f"user namespaces are blocked: clone(CLONE_NEWUSER|...) failed: {exc}; {USERNS_HOWTO}"
                 ) from None
             raise
-        finally:
-            theirs.close()
         pidfd = _libc.pidfd_open(pid, "pidfd_open of the sandbox init")
         file_fds = [_memfd(os.path.basename(f.path), f.data) for f in spec.files]
         try:

@@ -58,9 +58,9 @@ def decode(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> tuple[dict[str
     return message, fds
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """Receive one message; blocking or not, as the socket is set."""
-    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE))
+def recv(sock: socket.socket, flags: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
+    """Receive one message; blocking or not, as the socket is set (or ``MSG_DONTWAIT``)."""
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), flags)
     return decode(data, ancdata)
 
 

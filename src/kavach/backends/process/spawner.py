@@ -9,8 +9,9 @@ share those pages), and does nothing but fork: it never sees a sandbox's plan or
 which the caller sends straight to the forked child over that sandbox's own socket.
 
 Protocol on the spawner socket (SOCK_SEQPACKET): the caller sends
-``{"op": "fork", "flags": CLONE_NEW...}`` with one fd (the sandbox's end of its control
-socket); the spawner answers ``{"op": "forked", "pid": N}`` or ``{"op": "error", ...}``.
+``{"op": "fork", "flags": CLONE_NEW..., "tag": T}`` with one fd (the sandbox's end of its
+control socket); the spawner answers ``{"op": "forked", "pid": N, "tag": T}`` or
+``{"op": "error", ..., "tag": T}`` (the tag lets several requests be in flight).
 The spawner is a child subreaper with SIGCHLD ignored, so
 every sandbox process that ends up parented to it is reaped by the kernel.
 """
@@ -75,10 +76,11 @@ def main(sock_fd: int) -> None:
             continue
         if message is None:
             return
+        tag = message.get("tag")
         if message.get("op") != "fork" or len(fds) != 1 or not isinstance(message.get("flags"), int):
             for fd in fds:
                 os.close(fd)
-            protocol.send(sock, {"op": "error", "step": "fork request", "errno": 22})
+            protocol.send(sock, {"op": "error", "step": "fork request", "errno": 22, "tag": tag})
             continue
         flags = message["flags"] & _ALLOWED_FLAGS
         try:
@@ -87,13 +89,15 @@ def main(sock_fd: int) -> None:
             pid = _libc.clone_process(flags, "clone the sandbox process") if flags else os.fork()
         except OSError as exc:
             os.close(fds[0])
-            protocol.send(sock, {"op": "error", "step": "clone the sandbox process", "errno": exc.errno or 0})
+            protocol.send(
+                sock, {"op": "error", "step": "clone the sandbox process", "errno": exc.errno or 0, "tag": tag}
+            )
             continue
         if pid == 0:
             sock.close()
             child_entry(fds[0])
         os.close(fds[0])
-        protocol.send(sock, {"op": "forked", "pid": pid})
+        protocol.send(sock, {"op": "forked", "pid": pid, "tag": tag})
 
 
 if __name__ == "__main__":
