@@ -242,6 +242,12 @@ def _setup(plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> in
         proxy_fd = listener.detach()
     if plan["namespaces"]:
         reopen_std_fds()  # the sandbox's /dev/null, not the host's (inherited before pivot_root)
+    # The caller's sys.path now names paths the sandboxed command may be able to write (after
+    # pivot_root a checkout under /work resolves into the sandbox's writable /work): a lazy
+    # import in init or a warm child would run planted code. Everything they need was
+    # preloaded by the spawner, so from here on an import can only fail, never load.
+    sys.path.clear()
+    sys.path_importer_cache.clear()
     os.setsid()
     _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make init non-dumpable")
     # Orphans (double-forked daemons) come back to init, so it can reap and kill them
