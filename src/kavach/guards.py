@@ -869,10 +869,17 @@ DEFAULT_EXPECTED_NAMESPACES = frozenset({"mnt", "pid", "ipc", "uts"})
 # Host mounts a sandbox may show on purpose when they are read-only (system directories).
 SYSTEM_BIND_PREFIXES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
 _MARK = "@@kavach-integrity"
+_NS_NAMES = " ".join(NAMESPACES)
+_NS_PATHS = " ".join(f"/proc/self/ns/{n}" for n in NAMESPACES)
+# Shell builtins read the two /proc files (no fork: /proc/self is the probe's own shell, a
+# freshly exec'd command like any other) and one readlink resolves every namespace link.
+# If a link cannot be read the outputs would not line up, so then each is read on its own.
 PROBE_SCRIPT = (
-    f"echo {_MARK} status; cat /proc/self/status; "
-    f"echo {_MARK} mountinfo; cat /proc/self/mountinfo; "
-    f'echo {_MARK} ns; for n in {" ".join(NAMESPACES)}; do echo "$n $(readlink /proc/self/ns/$n)"; done; '
+    f"echo {_MARK} status; while IFS= read -r l; do printf '%s\\n' \"$l\"; done < /proc/self/status; "
+    f"echo {_MARK} mountinfo; while IFS= read -r l; do printf '%s\\n' \"$l\"; done < /proc/self/mountinfo; "
+    f"echo {_MARK} ns; set -- $(readlink {_NS_PATHS} 2>/dev/null); "
+    f'if [ $# -eq {len(NAMESPACES)} ]; then for n in {_NS_NAMES}; do echo "$n $1"; shift; done; '
+    f'else for n in {_NS_NAMES}; do echo "$n $(readlink /proc/self/ns/$n)"; done; fi; '
     f"echo {_MARK} end"
 )
 PROBE_TIMEOUT_MS = 10_000
