@@ -159,3 +159,16 @@ def test_abnormal_end_is_reported_in_plain_mode(capsys: pytest.CaptureFixture[st
     assert "memory limit" in err
     code, _, err = run_cli(capsys, "run", "--backend", "process", "--timeout", "0.5", "--", "sleep", "5")
     assert code == 124 and "timed out" in err
+
+
+def test_blocked_output_exits_125_and_never_prints_the_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    from kavach.backends import registry
+    from kavach.backends.names import Backend
+
+    if not registry.probe(Backend.PROCESS).usable:
+        pytest.skip(f"process backend unusable here: {registry.probe(Backend.PROCESS).reason}")
+    key = "AKIAQYLPMN5HHHFPZAM2"
+    code, out, err = run_cli(capsys, "run", "--backend", "process", "--", "/bin/echo", f"aws_access_key_id={key}")
+    assert code == 125
+    assert "blocked" in err and err.count("\n") == 1
+    assert key not in out + err
