@@ -5,6 +5,8 @@ One implementation so that caps and truncation flags behave the same on every ba
 
 from __future__ import annotations
 
+import signal
+
 
 class CappedBuffer:
     """Accumulates bytes up to ``cap``; the rest is counted and dropped."""
@@ -44,4 +46,21 @@ class CappedBuffer:
         return self._size
 
 
-__all__ = ["CappedBuffer"]
+def exit_reason(code: int, timed_out: bool, oom_killed: bool) -> str | None:
+    """``RawResult.reason`` for an abnormal end, worded the same on every backend.
+
+    ``code`` is the 128+N form for a command killed by signal N; ``oom_killed`` says the
+    sandbox's memory limit killed it (only meaningful with SIGKILL).
+    """
+    if timed_out:
+        return "wall-clock timeout"
+    if code == 128 + signal.SIGKILL and oom_killed:
+        return "memory limit"
+    if code == 128 + signal.SIGXCPU:
+        return "cpu time limit"
+    if code == 128 + signal.SIGXFSZ:
+        return "file size limit"
+    return None
+
+
+__all__ = ["CappedBuffer", "exit_reason"]

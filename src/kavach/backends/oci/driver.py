@@ -62,7 +62,7 @@ from kavach.backends.base import (
     RawProcess,
     RawResult,
 )
-from kavach.backends.capture import CappedBuffer
+from kavach.backends.capture import CappedBuffer, exit_reason
 from kavach.backends.names import Backend
 from kavach.backends.oci import image as images
 from kavach.backends.oci.bundle import BundleInputs, IdMap, Mount, build_config, build_process, cpu_quota_us, ro_bind
@@ -267,19 +267,6 @@ def start_failure(code: int, stderr: bytes, argv0: str) -> tuple[int, bytes] | N
     message = stderr.decode(errors="replace").strip().rsplit("unable to start container process: ", 1)[-1]
     message = message.rstrip('"').replace('\\"', '"')
     raise ExecError(f"exec setup failed in the sandbox: {message}")
-
-
-def exit_reason(code: int, timed_out: bool, oom_killed: bool) -> str | None:
-    """The ``RawResult.reason`` of an abnormal end, with the Process backend's wording."""
-    if timed_out:
-        return "wall-clock timeout"
-    if code == 128 + signal.SIGKILL and oom_killed:
-        return "memory limit"
-    if code == 128 + signal.SIGXCPU:
-        return "cpu time limit"
-    if code == 128 + signal.SIGXFSZ:
-        return "file size limit"
-    return None
 
 
 def _status_fields(pid: int) -> dict[str, str]:

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from kavach.backends.base import Driver, ExecRequest, Instance, LaunchSpec, ProbeResult, RawProcess, RawResult
-from kavach.backends.capture import CappedBuffer
+from kavach.backends.capture import CappedBuffer, exit_reason
 from kavach.backends.names import Backend
 from kavach.backends.process import _libc, namespaces, protocol
 from kavach.backends.process.client import Channel, ChannelClosed, Spawner, SpawnError, forked_pid
@@ -271,7 +271,6 @@ class ProcessRun(RawProcess):
 
     def _make_result(self, message: dict[str, Any]) -> RawResult:
         code = int(message.get("code", 1))
-        reason = None
         stderr_extra = b""
         error = message.get("error")
         if error is not None:
@@ -281,21 +280,15 @@ class ProcessRun(RawProcess):
             code = 126 if err in (13, 8, 21) else 127  # EACCES, ENOEXEC, EISDIR -> 126, like shells
             stderr_extra = f"kavach: {self.request.argv[0]}: {os.strerror(err)}\n".encode()
             self._stderr.feed(stderr_extra)
-        if self._timed_out:
-            reason = "wall-clock timeout"
-        elif message.get("lost"):
-            reason = "sandbox init exited"
-        elif (
+        oom = (
             message.get("signal") == signal.SIGKILL
             and not self._killed_by_caller
             and not self._oom_before
             and self.instance.oom_killed()
-        ):
-            reason = "memory limit"
-        elif message.get("signal") == signal.SIGXCPU:
-            reason = "cpu time limit"
-        elif message.get("signal") == signal.SIGXFSZ:
-            reason = "file size limit"
+        )
+        reason = exit_reason(code, self._timed_out, oom)
+        if reason is None and message.get("lost"):
+            reason = "sandbox init exited"
         streamed = self._streaming
         return RawResult(
             exit_code=code,
