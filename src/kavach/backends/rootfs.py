@@ -11,7 +11,7 @@ Anything not listed here does not exist inside: no /home, no /root, no /var, no 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Host directories bound read-only (when they exist). On merged-/usr systems /bin, /lib ...
 # are symlinks into /usr: they are recreated as the same symlinks, not bound twice.
@@ -69,9 +69,12 @@ DEV_TMPFS_SIZE = 64 * 1024
 DEV_SHM_SIZE = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class GeneratedFile:
-    """A file written into the sandbox's /etc (never a host file)."""
+class GeneratedFile(NamedTuple):
+    """A file written into the sandbox's /etc (never a host file).
+
+    A NamedTuple, not a dataclass: this module is imported on the sandbox side (init's
+    mounts), where ``dataclasses`` would pull inspect, ast, dis ... into every sandbox.
+    """
 
     path: str
     content: bytes

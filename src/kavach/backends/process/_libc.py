@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -100,7 +99,9 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "clone": 220,
     },
 }
-_ARCH = platform.machine()
+# os.uname() is what platform.machine() reads on Linux; `platform` itself is not imported
+# because this module is loaded into every sandbox's init and warm child.
+_ARCH = os.uname().machine
 _NR = _SYSCALLS.get(_ARCH, {})
 
 

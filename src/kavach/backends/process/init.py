@@ -95,8 +95,9 @@ def child_signals_default() -> None:
 
 def preload() -> None:
     """Import what exec children need, once, in the spawner (forks then share it)."""
+    # Not kavach.policy (dataclasses, inspect, tomllib, pathlib ...): every module loaded
+    # here is in every init and warm child, and forking a larger interpreter costs more.
     _security_modules()
-    import kavach.policy  # noqa: F401 - Landlock rules are rebuilt as policy objects in the child
 
 
 def _security_modules() -> tuple[Callable[..., Any] | None, Callable[..., Any] | None]:
@@ -730,14 +731,12 @@ class _Prepared:
     """
 
     def __init__(self, plan: dict[str, Any]) -> None:
-        self.rules: list[Any] | None = None
+        self.rules: list[tuple[str, frozenset[str]]] | None = None
         landlock = plan["landlock"]
         if landlock is not None:
-            from kavach.policy import Access, LandlockRule
-
-            self.rules = [
-                LandlockRule(path, frozenset(Access(a) for a in access)) for path, access in landlock["rules"]
-            ]
+            # Plain (path, rights) tuples: kavach.policy is not loaded on the sandbox side
+            # (see preload); landlock.access_mask rejects an unknown right.
+            self.rules = [(str(path), frozenset(str(a) for a in access)) for path, access in landlock["rules"]]
         self.setid_guard = None if plan.get("setid_guard") is None else base64.b64decode(plan["setid_guard"])
         self.seccomp = None if plan["seccomp"] is None else base64.b64decode(plan["seccomp"])
 

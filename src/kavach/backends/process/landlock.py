@@ -25,9 +25,17 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from kavach.errors import SandboxCreateError
-from kavach.policy import Access, LandlockRule
+
+if TYPE_CHECKING:
+    from kavach.policy import Access, LandlockRule
+
+# ``kavach.policy`` is not imported at run time: this module is loaded into every sandbox's
+# init and warm exec child, and policy pulls dataclasses, inspect, tomllib, pathlib ...
+# (~7 MiB of a 19 MiB process, copied on write by every fork). Rights are keyed by their
+# string values, which ``Access`` members (a StrEnum) hash and compare equal to.
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -71,9 +79,9 @@ SCOPE_SIGNAL = 1 << 1  # ABI 6
 _ABI1_FS = (1 << 13) - 1
 _FS_ADDED = {2: ACCESS_FS_REFER, 3: ACCESS_FS_TRUNCATE, 5: ACCESS_FS_IOCTL_DEV}
 FILE_ACCESS = ACCESS_FS_EXECUTE | ACCESS_FS_WRITE_FILE | ACCESS_FS_READ_FILE | ACCESS_FS_TRUNCATE | ACCESS_FS_IOCTL_DEV
-_ACCESS_BITS = {
-    Access.READ: ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR,
-    Access.WRITE: ACCESS_FS_WRITE_FILE
+_ACCESS_BITS: dict[str, int] = {
+    "read": ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR,
+    "write": ACCESS_FS_WRITE_FILE
     | ACCESS_FS_TRUNCATE
     | ACCESS_FS_IOCTL_DEV
     | ACCESS_FS_REMOVE_DIR
@@ -86,8 +94,11 @@ _ACCESS_BITS = {
     | ACCESS_FS_MAKE_BLOCK
     | ACCESS_FS_MAKE_SYM
     | ACCESS_FS_REFER,
-    Access.EXECUTE: ACCESS_FS_EXECUTE,
+    "execute": ACCESS_FS_EXECUTE,
 }
+
+# A rule as init passes it: (path, access rights as strings); or a policy LandlockRule.
+RuleData = tuple[str, Iterable[str]]
 
 
 class LandlockError(SandboxCreateError):
@@ -140,8 +151,10 @@ def handled_fs_access(abi: int) -> int:
     return mask
 
 
-def access_mask(access: Iterable[Access], abi: int) -> int:
-    """The Landlock filesystem rights for the policy rights ``access`` under ``abi``."""
+def access_mask(access: Iterable[Access | str], abi: int) -> int:
+    """The Landlock filesystem rights for the policy rights ``access`` under ``abi``.
+
+    An unknown right raises KeyError (never silently dropped)."""
     mask = 0
     for right in access:
         mask |= _ACCESS_BITS[right]
@@ -149,7 +162,7 @@ def access_mask(access: Iterable[Access], abi: int) -> int:
 
 
 def apply_landlock(
-    rules: Sequence[LandlockRule],
+    rules: Sequence[LandlockRule | RuleData],
     *,
     scope_signals: bool = True,
     scope_abstract_unix: bool = True,
@@ -159,7 +172,8 @@ def apply_landlock(
     """Restrict the calling thread to ``rules``; return the ABI used.
 
     Every filesystem right the ABI knows is handled, so only what ``rules`` grant stays
-    possible (no rules: no filesystem access at all). With ABI >= 6, ``scope_signals`` and
+    possible (no rules: no filesystem access at all). A rule is a ``LandlockRule`` or a
+    plain ``(path, rights)`` tuple (what the sandbox side passes). With ABI >= 6, ``scope_signals`` and
     ``scope_abstract_unix`` confine signals and abstract unix socket connections to the
     domain (on older ABIs they cannot be applied and are silently absent: the caller reads
     the returned ABI). ``deny_network`` handles TCP bind/connect (ABI >= 4, else an error)
@@ -210,14 +224,15 @@ def _create_ruleset(attr: _RulesetAttr) -> int:
     return int(fd)
 
 
-def _add_path_rule(ruleset_fd: int, rule: LandlockRule, abi: int) -> None:
-    mask = access_mask(rule.access, abi)
+def _add_path_rule(ruleset_fd: int, rule: LandlockRule | RuleData, abi: int) -> None:
+    path, access = rule if isinstance(rule, tuple) else (rule.path, rule.access)
+    mask = access_mask(access, abi)
     if not mask:
         return  # a rule that grants nothing adds nothing (the kernel would say ENOMSG)
     try:
-        path_fd = os.open(rule.path, os.O_PATH | os.O_CLOEXEC)
+        path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
-        raise LandlockError("open rule path", exc.errno or errno.ENOENT, path=rule.path) from None
+        raise LandlockError("open rule path", exc.errno or errno.ENOENT, path=path) from None
     try:
         if not stat.S_ISDIR(os.fstat(path_fd).st_mode):
             mask &= FILE_ACCESS  # directory rights on a file are EINVAL
@@ -232,7 +247,7 @@ def _add_path_rule(ruleset_fd: int, rule: LandlockRule, abi: int) -> None:
             ctypes.c_long(0),
         )
         if rc != 0:
-            raise LandlockError("add_rule", ctypes.get_errno(), path=rule.path)
+            raise LandlockError("add_rule", ctypes.get_errno(), path=path)
     finally:
         os.close(path_fd)
 
@@ -265,6 +280,7 @@ def _ensure_no_new_privs() -> None:
 __all__ = [
     "FILE_ACCESS",
     "LandlockError",
+    "RuleData",
     "access_mask",
     "apply_landlock",
     "handled_fs_access",

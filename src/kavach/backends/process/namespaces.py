@@ -16,7 +16,6 @@ writes files and makes syscalls, it never forks.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import socket
 import struct
@@ -47,6 +46,10 @@ ROOT_MAP_SLOTS = 16384  # BASE + SLOTS * SIZE stays below 2**31
 
 def root_map_base(sandbox_id: str) -> int:
     """The first host uid/gid of a root caller's sandbox (a stable slot from the id)."""
+    # Imported here: this runs in the caller only, and hashlib (libcrypto) would otherwise
+    # be loaded into every sandbox's init.
+    import hashlib
+
     slot = int.from_bytes(hashlib.sha256(sandbox_id.encode()).digest()[:4], "big") % ROOT_MAP_SLOTS
     return ROOT_MAP_BASE + slot * ROOT_MAP_SIZE
 

@@ -14,7 +14,6 @@ import ctypes
 import errno
 import functools
 import os
-import platform
 import struct
 from typing import TYPE_CHECKING
 
@@ -44,7 +43,9 @@ SECCOMP_RET_ALLOW = 0x7FFF_0000
 BPF_MAXINSNS = 4096
 _INSN_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
 
-_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(platform.machine())
+# os.uname(), not platform.machine(): `platform` would be loaded into every sandbox.
+_MACHINE = os.uname().machine
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(_MACHINE)
 
 # Syscalls newer than the libseccomp this project pins (2.5.4): resolved by number on
 # x86_64 so that the deny list covers them too. Numbers from arch/x86/entry/syscalls.
@@ -173,7 +174,7 @@ def compile_spec(
             except OSError as exc:
                 raise SeccompError(f"add rule for {name}", exc.errno or errno.EINVAL) from None
     program = _export(flt)
-    if spec.profile in (SeccompProfile.BASIC, SeccompProfile.STRICT) and platform.machine() == "x86_64":
+    if spec.profile in (SeccompProfile.BASIC, SeccompProfile.STRICT) and _MACHINE == "x86_64":
         first = X86_64_FIRST_UNKNOWN_SYSCALL if first_unknown_syscall is None else first_unknown_syscall
         program = _unknown_syscalls_prefix(first) + program
         _check_program(program)
@@ -209,12 +210,12 @@ def _resolve(pyseccomp: object, name: str, from_user: bool) -> int | None:
     from kavach.errors import PolicyError
 
     number = int(pyseccomp.resolve_syscall(0, name))  # type: ignore[attr-defined]
-    if number < 0 and platform.machine() == "x86_64":
+    if number < 0 and _MACHINE == "x86_64":
         number = _X86_64_NEWER_SYSCALLS.get(name, -1)
     if number >= 0:
         return number
     if from_user:
-        raise PolicyError("seccomp", name, f"unknown syscall on {platform.machine()}")
+        raise PolicyError("seccomp", name, f"unknown syscall on {_MACHINE}")
     return None
 
 
@@ -304,7 +305,7 @@ def seccomp_supported() -> tuple[bool, str]:
         pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     except OSError as exc:
         return False, f"libseccomp cannot build a filter: {exc}"
-    return True, f"seccomp filter mode with libseccomp on {platform.machine()}"
+    return True, f"seccomp filter mode with libseccomp on {_MACHINE}"
 
 
 def filter_mode_of(pid: int | str = "self") -> int | None:
