@@ -217,6 +217,28 @@ async def test_output_caps_and_truncation_flags(sandbox: WasmInstance) -> None:
     assert result.stderr_truncated is True
 
 
+async def test_output_larger_than_the_capture_pipe_is_drained_and_capped(sandbox: WasmInstance) -> None:
+    # exec captures through a pipe of PIPE_BYTES drained at each epoch tick: a module
+    # writing three pipes' worth must finish (not block) and the cap must still hold.
+    pipe = wasm_driver.PIPE_BYTES
+    cap = 2 * pipe + 7
+    result = await sandbox.exec(_req("/prog/tool.wasm", "flood", str(3 * pipe), stdout_cap=cap))
+    assert result.exit_code == 0, result
+    assert result.stdout == b"x" * cap
+    assert result.stdout_truncated is True
+    assert result.stderr == b"flood done\n"
+    assert result.stderr_truncated is False
+
+
+async def test_exec_leaves_no_descriptors_open(sandbox: WasmInstance) -> None:
+    await sandbox.exec(_req("/prog/tool.wasm", "print", "warm"))
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        result = await sandbox.exec(_req("/prog/tool.wasm", "stdin", stdin=b"in"))
+        assert result.stdout == b"stdin=in\nstdin_bytes=2\n"
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
 # -- filesystem -----------------------------------------------------------------------------------
 
 

@@ -118,6 +118,10 @@ class EpochTicker:
 
     One daemon thread per engine, idle (blocked on a condition) when no module runs, so
     an idle driver costs nothing. ``acquire``/``release`` bracket each run.
+
+    At each tick it also calls the *drains* registered with :meth:`watch` (the runs'
+    output pipes): a module writing more than a pipe holds blocks in its write until the
+    next tick empties the pipe, so no extra thread or wake-up per exec is needed.
     """
 
     def __init__(self, engine: wasmtime.Engine, interval: float = EPOCH_TICK_S) -> None:
@@ -126,6 +130,7 @@ class EpochTicker:
         self._active = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._drains: dict[int, Callable[[], None]] = {}
 
     def acquire(self) -> None:
         """A run starts: make sure the epoch advances."""
@@ -141,6 +146,16 @@ class EpochTicker:
         with self._cond:
             self._active -= 1
 
+    def watch(self, key: int, drain: Callable[[], None]) -> None:
+        """Call ``drain`` at every tick until :meth:`unwatch` (it must not raise)."""
+        with self._cond:
+            self._drains[key] = drain
+
+    def unwatch(self, key: int) -> None:
+        """Stop calling the drain registered under ``key``."""
+        with self._cond:
+            self._drains.pop(key, None)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -148,6 +163,11 @@ class EpochTicker:
                     self._cond.wait()
             time.sleep(self._interval)
             self._engine.increment_epoch()
+            with self._cond:
+                drains = list(self._drains.values())
+            # Outside the lock: a drain takes its pipe's lock, and runs register meanwhile.
+            for drain in drains:
+                drain()
 
 
 _KIND_MODULE = b"M"

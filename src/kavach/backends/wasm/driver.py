@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import os
 import posixpath
 import shlex
@@ -55,6 +56,8 @@ MAX_MODULE_BYTES = 256 * 1024 * 1024
 # How long exec() waits beyond the wall clock for a module blocked inside a host call
 # (WASI sleep, a slow read) before it returns the timeout and abandons the thread.
 HOST_CALL_GRACE_S = 1.0
+# Pipe size for exec output capture: up to this many bytes per epoch tick without a stall.
+PIPE_BYTES = 1 << 20
 
 # StoreLimits for components: their core instances, tables and memories (an adapter's too).
 MAX_COMPONENT_INSTANCES = 32
@@ -221,6 +224,68 @@ class _RunControl:
                 self.cond.wait(wait)
 
 
+class _PipeSink:
+    """One output stream of an ``exec`` captured through a pipe into a :class:`CappedBuffer`.
+
+    wasmtime writes to the pipe's write end (opened by path, as a WASI stdout/stderr file);
+    kavach reads the non-blocking read end at every epoch tick (the ticker's drain) and
+    once more when the run ends. This is about 0.2 ms per exec cheaper than
+    ``stdout_custom``, whose callback wasmtime runs through a hand-off to another thread.
+    The caps hold as before: everything read is fed to the stream's CappedBuffer, which
+    counts and drops bytes past the cap. The module's writes always succeed; a module
+    writing faster than the ticks drain (PIPE_BYTES per tick) blocks in its write
+    until the next tick.
+    """
+
+    def __init__(self, feed: Callable[[bytes], None], on_error: Callable[[str], None]) -> None:
+        self._feed = feed
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # A bigger pipe means fewer stalls for chatty modules. The kernel refuses when this
+        # user is over its pipe-buffer quota (EPERM); the default 64 KiB is then still correct.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+    @property
+    def path(self) -> str:
+        """A path wasmtime can open to reach the write end (a new blocking description)."""
+        return f"/proc/self/fd/{self.write_fd}"
+
+    def close_write(self) -> None:
+        """Drop kavach's write end once wasmtime holds its own (so EOF follows the store)."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def drain(self) -> None:
+        """Move everything the pipe holds into the buffer; never blocks, never raises."""
+        with self._lock:
+            while self.read_fd >= 0:
+                try:
+                    chunk = os.read(self.read_fd, 1 << 16)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    # Fail closed: output that cannot be captured ends the run (the module
+                    # would otherwise block on a full pipe or lose output silently).
+                    os.close(self.read_fd)
+                    self.read_fd = -1
+                    self._on_error(f"output capture failed: {exc.strerror}")
+                    return
+                if not chunk:
+                    return  # EOF: the store closed its write end
+                self._feed(chunk)
+
+    def close(self) -> None:
+        """Close both ends (idempotent); call after the last drain."""
+        self.close_write()
+        with self._lock:
+            if self.read_fd >= 0:
+                os.close(self.read_fd)
+                self.read_fd = -1
+
+
 class _Output:
     """stdout/stderr sinks fed by wasmtime on the wasm thread; optionally streamed to a queue."""
 
@@ -228,6 +293,12 @@ class _Output:
         self.buffers = {"stdout": CappedBuffer(stdout_cap), "stderr": CappedBuffer(stderr_cap)}
         self.lock = threading.Lock()
         self.listener: Callable[[str, bytes], None] | None = None
+        self.pipes: tuple[_PipeSink, ...] = ()
+
+    def drain(self) -> None:
+        """Read what the pipes hold (exec); a no-op for callback sinks (spawn)."""
+        for pipe in self.pipes:
+            pipe.drain()
 
     def sink(self, stream: str) -> Callable[[bytes], None]:
         buffer = self.buffers[stream]
@@ -243,6 +314,8 @@ class _Output:
         return write
 
     def snapshot(self) -> tuple[bytes, bytes, bool, bool]:
+        # Everything the module wrote before this point is in the pipes: take it first.
+        self.drain()
         with self.lock:
             out, err = self.buffers["stdout"], self.buffers["stderr"]
             return out.getvalue(), err.getvalue(), out.truncated, err.truncated
@@ -435,23 +508,34 @@ class WasmInstance(Instance):
                 )
             except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
                 raise ExecError(f"{prepared.display}: invalid WebAssembly module: {_first_line(str(exc))}") from None
+            output = prepared.output
+            if output.listener is None:
+                # exec: capture through pipes (spawn streams through callbacks instead).
+                def stop(reason: str) -> None:
+                    control.stop(reason, TRAP_EXIT_CODE, timed_out=False)
+
+                output.pipes = tuple(_PipeSink(output.sink(name), stop) for name in ("stdout", "stderr"))
             store = wasmtime.Store(runtime.engine)
             store.set_fuel(self.fuel)
             self._apply_limits(store, component=program.component is not None)
             hook = DeadlineHook(store, control.decide)
             store.set_epoch_deadline(1)
             store.set_wasi(self._wasi_config(prepared))
+            runtime.ticker.watch(id(output), output.drain)
             runtime.ticker.acquire()
             try:
                 return self._call_start(store, program, prepared)
             finally:
                 runtime.ticker.release()
+                runtime.ticker.unwatch(id(output))
                 # Delete the native store here, on its own thread, before the callback
                 # thunk it points to can be collected (an exception traceback would
                 # otherwise keep the store alive until some later GC on another thread).
                 store.close()
                 del hook
         finally:
+            for pipe in prepared.output.pipes:
+                pipe.close()
             with self._runs_lock:
                 self._runs.discard(control)
 
@@ -461,8 +545,14 @@ class WasmInstance(Instance):
         wasi = wasmtime.WasiConfig()
         wasi.argv = list(prepared.argv)
         wasi.env = [list(pair) for pair in prepared.env]
-        wasi.stdout_custom = prepared.output.sink("stdout")
-        wasi.stderr_custom = prepared.output.sink("stderr")
+        pipes = prepared.output.pipes
+        if pipes:
+            wasi.stdout_file, wasi.stderr_file = pipes[0].path, pipes[1].path
+            for pipe in pipes:
+                pipe.close_write()  # wasmtime opened its own write end above
+        else:
+            wasi.stdout_custom = prepared.output.sink("stdout")
+            wasi.stderr_custom = prepared.output.sink("stderr")
         if prepared.stdin is not None:
             # A memfd: the bytes stay in memory, and wasmtime opens it by path like a file.
             fd = os.memfd_create("kavach-wasm-stdin", os.MFD_CLOEXEC)
