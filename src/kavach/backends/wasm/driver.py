@@ -110,7 +110,8 @@ def registered_modules() -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class Preopen:
-    """A host directory the module sees at ``guest`` (WASI preopen)."""
+    """A host directory the module sees at ``guest`` (WASI preopen); ``host`` is a real path
+    (symlinks resolved at start: escape checks compare against it)."""
 
     host: str
     guest: str
@@ -762,7 +763,10 @@ class WasmInstance(Instance):
         if match is None:
             raise ExecError(f"{guest_path}: not inside a preopened directory of this sandbox")
         preopen, rest = match
-        root = os.path.realpath(preopen.host)
+        # preopen.host was resolved with realpath at start. Not resolving it again per exec
+        # is stricter, not weaker: if a component of it were swapped for a symlink since,
+        # the file would resolve outside this root and be refused.
+        root = preopen.host
         # realpath follows symlinks a module may have planted in a writable preopen; the
         # result must still lie under the preopen's real root.
         host = os.path.realpath(os.path.join(root, rest))
