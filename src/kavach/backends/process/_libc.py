@@ -313,14 +313,18 @@ def close_range_from(first: int) -> None:
         os.closerange(first, 65536)
 
 
+# prctl(2) with its argument types declared once (a separate function object from
+# ``_libc.prctl``): calls with plain ints build no ctypes objects, which matters in exec
+# children, where every allocation dirties pages shared with init. Returns -1 and sets
+# errno on failure.
+PRCTL = _libc["prctl"]
+PRCTL.restype = ctypes.c_int
+PRCTL.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+
 def prctl(option: int, arg2: int, step: str, arg3: int = 0) -> int:
     """prctl(2) with integer arguments."""
-    return _check(
-        _libc.prctl(
-            ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0)
-        ),
-        step,
-    )
+    return _check(PRCTL(option, arg2, arg3, 0, 0), step)
 
 
 def sethostname(name: str, step: str = "sethostname") -> None:
@@ -364,6 +368,7 @@ __all__ = [
     "CLONE_NEWPID",
     "CLONE_NEWUSER",
     "CLONE_NEWUTS",
+    "PRCTL",
     "KernelCallError",
     "capset_empty",
     "clone_process",

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+
 from kavach.backends.process import _libc
+from kavach.backends.process._libc import KernelCallError
+
+# _libc.PRCTL has its argument types declared once: called with plain ints it builds no
+# ctypes objects, and the step string is built only when a call fails. (The 41
+# bounding-set drops of every exec child went through _libc.prctl with five ctypes objects
+# and an f-string each: ~80 pages copied on write per child.)
+_prctl = _libc.PRCTL
 
 # securebits: root inside gets no capabilities from execve, the kernel does not fix up
 # capabilities on uid changes, and the bits are locked so nothing can undo them.
@@ -26,10 +35,14 @@ SECUREBITS = (
 
 def drop_bounding_and_lock(last_cap: int) -> None:
     """Empty the bounding and ambient sets and lock securebits (needs CAP_SETPCAP, so first)."""
+    prctl, drop = _prctl, _libc.PR_CAPBSET_DROP
     for cap in range(last_cap + 1):
-        _libc.prctl(_libc.PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
-    _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient capabilities")
-    _libc.prctl(_libc.PR_SET_SECUREBITS, SECUREBITS, "lock securebits")
+        if prctl(drop, cap, 0, 0, 0) != 0:
+            raise KernelCallError(f"drop capability {cap} from the bounding set", ctypes.get_errno())
+    if prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise KernelCallError("clear the ambient capabilities", ctypes.get_errno())
+    if prctl(_libc.PR_SET_SECUREBITS, SECUREBITS, 0, 0, 0) != 0:
+        raise KernelCallError("lock securebits", ctypes.get_errno())
 
 
 def drop_all_capabilities(last_cap: int) -> None:
@@ -44,7 +57,8 @@ def drop_all_capabilities(last_cap: int) -> None:
 
 def set_no_new_privs() -> None:
     """PR_SET_NO_NEW_PRIVS: execve can never grant privileges (setuid bits, file caps)."""
-    _libc.prctl(_libc.PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+    if _prctl(_libc.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise KernelCallError("set no_new_privs", ctypes.get_errno())
 
 
 __all__ = ["SECUREBITS", "drop_all_capabilities", "drop_bounding_and_lock", "set_no_new_privs"]
