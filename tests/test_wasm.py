@@ -502,6 +502,30 @@ async def test_infinite_loop_stopped_by_wall_clock(driver: WasmDriver, programs:
         await instance.destroy()
 
 
+async def test_a_failing_output_drain_does_not_stop_the_wall_clock(driver: WasmDriver, programs: Path) -> None:
+    resources = ResourceLimits(memory=64 * MiB, cpu_time_s=None)
+    policy = _policy(ro=(Bind(str(programs), "/prog"),), resources=resources, allow_degraded=True)
+    instance = await driver.start(LaunchSpec("t-drain", policy))
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("bug in a drain")
+
+    ticker = driver.runtime.ticker
+    ticker.watch(-1, broken)
+    try:
+        # The ticker thread also advances the epochs: if the broken drain killed it, the
+        # loop would only end at the host-call grace timer, with another reason.
+        result = await instance.exec(_req("/prog/loop.wat", timeout_ms=200))
+        assert result.timed_out is True, result
+        assert result.reason == "wall-clock timeout"
+        assert calls == [1]  # called once, then dropped
+    finally:
+        ticker.unwatch(-1)
+        await instance.destroy()
+
+
 async def test_module_blocked_in_host_call_times_out(sandbox: WasmInstance) -> None:
     result = await sandbox.exec(_req("/prog/tool.wasm", "sleep", "30", timeout_ms=100))
     assert result.timed_out is True

@@ -164,10 +164,16 @@ class EpochTicker:
             time.sleep(self._interval)
             self._engine.increment_epoch()
             with self._cond:
-                drains = list(self._drains.values())
+                drains = list(self._drains.items())
             # Outside the lock: a drain takes its pipe's lock, and runs register meanwhile.
-            for drain in drains:
-                drain()
+            for key, drain in drains:
+                try:
+                    drain()
+                except Exception:  # noqa: BLE001 - this thread is every run's wall clock
+                    # A broken drain must not stop the epochs (no run could time out any
+                    # more). Dropping it is safe: its run then blocks on a full pipe until
+                    # its wall clock ends it, and its final drain reports the error.
+                    self.unwatch(key)
 
 
 _KIND_MODULE = b"M"
