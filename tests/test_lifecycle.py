@@ -131,7 +131,7 @@ async def test_exec_result_fields_and_text_helpers() -> None:
     assert result.to_dict()["exit_code"] == 137
 
 
-async def test_audit_records_lifecycle_by_default(kavach_data_dir: object) -> None:
+async def test_audit_records_lifecycle_by_default() -> None:
     from kavach import audit, paths
 
     async with await Sandbox.create(noop_config(agent_id="agent-1")) as sandbox:
@@ -140,7 +140,9 @@ async def test_audit_records_lifecycle_by_default(kavach_data_dir: object) -> No
     for event in ("sandbox.created", "exec.started", "exec.finished", "sandbox.state"):
         assert f'"{event}"' in text
     assert sandbox.id in text and "agent-1" in text
-    del audit
+    # The chain verifies with the key kavach provisioned for the default log.
+    key = audit.read_key_file(paths.default_audit_key_file())
+    assert audit.verify(paths.audit_log_path(), key).ok
 
 
 async def test_audit_can_be_turned_off_explicitly() -> None:
