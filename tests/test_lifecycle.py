@@ -188,3 +188,13 @@ async def test_refused_creation_is_audited() -> None:
         await Sandbox.create(noop_config(min_score=10, agent_id="agent-low"))
     text = paths.audit_log_path().read_text()
     assert '"sandbox.create_failed"' in text and "ScoreTooLow" in text and "agent-low" in text
+
+
+async def test_blocking_facade_refuses_a_running_loop_clearly() -> None:
+    import kavach
+    from kavach.errors import KavachError
+
+    with pytest.raises(KavachError, match="blocking"):
+        kavach.run("true", backend="noop")
+    with pytest.raises(KavachError, match="blocking"):
+        Sandbox.sync(noop_config())

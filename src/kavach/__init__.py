@@ -101,14 +101,10 @@ def run(
     """
     import asyncio
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise KavachError("kavach.run() is blocking; inside asyncio use 'await Sandbox.create(...)'")
     from kavach.config import SandboxConfig
-    from kavach.lifecycle import Sandbox
+    from kavach.lifecycle import Sandbox, _refuse_running_loop
+
+    _refuse_running_loop("kavach.run()")
 
     if config is None:
         builder = SandboxConfig.builder().backend(backend)

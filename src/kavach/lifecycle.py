@@ -47,6 +47,7 @@ from kavach.errors import (
     ExternalizationBlocked,
     GuardViolation,
     InvalidTransition,
+    KavachError,
     SandboxCreateError,
     ScoreTooLow,
 )
@@ -405,11 +406,12 @@ class Sandbox:
         except GuardViolation as exc:
             await self._on_guard_violation(exc, command)
             raise
-        self._audit("exec.started", {"argv": self._scrub_argv(request.argv)})
+        argv = self._scrub_argv(request.argv)  # scanned once, used by both audit entries
+        self._audit("exec.started", {"argv": argv})
         raw = await self._instance.exec(request)
-        return await self._finish_exec(request, raw)
+        return await self._finish_exec(request, raw, argv)
 
-    async def _finish_exec(self, request: ExecRequest, raw: RawResult) -> ExecResult:
+    async def _finish_exec(self, request: ExecRequest, raw: RawResult, audited_argv: list[str]) -> ExecResult:
         outputs = {
             "stdout": self._gate_apply(raw.stdout, "stdout"),
             "stderr": self._gate_apply(raw.stderr, "stderr"),
@@ -421,7 +423,7 @@ class Sandbox:
         self._audit(
             "exec.finished",
             {
-                "argv": self._scrub_argv(request.argv),
+                "argv": audited_argv,
                 "exit_code": raw.exit_code,
                 "duration_ms": round(raw.duration_ms, 3),
                 "timed_out": raw.timed_out,
@@ -511,9 +513,10 @@ class Sandbox:
         except GuardViolation as exc:
             await self._on_guard_violation(exc, command)
             raise
-        self._audit("exec.started", {"argv": self._scrub_argv(request.argv), "spawn": True})
+        argv = self._scrub_argv(request.argv)
+        self._audit("exec.started", {"argv": argv, "spawn": True})
         process = await self._instance.spawn(request)
-        return SpawnHandle(self, request, process)
+        return SpawnHandle(self, request, process, argv)
 
     # -- files --------------------------------------------------------------------------------
 
@@ -661,14 +664,14 @@ class SpawnHandle:
     and kills the command.
     """
 
-    def __init__(self, sandbox: Sandbox, request: ExecRequest, process: RawProcess) -> None:
+    def __init__(self, sandbox: Sandbox, request: ExecRequest, process: RawProcess, audited_argv: list[str]) -> None:
         self._sandbox = sandbox
         self._request = request
         self._process = process
+        self._audited_argv = audited_argv
         gate = sandbox._services.gate
         self._gates = {name: gate.stream(name) for name in ("stdout", "stderr")} if gate else {}
         self._findings: list[Finding] = []
-        self._streamed = False
 
     @property
     def pid(self) -> int:
@@ -677,7 +680,6 @@ class SpawnHandle:
 
     async def stream(self) -> AsyncIterator[tuple[str, bytes]]:
         """Yield released output chunks as they arrive."""
-        self._streamed = True
         async for name, chunk in self._process.chunks():
             released = await self._feed(name, chunk)
             if released:
@@ -702,16 +704,15 @@ class SpawnHandle:
             await self._process.kill()
             self._sandbox._audit(
                 "exec.blocked",
-                {"argv": self._sandbox._scrub_argv(self._request.argv), "findings": _finding_counts(self._findings)},
+                {"argv": self._audited_argv, "findings": _finding_counts(self._findings)},
             )
             raise ExternalizationBlocked("streamed output blocked by the externalization gate", self._findings)
 
     async def wait(self) -> ExecResult:
         """Wait for the exit; gate whatever was not streamed."""
         raw = await self._process.wait()
-        if not self._streamed:
-            return await self._sandbox._finish_exec(self._request, raw)
-        result = await self._sandbox._finish_exec(self._request, raw)
+        result = await self._sandbox._finish_exec(self._request, raw, self._audited_argv)
+        # Nothing streamed: the gates saw nothing, and this adds nothing to the result.
         streamed_verdict = worst_verdict(*(g.verdict for g in self._gates.values()))
         findings = tuple(self._findings) + result.findings
         return replace(result, verdict=worst_verdict(result.verdict, streamed_verdict), findings=findings)
@@ -725,6 +726,7 @@ class SyncSandbox:
     """Blocking wrapper around :class:`Sandbox` with its own private event loop."""
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
+        _refuse_running_loop("Sandbox.sync()")
         self._loop = asyncio.new_event_loop()
         try:
             self._sandbox = self._loop.run_until_complete(Sandbox.create(config))
@@ -791,6 +793,15 @@ class SyncSandbox:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _refuse_running_loop(what: str) -> None:
+    """The blocking facade cannot run inside an event loop: say so instead of a RuntimeError."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise KavachError(f"{what} is blocking; inside asyncio use 'await Sandbox.create(...)'")
 
 
 def _audit_create_failure(
