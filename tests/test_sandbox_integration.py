@@ -95,3 +95,17 @@ async def test_binds_are_usable_under_strict_landlock(tmp_path: object) -> None:
         result = await sandbox.exec("cat /in/input.txt > /out/copy.txt && ls / >/dev/null 2>&1 || echo listing-denied")
     assert (base / "rw" / "copy.txt").read_text() == "data\n"
     assert result.stdout_text.strip() == "listing-denied"  # Landlock still hides everything else
+
+
+async def test_spawn_streams_output_through_the_gate() -> None:
+    script = "for i in 1 2 3; do echo line $i; done; echo 'password = \"Zr8#kq2LmvX91pT\"'"
+    async with await Sandbox.create(process_config()) as sandbox:
+        handle = await sandbox.spawn(script)
+        assert handle.pid > 0
+        chunks = [chunk async for name, chunk in handle.stream() if name == "stdout"]
+        result = await handle.wait()
+    streamed = b"".join(chunks)
+    assert b"line 1\nline 2\nline 3\n" in streamed
+    assert b"Zr8#kq2LmvX91pT" not in streamed + result.stdout  # redacted before release
+    assert result.exit_code == 0
+    assert any(f.category == "password" for f in result.findings)
