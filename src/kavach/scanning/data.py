@@ -372,7 +372,9 @@ MRN_RULE = Rule(
 )
 
 DATA_RULES: tuple[Rule, ...] = (
-    replace(EMAIL_RULE, anchors=(r"@[A-Za-z0-9][A-Za-z0-9\-]*\.[A-Za-z]",)),
+    # Every match holds "@", a first domain label and its dot (later labels may start with a
+    # digit: "@8.8.8.8corp.example.com"), so the anchor stops there.
+    replace(EMAIL_RULE, anchors=(r"@[A-Za-z0-9][A-Za-z0-9\-]*\.",)),
     SSN_RULE,
     SSN_CONTEXT_RULE,
     CARD_RULE,
