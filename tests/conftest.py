@@ -6,10 +6,18 @@ in the real home directory, and no test sees another test's state.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs are reproducible (the same examples every run, so a green run stays green and a red
+# one can be replayed); local runs draw new examples and keep exploring.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 _KAVACH_VARS = (
     "KAVACH_AUDIT_LOG",
