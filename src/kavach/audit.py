@@ -15,7 +15,10 @@ Truncating the tail of a chain leaves a valid shorter chain, so the log also wri
 or differs from, its last checkpoint.
 
 Durability: by default every entry is written with one ``write(2)`` and ``fsync``'d before
-:meth:`AuditLog.append` returns. With ``fsync=False`` (batched mode) entries reach the disk at
+:meth:`AuditLog.append` returns; ``append(..., sync=False)`` leaves the ``fsync`` to the end of
+the caller's operation (:meth:`AuditLog.commit`, the next synced append, a checkpoint or close),
+which the sandbox lifecycle uses to make the two entries of an exec durable with one ``fsync``.
+With ``fsync=False`` (batched mode) entries reach the disk at
 each checkpoint, :meth:`AuditLog.flush` and :meth:`AuditLog.close`; a machine crash can lose the
 entries since then, a process crash cannot (the page cache survives it). A process killed in the
 middle of a write leaves a *torn tail* (a partial last line): :func:`verify` reports it, and the
@@ -388,7 +391,7 @@ class AuditLog:
         self._key = key
         self._lock = threading.Lock()
         self._tail: _Tail | None = None
-        self._dirty = False  # entries written since the last fsync (batched mode)
+        self._dirty = False  # entries written since the last fsync (batched mode, or sync=False)
         self._checkpointed = -1  # highest serial this object wrote a checkpoint for
         self._fd = -1
         self._anchor_fd = -1
@@ -523,24 +526,32 @@ class AuditLog:
         self._write_checkpoint()
 
     def _write_entry(
-        self, event: str, sandbox_id: str | None, agent_id: str | None, payload: dict[str, Any]
+        self,
+        event: str,
+        sandbox_id: str | None,
+        agent_id: str | None,
+        payload: dict[str, Any],
+        *,
+        sync: bool = True,
     ) -> AuditEntry:
         assert self._tail is not None
         serial = self._tail.serial + 1
         entry = _sign_entry(self._key, serial, self._tail.hmac, event, sandbox_id, agent_id, payload)
-        self._write_line(entry)
+        self._write_line(entry, sync=sync)
         if serial % self.checkpoint_every == 0:
             self._write_checkpoint()
         return entry
 
-    def _write_line(self, entry: AuditEntry) -> None:
+    def _write_line(self, entry: AuditEntry, *, sync: bool = True) -> None:
         line = entry.line()
         try:
             # One write(2) per entry with O_APPEND: a kill -9 can leave a prefix of this line
             # (a torn tail, repaired later) but never interleave it with another writer's.
             _write_all(self._fd, line)
-            if self.fsync:
+            if self.fsync and sync:
+                # fsync covers every byte written to the file so far, deferred entries included.
                 os.fsync(self._fd)
+                self._dirty = False
             else:
                 self._dirty = True
         except OSError as exc:
@@ -578,8 +589,15 @@ class AuditLog:
         sandbox_id: str | None = None,
         agent_id: str | None = None,
         payload: Mapping[str, Any] | None = None,
+        sync: bool = True,
     ) -> AuditEntry:
         """Sign and append one entry; durable on return unless the log is in batched mode.
+
+        ``sync=False`` (an entry that is one step of a larger operation) writes the entry now,
+        with the same single ``write(2)``, and leaves its ``fsync`` to whatever comes first:
+        the next ``sync=True`` append, :meth:`flush`, a checkpoint or :meth:`close`. The caller
+        must call one of them before it reports the operation done. It changes nothing in
+        batched mode.
 
         Payload strings under secret-like keys (``token``, ``password`` ...) are replaced by
         ``[redacted]``; bytes and non-JSON values raise :class:`AuditError`.
@@ -589,7 +607,7 @@ class AuditLog:
         clean = sanitize_payload(payload)
         with self._locked():
             self._sync_tail()
-            return self._write_entry(event, sandbox_id, agent_id, clean)
+            return self._write_entry(event, sandbox_id, agent_id, clean, sync=sync)
 
     def checkpoint(self) -> None:
         """Write a checkpoint for the current last entry now."""
@@ -597,8 +615,18 @@ class AuditLog:
             self._sync_tail()
             self._write_checkpoint()
 
+    def commit(self) -> None:
+        """End an operation whose entries were appended with ``sync=False``.
+
+        With ``fsync=True`` this makes them durable now (one ``fsync`` for all of them); in
+        batched mode it does nothing, since batched entries reach the disk on their own schedule
+        (checkpoints, :meth:`flush`, :meth:`close`).
+        """
+        if self.fsync and self._dirty:
+            self.flush()
+
     def flush(self) -> None:
-        """Make every entry written so far durable (only does work in batched mode)."""
+        """Make every entry written so far durable (work only after batched or ``sync=False`` appends)."""
         with self._locked():
             self._fsync_log()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
 import os
 import re
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
 PROXY_LISTEN = ("127.0.0.1", 3128)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CA_BUNDLE_PATH = "/run/kavach/ca-bundle.pem"
+_SCRUB_CACHE_ENTRIES = 256  # scrubbed argv words remembered per sandbox (then forgotten at once)
 
 
 class SandboxState(StrEnum):
@@ -237,6 +239,8 @@ class Sandbox:
         self._lock = asyncio.Lock()
         self._fork_watch: ForkBombWatch | None = None
         self._integrity: IntegrityReport | None = None
+        self._empty_gate: tuple[Gate, GateResult] | None = None
+        self._scrubbed: dict[bytes, str] = {}
 
     # -- creation -----------------------------------------------------------------------------
 
@@ -407,9 +411,17 @@ class Sandbox:
             await self._on_guard_violation(exc, command)
             raise
         argv = self._scrub_argv(request.argv)  # scanned once, used by both audit entries
-        self._audit("exec.started", {"argv": argv})
-        raw = await self._instance.exec(request)
-        return await self._finish_exec(request, raw, argv)
+        # Durability (docs/audit.md): exec.started is written (one write(2)) before the command
+        # is dispatched; the fsync of exec.finished covers both entries, so exec() returns
+        # only once both are on disk, with one fsync instead of two.
+        self._audit("exec.started", {"argv": argv}, sync=False)
+        try:
+            raw = await self._instance.exec(request)
+            return await self._finish_exec(request, raw, argv)
+        finally:
+            # On every exit path, errors and cancellation included, nothing stays unsynced
+            # (a no-op when exec.finished was written with its fsync).
+            self._commit_audit()
 
     async def _finish_exec(self, request: ExecRequest, raw: RawResult, audited_argv: list[str]) -> ExecResult:
         outputs = {
@@ -459,7 +471,24 @@ class Sandbox:
         gate = self._services.gate
         if gate is None:
             return GateResult(Verdict.PASS, (), data, data)
+        if not data:
+            return self._empty_output_result(gate, source)
         return gate.apply(data, source)
+
+    def _empty_output_result(self, gate: Gate, source: str) -> GateResult:
+        """The gate's decision on empty output, computed by the gate once per sandbox.
+
+        Most commands print nothing on at least one stream. The gate is a pure function of
+        the bytes, so its result for ``b""`` is reused, as long as it has no finding (a
+        finding would carry this call's ``source``, so then the gate runs every time).
+        """
+        cached = self._empty_gate
+        if cached is not None and cached[0] is gate:
+            return cached[1]
+        result = gate.apply(b"", source)
+        if not result.findings:
+            self._empty_gate = (gate, result)
+        return result
 
     def _quarantine(self, outputs: Mapping[str, GateResult]) -> tuple[str, ...]:
         store = self._services.quarantine
@@ -593,12 +622,16 @@ class Sandbox:
                     await self._fork_watch.stop()
                 await self._instance.destroy()
             finally:
-                self._transition(SandboxState.DESTROYED)
-                await _close_services(self._services)
+                # The log's close() checkpoints it, and a checkpoint fsyncs the log first: the
+                # destroyed entry is durable before destroy() returns, without a second fsync.
+                try:
+                    self._transition(SandboxState.DESTROYED, sync=False)
+                finally:
+                    await _close_services(self._services)
 
-    def _transition(self, target: SandboxState) -> None:
+    def _transition(self, target: SandboxState, *, sync: bool = True) -> None:
         previous = self._fsm.transition(target)
-        self._audit("sandbox.state", {"from": previous.value, "to": target.value})
+        self._audit("sandbox.state", {"from": previous.value, "to": target.value}, sync=sync)
 
     async def _on_fork_bomb(self, pids: int) -> None:
         self._audit("guard.fork_bomb", {"pids": pids, "threshold": self.policy.guards.fork_bomb_threshold})
@@ -609,9 +642,22 @@ class Sandbox:
         """``text`` with every secret the scanners (or the injected values) find redacted.
 
         Command lines are audited, and a command line can carry a secret; the audit log must
-        never hold one, whether or not the gate is enabled for output.
+        never hold one, whether or not the gate is enabled for output. Agents repeat the same
+        argv words (``/bin/sh``, ``-c``, a script), so results are remembered per sandbox, keyed
+        by a digest of the word: the cache never holds the unredacted text.
         """
         data = text.encode("utf-8", "surrogateescape")
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        cached = self._scrubbed.get(digest)
+        if cached is not None:
+            return cached
+        scrubbed = self._scan_and_redact(data, text)
+        if len(self._scrubbed) >= _SCRUB_CACHE_ENTRIES:
+            self._scrubbed.clear()
+        self._scrubbed[digest] = scrubbed
+        return scrubbed
+
+    def _scan_and_redact(self, data: bytes, text: str) -> str:
         gate = self._services.gate
         if gate is not None:
             # Secrets and personal data (scanner "data"), never code patterns.
@@ -631,10 +677,16 @@ class Sandbox:
         finding = replace(guards.violation_finding(exc), evidence=detail[:200])
         await self._assess([finding])
 
-    def _audit(self, event: str, payload: Mapping[str, Any]) -> None:
+    def _audit(self, event: str, payload: Mapping[str, Any], *, sync: bool = True) -> None:
+        """Append an entry; ``sync=False`` only where the caller commits before it returns."""
         log = self._services.audit
         if log is not None:
-            log.append(event, sandbox_id=self.id, agent_id=self.config.agent_id, payload=payload)
+            log.append(event, sandbox_id=self.id, agent_id=self.config.agent_id, payload=payload, sync=sync)
+
+    def _commit_audit(self) -> None:
+        log = self._services.audit
+        if log is not None:
+            log.commit()
 
     # -- context managers & sync facade ---------------------------------------------------------
 
@@ -917,15 +969,19 @@ def _make_proxy(config: SandboxConfig, sandbox_id: str, services: _Services) -> 
 
 
 async def _close_services(services: _Services) -> None:
-    if services.proxy is not None:
-        await services.proxy.close()
-        if services.proxy_task is not None:
-            services.proxy_task.cancel()
-            await asyncio.gather(services.proxy_task, return_exceptions=True)
-        services.proxy = None
-    if services.audit is not None:
-        services.audit.close()
-        services.audit = None
+    try:
+        if services.proxy is not None:
+            await services.proxy.close()
+            if services.proxy_task is not None:
+                services.proxy_task.cancel()
+                await asyncio.gather(services.proxy_task, return_exceptions=True)
+            services.proxy = None
+    finally:
+        # Whatever the proxy did, the log is closed: its close() checkpoints and fsyncs what
+        # the sandbox wrote last (the destroyed entry is appended without its own fsync).
+        if services.audit is not None:
+            audit, services.audit = services.audit, None
+            audit.close()
 
 
 __all__ = [

@@ -98,6 +98,7 @@ class SandboxPool:
         self._creating = 0
         self._create_slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
+        self._refill_timer: asyncio.TimerHandle | None = None
         self._refiller: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: BaseException | None = None
@@ -115,6 +116,9 @@ class SandboxPool:
     async def close(self) -> None:
         """Stop refilling and destroy every sandbox of the pool, warm and leased."""
         self._closed = True
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+            self._refill_timer = None
         if self._refiller is not None:
             self._refiller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -141,12 +145,12 @@ class SandboxPool:
         self._check_open()
         while self._warm:
             entry = self._warm.popleft()
-            self._wake.set()
+            self._schedule_refill()
             if await self._healthy(entry):
                 self._claimed_warm += 1
                 return self._lease(entry)
             await self._discard(entry)
-        self._wake.set()
+        self._schedule_refill()
         entry = await self._create()
         self._claimed_cold += 1
         return self._lease(entry)
@@ -160,7 +164,7 @@ class SandboxPool:
             self._warm.append(entry)
             return
         await self._destroy(entry)
-        self._wake.set()
+        self._schedule_refill()
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Sandbox]:
@@ -211,6 +215,20 @@ class SandboxPool:
         if self._closed:
             raise KavachError("the sandbox pool is closed")
 
+    def _schedule_refill(self) -> None:
+        """Wake the refill ``refill_delay_s`` from now (once, however many claims come meanwhile).
+
+        A timer, not an immediate wake-up: the refill task does not even run while the
+        claimant's first command is in flight, so the claim path costs no extra task switches.
+        """
+        if self._refill_timer is not None or self._closed:
+            return
+        self._refill_timer = asyncio.get_running_loop().call_later(self.refill_delay_s, self._refill_due)
+
+    def _refill_due(self) -> None:
+        self._refill_timer = None
+        self._wake.set()
+
     def _lease(self, entry: _Entry) -> Sandbox:
         entry.uses += 1
         self._leased[id(entry.sandbox)] = entry
@@ -248,8 +266,6 @@ class SandboxPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
-            if self.refill_delay_s > 0:
-                await asyncio.sleep(self.refill_delay_s)
             await self._expire_old()
             try:
                 await self.replenish()
