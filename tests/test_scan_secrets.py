@@ -276,3 +276,135 @@ def test_made_up_ids_and_ordinary_keys_are_not_secrets(text: str) -> None:
 def test_a_uuid_assigned_to_a_secret_name_is_one_finding() -> None:
     text = b'client_secret = "6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06"'
     assert [f.rule for f in SCANNER.scan(text)] == ["secrets.password-assignment"]
+
+
+# --- generic assignments: values the length-aware tests used to miss --------------------------
+
+RSA_DER = (  # a synthetic PKCS#1 header (30 82 04 a4 02 01 00 02 82 01 01 00) and random bytes
+    "MIIEpAIBAAKCAQEA5u0oNW7k9sUH26Y+BCXsiwOGFi+cRNmcfiUC1XjBV3/sH3LbyU3+d55jslsr34dxq6/CCKZQOh13f++z1nkdOZnq"
+    "gFX46yqNWqke0JfYFWw3VzkSbClTi5CRXWS3vp+iAwbs+KPefF8a028CokzqDpl0ace4iYq9PptNgQA8SdLyTM3NcAgA9FHyiRVNOsj9"
+    "WQb0iGF3rUWfgKGo2aFsdjbo7JxBVxpWtaAwp4tzVAuboFqR3z0kyqQqAfmURlcz9PmhizTvPNB+vH85PFamvGRhvYl+0hBb5Jwl1rmU"
+)
+RSA_PUBLIC_DER = (  # SubjectPublicKeyInfo: meant to be shared
+    "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEATCSs4UdaAtKVvbhLm/xU8YOMmvpEFcfwrN2jozcxYzr4og/vUjQ0/jkuLT+O"
+    "SGF+QC7w/xSKAGd78KntfLQ8iEi/lCzppf1uGC4PnIw01fF976m+EuzPtWzE4wNQhl5yXrEpXu8FBBuuti8DWXMK1kSY/FOCtLjVNlqH"
+)
+
+
+def found_values(text: str) -> list[bytes]:
+    data = text.encode()
+    return [data[f.start : f.end] for f in SCANNER.scan(data) if f.severity >= Severity.MEDIUM]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # Random letters between dashes are not "words joined by separators": the letter
+        # pairs (jc, wg, gz, qn ...) are ones words do not contain.
+        ("DNS_SECRET_KEY=jcoawgzu-cpuy-tjro-jtyc-kpeijujyqnkv \\", b"jcoawgzu-cpuy-tjro-jtyc-kpeijujyqnkv"),
+        ("DESEC_TOKEN=k-wdtayckjyusoncnpojaqtofbs", b"k-wdtayckjyusoncnpojaqtofbs"),
+        # Mixed-case random letters are not a camelCase identifier.
+        ("APP_SECRET_KEY=UulakqEfCuawyiXb", b"UulakqEfCuawyiXb"),
+        # A camelCase "Auth" word names an auth value (OAuth, Author, Authority do not).
+        ('            const string expectedAuthCode = "4e9b07c1d3";', b"4e9b07c1d3"),
+        ('\tkeyAuth := "eQSbfOdwPr=="', b"eQSbfOdwPr=="),
+        # Short random hex under a secret's name (entropy alone rejects a quarter of them).
+        ('            const string expectedClientSecret = "0C61707A2A04";', b"0C61707A2A04"),
+        # Random digit tokens of 16+ digits (the old 3.0-bit bar failed most of them).
+        ("PAYMENT_ACCESS_TOKEN=5260181590830166 \\", b"5260181590830166"),
+        # A quoted password with punctuation the unquoted-value pattern stops at.
+        ('const BCRYPT_AUTH_PASS = "Zr8(q!Lw@3vT;x^%"', b"Zr8(q!Lw@3vT;x^%"),
+        # Unquoted base64 with '/' is a key or salt, not a path.
+        ("      salt      : 2QJSNA3PLINwPBA8vAltmclw1IS/KnuVbezquFmfnfsw=",
+         b"2QJSNA3PLINwPBA8vAltmclw1IS/KnuVbezquFmfnfsw="),
+    ],
+)
+def test_random_values_under_secret_names(text: str, value: bytes) -> None:
+    assert value in found_values(text), rules(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'JSON Web Token : `Base64(Header).Base64(Data).Base64(Signature)`',  # an expression
+        '{"secretKey": "ENC(2dfRFqV/cS6TzRd+JyO=)"}',  # jasypt ciphertext, meant to be stored
+        'MAILU_AUTH_RATELIMIT="10/minute;1000/hour"',  # a rate limit
+        '            const string clientSecret = "a1b2c3d4e5";',  # typed: a-e interleaved with 1-5
+        '<meta name="csrf-token" content="x"> csrf-token=Mj2qykJO5rELyHgezQ69nzUX0i3OH67V7+V4eUrLfpuyOu==',
+        "   secret: conf/Secret1/Key2",  # a path, each part a word
+        "    TOKEN: AgBBiBMOJxOs213QLtsh0WervLN+kdqwhsihaev4RJNevdLb4j4CC7YM/oLRkWxL9rG91LUO0aHzWy2S56df6UaE7DOF9"
+        "llDDv4RJNevdLb4j4CC7YM/oLRkWxL9rG91LUAGo2DVFx2zgmbEXo2bzrSiVEDAgBBiBMOJxOs213QLtsh0WervLN+kdqwhsihaev4R"
+        "JNevdLb4j4CC7YM/oLRkWxL9rG91LUO0aHzWy2S56df6UaE7DOF9",  # a SealedSecret ciphertext
+        "    RECAPTCHA_SITE_KEY=6LcPSWTekyzecegdyqnworyxalzimeibmomj",  # a site key is public by design
+    ],
+)
+def test_expressions_ciphertexts_and_public_values_are_not_secrets(text: str) -> None:
+    assert found_values(text) == [], rules(text)
+
+
+def test_credentials_in_proxy_urls_are_found_for_registered_sample_domains() -> None:
+    # contoso.com resolves; only the RFC 2606 reserved names are certainly not in use.
+    for text in ("git config --global credential.httpsProxy http://john.doe:Wq7zvfuc@proxy.contoso.com",
+                 "export HTTPS_PROXY=http://john.doe:Wq7zvfuc@proxy.corp.contoso.com:8080"):
+        assert b"Wq7zvfuc" in found_values(text), text
+    assert found_values("export HTTPS_PROXY=http://john.doe:Wq7zvfuc@proxy.example.com:8080") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("CREATE USER app WITH PASSWORD 'k7Hq2mZp';", b"k7Hq2mZp"),
+        ("ALTER ROLE app WITH ENCRYPTED PASSWORD 'k7Hq2mZp' LOGIN;", b"k7Hq2mZp"),
+        ("CREATE USER 'app'@'%' IDENTIFIED BY 'k7Hq2mZp';", b"k7Hq2mZp"),
+        ("ALTER USER 'root'@'localhost' IDENTIFIED WITH mysql_native_password BY 'k7Hq2mZp';", b"k7Hq2mZp"),
+        ("create user scott identified by tiger42 default tablespace users;", b"tiger42"),  # Oracle
+        ("CREATE LOGIN app WITH PASSWORD = N'k7Hq2mZp!';", b"k7Hq2mZp!"),  # SQL Server
+        ("SET PASSWORD FOR 'app'@'localhost' = PASSWORD('k7Hq2mZp');", b"k7Hq2mZp"),
+    ],
+)
+def test_sql_passwords(text: str, value: bytes) -> None:
+    assert value in found_values(text), rules(text)
+    assert any(f.rule == "secrets.sql-password" for f in SCANNER.scan(text.encode()))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Each user is identified by their email address.",
+        "GRANT ALL ON db.* TO 'bob'@'%' IDENTIFIED BY PASSWORD '*6BB4837EB74329105EE4568DDA7DC67ED2CA2AD9';",
+        "ALTER USER app WITH PASSWORD '${APP_PW}';",
+        'cursor.execute("CREATE USER %s WITH PASSWORD %s", (user, pw))',
+        "ALTER USER app WITH PASSWORD 'md5a3556571e93b0d20722ba62be61e8c2d';",  # a stored hash
+    ],
+)
+def test_sql_parameters_hashes_and_prose_are_not_passwords(text: str) -> None:
+    assert found_values(text) == [], rules(text)
+
+
+def test_private_key_bodies_without_pem_lines() -> None:
+    for text in (f"'rsaPrivateKey' => '{RSA_DER}',", f'options.ClientSecret = "{RSA_DER}";',
+                 f's:15:"rsa_private_key";s:1592:"{RSA_DER}";'):
+        found = [f for f in SCANNER.scan(text.encode()) if f.rule == "secrets.private-key"]
+        assert found and found[0].severity == Severity.CRITICAL, text
+        assert text.encode()[found[0].start : found[0].end] == RSA_DER.encode()
+    assert [f for f in SCANNER.scan(f"'alipayPublicKey' => '{RSA_PUBLIC_DER}',".encode())
+            if f.rule == "secrets.private-key"] == []
+    assert found_values("rsa key: MIIEpAIBAAKCAQEA...") == []  # elided
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-----BEGIN RSA PRIVATE KEY-----\nBIIEogIBAAk15x0ID[...]\n[...]\n-----END RSA PRIVATE KEY-----",  # elided
+        '$res = "-----BEGIN RSA PRIVATE KEY-----\\n" .\n    wordwrap($priKey, 64, "\\n", true) .\n'
+        '    "\\n-----END RSA PRIVATE KEY-----";',  # code that assembles a key at run time
+    ],
+)
+def test_pem_frames_without_key_material_are_not_keys(text: str) -> None:
+    assert [f for f in SCANNER.scan(text.encode()) if f.rule == "secrets.private-key"] == []
+
+
+def test_mailgun_private_api_key() -> None:
+    text = '"credentials":{"ops@mg.example.org":"0ab181d82e96de5c945d3f3126b48ba6-2ddf84e1-f4a177bc"}'
+    one(text, "secrets.mailgun-api-key")
+    assert found_values("0ab181d82e96de5c945d3f3126b48ba6-00000000-00000000") == []

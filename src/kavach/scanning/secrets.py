@@ -26,7 +26,14 @@ from dataclasses import replace
 
 from kavach.scanning.data import EMAIL_RULE, SSN_RULE
 from kavach.scanning.engine import MAX_MATCH, PatternBank, Rule, SpanIndex, Spans, dedupe, finalize
-from kavach.scanning.entropy import char_classes, is_hex, is_placeholder, looks_random, shannon_entropy
+from kavach.scanning.entropy import (
+    char_classes,
+    is_hex,
+    is_placeholder,
+    looks_random,
+    reads_as_gibberish,
+    shannon_entropy,
+)
 from kavach.scanning.findings import Finding, Severity
 
 C, H, M, L = Severity.CRITICAL, Severity.HIGH, Severity.MEDIUM, Severity.LOW
@@ -61,11 +68,13 @@ _HEXSPEAK = (b"dead", b"beef", b"cafe", b"babe", b"face", b"feed", b"fade", b"de
 
 def _typed_by_person(hexdigits: bytes) -> bool:
     """Whether a hex string was made up rather than generated: a run like ``12345``/``abcde``/``98765``
-    or two hexspeak words (each has odds of about 1 in 10^4 per position in random hex)."""
-    for i in range(len(hexdigits) - 4):
-        run = hexdigits[i : i + 5]
-        if all(run[k + 1] - run[k] == 1 for k in range(4)) or all(run[k] - run[k + 1] == 1 for k in range(4)):
-            return True
+    (also every other character: ``a1b2c3d4e5``) or two hexspeak words (each has odds of about
+    1 in 10^4 per position in random hex)."""
+    for stride in (1, 2):  # "12345", and interleaved "a1b2c3d4e5"
+        for i in range(len(hexdigits) - 4 * stride):
+            run = hexdigits[i : i + 4 * stride + 1 : stride]
+            if all(run[k + 1] - run[k] == 1 for k in range(4)) or all(run[k] - run[k + 1] == 1 for k in range(4)):
+                return True
     return sum(hexdigits.count(w) for w in _HEXSPEAK) >= 2
 
 
@@ -203,6 +212,10 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("sendgrid-api-key", _b(r"SG\.[A-Za-z0-9_\-=]{20,24}\.[A-Za-z0-9_\-=]{39,50}"), C, category="saas_token"),
     _provider("sendinblue-api-key", _b(r"xkeysib-[a-f0-9]{64}-[A-Za-z0-9]{16}"), H, category="saas_token"),
     _provider("mailgun-key", _b(r"(?:key|pubkey)-[a-f0-9]{32}"), H, category="saas_token", random_body=True),
+    # Mailgun's current private API keys: 32 hex, then two groups of 8 (no other common token
+    # has this shape; a UUID's groups are 8-4-4-4-12).
+    _provider("mailgun-api-key", _b(r"[a-f0-9]{32}-[a-f0-9]{8}-[a-f0-9]{8}"), H, category="saas_token",
+              random_body=True),
     _provider("mailchimp-api-key", _b(r"[a-f0-9]{32}-us\d{1,2}"), H, category="saas_token"),
     _provider("postman-api-key", _b(r"PMAK-[a-fA-F0-9]{24}-[a-fA-F0-9]{34}"), H, category="saas_token"),
     _provider("netlify-token", _b(r"nfp_[A-Za-z0-9]{36,40}"), H, category="saas_token"),
@@ -279,12 +292,26 @@ def _basic_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     return 0.9
 
 
+_B64_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+# A key body line is 64 characters (some tools 70-76, or one long line); a shorter run is
+# an elided example ("BIIEogIBAAk15x0ID[...]") or code that assembles a key at run time.
+_MIN_PEM_RUN = 32
+
+
+def _longest_base64_run(body: bytes) -> int:
+    longest = run = 0
+    for b in body:
+        run = run + 1 if b in _B64_BYTES else 0
+        longest = max(longest, run)
+    return longest
+
+
 def _pem_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
-    """A private key block with a body (not just the header line of a template)."""
+    """A private key block with a body: a base64 line of key material, not just the header line
+    of a template, an elided example or the code around ``"-----BEGIN ... KEY-----\\n" . $key``."""
     value = data[start:end]
     body = value.split(b"-----", 2)[-1]
-    alnum = sum(1 for b in body[:400] if 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122)
-    if alnum < 16:
+    if _longest_base64_run(body[:1024]) < _MIN_PEM_RUN:
         return None
     if b"..." in body[:200] or is_placeholder(body.strip()[:40]):
         return None
@@ -300,10 +327,11 @@ _DB_SCHEMES = (
 _OTHER_SCHEMES = r"[a-z][a-z0-9+.\-]{1,24}"
 
 
-# RFC 2606 / 6761 documentation hosts and Microsoft's sample domain: credentials in
-# examples, not in use.
+# RFC 2606 / 6761 reserved documentation names: they never resolve, so credentials for them
+# are examples, not in use. (A sample domain that is registered and resolves, such as
+# contoso.com, is not one: a password in a proxy URL is reported whatever the host.)
 _DOC_HOSTS = re.compile(rb"(?i)@(?:[A-Za-z0-9\-]+\.)*(?:example\.(?:com|net|org)|[a-z0-9\-]+\.example|"
-                        rb"[a-z0-9\-]+\.(?:test|invalid)|contoso\.com)(?:[:/\s\"'?#]|$)")
+                        rb"[a-z0-9\-]+\.(?:test|invalid))(?:[:/\s\"'?#]|$)")
 
 
 def _url_password_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
@@ -320,6 +348,29 @@ def _url_password_ok(data: bytes, start: int, end: int, _spans: Spans) -> float 
     if low in _STAND_IN_VALUES or _SELF_DESCRIBING_RE.search(low) is not None:
         return None  # admin:admin, user1:pwd1, no-such-user:invalid-password
     return 0.9
+
+
+def _der_key_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
+    """A base64 DER private key body: long enough to hold one and not a repeated filler."""
+    value = data[start:end]
+    if len(set(value[-64:])) < 16:
+        return None  # "MIIEpAIBAAKCAQEAAAAAAAA...": a truncated or padded stand-in
+    return 0.95
+
+
+def _sql_password_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
+    """The literal password in SQL DDL (not a bind parameter, a stand-in or a stored hash)."""
+    value = data[start:end]
+    if len(value) < 3 or is_placeholder(value) or value.startswith((b"$", b":", b"?", b"@", b"%", b"<", b"{", b"&")):
+        return None  # ${PW}, :pw, ?, @pw, %s, <password>, {pw}, &pw: parameters and template slots
+    low = value.lower()
+    if low in _STAND_IN_VALUES or _SELF_DESCRIBING_RE.search(low) is not None:
+        return None
+    if (value[:1] == b"*" and len(value) == 41) or (low[:3] == b"md5" and len(value) == 35 and is_hex(value[3:])):
+        return None  # MySQL / PostgreSQL stored hashes: IDENTIFIED BY PASSWORD '*6BB4...', 'md5<32 hex>'
+    if low.startswith(b"scram-sha-256$") or value.startswith(_HASH_PREFIXES):
+        return None  # PostgreSQL SCRAM verifiers, bcrypt / sha-crypt hashes
+    return 0.85
 
 
 STRUCTURAL_RULES: tuple[Rule, ...] = (
@@ -344,6 +395,35 @@ STRUCTURAL_RULES: tuple[Rule, ...] = (
         validate=_pem_ok,
         confidence=0.95,
         max_len=MAX_MATCH,
+    ),
+    Rule(
+        # A private key's base64 DER body without its PEM lines (payment SDK configs, JSON and
+        # PHP arrays): PKCS#1 and PKCS#8 RSA start MII..IBAAK / MII..IBADAN, EC P-256 keys
+        # MHcCAQEE (SEC1) or MIGHAgEAMBMGByqGSM49 (PKCS#8). Public keys (MIIBIjAN...) do not.
+        id="secrets.private-key",
+        category="private_key",
+        severity=C,
+        pattern=r"\b(MII[A-Za-z0-9+/]{2}[AQgw]IBA(?:AK|DAN)[A-Za-z0-9+/]{100,}={0,2}|MHcCAQEE[A-Za-z0-9+/]{150,300}"
+        r"={0,2}|MIGHAgEAMBMGByqGSM49[A-Za-z0-9+/]{100,300}={0,2})",
+        value_group=1,
+        validate=_der_key_ok,
+        confidence=0.95,
+        max_len=MAX_MATCH,
+        anchors=(r"MII[A-Za-z0-9+/]{2}[AQgw]IBA", r"MHcCAQEE", r"MIGHAgEAMBMGByqGSM49"),
+    ),
+    Rule(
+        # SQL DDL: CREATE USER .. IDENTIFIED BY 'pw' (Oracle's CREATE/ALTER USER also unquoted),
+        # CREATE ROLE .. WITH PASSWORD 'pw', CREATE LOGIN .. WITH PASSWORD = N'pw', and MySQL's
+        # PASSWORD('pw'). Unquoted only after CREATE/ALTER USER: "identified by their email" is prose.
+        id="secrets.sql-password",
+        category="password",
+        severity=H,
+        pattern=r"(?i)(?:\b(?:create|alter)\s+user\s+[^\s;']{1,64}\s+identified\s+by\s+|\bidentified(?:\s+with\s+"
+        r"[A-Za-z0-9_]+)?\s+by(?:\s+password)?\s+'+|\bwith\s+(?:encrypted\s+|unencrypted\s+)?password\s*=?\s*N?'+|"
+        r"\bpassword\s*\(\s*'+)([^'\s;,)]{1,128})",
+        value_group=1,
+        validate=_sql_password_ok,
+        anchors=(r"(?i)identified\s", r"(?i)password\s*[(=']", r"(?i)password\s+N'"),
     ),
     Rule(
         id="secrets.putty-private-key",
@@ -469,7 +549,7 @@ def _type_or_label(value: bytes) -> bool:
 _NOT_SECRET_KEY_PARTS = (
     b"path", b"file", b"dir", b"url", b"uri", b"length", b"size", b"type", b"name", b"format", b"field",
     b"label", b"prompt", b"hint", b"policy", b"expire", b"timeout", b"count", b"mode", b"enabled", b"required",
-    b"scheme", b"algorithm", b"charset", b"header", b"behavior", b"behaviour", b"strategy",
+    b"scheme", b"algorithm", b"charset", b"header", b"behavior", b"behaviour", b"strategy", b"limit",
 )
 # English words that contain "pass" but do not name a password.
 _PASS_WORDS = re.compile(rb"pass(?:through|ive|enger|port|age|ed\b|ing\b)|bypass|compass")
@@ -524,10 +604,38 @@ _MEMBER_ACCESS = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$]*(?:\.[A-Za-z_$][A-Za-z0-9
 
 def _identifier_like(value: bytes) -> bool:
     """camelCase / PascalCase words without digits ("bitbucketAuthModes") name things; keys are random."""
-    if not value.isalpha() or value.islower() or value.isupper():
-        return False
+    if not value.isalpha() or value.islower() or value.isupper() or reads_as_gibberish(value):
+        return False  # "UulakqEfCuawyiXb": capitals at random, letters in no word's order
     words = re.findall(rb"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", value)
     return len(words) >= 2 and sum(len(w) for w in words) / len(words) >= 3
+
+
+_BASE64_BLOB = re.compile(rb"[A-Za-z0-9+/]{16,200}={0,2}")
+
+
+def _base64_blob(value: bytes) -> bool:
+    """A base64 key or salt rather than a path: the base64 alphabet, with a '/'-separated part of
+    16+ characters mixing upper case, lower case and digits (path segments are words:
+    ``/home/User1``). Longer than 200 characters it is an encrypted blob (SealedSecrets, SOPS)
+    meant to be stored, not a key."""
+    if _BASE64_BLOB.fullmatch(value) is None:
+        return False
+    return any(len(part) >= 16 and char_classes(part) == 3 for part in value.rstrip(b"=").split(b"/"))
+
+
+def _has_call(value: bytes) -> bool:
+    """Whether ``value`` calls or wraps something: a name of three or more letters right before
+    ``(`` (``Base64(Header)``, jasypt's ``ENC(...)``); ``7r(h8(`` inside a password is not one."""
+    i = value.find(b"(")
+    while i > 0:
+        letters, j = 0, i - 1
+        while j >= 0 and (value[j] == 95 or 48 <= value[j] <= 57 or 65 <= value[j] <= 90 or 97 <= value[j] <= 122):
+            letters += 65 <= value[j] <= 90 or 97 <= value[j] <= 122
+            j -= 1
+        if letters >= 3:
+            return True
+        i = value.find(b"(", i + 1)
+    return False
 
 
 def _value_ok(value: bytes, quoted: bool) -> bool:
@@ -539,12 +647,16 @@ def _value_ok(value: bytes, quoted: bool) -> bool:
     low = value.lower()
     if _SELF_DESCRIBING_RE.search(low) is not None:
         return False  # "my_secret", "api_password", "correctAPIKey": a value that names itself is a stand-in
-    if low.endswith(_FILE_SUFFIXES) or (b"/" in value and not quoted) or value.startswith((b"./", b"../", b"~/")):
+    if low.endswith(_FILE_SUFFIXES) or value.startswith((b"./", b"../", b"~/")):
         return False
+    if b"/" in value and not quoted and not _base64_blob(value):
+        return False  # an unquoted path; base64 ("rQVMSp6T...rpSz/wL=") has '/' too
     if _UPPER_SNAKE.fullmatch(value) is not None and not any(48 <= b <= 57 for b in value):
         return False  # GCM_MSAUTH_FLOW: a constant's name
     if not quoted and _MEMBER_ACCESS.fullmatch(value) is not None and not looks_random(value):
         return False  # c.apiKey, config.APIKey
+    if _has_call(value):
+        return False  # an expression or an encrypted-value wrapper, not the literal secret
     return not (b" " in value or b"\t" in value or (not quoted and b"(" in value))
 
 
@@ -554,10 +666,14 @@ def _random_enough(value: bytes) -> bool:
     if looks_random(value) or (n >= 20 and char_classes(value) >= 3):
         return True
     ent = shannon_entropy(value)
-    if is_hex(value):
-        return n >= 10 and ent >= 0.8 * math.log2(min(n, 16))
     if value.isdigit():
-        return n >= 16 and ent >= 3.0
+        # Random digits average about 0.85 of log2(10) bits at 16 characters; 0.75 passes
+        # all but about one random 16-digit token in twenty.
+        return n >= 16 and ent >= 0.75 * math.log2(10)
+    if is_hex(value):
+        # Short random hex falls well short of log2(length) (10 characters: 2.85 bits on
+        # average, 2.45 at the 5th percentile); a made-up one is caught by _typed_by_person.
+        return n >= 10 and ent >= 0.72 * math.log2(min(n, 16)) and value.isalnum() and not value.isdigit()
     if value.isalnum() and value.upper() == value and n >= 32:
         # Base32 (upper-case letters and 2-7: NATS nkeys, TOTP seeds): 5 bits per character at most.
         return ent >= 0.85 * math.log2(32)
@@ -573,16 +689,35 @@ _CONSONANT_RUN = re.compile(rb"[b-df-hj-np-tv-xz]{5,}")
 
 
 def _gibberish(letters: bytes) -> bool:
-    """Lower-case letters that are not words: under a fifth vowels, or five consonants in a row
-    (words have about two vowels in five; random letters about one in four)."""
+    """Lower-case letters that are not words: under a fifth vowels, five consonants in a row
+    (words have about two vowels in five; random letters about one in four), or letter pairs
+    that words seldom contain (``jccoawgz``: jc, cc, wg, gz)."""
     vowels = sum(1 for b in letters if b in _VOWELS)
-    return vowels * 5 < len(letters) or _CONSONANT_RUN.search(letters) is not None
+    if vowels * 5 < len(letters) or _CONSONANT_RUN.search(letters) is not None:
+        return True
+    return reads_as_gibberish(letters)
+
+
+def _fold_key(key: bytes) -> bytes:
+    """``key`` lower-cased, with a camelCase ``Auth`` word kept apart (``expectedAuthCode`` ->
+    ``expected_authcode``, ``keyAuth`` -> ``key_auth``) so that it still reads as the word "auth";
+    ``OAuth``, ``Author`` and ``Authority`` are not that word."""
+    i = key.find(b"Auth")
+    while i > 0:
+        before, after = key[i - 1], key[i + 4 : i + 5]
+        if (97 <= before <= 122 or 48 <= before <= 57) and not (after and 97 <= after[0] <= 122):
+            key = key[:i] + b"_" + key[i:]
+            i += 1
+        i = key.find(b"Auth", i + 4)
+    return key.lower()
 
 
 def _name_may_hold_secret(key_low: bytes) -> bool:
     """Whether an assigned name can hold a secret at all (judged before its value)."""
     if key_low.rstrip(b"\"'`]").endswith((b"id", b"uri", b"url", b"name", b"mode", b"modes", b"flow", b"helper")):
         return False  # OAuthClientId, RedirectUri: identifiers next to secrets, not secrets
+    if b"csrf" in key_low or b"xsrf" in key_low:
+        return False  # anti-forgery tokens are written into every HTML form a site serves
     if not _keyword_is_token(key_low):
         return False
     if _PASSWORD_KEY_RE.search(key_low) is not None and _PASS_WORDS.search(key_low) is not None:
@@ -592,12 +727,16 @@ def _name_may_hold_secret(key_low: bytes) -> bool:
     return True
 
 
-def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
+# How far past a value stopped at punctuation its closing quote is looked for.
+_MAX_QUOTED = 300
+
+
+def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | tuple[float, int] | None:
     """Judge the value extracted by a keyword + assignment rule."""
     if end - start > 1024:
         return None  # no assigned credential is this long; a run of "key=key=..." is not one
     key_start, key_end = spans[1]
-    key_low = data[key_start:key_end].lower() if key_start >= 0 else b""
+    key_low = _fold_key(data[key_start:key_end]) if key_start >= 0 else b""
     # The name alone rules most candidates out; judge it before the value (cheaper).
     if not _name_may_hold_secret(key_low):
         return None
@@ -608,7 +747,14 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
         return None  # text up to some later quote, not a quoted literal
     quoted = closing_quote or opening in (b'"', b"'", b"`")
     if quoted and not closing_quote and data[end : end + 1] not in (b'"', b"'", b"`", b"\\"):
-        return None  # the quoted string continues past the value: prose ("User Password")
+        # The unquoted-value pattern stopped at punctuation inside the quotes: judge the
+        # whole quoted literal ("DP@$7r(h8(w@dbKGsh!5^%"); prose ("User Password") has spaces
+        # and is rejected there.
+        close = data.find(opening, end, min(len(data), end + _MAX_QUOTED))
+        if close < 0 or b"\n" in data[end:close]:
+            return None
+        verdict = _assignment_ok(data, start, close + 1, spans)
+        return None if verdict is None or isinstance(verdict, tuple) else (verdict, close)
     value = _strip_value(raw)
     if not _value_ok(value, quoted):
         return None
@@ -630,8 +776,8 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
     # Identifiers, file names, flags and sizes named like secrets are not secrets.
     parts = key_low.replace(b"-", b"_").replace(b".", b"_").split(b"_")
     named_like_data = _NOT_SECRET_KEY_RE.search(key_low) is not None or b"id" in parts[:-1]
-    if named_like_data and (not looks_random(value) or len(value) < 16):
-        return None
+    if named_like_data and (not looks_random(value) or len(value) < 16 or _TOKEN_ALPHABET.fullmatch(value) is None):
+        return None  # a size, limit or path ("10/minute;1000/hour"); a random token is still one
     if value.lower() == key_low or value.lower() in key_low:
         return None
     if _PASSWORD_KEY_RE.search(key_low) is not None:
@@ -640,8 +786,8 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | N
         if len(value) < 6 and not (quoted or config):
             return None
         return 0.8 if char_classes(value) >= 2 or len(value) >= 8 else 0.6
-    if b"public" in key_low:
-        return None  # public keys and public identifiers are meant to be shared
+    if _PUBLIC_NAME_RE.search(key_low.replace(b"_", b"").replace(b"-", b"").replace(b".", b"")) is not None:
+        return None  # public and publishable keys, reCAPTCHA/Turnstile site keys: meant to be shared
     if not _random_enough(value) or _identifier_like(value):
         return None
     if len(value) < 24 and _typed_by_person(value.lower()):
@@ -676,6 +822,7 @@ def _literals(words: tuple[bytes, ...]) -> re.Pattern[bytes]:
 
 
 _STRONG_RE = _literals(_STRONG_WORDS)
+_PUBLIC_NAME_RE = _literals((b"public", b"publishable", b"sitekey"))
 _PASSWORD_KEY_RE = _literals(_PASSWORD_KEY_PARTS)
 _SELF_DESCRIBING_RE = _literals(_SELF_DESCRIBING)
 _NOT_SECRET_KEY_RE = _literals(_NOT_SECRET_KEY_PARTS)
@@ -893,6 +1040,7 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
     "secrets.url-credentials": (r"://[^\s:@/]*:[^\s@/]*@",),
     "secrets.aws-secret-access-key": (r"(?i)(?:aws|amazon)[A-Za-z0-9_.\-]*(?:secret|sk)", r"AKIA|ASIA"),
     "secrets.mailgun-key": (r"\b(?:key|pubkey)-[a-f0-9]{8}",),
+    "secrets.mailgun-api-key": (r"[a-f0-9]-[a-f0-9]{8}-[a-f0-9]{8}",),
     "secrets.harness-token": (r"\b(?:pat|sat)\.[A-Za-z0-9_\-]{22}\.",),
     "secrets.sidekiq-url": (r"(?i)contribsys",),
     "secrets.bearer-token": (r"bearer",),
