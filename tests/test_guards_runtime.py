@@ -157,13 +157,41 @@ async def test_probe_that_cannot_run_is_a_problem_not_a_pass() -> None:
     assert "exit code 127" in report.problems[0]
     silent = await noop_instance(None)
     report = await check_integrity(silent, Enforcement(Backend.PROCESS))
-    assert report.problems == ("the probe output is incomplete (no end marker)",)
+    assert report.problems == ("the probe output is incomplete (namespaces, status or mountinfo missing)",)
+
+
+async def test_probe_output_without_the_mount_table_is_incomplete_not_a_pass() -> None:
+    """A probe whose grep did not print mountinfo (killed, or a file unreadable) fails the check."""
+
+    def without_mountinfo(request: ExecRequest) -> RawResult:
+        out = host_probe(request).stdout
+        kept = b"\n".join(line for line in out.split(b"\n") if not line.startswith(b"/proc/self/mountinfo:"))
+        return RawResult(0, kept)
+
+    instance = await noop_instance(without_mountinfo)
+    report = await check_integrity(instance, Enforcement(Backend.PROCESS))
+    assert report.problems == ("the probe output is incomplete (namespaces, status or mountinfo missing)",)
+
+
+async def test_truncated_probe_output_is_a_problem() -> None:
+    def truncated(request: ExecRequest) -> RawResult:
+        return RawResult(0, host_probe(request).stdout, stdout_truncated=True)
+
+    report = await check_integrity(await noop_instance(truncated), Enforcement(Backend.PROCESS))
+    assert report.problems == ("the integrity probe's output was truncated",)
 
 
 def test_probe_script_parses_on_the_host() -> None:
     out = subprocess.run(["/bin/sh", "-c", PROBE_SCRIPT], capture_output=True, text=True, check=True).stdout
-    mounts = parse_mountinfo(out.split("@@kavach-integrity mountinfo\n")[1].split("@@kavach-integrity ns")[0])
+    labelled = [line for line in out.splitlines() if line.startswith("/proc/self/mountinfo:")]
+    mounts = parse_mountinfo("\n".join(line.split(":", 1)[1] for line in labelled))
     assert any(m.mount_point == "/" for m in mounts)
+    status = [line for line in out.splitlines() if line.startswith("/proc/self/status:")]
+    # /proc/self was grep's own: the shell replaced itself with it (one fork, two execs).
+    assert "/proc/self/status:Name:\tgrep" in status
+    ns = out.split("@@kavach-integrity ns\n")[1].split("@@kavach-integrity files")[0].splitlines()
+    assert [line.split()[0] for line in ns] == ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
+    assert all(line.split()[1].startswith(line.split()[0] + ":[") for line in ns)
 
 
 @pytest.fixture
