@@ -408,3 +408,42 @@ def test_mailgun_private_api_key() -> None:
     text = '"credentials":{"ops@mg.example.org":"0ab181d82e96de5c945d3f3126b48ba6-2ddf84e1-f4a177bc"}'
     one(text, "secrets.mailgun-api-key")
     assert found_values("0ab181d82e96de5c945d3f3126b48ba6-00000000-00000000") == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "* `-pwd-last-set`: Shows pwdLastSet attribute for each account.",  # a sentence after "pwd:"
+        '--auth "user:pass" : Creds required to connect to the server',
+        '2,5,T,Pw.qc=!0,Pw.Tb="cljs.core.async/t_cljs$core$async43126",Pw.Ec=function(){}',  # a member of Pw
+        "                password: string.Empty);",  # C# named argument: a member, not a literal
+        "      --password=NATS_PASSWORD  Password",  # a flag's documentation: the value names itself
+        "./revsocks -connect 10.10.10.10:8443 -pass Password1234 -proxy proxy.local:3128",
+        "./enumerate-iam.py --access-key AKIA... --secret-key StF0q...",  # elided
+        "eyJ0eXAiOiJKV1QiLCJhbGciOiJub25lIn0.eyJsb2dpbiI6InRlc3QiLCJpYXQiOiIxNTA3NzU1NTcwIn0.",  # alg none, unsigned
+        "f=function(e,t){e&&(s.executeDispatchesInOrder(e,t),e.isPersistent()",  # minified JS, not a Vault token
+        '"uri": "https://api.example.org/show.json?access_token=secret-access-token&uid=34c4eae1-c0d3-4dd9-8738-3364a5177b0f"',
+        '\tfakeAPIKey         = "asdf1234"',  # keyboard-run stand-in
+    ],
+)
+def test_prose_members_stand_ins_and_unsigned_tokens_are_not_secrets(text: str) -> None:
+    assert found_values(text) == [], rules(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("admin password: k7Hq2mZp for the admin account", b"k7Hq2mZp"),  # a random value, then prose
+        ('config.password = "k7Hq2mZp!";', b"k7Hq2mZp!"),  # the dotted name's last part holds it
+        ("spring.datasource.password: k7Hq2mZp", b"k7Hq2mZp"),
+        ("vault login s.5CNGwTsLiI845NHdphC7FoGu", b"s.5CNGwTsLiI845NHdphC7FoGu"),
+        ('$herokuToken .= "e4ef6884-3a7a-43d6-82c0-4cbc4276ffca"', b"e4ef6884-3a7a-43d6-82c0-4cbc4276ffca"),
+        # HMAC keys that sign cookies / ViewState (forgeable when leaked).
+        ("            'cookieValidationKey' => 'Q5i127brjr4c-K71_3JxnZo-9JFaqMCg#@#@',",
+         b"Q5i127brjr4c-K71_3JxnZo-9JFaqMCg#@#@"),
+        ('<machineKey validationKey="9F1B7C2E4A6D8F0A1C3E5B7D9F1A3C5E7B9D1F3A" decryption="AES" />',
+         b"9F1B7C2E4A6D8F0A1C3E5B7D9F1A3C5E7B9D1F3A"),
+    ],
+)
+def test_secrets_beside_prose_in_dotted_names_and_hmac_keys(text: str, value: bytes) -> None:
+    assert value in found_values(text), rules(text)

@@ -146,7 +146,7 @@ _PLACEHOLDER_MARKERS: tuple[bytes, ...] = (
     b"PLACEHOLDER", b"your_", b"your-", b"YOUR_", b"YOUR-", b"Your", b"_here", b"-here", b"_HERE",
     b"dummy", b"DUMMY", b"sample", b"SAMPLE", b"redacted", b"REDACTED", b"insert", b"INSERT",
     b"process.env", b"os.environ", b"getenv", b"environ[", b"ENV[", b"System.getenv",
-    b"lorem", b"ipsum", b"abcdefgh", b"qwerty",
+    b"lorem", b"ipsum", b"abcdefgh", b"qwerty", b"asdf",
 )
 
 

@@ -78,6 +78,13 @@ def _typed_by_person(hexdigits: bytes) -> bool:
     return sum(hexdigits.count(w) for w in _HEXSPEAK) >= 2
 
 
+def _vault_token_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
+    """Vault tokens; a legacy ``s.`` token is random, not ``s.executeDispatchesInOrder`` in minified JS."""
+    if data[start : start + 2] == b"s." and _identifier_like(data[start + 2 : end]):
+        return None
+    return _random_token_ok(data, start, end, spans)
+
+
 def _random_hex_id_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
     """A prefixed hex identifier (``wx...``, ``AC...``) whose hex body was generated, not typed."""
     if _random_token_ok(data, start, end, spans) is None or _typed_by_person(data[start + 2 : end].lower()):
@@ -141,8 +148,8 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("cloudflare-origin-ca-key", _b(r"v1\.0-[a-f0-9]{24}-[a-f0-9]{146}"), H, category="cloud_key"),
     _provider("hashicorp-tf-token", _b(r"[A-Za-z0-9]{14}\.atlasv1\.[A-Za-z0-9_=\-]{60,70}"), C,
               category="cloud_key"),
-    _provider("vault-token", _b(r"(?:hvs\.[A-Za-z0-9_\-]{90,120}|hvb\.[A-Za-z0-9_\-]{138,300}|s\.[A-Za-z0-9]{24})"), C,
-              category="cloud_key", random_body=True),
+    replace(_provider("vault-token", _b(r"(?:hvs\.[A-Za-z0-9_\-]{90,120}|hvb\.[A-Za-z0-9_\-]{138,300}|"
+                                        r"s\.[A-Za-z0-9]{24})"), C, category="cloud_key"), validate=_vault_token_ok),
     _provider("databricks-token", _b(r"dapi[a-f0-9]{32}(?:-\d)?"), C, category="cloud_key"),
     _provider("doppler-token", _b(r"dp\.pt\.[A-Za-z0-9]{43}"), C, category="cloud_key"),
     _provider("pulumi-token", _b(r"pul-[a-f0-9]{40}"), C, category="cloud_key"),
@@ -260,15 +267,20 @@ PROVIDER_RULES: tuple[Rule, ...] = (
 )
 
 
+_UNSIGNED_ALG = re.compile(rb'"alg"\s*:\s*"none"', re.IGNORECASE)
+
+
 def _jwt_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     """A JWT whose header decodes to JSON (an ``{"alg"...`` object)."""
     if b"..." in data[max(start, end - 2) : end + 3]:
         return None  # "eyJ...eyJzdWIiOiIxMj...": an elided example, not a token
-    header = data[start:end].split(b".", 1)[0]
+    header, _, rest = data[start:end].partition(b".")
     try:
         decoded = base64.urlsafe_b64decode(header + b"=" * (-len(header) % 4))
     except (binascii.Error, ValueError):
         return 0.6
+    if rest.endswith(b".") and _UNSIGNED_ALG.search(decoded) is not None:
+        return None  # alg "none" and no signature: anyone can mint it, it proves nothing
     return 0.95 if decoded.lstrip().startswith(b"{") else 0.6
 
 
@@ -653,8 +665,9 @@ def _value_ok(value: bytes, quoted: bool) -> bool:
         return False  # an unquoted path; base64 ("rQVMSp6T...rpSz/wL=") has '/' too
     if _UPPER_SNAKE.fullmatch(value) is not None and not any(48 <= b <= 57 for b in value):
         return False  # GCM_MSAUTH_FLOW: a constant's name
-    if not quoted and _MEMBER_ACCESS.fullmatch(value) is not None and not looks_random(value):
-        return False  # c.apiKey, config.APIKey
+    if not quoted and _MEMBER_ACCESS.fullmatch(value) is not None and (
+            not looks_random(value) or not any(reads_as_gibberish(part) for part in value.split(b"."))):
+        return False  # c.apiKey, config.APIKey, string.Empty: member access, each part a word
     if _has_call(value):
         return False  # an expression or an encrypted-value wrapper, not the literal secret
     return not (b" " in value or b"\t" in value or (not quoted and b"(" in value))
@@ -698,6 +711,13 @@ def _gibberish(letters: bytes) -> bool:
     return reads_as_gibberish(letters)
 
 
+def _assigned_name(key: bytes) -> bytes:
+    """The member a dotted name assigns: ``config.password`` -> ``password``, but ``Pw.Tb`` -> ``Tb``
+    (a member of something named like a password is not one)."""
+    _head, dot, last = key.rstrip(b".").rpartition(b".")
+    return last if dot and last else key
+
+
 def _fold_key(key: bytes) -> bytes:
     """``key`` lower-cased, with a camelCase ``Auth`` word kept apart (``expectedAuthCode`` ->
     ``expected_authcode``, ``keyAuth`` -> ``key_auth``) so that it still reads as the word "auth";
@@ -727,6 +747,12 @@ def _name_may_hold_secret(key_low: bytes) -> bool:
     return True
 
 
+def _prose_follows(data: bytes, end: int) -> bool:
+    """Whether a space and another word follow the value on its line."""
+    after = data[end : end + 2]
+    return len(after) == 2 and after[0] in (32, 9) and (65 <= after[1] <= 90 or 97 <= after[1] <= 122)
+
+
 # How far past a value stopped at punctuation its closing quote is looked for.
 _MAX_QUOTED = 300
 
@@ -736,7 +762,7 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | t
     if end - start > 1024:
         return None  # no assigned credential is this long; a run of "key=key=..." is not one
     key_start, key_end = spans[1]
-    key_low = _fold_key(data[key_start:key_end]) if key_start >= 0 else b""
+    key_low = _fold_key(_assigned_name(data[key_start:key_end])) if key_start >= 0 else b""
     # The name alone rules most candidates out; judge it before the value (cheaper).
     if not _name_may_hold_secret(key_low):
         return None
@@ -761,6 +787,8 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | t
     config = not quoted and key_start >= 0 and _config_context(data, key_start, start)
     if not quoted and not config and _looks_like_code(value, quoted):
         return None
+    if not quoted and _prose_follows(data, end) and value.isalpha() and not _gibberish(value.lower()):
+        return None  # "Password: Shows the pwdLastSet attribute ...": a sentence, not a value
     if not quoted and not config and value.startswith(_CODE_REFERENCE_PREFIXES):
         return None
     if not quoted and (any(op in value for op in _CODE_OPERATORS) or value.startswith(b":")):
@@ -813,7 +841,10 @@ _TOKEN_ALPHABET = re.compile(rb"[A-Za-z0-9+/=_\-]+")
 _AUTH_WORD = re.compile(rb"(?:^|[^a-z])auth(?:$|[^a-z]|token|key|code|secret|pass)")
 _STRONG_WORDS = (b"pass", b"pwd", b"pw", b"psw", b"pssw", b"pasw", b"secret", b"token", b"key", b"credential",
                  b"salt", b"sas", b"api",
-                 b"passwort", b"senha", b"contrase", b"mot")
+                 b"passwort", b"senha", b"contrase", b"mot",
+                 # HMAC keys of ASP.NET's machineKey and Yii's cookieValidationKey: leaking
+                 # one lets an attacker forge signed ViewState / cookies
+                 b"validationkey", b"validation_key", b"decryptionkey", b"decryption_key")
 
 
 def _literals(words: tuple[bytes, ...]) -> re.Pattern[bytes]:
@@ -839,6 +870,10 @@ def _cli_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
         return None
     if value.lower() in (b"stdin", b"prompt", b"ask", b"file", b"env", b"none", b"true", b"false"):
         return None
+    if _SELF_DESCRIBING_RE.search(value.lower()) is not None or value.lower() in _STAND_IN_VALUES:
+        return None  # --password NATS_PASSWORD, -pass Password1234, --auth user:pass: stand-ins
+    if value.endswith((b"...", "\u2026".encode())):
+        return None  # --secret-key StF0q...: elided in documentation
     return 0.8
 
 
@@ -956,13 +991,40 @@ def _uuid_line_context(data: bytes, start: int, end: int) -> bytes:
     return data[line_start:start] + b" " + data[end : hi if newline < 0 else newline]
 
 
+_NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+def _owner_name(data: bytes, start: int) -> bytes | None:
+    """The name a value is assigned to (``uid=<v>``, ``"id": "<v>"``, ``tenantId = '<v>'``), or None.
+
+    Looks back over at most a few quotes and spaces, an assignment operator (``=``, ``:``, ``.=``,
+    ``:=``, ``+=``, ``?=``), and a name of up to 64 characters: O(1) per candidate."""
+    i = start - 1
+    while i >= 0 and start - i <= 4 and data[i] in b"\"' \t":
+        i -= 1
+    if i < 0 or data[i] not in b"=:":
+        return None
+    op_end = i
+    while i >= 0 and op_end - i < 3 and data[i] in b"=:.+?|&!":
+        i -= 1
+    while i >= 0 and op_end - i < 12 and data[i] in b"\"' \t]":
+        i -= 1
+    name_end = i + 1
+    while i >= 0 and name_end - i <= 64 and data[i] in _NAME_BYTES:
+        i -= 1
+    return data[i + 1 : name_end] or None
+
+
 def _uuid_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
-    """A random-looking UUID (not ``0000...`` or ``12345678-ABCD-...``) on a line that names a credential."""
+    """A random-looking UUID (not ``0000...`` or ``12345678-ABCD-...``) on a line that names a
+    credential; a UUID assigned to a name of its own (``uid=``, ``"id":``) belongs to that name."""
     hexdigits = data[start:end].replace(b"-", b"").lower()
     if len(set(hexdigits)) < 8 or _typed_by_person(hexdigits):
         return None  # 00000000-0000-..., 11111111-1111-..., bace4d19-dead-beef-...
-    if not _UUID_CONTEXT.search(_uuid_line_context(data, start, end)):
-        return None
+    owner = _owner_name(data, start)
+    context = owner if owner is not None else _uuid_line_context(data, start, end)
+    if not _UUID_CONTEXT.search(context):
+        return None  # "?access_token=x&uid=<uuid>": the uid is not the token
     return 0.5
 
 
