@@ -447,3 +447,23 @@ def test_prose_members_stand_ins_and_unsigned_tokens_are_not_secrets(text: str) 
 )
 def test_secrets_beside_prose_in_dotted_names_and_hmac_keys(text: str, value: bytes) -> None:
     assert value in found_values(text), rules(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # A password compared against a literal is hard-coded.
+        ('\tif updated.Password != "O3dL4uq7d" {', b"O3dL4uq7d"),
+        ('if (password !== "PaS5w0rD2#"){', b"PaS5w0rD2#"),
+        # PHP serialize() output, e.g. a config row in an SQL dump.
+        ('a:2:{s:10:"paypal_env";s:6:"sandbox";s:15:"paypal_password";s:16:"OO7JAOEWCQ5FQJZX";}',
+         b"OO7JAOEWCQ5FQJZX"),
+    ],
+)
+def test_comparisons_and_php_serialized_values(text: str, value: bytes) -> None:
+    assert value in found_values(text), rules(text)
+
+
+def test_php_serialized_ordinary_values_are_not_secrets() -> None:
+    text = 'a:3:{s:3:"key";s:4:"lang";s:8:"password";s:0:"";s:9:"token_ttl";s:4:"3600";}'
+    assert found_values(text) == [], rules(text)

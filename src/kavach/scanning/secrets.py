@@ -920,6 +920,18 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         confidence=0.8,
     ),
     Rule(
+        # PHP serialize() output (WordPress options, Magento/fecshop config rows in SQL dumps):
+        # s:17:"paypal_password";s:16:"hunter2..."
+        id="secrets.password-assignment",
+        category="password",
+        severity=H,
+        pattern=rf"(?i)s:\d{{1,4}}:\"({_KEY_NAME})\";s:\d{{1,4}}:\"([^\"\n]{{1,300}})",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+        anchors=(r'";s:\d',),
+    ),
+    Rule(
         # PHP define('DB_PASSWORD', 'hunter2'); C #define PASSWORD "x"; RPM %define; batch SET x "y"
         id="secrets.password-assignment",
         category="password",
@@ -1128,7 +1140,7 @@ _CLI_ANCHORS = (
 _ASSIGNMENT_ANCHORS = (
     # keyword, then (after the rest of the name, quotes and an optional type) the operator
     (rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[A-Za-z0-9_.\-]*(?:\\?[\"'`\]]){{0,2}}"
-     r"(?:[ \t]*:?[ \t]*(?:string|str|&str|\[\]byte|SecureString)\??)?[ \t]*[=:]",),
+     r"(?:[ \t]*:?[ \t]*(?:string|str|&str|\[\]byte|SecureString)\??)?[ \t]*!?[=:]",),
     (rf"(?i)<[A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})",),
     (rf"(?i)(?:key|name)\s*=\s*[\"'][^\"']*(?:{_KEYWORD_ANCHOR[0]})",),
     # the directive, then a name holding a keyword ("set " alone is in every other shell script)
