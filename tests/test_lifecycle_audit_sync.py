@@ -221,3 +221,53 @@ async def test_argv_secrets_are_redacted_on_every_exec_with_the_scrub_cache(tmp_
     # The cache is keyed by a digest, never by the unredacted word.
     assert all(isinstance(k, bytes) and len(k) == 16 for k in sandbox._scrubbed)
     assert all(SECRET not in v for v in sandbox._scrubbed.values())
+
+
+async def test_sandboxes_of_one_gate_policy_share_scrub_results(tmp_path: Path) -> None:
+    first = await Sandbox.create(config(tmp_path))
+    second = await Sandbox.create(config(tmp_path))
+    assert first._scrubbed is second._scrubbed  # a pooled sandbox's first exec finds it warm
+    other = await Sandbox.create(
+        SandboxConfig(
+            backend=Backend.NOOP,
+            audit=AuditSettings(path=str(tmp_path / "audit.jsonl"), key=KEY),
+            externalization=ExternalizationPolicy(allowlist_rules=frozenset({"pii.email"})),
+        )
+    )
+    assert other._scrubbed is not first._scrubbed  # another policy may scrub differently
+    for sandbox in (first, second, other):
+        await sandbox.destroy()
+
+
+async def test_a_sandbox_with_injected_secrets_keeps_its_scrub_cache_to_itself(tmp_path: Path) -> None:
+    from kavach.credentials import CredentialStore, SecretRef, env
+
+    value = "tok-3c9e1f7a2b5d8e0f"
+    store = CredentialStore()
+    store.set("TOKEN", value)
+    with_secret = SandboxConfig(
+        backend=Backend.NOOP,
+        audit=AuditSettings(path=str(tmp_path / "audit.jsonl"), key=KEY),
+        externalization=ExternalizationPolicy(),
+        secrets=(SecretRef("TOKEN", env("API_TOKEN")),),
+        credential_store=store,
+    )
+    plain = await Sandbox.create(config(tmp_path))
+    secretive = await Sandbox.create(with_secret)
+    assert secretive._scrubbed is not plain._scrubbed
+    # The same word, scrubbed first where the value means nothing (and is logged as it is),
+    # is still redacted where it is a known secret.
+    await plain.exec(["/bin/echo", value])
+    await secretive.exec(["/bin/echo", value])
+    for sandbox in (plain, secretive):
+        await sandbox.destroy()
+    started = {e["sandbox_id"]: e for e in events(tmp_path) if e["event"] == "exec.started"}
+    assert started[plain.id]["payload"]["argv"] == ["/bin/echo", value]  # type: ignore[index]
+    assert value not in json.dumps(started[secretive.id])
+
+
+async def test_empty_output_decision_is_computed_at_create(tmp_path: Path) -> None:
+    sandbox = await Sandbox.create(config(tmp_path))
+    assert sandbox._empty_gate is not None and sandbox._empty_gate[0] is sandbox._services.gate
+    assert sandbox._empty_gate[1].verdict is Verdict.PASS and not sandbox._empty_gate[1].findings
+    await sandbox.destroy()

@@ -77,6 +77,7 @@ _ENTRY_FIELDS = frozenset({"serial", "timestamp", "event", "sandbox_id", "agent_
 _ANCHOR_FIELDS = frozenset({"serial", "hmac", "timestamp", "sig"})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 64 * 1024
+_PAYLOAD_KEY = b',"payload":'
 
 # Payload keys that name secret values. The lifecycle passes counts, never evidence; this is
 # a second line of defence: string values under such keys are replaced before signing.
@@ -285,9 +286,30 @@ def _sign_entry(
     sandbox_id: str | None,
     agent_id: str | None,
     payload: dict[str, Any],
-) -> AuditEntry:
-    unsigned = AuditEntry(serial, _now(), event, sandbox_id, agent_id, payload, prev_hmac, "")
-    return AuditEntry(**{**unsigned.to_dict(), "hmac": _mac(key, _ENTRY_DOMAIN, unsigned.body())})
+) -> tuple[AuditEntry, bytes]:
+    """The signed entry and its exact log line (newline included), with one JSON encoding.
+
+    The line is the canonical encoding of the body with ``"hmac"`` added. Keys are sorted, and
+    ``hmac`` sorts between ``event`` and ``payload``, so the line is the body's bytes with
+    ``,"hmac":"…"`` inserted before ``,"payload":``. That text occurs nowhere earlier: the
+    only values before it are ``agent_id`` and ``event``, JSON strings (or null) in which a
+    quote is always escaped. :func:`verify` checks every line is canonical.
+    """
+    timestamp = _now()
+    body = {
+        "serial": serial,
+        "timestamp": timestamp,
+        "event": event,
+        "sandbox_id": sandbox_id,
+        "agent_id": agent_id,
+        "payload": payload,
+        "prev_hmac": prev_hmac,
+    }
+    encoded = canonical_bytes(body)
+    mac = hmac.new(key, _ENTRY_DOMAIN + encoded, hashlib.sha256).hexdigest()
+    at = encoded.index(_PAYLOAD_KEY)
+    line = b"".join((encoded[:at], b',"hmac":"', mac.encode("ascii"), b'"', encoded[at:], b"\n"))
+    return AuditEntry(serial, timestamp, event, sandbox_id, agent_id, payload, prev_hmac, mac), line
 
 
 def _sign_checkpoint(key: bytes, serial: int, entry_hmac: str) -> dict[str, Any]:
@@ -521,8 +543,8 @@ class AuditLog:
 
     def _write_genesis(self) -> None:
         payload = {"format": FORMAT_VERSION, "key_id": key_id(self._key)}
-        entry = _sign_entry(self._key, 0, GENESIS_PREV_HMAC, GENESIS_EVENT, None, None, payload)
-        self._write_line(entry)
+        entry, line = _sign_entry(self._key, 0, GENESIS_PREV_HMAC, GENESIS_EVENT, None, None, payload)
+        self._write_line(entry, line)
         self._write_checkpoint()
 
     def _write_entry(
@@ -536,14 +558,13 @@ class AuditLog:
     ) -> AuditEntry:
         assert self._tail is not None
         serial = self._tail.serial + 1
-        entry = _sign_entry(self._key, serial, self._tail.hmac, event, sandbox_id, agent_id, payload)
-        self._write_line(entry, sync=sync)
+        entry, line = _sign_entry(self._key, serial, self._tail.hmac, event, sandbox_id, agent_id, payload)
+        self._write_line(entry, line, sync=sync)
         if serial % self.checkpoint_every == 0:
             self._write_checkpoint()
         return entry
 
-    def _write_line(self, entry: AuditEntry, *, sync: bool = True) -> None:
-        line = entry.line()
+    def _write_line(self, entry: AuditEntry, line: bytes, *, sync: bool = True) -> None:
         try:
             # One write(2) per entry with O_APPEND: a kill -9 can leave a prefix of this line
             # (a torn tail, repaired later) but never interleave it with another writer's.

@@ -67,7 +67,8 @@ if TYPE_CHECKING:
 PROXY_LISTEN = ("127.0.0.1", 3128)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CA_BUNDLE_PATH = "/run/kavach/ca-bundle.pem"
-_SCRUB_CACHE_ENTRIES = 256  # scrubbed argv words remembered per sandbox (then forgotten at once)
+_SCRUB_CACHE_ENTRIES = 256  # scrubbed argv words remembered per cache (then forgotten at once)
+_SCRUB_SHARED_POLICIES = 16  # gate policies with a shared scrub cache
 
 
 class SandboxState(StrEnum):
@@ -209,6 +210,10 @@ class _Services:
     proxy_task: asyncio.Task[None] | None = None
     base_env: dict[str, str] = field(default_factory=dict)
     stdin_secret: bytes | None = None
+    # What the argv scrub depends on besides the text, when sandboxes may share its results:
+    # the gate policy's repr, or None when the gate knows injected secret values (then each
+    # sandbox keeps its own cache).
+    scrub_key: str | None = None
 
 
 class Sandbox:
@@ -240,7 +245,7 @@ class Sandbox:
         self._fork_watch: ForkBombWatch | None = None
         self._integrity: IntegrityReport | None = None
         self._empty_gate: tuple[Gate, GateResult] | None = None
-        self._scrubbed: dict[bytes, str] = {}
+        self._scrubbed: dict[bytes, str] = _scrub_cache(services.scrub_key)
 
     # -- creation -----------------------------------------------------------------------------
 
@@ -306,6 +311,9 @@ class Sandbox:
             await self._check_integrity_at_create()
         if self._score < self.config.min_score:
             raise ScoreTooLow(int(self._score), self.config.min_score, missing_controls(self._enforcement))
+        if services.gate is not None:
+            # Computed now, while creating (for a pool: in the background), not on the first exec.
+            self._empty_output_result(services.gate, "stdout")
         self._fsm.transition(SandboxState.RUNNING)
         self._audit(
             "sandbox.created",
@@ -643,8 +651,8 @@ class Sandbox:
 
         Command lines are audited, and a command line can carry a secret; the audit log must
         never hold one, whether or not the gate is enabled for output. Agents repeat the same
-        argv words (``/bin/sh``, ``-c``, a script), so results are remembered per sandbox, keyed
-        by a digest of the word: the cache never holds the unredacted text.
+        argv words (``/bin/sh``, ``-c``, a script), so results are remembered (see
+        :func:`_scrub_cache`), keyed by a digest of the word: no cache holds the unredacted text.
         """
         data = text.encode("utf-8", "surrogateescape")
         digest = hashlib.blake2b(data, digest_size=16).digest()
@@ -870,6 +878,26 @@ def _argv_for_audit(command: str | Sequence[str]) -> list[str]:
     return [command] if isinstance(command, str) else [str(a) for a in command]
 
 
+_SHARED_SCRUB_CACHES: dict[str, dict[bytes, str]] = {}
+
+
+def _scrub_cache(key: str | None) -> dict[bytes, str]:
+    """The argv scrub cache for a new sandbox: shared by sandboxes whose scrub gives equal results.
+
+    Pooled sandboxes serve one claimant each, so a per-sandbox cache would never be warm on
+    the claim path; sandboxes of one gate policy without injected secrets share one instead.
+    Entries are digests of argv words mapped to their redacted form: no cache holds a secret.
+    """
+    if key is None:
+        return {}
+    cache = _SHARED_SCRUB_CACHES.get(key)
+    if cache is None:
+        if len(_SHARED_SCRUB_CACHES) >= _SCRUB_SHARED_POLICIES:
+            _SHARED_SCRUB_CACHES.clear()
+        cache = _SHARED_SCRUB_CACHES[key] = {}
+    return cache
+
+
 @functools.cache
 def _fallback_secrets_scanner() -> SecretsScanner:
     return SecretsScanner()
@@ -896,6 +924,9 @@ def _open_services(config: SandboxConfig, backend: Backend, assessor: threat.Thr
         ext = ExternalizationPolicy.disabled() if backend is Backend.NOOP else ExternalizationPolicy()
     quarantine = QuarantineStore(config.quarantine_dir, audit=audit) if ext.enabled else None
     services = _Services(audit=audit, gate=None, quarantine=quarantine, assessor=assessor)
+    # repr shows every field of the (frozen) policy: equal text means an equal policy, and an
+    # equal policy gives equal scan results; unequal text for equal policies only misses.
+    services.scrub_key = repr(ext) if ext.enabled else "fallback-secrets-scanner"
     services.gate = Gate(ext) if ext.enabled else None
     return services
 
@@ -946,6 +977,7 @@ async def _launch_spec(config: SandboxConfig, sandbox_id: str, services: _Servic
         # off (a disabled policy scans nothing but the known secrets).
         policy_for_gate = services.gate.policy if services.gate is not None else ExternalizationPolicy.disabled()
         services.gate = Gate(policy_for_gate, known_secrets=known_secrets)
+        services.scrub_key = None  # results depend on this sandbox's secrets: never shared
     services.base_env = env
     return LaunchSpec(
         sandbox_id=sandbox_id,
