@@ -467,3 +467,36 @@ def test_comparisons_and_php_serialized_values(text: str, value: bytes) -> None:
 def test_php_serialized_ordinary_values_are_not_secrets() -> None:
     text = 'a:3:{s:3:"key";s:4:"lang";s:8:"password";s:0:"";s:9:"token_ttl";s:4:"3600";}'
     assert found_values(text) == [], rules(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ('$atlassianToken .= "p0jiqm09d86j0rr4tr5n5914";', b"p0jiqm09d86j0rr4tr5n5914"),  # PHP append
+        ('DEPLOY_TOKEN ?= "q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"', b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"),  # Makefile
+        ('DEPLOY_TOKEN ::= "q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"', b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"),
+        ('DEPLOY_TOKEN :::= "q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"', b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"),
+        # A name and a value passed together to a call.
+        ('System.setProperty("CODECOV_TOKEN", "1vve0m6596424kr7tz8qqtac33wo62n4");',
+         b"1vve0m6596424kr7tz8qqtac33wo62n4"),
+        ('os.Setenv("DB_PASSWORD", "Tr0ub4dor&3x")', b"Tr0ub4dor&3x"),
+        ("headers.put('X-Api-Key', 'q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1');", b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"),
+    ],
+)
+def test_makefile_append_and_call_pair_assignments(text: str, value: bytes) -> None:
+    assert value in found_values(text), rules(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'token = os.getenv("API_TOKEN", "")',
+        'key = os.environ.get("SECRET_KEY", "changeme")',
+        'i18n.add("password", "Mot de passe")',  # a translation
+        'parser.add_argument("--password", "-p")',
+        '$password .= $chars[rand(0, 61)];',  # code building a random password
+        "PASSWORD ?= $(shell cat /run/secrets/db)",
+    ],
+)
+def test_call_pairs_and_appends_of_code_or_stand_ins_are_not_secrets(text: str) -> None:
+    assert found_values(text) == [], rules(text)

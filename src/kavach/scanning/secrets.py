@@ -513,13 +513,19 @@ _SECRET_WORDS = (
     # passes the entropy test is reported, so "key: value" in ordinary dictionaries is not.
     r"key"
 )
+# Prefilter form of the keywords: every name _KEY_NAME accepts contains one of these.
+_KEYWORD_ANCHOR = (
+    r"pass|pw|psw|pssw|pasw|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",
+)
+
 # Unbounded (not counted) repetition around the keyword: counted repetition multiplies
 # automaton states, and this rule runs over every window that mentions a keyword.
 _KEY_NAME = rf"[A-Za-z0-9_.\-]*(?:{_PASSWORD_WORDS}|{_SECRET_WORDS})[A-Za-z0-9_.\-]*"
-# Separators of Python, JS, Go, YAML, JSON, INI, .env, shell, PHP, Ruby, TOML, C#.
+# Separators of Python, JS, Go, YAML, JSON, INI, .env, shell, PHP, Ruby, TOML, C#, Makefile
+# (``?=``, ``::=``, ``:::=``) and appending forms (PHP ``.=``, ``+=``) that build a secret up.
 # An optional type between the name and the operator: Go ``var token string =``,
 # Kotlin/Swift/TS ``val token: String =``.
-_ASSIGN = r"(?:\\?[\"'`\]]){0,2}(?:[ \t]*:?[ \t]*(?:string|String|str|&str|\[\]byte|SecureString)\??)?[ \t]*(?:=>|:=|===|==|!==|!=|->|\?\?=|\|\|=|=|:)[ \t]*(?:@?\\?\"|\\?'|`|\([ \t]*[\"'])?"  # noqa: E501
+_ASSIGN = r"(?:\\?[\"'`\]]){0,2}(?:[ \t]*:?[ \t]*(?:string|String|str|&str|\[\]byte|SecureString)\??)?[ \t]*(?::::=|::=|=>|:=|===|==|!==|!=|->|\?\?=|\|\|=|\?=|\.=|\+=|=|:)[ \t]*(?:@?\\?\"|\\?'|`|\([ \t]*[\"'])?"  # noqa: E501
 _VALUE = r"([^\s\"'`,;<>(){}\[\]\\]+|[^\"'`\n\\]+(?:[\"'`]))"
 
 
@@ -920,6 +926,18 @@ ASSIGNMENT_RULES: tuple[Rule, ...] = (
         confidence=0.8,
     ),
     Rule(
+        # A name and a value passed together: System.setProperty("DB_PASSWORD", "..."),
+        # os.Setenv("GITHUB_TOKEN", "..."), headers.put("X-Api-Key", "..."), config.set("secret", "...")
+        id="secrets.password-assignment",
+        category="password",
+        severity=H,
+        pattern=rf"(?i)\(\s*[\"']({_KEY_NAME})[\"']\s*,\s*[\"']([^\"'\n]{{1,300}})[\"']",
+        value_group=2,
+        validate=_assignment_ok,
+        confidence=0.8,
+        anchors=(rf"(?i)\(\s*[\"'][A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})[A-Za-z0-9_.\-]*[\"']\s*,",),
+    ),
+    Rule(
         # PHP serialize() output (WordPress options, Magento/fecshop config rows in SQL dumps):
         # s:17:"paypal_password";s:16:"hunter2..."
         id="secrets.password-assignment",
@@ -1084,9 +1102,6 @@ STANDALONE_AWS_SECRET_RULE = Rule(
     validate=_looks_random_ok,
 )
 
-_KEYWORD_ANCHOR = (
-    r"pass|pw|psw|pssw|pasw|secret|token|key|auth|credential|sas|salt|api|passwort|contrase|senha|mot_?de",
-)
 
 # Prefilter anchors for rules whose pattern does not start with a usable literal.
 _ANCHORS: dict[str, tuple[str, ...]] = {
@@ -1140,7 +1155,7 @@ _CLI_ANCHORS = (
 _ASSIGNMENT_ANCHORS = (
     # keyword, then (after the rest of the name, quotes and an optional type) the operator
     (rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[A-Za-z0-9_.\-]*(?:\\?[\"'`\]]){{0,2}}"
-     r"(?:[ \t]*:?[ \t]*(?:string|str|&str|\[\]byte|SecureString)\??)?[ \t]*!?[=:]",),
+     r"(?:[ \t]*:?[ \t]*(?:string|str|&str|\[\]byte|SecureString)\??)?[ \t]*[!?.+]?[=:]",),
     (rf"(?i)<[A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})",),
     (rf"(?i)(?:key|name)\s*=\s*[\"'][^\"']*(?:{_KEYWORD_ANCHOR[0]})",),
     # the directive, then a name holding a keyword ("set " alone is in every other shell script)
