@@ -23,6 +23,9 @@ secret's start, so redaction still removes the identifying part.
 from __future__ import annotations
 
 import bisect
+import re
+import re._parser as _sre_parser  # type: ignore[import-not-found]
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -232,6 +235,25 @@ def prefilter_pattern(rule: Rule) -> str:
     return flags + body
 
 
+def _longest_match(pattern: str, default: int) -> int:
+    """The most bytes a match of ``pattern`` can span, or ``default`` when unbounded or unknown.
+
+    Python's regex parser measures the width (``re._parser``; a Latin-1 character is one
+    byte). RE2 syntax it does not read (``\\p{..}``, flags mid-pattern) gives ``default``.
+    ``{,n}`` is a repetition to Python but a literal to RE2, so such patterns are not
+    measured. A bound that is too large only costs time; none is ever too small.
+    """
+    if "{," in pattern:
+        return default
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, longest = _sre_parser.parse(pattern).getwidth()
+    except (re.error, ValueError, TypeError, OverflowError, RecursionError):
+        return default
+    return int(longest) if longest < default else default
+
+
 class PatternBank:
     """A set of rules compiled once and matched together over windows of an artifact."""
 
@@ -243,13 +265,24 @@ class PatternBank:
         self._followers = [
             compile_bytes(rule.not_followed_by)._regexp.Match if rule.not_followed_by else None for rule in self.rules
         ]
-        self._max_lens = [rule.max_len for rule in self.rules]
+        # How far past its window each rule's search runs: its ``max_len``, or less when no
+        # match of its pattern can be that long (cards, IPs, most tokens: tens of bytes).
+        self._max_lens = [min(rule.max_len, _longest_match(rule.pattern, rule.max_len)) for rule in self.rules]
         self._set = re2.Set.SearchSet(re2_options(_SET_MEM))
         for rule in self.rules:
             pattern = rule.pattern if not rule.case_insensitive else "(?i)" + rule.pattern
             self._compiled.append(compile_bytes(pattern))
             self._set.Add(prefilter_pattern(rule).encode("latin-1"))
         self._set.Compile()
+        self._raw = [regexp._regexp.Match for regexp in self._compiled]
+        self._set_match = self._set._set.Match
+        owners_ = self.owners
+        # Per rule, what the scan loop needs, unpacked once.
+        self._plans = [
+            (rule, rule.value_group, self._followers[i], rule.validate, rule.confidence,
+             owners_[i] if owners_ is not None else None, rule.evidence == "redact", rule.redact)
+            for i, rule in enumerate(self.rules)
+        ]
 
     def matches(self, data: bytes) -> Iterator[tuple[int, Spans]]:
         """Every (rule index, match) in ``data``, each match reported once, windows in order.
@@ -258,52 +291,72 @@ class PatternBank:
         few windows that contain one of its anchors. Invariant (checked by the property
         tests): every match contains an anchor within its first ``OVERLAP`` bytes.
         """
+        yield from self._match_windows(data, 0, len(data))
+
+    def _match_windows(self, data: bytes, first: int, stop: int) -> list[tuple[int, Spans]]:
+        """The matches owned by the windows starting in ``[first, stop)`` (``first`` window-aligned)."""
         n = len(data)
-        # The binding's C++ matcher directly: the Python finditer wrapper's per-match
-        # objects cost more than the matching itself on small windows.
-        raw = [regexp._regexp for regexp in self._compiled]
+        out: list[tuple[int, Spans]] = []
+        append = out.append
+        # The binding's C++ matchers directly: the Python wrappers' per-call objects cost
+        # more than the matching itself on small windows.
+        raw = self._raw
         max_lens = self._max_lens
-        set_match = self._set.Match
-        for ws in range(0, n, WINDOW):
+        set_match = self._set_match
+        for ws in range(first, stop, WINDOW):
             owned_end = min(n, ws + WINDOW)
             hits = set_match(data[ws : min(n, owned_end + OVERLAP)])
             if not hits:
                 continue
             for index in sorted(hits):
-                match = raw[index].Match
+                match = raw[index]
                 pos, endpos = ws, min(n, owned_end + max_lens[index])
                 while True:
                     spans = match(_UNANCHORED, data, pos, endpos)
                     start, end = spans[0]
                     if start < 0 or start >= owned_end:
                         break
-                    yield index, spans
+                    append((index, spans))
                     if pos == endpos:
                         break
                     pos = pos + 1 if end == pos else end
+        return out
 
     def scan(self, data: bytes, scanner: str) -> list[Finding]:
         """Validated findings of every rule (lines not yet assigned: see :func:`finalize`)."""
         found: list[Finding] = []
-        for index, spans in self.matches(data):
-            rule = self.rules[index]
-            vstart, vend = spans[rule.value_group]
+        append = found.append
+        n = len(data)
+        plans = self._plans
+        new = object.__new__
+        for index, spans in self._match_windows(data, 0, n):
+            rule, group, follower, validate, confidence, owner, redacts, redact = plans[index]
+            vstart, vend = spans[group]
             if vstart < 0 or vend <= vstart:
                 continue
-            follower = self._followers[index]
-            if follower is not None and follower(_ANCHOR_START, data, vend, len(data))[0][0] >= 0:
+            if follower is not None and follower(_ANCHOR_START, data, vend, n)[0][0] >= 0:
                 continue
-            confidence = rule.confidence
-            if rule.validate is not None:
-                verdict = rule.validate(data, vstart, vend, spans)
+            if validate is not None:
+                verdict = validate(data, vstart, vend, spans)
                 if verdict is None:
                     continue
                 if isinstance(verdict, tuple):
                     confidence, vend = verdict
                 else:
                     confidence = verdict
-            owner = scanner if self.owners is None else self.owners[index]
-            found.append(make_finding(owner, rule, data, vstart, vend, confidence))
+            else:
+                confidence = rule.confidence
+            value = data[vstart:vend]
+            # Finding's generated __init__ (frozen: one object.__setattr__ per field) is
+            # the single largest per-match cost of the loop; the fields are the same.
+            finding = new(Finding)
+            finding.__dict__.update(
+                scanner=owner if owner is not None else scanner, rule=rule.id, category=rule.category,
+                severity=rule.severity, start=vstart, end=vend, line=0,
+                evidence=redact_value(value) if redacts else snippet(value), confidence=confidence,
+                source="", redact=redact,
+            )
+            append(finding)
         return found
 
 
