@@ -500,3 +500,34 @@ def test_makefile_append_and_call_pair_assignments(text: str, value: bytes) -> N
 )
 def test_call_pairs_and_appends_of_code_or_stand_ins_are_not_secrets(text: str) -> None:
     assert found_values(text) == [], rules(text)
+
+
+def test_url_query_values_end_at_the_next_parameter() -> None:
+    text = 'fetch("https://api.example.org/v1/js?key=dhd0lCQVFRZ0ViVnpmUGWxhQW9KQWwrLzZY&format=json")'
+    assert found_values(text) == [b"dhd0lCQVFRZ0ViVnpmUGWxhQW9KQWwrLzZY"], rules(text)
+    # The next parameter is not part of the value: "secret-access-token" names itself.
+    assert found_values("/oauth?access_token=secret-access-token&uid=7f2c9e41b85d") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("DOCKER_PAT=dckr_pat_" + "mcF-hLK_JoBxXUNJy1kU7-WSbk0", "secrets.docker-hub-token"),
+        ("docker swarm join --token SWMTKN-1-" + "edmua5ub12inlget8wkvz35kckxkeyznuvc49brsy84wgfssrw"
+         "-otjll8wdy3yikfrksskvqzqh1", "secrets.docker-swarm-token"),
+        ("unlock key: SWMKEY-1-" + "fySn8TY4w5lKcWcJPIpKufejh9hxx5KYwx6XZigx3Q4", "secrets.docker-swarm-token"),
+        ("X-Figma-Token: figd_" + "h65Ugiu76WD3xf233a6KAmo9ZmbWNnNrny9Q6IHl", "secrets.figma-token"),
+        ("glrtr-" + "KZX7Mizo7RYFKh2JScz6aeqZ3WG8nxujE21QpZVIr", "secrets.gitlab-token"),
+        ("refresh_token: 1//0" + "T4eRe15N0tT4Et0kEHY0U4Rel0Ok1ng4-hPyg7SWC7tZ1WE5vZvtCwqrJF9rLsyiKFeD",
+         "secrets.gcp-oauth-refresh-token"),
+        ("var dropbox = 'sl." + "BdmpmC82mhhySscKk2oQGyE5l--8LdAQftLTXVGQhP39Z8FtAK1BhePhyevurA-Elt7ToIr6Opwz"
+         "KAYE7RBqpu6VVyQU5WlCTL_Q7N4gElXahaWou6aPpOIwgGCIOq9aeC3YFoc';", "secrets.dropbox-token"),
+    ],
+)
+def test_more_provider_tokens(text: str, rule: str) -> None:
+    one(text, rule)
+
+
+def test_a_sentence_written_in_a_token_shape_is_not_a_token() -> None:
+    text = "SWMTKN-1-7here4ar3not7he7oken5you4re1ooking4or1samplingonly-nh7cr8ap4o4fl58ektr42c8ek"
+    assert found_values(text) == [], rules(text)

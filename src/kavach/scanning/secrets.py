@@ -31,6 +31,7 @@ from kavach.scanning.entropy import (
     is_hex,
     is_placeholder,
     looks_random,
+    rare_letter_pairs,
     reads_as_gibberish,
     shannon_entropy,
 )
@@ -59,7 +60,14 @@ def _random_token_ok(data: bytes, start: int, end: int, spans: Spans) -> float |
     if _token_ok(data, start, end, spans) is None:
         return None
     value = data[start:end]
-    return 0.9 if shannon_entropy(value) >= 3.0 else None
+    if shannon_entropy(value) < 3.0:
+        return None
+    # Random letters pair up outside the common-pair table about half the time (hex letters
+    # a-f are the exception: most of their pairs are common, so hex is not judged this way).
+    rare, pairs = rare_letter_pairs(value)
+    if pairs >= 24 and rare * 5 < pairs and not is_hex(value.replace(b"-", b"")):
+        return None  # "...7here4ar3not7he7oken5you4re1ooking4or...": a sentence in disguise
+    return 0.9
 
 
 # Hex "words" people type into made-up identifiers (``deadbeef``, ``cafebabe``).
@@ -134,6 +142,8 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("gcp-api-key", _b(r"AIza[0-9A-Za-z_\-]{35}"), H, category="cloud_key"),
     _provider("gcp-oauth-client-secret", _b(r"GOCSPX-[0-9A-Za-z_\-]{28}"), C, category="cloud_key"),
     _provider("gcp-oauth-access-token", _b(r"ya29\.[0-9A-Za-z_\-]{30,500}"), H, category="cloud_key"),
+    _provider("gcp-oauth-refresh-token", r"(?:^|[^A-Za-z0-9_/])(1//0[0-9A-Za-z_\-]{40,500})", C, category="cloud_key",
+              random_body=True),
     _provider("azure-ad-client-secret", r"(?:^|[^A-Za-z0-9_~.])([A-Za-z0-9_~.]{3}\dQ~[A-Za-z0-9_~.\-]{31,34})", C,
               category="cloud_key"),
     _provider("azure-storage-account-key", r"(?i)AccountKey\s*=\s*([A-Za-z0-9+/]{86}==)", C, category="cloud_key"),
@@ -162,13 +172,17 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     # --- source control and package registries ---
     _provider("github-token", _b(r"gh[pousr]_[A-Za-z0-9]{36,251}"), C, category="vcs_token"),
     _provider("github-fine-grained-pat", _b(r"github_pat_[A-Za-z0-9_]{80,90}"), C, category="vcs_token"),
-    _provider("gitlab-token", _b(r"(?:glpat|glptt|gldt|glrt|glcbt|glft|glimt|glagent|gloas|glsoat|glffct)-"
+    _provider("gitlab-token", _b(r"(?:glpat|glptt|gldt|glrtr|glrt|glcbt|glft|glimt|glagent|gloas|glsoat|glffct|glwt)-"
               r"[0-9A-Za-z_\-]{20,64}(?:\.[0-9a-z]{2,12})?"), C, category="vcs_token"),
     _provider("gitlab-runner-registration-token", _b(r"GR1348941[0-9A-Za-z_\-]{20}"), C, category="vcs_token"),
     _provider("gitlab-session-cookie", r"_gitlab_session=([0-9a-z]{32})", H, category="vcs_token"),
     _provider("bitbucket-app-password", _b(r"ATBB[A-Za-z0-9_=.\-]{28,64}"), C, category="vcs_token"),
     _provider("atlassian-api-token", _b(r"ATATT3[A-Za-z0-9_\-=]{186}"), H, category="saas_token"),
     _provider("npm-token", _b(r"npm_[A-Za-z0-9]{36}"), C, category="vcs_token"),
+    _provider("docker-hub-token", _b(r"dckr_(?:pat|oat)_[A-Za-z0-9_\-]{27,40}"), C, category="vcs_token",
+              random_body=True),
+    _provider("docker-swarm-token", _b(r"SWMTKN-1-[a-z0-9]{50}-[a-z0-9]{25}|SWMKEY-1-[A-Za-z0-9+/]{43}"), C,
+              category="cloud_key", random_body=True),
     _provider("pypi-token", _b(r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_\-]{50,300}"), C, category="vcs_token"),
     _provider("rubygems-token", _b(r"rubygems_[a-f0-9]{48}"), C, category="vcs_token"),
     _provider("clojars-token", _b(r"CLOJARS_[a-z0-9]{60}"), C, category="vcs_token", case_insensitive=True),
@@ -227,6 +241,9 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("postman-api-key", _b(r"PMAK-[a-fA-F0-9]{24}-[a-fA-F0-9]{34}"), H, category="saas_token"),
     _provider("netlify-token", _b(r"nfp_[A-Za-z0-9]{36,40}"), H, category="saas_token"),
     _provider("linear-api-key", _b(r"lin_api_[A-Za-z0-9]{40}"), H, category="saas_token"),
+    _provider("figma-token", _b(r"figd_[A-Za-z0-9_\-]{40}"), H, category="saas_token", random_body=True),
+    _provider("dropbox-token", _b(r"sl\.(?:u\.)?[A-Za-z0-9_\-=]{130,1000}"), H, category="saas_token",
+              random_body=True),
     _provider("notion-token", _b(r"(?:ntn_[0-9]{11}[A-Za-z0-9]{35}|secret_[A-Za-z0-9]{43})"), H, category="saas_token"),
     _provider("new-relic-key", _b(r"NR(?:AK|II|JS)-[A-Za-z0-9]{19,32}"), H, category="saas_token"),
     _provider("grafana-token", _b(r"(?:glc_[A-Za-z0-9+/]{32,400}={0,2}|glsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}|"
@@ -773,6 +790,12 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | t
     if not _name_may_hold_secret(key_low):
         return None
     raw = data[start:end]
+    if key_start > 0 and data[key_start - 1] in b"?&" and data[key_end : key_end + 1] == b"=":
+        # A URL query parameter (?api_key=...&format=json): its value ends at the next '&'.
+        cut = min((i for i in (raw.find(b"&"), raw.find(b"#")) if i > 0), default=-1)
+        if cut > 0:
+            verdict = _assignment_ok(data, start, start + cut, spans)
+            return None if verdict is None or isinstance(verdict, tuple) else (verdict, start + cut)
     opening = data[start - 1 : start]
     closing_quote = raw[-1:] in (b'"', b"'", b"`")
     if closing_quote and opening not in (b'"', b"'", b"`"):
@@ -1117,6 +1140,7 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
     "secrets.easypost-token": (r"EZ[AT]K",),
     "secrets.slack-webhook": (r"hooks\.slack\.com",),
     "secrets.telegram-bot-token": (r":AA",),
+    "secrets.gcp-oauth-refresh-token": (r"1//0",),
     "secrets.twilio-api-key": (r"SK[0-9a-fA-F]{8}",),
     "secrets.mailchimp-api-key": (r"-us\d",),
     "secrets.new-relic-key": (r"NR(?:AK|II|JS)-",),
@@ -1136,7 +1160,7 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
     "secrets.basic-auth": (r"basic",),
     "pii.email": (r"@",),
     "secrets.discord-bot-token": (r"(?i)discord|bot",),
-    "secrets.gitlab-token": (r"gl(?:pat|ptt|dt|rt|cbt|ft|imt|agent|oas|soat|ffct)-",),
+    "secrets.gitlab-token": (r"gl(?:pat|ptt|dt|rtr|rt|cbt|ft|imt|agent|oas|soat|ffct|wt)-",),
     "secrets.sidekiq-credentials": (r"(?i)CONTRIBSYS",),
     "secrets.auth-header": (r"(?i)authorization|api-key|auth-token|private-token|access-token",),
     # The host part, not "https://" (in every other line of output).
