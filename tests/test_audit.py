@@ -361,3 +361,16 @@ def test_redaction_handles_large_hostile_strings() -> None:
     assert clean[1] == hostile[1]
     assert clean[2] == "[redacted]"  # the word after a --password... flag
     assert len(clean[3]) == len(hostile[3])
+
+
+def test_timestamps_are_utc_with_microseconds(tmp_path: Path) -> None:
+    import re
+    from datetime import UTC, datetime, timedelta
+
+    before = datetime.now(UTC)
+    stamp = audit._now()
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z", stamp)
+    parsed = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    slack = timedelta(milliseconds=1)  # datetime.now rounds to the microsecond, _now truncates
+    assert before - slack <= parsed <= after + slack

@@ -49,9 +49,9 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path, PurePath
 from typing import Any
@@ -121,11 +121,14 @@ def redact_text(text: str) -> str:
 # -- canonical encoding -------------------------------------------------------------------------
 
 
+# One encoder for every entry: json.dumps with these options would build a new one per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
     """The one byte encoding of ``obj`` that is signed and written: sorted keys, no spaces, UTF-8."""
     try:
-        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode("utf-8")
+        return _CANONICAL.encode(obj).encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError) as exc:
         raise AuditError(f"audit entry cannot be encoded: {exc}") from None
 
@@ -140,7 +143,13 @@ def key_id(key: bytes) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC now as ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (formatted by hand: strftime costs more)."""
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    t = time.gmtime(seconds)
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{nanos // 1000:06d}Z"
+    )
 
 
 def sanitize_payload(payload: Mapping[str, Any] | None) -> dict[str, Any]:

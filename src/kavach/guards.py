@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import fnmatch
 import functools
+import hashlib
 import logging
 import os
 import posixpath
@@ -475,6 +476,10 @@ class _Analyzer:
         )
         self.sensitive = tuple(_normalise_path(p) for p in policy.sensitive_paths)
         self.tricks = policy.block_shell_tricks
+        # Digests of commands this analyzer let through. The analysis is a pure function of the
+        # policy and the command (no filesystem, no environment), so an allowed command stays
+        # allowed; refused ones are analysed every time (their violation carries the detail).
+        self.passed: set[bytes] = set()
         self._blocked_word = (
             re.compile(
                 # "/" in the lookbehind: a match starts only at the start of a path-like run,
@@ -743,6 +748,9 @@ def _path_covers(candidate: str, sensitive: str) -> bool:
     return all(fnmatch.fnmatchcase(s, c) for c, s in pairs)
 
 
+_PASSED_COMMANDS = 1024  # allowed-command digests remembered per policy (then forgotten at once)
+
+
 @functools.lru_cache(maxsize=64)
 def _analyzer_for(policy: GuardPolicy) -> _Analyzer:
     # Analyzers hold only what they derive from the (frozen) policy, so one per policy suffices.
@@ -761,10 +769,17 @@ def check_command(argv: Sequence[str], policy: GuardPolicy, *, shell: str | None
         analyzer = _analyzer_for(policy)
     except TypeError:  # a policy built with lists is not hashable: analyse without the cache
         analyzer = _Analyzer(policy)
+    # Unambiguous: a script and an argv never encode alike, nor do two different argvs.
+    key = hashlib.blake2b(repr((shell, tuple(argv) if shell is None else None)).encode(), digest_size=16).digest()
+    if key in analyzer.passed:
+        return
     if shell is not None:
         analyzer.script(shell, 0)
     else:
         analyzer.argv(argv, 0)
+    if len(analyzer.passed) >= _PASSED_COMMANDS:
+        analyzer.passed.clear()
+    analyzer.passed.add(key)
 
 
 # What a refused command says about intent, for threat assessment (kavach.threat maps the
