@@ -144,7 +144,7 @@ _PLACEHOLDER_MARKERS: tuple[bytes, ...] = (
     b"xxxx", b"XXXX", b"****", b"....", b"____", b"----", b"####", b"0000000000",
     b"changeme", b"change_me", b"change-me", b"example", b"EXAMPLE", b"Example", b"placeholder",
     b"PLACEHOLDER", b"your_", b"your-", b"YOUR_", b"YOUR-", b"Your", b"_here", b"-here", b"_HERE",
-    b"dummy", b"DUMMY", b"sample", b"SAMPLE", b"redacted", b"REDACTED", b"insert", b"INSERT",
+    b"dummy", b"DUMMY", b"sample", b"SAMPLE", b"redacted", b"REDACTED", b"Redacted", b"insert", b"INSERT",
     b"process.env", b"os.environ", b"getenv", b"environ[", b"ENV[", b"System.getenv",
     b"lorem", b"ipsum", b"abcdefgh", b"qwerty", b"asdf",
 )
@@ -171,7 +171,10 @@ def is_placeholder(value: bytes) -> bool:
     if v[:1] == b"$" and len(v) > 1 and (v[1:].replace(b"_", b"").isalnum() or v[1:2] == b"{"):
         return True
     # A single repeated character ("aaaaaaaa", "********").
-    return len(set(v)) <= 2 and len(v) >= 3
+    if len(set(v)) <= 2 and len(v) >= 3:
+        return True
+    # One character is most of it ("glc_1111111111111111111111111111="): filler, not random.
+    return len(v) >= 12 and max(v.count(c) for c in set(v)) * 2 > len(v)
 
 
 __all__ = [

@@ -43,14 +43,38 @@ C, H, M, L = Severity.CRITICAL, Severity.HIGH, Severity.MEDIUM, Severity.LOW
 _TOK = r"A-Za-z0-9_\-"
 
 
+def _sequence_run(value: bytes, length: int) -> bool:
+    """Whether ``value`` has ``length`` consecutive characters counting up or down by one
+    (``klmnopqr``, ``123456``; case-folded). Odds in a random base62 token: about 1 in 10^9
+    per position for 6. One pass, O(len)."""
+    up = down = 1
+    prev = -1
+    for byte in value:
+        b = byte + 32 if 65 <= byte <= 90 else byte
+        up = up + 1 if b == prev + 1 else 1
+        down = down + 1 if b == prev - 1 else 1
+        if up >= length or down >= length:
+            return True
+        prev = b
+    return False
+
+
+# A file name with a fingerprint ("video_box.ico-7a38...0aab0c.png"): a build hash, not a token.
+_ASSET_SUFFIXES = (b".png", b".jpg", b".jpeg", b".gif", b".svg", b".ico", b".css", b".js", b".map", b".woff",
+                   b".woff2", b".webp", b".html")
+
+
 def _token_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
-    """Provider tokens: reject obvious placeholders (``AKIAXXXXXXXXXXXXXXXX``, ``...EXAMPLE``)."""
+    """Provider tokens: reject obvious placeholders (``AKIAXXXXXXXXXXXXXXXX``, ``...EXAMPLE``),
+    typed alphabets (``...klmnopqrstuvwx...``) and fingerprinted asset file names."""
     value = data[start:end]
-    if is_placeholder(value) or b"EXAMPLE" in value.upper():
+    if is_placeholder(value) or b"EXAMPLE" in value.upper() or _sequence_run(value, 6):
         return None
     # A token whose random part is one repeated character is a documentation stand-in.
     tail = value[-16:]
     if len(set(tail)) <= 3:
+        return None
+    if data[end : end + 6].lower().startswith(_ASSET_SUFFIXES) and data[start - 1 : start] in (b".", b"-", b"_"):
         return None
     return 0.95
 
@@ -84,6 +108,18 @@ def _typed_by_person(hexdigits: bytes) -> bool:
             if all(run[k + 1] - run[k] == 1 for k in range(4)) or all(run[k] - run[k + 1] == 1 for k in range(4)):
                 return True
     return sum(hexdigits.count(w) for w in _HEXSPEAK) >= 2
+
+
+def _slack_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
+    """Slack tokens carry a workspace or user id (8+ digits: ``xoxb-1234567890-...``), or are
+    long random tokens (``xoxe.xoxp-1-<...>``, ``xoxp-1-<base64>``); ``xoxb-my-bot-token``,
+    ``xoxp-1234-1234-...`` and ``xoxo-indieweb`` are not."""
+    if _token_ok(data, start, end, spans) is None:
+        return None
+    value = data[start:end]
+    if end - start >= 60 and shannon_entropy(value) >= 4.0:
+        return 0.9  # xoxe.xoxp-1-..., xoxp-1-<base64>: long random configuration/user tokens
+    return 0.95 if any(len(part) >= 8 and part.isdigit() for part in value.split(b"-")) else None
 
 
 def _vault_token_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
@@ -216,7 +252,8 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("plaid-token", _b(r"access-(?:sandbox|development|production)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
               r"[0-9a-f]{4}-[0-9a-f]{12}"), H, category="payment_token"),
     # --- messaging and SaaS ---
-    _provider("slack-token", _b(r"xox(?:[abposr]|e\.xox[bp]|e)-[0-9A-Za-z\-]{10,300}"), H, category="saas_token"),
+    replace(_provider("slack-token", _b(r"xox(?:[abposr]|e\.xox[bp]|e)-[0-9A-Za-z\-]{10,300}"), H,
+                      category="saas_token"), validate=_slack_ok),
     _provider("slack-app-token", _b(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+"), H, category="saas_token",
               case_insensitive=True),
     _provider("slack-webhook", r"((?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{40,120})",
@@ -741,6 +778,14 @@ def _assigned_name(key: bytes) -> bytes:
     return last if dot and last else key
 
 
+def _mirrors_name(key_low: bytes, value: bytes) -> bool:
+    """Whether the value spells the name it is assigned to, up to separators and prefixes:
+    ``X509_pubkey_st = struct_X509_pubkey_st``, ``SN_..._KeyMeshing = "id-...-KeyMeshing"``."""
+    k = key_low.replace(b"-", b"_").replace(b".", b"_").strip(b"_\"'`]")
+    v = value.lower().replace(b"-", b"_").replace(b".", b"_")
+    return len(k) >= 8 and len(v) >= 8 and (k in v or v in k)
+
+
 def _fold_key(key: bytes) -> bytes:
     """``key`` lower-cased, with a camelCase ``Auth`` word kept apart (``expectedAuthCode`` ->
     ``expected_authcode``, ``keyAuth`` -> ``key_auth``) so that it still reads as the word "auth";
@@ -759,8 +804,8 @@ def _name_may_hold_secret(key_low: bytes) -> bool:
     """Whether an assigned name can hold a secret at all (judged before its value)."""
     if key_low.rstrip(b"\"'`]").endswith((b"id", b"uri", b"url", b"name", b"mode", b"modes", b"flow", b"helper")):
         return False  # OAuthClientId, RedirectUri: identifiers next to secrets, not secrets
-    if b"csrf" in key_low or b"xsrf" in key_low:
-        return False  # anti-forgery tokens are written into every HTML form a site serves
+    if b"csrf" in key_low or b"xsrf" in key_low or b"authenticity" in key_low:
+        return False  # anti-forgery tokens (Rails: authenticity_token) are in every HTML form a site serves
     if not _keyword_is_token(key_low):
         return False
     if _PASSWORD_KEY_RE.search(key_low) is not None and _PASS_WORDS.search(key_low) is not None:
@@ -835,7 +880,7 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | t
     named_like_data = _NOT_SECRET_KEY_RE.search(key_low) is not None or b"id" in parts[:-1]
     if named_like_data and (not looks_random(value) or len(value) < 16 or _TOKEN_ALPHABET.fullmatch(value) is None):
         return None  # a size, limit or path ("10/minute;1000/hour"); a random token is still one
-    if value.lower() == key_low or value.lower() in key_low:
+    if value.lower() == key_low or value.lower() in key_low or _mirrors_name(key_low, value):
         return None
     if _PASSWORD_KEY_RE.search(key_low) is not None:
         if value.isdigit() and len(value) < 6:
@@ -882,7 +927,7 @@ def _literals(words: tuple[bytes, ...]) -> re.Pattern[bytes]:
 
 
 _STRONG_RE = _literals(_STRONG_WORDS)
-_PUBLIC_NAME_RE = _literals((b"public", b"publishable", b"sitekey"))
+_PUBLIC_NAME_RE = _literals((b"public", b"pubkey", b"publishable", b"sitekey"))
 _PASSWORD_KEY_RE = _literals(_PASSWORD_KEY_PARTS)
 _SELF_DESCRIBING_RE = _literals(_SELF_DESCRIBING)
 _NOT_SECRET_KEY_RE = _literals(_NOT_SECRET_KEY_PARTS)
