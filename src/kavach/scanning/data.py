@@ -13,6 +13,7 @@ HIPAA PHI, and so on.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import replace
 
@@ -293,14 +294,27 @@ def _parse_any_region(text: str) -> bool:
     return False
 
 
-def _phone_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
+# Confidences of phone findings by the evidence behind them. The last two are given by
+# ``_phone_candidate`` before phonenumbers has confirmed the number (see ``_confirm_phones``).
+_CONF_CONTEXT_INTL = 0.8
+_CONF_CONTEXT = 0.75
+_CONF_INTL = 0.9
+_CONF_NATIONAL = 0.6
+_PHONE_UNCONFIRMED = frozenset({_CONF_INTL, _CONF_NATIONAL})
+
+
+def _phone_candidate(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
+    """Every check but phonenumbers' parse: None to reject, else the confidence the number gets.
+
+    ``_CONF_INTL`` and ``_CONF_NATIONAL`` still need :func:`_phone_confirmed` (done by the
+    scanner's ``post``, which skips it for candidates it drops anyway).
+    """
     value = data[start:end]
     if not _phone_structure_ok(value):
         return None
     before = _before(data, start, 40)
     if b"isbn" in before or b"version" in before or b"released" in before:
         return None
-    text = value.decode("ascii", "replace")
     after = data[end : end + 12].lower()
     context = any(word in before for word in _PHONE_CONTEXT) or any(
         word in after for word in _PHONE_AFTER_CONTEXT
@@ -308,17 +322,24 @@ def _phone_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
     if context:
         # A phone word plus a 7-15 digit phone shape is enough; phonenumbers' full parse is
         # the most expensive step of the data scanner, so it is kept for numbers without one.
-        return 0.8 if text.startswith("+") else 0.75
-    if text.startswith("+") or text.startswith("00"):
+        return _CONF_CONTEXT_INTL if value.startswith(b"+") else _CONF_CONTEXT
+    if value.startswith((b"+", b"00")):
+        return _CONF_INTL
+    if not any(b in value for b in b" -.()"):
+        return None  # a bare run of digits is an id or a timestamp unless a word says "phone"
+    return _CONF_NATIONAL
+
+
+def _phone_confirmed(value: bytes) -> bool:
+    """phonenumbers' verdict on a candidate ``_phone_candidate`` left unconfirmed."""
+    text = value.decode("ascii", "replace")
+    if text.startswith(("+", "00")):
         try:
             number = phonenumbers.parse("+" + text.lstrip("+0") if text.startswith("00") else text, None)
         except phonenumbers.NumberParseException:
-            return None
-        return 0.9 if phonenumbers.is_valid_number(number) else None
-    separated = any(b in value for b in b" -.()")
-    if not separated:
-        return None  # a bare run of digits is an id or a timestamp unless a word says "phone"
-    return 0.6 if _parse_any_region(text) else None
+            return False
+        return bool(phonenumbers.is_valid_number(number))
+    return _parse_any_region(text)
 
 
 # Candidates: an international number (+cc ...), or at least three digit groups joined by
@@ -336,7 +357,7 @@ PHONE_RULE = Rule(
     r")(?:[ ]{0,2}(?:x|ext\.?)[ ]{0,2}\d{1,5})?",
     value_group=1,
     not_followed_by=r"[0-9A-Za-z_/:]|[.\-][0-9]",
-    validate=_phone_ok,
+    validate=_phone_candidate,
     tags=("gdpr",),
 )
 
@@ -350,7 +371,7 @@ PHONE_CONTEXT_RULE = Rule(
     r"(\+?\(?\d{1,5}\)?(?:[ .\-]{0,2}\(?\d{1,5}\)?){0,6}(?:[ ]{0,2}(?:x|ext\.?)[ ]{0,2}\d{1,5})?)",
     value_group=1,
     not_followed_by=r"[0-9A-Za-z_/:]|[.\-][0-9]",
-    validate=_phone_ok,
+    validate=_phone_candidate,
     # The word right before the number's first digit, not the word alone ("number", "call"
     # and "contact" are in most source files).
     anchors=(r"(?i)(?:phone|tel|mobile|cell|fax|call(?:\s+me)?(?:\s+(?:at|on))?|desk|sms|whatsapp|contact|number|"
@@ -400,11 +421,48 @@ def _refine(data: bytes, finding: Finding) -> Finding:
     return finding
 
 
+_STRONG = frozenset({"credit_card", "iban", "ssn", "ip_address", "ip_address_private"})
+
+
 def _drop_shadowed(findings: list[Finding]) -> list[Finding]:
     """A span already explained as a card, IBAN or SSN is not also a phone number."""
-    strong = SpanIndex((f.start, f.end) for f in findings if f.category in (
-        "credit_card", "iban", "ssn", "ip_address", "ip_address_private"))
+    strong = SpanIndex((f.start, f.end) for f in findings if f.category in _STRONG)
     return [f for f in findings if not (f.category == "phone" and strong.overlaps(f.start, f.end))]
+
+
+def _confirm_phones(data: bytes, findings: list[Finding]) -> list[Finding]:
+    """Run phonenumbers on the phone candidates that still need it, except where it cannot matter.
+
+    A candidate overlapping a card, IBAN, SSN or IP address is dropped by
+    :func:`_drop_shadowed` whatever phonenumbers says; its verdict matters only if another
+    phone candidate lies inside it (a valid container hides it from :func:`dedupe`). Those
+    IP- and SSN-shaped candidates are most of the parses, so they are dropped unparsed,
+    which gives exactly the findings of confirming every candidate first.
+    """
+    pending = [f for f in findings if f.category == "phone" and f.confidence in _PHONE_UNCONFIRMED]
+    if not pending:
+        return findings
+    strong = SpanIndex((f.start, f.end) for f in findings if f.category in _STRONG)
+    phones = sorted((f.start, f.end, id(f)) for f in findings if f.category == "phone")
+    starts = [start for start, _, _ in phones]
+    rejected: set[int] = set()
+    for f in pending:
+        # Shadowed and hiding nothing: dropped either way, so phonenumbers is not asked.
+        moot = strong.overlaps(f.start, f.end) and not _holds_another(phones, starts, f)
+        if moot or not _phone_confirmed(data[f.start : f.end]):
+            rejected.add(id(f))
+    return [f for f in findings if id(f) not in rejected]
+
+
+def _holds_another(phones: list[tuple[int, int, int]], starts: list[int], outer: Finding) -> bool:
+    """Whether a phone candidate other than ``outer`` lies within ``outer``'s span."""
+    i = bisect.bisect_left(starts, outer.start)
+    while i < len(phones) and phones[i][0] < outer.end:
+        _, end, ident = phones[i]
+        if ident != id(outer) and end <= outer.end:
+            return True
+        i += 1
+    return False
 
 
 class DataScanner:
@@ -425,7 +483,7 @@ class DataScanner:
 
     def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
         """Validate context, drop shadowed spans and add the compliance findings."""
-        found = _drop_shadowed(dedupe([_refine(data, f) for f in raw]))
+        found = _drop_shadowed(dedupe(_confirm_phones(data, [_refine(data, f) for f in raw])))
         if self._compliance:
             from kavach.scanning.compliance import compliance_findings
 

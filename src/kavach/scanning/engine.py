@@ -437,25 +437,20 @@ def finalize(data: bytes, findings: Iterable[Finding], source: str = "") -> list
     """
     ordered = sorted(findings, key=lambda f: (f.start, f.end, f.rule))
     out: list[Finding] = []
+    append = out.append
+    new = object.__new__
     line, pos = 1, 0
     for f in ordered:
         line += data.count(b"\n", pos, f.start)
         pos = f.start
-        out.append(
-            Finding(
-                scanner=f.scanner,
-                rule=f.rule,
-                category=f.category,
-                severity=f.severity,
-                start=f.start,
-                end=f.end,
-                line=line,
-                evidence=f.evidence,
-                confidence=f.confidence,
-                source=source or f.source,
-                redact=f.redact,
-            )
-        )
+        # A copy with line and source set (as dataclasses.replace would make, without the
+        # frozen __init__'s per-field cost: this runs once per finding).
+        copy = new(Finding)
+        fields = copy.__dict__
+        fields.update(f.__dict__)
+        fields["line"] = line
+        fields["source"] = source or f.source
+        append(copy)
     return out
 
 
