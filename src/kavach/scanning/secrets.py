@@ -43,32 +43,17 @@ C, H, M, L = Severity.CRITICAL, Severity.HIGH, Severity.MEDIUM, Severity.LOW
 _TOK = r"A-Za-z0-9_\-"
 
 
-def _sequence_run(value: bytes, length: int) -> bool:
-    """Whether ``value`` has ``length`` consecutive characters counting up or down by one
-    (``klmnopqr``, ``123456``; case-folded). Odds in a random base62 token: about 1 in 10^9
-    per position for 6. One pass, O(len)."""
-    up = down = 1
-    prev = -1
-    for byte in value:
-        b = byte + 32 if 65 <= byte <= 90 else byte
-        up = up + 1 if b == prev + 1 else 1
-        down = down + 1 if b == prev - 1 else 1
-        if up >= length or down >= length:
-            return True
-        prev = b
-    return False
-
-
 # A file name with a fingerprint ("video_box.ico-7a38...0aab0c.png"): a build hash, not a token.
 _ASSET_SUFFIXES = (b".png", b".jpg", b".jpeg", b".gif", b".svg", b".ico", b".css", b".js", b".map", b".woff",
                    b".woff2", b".webp", b".html")
 
 
 def _token_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
-    """Provider tokens: reject obvious placeholders (``AKIAXXXXXXXXXXXXXXXX``, ``...EXAMPLE``),
-    typed alphabets (``...klmnopqrstuvwx...``) and fingerprinted asset file names."""
+    """Provider tokens: reject obvious placeholders (``AKIAXXXXXXXXXXXXXXXX``, ``...EXAMPLE``)
+    and fingerprinted asset file names. (Typed runs such as ``0123456789abcdef`` are kept:
+    documentation-shaped tokens are still tokens to the gate.)"""
     value = data[start:end]
-    if is_placeholder(value) or b"EXAMPLE" in value.upper() or _sequence_run(value, 6):
+    if is_placeholder(value) or b"EXAMPLE" in value.upper():
         return None
     # A token whose random part is one repeated character is a documentation stand-in.
     tail = value[-16:]
@@ -119,7 +104,10 @@ def _slack_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
     value = data[start:end]
     if end - start >= 60 and shannon_entropy(value) >= 4.0:
         return 0.9  # xoxe.xoxp-1-..., xoxp-1-<base64>: long random configuration/user tokens
-    return 0.95 if any(len(part) >= 8 and part.isdigit() for part in value.split(b"-")) else None
+    parts = value.split(b"-")
+    if len(parts) < 3 and end - start < 30:
+        return None  # "xoxp-1234567890": an id alone, no secret part
+    return 0.95 if any(len(part) >= 8 and part.isdigit() for part in parts) else None
 
 
 def _vault_token_ok(data: bytes, start: int, end: int, spans: Spans) -> float | None:
@@ -730,6 +718,8 @@ def _value_ok(value: bytes, quoted: bool) -> bool:
         return False  # c.apiKey, config.APIKey, string.Empty: member access, each part a word
     if _has_call(value):
         return False  # an expression or an encrypted-value wrapper, not the literal secret
+    if value.endswith((b"...", "\u2026".encode())):
+        return False  # "ops_eyJzaWduSW5B...": elided in documentation or output
     return not (b" " in value or b"\t" in value or (not quoted and b"(" in value))
 
 
