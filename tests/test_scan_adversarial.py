@@ -138,3 +138,24 @@ def test_email_with_a_numeric_first_label_is_found_by_every_bank() -> None:
     for rules in (SECRET_RULES, DATA_RULES):
         got = {(f.rule, f.start, f.end) for f in PatternBank(rules).scan(data, "t")}
         assert got == _naive(rules, data) == {("pii.email", 0, 32)}
+
+
+def test_a_rules_search_bound_is_its_longest_possible_match() -> None:
+    from kavach.scanning.engine import _longest_match
+
+    assert _longest_match(r"(?:^|[^0-9])(\d{3}-\d{2}-\d{4})", 1024) == 12
+    assert _longest_match(r"AKIA[0-9A-Z]{16}", 1024) == 20
+    assert _longest_match(r"(?i)key\s*=\s*(\S+)", 1024) == 1024  # unbounded
+    assert _longest_match(r"a{,3}", 1024) == 1024  # a literal "{,3}" to RE2: not measured
+    assert _longest_match(r"\p{Lu}\w{3}", 1024) == 1024  # RE2 syntax Python cannot read
+    assert _longest_match(r"x{2000}", 1024) == 1024  # never more than the rule's max_len
+
+
+def test_a_token_ending_right_at_its_search_bound_is_found_whole() -> None:
+    # A card number whose last digit is the last byte the card rule searches past its window:
+    # the bound (38 bytes) must not cut it, and the next window must not report it again.
+    card = b"4111 1111 1111 1111"
+    for shift in range(-len(card), 40):
+        data = b"x" * (WINDOW - len(card) + shift) + b" " + card + b" tail"
+        got = [(f.rule, data[f.start : f.end]) for f in _BANKS["d"].scan(data, "t") if f.rule == "pii.credit-card"]
+        assert got == [("pii.credit-card", card)], shift

@@ -105,3 +105,93 @@ def test_bulk_personal_data_is_soc2_high() -> None:
     rows = "\n".join(f"user{i}@corp.example.com" for i in range(30)).encode()
     found = [f for f in SCANNER.scan(rows) if f.rule == "compliance.soc2-bulk-pii"]
     assert found and found[0].severity == Severity.HIGH
+
+
+# --- phonenumbers only where its verdict matters -------------------------------------------------
+
+from dataclasses import replace as _replace  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kavach.scanning import data as data_module  # noqa: E402
+from kavach.scanning.compliance import compliance_findings  # noqa: E402
+from kavach.scanning.engine import PatternBank, Spans, dedupe  # noqa: E402
+
+
+def _phone_fully_checked(data: bytes, start: int, end: int, spans: Spans) -> float | None:
+    """The reference: every phone candidate confirmed by phonenumbers before post-processing."""
+    confidence = data_module._phone_candidate(data, start, end, spans)
+    if confidence in data_module._PHONE_UNCONFIRMED and not data_module._phone_confirmed(data[start:end]):
+        return None
+    return confidence
+
+
+def _reference_findings(data: bytes) -> set[tuple[str, str, int, int, float]]:
+    rules = [_replace(r, validate=_phone_fully_checked) if r.validate is data_module._phone_candidate else r
+             for r in data_module.DATA_RULES]
+    raw = PatternBank(rules).scan(data, "data")
+    # DataScanner.post without its phone confirmation step (every candidate is confirmed here).
+    found = data_module._drop_shadowed(dedupe([data_module._refine(data, f) for f in raw]))
+    found.extend(compliance_findings(data, found))
+    return {(f.rule, f.category, f.start, f.end, f.confidence) for f in found}
+
+
+_PHONE_PIECES = st.sampled_from([
+    b"054-28-6917", b"536-22-8172", b"172.61.42.192", b"8.8.4.4", b"+44 20 7946 0958", b"0044 20 7946 0958",
+    b"(415) 555-2671", b"020 7946 0958", b"555-0142", b"2014.09.29", b"1.22.3", b"4111 1111 1111 1111",
+    b"SSN ", b"phone: ", b" ", b"-", b".", b"\n", b"call ", b"x12", b"0", b"7", b"12", b"(", b")",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PHONE_PIECES, min_size=1, max_size=12))
+def test_skipping_moot_phone_parses_changes_no_finding(pieces: list[bytes]) -> None:
+    # Phone candidates inside an SSN, card or IP address are dropped without asking
+    # phonenumbers unless another candidate lies inside them; the findings must be exactly
+    # those of confirming every candidate first.
+    data = b"".join(pieces)
+    raw = SCANNER._bank.scan(data, "data")
+    got = {(f.rule, f.category, f.start, f.end, f.confidence) for f in SCANNER.post(data, raw)}
+    assert got == _reference_findings(data)
+
+
+def test_a_shadowed_phone_candidate_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[bytes] = []
+    real = data_module._phone_confirmed
+
+    def spy(value: bytes) -> bool:
+        parsed.append(value)
+        return real(value)
+
+    monkeypatch.setattr(data_module, "_phone_confirmed", spy)
+    found = cats("from 172.61.42.192 port 22 and ssn 054-28-6917, ref (415) 555-2671")
+    assert found["phone"] == [b"(415) 555-2671"] and found["ssn"] == [b"054-28-6917"]
+    # The address and the SSN-shaped number were not sent to phonenumbers; the real number was.
+    assert parsed == [b"(415) 555-2671"]
+
+
+def test_a_shadowed_candidate_holding_another_is_still_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its verdict decides whether the candidate inside it survives dedupe, so it is asked.
+    from kavach.scanning.findings import Finding
+
+    def phone(start: int, end: int) -> Finding:
+        return Finding(scanner="data", rule="pii.phone", category="phone", severity=Severity.LOW, start=start,
+                       end=end, line=0, evidence="", confidence=data_module._CONF_NATIONAL)
+
+    parsed: list[int] = []
+
+    def confirmed(value: bytes) -> bool:
+        parsed.append(len(value))
+        return True
+
+    text = b"0" * 40
+    monkeypatch.setattr(data_module, "_phone_confirmed", confirmed)
+    ssn = Finding(scanner="data", rule="pii.ssn", category="ssn", severity=Severity.HIGH, start=0, end=11, line=0,
+                  evidence="", confidence=0.75)
+    outer, inner = phone(0, 24), phone(12, 24)
+    kept = data_module._confirm_phones(text, [ssn, outer, inner])
+    assert outer in kept and inner in kept and sorted(parsed) == [12, 24]
+    parsed.clear()
+    kept = data_module._confirm_phones(text, [ssn, outer])
+    assert outer not in kept and parsed == []  # moot: shadowed and holding nothing
