@@ -562,3 +562,23 @@ def test_fillers_elisions_and_misshapen_tokens_are_not_secrets(text: str) -> Non
 )
 def test_slack_tokens_with_ids_or_random_bodies(text: str) -> None:
     one(text, "secrets.slack-token")
+
+
+def test_html_escaped_quotes_are_quotes() -> None:
+    text = '<a href="https://api.example.org?token=&quot;g1re0g1T0keN3zWx&quot;">TokenRequest</a>'
+    assert any(v.endswith(b"g1re0g1T0keN3zWx") for v in found_values(text)), rules(text)
+    text = "    nkey: &#39;UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4&#39;,"
+    assert any(v.endswith(b"UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4") for v in found_values(text))
+    # The escaped value names itself: a documentation stand-in.
+    assert found_values("NATS.connect({url: server.nats, user: &#34;myname&#34;, pass: &#34;password&#34;});") == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"auth_user":"dGVzda==", "auth_pass":"[FUZZ]"}',  # the account's user name, and a fuzzer slot
+        'var pw="__closure_events_fn_"+(1E9*Math.random()>>>0);',  # a property name
+    ],
+)
+def test_user_names_and_symbol_names_are_not_secrets(text: str) -> None:
+    assert found_values(text) == [], rules(text)

@@ -718,6 +718,8 @@ def _value_ok(value: bytes, quoted: bool) -> bool:
         return False  # c.apiKey, config.APIKey, string.Empty: member access, each part a word
     if _has_call(value):
         return False  # an expression or an encrypted-value wrapper, not the literal secret
+    if value.startswith(b"__") and _WORD_PARTS.fullmatch(value.strip(b"_")) is not None:
+        return False  # "__closure_events_fn_": a property or symbol name
     if value.endswith((b"...", "\u2026".encode())):
         return False  # "ops_eyJzaWduSW5B...": elided in documentation or output
     return not (b" " in value or b"\t" in value or (not quoted and b"(" in value))
@@ -792,8 +794,9 @@ def _fold_key(key: bytes) -> bytes:
 
 def _name_may_hold_secret(key_low: bytes) -> bool:
     """Whether an assigned name can hold a secret at all (judged before its value)."""
-    if key_low.rstrip(b"\"'`]").endswith((b"id", b"uri", b"url", b"name", b"mode", b"modes", b"flow", b"helper")):
-        return False  # OAuthClientId, RedirectUri: identifiers next to secrets, not secrets
+    if key_low.rstrip(b"\"'`]").endswith((b"id", b"uri", b"url", b"name", b"mode", b"modes", b"flow", b"helper",
+                                             b"user")):
+        return False  # OAuthClientId, RedirectUri, auth_user: identifiers next to secrets, not secrets
     if b"csrf" in key_low or b"xsrf" in key_low or b"authenticity" in key_low:
         return False  # anti-forgery tokens (Rails: authenticity_token) are in every HTML form a site serves
     if not _keyword_is_token(key_low):
@@ -815,7 +818,12 @@ def _prose_follows(data: bytes, end: int) -> bool:
 _MAX_QUOTED = 300
 
 
-def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | tuple[float, int] | None:
+_QUOTE_ENTITIES = frozenset({b"&#34;", b"&quot;", b"&#39;", b"&apos;", b"&#x22;", b"&#x27;"})
+
+
+def _assignment_ok(
+    data: bytes, start: int, end: int, spans: Spans, *, entity_quoted: bool = False
+) -> float | tuple[float, int] | None:
     """Judge the value extracted by a keyword + assignment rule."""
     if end - start > 1024:
         return None  # no assigned credential is this long; a run of "key=key=..." is not one
@@ -835,8 +843,8 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | t
     closing_quote = raw[-1:] in (b'"', b"'", b"`")
     if closing_quote and opening not in (b'"', b"'", b"`"):
         return None  # text up to some later quote, not a quoted literal
-    quoted = closing_quote or opening in (b'"', b"'", b"`")
-    if quoted and not closing_quote and data[end : end + 1] not in (b'"', b"'", b"`", b"\\"):
+    quoted = closing_quote or opening in (b'"', b"'", b"`") or entity_quoted
+    if quoted and not closing_quote and not entity_quoted and data[end : end + 1] not in (b'"', b"'", b"`", b"\\"):
         # The unquoted-value pattern stopped at punctuation inside the quotes: judge the
         # whole quoted literal ("DP@$7r(h8(w@dbKGsh!5^%"); prose ("User Password") has spaces
         # and is rejected there.
@@ -846,6 +854,14 @@ def _assignment_ok(data: bytes, start: int, end: int, spans: Spans) -> float | t
         verdict = _assignment_ok(data, start, close + 1, spans)
         return None if verdict is None or isinstance(verdict, tuple) else (verdict, close)
     value = _strip_value(raw)
+    if value[:1] == b"&" and data[end : end + 1] == b";":
+        # HTML-escaped quotes (pass: &#34;...&#34;): judge what is between them.
+        entity = data[start : end + 1]
+        close = data.find(entity, end + 1, min(len(data), end + 1 + _MAX_QUOTED))
+        if entity.lower() not in _QUOTE_ENTITIES or close <= end + 1 or b"\n" in data[end + 1 : close]:
+            return None
+        verdict = _assignment_ok(data, end + 1, close, spans, entity_quoted=True)
+        return None if verdict is None or isinstance(verdict, tuple) else (verdict, close)
     if not _value_ok(value, quoted):
         return None
     config = not quoted and key_start >= 0 and _config_context(data, key_start, start)
