@@ -263,7 +263,8 @@ _CODE_ANCHORS: dict[str, tuple[str, ...]] = {
     "code.dev-tcp": (r"/dev/tcp/|/dev/udp/",),
     "code.netcat-exec": (_NC,),
     "code.bash-interactive-redirect": (r"/dev/tcp/|/dev/udp/",),
-    "code.scripted-reverse-shell": (r"(?i)socket",),
+    # Each alternative's opening call, not the bare word "socket" (in most networking code).
+    "code.scripted-reverse-shell": (r"(?i)socket\.socket\(|fsockopen\(|use\s+socket;|tcpsocket\.(?:new|open)\(",),
     "code.sudoers-write": (r"sudoers|NOPASSWD",),
     "code.passwd-write": (r"/etc/passwd|/etc/shadow|usermod",),
     "code.rm-root": (r"\brm\s",),
@@ -297,6 +298,17 @@ _CODE_ANCHORS: dict[str, tuple[str, ...]] = {
     "code.js-eval-decoded": (r"eval\s*\(\s*(?:atob|unescape|decodeURIComponent|Buffer|String|require)",),
     "code.ruby-eval-decoded": (r"eval\s*\(?\s*(?:Base64|\[|Zlib)",),
     "code.silent-process": (r"detached\s*:\s*true|subprocess\.DEVNULL",),
+    # Each alternative's first tokens: "pip", "verify", "DES", "chr", "Cookies" and "Chrome"
+    # alone are in many windows of ordinary code and prose.
+    "code.pip-install-url": (r"pip3?\s+install",),
+    "code.tls-verify-disabled": (r"verify\s*=\s*False|rejectUnauthorized\s*:\s*false|NODE_TLS_REJECT_UNAUTHORIZED|"
+                                 r"InsecureSkipVerify\s*:\s*true|ssl\._create_unverified_context|CERT_NONE|"
+                                 r"curl\s+(?:-[a-zA-Z]*k|--insecure)",),
+    "code.weak-cipher": (r"(?:DES|DES3|ARC4|ARC2|Blowfish|RC4)\.new|MODE_ECB|modes\.ECB|ECB\s*\(|"
+                         r"algorithms\.(?:ARC4|TripleDES|Blowfish|IDEA)|createCipher\s*\(|openssl\s+enc",),
+    "code.charcode-chain": (r"(?:String\.fromCharCode|chr)\(\s*\d",),
+    # The second alternative holds "Local Storage" or "Login Data" within 130 bytes of its start.
+    "code.browser-credential-theft": (r"(?i)Login Data|Local Storage|Cookies[\"']|Web Data[\"']",),
 }
 _MULTILINE = frozenset({"code.go-exec-download", "code.go-exec-decoded", "code.silent-process"})
 REGEX_RULES = tuple(

@@ -121,8 +121,9 @@ SSN_CONTEXT_RULE = Rule(
     value_group=1,
     validate=_ssn_ok,
     not_followed_by=r"[0-9A-Za-z]",
-    # The word right before a digit, not the word alone ("social", "socket" are everywhere).
-    anchors=(r"(?i)(?:ssn|social\s+security(?:\s+(?:number|no\.?|#))?|ss#|soc\.?\s*sec\.?)[^0-9A-Za-z\n]{0,6}\d",),
+    # The word right before the nine digits, not the word alone ("social", "socket" are
+    # everywhere) nor before any digit ("SSN: 123-45-6789" is the other rule's).
+    anchors=(r"(?i)(?:ssn|social\s+security(?:\s+(?:number|no\.?|#))?|ss#|soc\.?\s*sec\.?)[^0-9A-Za-z\n]{0,6}\d{9}",),
     tags=("gdpr", "soc2"),
 )
 
@@ -393,9 +394,10 @@ MRN_RULE = Rule(
 )
 
 DATA_RULES: tuple[Rule, ...] = (
-    # Every match holds "@", a first domain label and its dot (later labels may start with a
-    # digit: "@8.8.8.8corp.example.com"), so the anchor stops there.
-    replace(EMAIL_RULE, anchors=(r"@[A-Za-z0-9][A-Za-z0-9\-]*\.",)),
+    # Every match holds "@" right after a local-part character, then a first domain label and
+    # its dot (later labels may start with a digit: "@8.8.8.8corp.example.com"), so the anchor
+    # stops there. "@app.route" (a decorator: no local part) is not in it.
+    replace(EMAIL_RULE, anchors=(r"[A-Za-z0-9._%+\-]@[A-Za-z0-9][A-Za-z0-9\-]*\.",)),
     SSN_RULE,
     SSN_CONTEXT_RULE,
     CARD_RULE,
