@@ -582,3 +582,25 @@ def test_html_escaped_quotes_are_quotes() -> None:
 )
 def test_user_names_and_symbol_names_are_not_secrets(text: str) -> None:
     assert found_values(text) == [], rules(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'passes = "cackle!"',  # "pass" in passes
+        "PWR_MGM: N0tThePSw45f!!!",  # "pw" in PWR (power)
+        '"stopword": "FLUGGANKECHIOLEN"',  # "pw" in stopword
+        'fp_tokenized_value="b035d48j9X2dfjF0hb9sd8Guf5hWu2ia"',  # "token" in tokenized
+        '        "pass_mask64": "0x81103c1452dd61cd",',  # a bit mask
+        'password = "0xAb19D82E7f546cC3"',  # an integer literal
+        '<mxCell value="&lt;div&gt;- password: String&lt;/div&gt;&lt;div&gt;- salt: String&lt;/div&gt;" />',
+    ],
+)
+def test_words_containing_keywords_numbers_and_escaped_markup_are_not_secrets(text: str) -> None:
+    assert found_values(text) == [], rules(text)
+
+
+def test_a_256_bit_hex_key_is_still_a_key() -> None:
+    key = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
+    assert key.encode() in found_values(f"PRIVATE_KEY={key}")
+    assert b"k7Hq2mZp" in found_values("PWR_MGM_PASSWORD: k7Hq2mZp")  # another secret word remains
