@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kavach.scanning.findings import Severity
 from kavach.scanning.secrets import SecretsScanner
@@ -604,3 +606,28 @@ def test_a_256_bit_hex_key_is_still_a_key() -> None:
     key = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
     assert key.encode() in found_values(f"PRIVATE_KEY={key}")
     assert b"k7Hq2mZp" in found_values("PWR_MGM_PASSWORD: k7Hq2mZp")  # another secret word remains
+
+
+def test_a_query_value_in_quotes_is_judged_once() -> None:
+    # Cutting at '&' and running to the closing quote undo each other; a reshaped value is
+    # never reshaped again (this input used to recurse until RecursionError).
+    for text in ('GET /x?token="abc&def"', 'https://a.example/c?api_key="Xk9mQ2vL7pR4aBcD&x=1"',
+                 "?secret='q&#34;r&amp;s'&t=1"):
+        SCANNER.scan(text.encode())
+
+
+# Pieces that steer the value validators into their reshaping paths.
+_TRICKY = st.sampled_from([
+    "?", "&", "#", "=", ":", '"', "'", "`", ";", "&quot;", "&#34;", "&lt;", "&amp;", "token", "password",
+    "api_key", "key", "Auth", "secret", " ", "\\", "(", ")", "Xk9mQ2vL7pR4aBcD", "0x", "...", "__", "s:8:",
+    '";s:', "\n", "-----BEGIN RSA PRIVATE KEY-----", "MIIEpAIBAAK", "identified by ", "xoxb-",
+    '?token="', "&api_key='", "password: &quot;", "abc",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_TRICKY, min_size=1, max_size=30))
+def test_validators_terminate_on_any_arrangement_of_tricky_pieces(pieces: list[str]) -> None:
+    data = "".join(pieces).encode()
+    for f in SCANNER.scan(data):
+        assert 0 <= f.start < f.end <= len(data)

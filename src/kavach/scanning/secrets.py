@@ -828,9 +828,14 @@ _ENTITY_STEMS = frozenset({b"&lt", b"&gt", b"&amp", b"&quot", b"&apos", b"&nbsp"
 
 
 def _assignment_ok(
-    data: bytes, start: int, end: int, spans: Spans, *, entity_quoted: bool = False
+    data: bytes, start: int, end: int, spans: Spans, *, entity_quoted: bool = False, reshaped: bool = False
 ) -> float | tuple[float, int] | None:
-    """Judge the value extracted by a keyword + assignment rule."""
+    """Judge the value extracted by a keyword + assignment rule.
+
+    The candidate may be reshaped once (cut at a query's '&', run to a closing quote, taken
+    from between HTML-escaped quotes, or cut before an escaped tag) and judged again; a
+    reshaped candidate is never reshaped a second time, so the recursion is one level deep
+    whatever the input (``?k="a&b"`` would otherwise cut and extend forever)."""
     if end - start > 1024:
         return None  # no assigned credential is this long; a run of "key=key=..." is not one
     key_start, key_end = spans[1]
@@ -843,7 +848,9 @@ def _assignment_ok(
         # A URL query parameter (?api_key=...&format=json): its value ends at the next '&'.
         cut = min((i for i in (raw.find(b"&"), raw.find(b"#")) if i > 0), default=-1)
         if cut > 0:
-            verdict = _assignment_ok(data, start, start + cut, spans)
+            if reshaped:
+                return None
+            verdict = _assignment_ok(data, start, start + cut, spans, reshaped=True)
             return None if verdict is None or isinstance(verdict, tuple) else (verdict, start + cut)
     opening = data[start - 1 : start]
     closing_quote = raw[-1:] in (b'"', b"'", b"`")
@@ -855,23 +862,25 @@ def _assignment_ok(
         # whole quoted literal ("DP@$7r(h8(w@dbKGsh!5^%"); prose ("User Password") has spaces
         # and is rejected there.
         close = data.find(opening, end, min(len(data), end + _MAX_QUOTED))
-        if close < 0 or b"\n" in data[end:close]:
+        if reshaped or close < 0 or b"\n" in data[end:close]:
             return None
-        verdict = _assignment_ok(data, start, close + 1, spans)
+        verdict = _assignment_ok(data, start, close + 1, spans, reshaped=True)
         return None if verdict is None or isinstance(verdict, tuple) else (verdict, close)
     value = _strip_value(raw)
     if value[:1] == b"&" and data[end : end + 1] == b";":
         # HTML-escaped quotes (pass: &#34;...&#34;): judge what is between them.
         entity = data[start : end + 1]
         close = data.find(entity, end + 1, min(len(data), end + 1 + _MAX_QUOTED))
-        if entity.lower() not in _QUOTE_ENTITIES or close <= end + 1 or b"\n" in data[end + 1 : close]:
+        if reshaped or entity.lower() not in _QUOTE_ENTITIES or close <= end + 1 or b"\n" in data[end + 1 : close]:
             return None
-        verdict = _assignment_ok(data, end + 1, close, spans, entity_quoted=True)
+        verdict = _assignment_ok(data, end + 1, close, spans, entity_quoted=True, reshaped=True)
         return None if verdict is None or isinstance(verdict, tuple) else (verdict, close)
     amp = value.rfind(b"&")
     if amp > 0 and data[end : end + 1] == b";" and value[amp:].lower() in _ENTITY_STEMS:
         # Escaped markup follows the value ("password: String&lt;/div&gt;"): the entity is not part of it.
-        verdict = _assignment_ok(data, start, start + amp, spans, entity_quoted=entity_quoted)
+        if reshaped:
+            return None
+        verdict = _assignment_ok(data, start, start + amp, spans, entity_quoted=entity_quoted, reshaped=True)
         return None if verdict is None or isinstance(verdict, tuple) else (verdict, start + amp)
     if not _value_ok(value, quoted):
         return None
