@@ -394,6 +394,13 @@ def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sampl
         verdicts[str(result.verdict)] += 1
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     mbps = len(corpus) / elapsed / 1e6
+    # The same artifacts again: RE2 builds its automata lazily while matching, so the first
+    # pass also pays for building them; the second shows the steady state of a long-running
+    # gate. No results are cached between passes (each apply() scans its artifact anew).
+    t1, c1 = time.perf_counter(), time.process_time()
+    for i in range(0, len(corpus), step):
+        gate.apply(corpus[i : i + step], "stdout")
+    warm_elapsed, warm_cpu = time.perf_counter() - t1, time.process_time() - c1
     sample = corpus[: int(ds_sample_mb * 1024 * 1024)]
     t0, c0 = time.perf_counter(), time.process_time()
     detect_secrets_flags(sample.decode("utf-8", "replace").split("\n"))
@@ -404,6 +411,8 @@ def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sampl
                   f"({findings} findings; verdicts {dict(verdicts)})   (target >= 50 MB/s)")
     report.append(f"    CPU time of this process {cpu:.1f}s = {len(corpus) / cpu / 1e6:.1f} MB/s of CPU "
                   f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    report.append(f"    second pass over the same artifacts (automata built, nothing else kept) {warm_elapsed:.1f}s = "
+                  f"{len(corpus) / warm_elapsed / 1e6:.1f} MB/s ({len(corpus) / warm_cpu / 1e6:.1f} MB/s of CPU)")
     report.append(f"  detect-secrets   {len(sample) / 1e6:.1f} MB sample of the same corpus in {ds_elapsed:.1f}s "
                   f"= {ds_mbps:.2f} MB/s ({len(sample) / ds_cpu / 1e6:.2f} MB/s of CPU)")
     report.append(f"  speed ratio kavach / detect-secrets = {mbps / ds_mbps:.0f}x   (target >= 20x)")
