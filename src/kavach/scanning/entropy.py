@@ -174,7 +174,7 @@ def is_placeholder(value: bytes) -> bool:
     if len(set(v)) <= 2 and len(v) >= 3:
         return True
     # One character is most of it ("glc_1111111111111111111111111111="): filler, not random.
-    return len(v) >= 12 and max(v.count(c) for c in set(v)) * 2 > len(v)
+    return len(v) >= 12 and Counter(v).most_common(1)[0][1] * 2 > len(v)
 
 
 __all__ = [

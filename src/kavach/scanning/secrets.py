@@ -862,8 +862,8 @@ def _assignment_ok(
         # whole quoted literal ("DP@$7r(h8(w@dbKGsh!5^%"); prose ("User Password") has spaces
         # and is rejected there.
         close = data.find(opening, end, min(len(data), end + _MAX_QUOTED))
-        if reshaped or close < 0 or b"\n" in data[end:close]:
-            return None
+        if reshaped or close < 0 or b" " in data[end:close] or b"\t" in data[end:close] or b"\n" in data[end:close]:
+            return None  # no closing quote, or words with spaces between: prose
         verdict = _assignment_ok(data, start, close + 1, spans, reshaped=True)
         return None if verdict is None or isinstance(verdict, tuple) else (verdict, close)
     value = _strip_value(raw)
