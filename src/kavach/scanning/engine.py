@@ -254,6 +254,37 @@ def _longest_match(pattern: str, default: int) -> int:
     return int(longest) if longest < default else default
 
 
+# Zero-width assertions: a pattern with one depends on bytes outside what it matches.
+_ASSERTION = re.compile(r"\\[bBAz]|\$|(?<!\[)\^")
+
+
+class _FollowedBy:
+    """A rule's ``not_followed_by`` test: does the pattern match right at ``pos``?
+
+    These patterns are one or two characters long without assertions ("a word character",
+    "a dot and a digit"), so the answer depends only on ``data[pos:pos + 2]``; it is kept
+    per distinct pair of bytes (at most 65,792 of them) instead of asking RE2 again for
+    every candidate. A longer or assertion-bearing pattern is always asked.
+    """
+
+    def __init__(self, pattern: str) -> None:
+        self._match = compile_bytes(pattern)._regexp.Match
+        width = _longest_match(pattern, 3)
+        self._width = width if width <= 2 and _ASSERTION.search(pattern) is None else 0
+        self._known: dict[bytes, bool] = {}
+
+    def __call__(self, data: bytes, pos: int) -> bool:
+        """Whether the pattern matches ``data`` at ``pos`` (anchored there)."""
+        if not self._width:
+            return self._match(_ANCHOR_START, data, pos, len(data))[0][0] >= 0
+        key = data[pos : pos + self._width]
+        known = self._known.get(key)
+        if known is None:
+            known = self._match(_ANCHOR_START, key, 0, len(key))[0][0] >= 0
+            self._known[key] = known
+        return known
+
+
 class PatternBank:
     """A set of rules compiled once and matched together over windows of an artifact."""
 
@@ -262,9 +293,7 @@ class PatternBank:
         # Which scanner reports each rule's findings when one bank serves several scanners.
         self.owners = tuple(owners) if owners is not None else None
         self._compiled: list[re2._Regexp] = []
-        self._followers = [
-            compile_bytes(rule.not_followed_by)._regexp.Match if rule.not_followed_by else None for rule in self.rules
-        ]
+        self._followers = [_FollowedBy(rule.not_followed_by) if rule.not_followed_by else None for rule in self.rules]
         # How far past its window each rule's search runs: its ``max_len``, or less when no
         # match of its pattern can be that long (cards, IPs, most tokens: tens of bytes).
         self._max_lens = [min(rule.max_len, _longest_match(rule.pattern, rule.max_len)) for rule in self.rules]
@@ -334,7 +363,7 @@ class PatternBank:
             vstart, vend = spans[group]
             if vstart < 0 or vend <= vstart:
                 continue
-            if follower is not None and follower(_ANCHOR_START, data, vend, n)[0][0] >= 0:
+            if follower is not None and follower(data, vend):
                 continue
             if validate is not None:
                 verdict = validate(data, vstart, vend, spans)
