@@ -276,11 +276,11 @@ class _FollowedBy:
     def __call__(self, data: bytes, pos: int) -> bool:
         """Whether the pattern matches ``data`` at ``pos`` (anchored there)."""
         if not self._width:
-            return self._match(_ANCHOR_START, data, pos, len(data))[0][0] >= 0
+            return bool(self._match(_ANCHOR_START, data, pos, len(data))[0][0] >= 0)
         key = data[pos : pos + self._width]
         known = self._known.get(key)
         if known is None:
-            known = self._match(_ANCHOR_START, key, 0, len(key))[0][0] >= 0
+            known = bool(self._match(_ANCHOR_START, key, 0, len(key))[0][0] >= 0)
             self._known[key] = known
         return known
 
