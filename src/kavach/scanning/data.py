@@ -251,8 +251,15 @@ _PHONE_CONTEXT = (
 _PHONE_AFTER_CONTEXT = (b"office", b"fax", b"mobile", b"cell", b"home", b"work", b"(m)", b"(o)", b"(h)")
 
 
+# Substring tests of the context words as one C-level search each (a literal alternation on
+# a slice of at most 40 bytes).
+_PHONE_CONTEXT_RE = re.compile(b"|".join(re.escape(word) for word in _PHONE_CONTEXT))
+_PHONE_AFTER_CONTEXT_RE = re.compile(b"|".join(re.escape(word) for word in _PHONE_AFTER_CONTEXT))
+_DIGITS = b"0123456789"
+
+
 def _phone_structure_ok(value: bytes) -> bool:
-    digits = sum(1 for b in value if 48 <= b <= 57)
+    digits = len(value) - len(value.translate(None, _DIGITS))
     if not 7 <= digits <= 15:
         return False
     text = value.decode("ascii", "replace")
@@ -317,9 +324,7 @@ def _phone_candidate(data: bytes, start: int, end: int, _spans: Spans) -> float 
     if b"isbn" in before or b"version" in before or b"released" in before:
         return None
     after = data[end : end + 12].lower()
-    context = any(word in before for word in _PHONE_CONTEXT) or any(
-        word in after for word in _PHONE_AFTER_CONTEXT
-    )
+    context = _PHONE_CONTEXT_RE.search(before) is not None or _PHONE_AFTER_CONTEXT_RE.search(after) is not None
     if context:
         # A phone word plus a 7-15 digit phone shape is enough; phonenumbers' full parse is
         # the most expensive step of the data scanner, so it is kept for numbers without one.

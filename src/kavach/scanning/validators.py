@@ -89,16 +89,20 @@ IBAN_LENGTHS: dict[str, int] = {
 }
 
 
+# ISO 7064 letter values: A = 10 ... Z = 35 (digits stand for themselves).
+_BASE36 = {b: str(int(chr(b), 36)) for b in b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+
+
 def iban_valid(value: bytes) -> bool:
     """An IBAN with the registered length for its country and a valid ISO 7064 mod-97 check."""
-    compact = bytes(b for b in value if b not in b" -").upper()
+    compact = value.translate(None, b" -").upper()
     if len(compact) < 15 or not compact.isalnum():
         return False
     country = compact[:2].decode("ascii", "replace")
     if IBAN_LENGTHS.get(country) != len(compact) or not compact[2:4].isdigit():
         return False
     rearranged = compact[4:] + compact[:4]
-    numeric = "".join(str(int(chr(b), 36)) for b in rearranged)
+    numeric = "".join(map(_BASE36.__getitem__, rearranged))
     return int(numeric) % 97 == 1
 
 
