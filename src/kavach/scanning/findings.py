@@ -59,6 +59,10 @@ class Finding:
     artifact (``stdout``, ``stderr``, ``file:/path``).
     """
 
+    # The scanning engine builds findings through ``__dict__`` (thousands per MiB; the
+    # frozen ``__init__`` costs one ``object.__setattr__`` per field), so this class keeps
+    # a ``__dict__``: no ``slots=True`` without changing ``engine.scan``/``finalize`` too.
+
     scanner: str  # secrets | code | data
     rule: str
     category: str
