@@ -6,6 +6,7 @@ import pytest
 
 from kavach.errors import PolicyError
 from kavach.scanning import ExternalizationPolicy, Gate, Severity, Verdict
+from kavach.scanning.findings import Finding
 from kavach.scanning.gate import INJECTED_SECRET_RULE, OVERSIZE_RULE, STREAM_HOLD
 
 AWS_ID = "AKIA" + "QWERTYUIOPASDFGH"
@@ -160,3 +161,18 @@ def test_stream_block_stops_release() -> None:
     assert stream.verdict is Verdict.BLOCK
     assert AWS_ID.encode() not in out1 + out2 + out3
     assert [f.rule for f in found] == ["secrets.aws-access-key-id"]
+
+
+def test_engine_built_findings_are_ordinary_findings() -> None:
+    # The engine builds Finding objects through __dict__ for speed; they must compare, hash,
+    # replace and serialise exactly like ones made by the constructor.
+    from dataclasses import replace
+
+    data = b"key AKIAIOSFODNN7EXAMPLF and card 4111 1111 1111 1111, mail dev@corp.example.com\n"
+    findings = Gate(ExternalizationPolicy()).scan(data, "stdout")
+    assert findings
+    for f in findings:
+        twin = Finding(**vars(f))
+        assert f == twin and hash(f) == hash(twin) and f.to_dict() == twin.to_dict()
+        assert replace(f, line=7).line == 7 and replace(f, line=7) != f
+        assert f.source == "stdout" and f.line == 1
