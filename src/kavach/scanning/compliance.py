@@ -39,10 +39,12 @@ _NAME = compile_bytes(r"(?:(?i:patient|name|pt|full\s+name|customer|client|emplo
 _DOB = compile_bytes(r"(?i)\b(?:dob|d\.o\.b\.|date\s+of\s+birth|birth\s*date|born)\b")
 
 _UNANCHORED = re2._Anchor.UNANCHORED
-# The binding's C++ matchers: the Python wrappers build a match object per call, and the
-# GDPR check runs once per personal-data finding (thousands per MiB of customer records).
+# The binding's C++ matchers: the Python wrappers build a match object per call, and these
+# checks run once per card or personal-data finding (thousands per MiB of customer records).
 _NAME_MATCH = _NAME._regexp.Match
 _DOB_MATCH = _DOB._regexp.Match
+_CVV_MATCH = _CVV._regexp.Match
+_EXPIRY_MATCH = _EXPIRY._regexp.Match
 
 
 def _found(match: Callable[[re2._Anchor, bytes, int, int], list[tuple[int, int]]], data: bytes, lo: int,
@@ -74,12 +76,11 @@ def _window(data: bytes, start: int, end: int) -> tuple[int, int]:
 def _pci(data: bytes, card: Finding) -> list[Finding]:
     lo, hi = _window(data, card.start, card.end)
     out: list[Finding] = []
-    cvv = _CVV.search(data, lo, hi)
-    expiry = _EXPIRY.search(data, lo, hi)
-    if cvv is None and expiry is None:
+    cvv = _CVV_MATCH(_UNANCHORED, data, lo, hi)
+    if cvv[0][0] < 0 and not _found(_EXPIRY_MATCH, data, lo, hi):
         return out
-    if cvv is not None:
-        s, e = cvv.span(1)
+    if cvv[0][0] >= 0:
+        s, e = cvv[1]
         out.append(make_finding("data", PCI_SAD_RULE, data, s, e, 0.9))
     # The cardholder-data finding spans the card; redaction of that span is already due.
     out.append(make_finding("data", PCI_RULE, data, card.start, card.end, 0.9))
