@@ -194,10 +194,10 @@ _VERSION_CONTEXT = re.compile(rb"(?i)(?:\b(?:version|ver|v|release|rel|build|oid
 
 
 def _ipv4_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
-    kind = ipv4_kind(data[start:end])
-    if kind is None:
-        return None
+    # The context first: a 32-byte regex search is cheaper than parsing the address.
     if _VERSION_CONTEXT.search(data[max(0, start - 32) : start]) is not None:
+        return None
+    if ipv4_kind(data[start:end]) is None:
         return None
     return 0.9
 

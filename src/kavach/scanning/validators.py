@@ -58,14 +58,19 @@ _ISSUERS: tuple[tuple[int, int, int, frozenset[int], str], ...] = (
 )
 
 
+_PREFIX_WIDTHS = tuple(sorted({width for _, _, width, _, _ in _ISSUERS}))
+
+
 def card_brand(number: bytes) -> str | None:
     """The issuer network of a card number by IIN range and length, or None."""
     digits = digits_only(number)
     if not digits.isdigit():
         return None
     n = len(digits)
+    # The IIN prefixes of every width the table uses, converted once (not once per row).
+    prefixes = {width: int(digits[:width]) for width in _PREFIX_WIDTHS}
     for low, high, width, lengths, brand in _ISSUERS:
-        if n in lengths and low <= int(digits[:width]) <= high:
+        if n in lengths and low <= prefixes[width] <= high:
             return brand
     return None
 
