@@ -232,7 +232,10 @@ IPV6_RULE = Rule(
     severity=Severity.LOW,
     pattern=r"(?:^|[^0-9A-Za-z:_])((?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|"
     r"(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?)",
-    anchors=(r"[0-9A-Fa-f]::|::[0-9A-Fa-f]|[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:",),
+    # A "::" form holds its last group before "::" right after a boundary or a ':' (so "std::"
+    # and "Vec::new" in source code are not candidates); the full form holds four groups.
+    anchors=(r"(?:^|[^0-9A-Za-z_])[0-9A-Fa-f]{1,4}::|[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:"
+             r"[0-9A-Fa-f]{1,4}:",),
     value_group=1,
     not_followed_by=r"[0-9A-Za-z:_]",
     validate=_ipv6_ok,
