@@ -333,13 +333,21 @@ class PatternBank:
         max_lens = self._max_lens
         set_match = self._set_match
         for ws in range(first, stop, WINDOW):
-            owned_end = min(n, ws + WINDOW)
-            hits = set_match(data[ws : min(n, owned_end + OVERLAP)])
+            owned_end = ws + WINDOW
+            # (Comparisons, not min(): this loop runs per window and per rule that passes
+            # the Set, and a builtin call costs more than the comparison.)
+            if owned_end > n:  # noqa: PLR1730
+                owned_end = n
+            # (A slice past the end stops at the end.)
+            hits = set_match(data[ws : owned_end + OVERLAP])
             if not hits:
                 continue
-            for index in sorted(hits):
+            hits.sort()  # rules in bank order, whatever order the Set reports them in
+            for index in hits:
                 match = raw[index]
-                pos, endpos = ws, min(n, owned_end + max_lens[index])
+                pos, endpos = ws, owned_end + max_lens[index]
+                if endpos > n:  # noqa: PLR1730
+                    endpos = n
                 while True:
                     spans = match(_UNANCHORED, data, pos, endpos)
                     start, end = spans[0]
