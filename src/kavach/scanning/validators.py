@@ -58,20 +58,22 @@ _ISSUERS: tuple[tuple[int, int, int, frozenset[int], str], ...] = (
 )
 
 
-_PREFIX_WIDTHS = tuple(sorted({width for _, _, width, _, _ in _ISSUERS}))
-
-
 def card_brand(number: bytes) -> str | None:
     """The issuer network of a card number by IIN range and length, or None."""
     digits = digits_only(number)
     if not digits.isdigit():
         return None
     n = len(digits)
-    # The IIN prefixes of every width the table uses, converted once (not once per row).
-    prefixes = {width: int(digits[:width]) for width in _PREFIX_WIDTHS}
+    # Each IIN prefix width is converted at most once, and only for rows of a fitting length
+    # (a 16-digit Visa number is decided by its first row that fits: one conversion).
+    prefixes: dict[int, int] = {}
     for low, high, width, lengths, brand in _ISSUERS:
-        if n in lengths and low <= prefixes[width] <= high:
-            return brand
+        if n in lengths:
+            prefix = prefixes.get(width)
+            if prefix is None:
+                prefix = prefixes[width] = int(digits[:width])
+            if low <= prefix <= high:
+                return brand
     return None
 
 
