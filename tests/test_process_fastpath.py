@@ -1,4 +1,4 @@
-"""The Process backend's exec fast path: warm children, their hand-over and what kills them.
+"""The Process backend's exec fast path: the exec server, its hand-over and what kills it.
 
 These check behaviour the speed-ups must keep (no timing is asserted here; timing lives in
 ``benchmarks/bench_process.py``).
@@ -7,11 +7,29 @@ These check behaviour the speed-ups must keep (no timing is asserted here; timin
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 from kavach.backends.base import ExecRequest
+from kavach.backends.process import ProcessInstance
 from kavach.policy import SandboxPolicy
 from process_helpers import ENV, sandbox, sh
+
+
+def _children(pid: int) -> list[int]:
+    """Host pids of the children of host pid ``pid``."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+async def _server_pid(box: ProcessInstance) -> int:
+    """The host pid of the sandbox's exec server (init's only child at rest)."""
+    for _ in range(100):
+        children = _children(box.init_pid)
+        if len(children) == 1:
+            return children[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"init has children {_children(box.init_pid)}")
 
 
 async def test_a_command_right_after_a_killall_runs_and_is_not_lost() -> None:
@@ -76,3 +94,44 @@ async def test_the_waiting_parent_keeps_its_fds_and_killing_it_does_not_change_t
         script = "ls /proc/$PPID/fd >/dev/null 2>&1 && echo fds-open; kill -KILL $PPID; sleep 0.2; echo alive; exit 5"
         result = await sh(box, script)
         assert (result.exit_code, result.stdout) == (5, b"alive\n"), result
+
+
+async def test_a_command_cannot_signal_the_exec_server_nor_the_commands_of_other_execs() -> None:
+    # Each command runs in its own Landlock domain nested below the server's (ABI >= 6
+    # scopes signals): SIGSTOP to the server would stall every later exec; a signal to
+    # another exec's process would let one command end another.
+    async with sandbox(SandboxPolicy.strict()) as box:
+        stop = await sh(box, "kill -STOP $PPID && echo stopped || echo refused; kill -KILL $PPID || echo refused")
+        assert stop.stdout == b"refused\nrefused\n", stop
+        assert (await sh(box, "echo next")).stdout == b"next\n"
+        daemon = await sh(box, "sleep 300 >/dev/null 2>&1 & echo $!")
+        pid = daemon.stdout.decode().strip()
+        other = await sh(box, f"kill -TERM {pid} && echo killed || echo refused; test -d /proc/{pid} && echo alive")
+        assert other.stdout == b"refused\nalive\n", other
+
+
+async def test_commands_of_a_killed_exec_server_are_still_reported_and_a_new_server_serves() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        server = await _server_pid(box)
+        run = await box.spawn(ExecRequest(argv=("/bin/sh", "-c", "sleep 0.5; echo done; exit 7"), env=ENV))
+        await asyncio.sleep(0.2)
+        os.kill(server, signal.SIGKILL)  # from the host: the command is init's to report now
+        result = await run.wait()
+        assert (result.exit_code, result.stdout) == (7, b"done\n"), result
+        for _ in range(3):
+            assert (await sh(box, "echo served")).stdout == b"served\n"
+        assert await _server_pid(box) != server
+
+
+async def test_a_command_sent_to_a_server_that_dies_before_reading_it_is_reported_not_lost() -> None:
+    async with sandbox(SandboxPolicy.basic()) as box:
+        server = await _server_pid(box)
+        os.kill(server, signal.SIGSTOP)  # it cannot read the command
+        spawning = asyncio.ensure_future(box.spawn(ExecRequest(argv=("/bin/echo", "never"), env=ENV)))
+        await asyncio.sleep(0.1)
+        assert not spawning.done()  # spawn returns once the command started (or could not)
+        os.kill(server, signal.SIGKILL)
+        run = await asyncio.wait_for(spawning, 10)
+        result = await asyncio.wait_for(run.wait(), 10)
+        assert result.exit_code == 128 + signal.SIGKILL and result.stdout == b"" and not result.timed_out, result
+        assert (await sh(box, "echo served")).stdout == b"served\n"

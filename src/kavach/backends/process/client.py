@@ -10,6 +10,7 @@ commands) is asynchronous on the sandbox's own control socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as errno_names
 import os
 import socket
@@ -183,13 +184,17 @@ class Channel:
         self._by_id: dict[int, deque[dict[str, Any]]] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._warm: tuple[int, socket.socket] | None = None
+        # The sandbox's exec server (pid, socket): commands go straight to it (see execd).
+        self._server: tuple[int, socket.socket] | None = None
         # "killall" requests sent; an offer that init made before carrying out the last one
-        # (its "gen" is lower) names a warm child that killall kills: it is dropped.
+        # (its "gen" is lower) names a server that killall kills: it is dropped.
         self._kills_sent = 0
-        # Sockets of warm children that took a command: each reports its command's exit
-        # there, before init reports the same exit (see init._wait_and_pass_on).
-        self._links: dict[int, socket.socket] = {}
+        # Sockets of exec servers, read until they close (a server replaced after a
+        # killall still reports what it started before it died): fd -> (socket, pid).
+        self._links: dict[int, tuple[socket.socket, int]] = {}
+        # Execs sent to a server whose exit has not come yet: exec id -> server pid. If
+        # that server's socket closes first, init is asked about them ("lost").
+        self._sent: dict[int, int] = {}
         # Execs in progress: reports about any other exec (a second report of an exit
         # already consumed, in a race) are dropped.
         self._active: set[int] = set()
@@ -204,7 +209,7 @@ class Channel:
                 self._loop.remove_reader(fd)
         self._loop = loop
         loop.add_reader(self.sock.fileno(), self._on_readable)
-        for fd, link in self._links.items():
+        for fd, (link, _pid) in self._links.items():
             loop.add_reader(fd, self._on_link_readable, link)
 
     def _on_readable(self) -> None:
@@ -222,11 +227,11 @@ class Channel:
                 self._route(message)
                 for fd in fds:
                     os.close(fd)
-            elif message.get("op") == "warm" and len(fds) == 1:
+            elif message.get("op") == "server" and len(fds) == 1:
                 if int(message.get("gen", 0)) < self._kills_sent:
                     os.close(fds[0])  # killed (or about to be) by a killall sent since
                 else:
-                    self._set_warm(int(message["pid"]), socket.socket(fileno=fds[0]))
+                    self._set_server(int(message["pid"]), socket.socket(fileno=fds[0]))
             else:
                 self._control.append((message, fds))
         waiters, self._waiters = self._waiters, []
@@ -236,6 +241,8 @@ class Channel:
 
     def _route(self, message: dict[str, Any]) -> None:
         exec_id = int(message["id"])
+        if message.get("op") == "exit":
+            self._sent.pop(exec_id, None)
         if exec_id in self._active:
             self._by_id.setdefault(exec_id, deque()).append(message)
 
@@ -243,10 +250,10 @@ class Channel:
         """Exec ``exec_id`` is about to be sent: keep the reports about it."""
         self._active.add(exec_id)
 
-    def watch(self, link: socket.socket) -> None:
-        """Read the exit report of a warm child that took a command (until it closes)."""
+    def _watch(self, link: socket.socket, pid: int) -> None:
+        """Read an exec server's reports (until it closes)."""
         link.setblocking(False)
-        self._links[link.fileno()] = link
+        self._links[link.fileno()] = (link, pid)
         if self._loop is not None and not self._loop.is_closed() and not self.closed:
             self._loop.add_reader(link.fileno(), self._on_link_readable, link)
 
@@ -276,37 +283,53 @@ class Channel:
             return
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(fd)
-        self._links.pop(fd, None)
+        _link, pid = self._links.pop(fd, (link, 0))
+        if self._server is not None and self._server[1] is link:
+            self._server = None
         link.close()
+        # The server is gone: what it did not report, init knows (it adopts the server's
+        # commands and reports their exits; an exec that never started, it reports lost).
+        for exec_id in [i for i, server in self._sent.items() if server == pid]:
+            del self._sent[exec_id]
+            if exec_id in self._active and not self.closed:
+                with contextlib.suppress(ChannelClosed):
+                    self.send({"op": "lost", "id": exec_id, "server": pid})
 
     def finish(self, exec_id: int) -> None:
         """Exec ``exec_id`` is over: drop what is left about it (a second exit report)."""
         self._active.discard(exec_id)
         self._by_id.pop(exec_id, None)
+        self._sent.pop(exec_id, None)
 
-    def _set_warm(self, pid: int, sock: socket.socket) -> None:
-        if self._warm is not None:
-            self._warm[1].close()
-        self._warm = (pid, sock)
+    def _set_server(self, pid: int, sock: socket.socket) -> None:
+        # A previous server stays watched until it closes: it may still report exits.
+        self._server = (pid, sock)
+        self._watch(sock, pid)
 
     def send_killall(self, signum: int, ack: bool) -> None:
-        """Ask init to signal every process but itself; the warm child at hand goes with them.
+        """Ask init to signal every process but itself; the exec server goes with them.
 
-        Without this, a command could be handed to a warm child that the killall is about
-        to kill, and it would be reported as killed although it never ran.
+        From now on no command is handed to that server (it would be reported as killed
+        although it never ran); it is still read until it closes, for what it started.
         """
         self._kills_sent += 1
-        if self._warm is not None:
-            self._warm[1].close()
-            self._warm = None
+        self._server = None
         self.send({"op": "killall", "sig": signum, "ack": ack})
 
-    def take_warm(self) -> tuple[int, socket.socket] | None:
-        """The offered warm exec child (pid, socket), once; None when there is none at hand."""
+    def server(self) -> tuple[int, socket.socket] | None:
+        """The exec server (pid, socket) at hand; None when there is none."""
         if not self.closed:
             self._on_readable()  # pick up an offer even if no reader ran since it arrived
-        warm, self._warm = self._warm, None
-        return warm
+        return self._server
+
+    def sent_to_server(self, exec_id: int, pid: int) -> None:
+        """Exec ``exec_id`` was sent to server ``pid`` (if it dies first, init is asked)."""
+        self._sent[exec_id] = pid
+
+    def drop_server(self, sock: socket.socket) -> None:
+        """The server refused a command (it died): stop using it; it is read until it closes."""
+        if self._server is not None and self._server[1] is sock:
+            self._server = None
 
     def _mark_closed(self) -> None:
         self.closed = True
@@ -367,10 +390,8 @@ class Channel:
             _message, fds = self._control.popleft()
             for fd in fds:
                 os.close(fd)
-        if self._warm is not None:
-            self._warm[1].close()
-            self._warm = None
-        for link in list(self._links.values()):
+        self._server = None
+        for link, _pid in list(self._links.values()):
             self._unwatch(link)
         self._loop = None
         self.sock.close()

@@ -8,13 +8,14 @@ Creating a sandbox (``ProcessDriver.start``), in order:
    ipc and uts namespaces; send it the plan and the secrets (as memfds);
 4. put it in the cgroup, write its uid/gid maps and (root caller) make idmapped copies of
    the user binds; send "mapped";
-5. init builds the root filesystem and lets its first warm exec child confine itself and
-   report what it observes (the enforcement probe);
+5. init builds the root filesystem and lets its exec server (forked before the mounts)
+   confine itself and report what it observes (the enforcement probe);
 6. :meth:`ProcessInstance.enforcement` is built from that probe, and any control the
    policy asked for that the probe does not confirm fails creation.
 
-Each exec goes straight to init's warm (pre-confined) child when one is at hand, else to
-init, which forks one; init reports the exit status.
+Each exec goes straight to the sandbox's exec server (:mod:`.execd`: confined once, it
+posix_spawns every command in its own nested Landlock domain and reports its exit) when
+one is at hand, else to init, which forks a cold exec child and reports its exit.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class ProcessRun(RawProcess):
         self._killed_by_caller = False
         self._timer: asyncio.TimerHandle | None = None
         self._result: RawResult | None = None
+        self._early_exit: dict[str, Any] | None = None  # an exit report read by started()
         self._stdin_task: asyncio.Task[None] | None = None
         # The cgroup's OOM record is sticky; only a change during this command counts.
         self._oom_before = instance.oom_killed()
@@ -109,7 +111,7 @@ class ProcessRun(RawProcess):
         }
         self.instance.channel.begin(self.exec_id)
         try:
-            if not self._send_to_warm_child(message, fds):
+            if not self._send_to_server(message, fds):
                 self.instance.channel.send(message, fds)
         except (ChannelClosed, protocol.ProtocolError) as exc:
             self.instance.channel.finish(self.exec_id)
@@ -128,24 +130,24 @@ class ProcessRun(RawProcess):
         if self.request.timeout_ms is not None:
             self._timer = self._loop.call_later(self.request.timeout_ms / 1000, self._on_timeout)
 
-    def _send_to_warm_child(self, message: dict[str, Any], fds: list[int]) -> bool:
-        """Give the command straight to init's pre-confined child; False if none is at hand."""
-        warm = self.instance.channel.take_warm()
-        if warm is None:
+    def _send_to_server(self, message: dict[str, Any], fds: list[int]) -> bool:
+        """Give the command straight to the sandbox's exec server; False if none is at hand."""
+        channel = self.instance.channel
+        server = channel.server()
+        if server is None:
             return False
-        pid, sock = warm
+        pid, sock = server
         try:
             protocol.send(sock, message, fds)
         except protocol.ProtocolError:
-            sock.close()
             raise
+        except BlockingIOError:
+            return False  # its socket buffer is full (it is busy or frozen): init takes this one
         except OSError:
-            sock.close()
-            return False  # it was killed while waiting (a timeout's kill(-1)); init forks one
-        # It reports the command's exit on this socket too, ahead of init.
-        self.instance.channel.watch(sock)
-        self.pid = pid
-        self.instance.channel.send({"op": "took", "pid": pid, "id": self.exec_id})
+            channel.drop_server(sock)
+            return False  # it was killed (a timeout's kill(-1)); init forks another
+        # It reports the command's start and exit on its socket; if it dies first, init does.
+        channel.sent_to_server(self.exec_id, pid)
         return True
 
     async def _feed_stdin(self, fd: int, data: bytes) -> None:
@@ -241,7 +243,21 @@ class ProcessRun(RawProcess):
             # By exec id: init knows the pid even before its "started" message reached us.
             self.instance.channel.send({"op": "kill", "id": self.exec_id, "sig": signum})
 
+    async def started(self) -> None:
+        """Wait for the "started" report (sets ``pid``); an early exit report is kept for wait()."""
+        try:
+            message = await self.instance.channel.for_exec(self.exec_id)
+        except ChannelClosed:
+            return  # wait() reports the sandbox's end
+        if message.get("op") == "started":
+            self.pid = int(message["pid"])
+        else:
+            self._early_exit = message
+
     async def _next_exit(self) -> dict[str, Any]:
+        if self._early_exit is not None:
+            message, self._early_exit = self._early_exit, None
+            return message
         while True:
             message = await self.instance.channel.for_exec(self.exec_id)
             if message.get("op") == "started":
@@ -345,8 +361,11 @@ class ProcessInstance(Instance):
         return await run.wait()
 
     async def spawn(self, request: ExecRequest) -> ProcessRun:
-        """Start ``request``; the handle streams its output (``pid`` is set once init reports it)."""
-        return self._start(request, report_pid=True)
+        """Start ``request``; the handle streams its output. Returns once the command has
+        started (``pid`` is its pid inside the sandbox) or failed to start."""
+        run = self._start(request, report_pid=True)
+        await run.started()
+        return run
 
     def _start(self, request: ExecRequest, *, report_pid: bool) -> ProcessRun:
         if self._destroyed:

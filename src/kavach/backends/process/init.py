@@ -7,14 +7,16 @@ and uts namespaces; it runs :func:`sandbox_main` and is the sandbox's init:
     waits for the plan and for "mapped" (the caller wrote its uid/gid maps and moved it
     into its cgroup), becomes root inside and enters a new cgroup namespace.
 ``_init_main`` (PID 1)
-    forks the first warm exec child, builds the root filesystem (:mod:`.mounts`), sets the
+    forks the exec server, builds the root filesystem (:mod:`.mounts`), sets the
     hostname, brings up loopback, creates the proxy listener, makes itself non-dumpable,
-    lets the warm child confine itself and report the enforcement probe, reports ``ready``
-    and serves: it hands warm children to the caller, forks cold ones when needed, reaps
-    every zombie, reports exits, relays signals and kills everything on request.
-``_warm_child`` / ``_exec_child``
+    lets the server confine itself and report the enforcement probe, reports ``ready``
+    and serves: it hands the server's socket to the caller, forks a cold exec child when
+    the caller has no server at hand, reaps every zombie (and adopts the commands of a
+    server that died), reports exits, relays signals and kills everything on request.
+``_server_child`` / ``_exec_child``
     the confinement sequence, in the order the kernel needs: fds, session, rlimits,
-    capabilities, oom score, no_new_privs, Landlock, seccomp LAST; then cwd and execve.
+    capabilities, oom score, no_new_privs, Landlock, seccomp LAST; then the exec server
+    (:mod:`.execd`, which posix_spawns every command) or, for a cold child, cwd and execve.
 
 Only the standard library and small kavach modules are imported; the spawner has already
 imported them, so forking costs no imports.
@@ -36,8 +38,9 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from kavach.backends.process import _libc, caps, mounts, namespaces, protocol
+from kavach.backends.process import _libc, caps, execd, mounts, namespaces, protocol
 from kavach.backends.process._libc import KernelCallError
+from kavach.backends.process.execd import exit_message
 
 # Imported lazily so that the engine keeps working while the sibling modules are absent
 # (for example on a host without libseccomp); see _security_modules().
@@ -197,18 +200,19 @@ def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], id
         # the mount work below (pivot_root moves its root along with init's). It closes
         # every inherited fd (the secrets' memfds among them) before anything else.
         prepare_confinement(plan)
-        first = _fork_warm(plan, probe=True, wait_for_go=True)
+        first = _fork_server(plan, probe=True, wait_for_go=True)
         proxy_fd = _setup(plan, file_fds, idmapped)
         built = time.monotonic()
         init = Init(ctl, plan)  # after the setup: its /dev/null is the sandbox's
-        probe = init.adopt_first_warm_child(first)
+        probe = init.adopt_first_server(first)
         probe["setup_ms"] = round((built - started) * 1000, 2)
         probe["probe_ms"] = round((time.monotonic() - built) * 1000, 2)
+        # The server first: a command sent right after "ready" then finds it at hand
+        # instead of costing a cold fork.
+        init.offer()
         protocol.send(ctl, {"op": "ready", "probe": probe}, [proxy_fd] if proxy_fd is not None else [])
         if proxy_fd is not None:
             os.close(proxy_fd)
-        init.offer(init.first_warm)
-        init.first_warm = None
     except (OSError, ValueError, KeyError) as exc:
         _send_quietly(ctl, _error_message(exc, "build the sandbox"))
         os._exit(1)
@@ -257,41 +261,46 @@ def _setup(plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> in
     return proxy_fd
 
 
-class WarmChild:
-    """A child of init that is already confined and waits for one command to execve.
+class ServerChild:
+    """The sandbox's exec server (see :mod:`.execd`), as init sees it.
 
-    Forking and confining (capabilities, Landlock, seccomp) take most of an exec's time;
-    a warm child does it ahead. Its socket is handed to the caller, who sends the command
-    (fds, cwd, argv, env) straight to it. The first warm child also runs the enforcement
-    probe: what it reports is exactly what every command of this sandbox starts from.
+    Forking and confining (capabilities, Landlock, seccomp) is done once, here, not per
+    command. Its socket goes to the caller, who sends it commands directly; its record
+    pipe tells init which pid runs which exec.
     """
 
-    def __init__(self, pid: int, sock: socket.socket, err_read: int) -> None:
+    def __init__(self, pid: int, sock: socket.socket, records: int) -> None:
         self.pid = pid
-        self.sock = sock
-        self.err_read = err_read
+        self.sock: socket.socket | None = sock
+        self.records = records  # read end of the server's record pipe (non-blocking)
+        self.pending = b""
+        self.started: dict[int, int] = {}  # exec id -> pid, from the records
+        self.ended: set[int] = set()  # exec ids whose exit it reported (told with a later start)
+        self.lost: set[int] = set()  # exec ids the caller reported lost before init reaped it
+        self.error: dict[str, Any] | None = None  # a setup failure it recorded
 
 
-def _fork_warm(plan: dict[str, Any], probe: bool, wait_for_go: bool = False) -> WarmChild:
+def _fork_server(plan: dict[str, Any], probe: bool, wait_for_go: bool = False) -> ServerChild:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    err_read, err_write = os.pipe2(os.O_CLOEXEC)
+    records_r, records_w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = fork_child()
     except OSError:
-        for fd in (err_read, err_write):
+        for fd in (records_r, records_w):
             os.close(fd)
         ours.close()
         theirs.close()
         raise
     if pid == 0:
-        _warm_child(plan, theirs.fileno(), err_write, probe, wait_for_go)
+        _server_child(plan, theirs.fileno(), records_w, probe, wait_for_go)
     theirs.close()
-    os.close(err_write)
-    return WarmChild(pid, ours, err_read)
+    os.close(records_w)
+    os.set_blocking(records_r, False)
+    return ServerChild(pid, ours, records_r)
 
 
 def _read_error(fd: int) -> dict[str, Any] | None:
-    """What an exec child wrote to its error pipe (one JSON object a line), merged; None if nothing.
+    """What a cold exec child wrote to its error pipe (one JSON object a line), merged; None if nothing.
 
     Only kavach's code writes there: the pipe is close-on-exec, so no command has it.
     """
@@ -316,75 +325,99 @@ class Init:
     def __init__(self, ctl: socket.socket, plan: dict[str, Any]) -> None:
         self.ctl = ctl
         self.plan = plan
-        self.children: dict[int, tuple[int, int]] = {}  # pid -> (exec id, error pipe)
+        # Cold exec children (forked by init when the caller had no server at hand) and
+        # commands adopted from a dead server: pid -> (exec id, error pipe or -1).
+        self.children: dict[int, tuple[int, int]] = {}
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.running = True
-        # The warm child's socket goes to the caller, who sends it a command directly (one
-        # process hop less per exec) and then tells init which exec it took ("took").
-        self.offered: dict[int, int] = {}  # pid -> error pipe, of warm children handed out
-        self.first_warm: WarmChild | None = None
-        # offered pid -> (wait status, error) of a warm child that ended before its "took"
-        self.early_exits: dict[int, tuple[int, dict[str, Any] | None]] = {}
+        self.server: ServerChild | None = None
+        # Dead servers, by pid: what they started, for a caller asking about a lost exec.
+        self.dead: dict[int, ServerChild] = {}
+        # Reaped pids nobody claimed yet (an orphaned command reaped before its server's
+        # death was processed): pid -> wait status.
+        self.unclaimed: dict[int, int] = {}
+        self.pending_kills: dict[int, int] = {}  # exec id -> signal, for a pid not yet recorded
         self.refill = False
         self.null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         # How many "killall" requests were carried out. Offers carry it, so that the caller
-        # can tell an offer made before its last killall (that warm child is dead or about
-        # to be) from one made after.
+        # can tell an offer made before its last killall (that server is dead or about to
+        # be) from one made after.
         self.kill_generation = 0
 
-    def adopt_first_warm_child(self, warm: WarmChild) -> dict[str, Any]:
-        """Let the first warm child confine itself; return its enforcement probe (what it observes)."""
+    def adopt_first_server(self, server: ServerChild) -> dict[str, Any]:
+        """Let the first server confine itself; return its enforcement probe (what it observes)."""
+        assert server.sock is not None
         try:
-            protocol.send(warm.sock, {"op": "go"})
-            message, fds = protocol.recv(warm.sock)
+            protocol.send(server.sock, {"op": "go"})
+            message, fds = protocol.recv(server.sock)
         except OSError:
             message, fds = None, []
         for fd in fds:
             os.close(fd)
         if message is None or message.get("op") != "probe":
-            warm.sock.close()
-            error = _read_error(warm.err_read)
-            _pid, status = os.waitpid(warm.pid, 0)
-            if error is not None:
-                raise KernelCallError(f"enforcement probe: {error['step']}", error["errno"])
+            server.sock.close()
+            _pid, status = os.waitpid(server.pid, 0)
+            os.set_blocking(server.records, True)
+            self._read_records(server)
+            os.close(server.records)
+            if server.error is not None:
+                raise KernelCallError(f"enforcement probe: {server.error['step']}", server.error["errno"])
             raise KernelCallError(f"enforcement probe exited with wait status {status}", 0)
-        self.first_warm = warm
+        self.server = server
         report: dict[str, Any] = message["report"]
         return report
 
-    def offer(self, warm: WarmChild | None) -> None:
-        """Hand a warm child's socket to the caller."""
-        if warm is None:
+    def offer(self) -> None:
+        """Hand the server's socket to the caller (init keeps only its record pipe)."""
+        server = self.server
+        if server is None or server.sock is None:
             return
         try:
-            protocol.send(self.ctl, {"op": "warm", "pid": warm.pid, "gen": self.kill_generation}, [warm.sock.fileno()])
+            offer = {"op": "server", "pid": server.pid, "gen": self.kill_generation}
+            protocol.send(self.ctl, offer, [server.sock.fileno()])
         finally:
-            warm.sock.close()
-        self.offered[warm.pid] = warm.err_read
+            server.sock.close()
+            server.sock = None
+        self.selector.register(server.records, selectors.EVENT_READ, "records")
 
-    def _refill_warm(self) -> None:
+    def _refill_server(self) -> None:
         self.refill = False
-        if self.offered or not self.running:
-            return  # one warm child at a time
+        if self.server is not None or not self.running:
+            return  # one server at a time
         try:
-            warm = _fork_warm(self.plan, probe=False)
+            self.server = _fork_server(self.plan, probe=False)
         except OSError:
             # The pids limit is exhausted (a fork bomb, say): execs fall back to a cold fork,
             # which reports the error to the caller; retry after the next exec.
             return
-        self.offer(warm)
+        self.offer()
 
-    def _took(self, pid: int, exec_id: int) -> None:
-        """The caller gave exec ``exec_id`` to the warm child ``pid``."""
-        self.refill = True
-        err_read = self.offered.pop(pid, None)
-        if err_read is not None:
-            self.children[pid] = (exec_id, err_read)
-            return
-        early = self.early_exits.pop(pid, None)
-        if early is not None:
-            self._send_exit(exec_id, *early)
+    def _read_records(self, server: ServerChild) -> None:
+        """Take in what ``server`` recorded (non-blocking unless its pipe was set blocking)."""
+        while True:
+            try:
+                data = os.read(server.records, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            server.pending += data
+        *lines, server.pending = server.pending.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if "start" in entry:
+                for done in entry.get("ended", ()):
+                    server.started.pop(int(done), None)
+                exec_id, pid = int(entry["start"]), int(entry["pid"])
+                server.started[exec_id] = pid
+                signum = self.pending_kills.pop(exec_id, None)
+                if signum is not None:
+                    self._kill_pid(pid, signum)
+            elif "step" in entry:
+                server.error = entry
 
     def serve(self) -> None:
         """The loop: commands from the caller and SIGCHLD, until shutdown or the caller leaves."""
@@ -396,14 +429,17 @@ class Init:
         self.selector.register(self.ctl, selectors.EVENT_READ, "ctl")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         while self.running:
-            # Refill the warm child only when nothing else is pending, so that it never
+            # Refill the server only when nothing else is pending, so that it never
             # delays a command or an exit report.
             events = self.selector.select(0 if self.refill else None)
             if not events and self.refill:
-                self._refill_warm()
+                self._refill_server()
             for key, _events in events:
                 if key.data == "ctl":
                     self._on_ctl()
+                elif key.data == "records":
+                    if self.server is not None:
+                        self._read_records(self.server)
                 else:
                     self._drain_wakeup()
                     self._reap()
@@ -440,8 +476,8 @@ class Init:
             return
         for fd in fds:
             os.close(fd)
-        if op == "took":
-            self._took(int(message["pid"]), int(message["id"]))
+        if op == "lost":
+            self._lost(int(message["id"]), int(message["server"]))
         elif op == "kill":
             self._kill_exec(int(message["id"]), int(message["sig"]))
         elif op == "killall":
@@ -476,7 +512,7 @@ class Init:
             protocol.send(self.ctl, {"op": "started", "id": exec_id, "pid": pid})
 
     def _dispatch(self, message: dict[str, Any], fds: list[int]) -> tuple[int, int]:
-        """Fork a cold exec child (the caller had no warm child at hand)."""
+        """Fork a cold exec child (the caller had no server at hand)."""
         err_read, err_write = os.pipe2(os.O_CLOEXEC)
         try:
             pid = fork_child()
@@ -490,52 +526,99 @@ class Init:
         return pid, err_read
 
     def _reap(self) -> None:
+        reaped: list[tuple[int, int]] = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            if pid in self.offered:
-                # A warm child ended before the caller said it took it: either it ran a
-                # command whose "took" is on its way, or it was killed while waiting.
-                self.early_exits[pid] = (status, _read_error(self.offered.pop(pid)))
-                while len(self.early_exits) > 16:
-                    self.early_exits.pop(next(iter(self.early_exits)))
-                self.refill = True
-                continue
-            entry = self.children.pop(pid, None)
-            if entry is not None:
-                exec_id, err_read = entry
-                self._send_exit(exec_id, status, _read_error(err_read))
+                break
+            reaped.append((pid, status))
+        server = self.server
+        server_status: int | None = None
+        others: list[int] = []
+        for pid, status in reaped:
+            if server is not None and pid == server.pid:
+                server_status = status
+            else:
+                self.unclaimed[pid] = status
+                others.append(pid)
+        # The server's death first: it tells which of the other pids were its commands.
+        if server is not None and server_status is not None:
+            self._server_ended(server, server_status)
+        for pid in others:
+            if pid in self.unclaimed:
+                self._child_ended(pid, self.unclaimed.pop(pid))
 
-    def _send_exit(self, exec_id: int, status: int, info: dict[str, Any] | None) -> None:
-        """Report the end of an exec child; for a warm child, what its command did."""
-        if info is not None and info.get("reported"):
-            return  # the warm child reported its command's exit to the caller itself
-        command = info.get("command") if info is not None else None
-        if isinstance(command, int) and "step" not in (info or {}):
-            # The warm child was killed while its command ran (the command may signal it:
-            # same uid and domain). The command is init's child now: report its own exit.
-            try:
-                done, command_status = os.waitpid(command, os.WNOHANG)
-            except ChildProcessError:
-                done, command_status = -1, 0  # already reaped as an orphan: its status is gone
-            if done == 0:
-                self.children[command] = (exec_id, -1)
-                return
-            if done == command:
-                status = command_status
-            info = None
+    def _server_ended(self, server: ServerChild, status: int) -> None:
+        """Adopt the commands of a dead server: their exits are init's to report now."""
+        if server.sock is not None:
+            server.sock.close()  # it died before it was offered
+            server.sock = None
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(server.records)
+        self._read_records(server)  # the writer is dead: everything it wrote is there
+        os.close(server.records)
+        server.records = -1
+        for exec_id, pid in server.started.items():
+            # Only commands that are init's children now (reparented) or were reaped as
+            # orphans: the others ended under the server, which reported them.
+            if pid in self.unclaimed or _is_child(pid):
+                self.children.setdefault(pid, (exec_id, -1))
+        self.dead[server.pid] = server
+        while len(self.dead) > 16:
+            self.dead.pop(next(iter(self.dead)))
+        self.server = None
+        self.refill = True
+        # Orphans reaped before this death was processed.
+        for pid in [pid for pid in self.unclaimed if pid in self.children]:
+            self._child_ended(pid, self.unclaimed.pop(pid))
+        for exec_id in server.lost:
+            self._lost(exec_id, server.pid)
+
+    def _child_ended(self, pid: int, status: int) -> None:
+        entry = self.children.pop(pid, None)
+        if entry is None:
+            # An orphan (a daemon, or a command whose server's death is not processed yet).
+            self.unclaimed[pid] = status
+            while len(self.unclaimed) > 64:
+                self.unclaimed.pop(next(iter(self.unclaimed)))
+            return
+        exec_id, err_read = entry
+        info = _read_error(err_read)
         protocol.send(self.ctl, exit_message(exec_id, status, info))
+
+    def _lost(self, exec_id: int, server_pid: int) -> None:
+        """The caller saw server ``server_pid`` close with exec ``exec_id`` unreported."""
+        server = self.dead.get(server_pid)
+        if server is None:
+            # Not yet reaped (the caller saw the socket close first): answered once it is.
+            if self.server is not None and self.server.pid == server_pid:
+                self.server.lost.add(exec_id)
+            return
+        pid = server.started.get(exec_id)
+        if pid is None:
+            # Never started: the server died with the command still in its socket.
+            protocol.send(self.ctl, exit_message(exec_id, signal.SIGKILL, None))
+        # Started: init reports its exit when it reaps it (adopted in _server_ended).
 
     def _kill_exec(self, exec_id: int, signum: int) -> None:
         """Signal an exec's process group; SIGKILL also reaches its session and descendants."""
         pids = [pid for pid, (known_id, _err) in self.children.items() if known_id == exec_id]
-        if not pids:
-            return
-        pid = pids[0]
+        if not pids and self.server is not None:
+            self._read_records(self.server)
+            pid = self.server.started.get(exec_id)
+            if pid is None:
+                self.pending_kills[exec_id] = signum  # its start record is on its way
+                while len(self.pending_kills) > 64:  # (or it never started: keep few)
+                    self.pending_kills.pop(next(iter(self.pending_kills)))
+                return
+            pids = [pid]
+        if pids:
+            self._kill_pid(pids[0], signum)
+
+    def _kill_pid(self, pid: int, signum: int) -> None:
         targets = {pid}
         if signum == signal.SIGKILL:
             targets |= _descendants(pid)
@@ -558,19 +641,6 @@ class Init:
             _signal(target, signum)
 
 
-def exit_message(exec_id: int, status: int, error: dict[str, Any] | None) -> dict[str, Any]:
-    """The "exit" report of exec ``exec_id`` from its wait status (128+N for signal N)."""
-    reply: dict[str, Any] = {"op": "exit", "id": exec_id}
-    if os.WIFSIGNALED(status):
-        reply["signal"] = os.WTERMSIG(status)
-        reply["code"] = 128 + os.WTERMSIG(status)
-    else:
-        reply["code"] = os.WEXITSTATUS(status)
-    if error is not None:
-        reply["error"] = error
-    return reply
-
-
 def _noop_handler(_signum: int, _frame: object) -> None:
     """SIGCHLD only needs to wake the loop through the wakeup fd."""
 
@@ -587,6 +657,15 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except ProcessLookupError:
         return
+
+
+def _is_child(pid: int) -> bool:
+    """Whether ``pid`` is a child of this process (alive or a zombie not yet reaped)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # looks, does not reap
+    except ChildProcessError:
+        return False
+    return True
 
 
 def _descendants(root: int) -> set[int]:
@@ -799,22 +878,21 @@ def _probe_data(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 _SOCK_FD = 4
-_REPORTED = b'{"reported": true}'
 
 
-def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wait_for_go: bool) -> NoReturn:
-    """Confine now, then wait for one command and execve it. Never returns.
+def _server_child(plan: dict[str, Any], sock_fd: int, records_fd: int, probe: bool, wait_for_go: bool) -> NoReturn:
+    """Confine now, then serve commands (:class:`.execd.ExecServer`). Never returns.
 
-    Everything a command of this sandbox starts from is applied here, before the command
-    is known: it does not depend on the command. Only fds, cwd, argv and env come later.
+    Everything a command of this sandbox starts from is applied here, once: it does not
+    depend on the command. Only fds, cwd, argv and env come with each command.
     """
-    step = "prepare the warm child"
+    step = "prepare the exec server"
     try:
         child_signals_default()
         # Via high numbers first, so that neither dup2 clobbers the other's source.
-        os.dup2(err_fd, 100)
+        os.dup2(records_fd, 100)
         os.dup2(sock_fd, 101)
-        os.dup2(100, _ERR_FD, inheritable=False)
+        os.dup2(100, execd.RECORD_FD, inheritable=False)
         os.dup2(101, _SOCK_FD, inheritable=False)
         _libc.close_range_from(_SOCK_FD + 1)
         sock = socket.socket(fileno=_SOCK_FD)
@@ -839,97 +917,28 @@ def _warm_child(plan: dict[str, Any], sock_fd: int, err_fd: int, probe: bool, wa
         if probe:
             step = "enforcement probe"
             protocol.send(sock, {"op": "probe", "report": _probe_data(plan)})
-        step = "wait for a command"
-        message, fds = protocol.recv(sock)
-        if message is None:
-            os._exit(0)
-        step = "set up stdio"
-        # Without stdin bytes, fd 0 stays on /dev/null (inherited from init).
-        targets = (0, 1, 2) if message.get("stdin") else (1, 2)
-        if len(fds) != len(targets):
-            raise KernelCallError("set up stdio: wrong number of fds", 22)
-        for target, fd in zip(targets, fds, strict=True):
-            os.dup2(fd, target)
-        _libc.close_range_from(_SOCK_FD + 1)  # fd 3 (error pipe) and 4 (socket) are close-on-exec
-        exec_id = int(message["id"])
-        cwd = message.get("cwd") or plan["workdir"]
-        step = f"chdir {cwd}"
-        os.chdir(cwd)
-        argv = [os.fsencode(a) for a in message["argv"]]
-        env = {os.fsencode(k): os.fsencode(v) for k, v in message["env"].items()}
-        step = "execve"
-        # From the moment the command exists, signals to its process group are the
-        # command's: this process blocks them (the command starts with an empty mask).
-        signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
-        pid = spawn_command(argv, env)
-        # For init, if this process is killed before it reports: whose exit to report.
-        os.write(_ERR_FD, json.dumps({"command": pid}).encode() + b"\n")
-        if message.get("report_pid"):
-            step = "report the pid"
-            protocol.send(sock, {"op": "started", "id": exec_id, "pid": pid})
+        step = "start serving"
+        null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        server = execd.ExecServer(sock, null_fd, _scope_layer if _scoped(plan) else None, plan["workdir"])
     except BaseException as exc:  # noqa: BLE001 - the child must never return into init's code
         _report_exception(exc, step)
         os._exit(EXIT_EXEC_FAILED)
-    _wait_and_pass_on(sock, exec_id, pid)
+    server.serve()
 
 
-def spawn_command(argv: list[bytes], env: dict[bytes, bytes]) -> int:
-    """Start the command as a child of this (already confined) process with posix_spawn.
-
-    posix_spawn is the C library's vfork+execve: the command starts from this process's
-    controls (capabilities, no_new_privs, rlimits, oom score, its own Landlock domain and
-    seccomp filter, all inherited) without a copy of this Python process's memory, and the
-    exec does not tear that memory down either: on this machine a fork+execve from the
-    25 MiB warm child costs about 2.3 ms of CPU, a posix_spawn 0.7 ms. Signal dispositions
-    pass as through execve; the mask is set empty (this process blocks every signal while
-    the command runs). The PATH search is os.execvpe's: the
-    command's own PATH, else os.defpath; the first error other than ENOENT/ENOTDIR wins.
-    """
-    if os.path.dirname(argv[0]):
-        return os.posix_spawn(argv[0], argv, env, setsigmask=())
-    first_error: OSError | None = None
-    last_error: OSError = FileNotFoundError(2, "No such file or directory")
-    for directory in os.get_exec_path(env):  # type: ignore[arg-type]  # bytes keys are accepted
-        try:
-            return os.posix_spawn(os.path.join(os.fsencode(directory), argv[0]), argv, env, setsigmask=())
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            last_error = exc
-        except OSError as exc:
-            last_error = exc
-            first_error = first_error or exc
-    raise first_error or last_error
+def _scoped(plan: dict[str, Any]) -> bool:
+    """Whether commands can get their own Landlock layer (scoping needs ABI 6)."""
+    return int(plan.get("landlock_abi_applied", 0)) >= 6
 
 
-def _wait_and_pass_on(sock: socket.socket, exec_id: int, pid: int) -> NoReturn:
-    """Wait for the command, report its exit to the caller, then end the same way.
+def _scope_layer() -> None:
+    """A nested, scoping-only Landlock layer on the calling thread (errors as KernelCallError)."""
+    from kavach.backends.process.landlock import LandlockError, add_scope_layer
 
-    The report goes straight to the caller (one process hop less than through init). This
-    process then ends with the command's status; init, which reaps it, reports that status
-    only if this process could not (it was killed first: a killall, the caller's SIGKILL
-    to the process group). The command is in this process's process group
-    (the caller's kill reaches both; this process ignores what it can); this process is
-    non-dumpable, so the command cannot reach its socket through /proc.
-    """
-    # Signals sent to the process group are the command's: blocked since before the spawn,
-    # so this process outlives the command. The command's pipes: let go of them, or the
-    # caller would not see their end.
-    for fd in (0, 1, 2):
-        os.close(fd)
-    _pid, status = os.waitpid(pid, 0)
-    with contextlib.suppress(OSError):
-        protocol.send(sock, exit_message(exec_id, status, None))
-        # Tell init (through the error pipe, which the command never had) that the caller
-        # has the report, so that init does not send it a second time.
-        os.write(_ERR_FD, _REPORTED + b"\n")
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(signum, signal.SIG_DFL)
-        # Only that signal unblocked: whatever else is pending stays blocked as this ends.
-        os.kill(os.getpid(), signum)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
-        os._exit(128 + signum)  # a signal that does not end a process (it did end the command)
-    os._exit(os.WEXITSTATUS(status))
+    try:
+        add_scope_layer()
+    except LandlockError as exc:
+        raise KernelCallError(exc.step, exc.errno) from None
 
 
 def _report_exception(exc: BaseException, step: str) -> None:

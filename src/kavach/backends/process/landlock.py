@@ -210,6 +210,25 @@ def apply_landlock(
     return abi
 
 
+def add_scope_layer() -> None:
+    """Nest the calling thread in a new Landlock domain that only scopes (ABI >= 6).
+
+    The new layer handles no filesystem or network right (those of the enclosing domain
+    still apply, unchanged); it confines signals and abstract unix socket connections to
+    the new domain, so that what this thread starts cannot signal or connect to anything
+    outside it: the thread's own process among them. no_new_privs must already be set.
+    Raises :class:`LandlockError` (an OSError) if the kernel refuses.
+    """
+    attr = _RulesetAttr(0, 0, SCOPE_SIGNAL | SCOPE_ABSTRACT_UNIX_SOCKET)
+    ruleset_fd = _create_ruleset(attr)
+    try:
+        rc = _syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_long(ruleset_fd), ctypes.c_long(0))
+        if rc != 0:
+            raise LandlockError("restrict_self (scope layer)", ctypes.get_errno())
+    finally:
+        os.close(ruleset_fd)
+
+
 def _create_ruleset(attr: _RulesetAttr) -> int:
     # The full 24-byte struct is accepted by every ABI as long as the fields it does not
     # know are zero (copy_min_struct_from_user), which the caller guarantees.
@@ -282,6 +301,7 @@ __all__ = [
     "LandlockError",
     "RuleData",
     "access_mask",
+    "add_scope_layer",
     "apply_landlock",
     "handled_fs_access",
     "landlock_abi",
