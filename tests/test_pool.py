@@ -121,3 +121,22 @@ async def test_foreign_sandbox_release_and_bad_arguments_are_refused() -> None:
                 await pool.release(stranger)
         finally:
             await stranger.destroy()
+
+
+async def test_a_warm_claim_never_suspends_and_the_refill_waits_for_its_delay() -> None:
+    """Claiming from a warm pool is plain bookkeeping: the coroutine finishes in one step (no
+    I/O, no await that yields), and the refill is woken only once refill_delay_s has passed."""
+    async with SandboxPool(_config(), size=2, refill_delay_s=1.0) as pool:
+        coroutine = pool.claim()
+        with pytest.raises(StopIteration) as done:
+            coroutine.send(None)
+        sandbox = done.value.value
+        assert isinstance(sandbox, Sandbox) and pool.stats.claimed_warm == 1
+        await asyncio.sleep(0.05)
+        assert pool.stats.warm == 1 and pool.stats.created == 2  # not refilled yet
+        for _ in range(100):
+            if pool.stats.warm == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert pool.stats.warm == 2 and pool.stats.created == 3
+        await pool.release(sandbox)
