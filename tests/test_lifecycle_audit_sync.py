@@ -18,11 +18,11 @@ import pytest
 
 from kavach import audit
 from kavach.audit import AuditLog, verify
-from kavach.backends.base import ExecRequest, RawResult
+from kavach.backends.base import ExecRequest, Instance, LaunchSpec, RawResult
 from kavach.backends.names import Backend
 from kavach.backends.noop import NoopDriver
 from kavach.config import AuditSettings, SandboxConfig
-from kavach.errors import ExecError, ExternalizationBlocked
+from kavach.errors import ExecError, ExternalizationBlocked, QuarantineError
 from kavach.lifecycle import Sandbox
 from kavach.scanning.findings import Verdict
 from kavach.scanning.gate import ExternalizationPolicy
@@ -271,3 +271,51 @@ async def test_empty_output_decision_is_computed_at_create(tmp_path: Path) -> No
     assert sandbox._empty_gate is not None and sandbox._empty_gate[0] is sandbox._services.gate
     assert sandbox._empty_gate[1].verdict is Verdict.PASS and not sandbox._empty_gate[1].findings
     await sandbox.destroy()
+
+
+class RecordingNoopDriver(NoopDriver):
+    """The Noop backend, remembering whether each instance it started was destroyed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.destroyed: list[bool] = []
+
+    async def start(self, spec: LaunchSpec) -> Instance:
+        instance = await super().start(spec)
+        index = len(self.destroyed)
+        self.destroyed.append(False)
+        real_destroy = instance.destroy
+
+        async def destroy() -> None:
+            self.destroyed[index] = True
+            await real_destroy()
+
+        instance.destroy = destroy  # type: ignore[method-assign]
+        return instance
+
+
+async def test_an_unusable_quarantine_store_fails_creation_and_destroys_the_sandbox(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the quarantine directory should be")
+    driver = RecordingNoopDriver()
+    bad = SandboxConfig(
+        backend=Backend.NOOP,
+        audit=AuditSettings(path=str(tmp_path / "audit.jsonl"), key=KEY),
+        externalization=ExternalizationPolicy(),
+        quarantine_dir=str(blocker / "quarantine"),
+    )
+    with pytest.raises(QuarantineError):
+        await Sandbox.create(bad, driver=driver)
+    assert driver.destroyed == [True]
+    failed = [e for e in events(tmp_path) if e["event"] == "sandbox.create_failed"]
+    assert failed and failed[-1]["payload"]["error"] == "QuarantineError"  # type: ignore[index]
+    assert verify(tmp_path / "audit.jsonl", KEY).ok
+
+
+async def test_the_quarantine_store_is_open_before_create_returns(tmp_path: Path) -> None:
+    sandbox = await Sandbox.create(config(tmp_path))
+    assert sandbox._services.quarantine is not None
+    await sandbox.destroy()
+    no_gate = await Sandbox.create(config(tmp_path, gate=False))  # Noop default: gate disabled
+    assert no_gate._services.quarantine is None  # nothing can be quarantined, nothing opened
+    await no_gate.destroy()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,17 @@ async def test_spawn_streams_output_through_the_gate() -> None:
     assert b"Zr8#kq2LmvX91pT" not in streamed + result.stdout  # redacted before release
     assert result.exit_code == 0
     assert any(f.category == "password" for f in result.findings)
+
+
+async def test_unusable_quarantine_store_fails_creation_during_the_integrity_probe(tmp_path: Path) -> None:
+    """The store is opened while the probe runs in the sandbox; its failure still fails creation."""
+    from kavach.errors import QuarantineError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(QuarantineError):
+        await Sandbox.create(process_config(quarantine_dir=str(blocker / "q")))
+    failed = [e for e in audit_events() if e["event"] == "sandbox.create_failed"]
+    assert failed and failed[-1]["payload"]["error"] == "QuarantineError"  # type: ignore[index]
+    # Nothing is left pending: the probe was settled before the error propagated.
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []

@@ -1112,8 +1112,13 @@ def _assess(sections: Mapping[str, str], enforcement: Enforcement, host_mount_li
     )
 
 
-async def check_integrity(instance: Instance, enforcement: Enforcement) -> IntegrityReport:
+async def check_integrity(
+    instance: Instance, enforcement: Enforcement, *, meanwhile: Callable[[], None] | None = None
+) -> IntegrityReport:
     """Run the probe inside ``instance`` and compare what it sees with the host.
+
+    ``meanwhile`` (optional) is host-side work the caller wants done while the probe runs in
+    the sandbox; what it raises propagates, after the probe is cancelled.
 
     Checks (each only where ``enforcement`` says the control is in place): namespaces differ
     from the host's, no host mount is visible, seccomp is in filter mode with no_new_privs,
@@ -1133,11 +1138,13 @@ async def check_integrity(instance: Instance, enforcement: Enforcement) -> Integ
         # sandbox (the comparison needs both; neither depends on the other).
         await asyncio.sleep(0)
         host_mount_list = _host_mounts()
+        if meanwhile is not None:
+            meanwhile()
         result = await probe
     except ExecError as exc:
         return IntegrityReport((f"the integrity probe could not run: {exc}",))
     finally:
-        if not probe.done():  # cancelled, or the host's mount table was unreadable
+        if not probe.done():  # cancelled, or the host-side work raised
             probe.cancel()
             await asyncio.gather(probe, return_exceptions=True)
     if result.exit_code != 0 or result.timed_out:

@@ -214,6 +214,7 @@ class _Services:
     # the gate policy's repr, or None when the gate knows injected secret values (then each
     # sandbox keeps its own cache).
     scrub_key: str | None = None
+    quarantine_enabled: bool = False  # the gate can quarantine: the store must be open before any exec
 
 
 class Sandbox:
@@ -308,12 +309,13 @@ class Sandbox:
                 raise SandboxCreateError(f"backend {self.backend} gave no proxy listener for network mode proxy")
             services.proxy_task = asyncio.create_task(services.proxy.serve(listener))
         if self.config.integrity_check and self.backend not in (Backend.NOOP, Backend.WASM):
-            await self._check_integrity_at_create()
+            # The host-side setup runs while the probe runs inside the sandbox; a failure of
+            # either fails creation.
+            await self._check_integrity_at_create(meanwhile=self._prepare_host_side)
+        else:
+            self._prepare_host_side()
         if self._score < self.config.min_score:
             raise ScoreTooLow(int(self._score), self.config.min_score, missing_controls(self._enforcement))
-        if services.gate is not None:
-            # Computed now, while creating (for a pool: in the background), not on the first exec.
-            self._empty_output_result(services.gate, "stdout")
         self._fsm.transition(SandboxState.RUNNING)
         self._audit(
             "sandbox.created",
@@ -330,10 +332,20 @@ class Sandbox:
             self._fork_watch = guards.ForkBombWatch(self._instance.live_pids, threshold, self._on_fork_bomb)
             self._fork_watch.start()
 
-    async def _check_integrity_at_create(self) -> None:
+    def _prepare_host_side(self) -> None:
+        """What the first command needs on the host: the quarantine store (opened, fail closed:
+        an unusable store fails creation) and the gate's decision on empty output (computed
+        now, for a pool in the background, rather than on the first exec)."""
+        services = self._services
+        if services.quarantine_enabled and services.quarantine is None:
+            services.quarantine = QuarantineStore(self.config.quarantine_dir, audit=services.audit)
+        if services.gate is not None:
+            self._empty_output_result(services.gate, "stdout")
+
+    async def _check_integrity_at_create(self, meanwhile: Callable[[], None] | None = None) -> None:
         """Probe from inside before the first command: a control the backend claims but the
         probe cannot see fails creation. The report joins the enforcement record."""
-        report = await guards.check_integrity(self._instance, self._enforcement)
+        report = await guards.check_integrity(self._instance, self._enforcement, meanwhile=meanwhile)
         self._integrity = report
         if not report.ok:
             raise SandboxCreateError("integrity check failed: " + "; ".join(report.problems))
@@ -911,7 +923,11 @@ def _finding_counts(findings: Sequence[Finding]) -> dict[str, int]:
 
 
 def _open_services(config: SandboxConfig, backend: Backend, assessor: threat.ThreatAssessor) -> _Services:
-    """Audit log, gate and quarantine store, opened before the backend starts (a missing key fails first)."""
+    """Audit log and gate, opened before the backend starts (a missing key fails first).
+
+    The quarantine store is opened while the sandbox is being checked
+    (:meth:`Sandbox._prepare_host_side`); creation fails if it cannot be.
+    """
     settings = config.audit
     audit = None
     if settings.enabled:
@@ -922,8 +938,8 @@ def _open_services(config: SandboxConfig, backend: Backend, assessor: threat.Thr
     ext = config.externalization
     if ext is None:
         ext = ExternalizationPolicy.disabled() if backend is Backend.NOOP else ExternalizationPolicy()
-    quarantine = QuarantineStore(config.quarantine_dir, audit=audit) if ext.enabled else None
-    services = _Services(audit=audit, gate=None, quarantine=quarantine, assessor=assessor)
+    services = _Services(audit=audit, gate=None, quarantine=None, assessor=assessor)
+    services.quarantine_enabled = ext.enabled
     # repr shows every field of the (frozen) policy: equal text means an equal policy, and an
     # equal policy gives equal scan results; unequal text for equal policies only misses.
     services.scrub_key = repr(ext) if ext.enabled else "fallback-secrets-scanner"
