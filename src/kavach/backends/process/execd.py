@@ -49,7 +49,7 @@ _THREAD_STACK = 256 * 1024
 # Dispositions a command must start with: Python ignores SIGPIPE and SIGXFSZ, and an
 # ignored signal stays ignored through execve (handled ones are reset by the kernel).
 _DEFAULT_SIGNALS = tuple(sig for sig in signal.Signals if sig not in (signal.SIGKILL, signal.SIGSTOP))
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC  # a received fd must never leak into another command
+RECV_FLAGS = socket.MSG_CMSG_CLOEXEC  # a received fd must never leak into another command
 
 
 def exit_message(exec_id: int, status: int, error: dict[str, Any] | None) -> dict[str, Any]:
@@ -146,18 +146,24 @@ class ExecServer:
         self.outbox: deque[dict[str, Any]] = deque()
         self.waiting_to_write = False
 
-    def serve(self) -> NoReturn:
-        """Serve until the caller closes the socket; then end (init kills what is left)."""
+    def serve(self, first: tuple[dict[str, Any], list[int]]) -> NoReturn:
+        """Handle ``first`` (the first message, received blocking), then serve until the
+        caller closes the socket; then end (init kills what is left).
+
+        The server is built only once a first command came: an idle sandbox's server is
+        then no larger than a process blocked in recvmsg (idle memory per sandbox)."""
         # The C-level calls (_signal, select.epoll), not the signal/selectors wrappers: every
         # object the server touches is a page copied from init in every sandbox (idle PSS).
+        _thread.stack_size(_THREAD_STACK)
         _csignal.set_wakeup_fd(self.wake_w)
         _csignal.signal(signal.SIGCHLD, _ignore_in_python)
         self.sock.setblocking(False)
         sock_fd = self.sock.fileno()
         self.poller.register(sock_fd, select.EPOLLIN)
         self.poller.register(self.wake_r, select.EPOLLIN)
+        self._handle(*first)
         while True:
-            for fd, events in self.poller.poll():
+            for fd, events in self.poller.poll(-1, 2):  # two fds: no 1023-event buffer per call
                 if fd == sock_fd:
                     if events & select.EPOLLOUT:
                         self._flush()
@@ -170,18 +176,21 @@ class ExecServer:
     def _on_sock(self) -> None:
         while True:
             try:
-                message, fds = protocol.recv(self.sock, _RECV_FLAGS)
+                message, fds = protocol.recv(self.sock, RECV_FLAGS)
             except BlockingIOError:
                 return
             except (protocol.ProtocolError, ConnectionError):
                 os._exit(0)
             if message is None:
                 os._exit(0)  # the caller is gone
-            if message.get("op") == "exec":
-                self._start(message, fds)
-            else:
-                for fd in fds:
-                    os.close(fd)
+            self._handle(message, fds)
+
+    def _handle(self, message: dict[str, Any], fds: list[int]) -> None:
+        if message.get("op") == "exec":
+            self._start(message, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
 
     def _start(self, message: dict[str, Any], fds: list[int]) -> None:
         exec_id = int(message.get("id", -1))
@@ -300,4 +309,12 @@ def _ignore_in_python(_signum: int, _frame: object) -> None:
     """SIGCHLD wakes the loop through the wakeup fd; nothing to do in Python."""
 
 
-__all__ = ["EXIT_EXEC_FAILED", "RECORD_FD", "ExecServer", "exit_message", "run_in_fresh_thread", "spawn_command"]
+__all__ = [
+    "EXIT_EXEC_FAILED",
+    "RECORD_FD",
+    "RECV_FLAGS",
+    "ExecServer",
+    "exit_message",
+    "run_in_fresh_thread",
+    "spawn_command",
+]
