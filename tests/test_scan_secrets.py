@@ -631,3 +631,11 @@ def test_validators_terminate_on_any_arrangement_of_tricky_pieces(pieces: list[s
     data = "".join(pieces).encode()
     for f in SCANNER.scan(data):
         assert 0 <= f.start < f.end <= len(data)
+
+
+@pytest.mark.parametrize("before", ["", "x" * 6000 + "\n", "a bot\n" + "y" * 6000 + "\n"])
+def test_a_discord_bot_token_is_found_wherever_it_is_and_whatever_surrounds_it(before: str) -> None:
+    # The prefilter once looked for "discord" or "bot" near the token (not part of it): the
+    # same token was found or missed depending on unrelated text in its 4 KiB window.
+    token = "MTA4NzY1NDMyMTA5ODc2NTQz.GhT3kX.aB9cD8eF7gH6iJ5kLm4N3oP2qR1sT0uVwXyZ"
+    assert rules(before + "value " + token + "\n") == ["secrets.discord-bot-token"]

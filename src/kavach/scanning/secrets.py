@@ -1232,7 +1232,6 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
     "secrets.bearer-token": (r"bearer",),
     "secrets.basic-auth": (r"basic",),
     "pii.email": (r"@",),
-    "secrets.discord-bot-token": (r"(?i)discord|bot",),
     "secrets.gitlab-token": (r"gl(?:pat|ptt|dt|rtr|rt|cbt|ft|imt|agent|oas|soat|ffct|wt)-",),
     "secrets.sidekiq-credentials": (r"(?i)CONTRIBSYS",),
     "secrets.auth-header": (r"(?i)authorization|api-key|auth-token|private-token|access-token",),
