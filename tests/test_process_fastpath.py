@@ -10,6 +10,8 @@ import asyncio
 import os
 import signal
 
+import pytest
+
 from kavach.backends.base import ExecRequest
 from kavach.backends.process import ProcessInstance
 from kavach.policy import SandboxPolicy
@@ -135,3 +137,23 @@ async def test_a_command_sent_to_a_server_that_dies_before_reading_it_is_reporte
         result = await asyncio.wait_for(run.wait(), 10)
         assert result.exit_code == 128 + signal.SIGKILL and result.stdout == b"" and not result.timed_out, result
         assert (await sh(box, "echo served")).stdout == b"served\n"
+
+
+async def test_creation_fails_with_a_clear_error_when_the_spawner_is_wedged(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kavach.backends.process import driver
+    from kavach.backends.process.client import Spawner
+    from kavach.errors import SandboxCreateError
+
+    async with sandbox(SandboxPolicy.minimal()):
+        pass  # the spawner is up
+    monkeypatch.setattr(driver, "CREATE_DEADLINE_S", 0.5)
+    spawner = Spawner.get().pid
+    os.kill(spawner, signal.SIGSTOP)
+    try:
+        with pytest.raises(SandboxCreateError, match=r"fork reply within 0\.5 s"):
+            async with sandbox(SandboxPolicy.minimal()):
+                pass
+    finally:
+        os.kill(spawner, signal.SIGCONT)
+    async with sandbox(SandboxPolicy.minimal()) as box:  # the spawner serves again
+        assert (await sh(box, "echo fine")).stdout == b"fine\n"

@@ -28,8 +28,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kavach.backends.base import Driver, ExecRequest, Instance, LaunchSpec, ProbeResult, RawProcess, RawResult
 from kavach.backends.capture import CappedBuffer, exit_reason
@@ -50,6 +50,9 @@ DEGRADED_BASE_SCORE = 35  # Process base 50 minus the namespace isolation the de
 # How long output is still read after the command exited, for data its background
 # children keep writing; they are not waited for beyond this.
 _DRAIN_GRACE_S = 0.05
+# How long creation may wait for the spawner's fork and for init's set-up (tens of ms
+# normally; seconds under heavy load) before it fails and kills what it started.
+CREATE_DEADLINE_S = 30.0
 _READ_SIZE = 1 << 16
 
 
@@ -628,7 +631,7 @@ async def _start(
     pidfd = -1
     try:
         try:
-            pid = forked_pid(await reply)
+            pid = forked_pid(await _within_deadline(reply, "the spawner's fork reply"))
         except SpawnError as exc:
             if _clone_flags(plan) and exc.errno in (
                 errno.EPERM,
@@ -656,7 +659,7 @@ async def _start(
         finally:
             for fd in idmapped:
                 os.close(fd)
-        message, fds = await _expect(channel, "ready")
+        message, fds = await _within_deadline(_expect(channel, "ready"), "the sandbox's 'ready'")
         instance = ProcessInstance(spec, plan, channel, pid, pidfd, cgroup)
         _LIVE.add(instance)
         if fds:
@@ -695,6 +698,18 @@ def _map_ids(pid: int, spec: LaunchSpec, plan: dict[str, Any]) -> list[int]:
         return trees
     except OSError as exc:
         raise SandboxCreateError(f"sandbox {spec.sandbox_id}: {exc}") from None
+
+
+_T = TypeVar("_T")
+
+
+async def _within_deadline(awaitable: Awaitable[_T], what: str) -> _T:
+    """``awaitable``, or SandboxCreateError after CREATE_DEADLINE_S (a wedged spawner or
+    init must not hang the caller; the caller's cleanup then kills what was started)."""
+    try:
+        return await asyncio.wait_for(awaitable, CREATE_DEADLINE_S)
+    except TimeoutError:
+        raise SandboxCreateError(f"sandbox creation: no {what} within {CREATE_DEADLINE_S:g} s") from None
 
 
 async def _expect(channel: Channel, op: str) -> tuple[dict[str, Any], list[int]]:
