@@ -13,6 +13,8 @@ Prints p50/p95 of
   * exec of /bin/true in an existing sandbox through the raw driver, back to back (the next
     warm exec child is still being prepared when the next command comes) and 20 ms apart
     (it is ready), for basic and strict,
+  * exec in an existing ``kavach.Sandbox`` and, paired with the driver's exec of the same
+    request in the same sandbox, what the Sandbox layer adds (guards, gate, audit),
   * pool claim+exec through ``kavach.Sandbox`` (gate and audit included), with the default
     fsync'd audit log and with ``fsync=False``,
 and the PSS of 50 idle sandboxes, with the ratios to the targets of issue 3. Every row runs
@@ -245,6 +247,31 @@ async def main() -> None:
         finally:
             await instance.destroy()
 
+    # The Sandbox layer on one exec (guards, argv scrub, gate, audit), measured as the
+    # paired difference with the driver's exec of the same request in the same sandbox:
+    # separate rows on this machine differ by more than the layer costs.
+    for fsync in (True, False):
+        box = await Sandbox.create(sandbox_config(fsync))
+        try:
+            same = box._request(["/bin/true"], stdin=None, env=None, timeout_ms=None, cwd=None)
+            layer, direct = [], []
+            await box.exec(["/bin/true"])
+            for _ in range(runs * 2):
+                await asyncio.sleep(0.02)
+                start = time.perf_counter()
+                await box._instance.exec(same)
+                direct.append((time.perf_counter() - start) * 1000)
+                await asyncio.sleep(0.02)
+                start = time.perf_counter()
+                await box.exec(["/bin/true"])
+                layer.append((time.perf_counter() - start) * 1000)
+            label = "fsync'd audit" if fsync else "audit without fsync"
+            report(f"Sandbox exec in existing ({label}, 20 ms apart)", layer)
+            added = sorted(a - b for a, b in zip(layer, direct, strict=True))
+            print(f"{'  of which the Sandbox layer (paired difference)':<50} p50 {pct(added, 0.5):8.2f} ms")
+        finally:
+            await box.destroy()
+
     pool_p50: dict[bool, float] = {}
     for fsync in (True, False):
         async with SandboxPool(sandbox_config(fsync), size=4) as pool:
@@ -279,7 +306,7 @@ async def main() -> None:
         per_sandbox = total / len(instances) / 1024
         print(
             f"{'idle PSS per sandbox (' + str(args.idle) + ' alive)':<50} {per_sandbox:8.2f} MiB"
-            f"   (init + warm exec child; spawner {spawner_pss / 1024:.2f} MiB once)"
+            f"   (init + exec server; spawner {spawner_pss / 1024:.2f} MiB once)"
         )
     finally:
         await asyncio.gather(*(i.destroy() for i in instances))
