@@ -175,10 +175,37 @@ def pids_in_pid_ns(ns: str) -> list[int]:
     return found
 
 
+async def idle_pss(driver: ProcessDriver, policy: SandboxPolicy, count: int) -> float:
+    """Print and return the PSS per idle sandbox (MiB) with ``count`` sandboxes alive."""
+    instances: list[ProcessInstance] = []
+    try:
+        for _ in range(count):
+            instances.append(await driver.start(spec(policy)))
+            check_enforced(instances[-1], policy)
+        await asyncio.sleep(0.5)
+        total = 0
+        for instance in instances:
+            total += sum(pss_kib(p) for p in pids_in_pid_ns(instance.enforcement().details["namespaces"]["pid"]))
+        from kavach.backends.process.client import Spawner
+
+        spawner_pss = pss_kib(Spawner.get().pid)
+        per_sandbox = total / len(instances) / 1024
+        print(
+            f"{'idle PSS per sandbox (' + str(count) + ' alive)':<50} {per_sandbox:8.2f} MiB"
+            f"   (init + exec server; spawner {spawner_pss / 1024:.2f} MiB once)"
+        )
+        return per_sandbox
+    finally:
+        await asyncio.gather(*(i.destroy() for i in instances))
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--idle", type=int, default=50)
+    parser.add_argument(
+        "--idle-only", action="store_true", help="only the idle PSS row, in a fresh caller (nothing measured before)"
+    )
     args = parser.parse_args()
     runs = args.runs
     driver = ProcessDriver()
@@ -188,6 +215,9 @@ async def main() -> None:
     basic = (
         SandboxPolicy.basic() if limits_ok else dataclasses.replace(SandboxPolicy.basic(), resources=ResourceLimits())
     )
+    if args.idle_only:
+        await idle_pss(driver, basic, args.idle)
+        return
 
     bare = report("bare subprocess.run(/bin/true)", timed_sync(lambda: subprocess.run(["/bin/true"], check=True), runs))
     bwrap = None
@@ -291,25 +321,7 @@ async def main() -> None:
             pool_p50[fsync] = report(f"pool claim+exec (Sandbox, {label})", samples)
     shutil.rmtree(audit_dir, ignore_errors=True)
 
-    instances: list[ProcessInstance] = []
-    try:
-        for _ in range(args.idle):
-            instances.append(await driver.start(spec(basic)))
-            check_enforced(instances[-1], basic)
-        await asyncio.sleep(0.5)
-        total = 0
-        for instance in instances:
-            total += sum(pss_kib(p) for p in pids_in_pid_ns(instance.enforcement().details["namespaces"]["pid"]))
-        from kavach.backends.process.client import Spawner
-
-        spawner_pss = pss_kib(Spawner.get().pid)
-        per_sandbox = total / len(instances) / 1024
-        print(
-            f"{'idle PSS per sandbox (' + str(args.idle) + ' alive)':<50} {per_sandbox:8.2f} MiB"
-            f"   (init + exec server; spawner {spawner_pss / 1024:.2f} MiB once)"
-        )
-    finally:
-        await asyncio.gather(*(i.destroy() for i in instances))
+    per_sandbox = await idle_pss(driver, basic, args.idle)
 
     print()
     print("ratios (target in brackets)")
