@@ -100,7 +100,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
     },
 }
 # os.uname() is what platform.machine() reads on Linux; `platform` itself is not imported
-# because this module is loaded into every sandbox's init and warm child.
+# because this module is loaded into every sandbox's init and exec server.
 _ARCH = os.uname().machine
 _NR = _SYSCALLS.get(_ARCH, {})
 

@@ -62,7 +62,7 @@ def fork_child() -> int:
 
     ``os.fork()`` runs CPython's after-fork repairs and every at-fork callback of the
     imported modules (random's reseed, threading's bookkeeping ...): about 0.8 ms of CPU
-    in each child here, most of a warm child's start-up, to repair threads and locks that
+    in each child here (it was most of a per-exec child's start-up), to repair threads and locks that
     a single-threaded init does not have. A raw clone(SIGCHLD) skips them.
 
     The signals init handles in Python are blocked across the clone, so that none of its
@@ -87,7 +87,7 @@ def child_signals_default() -> None:
 
     Through the C module ``_signal``: the ``signal`` module's wrappers turn every old
     handler and mask into enum members (a failed enum lookup raises and catches a
-    ValueError for each handler), which made this the costliest step of a warm child
+    ValueError for each handler), which made this the costliest step of an exec child
     (~110 copied pages of ~370).
     """
     for sig in (signal.SIGCHLD, *_RELAYED_SIGNALS, signal.SIGPIPE):
@@ -99,7 +99,7 @@ def child_signals_default() -> None:
 def preload() -> None:
     """Import what exec children need, once, in the spawner (forks then share it)."""
     # Not kavach.policy (dataclasses, inspect, tomllib, pathlib ...): every module loaded
-    # here is in every init and warm child, and forking a larger interpreter costs more.
+    # here is in every init and exec server, and forking a larger interpreter costs more.
     _security_modules()
 
 
@@ -196,7 +196,7 @@ def _send_quietly(ctl: socket.socket, message: dict[str, Any]) -> None:
 def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> NoReturn:
     try:
         started = time.monotonic()
-        # The first warm child is forked now and waits for "go": its fork overlaps with
+        # The exec server is forked now and waits for "go": its fork overlaps with
         # the mount work below (pivot_root moves its root along with init's). It closes
         # every inherited fd (the secrets' memfds among them) before anything else.
         prepare_confinement(plan)
@@ -249,7 +249,7 @@ def _setup(plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> in
         reopen_std_fds()  # the sandbox's /dev/null, not the host's (inherited before pivot_root)
     # The caller's sys.path now names paths the sandboxed command may be able to write (after
     # pivot_root a checkout under /work resolves into the sandbox's writable /work): a lazy
-    # import in init or a warm child would run planted code. Everything they need was
+    # import in init or the exec server would run planted code. Everything they need was
     # preloaded by the spawner, so from here on an import can only fail, never load.
     sys.path.clear()
     sys.path_importer_cache.clear()
@@ -754,7 +754,7 @@ def _confine(plan: dict[str, Any]) -> None:
 
 def _confine_process(plan: dict[str, Any]) -> None:
     """The controls that do not depend on the root filesystem: rlimits, capabilities, oom
-    score, no_new_privs. The first warm child applies them while init still builds the
+    score, no_new_privs. The exec server applies them while init still builds the
     root (they are per process: init keeps its own capabilities for the mounts)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for name, value in plan["rlimits"].items():
@@ -783,8 +783,8 @@ def _confine_process(plan: dict[str, Any]) -> None:
         _libc.capset_empty("clear capabilities")
     # A non-dumpable process cannot write its own /proc files inside a user namespace, so
     # the child is dumpable just long enough to raise its oom_score_adj, then not again:
-    # while a warm child waits, other commands of the sandbox cannot open its /proc/PID/fd
-    # (its pipe to init). execve makes the command dumpable, as for any program.
+    # while the exec server serves, commands of the sandbox cannot open its /proc/PID/fd
+    # (its socket and record pipe). execve makes the command dumpable, as for any program.
     _libc.prctl(_libc.PR_SET_DUMPABLE, 1, "make the exec child dumpable")
     try:
         # The sandbox's commands are the OOM killer's first choice, before init or the host.
@@ -797,7 +797,7 @@ def _confine_process(plan: dict[str, Any]) -> None:
             os.close(fd)
     except OSError as exc:
         raise KernelCallError("raise oom_score_adj", exc.errno or 0) from None
-    _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make the waiting exec child non-dumpable")
+    _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make the exec server (or child) non-dumpable")
     caps.set_no_new_privs()
 
 
@@ -805,8 +805,8 @@ class _Prepared:
     """The plan's Landlock rules and seccomp programs, decoded once in init.
 
     Every exec child inherits them with the fork instead of building them again: fewer
-    objects allocated in each child, so fewer pages copied (CPU, and the memory of every
-    waiting warm child).
+    objects allocated in each child, so fewer pages copied (CPU, and the idle memory of
+    every exec server).
     """
 
     def __init__(self, plan: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from kavach.policy import Access, LandlockRule
 
 # ``kavach.policy`` is not imported at run time: this module is loaded into every sandbox's
-# init and warm exec child, and policy pulls dataclasses, inspect, tomllib, pathlib ...
+# init and exec server, and policy pulls dataclasses, inspect, tomllib, pathlib ...
 # (~7 MiB of a 19 MiB process, copied on write by every fork). Rights are keyed by their
 # string values, which ``Access`` members (a StrEnum) hash and compare equal to.
 
