@@ -567,7 +567,7 @@ class Init:
             if pid in self.unclaimed or _is_child(pid):
                 self.children.setdefault(pid, (exec_id, -1))
         self.dead[server.pid] = server
-        while len(self.dead) > 16:
+        while len(self.dead) > 64:
             self.dead.pop(next(iter(self.dead)))
         self.server = None
         self.refill = True
@@ -591,11 +591,15 @@ class Init:
 
     def _lost(self, exec_id: int, server_pid: int) -> None:
         """The caller saw server ``server_pid`` close with exec ``exec_id`` unreported."""
+        if self.server is not None and self.server.pid == server_pid:
+            # Not yet reaped (the caller saw the socket close first): answered once it is.
+            self.server.lost.add(exec_id)
+            return
         server = self.dead.get(server_pid)
         if server is None:
-            # Not yet reaped (the caller saw the socket close first): answered once it is.
-            if self.server is not None and self.server.pid == server_pid:
-                self.server.lost.add(exec_id)
+            # Forgotten (more servers died since than init remembers): answer rather than
+            # leave the caller waiting; an adopted command still running is reported killed.
+            protocol.send(self.ctl, exit_message(exec_id, signal.SIGKILL, None))
             return
         pid = server.started.get(exec_id)
         if pid is None:
