@@ -333,3 +333,19 @@ async def test_tmpfs_mounts_are_capped_in_bytes_and_inodes() -> None:
         assert tmp_inodes == 64 * 1024
         result = await sh(box, "head -c 70000000 /dev/zero > /tmp/big; echo rc=$?")
         assert b"rc=1" in result.stdout and b"No space left" in result.stderr
+
+
+async def test_every_command_starts_with_the_policys_rlimits_and_oom_score() -> None:
+    # Commands are started by the sandbox's exec server, which applied these once: each
+    # command (the first and later ones) must still start from exactly the policy's limits.
+    limits = SandboxPolicy.basic().resources
+    async with sandbox(SandboxPolicy.basic()) as box:
+        for _ in range(2):
+            result = await sh(box, "cat /proc/self/limits /proc/self/oom_score_adj")
+            text = result.stdout.decode()
+            rows = {line[:26].strip(): line[26:].split()[:2] for line in text.splitlines()[1:] if len(line) > 26}
+            assert rows["Max cpu time"] == [str(limits.cpu_time_s)] * 2, text
+            assert rows["Max file size"] == [str(limits.file_size)] * 2, text
+            assert rows["Max open files"] == [str(limits.open_files)] * 2, text
+            assert rows["Max core file size"] == ["0", "0"], text
+            assert text.strip().splitlines()[-1] == "1000", text
