@@ -157,3 +157,27 @@ async def test_creation_fails_with_a_clear_error_when_the_spawner_is_wedged(monk
         os.kill(spawner, signal.SIGCONT)
     async with sandbox(SandboxPolicy.minimal()) as box:  # the spawner serves again
         assert (await sh(box, "echo fine")).stdout == b"fine\n"
+
+
+async def test_a_command_cannot_reach_the_abstract_unix_socket_of_another_exec() -> None:
+    listen = (
+        "import socket, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind('\\0kavach-test-abstract'); s.listen(1)\n"
+        "print('listening', flush=True); time.sleep(30)\n"
+    )
+    connect = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect('\\0kavach-test-abstract'); print('connected')\n"
+        "except OSError as e:\n    print('refused', e.errno)\n"
+    )
+    # Landlock (strict; basic does not enable it) scopes abstract sockets to each command's domain.
+    async with sandbox(SandboxPolicy.strict()) as box:
+        server = await box.spawn(ExecRequest(argv=("/usr/bin/python3", "-c", listen), env=ENV, timeout_ms=20_000))
+        async for _stream, data in server.chunks():
+            if b"listening" in data:
+                break
+        other = await box.exec(ExecRequest(argv=("/usr/bin/python3", "-c", connect), env=ENV, timeout_ms=20_000))
+        assert other.stdout.startswith(b"refused"), other
+        await server.kill(signal.SIGKILL)
+        await server.wait()
