@@ -255,11 +255,15 @@ def load_filter(program: bytes) -> None:
     _check_program(program)
     if _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise SeccompError("set no_new_privs", ctypes.get_errno())
-    # The buffer must stay alive until the kernel has copied the program (during the call).
-    buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _SockFprog(len(program) // _INSN_SIZE, ctypes.cast(buffer, ctypes.c_void_p))
+    # The kernel only reads the program (it copies it during the call), so it is passed in
+    # place: a c_char_p of the bytes, kept alive by ``pointer`` until the call returns.
+    # (create_string_buffer made a new ctypes array type for every program length: ~100 kB
+    # of copied pages in every exec server.)
+    pointer = ctypes.c_char_p(program)
+    fprog = _SockFprog(len(program) // _INSN_SIZE, ctypes.cast(pointer, ctypes.c_void_p))
     if _SYS_SECCOMP is not None:
-        # No SECCOMP_FILTER_FLAG_TSYNC: exec children are single-threaded.
+        # No SECCOMP_FILTER_FLAG_TSYNC: the exec server and cold children load it while
+        # single-threaded (the server's threads, made later, inherit it).
         rc = _syscall(
             ctypes.c_long(_SYS_SECCOMP),
             ctypes.c_long(SECCOMP_SET_MODE_FILTER),
