@@ -28,9 +28,14 @@ class ProtocolError(OSError):
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as sent on the wire (compact JSON)."""
+    return _encode(message).encode()
+
+
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send one message (and ``fds``, which stay open on our side)."""
-    data = _encode(message).encode()
+    data = encode(message)
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message too large ({len(data)} bytes)")
     if fds:
@@ -70,4 +75,4 @@ def recv(sock: socket.socket, flags: int = 0) -> tuple[dict[str, Any] | None, li
     return decode(data, ancdata)
 
 
-__all__ = ["MAX_MESSAGE", "ProtocolError", "decode", "recv", "send"]
+__all__ = ["MAX_MESSAGE", "ProtocolError", "decode", "encode", "recv", "send"]
