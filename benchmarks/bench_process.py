@@ -1,6 +1,7 @@
 """Process backend benchmark: latency and idle memory against anchors measured in the same run.
 
-Run: ``.venv/bin/python benchmarks/bench_process.py [--runs N] [--idle 50]`` (as root or a user).
+Run: ``.venv/bin/python benchmarks/bench_process.py [--runs N] [--idle 50] [--idle-only]`` (as root
+or a user); ``--idle-only`` measures only the idle memory, in a caller that did nothing before.
 
 Prints p50/p95 of
   * bare ``subprocess.run(["/bin/true"])`` (the floor: one fork+exec from Python),
