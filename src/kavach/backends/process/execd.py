@@ -170,7 +170,7 @@ class ExecServer:
                     if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                         self._on_sock()
                 else:
-                    _drain(self.wake_r)
+                    drain(self.wake_r)
                     self._reap()
 
     def _on_sock(self) -> None:
@@ -297,7 +297,8 @@ def _record(entry: dict[str, Any]) -> None:
         os.write(RECORD_FD, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
 
 
-def _drain(fd: int) -> None:
+def drain(fd: int) -> None:
+    """Read a non-blocking fd (a signal wakeup pipe) until it is empty."""
     try:
         while os.read(fd, 4096):
             pass
@@ -314,6 +315,7 @@ __all__ = [
     "RECORD_FD",
     "RECV_FLAGS",
     "ExecServer",
+    "drain",
     "exit_message",
     "run_in_fresh_thread",
     "spawn_command",

@@ -46,11 +46,10 @@ from kavach.backends.process.execd import exit_message
 # (for example on a host without libseccomp); see _security_modules().
 _SECURITY: dict[str, Callable[..., Any]] = {}
 
-EXIT_EXEC_FAILED = 127
+EXIT_EXEC_FAILED = execd.EXIT_EXEC_FAILED
 NOBODY = 65534
 _ERR_FD = 3
 _RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-_ALL_SIGNALS = frozenset(signal.Signals)
 # The signals init has Python handlers for: the only ones blocked across a fork_child.
 # (Blocking all of them would cost each child ~100 copied pages: pthread_sigmask returns
 # the old mask as a set of Signals enum members, built in Python.)
@@ -291,7 +290,6 @@ class ServerChild:
         self.records = records  # read end of the server's record pipe (non-blocking)
         self.pending = b""
         self.started: dict[int, int] = {}  # exec id -> pid, from the records
-        self.ended: set[int] = set()  # exec ids whose exit it reported (told with a later start)
         self.lost: set[int] = set()  # exec ids the caller reported lost before init reaped it
         self.error: dict[str, Any] | None = None  # a setup failure it recorded
 
@@ -457,19 +455,12 @@ class Init:
                     if self.server is not None:
                         self._read_records(self.server)
                 else:
-                    self._drain_wakeup()
+                    execd.drain(self.wake_r)
                     self._reap()
         self.kill_all(signal.SIGKILL)
 
     def _relay(self, signum: int, _frame: object) -> None:
         self.kill_all(signum)
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            return
 
     def _on_ctl(self) -> None:
         while True:
