@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ async def test_200_cycles_leave_nothing_behind() -> None:
             result = await sh(box, "echo $((6*7)) > /tmp/x; cat /tmp/x; sleep 1000 &")
             assert result.stdout == b"42\n"
     spawner = Spawner.get()
+    # destroy() returns when init's pidfd reports its exit; the kernel unlinks the task from
+    # the spawner's children a moment later (release), so wait, bounded, for the list to
+    # empty: a leaked init or orphan would stay there.
+    deadline = time.monotonic() + 5.0
+    while _children_of(spawner.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert _children_of(spawner.pid) == []  # no init and no orphan left under the spawner
     assert _cgroups_named(prefix) == []
     assert _mount_count() == mounts_before

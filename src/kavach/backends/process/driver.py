@@ -412,7 +412,7 @@ class ProcessInstance(Instance):
                 raise ExecError(f"unexpected message from init: {message.get('op')}")
 
     async def stop(self) -> None:
-        """Kill every process but init; the sandbox can only be destroyed afterwards."""
+        """Kill every process (init's killall first, then the cgroup, init included); only destroy is left."""
         if self._paused and self.cgroup is not None:
             self.cgroup.thaw()
             self._paused = False
