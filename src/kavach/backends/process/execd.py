@@ -240,6 +240,10 @@ class ExecServer:
             return spawn_command(argv, env, stdio)
 
         try:
+            if scope_layer is None:
+                # Nothing to confine to one thread: spawn from this one (a thread start
+                # and its wake-up cost more than the posix_spawn itself).
+                return in_own_domain()
             return run_in_fresh_thread(in_own_domain)
         except _SetupError:
             raise
