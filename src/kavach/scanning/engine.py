@@ -23,6 +23,7 @@ secret's start, so redaction still removes the identifying part.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
 import re._parser as _sre_parser  # type: ignore[import-not-found]
 import warnings
@@ -361,13 +362,20 @@ class PatternBank:
 
     def scan(self, data: bytes, scanner: str) -> list[Finding]:
         """Validated findings of every rule (lines not yet assigned: see :func:`finalize`)."""
-        found: list[Finding] = []
+        return self.findings(data, scanner, self.validated(data, 0, len(data)))
+
+    def validated(self, data: bytes, first: int, stop: int) -> list[tuple[int, int, int, float]]:
+        """``(rule index, start, end, confidence)`` of the validated matches owned by the
+        windows starting in ``[first, stop)`` (``first`` a multiple of ``WINDOW``).
+
+        Plain tuples, so that a helper process can compute them for part of an artifact
+        (:mod:`kavach.scanning.helper`) and the caller turn them into findings.
+        """
+        found: list[tuple[int, int, int, float]] = []
         append = found.append
-        n = len(data)
         plans = self._plans
-        new = object.__new__
-        for index, spans in self._match_windows(data, 0, n):
-            rule, group, follower, validate, confidence, owner, redacts, redact = plans[index]
+        for index, spans in self._match_windows(data, first, stop):
+            _rule, group, follower, validate, confidence, _owner, _redacts, _redact = plans[index]
             vstart, vend = spans[group]
             if vstart < 0 or vend <= vstart:
                 continue
@@ -381,8 +389,17 @@ class PatternBank:
                     confidence, vend = verdict
                 else:
                     confidence = verdict
-            else:
-                confidence = rule.confidence
+            append((index, vstart, vend, confidence))
+        return found
+
+    def findings(self, data: bytes, scanner: str, validated: Iterable[tuple[int, int, int, float]]) -> list[Finding]:
+        """The findings of :meth:`validated`'s matches in ``data``."""
+        found: list[Finding] = []
+        append = found.append
+        plans = self._plans
+        new = object.__new__
+        for index, vstart, vend, confidence in validated:
+            rule, _group, _follower, _validate, _confidence, owner, redacts, redact = plans[index]
             value = data[vstart:vend]
             # Finding's generated __init__ (frozen: one object.__setattr__ per field) is
             # the single largest per-match cost of the loop; the fields are the same.
@@ -395,6 +412,11 @@ class PatternBank:
             )
             append(finding)
         return found
+
+    def digest(self) -> str:
+        """What identifies this bank's rules (a helper process checks it built the same bank)."""
+        text = "\0".join(f"{r.id}\1{r.pattern}\1{r.anchors!r}" for r in self.rules)
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def make_finding(

