@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import random
@@ -35,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kavach.scanning import CodeScanner, DataScanner, ExternalizationPolicy, Gate, SecretsScanner, Severity
+from kavach.scanning import gate as gate_module
+from kavach.scanning.helper import ScanHelper
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -377,30 +380,49 @@ def build_corpus(data_dir: Path, size: int, seed: int = 7) -> bytes:
     return "\n".join(parts).encode()[:size]
 
 
+def _gate_cpu(helper: ScanHelper) -> float:
+    """CPU seconds of this process plus those of the gate's scan helper process, if it runs."""
+    total = time.process_time()
+    pid = helper.pid
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
 def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sample_mb: float) -> tuple[float, float]:
     corpus = build_corpus(data_dir, corpus_mb * 1024 * 1024)
     gate = Gate(ExternalizationPolicy())
     gate.scan(b"warm up the compiled scanners")
     # Artifacts as exec would see them: 1 MiB outputs / files.
     step = 1024 * 1024
-    # Wall clock is what a caller waits; CPU time (this process only) is what the gate costs
-    # when other work shares the cores (the benchmark machine is shared), so both are printed.
-    t0, c0 = time.perf_counter(), time.process_time()
+    # Wall clock is what a caller waits; CPU time is what the gate costs when other work
+    # shares the cores (the benchmark machine is shared), so both are printed. CPU time
+    # counts this process and the gate's scan helper process (kavach.scanning.helper), which
+    # the gate starts on the first large artifact and uses once it has built its rules.
+    helper = gate_module._HELPER
+    t0, c0 = time.perf_counter(), _gate_cpu(helper)
     findings = 0
     verdicts: Counter[str] = Counter()
+    ready_at: float | None = None
     for i in range(0, len(corpus), step):
         result = gate.apply(corpus[i : i + step], "stdout")
         findings += len(result.findings)
         verdicts[str(result.verdict)] += 1
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if ready_at is None and helper.splits:
+            ready_at = i / len(corpus)
+    elapsed, cpu = time.perf_counter() - t0, _gate_cpu(helper) - c0
+    first_splits = helper.splits
     mbps = len(corpus) / elapsed / 1e6
     # The same artifacts again: RE2 builds its automata lazily while matching, so the first
     # pass also pays for building them; the second shows the steady state of a long-running
     # gate. No results are cached between passes (each apply() scans its artifact anew).
-    t1, c1 = time.perf_counter(), time.process_time()
+    t1, c1 = time.perf_counter(), _gate_cpu(helper)
     for i in range(0, len(corpus), step):
         gate.apply(corpus[i : i + step], "stdout")
-    warm_elapsed, warm_cpu = time.perf_counter() - t1, time.process_time() - c1
+    warm_elapsed, warm_cpu = time.perf_counter() - t1, _gate_cpu(helper) - c1
     sample = corpus[: int(ds_sample_mb * 1024 * 1024)]
     t0, c0 = time.perf_counter(), time.process_time()
     detect_secrets_flags(sample.decode("utf-8", "replace").split("\n"))
@@ -409,8 +431,12 @@ def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sampl
     report.append("throughput (whole gate: secrets + code + data + compliance, redaction included)")
     report.append(f"  kavach gate      {len(corpus) / 1e6:.0f} MB in {elapsed:.1f}s = {mbps:.1f} MB/s "
                   f"({findings} findings; verdicts {dict(verdicts)})   (target >= 50 MB/s)")
-    report.append(f"    CPU time of this process {cpu:.1f}s = {len(corpus) / cpu / 1e6:.1f} MB/s of CPU "
-                  f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    report.append(f"    CPU time of this process and the scan helper {cpu:.1f}s = {len(corpus) / cpu / 1e6:.1f} MB/s "
+                  f"of CPU (load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    helped = "off" if helper.disabled and not first_splits else (
+        f"{first_splits} of {-(-len(corpus) // step)} artifacts split with it, from "
+        f"{100 * ready_at:.0f}% of the pass" if ready_at is not None else "never ready")
+    report.append(f"    scan helper in the first pass: {helped}")
     report.append(f"    second pass over the same artifacts (automata built, nothing else kept) {warm_elapsed:.1f}s = "
                   f"{len(corpus) / warm_elapsed / 1e6:.1f} MB/s ({len(corpus) / warm_cpu / 1e6:.1f} MB/s of CPU)")
     report.append(f"  detect-secrets   {len(sample) / 1e6:.1f} MB sample of the same corpus in {ds_elapsed:.1f}s "

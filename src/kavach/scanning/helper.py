@@ -137,6 +137,11 @@ class ScanHelper:
         return not self._broken and names in self._ready
 
     @property
+    def pid(self) -> int | None:
+        """The helper process's pid, while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def disabled(self) -> bool:
         """True when the helper is off (``KAVACH_SCAN_HELPER=0``) or failed once."""
         return self._broken
