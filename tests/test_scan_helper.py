@@ -149,3 +149,29 @@ def test_malformed_answers_are_refused(item: object) -> None:
     with pytest.raises(HelperError):
         _checked([[0, 1, 2, 0.5], item], rules=10, size=100)
     assert _checked([[0, 1, 2, 0.5], [9, 0, 100, 1]], rules=10, size=100) == [(0, 1, 2, 0.5), (9, 0, 100, 1)]
+
+
+def test_a_forked_child_does_not_talk_to_its_parents_helper(helper: ScanHelper) -> None:
+    bank = bank_named(NAMES)
+    data = _artifact(SPLIT_MIN * 2)
+    alone = bank.validated(data, 0, len(data))
+    _until_ready(helper, bank, data)
+    parents_helper = helper.pid
+    assert parents_helper is not None
+    pid = os.fork()
+    if pid == 0:  # the child: its scans must not go to (or disturb) the parent's helper
+        code = 0
+        try:
+            if helper.scan(bank, NAMES, data) != alone:
+                code = 1
+            elif helper.pid == parents_helper:
+                code = 2  # it kept (and may have used) the parent's helper
+        except BaseException:  # reported through the exit code
+            code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    before = helper.splits
+    assert helper.scan(bank, NAMES, data) == alone  # the parent's helper still answers, in order
+    assert helper.splits == before + 1
