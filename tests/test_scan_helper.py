@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +178,36 @@ def test_a_forked_child_does_not_talk_to_its_parents_helper(helper: ScanHelper) 
     before = helper.splits
     assert helper.scan(bank, NAMES, data) == alone  # the parent's helper still answers, in order
     assert helper.splits == before + 1
+
+
+def test_the_helper_does_not_import_from_the_callers_working_directory(tmp_path: Path) -> None:
+    # A module planted where the caller runs (`json` and `socket` are imported by the helper)
+    # must not run in the helper: it starts in isolated mode with the caller's own path.
+    marker = tmp_path / "planted-module-ran"
+    for name in ("json", "socket", "kavach"):
+        planted = tmp_path / f"{name}.py"
+        planted.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    src = Path(__file__).resolve().parents[1] / "src"
+    script = (
+        "import sys, time\n"
+        f"sys.path[:0] = [{str(src)!r}]\n"
+        "from kavach.scanning.gate import bank_named\n"
+        "from kavach.scanning.helper import ScanHelper\n"
+        "names = ('data', 'secrets', 'code')\n"
+        "bank = bank_named(names)\n"
+        "data = b'password = \"Tr0ub4dor&3xq\"\\n' * 20000\n"
+        "helper = ScanHelper(bank_named)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not helper.ready(names) and not helper.disabled and time.monotonic() < deadline:\n"
+        "    helper.scan(bank, names, data); time.sleep(0.05)\n"
+        "assert helper.scan(bank, names, data) == bank.validated(data, 0, len(data))\n"
+        "print(helper.splits, helper.disabled)\n"
+    )
+    # -I for the caller too: only the helper's own start is under test here.
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    splits, disabled = done.stdout.split()
+    assert int(splits) >= 1 and disabled == "False"
+    assert not marker.exists()

@@ -55,7 +55,10 @@ _SHARE_BOUNDS = (0.2, 0.8)
 # part, before it scans that part itself (and stops using the helper).
 _GRACE_S = 2.0
 _HEADER = struct.Struct("!Q")
-_MAX_FRAME = 1 << 31
+# Answers are lists of matches, never near this; a larger frame is a broken helper.
+_MAX_FRAME = 1 << 28
+# How long a message that has started to arrive may take to arrive whole.
+_READ_S = 5.0
 
 Validated = list[tuple[int, int, int, float]]
 BankFor = Callable[[tuple[str, ...]], PatternBank]
@@ -125,9 +128,9 @@ class ScanHelper:
         n = len(data)
         if n < SPLIT_MIN or self._broken or not self._lock.acquire(blocking=False):
             return bank.validated(data, 0, n)
-        if self._pid != os.getpid():
-            self._forget()  # a fork of the process that started the helper: start our own
         try:
+            if self._pid != os.getpid():
+                self._forget()  # a fork of the process that started the helper: start our own
             return self._split(bank, names, data)
         finally:
             self._lock.release()
@@ -206,6 +209,7 @@ class ScanHelper:
         readable, _, _ = select.select([self._sock], [], [], 0)
         if not readable:
             return False
+        self._sock.settimeout(_READ_S)  # (a helper that stalls mid-message: TimeoutError)
         message = _message(self._sock)
         if message[0] != "ready" or len(message) != 3 or tuple(message[1]) != self._preparing:
             raise HelperError(f"expected ready, got {message[0]!r}")
@@ -222,6 +226,7 @@ class ScanHelper:
             readable, _, _ = select.select([self._sock], [], [], timeout)
             if not readable:
                 raise HelperError(f"no answer within {timeout:.1f}s")
+            self._sock.settimeout(_READ_S)
             message = _message(self._sock)
             if (
                 message[0] != "found"
@@ -249,21 +254,22 @@ class ScanHelper:
         self._memfd = os.memfd_create("kavach-scan", os.MFD_CLOEXEC)
         parent, child = socket.socketpair()
         try:
-            env = dict(os.environ)
-            # The caller's import path, so that the helper imports this same kavach.
-            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            # Isolated mode (-I), then exactly the caller's import path (made absolute):
+            # never the working directory or PYTHONPATH, so a module planted in the
+            # directory the caller runs in cannot shadow one the helper imports.
+            path = os.pathsep.join(os.path.abspath(p) for p in sys.path)
+            starter = (
+                "import sys; sys.path[:] = sys.argv[1].split(sys.argv[2]);"
+                f" from kavach.scanning.helper import main; main({child.fileno()}, {self._memfd})"
+            )
             self._proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    f"from kavach.scanning.helper import main; main({child.fileno()}, {self._memfd})",
-                ],
+                [sys.executable, "-I", "-c", starter, path, os.pathsep],
                 stdin=subprocess.DEVNULL,
-                pass_fds=(child.fileno(), self._memfd),
-                env=env,
-                # (A helper that fails says so through the protocol; no traceback on the
+                # (A helper that fails says so through the protocol: nothing of it on the
                 # caller's terminal.)
+                stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                pass_fds=(child.fileno(), self._memfd),
             )
         finally:
             child.close()
