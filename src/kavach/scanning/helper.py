@@ -26,6 +26,7 @@ shared memory file (``memfd``, passed at start) and the helper reads ``size`` by
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import mmap
@@ -122,6 +123,7 @@ class ScanHelper:
         self._pid = os.getpid()
         # Artifacts scanned with the helper's part merged in.
         self.splits = 0
+        self._exit_hook = False
 
     def scan(self, bank: PatternBank, names: tuple[str, ...], data: bytes) -> Validated:
         """The validated matches of ``bank`` in all of ``data``, with the helper's help when it can."""
@@ -274,6 +276,10 @@ class ScanHelper:
         finally:
             child.close()
         self._sock = parent
+        if not self._exit_hook:
+            # Stop it at interpreter exit rather than leave it to notice the closed socket.
+            atexit.register(self.close)
+            self._exit_hook = True
 
     def _forget(self) -> None:
         """Drop (without stopping) a helper that belongs to the process this one forked from."""
