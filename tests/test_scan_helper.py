@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -211,3 +212,30 @@ def test_the_helper_does_not_import_from_the_callers_working_directory(tmp_path:
     splits, disabled = done.stdout.split()
     assert int(splits) >= 1 and disabled == "False"
     assert not marker.exists()
+
+
+def test_the_bank_digest_is_the_same_in_every_process_and_covers_validators() -> None:
+    src = Path(__file__).resolve().parents[1] / "src"
+    script = (
+        f"import sys; sys.path[:0] = [{str(src)!r}]\n"
+        "from kavach.scanning.gate import bank_named\n"
+        "print(bank_named(('data', 'secrets', 'code')).digest())\n"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script],  # (not -I, which would ignore PYTHONHASHSEED)
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert digests == {bank_named(NAMES).digest()}
+    # Same rules, one validator's code different: another digest.
+    bank = bank_named(NAMES)
+    index = next(i for i, rule in enumerate(bank.rules) if rule.validate is not None)
+    rules = list(bank.rules)
+    rules[index] = dataclasses.replace(rules[index], validate=lambda data, start, end, spans: None)
+    assert PatternBank(rules, bank.owners).digest() != PatternBank(bank.rules, bank.owners).digest()

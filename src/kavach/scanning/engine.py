@@ -26,6 +26,7 @@ import bisect
 import hashlib
 import re
 import re._parser as _sre_parser  # type: ignore[import-not-found]
+import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -414,9 +415,37 @@ class PatternBank:
         return found
 
     def digest(self) -> str:
-        """What identifies this bank's rules (a helper process checks it built the same bank)."""
-        text = "\0".join(f"{r.id}\1{r.pattern}\1{r.anchors!r}" for r in self.rules)
-        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        """What identifies this bank's rules (a helper process checks it built the same bank).
+
+        Every field of every rule, and the compiled code of each rule's validator as this
+        process loaded it (not the functions it calls), so a helper that imported other
+        rules or other validators than the caller does not match.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        for r in self.rules:
+            fields = (r.id, r.category, int(r.severity), r.pattern, r.value_group, r.case_insensitive, r.evidence,
+                      r.redact, r.confidence, r.not_followed_by, r.anchors, r.max_len, r.tags)
+            h.update(repr(fields).encode("utf-8", "surrogatepass"))
+            code = getattr(r.validate, "__code__", None)
+            h.update(_code_fingerprint(code) if code is not None else repr(type(r.validate)).encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+
+def _code_fingerprint(code: types.CodeType) -> bytes:
+    """Bytecode, names and constants of ``code`` (nested code too): the same in every process
+    that compiled the same source (unlike ``marshal``, whose output depends on refcounts)."""
+    return b"\1".join([code.co_code, repr(code.co_names).encode(), *map(_const_fingerprint, code.co_consts)])
+
+
+def _const_fingerprint(const: object) -> bytes:
+    if isinstance(const, types.CodeType):
+        return _code_fingerprint(const)
+    if isinstance(const, tuple):
+        return b"(" + b"\2".join(map(_const_fingerprint, const)) + b")"
+    if isinstance(const, frozenset):  # (its repr's order depends on the process's hash seed)
+        return b"{" + b"\2".join(sorted(map(_const_fingerprint, const))) + b"}"
+    return repr(const).encode()
 
 
 def make_finding(
