@@ -239,3 +239,15 @@ def test_the_bank_digest_is_the_same_in_every_process_and_covers_validators() ->
     rules = list(bank.rules)
     rules[index] = dataclasses.replace(rules[index], validate=lambda data, start, end, spans: None)
     assert PatternBank(rules, bank.owners).digest() != PatternBank(bank.rules, bank.owners).digest()
+
+
+def test_shared_memory_of_a_large_artifact_is_given_back(helper: ScanHelper) -> None:
+    bank = bank_named(NAMES)
+    small = _artifact(SPLIT_MIN * 2)
+    _until_ready(helper, bank, small)
+    large = _artifact(9 << 20)
+    assert helper.scan(bank, NAMES, large) == bank.validated(large, 0, len(large))
+    assert helper.splits >= 1 and not helper.disabled
+    assert os.fstat(helper._memfd).st_size == 0  # the 9 MiB are not kept
+    assert helper.scan(bank, NAMES, small) == bank.validated(small, 0, len(small))
+    assert os.fstat(helper._memfd).st_size == 4 << 20

@@ -55,6 +55,8 @@ _SHARE_BOUNDS = (0.2, 0.8)
 # How long the caller waits for the helper's part beyond the time it took for its own
 # part, before it scans that part itself (and stops using the helper).
 _GRACE_S = 2.0
+# Shared memory kept between artifacts; more is given back after the artifact that needed it.
+_SHARED_KEEP = 8 << 20
 _HEADER = struct.Struct("!Q")
 # Answers are lists of matches, never near this; a larger frame is a broken helper.
 _MAX_FRAME = 1 << 28
@@ -70,7 +72,9 @@ class HelperError(Exception):
 
 
 def _send(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(_HEADER.pack(len(payload)) + payload)
+    # MSG_NOSIGNAL: a helper that died is an EPIPE error here, never a SIGPIPE that would
+    # kill a caller which restored SIGPIPE's default action.
+    sock.sendall(_HEADER.pack(len(payload)) + payload, socket.MSG_NOSIGNAL)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -174,6 +178,7 @@ class ScanHelper:
         mine = bank.validated(data, 0, cut)
         own_s = time.monotonic() - started
         answer = self._collect(_GRACE_S + 2 * own_s, bank, n)
+        self._trim()
         if answer is None:
             return mine + bank.validated(data, cut, n)
         theirs, their_s = answer
@@ -251,6 +256,16 @@ class ScanHelper:
             os.ftruncate(self._memfd, size)
             self._shared = mmap.mmap(self._memfd, size)
         self._shared[: len(data)] = data
+
+    def _trim(self) -> None:
+        """Give back the shared memory an unusually large artifact needed (the helper has read it)."""
+        if self._shared is not None and len(self._shared) > _SHARED_KEEP:
+            self._shared.close()
+            self._shared = None
+            try:
+                os.ftruncate(self._memfd, 0)
+            except OSError as exc:
+                self._fail(f"shrink the shared memory: {exc}")
 
     def _start(self) -> None:
         self._memfd = os.memfd_create("kavach-scan", os.MFD_CLOEXEC)
