@@ -251,3 +251,29 @@ def test_shared_memory_of_a_large_artifact_is_given_back(helper: ScanHelper) -> 
     assert os.fstat(helper._memfd).st_size == 0  # the 9 MiB are not kept
     assert helper.scan(bank, NAMES, small) == bank.validated(small, 0, len(small))
     assert os.fstat(helper._memfd).st_size == 4 << 20
+
+
+def test_a_dead_helper_does_not_kill_a_caller_with_default_sigpipe() -> None:
+    src = Path(__file__).resolve().parents[1] / "src"
+    script = (
+        "import os, signal, sys, time\n"
+        f"sys.path[:0] = [{str(src)!r}]\n"
+        "signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as some embedding programs do\n"
+        "from kavach.scanning.gate import bank_named\n"
+        "from kavach.scanning.helper import ScanHelper\n"
+        "names = ('data', 'secrets', 'code')\n"
+        "bank = bank_named(names)\n"
+        "data = b'token = \"ghp_' + b'a1B2' * 9 + b'\"\\n' + b'x' * 400000\n"
+        "helper = ScanHelper(bank_named)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not helper.ready(names) and time.monotonic() < deadline:\n"
+        "    helper.scan(bank, names, data); time.sleep(0.05)\n"
+        "os.kill(helper.pid, signal.SIGKILL); time.sleep(0.2)\n"
+        "assert helper.scan(bank, names, data) == bank.validated(data, 0, len(data))\n"
+        "print('alive', helper.disabled)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.split() == ["alive", "True"]
