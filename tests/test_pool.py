@@ -140,3 +140,32 @@ async def test_a_warm_claim_never_suspends_and_the_refill_waits_for_its_delay() 
             await asyncio.sleep(0.05)
         assert pool.stats.warm == 2 and pool.stats.created == 3
         await pool.release(sandbox)
+
+
+async def test_close_during_a_refill_destroys_the_sandboxes_it_already_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A refill creates several sandboxes at once; close() cancels it. One creation that had
+    # finished by then made a sandbox only the refill knew of: it must be destroyed, not left
+    # running (its init alive until the interpreter exits).
+    made: list[Sandbox] = []
+    calls: list[int] = []
+    first_made = asyncio.Event()
+    real_create = Sandbox.create.__func__  # type: ignore[attr-defined]
+
+    async def create(cls: type[Sandbox], /, config: SandboxConfig, **kwargs: object) -> Sandbox:
+        calls.append(1)
+        if len(calls) > 1:
+            await asyncio.Event().wait()  # a creation still under way when close() comes
+        sandbox: Sandbox = await real_create(cls, config, **kwargs)
+        made.append(sandbox)
+        first_made.set()
+        return sandbox
+
+    monkeypatch.setattr(Sandbox, "create", classmethod(create))
+    pool = SandboxPool(_config(), size=2)
+    refill = asyncio.create_task(pool.replenish())
+    await asyncio.wait_for(first_made.wait(), 30)
+    await asyncio.sleep(0)
+    pool._refiller = refill  # as the background refill would hold it
+    await pool.close()
+    assert len(made) == 1
+    assert made[0].state is SandboxState.DESTROYED

@@ -28,6 +28,18 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
+def _describe(pid: int) -> str:
+    """What a leftover process is: its state and kavach cgroup (named after its sandbox)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cgroup") as f:
+            groups = sorted({line.rsplit("/", 1)[-1].strip() for line in f if "kavach" in line})
+    except OSError as exc:
+        return f"{pid} (gone: {exc.strerror})"
+    return f"{pid} state {state} cgroups {groups or 'none of kavach'}"
+
+
 def _cgroups_named(prefix: str) -> list[str]:
     found = []
     for parent in Path("/sys/fs/cgroup").glob("*/kavach"):
@@ -59,7 +71,10 @@ async def test_200_cycles_leave_nothing_behind() -> None:
     deadline = time.monotonic() + 5.0
     while _children_of(spawner.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _children_of(spawner.pid) == []  # no init and no orphan left under the spawner
+    left = _children_of(spawner.pid)
+    # No init and no orphan left under the spawner (the spawner serves the whole test
+    # session: a process of an earlier test's sandbox shows here too, named by its cgroup).
+    assert left == [], [_describe(pid) for pid in left]
     assert _cgroups_named(prefix) == []
     assert _mount_count() == mounts_before
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 1  # the spawner socket, if it started now

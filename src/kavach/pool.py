@@ -181,7 +181,12 @@ class SandboxPool:
         missing = self.size - len(self._warm) - self._creating
         if missing <= 0:
             return
-        entries = await asyncio.gather(*(self._create() for _ in range(missing)), return_exceptions=True)
+        tasks = [asyncio.ensure_future(self._create()) for _ in range(missing)]
+        try:
+            entries = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            await self._destroy_finished(tasks)
+            raise
         errors = [e for e in entries if isinstance(e, BaseException)]
         for entry in entries:
             if isinstance(entry, _Entry):
@@ -191,6 +196,20 @@ class SandboxPool:
                     self._warm.append(entry)
         if errors:
             raise errors[0]
+
+    async def _destroy_finished(self, tasks: list[asyncio.Task[_Entry]]) -> None:
+        """After a cancelled replenish: destroy the sandboxes its finished creations made.
+
+        Cancelling the gather cancelled the creations still under way (each cleans up after
+        itself); one that had already finished made a sandbox that only the cancelled call
+        knew of, which would otherwise run until the interpreter exits.
+        """
+        for task in tasks:
+            task.cancel()  # (no effect on finished ones)
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None:
+                await self._destroy(task.result())
 
     @property
     def stats(self) -> PoolStats:
