@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -349,3 +350,22 @@ async def test_every_command_starts_with_the_policys_rlimits_and_oom_score() -> 
             assert rows["Max open files"] == [str(limits.open_files)] * 2, text
             assert rows["Max core file size"] == ["0", "0"], text
             assert text.strip().splitlines()[-1] == "1000", text
+
+
+async def test_a_sandbox_that_fails_verification_is_gone_and_not_tracked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kavach.backends.base import LaunchSpec
+    from kavach.backends.process import driver as driver_module
+
+    def refuse(*_args: object) -> None:
+        raise SandboxCreateError("simulated: a control the policy asks for was not observed inside")
+
+    monkeypatch.setattr(driver_module, "verify_probe", refuse)
+    live_before = set(driver_module._LIVE)
+    with pytest.raises(SandboxCreateError, match="simulated"):
+        await ProcessDriver().start(LaunchSpec("verify-fails", SandboxPolicy.basic()))
+    # Nothing of it is tracked for the exit hook (which would use its closed pidfd), and
+    # its init is dead.
+    assert set(driver_module._LIVE) == live_before
+    assert not any(i.sandbox_id == "verify-fails" for i in driver_module._LIVE)
+    if os.geteuid() == 0:  # (its cgroup, with its processes, is gone too)
+        assert not list(Path("/sys/fs/cgroup").glob("*/kavach/kavach-verify-fails"))

@@ -629,6 +629,7 @@ async def _start(
     reply: asyncio.Future[dict[str, Any] | None],
 ) -> ProcessInstance:
     pidfd = -1
+    instance: ProcessInstance | None = None
     try:
         try:
             pid = forked_pid(await _within_deadline(reply, "the spawner's fork reply"))
@@ -671,6 +672,11 @@ async def _start(
         instance._enforcement = verify_probe(plan, message["probe"], cgroup, spec)
         return instance
     except BaseException:
+        if instance is not None:
+            # Not a live sandbox after all (its probe failed verification): the exit hook
+            # must not touch its pidfd, closed below (the number may be reused by then).
+            _LIVE.discard(instance)
+            instance._destroyed = True
         channel.close()
         if pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
