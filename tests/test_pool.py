@@ -169,3 +169,37 @@ async def test_close_during_a_refill_destroys_the_sandboxes_it_already_made(monk
     await pool.close()
     assert len(made) == 1
     assert made[0].state is SandboxState.DESTROYED
+
+
+async def test_a_claim_or_release_cancelled_in_the_health_check_loses_no_sandbox() -> None:
+    checking = asyncio.Event()
+    block = asyncio.Event()
+
+    async def slow_check(_sandbox: Sandbox) -> bool:
+        checking.set()
+        await block.wait()
+        return True
+
+    pool = SandboxPool(_config(), size=2, reuse=True, max_uses=3, health_check=slow_check, refill_delay_s=60)
+    await pool.start()
+    created = [entry.sandbox for entry in pool._warm]
+    # A claim cancelled while the health check runs: its entry goes back to the pool.
+    claim = asyncio.create_task(pool.claim())
+    await asyncio.wait_for(checking.wait(), 10)
+    claim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await claim
+    assert pool.stats.warm == 2
+    # A release cancelled while the health check runs: the sandbox stays leased.
+    block.set()
+    leased = await pool.claim()
+    block.clear()
+    checking.clear()
+    release = asyncio.create_task(pool.release(leased))
+    await asyncio.wait_for(checking.wait(), 10)
+    release.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await release
+    assert pool.stats.leased == 1
+    await pool.close()
+    assert {s.state for s in created} == {SandboxState.DESTROYED}

@@ -146,7 +146,14 @@ class SandboxPool:
         while self._warm:
             entry = self._warm.popleft()
             self._schedule_refill()
-            if await self._healthy(entry):
+            try:
+                healthy = await self._healthy(entry)
+            except BaseException:
+                # Cancelled (or a failing health check): the entry is still the pool's, not
+                # lost with this claim (close() destroys what the pool holds).
+                self._warm.appendleft(entry)
+                raise
+            if healthy:
                 self._claimed_warm += 1
                 return self._lease(entry)
             await self._discard(entry)
@@ -160,9 +167,15 @@ class SandboxPool:
         entry = self._leased.pop(id(sandbox), None)
         if entry is None:
             raise KavachError(f"sandbox {sandbox.id} was not claimed from this pool")
-        if self.reuse and not self._closed and entry.uses < self.max_uses and await self._healthy(entry):
-            self._warm.append(entry)
-            return
+        if self.reuse and not self._closed and entry.uses < self.max_uses:
+            try:
+                healthy = await self._healthy(entry)
+            except BaseException:
+                self._leased[id(sandbox)] = entry  # still leased, still the pool's to destroy
+                raise
+            if healthy:
+                self._warm.append(entry)
+                return
         await self._destroy(entry)
         self._schedule_refill()
 
