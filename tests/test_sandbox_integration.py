@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -125,3 +126,36 @@ async def test_unusable_quarantine_store_fails_creation_during_the_integrity_pro
     assert failed and failed[-1]["payload"]["error"] == "QuarantineError"  # type: ignore[index]
     # Nothing is left pending: the probe was settled before the error propagated.
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+async def test_destroy_cancelled_while_the_fork_watch_stops_still_destroys_the_backend() -> None:
+    policy = SandboxPolicy.strict()
+    policy = dataclasses.replace(policy, guards=dataclasses.replace(policy.guards, fork_bomb_threshold=50))
+    sandbox = await Sandbox.create(SandboxConfig(backend=Backend.PROCESS, policy=policy))
+    watch = sandbox._fork_watch
+    assert watch is not None
+    stopping = asyncio.Event()
+    real_stop = watch.stop
+
+    async def slow_stop() -> None:
+        stopping.set()
+        await asyncio.Event().wait()  # a watch slow to stop when destroy() is cancelled
+        await real_stop()
+
+    watch.stop = slow_stop  # type: ignore[method-assign]
+    destroy = asyncio.create_task(sandbox.destroy())
+    await asyncio.wait_for(stopping.wait(), 10)
+    destroy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await destroy
+    assert sandbox.state.value == "destroyed"
+    instance = sandbox._instance
+    assert instance._destroyed  # type: ignore[attr-defined]
+    init_pid = instance.init_pid  # type: ignore[attr-defined]
+    assert not Path(f"/proc/{init_pid}").exists() or _state(init_pid) in ("Z", "X")
+    await real_stop()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

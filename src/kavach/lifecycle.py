@@ -638,9 +638,13 @@ class Sandbox:
                 return
             self._fsm.check(SandboxState.DESTROYED)
             try:
-                if self._fork_watch is not None:
-                    await self._fork_watch.stop()
-                await self._instance.destroy()
+                try:
+                    if self._fork_watch is not None:
+                        await self._fork_watch.stop()
+                finally:
+                    # Even when cancelled while the watch stops: a sandbox reported destroyed
+                    # must not keep running.
+                    await self._instance.destroy()
             finally:
                 # The log's close() checkpoints it, and a checkpoint fsyncs the log first: the
                 # destroyed entry is durable before destroy() returns, without a second fsync.
