@@ -369,3 +369,19 @@ async def test_a_sandbox_that_fails_verification_is_gone_and_not_tracked(monkeyp
     assert not any(i.sandbox_id == "verify-fails" for i in driver_module._LIVE)
     if os.geteuid() == 0:  # (its cgroup, with its processes, is gone too)
         assert not list(Path("/sys/fs/cgroup").glob("*/kavach/kavach-verify-fails"))
+
+
+async def test_a_cancelled_exec_kills_its_command() -> None:
+    async with sandbox() as box:
+        marker = "/tmp/still-running"
+        script = f"sleep 0.5; touch {marker}; sleep 1000"
+        task = asyncio.create_task(box.exec(ExecRequest(argv=("/bin/sh", "-c", script), env=ENV, timeout_ms=60_000)))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)
+        # Killed when the wait was cancelled: it never reached the touch, and nothing of it is left.
+        check = await sh(box, f"test -e {marker} && echo exists; ps -e -o comm= | grep -c sleep || true")
+        assert check.stdout.split() == [b"0"]
+        assert (await sh(box, "echo usable")).stdout == b"usable\n"

@@ -79,6 +79,7 @@ class ProcessRun(RawProcess):
         self._killed_by_caller = False
         self._timer: asyncio.TimerHandle | None = None
         self._result: RawResult | None = None
+        self._exited = False  # its exit report is in (or the sandbox is gone)
         self._early_exit: dict[str, Any] | None = None  # an exit report read by started()
         self._stdin_task: asyncio.Task[None] | None = None
         # The cgroup's OOM record is sticky; only a change during this command counts.
@@ -238,6 +239,21 @@ class ProcessRun(RawProcess):
         # and double-forked daemons included), not only the command.
         self.instance.kill_everything()
 
+    def abandon(self) -> None:
+        """Nobody will wait for this command: kill it (its session and descendants with it)
+        and release its pipes, timer and reports. A no-op once it has exited."""
+        if self._exited:
+            return
+        self._killed_by_caller = True
+        if self._timer is not None:
+            self._timer.cancel()
+        with contextlib.suppress(ChannelClosed):
+            self.instance.channel.send({"op": "kill", "id": self.exec_id, "sig": signal.SIGKILL})
+        self.instance.channel.finish(self.exec_id)
+        if self._stdin_task is not None:
+            self._stdin_task.cancel()
+        self._close_all_streams()
+
     async def kill(self, signum: int = 9) -> None:
         """Signal the command's process group; SIGKILL also its session and descendants."""
         if signum == signal.SIGKILL:
@@ -279,6 +295,7 @@ class ProcessRun(RawProcess):
         finally:
             if self._timer is not None:
                 self._timer.cancel()
+        self._exited = True
         self.instance.channel.finish(self.exec_id)
         if not self._eof.is_set():
             with contextlib.suppress(TimeoutError):
@@ -359,9 +376,17 @@ class ProcessInstance(Instance):
         return self._enforcement
 
     async def exec(self, request: ExecRequest) -> RawResult:
-        """Run ``request`` to completion in a fresh child of init."""
+        """Run ``request`` to completion in a fresh child of init.
+
+        If the caller stops waiting (the awaiting task is cancelled), the command is killed:
+        it must not run on unobserved, and its timeout timer goes with the wait.
+        """
         run = self._start(request, report_pid=False)
-        return await run.wait()
+        try:
+            return await run.wait()
+        except BaseException:
+            run.abandon()
+            raise
 
     async def spawn(self, request: ExecRequest) -> ProcessRun:
         """Start ``request``; the handle streams its output. Returns once the command has
