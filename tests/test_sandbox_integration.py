@@ -159,3 +159,22 @@ async def test_destroy_cancelled_while_the_fork_watch_stops_still_destroys_the_b
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+async def test_a_cancelled_exec_is_audited_and_its_command_killed() -> None:
+    async with await Sandbox.create(process_config()) as sandbox:
+        task = asyncio.create_task(sandbox.exec("sleep 0.5; touch /tmp/ran-on; sleep 1000", timeout_ms=60_000))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)
+        check = await sandbox.exec("test -e /tmp/ran-on && echo ran-on; echo checked")
+        assert check.stdout == b"checked\n"
+        sandbox_id = sandbox.id
+    events = [e for e in audit_events() if e.get("sandbox_id") == sandbox_id]
+    names = [e["event"] for e in events]
+    started = names.index("exec.started")
+    assert names[started + 1] == "exec.cancelled"
+    payload = events[started + 1]["payload"]
+    assert isinstance(payload, dict) and payload["argv"][:2] == ["/bin/sh", "-c"]

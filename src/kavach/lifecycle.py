@@ -435,9 +435,16 @@ class Sandbox:
         # is dispatched; the fsync of exec.finished covers both entries, so exec() returns
         # only once both are on disk, with one fsync instead of two.
         self._audit("exec.started", {"argv": argv}, sync=False)
+        raw: RawResult | None = None
         try:
             raw = await self._instance.exec(request)
             return await self._finish_exec(request, raw, argv)
+        except asyncio.CancelledError:
+            if raw is None:
+                # The caller stopped waiting for the command (the Process backend kills it
+                # then; others let it run to its timeout): the log says so.
+                self._audit("exec.cancelled", {"argv": argv}, sync=False)
+            raise
         finally:
             # On every exit path, errors and cancellation included, nothing stays unsynced
             # (a no-op when exec.finished was written with its fsync).
