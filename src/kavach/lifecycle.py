@@ -442,7 +442,7 @@ class Sandbox:
         except asyncio.CancelledError:
             if raw is None:
                 # The caller stopped waiting for the command (the Process backend kills it
-                # then; others let it run to its timeout): the log says so.
+                # then, WASM stops the module, OCI lets it run to its timeout): the log says so.
                 self._audit("exec.cancelled", {"argv": argv}, sync=False)
             raise
         finally:
