@@ -385,3 +385,18 @@ async def test_a_cancelled_exec_kills_its_command() -> None:
         check = await sh(box, f"test -e {marker} && echo exists; ps -e -o comm= | grep -c sleep || true")
         assert check.stdout.split() == [b"0"]
         assert (await sh(box, "echo usable")).stdout == b"usable\n"
+
+
+async def test_a_spawn_cancelled_before_it_returns_kills_its_command() -> None:
+    async with sandbox() as box:
+        marker = "/tmp/spawned-on"
+        request = ExecRequest(argv=("/bin/sh", "-c", f"sleep 0.5; touch {marker}; sleep 1000"), env=ENV)
+        task = asyncio.create_task(box.spawn(request))
+        await asyncio.sleep(0)  # the command is sent; spawn() now waits for its "started"
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)
+        check = await sh(box, f"test -e {marker} && echo exists; ps -e -o comm= | grep -c sleep || true")
+        assert check.stdout.split() == [b"0"]

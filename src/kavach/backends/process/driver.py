@@ -392,7 +392,11 @@ class ProcessInstance(Instance):
         """Start ``request``; the handle streams its output. Returns once the command has
         started (``pid`` is its pid inside the sandbox) or failed to start."""
         run = self._start(request, report_pid=True)
-        await run.started()
+        try:
+            await run.started()
+        except BaseException:
+            run.abandon()  # cancelled before the caller got the handle: nobody could stop it
+            raise
         return run
 
     def _start(self, request: ExecRequest, *, report_pid: bool) -> ProcessRun:
