@@ -571,7 +571,11 @@ class Sandbox:
             raise
         argv = self._scrub_argv(request.argv)
         self._audit("exec.started", {"argv": argv, "spawn": True})
-        process = await self._instance.spawn(request)
+        try:
+            process = await self._instance.spawn(request)
+        except asyncio.CancelledError:
+            self._audit("exec.cancelled", {"argv": argv, "spawn": True})
+            raise
         return SpawnHandle(self, request, process, argv)
 
     # -- files --------------------------------------------------------------------------------
