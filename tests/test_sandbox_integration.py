@@ -178,3 +178,17 @@ async def test_a_cancelled_exec_is_audited_and_its_command_killed() -> None:
     assert names[started + 1] == "exec.cancelled"
     payload = events[started + 1]["payload"]
     assert isinstance(payload, dict) and payload["argv"][:2] == ["/bin/sh", "-c"]
+
+
+async def test_a_spawn_cancelled_before_it_returns_is_audited() -> None:
+    async with await Sandbox.create(process_config()) as sandbox:
+        task = asyncio.create_task(sandbox.spawn("sleep 1000"))
+        await asyncio.sleep(0)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        sandbox_id = sandbox.id
+    names = [e["event"] for e in audit_events() if e.get("sandbox_id") == sandbox_id]
+    started = names.index("exec.started")
+    assert names[started + 1] == "exec.cancelled"
