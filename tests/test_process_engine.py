@@ -374,13 +374,13 @@ async def test_a_sandbox_that_fails_verification_is_gone_and_not_tracked(monkeyp
 async def test_a_cancelled_exec_kills_its_command() -> None:
     async with sandbox() as box:
         marker = "/tmp/still-running"
-        script = f"sleep 0.5; touch {marker}; sleep 1000"
+        script = f"sleep 1.5; touch {marker}; sleep 1000"
         task = asyncio.create_task(box.exec(ExecRequest(argv=("/bin/sh", "-c", script), env=ENV, timeout_ms=60_000)))
         await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)  # past the touch, had the command survived
         # Killed when the wait was cancelled: it never reached the touch, and nothing of it is left.
         check = await sh(box, f"test -e {marker} && echo exists; ps -e -o comm= | grep -c sleep || true")
         assert check.stdout.split() == [b"0"]
@@ -390,13 +390,13 @@ async def test_a_cancelled_exec_kills_its_command() -> None:
 async def test_a_spawn_cancelled_before_it_returns_kills_its_command() -> None:
     async with sandbox() as box:
         marker = "/tmp/spawned-on"
-        request = ExecRequest(argv=("/bin/sh", "-c", f"sleep 0.5; touch {marker}; sleep 1000"), env=ENV)
+        request = ExecRequest(argv=("/bin/sh", "-c", f"sleep 1.5; touch {marker}; sleep 1000"), env=ENV)
         task = asyncio.create_task(box.spawn(request))
         await asyncio.sleep(0)  # the command is sent; spawn() now waits for its "started"
         assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)  # past the touch, had the command survived
         check = await sh(box, f"test -e {marker} && echo exists; ps -e -o comm= | grep -c sleep || true")
         assert check.stdout.split() == [b"0"]

@@ -163,12 +163,12 @@ def _state(pid: int) -> str:
 
 async def test_a_cancelled_exec_is_audited_and_its_command_killed() -> None:
     async with await Sandbox.create(process_config()) as sandbox:
-        task = asyncio.create_task(sandbox.exec("sleep 0.5; touch /tmp/ran-on; sleep 1000", timeout_ms=60_000))
+        task = asyncio.create_task(sandbox.exec("sleep 1.5; touch /tmp/ran-on; sleep 1000", timeout_ms=60_000))
         await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)  # past the touch, had the command survived
         check = await sandbox.exec("test -e /tmp/ran-on && echo ran-on; echo checked")
         assert check.stdout == b"checked\n"
         sandbox_id = sandbox.id
