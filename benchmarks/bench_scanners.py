@@ -392,6 +392,15 @@ def _gate_cpu(helper: ScanHelper) -> float:
     return total
 
 
+def _rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` (VmRSS), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sample_mb: float) -> tuple[float, float]:
     corpus = build_corpus(data_dir, corpus_mb * 1024 * 1024)
     gate = Gate(ExternalizationPolicy())
@@ -423,6 +432,9 @@ def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sampl
     for i in range(0, len(corpus), step):
         gate.apply(corpus[i : i + step], "stdout")
     warm_elapsed, warm_cpu = time.perf_counter() - t1, _gate_cpu(helper) - c1
+    rss = f"this process {_rss_mib(os.getpid()):.0f} MiB"
+    if helper.pid is not None:
+        rss += f", scan helper {_rss_mib(helper.pid):.0f} MiB"
     sample = corpus[: int(ds_sample_mb * 1024 * 1024)]
     t0, c0 = time.perf_counter(), time.process_time()
     detect_secrets_flags(sample.decode("utf-8", "replace").split("\n"))
@@ -439,6 +451,7 @@ def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sampl
     report.append(f"    scan helper in the first pass: {helped}")
     report.append(f"    second pass over the same artifacts (automata built, nothing else kept) {warm_elapsed:.1f}s = "
                   f"{len(corpus) / warm_elapsed / 1e6:.1f} MB/s ({len(corpus) / warm_cpu / 1e6:.1f} MB/s of CPU)")
+    report.append(f"    resident memory after both passes: {rss}")
     report.append(f"  detect-secrets   {len(sample) / 1e6:.1f} MB sample of the same corpus in {ds_elapsed:.1f}s "
                   f"= {ds_mbps:.2f} MB/s ({len(sample) / ds_cpu / 1e6:.2f} MB/s of CPU)")
     report.append(f"  speed ratio kavach / detect-secrets = {mbps / ds_mbps:.0f}x   (target >= 20x)")
