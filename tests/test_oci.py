@@ -673,3 +673,46 @@ def test_policy_filesystem_binds_are_visible(tmp_path: Path) -> None:
 
     stdout, write_code = asyncio.run(run())
     assert stdout == b"ro data" and write_code != 0
+
+
+def _runtime_running_for(container_id: str) -> bool:
+    """Whether a runc process working on ``container_id`` (its last argument) is alive."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[0].endswith(b"runc") and container_id.encode() in argv and b"run" in argv:
+            return True
+    return False
+
+
+async def test_a_creation_cancelled_while_runc_runs_leaves_no_container() -> None:
+    # Cancelled while `runc run -d` is under way (a pool closing during a refill, a caller's
+    # timeout): destroy() must not race the runtime, which would finish the container after
+    # the clean-up and leave it running, untracked.
+    driver = OciDriver()
+    for _attempt in range(10):
+        sandbox_id = _id("cancel")
+        container_id = f"kavach-{sandbox_id}"
+        task = asyncio.create_task(driver.start(LaunchSpec(sandbox_id, SandboxPolicy.basic())))
+        deadline = time.monotonic() + 30
+        while not _runtime_running_for(container_id) and not task.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        if task.done():
+            await (await task).destroy()  # too fast to catch this time
+            continue
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)  # a runtime still at work would have made the container by now
+        listed = subprocess.run(
+            ["runc", "--root", "/run/kavach/runc", "list", "-q"], capture_output=True, text=True, check=True
+        )
+        assert container_id not in listed.stdout.split()
+        assert not _runtime_running_for(container_id)
+        assert not Path(f"/run/kavach/bundles/{container_id}").exists()
+        return
+    pytest.skip("runc run finished before it could be caught in progress, in 10 creations")
