@@ -716,3 +716,15 @@ async def test_a_creation_cancelled_while_runc_runs_leaves_no_container() -> Non
         assert not Path(f"/run/kavach/bundles/{container_id}").exists()
         return
     pytest.skip("runc run finished before it could be caught in progress, in 10 creations")
+
+
+async def test_a_cancelled_exec_kills_its_command_and_only_it(basic: OciInstance) -> None:
+    await basic.exec(_req("sleep 1000 >/dev/null 2>&1 &"))  # an earlier command's background process
+    task = asyncio.create_task(basic.exec(_req("sleep 1.5; touch /tmp/oci-ran-on; sleep 1000", timeout_ms=60_000)))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(2.0)  # past the touch, had the command survived
+    check = await basic.exec(_req("test -e /tmp/oci-ran-on && echo ran-on; ps -e -o args= | grep -cx 'sleep 1000'"))
+    assert check.stdout.split() == [b"1"]  # no marker; only the earlier background sleep is left

@@ -441,8 +441,8 @@ class Sandbox:
             return await self._finish_exec(request, raw, argv)
         except asyncio.CancelledError:
             if raw is None:
-                # The caller stopped waiting for the command (the Process backend kills it
-                # then, WASM stops the module, OCI lets it run to its timeout): the log says so.
+                # The caller stopped waiting for the command (the backend has killed it, or
+                # stopped the WASM module): the log says so.
                 self._audit("exec.cancelled", {"argv": argv}, sync=False)
             raise
         finally:

@@ -472,6 +472,14 @@ class OciProcess(RawProcess):
             )
         return self._result
 
+    async def abandon(self) -> None:
+        """Nobody will wait for this command: kill it and its descendants (not the sandbox's
+        other commands). The supervisor still reaps the runtime process."""
+        if self._result is not None or self._waiter.done():
+            return
+        self._killed_by = signal.SIGKILL
+        await self._instance.kill_exec_tree(self._proc.pid)
+
     async def kill(self, signum: int = signal.SIGKILL) -> None:
         """SIGKILL kills every process of the sandbox but init; other signals go to the command."""
         if self._result is not None or self._waiter.done():
@@ -1084,13 +1092,44 @@ class OciInstance(Instance):
         return OciProcess(self, proc, request, streaming)
 
     async def exec(self, request: ExecRequest) -> RawResult:
-        """Run to completion (timeout and caps enforced)."""
+        """Run to completion (timeout and caps enforced).
+
+        If the caller stops waiting (the awaiting task is cancelled), the command and its
+        descendants are killed; other commands of the sandbox are not touched.
+        """
         process = await self._start(request, streaming=False, launcher=True)
-        return await process.wait()
+        try:
+            return await process.wait()
+        except asyncio.CancelledError:
+            await process.abandon()
+            raise
 
     async def spawn(self, request: ExecRequest) -> RawProcess:
         """Start and stream."""
         return await self._start(request, streaming=True, launcher=True)
+
+    async def kill_exec_tree(self, runtime_pid: int) -> None:
+        """Freeze, SIGKILL every descendant of one ``runtime exec`` process (its command and
+        what the command started), thaw. The runtime process then exits by itself.
+
+        Descendants are listed while frozen, so none can fork away meanwhile; a process that
+        had already left the tree (a double-forked daemon, reparented to init) is not killed.
+        """
+        if self._destroyed or self._init_pid is None:
+            return
+        frozen = True
+        try:
+            await self._set_frozen(True)
+        except ExecError:
+            frozen = False  # no freezer (rootless): repeat list-and-kill instead
+        try:
+            for _ in range(1 if frozen else 3):
+                for pid in _descendants(runtime_pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        finally:
+            if frozen:
+                await self._set_frozen(False)
 
     async def kill_all_but_init(self) -> None:
         """Freeze, SIGKILL every process of the container except init, thaw.
@@ -1338,6 +1377,24 @@ class OciInstance(Instance):
             errors.append(f"runtime state {os.path.join(self.state_dir, self.container_id)} is left over")
         if errors:
             raise ExecError("destroy left state behind: " + "; ".join(errors))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (the children of each of its threads, recursively)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for task in tasks:
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+                found.extend(children)
+                pending.extend(children)
+    return found
 
 
 def _teardown_layout(layout: _Layout) -> list[str]:
