@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -94,6 +95,7 @@ RUNTIME_CACHE_S = 60.0
 DRAIN_GRACE_S = 0.05  # output of leftover background processes is still read this long (as the Process backend)
 EXIT_TIMEOUT = 128 + signal.SIGKILL
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
+_log = logging.getLogger(__name__)
 
 # A POSIX-shell init for rootfs without python3: `wait` with no operand makes dash/bash call
 # waitpid(-1), which also reaps orphans re-parented to PID 1.
@@ -1101,7 +1103,12 @@ class OciInstance(Instance):
         try:
             return await process.wait()
         except asyncio.CancelledError:
-            await process.abandon()
+            try:
+                await process.abandon()
+            except ExecError as exc:
+                # The freezer did not answer: the command runs on to its timeout, as before;
+                # the caller still sees its cancellation, not this.
+                _log.warning("cancelled exec in %s not killed: %s", self.container_id, exc)
             raise
 
     async def spawn(self, request: ExecRequest) -> RawProcess:
