@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kavach.backends.base import ExecRequest, InjectedFile
-from kavach.backends.process import ProcessDriver
+from kavach.backends.process import ProcessDriver, ProcessInstance
 from kavach.backends.process.namespaces import ROOT_MAP_BASE
 from kavach.errors import ExecError, SandboxCreateError
 from kavach.policy import Bind, FilesystemPolicy, NetworkMode, NetworkPolicy, SandboxPolicy
@@ -371,32 +371,36 @@ async def test_a_sandbox_that_fails_verification_is_gone_and_not_tracked(monkeyp
         assert not list(Path("/sys/fs/cgroup").glob("*/kavach/kavach-verify-fails"))
 
 
+# A command that, unless killed, writes a marker after 1.5 s and then sleeps.
+_SURVIVOR = "sleep 1.5; touch /tmp/ran-on; sleep 1000"
+
+
+async def _cancel(task: asyncio.Task[object]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def _assert_nothing_ran_on(box: ProcessInstance) -> None:
+    await asyncio.sleep(2.0)  # past the touch, had the command survived
+    check = await sh(box, "test -e /tmp/ran-on && echo ran-on; ps -e -o comm= | grep -c sleep || true")
+    assert check.stdout.split() == [b"0"]  # no marker, no sleep left
+
+
 async def test_a_cancelled_exec_kills_its_command() -> None:
     async with sandbox() as box:
-        marker = "/tmp/still-running"
-        script = f"sleep 1.5; touch {marker}; sleep 1000"
-        task = asyncio.create_task(box.exec(ExecRequest(argv=("/bin/sh", "-c", script), env=ENV, timeout_ms=60_000)))
+        request = ExecRequest(argv=("/bin/sh", "-c", _SURVIVOR), env=ENV, timeout_ms=60_000)
+        task = asyncio.create_task(box.exec(request))
         await asyncio.sleep(0.2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(2.0)  # past the touch, had the command survived
-        # Killed when the wait was cancelled: it never reached the touch, and nothing of it is left.
-        check = await sh(box, f"test -e {marker} && echo exists; ps -e -o comm= | grep -c sleep || true")
-        assert check.stdout.split() == [b"0"]
+        await _cancel(task)
+        await _assert_nothing_ran_on(box)
         assert (await sh(box, "echo usable")).stdout == b"usable\n"
 
 
 async def test_a_spawn_cancelled_before_it_returns_kills_its_command() -> None:
     async with sandbox() as box:
-        marker = "/tmp/spawned-on"
-        request = ExecRequest(argv=("/bin/sh", "-c", f"sleep 1.5; touch {marker}; sleep 1000"), env=ENV)
-        task = asyncio.create_task(box.spawn(request))
+        task = asyncio.create_task(box.spawn(ExecRequest(argv=("/bin/sh", "-c", _SURVIVOR), env=ENV)))
         await asyncio.sleep(0)  # the command is sent; spawn() now waits for its "started"
         assert not task.done()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(2.0)  # past the touch, had the command survived
-        check = await sh(box, f"test -e {marker} && echo exists; ps -e -o comm= | grep -c sleep || true")
-        assert check.stdout.split() == [b"0"]
+        await _cancel(task)
+        await _assert_nothing_ran_on(box)

@@ -49,7 +49,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1116,50 +1116,18 @@ class OciInstance(Instance):
         return await self._start(request, streaming=True, launcher=True)
 
     async def kill_exec_tree(self, runtime_pid: int) -> None:
-        """Freeze, SIGKILL every descendant of one ``runtime exec`` process (its command and
-        what the command started), thaw. The runtime process then exits by itself.
-
-        Descendants are listed while frozen, so none can fork away meanwhile; a process that
-        had already left the tree (a double-forked daemon, reparented to init) is not killed.
-        """
+        """SIGKILL every descendant of one ``runtime exec`` process (its command and what the
+        command started), frozen; the runtime process then exits by itself. A process that had
+        already left the tree (a double-forked daemon, reparented to init) is not killed."""
         if self._destroyed or self._init_pid is None:
             return
-        frozen = True
-        try:
-            await self._set_frozen(True)
-        except ExecError:
-            frozen = False  # no freezer (rootless): repeat list-and-kill instead
-        try:
-            for _ in range(1 if frozen else 3):
-                for pid in _descendants(runtime_pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        finally:
-            if frozen:
-                await self._set_frozen(False)
+        await self._kill_frozen(lambda: _descendants(runtime_pid))
 
     async def kill_all_but_init(self) -> None:
-        """Freeze, SIGKILL every process of the container except init, thaw.
-
-        Frozen, nothing can fork between listing and killing; the SIGKILLs are delivered
-        when the cgroup is thawed.
-        """
+        """SIGKILL every process of the container except init, frozen; wait until they are gone."""
         if self._destroyed or self._init_pid is None:
             return
-        frozen = True
-        try:
-            await self._set_frozen(True)
-        except ExecError:
-            frozen = False  # no freezer (rootless): repeat list-and-kill instead
-        try:
-            for _ in range(1 if frozen else 3):
-                for pid in self._container_pids():
-                    if pid != self._init_pid:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-        finally:
-            if frozen:
-                await self._set_frozen(False)
+        await self._kill_frozen(lambda: [p for p in self._container_pids() if p != self._init_pid])
         # The SIGKILLs land on thaw; wait until init has reaped them so that "killed" means
         # gone (a caller counting processes right after sees only init).
         deadline = time.monotonic() + RUNTIME_TIMEOUT_S
@@ -1173,6 +1141,26 @@ class OciInstance(Instance):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             await asyncio.sleep(0.005)
+
+    async def _kill_frozen(self, targets: Callable[[], list[int]]) -> None:
+        """Freeze, SIGKILL every pid ``targets()`` lists, thaw.
+
+        Frozen, nothing can fork between listing and killing; the SIGKILLs are delivered
+        when the cgroup is thawed. Without a freezer (rootless) it lists and kills three times.
+        """
+        frozen = True
+        try:
+            await self._set_frozen(True)
+        except ExecError:
+            frozen = False
+        try:
+            for _ in range(1 if frozen else 3):
+                for pid in targets():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        finally:
+            if frozen:
+                await self._set_frozen(False)
 
     def _pidns_members(self) -> list[int]:
         members = []
