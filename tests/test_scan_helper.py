@@ -277,3 +277,17 @@ def test_a_dead_helper_does_not_kill_a_caller_with_default_sigpipe() -> None:
     )
     assert done.returncode == 0, (done.returncode, done.stderr)
     assert done.stdout.split() == ["alive", "True"]
+
+
+@pytest.mark.parametrize("executable", ["", None])
+def test_no_executable_to_start_it_means_scanning_alone(
+    executable: str | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sys, "executable", executable)  # as Python reports it when embedded
+    bank = bank_named(NAMES)
+    helper = ScanHelper(bank_named)
+    data = _artifact(SPLIT_MIN * 2)
+    with caplog.at_level(logging.WARNING, logger="kavach.scanning.helper"):
+        assert helper.scan(bank, NAMES, data) == bank.validated(data, 0, len(data))
+    assert helper.disabled and helper.pid is None
+    assert "sys.executable is empty" in caplog.text

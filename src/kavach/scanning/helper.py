@@ -268,6 +268,9 @@ class ScanHelper:
                 self._fail(f"shrink the shared memory: {exc}")
 
     def _start(self) -> None:
+        if not sys.executable:
+            # An embedded interpreter with no executable to start: scan in this process.
+            raise HelperError("no Python executable to start it with (sys.executable is empty)")
         self._memfd = os.memfd_create("kavach-scan", os.MFD_CLOEXEC)
         parent, child = socket.socketpair()
         try:
