@@ -181,6 +181,29 @@ def test_a_forked_child_does_not_talk_to_its_parents_helper(helper: ScanHelper) 
     assert helper.splits == before + 1
 
 
+_SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _caller_program(data: str, then: str, before: str = "") -> str:
+    """A caller (run with ``python -I -c``) that scans ``data`` (an expression) with a
+    ScanHelper until the helper is ready or off, then runs ``then``."""
+    return (
+        "import os, signal, sys, time\n"
+        f"sys.path[:0] = [{str(_SRC)!r}]\n"
+        f"{before}"
+        "from kavach.scanning.gate import bank_named\n"
+        "from kavach.scanning.helper import ScanHelper\n"
+        "names = ('data', 'secrets', 'code')\n"
+        "bank = bank_named(names)\n"
+        f"data = {data}\n"
+        "helper = ScanHelper(bank_named)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not helper.ready(names) and not helper.disabled and time.monotonic() < deadline:\n"
+        "    helper.scan(bank, names, data); time.sleep(0.05)\n"
+        f"{then}"
+    )
+
+
 def test_the_helper_does_not_import_from_the_callers_working_directory(tmp_path: Path) -> None:
     # A module planted where the caller runs (`json` and `socket` are imported by the helper)
     # must not run in the helper: it starts in isolated mode with the caller's own path.
@@ -188,21 +211,10 @@ def test_the_helper_does_not_import_from_the_callers_working_directory(tmp_path:
     for name in ("json", "socket", "kavach"):
         planted = tmp_path / f"{name}.py"
         planted.write_text(f"open({str(marker)!r}, 'w').close()\n")
-    src = Path(__file__).resolve().parents[1] / "src"
-    script = (
-        "import sys, time\n"
-        f"sys.path[:0] = [{str(src)!r}]\n"
-        "from kavach.scanning.gate import bank_named\n"
-        "from kavach.scanning.helper import ScanHelper\n"
-        "names = ('data', 'secrets', 'code')\n"
-        "bank = bank_named(names)\n"
-        "data = b'password = \"Tr0ub4dor&3xq\"\\n' * 20000\n"
-        "helper = ScanHelper(bank_named)\n"
-        "deadline = time.monotonic() + 60\n"
-        "while not helper.ready(names) and not helper.disabled and time.monotonic() < deadline:\n"
-        "    helper.scan(bank, names, data); time.sleep(0.05)\n"
+    script = _caller_program(
+        "b'password = \"Tr0ub4dor&3xq\"\\n' * 20000",
         "assert helper.scan(bank, names, data) == bank.validated(data, 0, len(data))\n"
-        "print(helper.splits, helper.disabled)\n"
+        "print(helper.splits, helper.disabled)\n",
     )
     # -I for the caller too: only the helper's own start is under test here.
     done = subprocess.run(
@@ -215,9 +227,8 @@ def test_the_helper_does_not_import_from_the_callers_working_directory(tmp_path:
 
 
 def test_the_bank_digest_is_the_same_in_every_process_and_covers_validators() -> None:
-    src = Path(__file__).resolve().parents[1] / "src"
     script = (
-        f"import sys; sys.path[:0] = [{str(src)!r}]\n"
+        f"import sys; sys.path[:0] = [{str(_SRC)!r}]\n"
         "from kavach.scanning.gate import bank_named\n"
         "print(bank_named(('data', 'secrets', 'code')).digest())\n"
     )
@@ -254,23 +265,12 @@ def test_shared_memory_of_a_large_artifact_is_given_back(helper: ScanHelper) -> 
 
 
 def test_a_dead_helper_does_not_kill_a_caller_with_default_sigpipe() -> None:
-    src = Path(__file__).resolve().parents[1] / "src"
-    script = (
-        "import os, signal, sys, time\n"
-        f"sys.path[:0] = [{str(src)!r}]\n"
-        "signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as some embedding programs do\n"
-        "from kavach.scanning.gate import bank_named\n"
-        "from kavach.scanning.helper import ScanHelper\n"
-        "names = ('data', 'secrets', 'code')\n"
-        "bank = bank_named(names)\n"
-        "data = b'token = \"ghp_' + b'a1B2' * 9 + b'\"\\n' + b'x' * 400000\n"
-        "helper = ScanHelper(bank_named)\n"
-        "deadline = time.monotonic() + 60\n"
-        "while not helper.ready(names) and time.monotonic() < deadline:\n"
-        "    helper.scan(bank, names, data); time.sleep(0.05)\n"
+    script = _caller_program(
+        "b'token = \"ghp_' + b'a1B2' * 9 + b'\"\\n' + b'x' * 400000",
         "os.kill(helper.pid, signal.SIGKILL); time.sleep(0.2)\n"
         "assert helper.scan(bank, names, data) == bank.validated(data, 0, len(data))\n"
-        "print('alive', helper.disabled)\n"
+        "print('alive', helper.disabled)\n",
+        before="signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as some embedding programs do\n",
     )
     done = subprocess.run(
         [sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120, check=False
