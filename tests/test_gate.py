@@ -110,6 +110,17 @@ def test_scanner_selection() -> None:
     assert gate.scan(b"alice@corp.example.com") == []
 
 
+@pytest.mark.parametrize("padding", [0, 300_000], ids=["small", "large-enough-for-the-scan-helper"])
+def test_python_ast_findings_reach_the_gate_whatever_the_size(padding: int) -> None:
+    # The code scanner's AST findings need the artifact only; the gate computes them while
+    # its scan helper matches (for large artifacts) and must not lose them on either path.
+    source = "import base64\npayload = base64.b64decode('cHJpbnQoMSk=')\nexec(payload)\n"
+    data = (source + "# filler line of a long module\n" * (padding // 31)).encode()
+    found = Gate(ExternalizationPolicy()).scan(data, "stdout")
+    ast = [f for f in found if f.rule == "code.py.exec-decoded"]
+    assert len(ast) == 1 and ast[0].line == 3 and ast[0].source == "stdout"
+
+
 def test_policy_from_dict_parses_and_names_bad_fields() -> None:
     policy = ExternalizationPolicy.from_dict(
         {"block_at": "high", "quarantine_at": "medium", "warn_at": "low", "scanners": ["secrets"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import os
 import signal
 import subprocess
@@ -11,17 +12,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kavach.scanning import gate as gate_module
-from kavach.scanning.engine import PatternBank
+from kavach.scanning import helper as helper_module
+from kavach.scanning.engine import WINDOW, PatternBank
 from kavach.scanning.gate import ExternalizationPolicy, Gate, bank_named
-from kavach.scanning.helper import SPLIT_MIN, HelperError, ScanHelper, _checked
+from kavach.scanning.helper import CHUNK, SPLIT_MIN, HelperError, ScanHelper, _checked
 
 NAMES = ("data", "secrets", "code")
 # Findings of every scanner, one every ~3 KiB, so that some sit on the window boundaries
-# around wherever the cut between the caller's part and the helper's part falls.
+# around wherever the caller's part and the helper's part meet.
 SECRETS = (
     b"aws_access_key_id = AKIAIOSFODNN7EXAMPLF\n",
     b"card 4111 1111 1111 1111 exp 12/29 cvv 123\n",
@@ -65,9 +68,13 @@ def test_the_helper_finds_exactly_what_the_caller_finds(helper: ScanHelper) -> N
     data = _artifact(2 * SPLIT_MIN + 12345)
     alone = bank.validated(data, 0, len(data))
     _until_ready(helper, bank, data)
-    for _ in range(4):  # the cut moves between scans: compare at several cuts
+    deadline = time.monotonic() + 60
+    scans = 0
+    # Where the two parts meet depends on their speeds: compare at several meeting points.
+    while helper.splits < 4 or scans < 8:
         assert helper.scan(bank, NAMES, data) == alone
-    assert helper.splits >= 4
+        scans += 1
+        assert time.monotonic() < deadline, "the helper took no part in 4 scans within 60 s"
     assert len(alone) > 100
 
 
@@ -121,6 +128,115 @@ def test_a_helper_with_other_rules_is_never_used(caplog: pytest.LogCaptureFixtur
         assert helper.splits == 0
     finally:
         helper.close()
+
+
+class _StaleFront:
+    """The progress marks as a caller with a stale view of the helper's front reads them."""
+
+    def __init__(self, front: int) -> None:
+        self.size = helper_module._MARK.size
+        self._front = front
+        self._real = helper_module._MARK
+
+    def pack_into(self, buffer: mmap.mmap, offset: int, value: int) -> None:
+        self._real.pack_into(buffer, offset, value)
+
+    def unpack_from(self, buffer: mmap.mmap, offset: int) -> tuple[int]:
+        return (self._front,) if offset == helper_module._FRONT_AT else self._real.unpack_from(buffer, offset)
+
+
+@pytest.mark.parametrize("front", [0, 10**9], ids=["believes-the-helper-did-everything", "never-sees-the-helper"])
+def test_a_stale_view_of_the_helpers_progress_neither_misses_nor_repeats_a_window(
+    helper: ScanHelper, monkeypatch: pytest.MonkeyPatch, front: int
+) -> None:
+    # The progress page is only a hint. A caller that stops at once leaves a gap below the
+    # helper's real front, which it must scan itself; a caller that scans on past the
+    # helper's front must not report the windows both of them scanned twice.
+    bank = bank_named(NAMES)
+    data = _artifact(SPLIT_MIN * 3)
+    alone = bank.validated(data, 0, len(data))
+    _until_ready(helper, bank, data)
+    monkeypatch.setattr(helper_module, "_MARK", _StaleFront(front))
+    for _ in range(3):
+        assert helper.scan(bank, NAMES, data) == alone
+    assert not helper.disabled
+
+
+def test_the_helper_answers_with_its_front_at_a_chunk_boundary(
+    helper: ScanHelper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bank = bank_named(NAMES)
+    data = _artifact(SPLIT_MIN * 2 + 5000)
+    _until_ready(helper, bank, data)
+    fronts: list[int] = []
+    collect = helper._collect
+
+    def recording(timeout: float, bank: PatternBank, size: int, windows: int) -> tuple[int, list[Any]] | None:
+        answer = collect(timeout, bank, size, windows)
+        assert answer is not None
+        fronts.append(answer[0])
+        return answer
+
+    monkeypatch.setattr(helper, "_collect", recording)
+    windows = -(-len(data) // WINDOW)
+    for _ in range(5):
+        helper.scan(bank, NAMES, data)
+    assert fronts and all(f == windows or (f % CHUNK == 0 and 0 <= f < windows) for f in fronts)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["found", 3, []],  # not a chunk boundary
+        ["found", -16, []],
+        ["found", 10**6, []],  # past the artifact
+        ["found", "16", []],
+        ["found", 16, {}],
+    ],
+)
+def test_a_malformed_front_is_refused(helper: ScanHelper, bad: list[object], monkeypatch: pytest.MonkeyPatch) -> None:
+    bank = bank_named(NAMES)
+    data = _artifact(SPLIT_MIN * 2)
+    alone = bank.validated(data, 0, len(data))
+    _until_ready(helper, bank, data)
+    real = helper_module._message
+    monkeypatch.setattr(helper_module, "_message", lambda sock: (real(sock), bad)[1])
+    assert helper.scan(bank, NAMES, data) == alone
+    assert helper.disabled
+
+
+def test_an_error_in_the_callers_part_stops_the_helper_so_no_answer_is_read_for_another_artifact(
+    helper: ScanHelper,
+) -> None:
+    bank = bank_named(NAMES)
+    first = _artifact(SPLIT_MIN * 2)
+    # Another artifact: its matches sit elsewhere, so a stale answer would not fit it.
+    other = b"x" * 777 + _artifact(SPLIT_MIN * 2)[::-1]
+    _until_ready(helper, bank, first)
+    started = helper.pid
+
+    def failing() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        helper.scan(bank, NAMES, first, failing)
+    assert helper.pid is None and not helper.disabled  # stopped, not given up on
+    assert helper.scan(bank, NAMES, other) == bank.validated(other, 0, len(other))
+    _until_ready(helper, bank, other)  # a new helper
+    assert helper.pid != started
+    assert helper.scan(bank, NAMES, other) == bank.validated(other, 0, len(other))
+
+
+def test_meanwhile_runs_exactly_once_whoever_scans(helper: ScanHelper, monkeypatch: pytest.MonkeyPatch) -> None:
+    bank = bank_named(NAMES)
+    data = _artifact(SPLIT_MIN * 2)
+    calls: list[int] = []
+    # Alone (too small), while the helper starts, and split with a ready helper.
+    helper.scan(bank, NAMES, data[: SPLIT_MIN - 1], lambda: calls.append(1))
+    helper.scan(bank, NAMES, data, lambda: calls.append(2))
+    _until_ready(helper, bank, data)
+    helper.scan(bank, NAMES, data, lambda: calls.append(3))
+    assert calls == [1, 2, 3]
 
 
 def test_small_artifacts_and_the_off_switch_start_no_process(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ Three layers, each tokenised rather than substring-based:
 from __future__ import annotations
 
 import ast
+import functools
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -538,19 +539,27 @@ class CodeScanner:
     pattern_rules: tuple[Rule, ...] = REGEX_RULES
 
     def __init__(self, *, python_ast: bool = True) -> None:
-        self._bank = PatternBank(REGEX_RULES)
         self._python_ast = python_ast
+
+    @functools.cached_property
+    def _bank(self) -> PatternBank:
+        # Built on first use: the gate matches the scanners' rules with one combined
+        # bank and never needs this one (only a scanner used on its own does).
+        return PatternBank(REGEX_RULES)
 
     @property
     def rules(self) -> tuple[Rule, ...]:
         """The RE2 rules and the Python AST rules."""
-        return (*self._bank.rules, *AST_RULES)
+        return (*REGEX_RULES, *AST_RULES)
 
-    def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
-        """Add the Python AST findings and drop regex findings the AST explains better."""
-        found = list(raw)
-        if self._python_ast:
-            found.extend(python_findings(data))
+    def direct(self, data: bytes) -> list[Finding]:
+        """The Python AST findings: they need the artifact only, not the rule matches."""
+        return python_findings(data) if self._python_ast else []
+
+    def post(self, data: bytes, raw: list[Finding], direct: list[Finding] | None = None) -> list[Finding]:
+        """Add the AST findings (:meth:`direct`, computed here when not given) and drop the
+        regex findings the AST explains better."""
+        found = [*raw, *(self.direct(data) if direct is None else direct)]
         return _drop_regex_shadowed(dedupe(found))
 
     def scan(self, data: bytes, source: str = "") -> list[Finding]:

@@ -14,6 +14,7 @@ HIPAA PHI, and so on.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from dataclasses import replace
 
@@ -483,15 +484,24 @@ class DataScanner:
     pattern_rules: tuple[Rule, ...] = DATA_RULES
 
     def __init__(self, *, compliance: bool = True) -> None:
-        self._bank = PatternBank(DATA_RULES)
         self._compliance = compliance
+
+    @functools.cached_property
+    def _bank(self) -> PatternBank:
+        # Built on first use: the gate matches the scanners' rules with one combined
+        # bank and never needs this one (only a scanner used on its own does).
+        return PatternBank(DATA_RULES)
 
     @property
     def rules(self) -> tuple[Rule, ...]:
         """The rules this scanner runs."""
-        return self._bank.rules
+        return DATA_RULES
 
-    def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
+    def direct(self, data: bytes) -> list[Finding]:
+        """None: every finding of this scanner comes from a rule match."""
+        return []
+
+    def post(self, data: bytes, raw: list[Finding], direct: list[Finding] | None = None) -> list[Finding]:
         """Validate context, drop shadowed spans and add the compliance findings."""
         found = _drop_shadowed(dedupe(_confirm_phones(data, [_refine(data, f) for f in raw])))
         if self._compliance:

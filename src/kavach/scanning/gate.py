@@ -48,8 +48,14 @@ class Scanner(Protocol):
     name: str
     pattern_rules: tuple[Rule, ...]
 
-    def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
-        """Turn this scanner's raw rule matches into its findings (no line numbers)."""
+    def direct(self, data: bytes) -> list[Finding]:
+        """Findings that need the artifact only, not the rule matches (the gate computes
+        them while its scan helper matches)."""
+        ...
+
+    def post(self, data: bytes, raw: list[Finding], direct: list[Finding] | None = None) -> list[Finding]:
+        """Turn this scanner's raw rule matches, and its ``direct`` findings (computed
+        here when None), into its findings (no line numbers)."""
         ...
 
     def scan(self, data: bytes, source: str = "") -> list[Finding]:
@@ -272,11 +278,17 @@ class Gate:
             # One pass of the combined bank serves every scanner: each window is
             # prefiltered once, not once per scanner.
             raw: dict[str, list[Finding]] = {s.name: [] for s in self._scanners}
-            validated = _HELPER.scan(self._bank, self._names, bounded)
+            direct: dict[str, list[Finding]] = {}
+
+            def meanwhile() -> None:
+                for scanner in self._scanners:
+                    direct[scanner.name] = scanner.direct(bounded)
+
+            validated = _HELPER.scan(self._bank, self._names, bounded, meanwhile)
             for f in self._bank.findings(bounded, "", validated):
                 raw[f.scanner].append(f)
             for scanner in self._scanners:
-                found.extend(scanner.post(bounded, raw[scanner.name]))
+                found.extend(scanner.post(bounded, raw[scanner.name], direct[scanner.name]))
             # (Thousands of findings per MiB of customer data: the per-finding policy steps
             # run only when the policy has something for them to do.)
             if self.policy.allowlist_rules or self.policy.allowlist_values:

@@ -2,11 +2,20 @@
 
 The gate's pattern matching is CPU-bound Python around RE2 calls, so threads cannot
 share it (the GIL); a second process can. For an artifact of at least ``SPLIT_MIN``
-bytes the gate sends the whole artifact to this helper with a window range (the second
-part), validates the first part itself meanwhile, and merges the helper's validated
-matches with its own. The helper computes exactly what the caller would have computed
-for that range (the same rules: it builds the same bank and proves it with the bank's
-digest), so the findings are the same with or without it; only the elapsed time differs.
+bytes the gate hands the whole artifact to this helper; the caller then validates chunks
+of windows from the start forward while the helper validates chunks from the end
+backward, until they meet, and the caller merges the helper's validated matches with its
+own. The helper computes exactly what the caller would have computed for its chunks (the
+same rules: it builds the same bank and proves it with the bank's digest), so the
+findings are the same with or without it; only the elapsed time differs.
+
+Meeting in the middle keeps both processes busy to the end whatever their speeds (a
+helper that just started is slower: its RE2 automata are still being built). Each side
+publishes how far it has got in a small shared memory page, and reads the other's
+progress there before each chunk. Those reads are hints only: the helper's answer on the
+socket says exactly which windows it covered (from ``front`` to the end), the caller
+keeps its own chunks below that point, and scans itself any gap a stale read left. So a
+chunk is at worst scanned twice, never missed.
 
 Never a weaker scan: whenever the helper cannot answer (not started yet, still compiling,
 busy with another thread's artifact, dead, slow, or answering nonsense) the caller scans
@@ -18,10 +27,13 @@ it exits when the caller's end of its socket closes. ``KAVACH_SCAN_HELPER=0`` di
 
 Protocol: a ``socketpair``, frames of an 8-byte length and a JSON array.
 ``["prepare", names]`` is answered with ``["ready", names, digest]``;
-``["scan", names, first, size]`` with ``["found", [[rule index, start, end, confidence],
-...], seconds taken]``. The artifact itself does not go through the socket (its buffer
-would make each megabyte several round trips): the caller writes it at the start of a
-shared memory file (``memfd``, passed at start) and the helper reads ``size`` bytes of it.
+``["scan", names, size]`` with ``["found", front, [[rule index, start, end, confidence],
+...]]``: the matches owned by the windows from ``front`` to the end. The artifact itself
+does not go through the socket (its buffer would make each megabyte several round trips):
+the caller writes it at the start of a shared memory file (``memfd``, passed at start)
+and the helper reads ``size`` bytes of it. A second, one-page shared file holds the two
+progress marks (in windows): the caller's claim (every window below it is the caller's)
+and the helper's front.
 """
 
 from __future__ import annotations
@@ -47,14 +59,16 @@ log = logging.getLogger(__name__)
 
 # Below this size splitting does not pay for the copy to the helper and its reply.
 SPLIT_MIN = 256 * 1024
-# The caller's part of a split artifact, at first; then adapted after every split so that
-# both parts take the same time (a helper that just started is slower: its RE2 automata
-# are still being built), within these bounds.
-_CALLER_SHARE = 0.5
-_SHARE_BOUNDS = (0.2, 0.8)
-# How long the caller waits for the helper's part beyond the time it took for its own
-# part, before it scans that part itself (and stops using the helper).
+# Windows per chunk (64 KiB): each side checks the other's progress once per chunk, so
+# this is also about how long the caller may wait for the helper's last chunk (~1 ms).
+CHUNK = 16
+# How long the caller waits for the helper's answer beyond twice the time it took for its
+# own part, before it scans the rest itself (and stops using the helper).
 _GRACE_S = 2.0
+# The progress page: the caller's claim at offset 0, the helper's front at offset 64
+# (another cache line: each side writes only its own).
+_MARK = struct.Struct("=Q")
+_CLAIM_AT, _FRONT_AT, _PAGE = 0, 64, 4096
 # Shared memory kept between artifacts; more is given back after the artifact that needed it.
 _SHARED_KEEP = 8 << 20
 _HEADER = struct.Struct("!Q")
@@ -120,24 +134,31 @@ class ScanHelper:
         self._sock: socket.socket | None = None
         self._shared: mmap.mmap | None = None
         self._memfd = -1
+        self._progress: mmap.mmap | None = None
+        self._progress_fd = -1
         self._ready: set[tuple[str, ...]] = set()
         self._preparing: tuple[str, ...] | None = None
         self._broken = os.environ.get("KAVACH_SCAN_HELPER", "1") == "0"
-        self._share = _CALLER_SHARE
         self._pid = os.getpid()
         # Artifacts scanned with the helper's part merged in.
         self.splits = 0
         self._exit_hook = False
 
-    def scan(self, bank: PatternBank, names: tuple[str, ...], data: bytes) -> Validated:
-        """The validated matches of ``bank`` in all of ``data``, with the helper's help when it can."""
+    def scan(
+        self, bank: PatternBank, names: tuple[str, ...], data: bytes, meanwhile: Callable[[], None] | None = None
+    ) -> Validated:
+        """The validated matches of ``bank`` in all of ``data``, with the helper's help when it can.
+
+        ``meanwhile`` is other work of the caller's on this artifact, run while the helper
+        matches (it then takes a larger part); it is run in any case, exactly once.
+        """
         n = len(data)
         if n < SPLIT_MIN or self._broken or not self._lock.acquire(blocking=False):
-            return bank.validated(data, 0, n)
+            return _alone(bank, data, meanwhile)
         try:
             if self._pid != os.getpid():
                 self._forget()  # a fork of the process that started the helper: start our own
-            return self._split(bank, names, data)
+            return self._split(bank, names, data, meanwhile)
         finally:
             self._lock.release()
 
@@ -162,35 +183,64 @@ class ScanHelper:
 
     # -- internals (called with the lock held) ---------------------------------------------
 
-    def _split(self, bank: PatternBank, names: tuple[str, ...], data: bytes) -> Validated:
+    def _split(
+        self, bank: PatternBank, names: tuple[str, ...], data: bytes, meanwhile: Callable[[], None] | None
+    ) -> Validated:
         n = len(data)
         if not self._usable(names):
-            return bank.validated(data, 0, n)
-        cut = max(WINDOW, int(n * self._share) // WINDOW * WINDOW)
-        assert self._sock is not None
+            return _alone(bank, data, meanwhile)
+        windows = -(-n // WINDOW)
+        assert self._sock is not None and self._progress is not None
         try:
+            # Both marks are set before the helper hears of this artifact: it writes its
+            # front only while scanning, so nothing of the previous artifact is left.
+            _MARK.pack_into(self._progress, _CLAIM_AT, 0)
+            _MARK.pack_into(self._progress, _FRONT_AT, windows)
             self._put(data)
-            _post(self._sock, "scan", names, cut, n)
+            _post(self._sock, "scan", names, n)
         except OSError as exc:
             self._fail(f"send: {exc}")
-            return bank.validated(data, 0, n)
+            return _alone(bank, data, meanwhile)
         started = time.monotonic()
-        mine = bank.validated(data, 0, cut)
+        try:
+            if meanwhile is not None:
+                meanwhile()
+            mine, claim = self._forward(bank, data, windows)
+        except BaseException:
+            # The helper's answer to this artifact would be read as the next one's: stop
+            # it (it is started again on a later artifact), then let the error through.
+            self._stop()
+            raise
         own_s = time.monotonic() - started
-        answer = self._collect(_GRACE_S + 2 * own_s, bank, n)
+        answer = self._collect(_GRACE_S + 2 * own_s, bank, n, windows)
         self._trim()
         if answer is None:
-            return mine + bank.validated(data, cut, n)
-        theirs, their_s = answer
-        self._adapt(cut / max(own_s, 1e-6), (n - cut) / max(their_s, 1e-6))
-        self.splits += 1
-        return mine + theirs
+            return _joined(mine, claim) + bank.validated(data, claim * WINDOW, n)
+        front, theirs = answer
+        out = _joined(mine, front)
+        if front > claim:  # a gap between the two parts (a stale read of the front): ours
+            out += bank.validated(data, claim * WINDOW, front * WINDOW)
+        if front < windows:
+            self.splits += 1
+        return out + theirs
 
-    def _adapt(self, own_rate: float, their_rate: float) -> None:
-        """Move the cut halfway to where both parts would have taken the same time."""
-        target = own_rate / (own_rate + their_rate)
-        low, high = _SHARE_BOUNDS
-        self._share = min(high, max(low, (self._share + target) / 2))
+    def _forward(self, bank: PatternBank, data: bytes, windows: int) -> tuple[list[tuple[int, Validated]], int]:
+        """The caller's part: chunks from the start until the helper's front; returns the
+        chunks (first window, matches) and the claim reached (every window below it)."""
+        assert self._progress is not None
+        progress = self._progress
+        n = len(data)
+        mine: list[tuple[int, Validated]] = []
+        claim = 0
+        while claim < windows and claim < _MARK.unpack_from(progress, _FRONT_AT)[0]:
+            end = min(claim + CHUNK, windows)
+            # Claimed before it is scanned, so that the helper does not start on it too.
+            _MARK.pack_into(progress, _CLAIM_AT, end)
+            mine.append((claim, bank.validated(data, claim * WINDOW, min(end * WINDOW, n))))
+            claim = end
+        # Whatever the helper is doing, it stops after its current chunk.
+        _MARK.pack_into(progress, _CLAIM_AT, windows)
+        return mine, claim
 
     def _usable(self, names: tuple[str, ...]) -> bool:
         """True once the helper has built ``names``' bank; starts it (or the build) otherwise."""
@@ -226,8 +276,8 @@ class ScanHelper:
         self._preparing = None
         return True
 
-    def _collect(self, timeout: float, bank: PatternBank, size: int) -> tuple[Validated, float] | None:
-        """The helper's matches and the seconds it took, or None (then it is not used again)."""
+    def _collect(self, timeout: float, bank: PatternBank, size: int, windows: int) -> tuple[int, Validated] | None:
+        """The helper's front and its matches, or None (then it is not used again)."""
         assert self._sock is not None
         try:
             readable, _, _ = select.select([self._sock], [], [], timeout)
@@ -235,14 +285,12 @@ class ScanHelper:
                 raise HelperError(f"no answer within {timeout:.1f}s")
             self._sock.settimeout(_READ_S)
             message = _message(self._sock)
-            if (
-                message[0] != "found"
-                or len(message) != 3
-                or not isinstance(message[1], list)
-                or not isinstance(message[2], float)
-            ):
+            if message[0] != "found" or len(message) != 3 or not isinstance(message[2], list):
                 raise HelperError(f"expected found, got {message[0]!r}")
-            return _checked(message[1], len(bank.rules), size), message[2]
+            front = message[1]
+            if not isinstance(front, int) or not 0 <= front <= windows or (front % CHUNK and front != windows):
+                raise HelperError(f"front {front!r} is not a chunk boundary of {windows} windows")
+            return front, _checked(message[2], len(bank.rules), size)
         except (OSError, HelperError) as exc:
             self._fail(str(exc))
             return None
@@ -272,6 +320,10 @@ class ScanHelper:
             # An embedded interpreter with no executable to start: scan in this process.
             raise HelperError("no Python executable to start it with (sys.executable is empty)")
         self._memfd = os.memfd_create("kavach-scan", os.MFD_CLOEXEC)
+        self._progress_fd = os.memfd_create("kavach-scan-progress", os.MFD_CLOEXEC)
+        # A fixed size, never truncated: the helper's mapping of it stays valid.
+        os.ftruncate(self._progress_fd, _PAGE)
+        self._progress = mmap.mmap(self._progress_fd, _PAGE)
         parent, child = socket.socketpair()
         try:
             # Isolated mode (-I), then exactly the caller's import path (made absolute):
@@ -280,7 +332,8 @@ class ScanHelper:
             path = os.pathsep.join(os.path.abspath(p) for p in sys.path)
             starter = (
                 "import sys; sys.path[:] = sys.argv[1].split(sys.argv[2]);"
-                f" from kavach.scanning.helper import main; main({child.fileno()}, {self._memfd})"
+                " from kavach.scanning.helper import main;"
+                f" main({child.fileno()}, {self._memfd}, {self._progress_fd})"
             )
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", starter, path, os.pathsep],
@@ -289,7 +342,7 @@ class ScanHelper:
                 # caller's terminal.)
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                pass_fds=(child.fileno(), self._memfd),
+                pass_fds=(child.fileno(), self._memfd, self._progress_fd),
             )
         finally:
             child.close()
@@ -301,12 +354,14 @@ class ScanHelper:
 
     def _forget(self) -> None:
         """Drop (without stopping) a helper that belongs to the process this one forked from."""
-        for fd in (self._sock.detach() if self._sock is not None else -1, self._memfd):
+        for fd in (self._sock.detach() if self._sock is not None else -1, self._memfd, self._progress_fd):
             if fd >= 0:
                 os.close(fd)
-        if self._shared is not None:
-            self._shared.close()
+        for mapping in (self._shared, self._progress):
+            if mapping is not None:
+                mapping.close()
         self._proc, self._sock, self._shared, self._memfd = None, None, None, -1
+        self._progress, self._progress_fd = None, -1
         self._ready.clear()
         self._preparing = None
         self._pid = os.getpid()
@@ -324,14 +379,31 @@ class ScanHelper:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
-        if self._shared is not None:
-            self._shared.close()
-            self._shared = None
-        if self._memfd >= 0:
-            os.close(self._memfd)
-            self._memfd = -1
+        for mapping in (self._shared, self._progress):
+            if mapping is not None:
+                mapping.close()
+        self._shared, self._progress = None, None
+        for fd in (self._memfd, self._progress_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._memfd, self._progress_fd = -1, -1
         self._ready.clear()
         self._preparing = None
+
+
+def _alone(bank: PatternBank, data: bytes, meanwhile: Callable[[], None] | None) -> Validated:
+    if meanwhile is not None:
+        meanwhile()
+    return bank.validated(data, 0, len(data))
+
+
+def _joined(chunks: list[tuple[int, Validated]], below: int) -> Validated:
+    """The matches of the chunks that start below window ``below``, in order."""
+    out: Validated = []
+    for first, found in chunks:
+        if first < below:
+            out += found
+    return out
 
 
 def _checked(found: list[Any], rules: int, size: int) -> Validated:
@@ -366,11 +438,31 @@ def _read_shared(memfd: int, size: int) -> bytes | None:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def main(fd: int, memfd: int) -> None:
-    """The helper's loop: build banks on request and scan the ranges it is sent."""
+def _backward(bank: PatternBank, data: bytes, progress: mmap.mmap) -> tuple[int, Validated]:
+    """The helper's part: chunks from the end backward until the caller's claim; returns
+    the front reached and the matches of the windows from it to the end, in order."""
+    n = len(data)
+    front = -(-n // WINDOW)
+    chunks: list[Validated] = []
+    while front > 0:
+        first = (front - 1) // CHUNK * CHUNK  # chunk boundaries are the caller's too
+        if first < _MARK.unpack_from(progress, _CLAIM_AT)[0]:
+            break
+        chunks.append(bank.validated(data, first * WINDOW, min(front * WINDOW, n)))
+        front = first
+        _MARK.pack_into(progress, _FRONT_AT, front)
+    out: Validated = []
+    for found in reversed(chunks):
+        out += found
+    return front, out
+
+
+def main(fd: int, memfd: int, progress_fd: int) -> None:
+    """The helper's loop: build banks on request and scan the artifacts it is sent."""
     from kavach.scanning.gate import bank_named
 
     sock = socket.socket(fileno=fd)
+    progress = mmap.mmap(progress_fd, _PAGE)
     while True:
         try:
             message = _message(sock)
@@ -380,15 +472,14 @@ def main(fd: int, memfd: int) -> None:
             names = tuple(message[1])
             _post(sock, "ready", names, bank_named(names).digest())
         elif message[0] == "scan":
-            names, first, size = tuple(message[1]), int(message[2]), int(message[3])
+            names, size = tuple(message[1]), int(message[2])
             data = _read_shared(memfd, size)
             if data is None:
                 return  # the caller's file is shorter than it says: a broken caller
-            started = time.monotonic()
-            found = bank_named(names).validated(data, first, size)
-            _post(sock, "found", found, time.monotonic() - started)
+            front, found = _backward(bank_named(names), data, progress)
+            _post(sock, "found", front, found)
         else:
             return
 
 
-__all__ = ["SPLIT_MIN", "HelperError", "ScanHelper", "main"]
+__all__ = ["CHUNK", "SPLIT_MIN", "HelperError", "ScanHelper", "main"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import math
 import re
 from dataclasses import replace
@@ -1321,15 +1322,22 @@ class SecretsScanner:
 
     pattern_rules: tuple[Rule, ...] = SECRET_RULES
 
-    def __init__(self) -> None:
-        self._bank = PatternBank(SECRET_RULES)
+    @functools.cached_property
+    def _bank(self) -> PatternBank:
+        # Built on first use: the gate matches the scanners' rules with one combined
+        # bank and never needs this one (only a scanner used on its own does).
+        return PatternBank(SECRET_RULES)
 
     @property
     def rules(self) -> tuple[Rule, ...]:
         """The rules this scanner runs."""
-        return self._bank.rules
+        return SECRET_RULES
 
-    def post(self, data: bytes, raw: list[Finding]) -> list[Finding]:
+    def direct(self, data: bytes) -> list[Finding]:
+        """None: every finding of this scanner comes from a rule match."""
+        return []
+
+    def post(self, data: bytes, raw: list[Finding], direct: list[Finding] | None = None) -> list[Finding]:
         """Scanner-specific clean-up of the raw rule matches (no line numbers yet)."""
         return _prefer_specific(dedupe(raw))
 
