@@ -354,14 +354,10 @@ class ScanHelper:
 
     def _forget(self) -> None:
         """Drop (without stopping) a helper that belongs to the process this one forked from."""
-        for fd in (self._sock.detach() if self._sock is not None else -1, self._memfd, self._progress_fd):
-            if fd >= 0:
-                os.close(fd)
-        for mapping in (self._shared, self._progress):
-            if mapping is not None:
-                mapping.close()
-        self._proc, self._sock, self._shared, self._memfd = None, None, None, -1
-        self._progress, self._progress_fd = None, -1
+        if self._sock is not None:
+            os.close(self._sock.detach())
+        self._proc, self._sock = None, None
+        self._close_shared()
         self._ready.clear()
         self._preparing = None
         self._pid = os.getpid()
@@ -379,16 +375,19 @@ class ScanHelper:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+        self._close_shared()
+        self._ready.clear()
+        self._preparing = None
+
+    def _close_shared(self) -> None:
+        """Unmap and close both shared memory files (the artifact's and the progress page)."""
         for mapping in (self._shared, self._progress):
             if mapping is not None:
                 mapping.close()
-        self._shared, self._progress = None, None
         for fd in (self._memfd, self._progress_fd):
             if fd >= 0:
                 os.close(fd)
-        self._memfd, self._progress_fd = -1, -1
-        self._ready.clear()
-        self._preparing = None
+        self._shared, self._progress, self._memfd, self._progress_fd = None, None, -1, -1
 
 
 def _alone(bank: PatternBank, data: bytes, meanwhile: Callable[[], None] | None) -> Validated:

@@ -1334,7 +1334,7 @@ class SecretsScanner:
         return SECRET_RULES
 
     def direct(self, data: bytes) -> list[Finding]:
-        """None: every finding of this scanner comes from a rule match."""
+        """No findings of its own: every finding of this scanner comes from a rule match."""
         return []
 
     def post(self, data: bytes, raw: list[Finding], direct: list[Finding] | None = None) -> list[Finding]:
