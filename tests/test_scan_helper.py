@@ -213,17 +213,18 @@ def test_an_error_in_the_callers_part_stops_the_helper_so_no_answer_is_read_for_
     # Another artifact: its matches sit elsewhere, so a stale answer would not fit it.
     other = b"x" * 777 + _artifact(SPLIT_MIN * 2)[::-1]
     _until_ready(helper, bank, first)
-    started = helper.pid
+    started = helper._proc
+    assert started is not None
 
     def failing() -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         helper.scan(bank, NAMES, first, failing)
-    assert helper.pid is None and not helper.disabled  # stopped, not given up on
+    assert started.poll() is not None and helper.pid is None and not helper.disabled  # stopped, not given up on
     assert helper.scan(bank, NAMES, other) == bank.validated(other, 0, len(other))
     _until_ready(helper, bank, other)  # a new helper
-    assert helper.pid != started
+    assert helper._proc is not None and helper._proc is not started
     assert helper.scan(bank, NAMES, other) == bank.validated(other, 0, len(other))
 
 
