@@ -371,6 +371,34 @@ async def test_a_sandbox_that_fails_verification_is_gone_and_not_tracked(monkeyp
         assert not list(Path("/sys/fs/cgroup").glob("*/kavach/kavach-verify-fails"))
 
 
+async def test_the_exec_server_reports_no_import_path_and_one_with_a_path_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The exec server clears the caller's sys.path (its entries may be writable inside the
+    # sandbox, and a lazy import would run what a command planted there); its probe says
+    # so, and creation fails closed on a probe that shows a search path.
+    from typing import Any
+
+    from kavach.backends.base import LaunchSpec
+    from kavach.backends.process import driver as driver_module
+
+    seen: list[tuple[Any, ...]] = []
+    real = driver_module.verify_probe
+
+    def keep(*args: Any) -> Any:
+        seen.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(driver_module, "verify_probe", keep)
+    box = await ProcessDriver().start(LaunchSpec("import-path", SandboxPolicy.basic()))
+    await box.destroy()
+    ((plan, probe, cgroup, spec),) = seen
+    assert probe["import_path"] == 0
+    for bad in (3, None):
+        with pytest.raises(SandboxCreateError, match="import path"):
+            real(plan, {**probe, "import_path": bad}, cgroup, spec)
+
+
 # A command that, unless killed, writes a marker after 1.5 s and then sleeps.
 _SURVIVOR = "sleep 1.5; touch /tmp/ran-on; sleep 1000"
 

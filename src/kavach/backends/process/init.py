@@ -216,10 +216,18 @@ def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], id
         # every inherited fd (the secrets' memfds among them) before anything else.
         prepare_confinement(plan)
         first = _fork_server(plan, probe=True, wait_for_go=True)
-        proxy_fd = _setup(plan, file_fds, idmapped)
+        if plan["namespaces"]:
+            _build_root(plan, file_fds, idmapped)
+        # Ordering: "go" only once the root is final (pivot_root done, the read-only
+        # remount applied): the server's Landlock rules open paths of that root and its
+        # probe reports what it sees there. What init still does below (hostname,
+        # loopback, proxy listener, its own session and flags) changes nothing the server
+        # applies or observes, so the server confines itself and probes meanwhile.
+        released = _release(first)
+        proxy_fd = _finish_setup(plan, file_fds)
         built = time.monotonic()
         init = Init(ctl, plan)  # after the setup: its /dev/null is the sandbox's
-        probe = init.adopt_first_server(first)
+        probe = init.adopt_first_server(first, released)
         probe["setup_ms"] = round((built - started) * 1000, 2)
         probe["probe_ms"] = round((time.monotonic() - built) * 1000, 2)
         # The server first: a command sent right after "ready" then finds it at hand
@@ -235,13 +243,26 @@ def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], id
     os._exit(0)
 
 
-def _setup(plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> int | None:
+def _build_root(plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> None:
+    sources = mounts.detach_sources(plan, idmapped)
+    try:
+        mounts.build_root(plan, sources, file_fds)
+    finally:
+        sources.close()
+
+
+def _release(server: ServerChild) -> bool:
+    """Send the waiting exec server its "go"; False if it is gone (its probe then says why)."""
+    assert server.sock is not None
+    try:
+        protocol.send(server.sock, {"op": "go"})
+    except OSError:
+        return False
+    return True
+
+
+def _finish_setup(plan: dict[str, Any], file_fds: list[int]) -> int | None:
     if plan["namespaces"]:
-        sources = mounts.detach_sources(plan, idmapped)
-        try:
-            mounts.build_root(plan, sources, file_fds)
-        finally:
-            sources.close()
         _libc.sethostname(plan["hostname"], "set the hostname")
         if plan["netns"]:
             namespaces.bring_up_loopback()
@@ -359,14 +380,19 @@ class Init:
         # be) from one made after.
         self.kill_generation = 0
 
-    def adopt_first_server(self, server: ServerChild) -> dict[str, Any]:
-        """Let the first server confine itself; return its enforcement probe (what it observes)."""
+    def adopt_first_server(self, server: ServerChild, released: bool) -> dict[str, Any]:
+        """Take the first server's enforcement probe (what it observes once confined).
+
+        ``released``: whether its "go" was sent (see :func:`_release`).
+        """
         assert server.sock is not None
-        try:
-            protocol.send(server.sock, {"op": "go"})
-            message, fds = protocol.recv(server.sock)
-        except OSError:
-            message, fds = None, []
+        message: dict[str, Any] | None = None
+        fds: list[int] = []
+        if released:
+            try:
+                message, fds = protocol.recv(server.sock)
+            except OSError:
+                message, fds = None, []
         for fd in fds:
             os.close(fd)
         if message is None or message.get("op") != "probe":
@@ -883,6 +909,7 @@ def _probe_data(plan: dict[str, Any]) -> dict[str, Any]:
     report["pid"] = os.getpid()
     report["root_read_only"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
     report["landlock_abi"] = plan.get("landlock_abi_applied", 0)
+    report["import_path"] = len(sys.path)
     with open("/proc/self/uid_map", "rb") as f:
         report["uid_map"] = f.read().decode().split()
     return report
@@ -900,6 +927,11 @@ def _server_child(plan: dict[str, Any], sock_fd: int, records_fd: int, probe: bo
     step = "prepare the exec server"
     try:
         child_signals_default()
+        # Forked before init clears its own import path (see _finish_setup): the same
+        # reason holds here, since paths of the caller's sys.path may be writable inside.
+        # Everything the server runs was preloaded by the spawner; the probe reports it.
+        sys.path.clear()
+        sys.path_importer_cache.clear()
         # Via high numbers first, so that neither dup2 clobbers the other's source.
         os.dup2(records_fd, 100)
         os.dup2(sock_fd, 101)
