@@ -371,12 +371,12 @@ async def test_a_sandbox_that_fails_verification_is_gone_and_not_tracked(monkeyp
         assert not list(Path("/sys/fs/cgroup").glob("*/kavach/kavach-verify-fails"))
 
 
-async def test_the_exec_server_reports_no_import_path_and_one_with_a_path_is_refused(
+async def test_the_exec_server_cannot_import_from_files_and_a_probe_saying_otherwise_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The exec server clears the caller's sys.path (its entries may be writable inside the
-    # sandbox, and a lazy import would run what a command planted there); its probe says
-    # so, and creation fails closed on a probe that shows a search path.
+    # The exec server drops file-based imports (paths of the caller's sys.path and of the
+    # kavach packages may be writable inside the sandbox, and a lazy import would run what
+    # a command planted there); its probe says so, and creation fails closed otherwise.
     from typing import Any
 
     from kavach.backends.base import LaunchSpec
@@ -390,13 +390,50 @@ async def test_the_exec_server_reports_no_import_path_and_one_with_a_path_is_ref
         return real(*args)
 
     monkeypatch.setattr(driver_module, "verify_probe", keep)
-    box = await ProcessDriver().start(LaunchSpec("import-path", SandboxPolicy.basic()))
+    box = await ProcessDriver().start(LaunchSpec("file-imports", SandboxPolicy.basic()))
     await box.destroy()
     ((plan, probe, cgroup, spec),) = seen
-    assert probe["import_path"] == 0
-    for bad in (3, None):
-        with pytest.raises(SandboxCreateError, match="import path"):
-            real(plan, {**probe, "import_path": bad}, cgroup, spec)
+    assert probe["file_imports"] is False
+    for bad in (True, None):
+        with pytest.raises(SandboxCreateError, match="import modules from files"):
+            real(plan, {**probe, "file_imports": bad}, cgroup, spec)
+
+
+def test_forbid_file_imports_leaves_only_built_in_modules_importable() -> None:
+    # In a child interpreter: after the call, a module on sys.path and a not yet loaded
+    # submodule of a loaded package both fail to import; a built-in module still loads.
+    import subprocess
+    import sys
+    import textwrap
+
+    program = textwrap.dedent(
+        """
+        import os, sys, tempfile
+        d = tempfile.mkdtemp()
+        with open(os.path.join(d, "planted.py"), "w") as f:
+            f.write("PLANTED = 1")
+        sys.path.insert(0, d)
+        import json  # a package, so json.tool below is a not yet loaded submodule
+        assert "json.tool" not in sys.modules
+        from kavach.backends.process.init import file_imports_possible, forbid_file_imports
+        assert file_imports_possible()
+        forbid_file_imports()
+        assert not file_imports_possible()
+        for name in ("planted", "json.tool"):
+            try:
+                __import__(name)
+            except ImportError:
+                pass
+            else:
+                raise SystemExit(f"imported {name}")
+        builtin = next(n for n in sorted(sys.builtin_module_names) if n not in sys.modules)
+        __import__(builtin)  # compiled into the interpreter: still importable
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 # A command that, unless killed, writes a marker after 1.5 s and then sleeps.

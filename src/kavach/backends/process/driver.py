@@ -786,10 +786,10 @@ def verify_probe(plan: dict[str, Any], probe: dict[str, Any], cgroup: Cgroup | N
     for key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
         if status.get(key, "x").strip("0") != "":
             problems.append(f"{key} is {status.get(key)!r}")
-    if probe.get("import_path") != 0:
-        # The exec server runs no code it did not preload; a search path would let it load
-        # modules from directories that may be writable inside the sandbox.
-        problems.append(f"the exec server's import path has {probe.get('import_path')!r} entries")
+    if probe.get("file_imports") is not False:
+        # The exec server runs no code it did not preload; an import from a file could load
+        # a module from a directory that is writable inside the sandbox.
+        problems.append("the exec server can still import modules from files")
     host = host_namespaces()
     inside = probe.get("ns", {})
     degraded: list[str] = []

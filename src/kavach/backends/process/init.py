@@ -24,6 +24,7 @@ imported them, so forking costs no imports.
 
 from __future__ import annotations
 
+import _frozen_importlib as _bootstrap  # importlib's core, always loaded
 import _signal as _csignal  # type: ignore[import-not-found]  # C module of `signal` (child_signals_default)
 import base64
 import contextlib
@@ -51,9 +52,9 @@ NOBODY = 65534
 _ERR_FD = 3
 _RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # The signals init has Python handlers for: the only ones blocked across a fork_child.
-# (Blocking all of them would cost each child ~100 copied pages: pthread_sigmask returns
-# the old mask as a set of Signals enum members, built in Python.)
-_HANDLED_SIGNALS = frozenset((signal.SIGCHLD, *_RELAYED_SIGNALS))
+# (Plain ints, for the C module ``_signal``: the ``signal`` module's wrappers turn every
+# old handler and mask into enum members, which costs pages copied in every fork.)
+_HANDLED_SIGNALS = frozenset(int(s) for s in (signal.SIGCHLD, *_RELAYED_SIGNALS))
 
 
 def fork_child() -> int:
@@ -70,14 +71,14 @@ def fork_child() -> int:
     :func:`child_signals_default` first thing, which also restores the mask (a mask is
     inherited through execve, so the command must not start with one).
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+    previous = _csignal.pthread_sigmask(_csignal.SIG_BLOCK, _HANDLED_SIGNALS)
     try:
         pid = _libc.clone_process(0, "fork an exec child")
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _csignal.pthread_sigmask(_csignal.SIG_SETMASK, previous)
         raise
     if pid != 0:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _csignal.pthread_sigmask(_csignal.SIG_SETMASK, previous)
     return pid
 
 
@@ -145,6 +146,29 @@ def _error_message(exc: BaseException, default_step: str) -> dict[str, Any]:
     return {"op": "error", "step": default_step, "errno": 0, "message": f"{default_step}: {exc!r}"}
 
 
+_NO_FILE_IMPORTERS = (_bootstrap.BuiltinImporter, _bootstrap.FrozenImporter)
+
+
+def forbid_file_imports() -> None:
+    """From now on an import can only fail or load a module built into the interpreter.
+
+    After pivot_root, paths of the caller's ``sys.path`` and the kavach packages'
+    ``__path__`` resolve inside the sandbox, where a command may be able to write them (a
+    checkout under /work is the sandbox's writable /work): a lazy import in init or the
+    exec server would run planted code. Everything they run was preloaded by the spawner,
+    so the path-based finder (and any other, such as setuptools' distutils hook) goes.
+    Emptying ``sys.path`` alone would leave package-relative imports, and clearing
+    ``sys.path_importer_cache`` costs ~115 pages copied per process for nothing.
+    """
+    sys.path.clear()
+    sys.meta_path[:] = [f for f in sys.meta_path if f in _NO_FILE_IMPORTERS]
+
+
+def file_imports_possible() -> bool:
+    """Whether this process could still import from files (what the probe reports)."""
+    return bool(sys.path) or any(f not in _NO_FILE_IMPORTERS for f in sys.meta_path)
+
+
 def reopen_std_fds() -> None:
     """fds 0-2 on /dev/null: nothing of the caller's terminal survives into the sandbox."""
     null = os.open("/dev/null", os.O_RDWR)
@@ -168,8 +192,9 @@ def sandbox_main(ctl_fd: int) -> NoReturn:
     """
     ctl = socket.socket(fileno=ctl_fd)
     try:
+        # (Through _signal, as in child_signals_default: no enum conversions.)
         for sig in (signal.SIGCHLD, *_RELAYED_SIGNALS, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
+            _csignal.signal(int(sig), _csignal.SIG_DFL)
         reopen_std_fds()
         ctl.setblocking(True)
         message, file_fds = protocol.recv(ctl)
@@ -283,12 +308,7 @@ def _finish_setup(plan: dict[str, Any], file_fds: list[int]) -> int | None:
         proxy_fd = listener.detach()
     if plan["namespaces"]:
         reopen_std_fds()  # the sandbox's /dev/null, not the host's (inherited before pivot_root)
-    # The caller's sys.path now names paths the sandboxed command may be able to write (after
-    # pivot_root a checkout under /work resolves into the sandbox's writable /work): a lazy
-    # import in init or the exec server would run planted code. Everything they need was
-    # preloaded by the spawner, so from here on an import can only fail, never load.
-    sys.path.clear()
-    sys.path_importer_cache.clear()
+    forbid_file_imports()
     os.setsid()
     _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make init non-dumpable")
     # Orphans (double-forked daemons) come back to init, so it can reap and kill them
@@ -461,10 +481,10 @@ class Init:
 
     def serve(self) -> None:
         """The loop: commands from the caller and SIGCHLD, until shutdown or the caller leaves."""
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, _noop_handler)
+        _csignal.set_wakeup_fd(self.wake_w)
+        _csignal.signal(int(signal.SIGCHLD), _noop_handler)
         for sig in _RELAYED_SIGNALS:
-            signal.signal(sig, self._relay)
+            _csignal.signal(int(sig), self._relay)
         self.ctl.setblocking(False)
         self.selector.register(self.ctl, selectors.EVENT_READ, "ctl")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
@@ -909,7 +929,7 @@ def _probe_data(plan: dict[str, Any]) -> dict[str, Any]:
     report["pid"] = os.getpid()
     report["root_read_only"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
     report["landlock_abi"] = plan.get("landlock_abi_applied", 0)
-    report["import_path"] = len(sys.path)
+    report["file_imports"] = file_imports_possible()
     with open("/proc/self/uid_map", "rb") as f:
         report["uid_map"] = f.read().decode().split()
     return report
@@ -927,11 +947,8 @@ def _server_child(plan: dict[str, Any], sock_fd: int, records_fd: int, probe: bo
     step = "prepare the exec server"
     try:
         child_signals_default()
-        # Forked before init clears its own import path (see _finish_setup): the same
-        # reason holds here, since paths of the caller's sys.path may be writable inside.
-        # Everything the server runs was preloaded by the spawner; the probe reports it.
-        sys.path.clear()
-        sys.path_importer_cache.clear()
+        # (Forked before init does the same for itself; the probe reports it.)
+        forbid_file_imports()
         # Via high numbers first, so that neither dup2 clobbers the other's source.
         os.dup2(records_fd, 100)
         os.dup2(sock_fd, 101)
