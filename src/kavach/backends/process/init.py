@@ -160,8 +160,12 @@ def forbid_file_imports() -> None:
     Emptying ``sys.path`` alone would leave package-relative imports, and clearing
     ``sys.path_importer_cache`` costs ~115 pages copied per process for nothing.
     """
-    sys.path.clear()
-    sys.meta_path[:] = [f for f in sys.meta_path if f in _NO_FILE_IMPORTERS]
+    # (Only writes when there is something to drop: the spawner already did it before it
+    # forked this process, and a write would copy a page shared with it.)
+    if sys.path:
+        sys.path.clear()
+    if any(f not in _NO_FILE_IMPORTERS for f in sys.meta_path):
+        sys.meta_path[:] = [f for f in sys.meta_path if f in _NO_FILE_IMPORTERS]
 
 
 def file_imports_possible() -> bool:

@@ -25,7 +25,7 @@ import socket
 import sys
 
 from kavach.backends.process import _libc, protocol
-from kavach.backends.process.init import child_entry, preload, reopen_std_fds
+from kavach.backends.process.init import child_entry, forbid_file_imports, preload, reopen_std_fds
 
 # The spawner is started as ``kavach-spawner -I -c STARTER`` (argv[0] replaced, the
 # interpreter is sys.executable) and reads this from
@@ -67,6 +67,10 @@ def main(sock_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _libc.prctl(_libc.PR_SET_CHILD_SUBREAPER, 1, "make the spawner a child subreaper")
     preload()
+    # Everything a sandbox process runs is loaded now: drop file imports here, once, so
+    # that every init and exec server starts without them (doing it in each fork costs
+    # pages copied in each; they still call forbid_file_imports, which is then a no-op).
+    forbid_file_imports()
     gc.collect()
     gc.freeze()
     while True:
