@@ -399,27 +399,30 @@ async def test_the_exec_server_cannot_import_from_files_and_a_probe_saying_other
             real(plan, {**probe, "file_imports": bad}, cgroup, spec)
 
 
-def test_forbid_file_imports_leaves_only_built_in_modules_importable() -> None:
+def test_forbid_file_imports_leaves_only_built_in_modules_importable(tmp_path: Path) -> None:
     # In a child interpreter: after the call, a module on sys.path and a not yet loaded
-    # submodule of a loaded package both fail to import; a built-in module still loads.
+    # submodule of a loaded package both fail to import (both were findable before); a
+    # built-in module still loads.
     import subprocess
     import sys
     import textwrap
 
+    (tmp_path / "planted.py").write_text("PLANTED = 1\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "sub.py").write_text("SUB = 1\n")
     program = textwrap.dedent(
         """
-        import os, sys, tempfile
-        d = tempfile.mkdtemp()
-        with open(os.path.join(d, "planted.py"), "w") as f:
-            f.write("PLANTED = 1")
-        sys.path.insert(0, d)
-        import json  # a package, so json.tool below is a not yet loaded submodule
-        assert "json.tool" not in sys.modules
+        import importlib.util, sys
+        sys.path.insert(0, sys.argv[1])
+        import pkg  # a loaded package: pkg.sub is found through pkg.__path__, not sys.path
+        names = ("planted", "pkg.sub")
+        assert all(importlib.util.find_spec(name) is not None for name in names)
         from kavach.backends.process.init import file_imports_possible, forbid_file_imports
         assert file_imports_possible()
         forbid_file_imports()
         assert not file_imports_possible()
-        for name in ("planted", "json.tool"):
+        for name in names:
             try:
                 __import__(name)
             except ImportError:
@@ -431,7 +434,9 @@ def test_forbid_file_imports_leaves_only_built_in_modules_importable() -> None:
         print("ok")
         """
     )
-    done = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
