@@ -164,7 +164,7 @@ def forbid_file_imports() -> None:
     # forked this process, and a write would copy a page shared with it.)
     if sys.path:
         sys.path.clear()
-    if any(f not in _NO_FILE_IMPORTERS for f in sys.meta_path):
+    if file_imports_possible():  # (sys.path is empty now: a finder other than ours is left)
         sys.meta_path[:] = [f for f in sys.meta_path if f in _NO_FILE_IMPORTERS]
 
 
