@@ -20,6 +20,7 @@ import pytest
 
 from kavach.backends.base import ExecRequest
 from kavach.backends.process import ProcessDriver
+from kavach.backends.process.client import Spawner
 from kavach.policy import Bind, FilesystemPolicy, MiB, NetworkMode, NetworkPolicy, SandboxPolicy
 from process_helpers import ENV, comm_of, host_pids_in_namespace, pid_ns_of, py, sandbox, sh
 
@@ -112,6 +113,13 @@ async def test_pid_1_is_kavach_init_and_host_processes_are_invisible() -> None:
         result = await sh(box, "cat /proc/[0-9]*/comm | sort -u")
         for host_daemon in (b"systemd", b"sshd", b"pytest", b"cron"):
             assert host_daemon not in result.stdout
+        # ps shows kavach's processes by name, not as the interpreter.
+        names = await sh(box, "cat /proc/1/comm; cat /proc/[0-9]*/comm")
+        assert names.stdout.split(b"\n")[0] == b"kavach-init"
+        assert b"kavach-execd" in names.stdout.split()
+        assert b"python3" not in names.stdout.split()
+    # and so is the spawner that forks every sandbox, on the host
+    assert Path(f"/proc/{Spawner.get().pid}/comm").read_text() == "kavach-spawner\n"
 
 
 async def test_no_process_environment_holds_the_callers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,16 +294,19 @@ async def test_enforcement_probe_reports_json_serialisable_details() -> None:
 
 async def test_the_waiting_exec_child_and_init_expose_no_fds_to_commands() -> None:
     async with sandbox(SandboxPolicy.basic()) as box:
-        # init and the warm exec child are kavach's Python processes: their fds (pipes and
-        # sockets to init) must not be reachable through /proc by a command.
+        # init and the exec server are kavach's Python processes: their fds (pipes and
+        # sockets to init and the caller) must not be reachable through /proc by a command.
         script = (
-            "sleep 0.5; "  # init makes the next warm child while this command runs
+            "sleep 0.5; "
             "for p in /proc/[0-9]*; do c=$(cat $p/comm 2>/dev/null); "
-            "case $c in python*) ls $p/fd >/dev/null 2>&1 && echo open:${p#/proc/}:$c || echo closed:$c;; esac; done"
+            "case $c in kavach-*|python*) ls $p/fd >/dev/null 2>&1 && echo open:${p#/proc/}:$c || echo closed:$c;; "
+            "esac; done"
         )
         result = await sh(box, script)
         lines = result.stdout.decode().split()
-        assert len([line for line in lines if line.startswith("closed:")]) >= 2, lines  # init + warm child
+        assert sorted(line for line in lines if line.startswith("closed:")) == [
+            "closed:kavach-execd", "closed:kavach-init"
+        ], lines
         assert [line for line in lines if line.startswith("open:")] == []
 
 

@@ -128,6 +128,13 @@ async def test_environment_is_exactly_the_request(basic: OciInstance) -> None:
     assert b"KAVACH_HOST_ONLY" not in init_env.stdout and b"ONLY=" not in init_env.stdout
 
 
+async def test_pid_1_is_kavachs_init_by_name(basic: OciInstance) -> None:
+    result = await basic.exec(_req("cat /proc/1/comm; tr '\\0' ' ' < /proc/1/cmdline"))
+    comm, cmdline = result.stdout.decode().splitlines()
+    assert comm == "kavach-init"
+    assert cmdline.endswith("/dev/.kavach/launcher.py init ")
+
+
 async def test_output_is_capped_and_marked(basic: OciInstance) -> None:
     result = await basic.exec(_req("head -c 5000000 /dev/zero; echo tail >&2", stdout_cap=1000, stderr_cap=2))
     assert len(result.stdout) == 1000 and result.stdout_truncated

@@ -58,6 +58,7 @@ SYS_LANDLOCK_RESTRICT_SELF = 446
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_MODE_FILTER = 2
@@ -302,6 +303,9 @@ def run_exec(args: list[str]) -> int:
 def run_init() -> int:
     """PID 1: reap every child until SIGTERM/SIGINT."""
     _prctl(PR_SET_DUMPABLE, 0, "prctl(PR_SET_DUMPABLE, 0)")
+    # What ps and /proc/1/comm show inside (else "python3").
+    name = ctypes.create_string_buffer(b"kavach-init")
+    _prctl(PR_SET_NAME, ctypes.addressof(name), "prctl(PR_SET_NAME)")
     wanted = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
     # Blocked and collected with sigwaitinfo, so no SIGCHLD can slip between a reap and the
     # next wait (the race a pause()-based loop has).

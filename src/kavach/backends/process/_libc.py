@@ -68,6 +68,7 @@ PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
 
 _SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {
@@ -327,6 +328,18 @@ def prctl(option: int, arg2: int, step: str, arg3: int = 0) -> int:
     return _check(PRCTL(option, arg2, arg3, 0, 0), step)
 
 
+def set_process_name(name: bytes) -> None:
+    """prctl(PR_SET_NAME): the name ``ps`` and ``/proc/PID/comm`` show for this process.
+
+    Inside a sandbox, PID 1 and the exec server are then ``kavach-init`` and
+    ``kavach-execd`` instead of the interpreter's name.
+    """
+    if not name or len(name) > 15 or b"\0" in name:
+        raise ValueError(f"a process name is 1-15 bytes without NUL (got {name!r})")
+    buf = ctypes.create_string_buffer(name)
+    _check(PRCTL(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0), "set the process name")
+
+
 def sethostname(name: str, step: str = "sethostname") -> None:
     """sethostname(2)."""
     raw = name.encode()
@@ -386,6 +399,7 @@ __all__ = [
     "pidfd_open",
     "pivot_root",
     "prctl",
+    "set_process_name",
     "sethostname",
     "setns",
     "supported_arch",

@@ -240,6 +240,7 @@ def _send_quietly(ctl: socket.socket, message: dict[str, Any]) -> None:
 def _init_main(ctl: socket.socket, plan: dict[str, Any], file_fds: list[int], idmapped: list[int]) -> NoReturn:
     try:
         started = time.monotonic()
+        _libc.set_process_name(b"kavach-init")
         # The exec server is forked now and waits for "go": its fork overlaps with
         # the mount work below (pivot_root moves its root along with init's). It closes
         # every inherited fd (the secrets' memfds among them) before anything else.
@@ -960,6 +961,7 @@ def _server_child(plan: dict[str, Any], sock_fd: int, records_fd: int, probe: bo
         os.dup2(101, _SOCK_FD, inheritable=False)
         _libc.close_range_from(_SOCK_FD + 1)
         sock = socket.socket(fileno=_SOCK_FD)
+        _libc.set_process_name(b"kavach-execd")
         step = "new session"
         os.setsid()
         if wait_for_go:

@@ -66,6 +66,7 @@ def main(sock_fd: int) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _libc.prctl(_libc.PR_SET_CHILD_SUBREAPER, 1, "make the spawner a child subreaper")
+    _libc.set_process_name(b"kavach-spawner")
     preload()
     # Everything a sandbox process runs is loaded now: drop file imports here, once, so
     # that every init and exec server starts without them (doing it in each fork costs
