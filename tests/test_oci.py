@@ -8,6 +8,7 @@ network, no registry.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -503,6 +504,19 @@ async def test_failed_creation_leaves_nothing(tmp_path: Path) -> None:
     driver = OciDriver(DirectoryRootfs(str(tmp_path)))
     with pytest.raises(SandboxCreateError, match="lacks the mount points"):
         await _start(SandboxPolicy.basic(), driver)
+    assert not [p for p in os.listdir(driver.bundle_base) if p.startswith(f"kavach-t-s-{os.getpid()}")]
+
+
+async def test_a_missing_bind_source_is_named_before_anything_is_built(tmp_path: Path) -> None:
+    driver = OciDriver()
+    missing = str(tmp_path / "missing")
+    for field, fs in (
+        ("filesystem.ro_binds", FilesystemPolicy(ro_binds=(Bind(missing, "/data"),))),
+        ("filesystem.rw_binds", FilesystemPolicy(rw_binds=(Bind(missing, "/data"),))),
+    ):
+        policy = dataclasses.replace(SandboxPolicy.basic(), filesystem=fs)
+        with pytest.raises(SandboxCreateError, match=f"^{field}: source {missing} does not exist$"):
+            await _start(policy, driver)
     assert not [p for p in os.listdir(driver.bundle_base) if p.startswith(f"kavach-t-s-{os.getpid()}")]
 
 

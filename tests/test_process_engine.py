@@ -474,3 +474,11 @@ async def test_a_spawn_cancelled_before_it_returns_kills_its_command() -> None:
         assert not task.done()
         await _cancel(task)
         await _assert_nothing_ran_on(box)
+
+
+async def test_an_inner_backend_is_refused_not_ignored() -> None:
+    from kavach.backends.base import LaunchSpec
+    from kavach.backends.names import Backend
+
+    with pytest.raises(SandboxCreateError, match=r"cannot host an inner backend \(oci\)"):
+        await ProcessDriver().start(LaunchSpec("inner-refused", SandboxPolicy.basic(), inner_backend=Backend.OCI))

@@ -570,6 +570,7 @@ class OciInstance(Instance):
     async def create(self) -> None:
         """Build the bundle, start the init, probe the enforcement (fail closed)."""
         policy = self.policy
+        self._check_bind_sources()
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         _check_private_dir(self._driver.state_base)
         os.makedirs(self._driver.bundle_base, mode=0o711, exist_ok=True)
@@ -756,6 +757,17 @@ class OciInstance(Instance):
             )
         return layer
 
+    def _check_bind_sources(self) -> None:
+        """Every bind source exists, checked before anything is built (the runtime's own
+        error for a missing one is a page of its log, and it leaves a cgroup to retry)."""
+        fs = self.policy.filesystem
+        for binds, name in ((fs.ro_binds, "filesystem.ro_binds"), (fs.rw_binds, "filesystem.rw_binds")):
+            for bind in binds:
+                if not os.path.exists(bind.source):
+                    raise SandboxCreateError(f"{name}: source {bind.source} does not exist")
+        if self.spec.workdir_host is not None and not os.path.isdir(self.spec.workdir_host):
+            raise SandboxCreateError(f"workdir: host directory {self.spec.workdir_host} does not exist")
+
     async def _writable_binds(self) -> dict[str, str]:
         """Host source -> path to bind, for the workdir and rw_binds.
 
@@ -766,9 +778,7 @@ class OciInstance(Instance):
         sources = [b.source for b in self.policy.filesystem.rw_binds]
         if self.spec.workdir_host is not None:
             sources.insert(0, self.spec.workdir_host)
-        for source in sources:
-            if not os.path.exists(source):
-                raise SandboxCreateError(f"writable bind source {source} does not exist")
+        # (Each source exists: _check_bind_sources ran before anything was built.)
         if not sources or not _is_root():
             return {}
         overrides: dict[str, str] = {}

@@ -583,6 +583,12 @@ class ProcessDriver(Driver):
     async def start(self, spec: LaunchSpec) -> ProcessInstance:
         """Build one sandbox (see the module docstring); fail closed."""
         policy = spec.policy
+        if spec.inner_backend is not None:
+            # Refused, not ignored: the caller asked for a second layer this backend cannot add.
+            raise SandboxCreateError(
+                f"the Process backend cannot host an inner backend ({spec.inner_backend.value}): "
+                "a composite runs kavach's process layer inside OCI (backend oci, inner process)"
+            )
         if self._simulate_userns_blocked:
             blocked: str | None = f"simulated by the caller; {USERNS_HOWTO}"
         else:
