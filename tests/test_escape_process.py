@@ -292,7 +292,7 @@ async def test_enforcement_probe_reports_json_serialisable_details() -> None:
         json.dumps(box.enforcement().to_dict())
 
 
-async def test_the_waiting_exec_child_and_init_expose_no_fds_to_commands() -> None:
+async def test_init_and_the_exec_server_expose_no_fds_to_commands() -> None:
     async with sandbox(SandboxPolicy.basic()) as box:
         # init and the exec server are kavach's Python processes: their fds (pipes and
         # sockets to init and the caller) must not be reachable through /proc by a command.

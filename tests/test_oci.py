@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -515,7 +516,8 @@ async def test_a_missing_bind_source_is_named_before_anything_is_built(tmp_path:
         ("filesystem.rw_binds", FilesystemPolicy(rw_binds=(Bind(missing, "/data"),))),
     ):
         policy = dataclasses.replace(SandboxPolicy.basic(), filesystem=fs)
-        with pytest.raises(SandboxCreateError, match=f"^{field}: source {missing} does not exist$"):
+        expected = f"^{re.escape(field)}: source {re.escape(missing)} does not exist$"
+        with pytest.raises(SandboxCreateError, match=expected):
             await _start(policy, driver)
     assert not [p for p in os.listdir(driver.bundle_base) if p.startswith(f"kavach-t-s-{os.getpid()}")]
 
