@@ -54,6 +54,12 @@ def test_score_prints_the_predicted_score(capsys: pytest.CaptureFixture[str]) ->
     composite = ("--backend", "oci", "--policy", "strict", "--inner", "process", "--json")
     code, out, _ = run_cli(capsys, "score", *composite)
     assert code == 0 and json.loads(out)["score"] == 78
+    # A pair kavach does not build (every driver refuses it at create) has no prediction.
+    for outer, inner in (("process", "oci"), ("wasm", "process"), ("oci", "wasm"), ("gvisor", "process")):
+        code, out, err = run_cli(capsys, "score", "--backend", outer, "--inner", inner)
+        assert code == 2 and out == ""
+        assert f"--inner: no composite of {outer}" in err and "oci with inner process" in err
+        assert "Traceback" not in err
 
 
 def test_backends_lists_all_ten_with_reasons(capsys: pytest.CaptureFixture[str]) -> None:

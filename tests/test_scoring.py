@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kavach.backends.names import Backend
+from kavach.backends.names import COMPOSITES, Backend
 from kavach.errors import PolicyError
 from kavach.policy import SandboxPolicy
 from kavach.scoring import (
@@ -119,6 +119,17 @@ def test_composite_is_max_plus_5_only_when_both_layers_verified() -> None:
     fortress = Enforcement(Backend.FIRECRACKER, frozenset(Control), verified=True, inner=inner)
     assert score(fortress) == 100
     assert score_backend(Backend.OCI, SandboxPolicy.strict(), Backend.PROCESS) == 73 + 5
+
+
+def test_a_composite_kavach_does_not_build_has_no_predicted_score() -> None:
+    assert {(Backend.OCI, Backend.PROCESS)} == COMPOSITES
+    for outer in Backend:
+        for inner in Backend:
+            if (outer, inner) in COMPOSITES:
+                continue
+            with pytest.raises(PolicyError) as caught:
+                score_backend(outer, SandboxPolicy.strict(), inner)
+            assert caught.value.field == "inner" and caught.value.value == inner.value
 
 
 def test_noop_scores_zero_whatever_it_claims() -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from kavach.backends.names import Backend
+from kavach.backends.names import COMPOSITES, Backend
+from kavach.errors import PolicyError
 from kavach.policy import NetworkMode, SandboxPolicy, SeccompProfile
 
 BASE_SCORES: Mapping[Backend, int] = {
@@ -186,7 +187,15 @@ def supported_controls(backend: Backend) -> frozenset[Control]:
 
 
 def score_backend(backend: Backend, policy: SandboxPolicy, inner: Backend | None = None) -> StrengthScore:
-    """The predicted score of ``backend`` running ``policy`` (optionally with an inner layer)."""
+    """The predicted score of ``backend`` running ``policy`` (optionally with an inner layer).
+
+    An inner layer must make one of the composites kavach builds (``COMPOSITES``); any other
+    pair raises :class:`PolicyError` naming ``inner``, as creating it would.
+    """
+    if inner is not None and (backend, inner) not in COMPOSITES:
+        built = ", ".join(f"{outer.value} with inner {layer.value}" for outer, layer in sorted(COMPOSITES))
+        reason = f"no composite of {backend.value} with that inner layer; kavach builds {built}"
+        raise PolicyError("inner", inner.value, reason)
     controls = requested_controls(policy) & supported_controls(backend)
     outer = Enforcement(backend, controls, verified=True)
     if inner is not None:

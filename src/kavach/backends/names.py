@@ -45,3 +45,9 @@ class Backend(StrEnum):
         from kavach.backends.registry import available_backends
 
         return available_backends()
+
+
+# The composites kavach builds, as (outer, inner): kavach's process layer (Landlock and a
+# second seccomp filter, verified from inside) run by the OCI launcher. Every driver refuses
+# any other inner backend at create, so a score is predicted only for these.
+COMPOSITES: frozenset[tuple[Backend, Backend]] = frozenset({(Backend.OCI, Backend.PROCESS)})

@@ -240,7 +240,12 @@ def score(
 
     outer = Backend.parse(backend)
     inner_backend = Backend.parse(inner) if inner else None
-    value = score_backend(outer, load_policy(policy), inner_backend)
+    try:
+        value = score_backend(outer, load_policy(policy), inner_backend)
+    except PolicyError as exc:
+        if exc.field != "inner":
+            raise
+        raise PolicyError("--inner", exc.value, exc.reason) from None
     if as_json:
         _emit_json(
             {
