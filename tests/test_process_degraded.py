@@ -1,22 +1,30 @@
-"""The Process backend when user namespaces are blocked.
+"""The Process backend when user namespaces are blocked, or no cgroup is available.
 
 This host allows user namespaces, so the block is SIMULATED with the driver's
 ``simulate_userns_blocked`` switch (the only thing not real here): the sandbox is then built
 by the real degraded code path (Landlock + seccomp + rlimits, no namespaces) on the real kernel.
+
+The tests run as root, who may always create cgroups here, so a caller without one is
+SIMULATED by making ``create_cgroup`` raise what it raises for an unprivileged caller (the
+real case runs in ``test_process_unprivileged.py``); the rest is the real engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
+from typing import Any
 
 import pytest
 
 from kavach.backends.base import ExecRequest, LaunchSpec
 from kavach.backends.process import ProcessDriver
+from kavach.backends.process import cgroups as cgroups_module
+from kavach.backends.process import driver as driver_module
 from kavach.errors import SandboxCreateError
-from kavach.policy import SandboxPolicy
+from kavach.policy import ResourceLimits, SandboxPolicy
 from kavach.scoring import Control, score
 from process_helpers import ENV, new_id
 
@@ -121,3 +129,90 @@ def _descendants(root: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+# -- no cgroup for this caller (simulated as root: see the module docstring) ----------------------
+
+FORKS = """
+import os, time
+made, refused = 0, 0
+for _ in range(30):
+    try:
+        pid = os.fork()
+    except OSError:
+        refused += 1
+        continue
+    if pid == 0:
+        time.sleep(2)
+        os._exit(0)
+    made += 1
+print(made, refused, sum(name.isdigit() for name in os.listdir("/proc")))
+"""
+
+
+def _no_cgroup_for_this_caller(monkeypatch: pytest.MonkeyPatch, step: str = "mkdir") -> None:
+    def refuse(name: str, limits: ResourceLimits) -> cgroups_module.Cgroup:
+        detail = "run as root or delegate a writable cgroup"
+        raise cgroups_module.CgroupError(step, errno.EACCES, f"/sys/fs/cgroup/pids/kavach/{name}", detail)
+
+    monkeypatch.setattr(cgroups_module, "create_cgroup", refuse)
+
+
+def _limited(pids: int, *, allow_degraded: bool) -> SandboxPolicy:
+    limits = dataclasses.replace(SandboxPolicy.basic().resources, pids=pids)
+    return dataclasses.replace(SandboxPolicy.basic(), resources=limits, allow_degraded=allow_degraded)
+
+
+async def test_simulated_no_cgroup_fails_closed_saying_how_to_run_anyway(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_cgroup_for_this_caller(monkeypatch)
+    live_before = set(driver_module._LIVE)
+    with pytest.raises(SandboxCreateError) as info:
+        await ProcessDriver().start(LaunchSpec(new_id(), _limited(12, allow_degraded=False)))
+    message = str(info.value)
+    assert message.startswith("resource limits asked but cgroup mkdir ")
+    assert "run as root or delegate a writable cgroup" in message and "allow_degraded" in message
+    assert set(driver_module._LIVE) == live_before
+
+
+async def test_simulated_no_cgroup_degrades_scored_with_pids_kept_by_rlimit_nproc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _no_cgroup_for_this_caller(monkeypatch)
+    seen: list[tuple[Any, ...]] = []
+    real = driver_module.verify_probe
+
+    def keep(*args: Any, **kwargs: Any) -> Any:
+        seen.append((*args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver_module, "verify_probe", keep)
+    box = await ProcessDriver().start(LaunchSpec(new_id(), _limited(12, allow_degraded=True)))
+    try:
+        enforcement = box.enforcement()
+        assert box.cgroup is None
+        assert Control.RESOURCE_LIMITS not in enforcement.controls
+        (entry,) = enforcement.degraded
+        assert entry.startswith("resource_limits (no cgroup: cgroup mkdir ")
+        assert entry.endswith("; pids by RLIMIT_NPROC 12; memory not limited)")  # basic sets no CPU share
+        assert int(score(enforcement)) < 65  # basic with its cgroup scores 65
+        assert enforcement.details["rlimits"]["nproc"] == 12
+        # The limit holds inside (root inside is an unprivileged uid outside, so the kernel
+        # enforces it): init, the exec server, python and its children make 12.
+        result = await box.exec(ExecRequest(argv=("/usr/bin/python3", "-c", FORKS), env=ENV, timeout_ms=20_000))
+        made, refused, processes = (int(x) for x in result.stdout.split())
+        assert (processes, made, refused) == (12, 9, 21), result
+    finally:
+        await box.destroy()
+    # An RLIMIT_NPROC the probe did not observe fails creation.
+    ((plan, probe, cgroup, spec, kwargs),) = seen
+    assert probe["nproc"] == 12
+    with pytest.raises(SandboxCreateError, match="RLIMIT_NPROC is 1024, not 12"):
+        real(plan, {**probe, "nproc": 1024}, cgroup, spec, **kwargs)
+
+
+async def test_simulated_no_cgroup_never_degrades_a_limit_the_kernel_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cgroup was made but a limit could not be written: that is a failure, not a missing
+    # cgroup, whatever the policy allows.
+    _no_cgroup_for_this_caller(monkeypatch, step="set pids limit")
+    with pytest.raises(SandboxCreateError, match="cgroup set pids limit"):
+        await ProcessDriver().start(LaunchSpec(new_id(), _limited(12, allow_degraded=True)))

@@ -356,7 +356,7 @@ async def test_a_sandbox_that_fails_verification_is_gone_and_not_tracked(monkeyp
     from kavach.backends.base import LaunchSpec
     from kavach.backends.process import driver as driver_module
 
-    def refuse(*_args: object) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
         raise SandboxCreateError("simulated: a control the policy asks for was not observed inside")
 
     monkeypatch.setattr(driver_module, "verify_probe", refuse)
@@ -385,9 +385,9 @@ async def test_the_exec_server_cannot_import_from_files_and_a_probe_saying_other
     seen: list[tuple[Any, ...]] = []
     real = driver_module.verify_probe
 
-    def keep(*args: Any) -> Any:
+    def keep(*args: Any, **kwargs: Any) -> Any:
         seen.append(args)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(driver_module, "verify_probe", keep)
     box = await ProcessDriver().start(LaunchSpec("file-imports", SandboxPolicy.basic()))

@@ -41,6 +41,23 @@ async def sh(box, script, **kw):
     r = await box.exec(ExecRequest(argv=("/bin/sh", "-c", script), env=ENV, timeout_ms=timeout, **kw))
     return {"code": r.exit_code, "out": r.stdout.decode(), "err": r.stderr.decode(), "timed_out": r.timed_out}
 
+# Forks until the kernel refuses; prints children made, refusals, processes in the sandbox.
+FORKS = '''
+import os, time
+made, refused = 0, 0
+for _ in range(40):
+    try:
+        pid = os.fork()
+    except OSError:
+        refused += 1
+        continue
+    if pid == 0:
+        time.sleep(2)
+        os._exit(0)
+    made += 1
+print(made, refused, sum(name.isdigit() for name in os.listdir("/proc")))
+'''
+
 def pids_in(ns):
     found = []
     for name in os.listdir("/proc"):
@@ -92,6 +109,16 @@ async def main():
     await box.destroy()
     out["after_destroy"] = pids_in(ns)
     out["owner_of_made"] = os.stat(os.path.join(shared, "made")).st_uid
+    # No cgroup for this user on this host: with allow_degraded the limits degrade, scored.
+    limits = ResourceLimits(memory=256 << 20, pids=16, cpus=1.0)
+    degraded = dataclasses.replace(strict, resources=limits, allow_degraded=True)
+    box = await driver.start(LaunchSpec("unpriv-degraded", degraded))
+    e = box.enforcement()
+    out["degraded"] = list(e.degraded)
+    out["degraded_controls"] = sorted(c.value for c in e.controls)
+    forks = await box.exec(ExecRequest(argv=("/usr/bin/python3", "-c", FORKS), env=ENV, timeout_ms=20000))
+    out["forks"] = forks.stdout.decode().split()
+    await box.destroy()
 
 asyncio.run(main())
 print(json.dumps(out))
@@ -156,6 +183,19 @@ def test_root_inside_is_the_caller_outside(observed: dict[str, Any], unprivilege
 def test_limits_without_cgroup_access_fail_closed(observed: dict[str, Any]) -> None:
     assert observed["limits_error"] is not None
     assert "cgroup" in observed["limits_error"]
+    assert "allow_degraded" in observed["limits_error"]  # says how to run anyway
+
+
+def test_allow_degraded_runs_without_the_cgroup_scored_and_pids_still_limited(observed: dict[str, Any]) -> None:
+    # Resource limits are not a scored control, and the record says what is not limited.
+    assert observed["degraded_controls"] == ["landlock", "network_isolated", "read_only_root", "seccomp"]
+    (entry,) = observed["degraded"]
+    assert entry.startswith("resource_limits (no cgroup: ")
+    assert "pids by RLIMIT_NPROC 16" in entry and "memory, CPU share not limited" in entry
+    # RLIMIT_NPROC in the sandbox's user namespace: init, the exec server, python and the
+    # children it could fork make 16, and the rest of the 40 forks are refused.
+    made, refused, processes = (int(x) for x in observed["forks"])
+    assert processes == 16 and made == 13 and refused == 27
 
 
 def test_strict_controls_without_limits_are_enforced(observed: dict[str, Any]) -> None:

@@ -607,12 +607,14 @@ class ProcessDriver(Driver):
                     reply = Spawner.get().request_fork(theirs, _clone_flags(plan))
                 finally:
                     theirs.close()
-                cgroup = _make_cgroup(spec)
+                cgroup, no_cgroup = _make_cgroup(spec)
             except BaseException:
                 channel.close()
                 raise
+            if no_cgroup is not None:
+                _limit_without_cgroup(plan, policy.resources)
             try:
-                return await _start(spec, plan, cgroup, channel, reply)
+                return await _start(spec, plan, cgroup, channel, reply, no_cgroup)
             except BaseException:
                 if cgroup is not None:
                     cgroup.kill_all()
@@ -623,23 +625,65 @@ class ProcessDriver(Driver):
             raise
 
 
-def _make_cgroup(spec: LaunchSpec) -> Cgroup | None:
-    """The sandbox's cgroup when the policy asks for limits; None otherwise.
+def _make_cgroup(spec: LaunchSpec) -> tuple[Cgroup | None, str | None]:
+    """The sandbox's cgroup when the policy asks for limits, and why there is none when the
+    host has none for this caller and the policy allows degrading (else that is an error).
 
     Without limits a cgroup would only serve pause and kill, which init does as well
     (SIGSTOP/SIGCONT and kill(-1) inside the pid namespace), and moving a process into a
     cgroup v1 hierarchy costs an RCU grace period, so it is skipped.
     """
     if not _limits_asked(spec.policy.resources):
-        return None
+        return None, None
     try:
-        from kavach.backends.process.cgroups import cgroup_support, create_cgroup
+        from kavach.backends.process.cgroups import CgroupError, cgroup_support, create_cgroup
     except ImportError as exc:
         raise SandboxCreateError(f"resource limits asked but the cgroup module is unavailable: {exc}") from None
     support = cgroup_support()
     if support.version is None:
-        raise SandboxCreateError(f"resource limits asked but cgroups are unusable here: {support.reason}")
-    return create_cgroup(f"kavach-{spec.sandbox_id}", spec.policy.resources)
+        return _no_cgroup(spec, f"cgroups are unusable here: {support.reason}")
+    try:
+        return create_cgroup(f"kavach-{spec.sandbox_id}", spec.policy.resources), None
+    except CgroupError as exc:
+        # Only "this caller may not have a cgroup here" may degrade; a limit the kernel
+        # refused on a cgroup we could create is a real failure whatever the policy says.
+        if exc.step not in ("probe", "create", "mkdir") or exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOTSUP):
+            raise
+        return _no_cgroup(spec, str(exc))
+
+
+def _no_cgroup(spec: LaunchSpec, reason: str) -> tuple[None, str]:
+    """Fail closed, unless the policy allows running without the cgroup's limits."""
+    if not spec.policy.allow_degraded:
+        raise SandboxCreateError(
+            f"resource limits asked but {reason}; or set allow_degraded in the policy to run without "
+            "cgroup limits (pids then by RLIMIT_NPROC, memory and CPU share unlimited, scored without resource limits)"
+        )
+    return None, reason
+
+
+def _limit_without_cgroup(plan: dict[str, Any], limits: ResourceLimits) -> None:
+    """What a sandbox without its cgroup can still limit: the number of processes.
+
+    RLIMIT_NPROC counts the tasks of a real uid per user namespace (the kernel's ucounts):
+    in the sandbox's own user namespace that is exactly the sandbox's processes and threads
+    (init and the exec server included), and no capability inside exempts them. Without a
+    user namespace it would count all of the caller's processes on the host, so it is not
+    set then. Memory and CPU share have no per-sandbox rlimit: they stay unlimited.
+    """
+    if limits.pids is not None and plan["namespaces"]:
+        plan["rlimits"]["nproc"] = limits.pids
+
+
+def _degraded_limits(plan: dict[str, Any], limits: ResourceLimits, reason: str) -> str:
+    """The ``degraded`` entry of a sandbox that runs without the cgroup its limits asked for."""
+    unlimited = [
+        name
+        for name, value in (("memory", limits.memory), ("pids", limits.pids), ("CPU share", limits.cpus))
+        if value is not None and not (name == "pids" and "nproc" in plan["rlimits"])
+    ]
+    kept = f"pids by RLIMIT_NPROC {plan['rlimits']['nproc']}; " if "nproc" in plan["rlimits"] else ""
+    return f"resource_limits (no cgroup: {reason}; {kept}{', '.join(unlimited) or 'nothing else'} not limited)"
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -662,6 +706,7 @@ async def _start(
     cgroup: Cgroup | None,
     channel: Channel,
     reply: asyncio.Future[dict[str, Any] | None],
+    no_cgroup: str | None,
 ) -> ProcessInstance:
     pidfd = -1
     instance: ProcessInstance | None = None
@@ -704,7 +749,7 @@ async def _start(
                 os.close(fd)
         elif spec.proxy_listen is not None:
             raise SandboxCreateError("proxy listener: init did not hand one over")
-        instance._enforcement = verify_probe(plan, message["probe"], cgroup, spec)
+        instance._enforcement = verify_probe(plan, message["probe"], cgroup, spec, no_cgroup=no_cgroup)
         return instance
     except BaseException:
         if instance is not None:
@@ -783,8 +828,19 @@ def host_namespaces() -> dict[str, str]:
     return dict(_HOST_NS)
 
 
-def verify_probe(plan: dict[str, Any], probe: dict[str, Any], cgroup: Cgroup | None, spec: LaunchSpec) -> Enforcement:
-    """The enforcement record from what a confined child observed; raise on any shortfall."""
+def verify_probe(
+    plan: dict[str, Any],
+    probe: dict[str, Any],
+    cgroup: Cgroup | None,
+    spec: LaunchSpec,
+    *,
+    no_cgroup: str | None = None,
+) -> Enforcement:
+    """The enforcement record from what a confined child observed; raise on any shortfall.
+
+    ``no_cgroup`` says why the sandbox runs without the cgroup its limits asked for (the
+    policy allowed degrading): resource limits are then listed as degraded, not scored.
+    """
     status = probe.get("status", {})
     problems: list[str] = []
     if status.get("NoNewPrivs") != "1":
@@ -839,11 +895,15 @@ def verify_probe(plan: dict[str, Any], probe: dict[str, Any], cgroup: Cgroup | N
         else:
             problems.append("read-only root asked but / is writable")
     limits = spec.policy.resources
+    if "nproc" in plan["rlimits"] and probe.get("nproc") != plan["rlimits"]["nproc"]:
+        problems.append(f"RLIMIT_NPROC is {probe.get('nproc')!r}, not {plan['rlimits']['nproc']}")
     if _limits_asked(limits):
-        if cgroup is None:
-            problems.append("resource limits asked but no cgroup")
-        else:
+        if cgroup is not None:
             controls.add(Control.RESOURCE_LIMITS)
+        elif no_cgroup is not None and spec.policy.allow_degraded:
+            degraded.append(_degraded_limits(plan, limits, no_cgroup))
+        else:
+            problems.append("resource limits asked but no cgroup")
     if problems:
         raise SandboxCreateError("enforcement check failed inside the sandbox: " + "; ".join(problems))
     details: dict[str, Any] = {

@@ -761,6 +761,7 @@ _RLIMITS = {
     "fsize": resource.RLIMIT_FSIZE,
     "nofile": resource.RLIMIT_NOFILE,
     "as": resource.RLIMIT_AS,
+    "nproc": resource.RLIMIT_NPROC,  # only without a cgroup (see driver._limit_without_cgroup)
 }
 
 
@@ -935,6 +936,7 @@ def _probe_data(plan: dict[str, Any]) -> dict[str, Any]:
     report["root_read_only"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
     report["landlock_abi"] = plan.get("landlock_abi_applied", 0)
     report["file_imports"] = file_imports_possible()
+    report["nproc"] = resource.getrlimit(resource.RLIMIT_NPROC)[0]
     with open("/proc/self/uid_map", "rb") as f:
         report["uid_map"] = f.read().decode().split()
     return report
