@@ -221,3 +221,33 @@ def test_background_processes_die_at_timeout_and_destroy(observed: dict[str, Any
     assert observed["timeout"]["timed_out"]
     assert "sleep" not in observed["after_timeout"]
     assert observed["after_destroy"] == []
+
+
+def test_cli_run_allow_degraded_as_the_unprivileged_user(unprivileged_user: pwd.struct_passwd) -> None:
+    # `kavach run` with a preset (which asks for limits) fails closed for this user here,
+    # naming the option; with --allow-degraded it runs, and the JSON shows what was lost.
+    base = Path(tempfile.mkdtemp(prefix="kavach-unpriv-cli-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        os.chown(base, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
+        site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        # (runuser resets HOME to the user's, which does not exist: the data directory goes here.)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", "XDG_DATA_HOME": str(base)}
+        cli = [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c",
+               "import sys; from kavach.cli import main; sys.exit(main())", "run", "--backend", "process",
+               "--policy", "strict", "--json"]
+
+        def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run([*cli, *args], capture_output=True, env=env, cwd=str(base), timeout=120, check=False)
+
+        refused = run("--", "true")
+        assert refused.returncode != 0 and refused.stdout == b""
+        assert b"allow_degraded" in refused.stderr and b"Traceback" not in refused.stderr
+        ran = run("--allow-degraded", "--", "sh", "-c", "echo ran")
+        assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+        data = json.loads(ran.stdout)
+        assert data["result"]["stdout"] == "ran\n"
+        assert data["score"] == 66  # strict's 68 without the resource-limits modifier
+        assert [d.split(" ")[0] for d in data["enforcement"]["degraded"]] == ["resource_limits"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -84,6 +84,14 @@ def run(
     inner: Annotated[str | None, typer.Option(help="Inner backend of a composite (e.g. process inside oci).")] = None,
     policy: Annotated[str, typer.Option(help="minimal, basic, strict or a policy file.")] = "basic",
     min_score: Annotated[int, typer.Option(help="Fail unless the enforced score reaches N.")] = 0,
+    allow_degraded: Annotated[
+        bool,
+        typer.Option(
+            "--allow-degraded",
+            help="Run with fewer controls than the policy asks where the host lacks them (the policy's "
+            "allow_degraded): listed in the JSON's enforcement.degraded and scored lower.",
+        ),
+    ] = False,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock timeout in seconds.")] = None,
     ro_bind: Annotated[list[str] | None, typer.Option("--ro-bind", help="SRC[:DST] read-only bind.")] = None,
     bind: Annotated[list[str] | None, typer.Option("--bind", help="SRC[:DST] read-write bind.")] = None,
@@ -118,6 +126,8 @@ def run(
         rw_binds=chosen.filesystem.rw_binds + tuple(Bind.parse(b, "--bind") for b in bind or ()),
     )
     chosen = replace(chosen, filesystem=filesystem)
+    if allow_degraded:
+        chosen = replace(chosen, allow_degraded=True)
     proxy_flags = bool(allow or deny or allow_private or credential or upstream_ca or resolve)
     if network is None and proxy_flags:
         network = "proxy"
