@@ -16,6 +16,25 @@ from kavach.policy import DEFAULT_PATH, ResourceLimits, SandboxPolicy
 ENV = {"PATH": DEFAULT_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"}
 
 
+# A Python script for a sandbox: forks (each child sleeps 2 s) until the kernel refuses, then
+# prints the children made, the refusals and the processes it sees in /proc.
+FORKS = """
+import os, sys, time
+made, refused = 0, 0
+for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 30):
+    try:
+        pid = os.fork()
+    except OSError:
+        refused += 1
+        continue
+    if pid == 0:
+        time.sleep(2)
+        os._exit(0)
+    made += 1
+print(made, refused, sum(name.isdigit() for name in os.listdir("/proc")))
+"""
+
+
 def new_id(prefix: str = "t") -> str:
     """A unique sandbox id for a test."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"

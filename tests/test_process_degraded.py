@@ -26,7 +26,7 @@ from kavach.backends.process import driver as driver_module
 from kavach.errors import SandboxCreateError
 from kavach.policy import ResourceLimits, SandboxPolicy
 from kavach.scoring import Control, score
-from process_helpers import ENV, new_id
+from process_helpers import ENV, FORKS, new_id
 
 pytestmark = pytest.mark.skipif(not ProcessDriver().probe().available, reason="Process backend unavailable here")
 
@@ -133,21 +133,6 @@ def _descendants(root: int) -> set[int]:
 
 # -- no cgroup for this caller (simulated as root: see the module docstring) ----------------------
 
-FORKS = """
-import os, time
-made, refused = 0, 0
-for _ in range(30):
-    try:
-        pid = os.fork()
-    except OSError:
-        refused += 1
-        continue
-    if pid == 0:
-        time.sleep(2)
-        os._exit(0)
-    made += 1
-print(made, refused, sum(name.isdigit() for name in os.listdir("/proc")))
-"""
 
 
 def _no_cgroup_for_this_caller(monkeypatch: pytest.MonkeyPatch, step: str = "mkdir") -> None:

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from process_helpers import FORKS
+
 USER = "kavachtest"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,23 +42,6 @@ async def sh(box, script, **kw):
     timeout = kw.pop("timeout_ms", 20000)
     r = await box.exec(ExecRequest(argv=("/bin/sh", "-c", script), env=ENV, timeout_ms=timeout, **kw))
     return {"code": r.exit_code, "out": r.stdout.decode(), "err": r.stderr.decode(), "timed_out": r.timed_out}
-
-# Forks until the kernel refuses; prints children made, refusals, processes in the sandbox.
-FORKS = '''
-import os, time
-made, refused = 0, 0
-for _ in range(40):
-    try:
-        pid = os.fork()
-    except OSError:
-        refused += 1
-        continue
-    if pid == 0:
-        time.sleep(2)
-        os._exit(0)
-    made += 1
-print(made, refused, sum(name.isdigit() for name in os.listdir("/proc")))
-'''
 
 def pids_in(ns):
     found = []
@@ -116,7 +101,7 @@ async def main():
     e = box.enforcement()
     out["degraded"] = list(e.degraded)
     out["degraded_controls"] = sorted(c.value for c in e.controls)
-    forks = await box.exec(ExecRequest(argv=("/usr/bin/python3", "-c", FORKS), env=ENV, timeout_ms=20000))
+    forks = await box.exec(ExecRequest(argv=("/usr/bin/python3", "-c", sys.argv[2], "40"), env=ENV, timeout_ms=20000))
     out["forks"] = forks.stdout.decode().split()
     await box.destroy()
 
@@ -158,7 +143,7 @@ def _run_script(unprivileged_user: pwd.struct_passwd, base: Path) -> dict[str, A
     site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", "HOME": str(base)}
     proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
-        [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, str(shared)],
+        [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, str(shared), FORKS],
         capture_output=True,
         env=env,
         cwd=str(base),
