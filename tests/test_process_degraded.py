@@ -201,3 +201,15 @@ async def test_simulated_no_cgroup_never_degrades_a_limit_the_kernel_refused(mon
     _no_cgroup_for_this_caller(monkeypatch, step="set pids limit")
     with pytest.raises(SandboxCreateError, match="cgroup set pids limit"):
         await ProcessDriver().start(LaunchSpec(new_id(), _limited(12, allow_degraded=True)))
+
+
+def test_the_degraded_entry_names_exactly_what_is_not_limited() -> None:
+    pids_only = ResourceLimits(pids=5)
+    assert driver_module._degraded_limits({"rlimits": {"nproc": 5}}, pids_only, "why") == (
+        "resource_limits (no cgroup: why; pids by RLIMIT_NPROC 5)"
+    )
+    # No user namespace (the userns-blocked mode): no RLIMIT_NPROC, so pids are not limited.
+    everything = ResourceLimits(memory=1 << 20, pids=5, cpus=0.5)
+    assert driver_module._degraded_limits({"rlimits": {}}, everything, "why") == (
+        "resource_limits (no cgroup: why; memory, pids, CPU share not limited)"
+    )

@@ -657,7 +657,8 @@ def _no_cgroup(spec: LaunchSpec, reason: str) -> tuple[None, str]:
     if not spec.policy.allow_degraded:
         raise SandboxCreateError(
             f"resource limits asked but {reason}; or set allow_degraded in the policy to run without "
-            "cgroup limits (pids then by RLIMIT_NPROC, memory and CPU share unlimited, scored without resource limits)"
+            "cgroup limits (pids then by RLIMIT_NPROC in the sandbox's user namespace, memory and CPU share not "
+            "limited; scored without resource limits)"
         )
     return None, reason
 
@@ -677,13 +678,16 @@ def _limit_without_cgroup(plan: dict[str, Any], limits: ResourceLimits) -> None:
 
 def _degraded_limits(plan: dict[str, Any], limits: ResourceLimits, reason: str) -> str:
     """The ``degraded`` entry of a sandbox that runs without the cgroup its limits asked for."""
+    nproc = plan["rlimits"].get("nproc")
     unlimited = [
         name
         for name, value in (("memory", limits.memory), ("pids", limits.pids), ("CPU share", limits.cpus))
-        if value is not None and not (name == "pids" and "nproc" in plan["rlimits"])
+        if value is not None and not (name == "pids" and nproc is not None)
     ]
-    kept = f"pids by RLIMIT_NPROC {plan['rlimits']['nproc']}; " if "nproc" in plan["rlimits"] else ""
-    return f"resource_limits (no cgroup: {reason}; {kept}{', '.join(unlimited) or 'nothing else'} not limited)"
+    parts = [f"pids by RLIMIT_NPROC {nproc}"] if nproc is not None else []
+    if unlimited:
+        parts.append(f"{', '.join(unlimited)} not limited")
+    return f"resource_limits (no cgroup: {reason}; {'; '.join(parts)})"
 
 
 def _memfd(name: str, data: bytes) -> int:
