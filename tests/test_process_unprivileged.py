@@ -135,13 +135,18 @@ def observed(unprivileged_user: pwd.struct_passwd) -> Iterator[dict[str, Any]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _user_env(**extra: str) -> dict[str, str]:
+    """The environment of a run as the user: Debian's python3 with the checkout and the venv's packages."""
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", **extra}
+
+
 def _run_script(unprivileged_user: pwd.struct_passwd, base: Path) -> dict[str, Any]:
     os.chmod(base, 0o755)
     shared = base / "shared"
     shared.mkdir()
     os.chown(shared, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
-    site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", "HOME": str(base)}
+    env = _user_env(HOME=str(base))
     proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
         [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, str(shared), FORKS],
         capture_output=True,
@@ -215,9 +220,8 @@ def test_cli_run_allow_degraded_as_the_unprivileged_user(unprivileged_user: pwd.
     try:
         os.chmod(base, 0o755)
         os.chown(base, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
-        site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
         # (runuser resets HOME to the user's, which does not exist: the data directory goes here.)
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", "XDG_DATA_HOME": str(base)}
+        env = _user_env(XDG_DATA_HOME=str(base))
         cli = [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c",
                "import sys; from kavach.cli import main; sys.exit(main())", "run", "--backend", "process",
                "--policy", "strict", "--json"]
