@@ -178,3 +178,30 @@ def test_blocked_output_exits_125_and_never_prints_the_secret(capsys: pytest.Cap
     assert code == 125
     assert "blocked" in err and err.count("\n") == 1
     assert key not in out + err
+    # The one line names what tripped the gate (rule, severity, line), never the value.
+    assert "(1 finding, worst critical): secrets.aws-access-key-id (critical, line 1)" in err
+    lines = "\n".join(f"line {i}" for i in range(1, 5)) + "\n"
+    secrets = lines + "".join(f"aws_access_key_id=AKIAQYLPMN5HHHFPZAM{i}\n" for i in range(2, 7))
+    code, out, err = run_cli(capsys, "run", "--backend", "process", "--", "/usr/bin/printf", "%s", secrets)
+    assert code == 125 and err.count("\n") == 1
+    assert "(5 findings, worst critical)" in err and "line 5), " in err and "2 more (--json lists every finding)" in err
+    assert "AKIAQYLPMN5HHHFPZAM" not in out + err
+
+
+def test_blocked_output_in_json_mode_is_one_object_with_every_finding(capsys: pytest.CaptureFixture[str]) -> None:
+    from kavach.backends import registry
+    from kavach.backends.names import Backend
+
+    if not registry.probe(Backend.PROCESS).usable:
+        pytest.skip(f"process backend unusable here: {registry.probe(Backend.PROCESS).reason}")
+    text = "ok\naws_access_key_id=AKIAQYLPMN5HHHFPZAM2\nmail bob@example.org\n"
+    code, out, err = run_cli(capsys, "run", "--json", "--backend", "process", "--", "/usr/bin/printf", "%s", text)
+    assert code == 125 and err == ""
+    data = json.loads(out)
+    assert data["verdict"] == "block" and data["backend"] == "process" and data["score"] > 0
+    assert "blocked by the externalization gate" in data["error"]
+    assert [(f["rule"], f["severity"], f["line"]) for f in data["findings"]] == [
+        ("secrets.aws-access-key-id", "critical", 2),
+        ("pii.email", "low", 3),
+    ]
+    assert "result" not in data and "AKIAQYLPMN5HHHFPZAM2" not in out

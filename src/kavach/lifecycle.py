@@ -475,7 +475,7 @@ class Sandbox:
         if verdict is Verdict.BLOCK:
             raise ExternalizationBlocked(
                 f"output of {request.argv[0]} blocked by the externalization gate "
-                f"({len(findings)} findings, worst {max(f.severity for f in findings)})",
+                f"({len(findings)} finding{'s' if len(findings) != 1 else ''}, worst {max(f.severity for f in findings)})",
                 findings,
             )
         return ExecResult(

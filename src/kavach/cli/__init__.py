@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,8 +28,11 @@ from kavach.cli.proxy import (
     ResolveOption,
     UpstreamCaOption,
 )
-from kavach.errors import KavachError, PolicyError
+from kavach.errors import ExternalizationBlocked, KavachError, PolicyError
 from kavach.policy import Bind, NetworkMode, SandboxPolicy
+
+if TYPE_CHECKING:
+    from kavach.scanning.findings import Finding
 
 EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 124
@@ -177,19 +180,24 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
     from kavach.lifecycle import Sandbox
 
     async with await Sandbox.create(config) as sandbox:
-        result = await sandbox.exec(command, stdin=stdin)
+        about = {
+            "sandbox_id": sandbox.id,
+            "backend": sandbox.backend.value,
+            "score": int(sandbox.score),
+            "score_label": sandbox.score.label,
+            "enforcement": sandbox.enforcement.to_dict(),
+        }
+        try:
+            result = await sandbox.exec(command, stdin=stdin)
+        except ExternalizationBlocked as exc:
+            # The findings (rule, line, redacted evidence) say what to look at; the output
+            # itself never leaves. --json gets every finding, plain mode the worst few.
+            if as_json:
+                _emit_json({**about, "verdict": "block", "error": str(exc), "findings": _findings(exc.findings)})
+                return EXIT_KAVACH_FAILED
+            raise CliError(f"{exc}: {_worst(exc.findings)}", EXIT_KAVACH_FAILED) from None
         if as_json:
-            _emit_json(
-                {
-                    "sandbox_id": sandbox.id,
-                    "backend": sandbox.backend.value,
-                    "score": int(sandbox.score),
-                    "score_label": sandbox.score.label,
-                    "enforcement": sandbox.enforcement.to_dict(),
-                    "verdict": result.verdict.value,
-                    "result": result.to_dict(),
-                }
-            )
+            _emit_json({**about, "verdict": result.verdict.value, "result": result.to_dict()})
         else:
             sys.stdout.buffer.write(result.stdout)
             sys.stdout.flush()
@@ -202,6 +210,20 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
                 sys.stderr.write(f"kavach: command ended abnormally: {result.reason} (exit {result.exit_code})\n")
             sys.stderr.flush()
     return EXIT_TIMEOUT if result.timed_out else result.exit_code
+
+
+def _findings(findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    return [f.to_dict() for f in findings]
+
+
+def _worst(findings: Sequence[Finding], shown: int = 3) -> str:
+    """``rule (severity, line N)`` of the most severe findings, for a one-line error."""
+    ordered = sorted(findings, key=lambda f: (-int(f.severity), f.start))
+    parts = [f"{f.rule} ({f.severity}, line {f.line})" for f in ordered[:shown]]
+    more = len(ordered) - shown
+    if more > 0:
+        parts.append(f"{more} more (--json lists every finding)")
+    return ", ".join(parts)
 
 
 @app.command()
