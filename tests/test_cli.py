@@ -205,3 +205,13 @@ def test_blocked_output_in_json_mode_is_one_object_with_every_finding(capsys: py
         ("pii.email", "low", 3),
     ]
     assert "result" not in data and "AKIAQYLPMN5HHHFPZAM2" not in out
+
+
+def test_python_dash_m_kavach_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kavach", "run", "--timeout", "-1", "--", "true"], capture_output=True, check=False
+    )
+    assert done.returncode == 2 and b"--timeout" in done.stderr and b"Traceback" not in done.stderr

@@ -54,12 +54,28 @@ SCRIPT = textwrap.dedent(
         out = {"uid": os.geteuid()}
         driver = OciDriver()
         out["state_base"] = driver.state_base
-        out["probe"] = [driver.probe().available, driver.probe().reason]
+        probe = driver.probe()
+        out["probe"] = [probe.available, probe.resource_limits, probe.reason]
         try:
             await driver.start(LaunchSpec(f"rl-limits-{os.getpid()}", SandboxPolicy.basic()))
             out["limits"] = "started"
         except SandboxCreateError as exc:
             out["limits"] = str(exc)
+        # Allowed to degrade: it runs without the limits (runc is not asked for them) and says so.
+        degraded = dataclasses.replace(SandboxPolicy.basic(), allow_degraded=True)
+        instance = await driver.start(LaunchSpec(f"rl-degraded-{os.getpid()}", degraded))
+        try:
+            enforcement = instance.enforcement()
+            out["degraded"] = [sorted(c.value for c in enforcement.controls), list(enforcement.degraded)]
+            result = await instance.exec(ExecRequest(argv=("id", "-u"), env={"PATH": "/usr/bin:/bin"}))
+            out["degraded_run"] = [result.exit_code, result.stdout.decode().strip()]
+        finally:
+            await instance.destroy()
+        from kavach.backends import registry
+        out["auto"] = [
+            registry.resolve_best(SandboxPolicy.strict()).value,
+            registry.resolve_best(dataclasses.replace(SandboxPolicy.strict(), allow_degraded=True)).value,
+        ]
         policy = dataclasses.replace(SandboxPolicy.basic(), resources=ResourceLimits())
         instance = await driver.start(LaunchSpec(f"rl-{os.getpid()}", policy))
         try:
@@ -94,8 +110,14 @@ def test_unprivileged_user_gets_a_rootless_sandbox() -> None:
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["uid"] == 65534 and out["state_base"] == "/tmp/kavach-65534"
     assert "resource limits need root" in out["limits"]  # fail closed, not silently unlimited
-    # ... and automatic backend selection is told so, since presets ask for limits
-    assert out["probe"][0] is False and "rootless runc cannot apply resource limits" in out["probe"][1]
+    assert "allow_degraded" in out["limits"]  # ... and says how to run anyway
+    # Usable, but the probe tells automatic selection that it cannot apply limits here.
+    assert out["probe"][:2] == [True, False] and "resource limits only with allow_degraded" in out["probe"][2]
+    # With allow_degraded it runs without them, listed as degraded and not scored.
+    assert out["degraded"] == [["network_isolated", "read_only_root", "seccomp"], ["resource_limits"]]
+    assert out["degraded_run"] == [0, "0"]
+    # Auto-selection skips it for limits it would refuse, and takes it when degrading is allowed.
+    assert out["auto"] == ["process", "oci"]
     assert out["controls"] == ["network_isolated", "read_only_root", "seccomp"]
     assert out["uid_map"] == ["0", "65534", "1"]  # root inside is the unprivileged caller
     assert out["timeout"] == [True, 137, 1]  # found by pid namespace, not the session's cgroup

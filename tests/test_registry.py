@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from kavach.backends import registry
+from kavach.backends.base import ProbeResult
 from kavach.backends.names import Backend
 from kavach.errors import BackendUnavailable, SandboxCreateError
 from kavach.policy import SandboxPolicy
@@ -53,3 +56,26 @@ def test_available_lists_only_usable_backends_strongest_first() -> None:
     assert Backend.NOOP in available
     assert all(registry.probe(b).usable for b in available)
     assert [b.base_score for b in available] == sorted((b.base_score for b in available), reverse=True)
+
+
+def test_a_backend_without_resource_limits_is_picked_only_when_degrading_is_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As rootless OCI probes on a cgroup v1 host: usable, but no cgroup for the limits.
+    results = [
+        ProbeResult(Backend.NOOP, True, "always"),
+        ProbeResult(Backend.PROCESS, True, "ok"),
+        ProbeResult(Backend.OCI, True, "rootless", resource_limits=False),
+    ]
+    monkeypatch.setattr(registry, "probe_all", lambda: results)
+    strict = SandboxPolicy.strict()
+    assert registry.resolve_best(strict) is Backend.PROCESS  # OCI would refuse strict's limits
+    degrading = replace(strict, allow_degraded=True)
+    assert registry.resolve_best(degrading) is Backend.OCI  # 71 (73 without resource limits) > Process 68
+    unlimited = replace(degrading, resources=replace(strict.resources, memory=None, pids=None, cpus=None))
+    assert registry.resolve_min_strength(degrading, 71) is Backend.OCI
+    assert score_backend(Backend.OCI, unlimited) == 71
+    with pytest.raises(SandboxCreateError, match="oci would score 71"):
+        registry.resolve_min_strength(degrading, 72)
+    # A policy without limits is unaffected.
+    assert registry.resolve_best(replace(unlimited, allow_degraded=False)) is Backend.OCI

@@ -473,9 +473,10 @@ class Sandbox:
             },
         )
         if verdict is Verdict.BLOCK:
+            counted = f"{len(findings)} finding{'s' if len(findings) != 1 else ''}"
             raise ExternalizationBlocked(
                 f"output of {request.argv[0]} blocked by the externalization gate "
-                f"({len(findings)} finding{'s' if len(findings) != 1 else ''}, worst {max(f.severity for f in findings)})",
+                f"({counted}, worst {max(f.severity for f in findings)})",
                 findings,
             )
         return ExecResult(

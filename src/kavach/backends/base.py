@@ -30,6 +30,10 @@ class ProbeResult:
     # False for backends that run only their own module format (WASM), so auto-selection
     # never picks them to run an ordinary Linux command.
     runs_linux_commands: bool = True
+    # False when this caller gets no cgroup from the backend here (rootless runc on a cgroup
+    # v1 host): a policy's resource limits then run only with allow_degraded, unscored, and
+    # auto-selection does not pick the backend for limits it cannot apply.
+    resource_limits: bool = True
 
     @property
     def usable(self) -> bool:

@@ -7,13 +7,14 @@ needed only when that backend is used.
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from functools import cache
 
 from kavach.backends.base import Driver, ProbeResult
 from kavach.backends.names import Backend
 from kavach.errors import BackendUnavailable, SandboxCreateError
 from kavach.policy import SandboxPolicy
-from kavach.scoring import StrengthScore, score_backend
+from kavach.scoring import Control, StrengthScore, requested_controls, score_backend
 
 # backend -> "module:DriverClass"
 _DRIVERS: dict[Backend, str] = {
@@ -73,9 +74,18 @@ def require(backend: Backend) -> Driver:
 
 def _candidates(policy: SandboxPolicy) -> list[tuple[StrengthScore, Backend]]:
     ranked: list[tuple[StrengthScore, Backend]] = []
+    limits = Control.RESOURCE_LIMITS in requested_controls(policy)
     for result in probe_all():
-        if result.usable and result.runs_linux_commands and result.backend is not Backend.NOOP:
-            ranked.append((score_backend(result.backend, policy), result.backend))
+        if not (result.usable and result.runs_linux_commands and result.backend is not Backend.NOOP):
+            continue
+        if limits and not result.resource_limits:
+            if not policy.allow_degraded:
+                continue  # it would refuse the policy's limits
+            # It would run without them: predicted as it will be scored.
+            unlimited = replace(policy, resources=replace(policy.resources, memory=None, pids=None, cpus=None))
+            ranked.append((score_backend(result.backend, unlimited), result.backend))
+            continue
+        ranked.append((score_backend(result.backend, policy), result.backend))
     ranked.sort(key=lambda item: (-int(item[0]), item[1].value))
     return ranked
 

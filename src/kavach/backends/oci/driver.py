@@ -298,6 +298,11 @@ def _check_private_dir(path: str) -> None:
         )
 
 
+def _rootless_without_cgroup() -> bool:
+    """A caller that gets no cgroup from runc here: not root, and no cgroup v2 to delegate."""
+    return not _is_root() and cgroup_mode() is not CgroupMode.UNIFIED
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -638,6 +643,12 @@ class OciInstance(Instance):
             cgroups_path=f"/kavach/{self.container_id}" if self._own_cgroup else None,
             annotations={"org.kavach.sandbox-id": self.spec.sandbox_id},
         )
+        if _rootless_without_cgroup():
+            # runc would fail to set them (no cgroup of ours to write); _check_policy let
+            # limits through only with allow_degraded, and the probe finds them missing.
+            policy = dataclasses.replace(
+                policy, resources=dataclasses.replace(policy.resources, memory=None, pids=None, cpus=None)
+            )
         config = build_config(policy, inputs)
         with open(os.path.join(self.layout.bundle_dir, "config.json"), "w", encoding="utf-8") as stream:
             json.dump(config, stream, indent=1)
@@ -1537,19 +1548,19 @@ class OciDriver(Driver):
         info = next((r for r in results if r.usable), None)
         if info is None:
             return ProbeResult(self.backend, False, explain(results))
-        if not _is_root() and cgroup_mode() is not CgroupMode.UNIFIED:
-            # Rootless runc gets no cgroup here, so every preset's resource limits would fail
-            # at start: report it unusable so that automatic selection picks a backend that
-            # works (an explicit OciDriver still runs policies without limits).
-            return ProbeResult(
-                self.backend,
-                False,
-                f"{info.reason}; rootless runc cannot apply resource limits on this cgroup "
-                f"{cgroup_mode().value} host (no delegated cgroup v2); run as root",
-                version=info.version,
-            )
         rejected = [r for r in results if not r.usable and r.path is not None]
         reason = info.reason + (f"; not used: {explain(rejected)}" if rejected else "")
+        if _rootless_without_cgroup():
+            # Usable, but a policy's resource limits need allow_degraded here (see
+            # _check_policy); the flag keeps auto-selection from picking OCI for limits.
+            return ProbeResult(
+                self.backend,
+                True,
+                f"{reason}; rootless on this cgroup {cgroup_mode().value} host (no delegated cgroup v2): "
+                "resource limits only with allow_degraded (then not applied and not scored), or run as root",
+                version=info.version,
+                resource_limits=False,
+            )
         return ProbeResult(self.backend, True, reason, version=info.version)
 
     def _check_policy(self, spec: LaunchSpec) -> None:
@@ -1559,7 +1570,8 @@ class OciDriver(Driver):
         if not _is_root() and limits and not policy.allow_degraded:
             raise SandboxCreateError(
                 "resource limits need root for the OCI backend on this host (cgroup v1 is not "
-                "delegated to unprivileged users); run as root or allow degrading"
+                "delegated to unprivileged users); run as root, or set allow_degraded in the policy "
+                "(kavach run --allow-degraded) to run without them (listed as degraded, not scored)"
             )
         if spec.inner_backend is not None and spec.inner_backend is not Backend.PROCESS:
             raise SandboxCreateError(
