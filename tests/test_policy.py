@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -224,3 +225,11 @@ def test_landlock_rules_grant_the_binds() -> None:
     assert rules["/ro"] == {Access.READ, Access.EXECUTE}
     assert rules["/data"] == {Access.READ, Access.WRITE}  # written files are not executable
     assert landlock_rules(SandboxPolicy.basic()) == ()  # Landlock off: no rules at all
+
+
+def test_without_cgroup_limits_drops_only_what_a_cgroup_enforces() -> None:
+    limits = SandboxPolicy.strict().resources
+    assert limits.memory and limits.pids and limits.cpus  # (strict asks for all three)
+    dropped = limits.without_cgroup_limits()
+    assert (dropped.memory, dropped.cpus, dropped.pids) == (None, None, None)
+    assert dropped == dataclasses.replace(limits, memory=None, cpus=None, pids=None)  # rlimits, timeout, caps kept

@@ -72,7 +72,7 @@ def test_a_backend_without_resource_limits_is_picked_only_when_degrading_is_allo
     assert registry.resolve_best(strict) is Backend.PROCESS  # OCI would refuse strict's limits
     degrading = replace(strict, allow_degraded=True)
     assert registry.resolve_best(degrading) is Backend.OCI  # 71 (73 without resource limits) > Process 68
-    unlimited = replace(degrading, resources=replace(strict.resources, memory=None, pids=None, cpus=None))
+    unlimited = replace(degrading, resources=strict.resources.without_cgroup_limits())
     assert registry.resolve_min_strength(degrading, 71) is Backend.OCI
     assert score_backend(Backend.OCI, unlimited) == 71
     with pytest.raises(SandboxCreateError, match="oci would score 71"):

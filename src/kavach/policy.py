@@ -146,6 +146,11 @@ class ResourceLimits:
     stdout_cap: int = DEFAULT_OUTPUT_CAP
     stderr_cap: int = DEFAULT_OUTPUT_CAP
 
+    def without_cgroup_limits(self) -> ResourceLimits:
+        """These limits without the ones a cgroup enforces (memory, CPU share, pids): what a
+        backend that gets no cgroup for this caller runs with when degrading is allowed."""
+        return replace(self, memory=None, cpus=None, pids=None)
+
 
 @dataclass(frozen=True)
 class EnvPolicy:

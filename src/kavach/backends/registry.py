@@ -82,7 +82,7 @@ def _candidates(policy: SandboxPolicy) -> list[tuple[StrengthScore, Backend]]:
             if not policy.allow_degraded:
                 continue  # it would refuse the policy's limits
             # It would run without them: predicted as it will be scored.
-            unlimited = replace(policy, resources=replace(policy.resources, memory=None, pids=None, cpus=None))
+            unlimited = replace(policy, resources=policy.resources.without_cgroup_limits())
             ranked.append((score_backend(result.backend, unlimited), result.backend))
             continue
         ranked.append((score_backend(result.backend, policy), result.backend))

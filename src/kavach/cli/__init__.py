@@ -193,7 +193,8 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
             # The findings (rule, line, redacted evidence) say what to look at; the output
             # itself never leaves. --json gets every finding, plain mode the worst few.
             if as_json:
-                _emit_json({**about, "verdict": "block", "error": str(exc), "findings": _findings(exc.findings)})
+                findings = [f.to_dict() for f in exc.findings]
+                _emit_json({**about, "verdict": "block", "error": str(exc), "findings": findings})
                 return EXIT_KAVACH_FAILED
             raise CliError(f"{exc}: {_worst(exc.findings)}", EXIT_KAVACH_FAILED) from None
         if as_json:
@@ -210,10 +211,6 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
                 sys.stderr.write(f"kavach: command ended abnormally: {result.reason} (exit {result.exit_code})\n")
             sys.stderr.flush()
     return EXIT_TIMEOUT if result.timed_out else result.exit_code
-
-
-def _findings(findings: Sequence[Finding]) -> list[dict[str, Any]]:
-    return [f.to_dict() for f in findings]
 
 
 def _worst(findings: Sequence[Finding], shown: int = 3) -> str:

@@ -646,9 +646,7 @@ class OciInstance(Instance):
         if _rootless_without_cgroup():
             # runc would fail to set them (no cgroup of ours to write); _check_policy let
             # limits through only with allow_degraded, and the probe finds them missing.
-            policy = dataclasses.replace(
-                policy, resources=dataclasses.replace(policy.resources, memory=None, pids=None, cpus=None)
-            )
+            policy = dataclasses.replace(policy, resources=policy.resources.without_cgroup_limits())
         config = build_config(policy, inputs)
         with open(os.path.join(self.layout.bundle_dir, "config.json"), "w", encoding="utf-8") as stream:
             json.dump(config, stream, indent=1)
