@@ -32,6 +32,7 @@ from kavach.errors import ExternalizationBlocked, KavachError, PolicyError
 from kavach.policy import Bind, NetworkMode, SandboxPolicy
 
 if TYPE_CHECKING:
+    from kavach.lifecycle import Sandbox
     from kavach.scanning.findings import Finding
 
 EXIT_BAD_INPUT = 2
@@ -180,13 +181,6 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
     from kavach.lifecycle import Sandbox
 
     async with await Sandbox.create(config) as sandbox:
-        about = {
-            "sandbox_id": sandbox.id,
-            "backend": sandbox.backend.value,
-            "score": int(sandbox.score),
-            "score_label": sandbox.score.label,
-            "enforcement": sandbox.enforcement.to_dict(),
-        }
         try:
             result = await sandbox.exec(command, stdin=stdin)
         except ExternalizationBlocked as exc:
@@ -194,11 +188,11 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
             # itself never leaves. --json gets every finding, plain mode the worst few.
             if as_json:
                 findings = [f.to_dict() for f in exc.findings]
-                _emit_json({**about, "verdict": "block", "error": str(exc), "findings": findings})
+                _emit_json({**_about(sandbox), "verdict": "block", "error": str(exc), "findings": findings})
                 return EXIT_KAVACH_FAILED
             raise CliError(f"{exc}: {_worst(exc.findings)}", EXIT_KAVACH_FAILED) from None
         if as_json:
-            _emit_json({**about, "verdict": result.verdict.value, "result": result.to_dict()})
+            _emit_json({**_about(sandbox), "verdict": result.verdict.value, "result": result.to_dict()})
         else:
             sys.stdout.buffer.write(result.stdout)
             sys.stdout.flush()
@@ -211,6 +205,17 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
                 sys.stderr.write(f"kavach: command ended abnormally: {result.reason} (exit {result.exit_code})\n")
             sys.stderr.flush()
     return EXIT_TIMEOUT if result.timed_out else result.exit_code
+
+
+def _about(sandbox: Sandbox) -> dict[str, Any]:
+    """The sandbox fields of ``kavach run --json``'s object."""
+    return {
+        "sandbox_id": sandbox.id,
+        "backend": sandbox.backend.value,
+        "score": int(sandbox.score),
+        "score_label": sandbox.score.label,
+        "enforcement": sandbox.enforcement.to_dict(),
+    }
 
 
 def _worst(findings: Sequence[Finding], shown: int = 3) -> str:
