@@ -6,6 +6,7 @@ released, so that everything it forks is born inside the cgroup.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -329,5 +330,148 @@ def test_unprivileged_caller_gets_a_clear_error() -> None:
     with os.fdopen(read_end, "rb") as pipe:
         reported = pipe.read().decode()
     os.waitpid(pid, 0)
-    assert "not writable by uid 65534" in reported
-    assert "run as root or delegate" in reported
+    if SUPPORT.version == 1:
+        # v1 has no delegation of its own: the message names the command that gives one.
+        assert "no cgroup v1 subtree is delegated to uid 65534" in reported
+        assert "kavach cgroups delegate nobody" in reported
+    else:
+        assert "not writable by uid 65534" in reported
+        assert "run as root or delegate" in reported
+
+
+def _as_uid(uid: int, gid: int, work: Callable[[], dict[str, object]]) -> dict[str, object]:
+    """Run ``work`` in a forked child that became ``uid:gid``; return what it reported."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            report = work()
+        except BaseException as exc:
+            report = {"error": repr(exc)}
+        os.write(write_end, json.dumps(report).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        reported: dict[str, object] = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    return reported
+
+
+V1_ONLY = pytest.mark.skipif(
+    SUPPORT.version != 1 or os.geteuid() != 0, reason="cgroup v1 delegation: needs root on a v1 host"
+)
+
+
+@V1_ONLY
+def test_v1_delegation_gives_an_unprivileged_caller_limited_cgroups() -> None:
+    uid = gid = 64000 + os.getpid() % 1000  # a uid no process of this host runs as
+    made = cgroups.delegate_v1(uid, gid)
+    try:
+        assert made == cgroups.delegate_v1(uid, gid)  # idempotent
+        assert {d.name for d in made} == {str(uid)}
+        assert {d.parent.name for d in made} == {cgroups.USERS_PARENT}
+        assert all(os.stat(d).st_uid == uid for d in made)
+        assert all(os.stat(d / "cgroup.procs").st_uid == 0 for d in made)  # its own limits stay root's
+
+        def work() -> dict[str, object]:
+            cgroup = create_cgroup("kavach-delegated", ResourceLimits(memory=64 * MiB, pids=8, cpus=0.5))
+            sleeper = os.fork()
+            if sleeper == 0:
+                time.sleep(1000)
+                os._exit(0)
+            cgroup.add(sleeper)
+            report: dict[str, object] = {
+                "dirs": sorted(str(d) for d in cgroup.dirs.values()),
+                "pids_max": (cgroup.dirs["pids"] / "pids.max").read_text().strip(),
+                "memory": (cgroup.dirs["memory"] / "memory.limit_in_bytes").read_text().strip(),
+                "member": f"{cgroup.dirs['pids']}".endswith(
+                    Path(f"/proc/{sleeper}/cgroup").read_text().split("pids:", 1)[1].splitlines()[0]
+                ),
+                "listed": existing_cgroups(),
+            }
+            cgroup.freeze()
+            report["frozen"] = cgroup.frozen()
+            cgroup.destroy()
+            report["signal"] = os.waitstatus_to_exitcode(os.waitpid(sleeper, 0)[1])
+            report["removed"] = not any(d.exists() for d in cgroup.dirs.values())
+            return report
+
+        reported = _as_uid(uid, gid, work)
+        parents = {str(d) for d in made}
+        assert "error" not in reported, reported
+        assert {str(Path(d).parent) for d in reported["dirs"]} == parents  # type: ignore[union-attr]
+        assert reported["pids_max"] == "8" and reported["memory"] == str(64 * MiB)
+        assert reported["member"] is True
+        assert reported["listed"] == ["kavach-delegated"]  # only its own parent, not root's
+        assert reported["frozen"] is True and reported["signal"] == -signal.SIGKILL
+        assert reported["removed"] is True
+    finally:
+        cgroups.undelegate_v1(uid)
+    assert not any(d.exists() for d in made)
+    assert cgroups.undelegate_v1(uid) == []
+
+
+@V1_ONLY
+def test_v1_undelegate_is_refused_while_a_sandbox_cgroup_exists() -> None:
+    uid = gid = 65000 + os.getpid() % 500
+    made = cgroups.delegate_v1(uid, gid)
+    leftover = made[0] / "kavach-busy"
+    leftover.mkdir()
+    try:
+        with pytest.raises(CgroupError) as refused:
+            cgroups.undelegate_v1(uid)
+        assert refused.value.errno in (errno.EBUSY, errno.ENOTEMPTY)
+        assert "still has sandbox cgroups: ['kavach-busy']" in str(refused.value)
+    finally:
+        leftover.rmdir()
+        cgroups.undelegate_v1(uid)
+    assert not any(d.exists() for d in made)
+
+
+@V1_ONLY
+def test_only_root_delegates_and_root_needs_no_delegation() -> None:
+    with pytest.raises(CgroupError, match="root needs no delegation"):
+        cgroups.delegate_v1(0, 0)
+
+    def work() -> dict[str, object]:
+        try:
+            cgroups.delegate_v1(65534, 65534)
+        except CgroupError as exc:
+            return {"message": str(exc)}
+        return {"message": "delegated"}
+
+    assert "only root can delegate cgroups" in str(_as_uid(65534, 65534, work)["message"])
+
+
+def test_stale_empty_cgroups_are_removed_and_live_ones_kept(
+    make_cgroup: Callable[[ResourceLimits], Cgroup],
+) -> None:
+    def named(prefix: str) -> Cgroup:
+        cgroup = create_cgroup(f"{prefix}-{uuid.uuid4().hex[:12]}", ResourceLimits(pids=16))
+        return cgroup
+
+    stale, busy, fresh = named("kavach-stale"), named("kavach-busy"), named("kavach-fresh")
+    foreign = make_cgroup(ResourceLimits(pids=16))  # not a sandbox's name: never touched
+    sleeper = start_in(busy, ["/bin/sleep", "1000"])
+    try:
+        hour_ago = time.time() - 3600
+        for cgroup in (stale, busy, foreign):
+            for directory in cgroup.dirs.values():
+                os.utime(directory, (hour_ago, hour_ago))
+        if stale.version == 1:
+            stale.freeze()  # a frozen leftover is thawed first (v1 refuses to remove it otherwise)
+        removed = cgroups.remove_stale_cgroups()
+        assert stale.name in removed
+        assert not any(d.exists() for d in stale.dirs.values())
+        assert busy.name not in removed and all(d.exists() for d in busy.dirs.values())
+        assert sleeper.poll() is None  # never killed
+        assert fresh.name not in removed and all(d.exists() for d in fresh.dirs.values())
+        assert foreign.name in existing_cgroups()
+    finally:
+        for cgroup in (busy, fresh):
+            cgroup.destroy()
+        stale.destroy()
+        sleeper.wait(timeout=30)

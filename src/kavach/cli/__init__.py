@@ -318,7 +318,7 @@ def policy_validate(
     typer.echo(f"{path}: valid")
 
 
-_SUBCOMMAND_MODULES = ("scan", "audit", "quarantine", "agents", "proxy")
+_SUBCOMMAND_MODULES = ("scan", "audit", "quarantine", "agents", "proxy", "cgroups")
 
 
 def _register_subcommands() -> None:

@@ -8,20 +8,30 @@ cgroup named after it under a ``kavach`` parent, in every hierarchy used:
 
 * v2: ``<unified>/kavach/<name>`` (for root), or ``<delegated subtree>/kavach/<name>``
   for an unprivileged caller with a delegated cgroup (see :func:`v2_parent`)
-* v1: ``/sys/fs/cgroup/<controller>/kavach/<name>`` for each controller
+* v1: ``/sys/fs/cgroup/<controller>/kavach/<name>`` for each controller (root), or
+  ``/sys/fs/cgroup/<controller>/kavach-users/<uid>/<name>`` for another uid, in the
+  subtree root handed to it with :func:`delegate_v1` (``kavach cgroups delegate USER``):
+  cgroup v1 has no delegation of its own
 
 Swap is turned off for the sandbox wherever the kernel allows it (``memory.swap.max = 0``,
 ``memory.memsw.limit_in_bytes`` = the memory limit), so the memory limit is real.
 
-Creating a cgroup needs write access to the hierarchy (root, or a delegated v2 subtree);
+Creating a cgroup needs write access to the hierarchy (root, or a delegated subtree);
 without it :func:`create_cgroup` raises :class:`~kavach.errors.SandboxCreateError` saying so.
+
+A caller killed before it destroyed its sandboxes (SIGKILL, the OOM killer, a power cut)
+leaves their cgroups behind, empty once the processes died with the caller's sockets. The
+first :func:`create_cgroup` of a process removes such leftovers of its own parent
+(:func:`remove_stale_cgroups`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import pwd
 import re
 import signal
 import time
@@ -35,12 +45,18 @@ from kavach.errors import SandboxCreateError
 from kavach.policy import ResourceLimits
 
 PARENT = "kavach"
+USERS_PARENT = "kavach-users"  # v1: <mount>/kavach-users/<uid>, made for a uid by delegate_v1
 V2_REQUIRED = frozenset({"memory", "pids"})
 V2_CONTROLLERS = frozenset({"memory", "pids", "cpu"})  # cpu joins when available
 V1_REQUIRED = ("memory", "pids", "freezer")  # cpu joins when a CPU limit is asked
 CPU_PERIOD_US = 100_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _POLL_S = 0.001
+# A live sandbox's cgroup holds its init from a few milliseconds after the mkdir until
+# destroy, so one that has been empty this long belongs to no sandbox.
+STALE_AFTER_S = 60.0
+
+logger = logging.getLogger(__name__)
 
 
 class CgroupError(SandboxCreateError):
@@ -114,9 +130,7 @@ def cgroup_support() -> CgroupSupport:
     missing = [c for c in V1_REQUIRED if c not in mounts.v1]
     if not missing:
         controllers = frozenset(c for c in (*V1_REQUIRED, "cpu") if c in mounts.v1)
-        writable = all(
-            os.access(mounts.v1[c] / PARENT, os.W_OK) or os.access(mounts.v1[c], os.W_OK) for c in controllers
-        )
+        writable = all(_v1_writable(mounts.v1[c]) for c in controllers)
         reason = f"cgroup v1 hierarchies {', '.join(sorted(controllers))}{v2_missing}"
         return CgroupSupport(1, controllers, reason, writable)
     reason = f"no usable cgroup hierarchy (v1 lacks {', '.join(missing)}{v2_missing or '; no cgroup2 mount'})"
@@ -145,6 +159,31 @@ def v2_parent(v2_root: Path) -> Path | None:
         top = directory
         directory = directory.parent
     return None if top is None else top / PARENT
+
+
+def v1_parent(mount: Path) -> Path:
+    """Where this process's sandbox cgroups go in the v1 hierarchy mounted at ``mount``.
+
+    Root: ``<mount>/kavach``. Any other uid: ``<mount>/kavach-users/<uid>``, which only root
+    can make and hand over (:func:`delegate_v1`), so one user's sandboxes never share a
+    parent with another's or with root's.
+    """
+    uid = os.geteuid()
+    return mount / PARENT if uid == 0 else mount / USERS_PARENT / str(uid)
+
+
+def _v1_writable(mount: Path) -> bool:
+    parent = v1_parent(mount)
+    if parent.is_dir():
+        return os.access(parent, os.W_OK)
+    return os.geteuid() == 0 and os.access(mount, os.W_OK)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _own_v2_cgroup() -> str | None:
@@ -188,7 +227,25 @@ def create_cgroup(name: str, limits: ResourceLimits) -> Cgroup:
         if "cpu" not in mounts.v1:
             raise CgroupError("probe", errno.ENOTSUP, detail="a CPU limit needs the v1 cpu controller")
         controllers.append("cpu")
-    return _create_v1({c: mounts.v1[c] / PARENT for c in controllers}, name, limits)
+    parents = {c: v1_parent(mounts.v1[c]) for c in controllers}
+    if os.geteuid() != 0:
+        _check_delegated(parents)
+    _sweep_once()
+    return _create_v1(parents, name, limits)
+
+
+def _check_delegated(parents: Mapping[str, Path]) -> None:
+    """A non-root caller needs the v1 subtrees root delegated to it, in every hierarchy used."""
+    uid = os.geteuid()
+    for parent in parents.values():
+        if not (parent.is_dir() and os.access(parent, os.W_OK)):
+            raise CgroupError(
+                "create",
+                errno.EACCES,
+                parent,
+                f"no cgroup v1 subtree is delegated to uid {uid}: as root, run `kavach cgroups delegate "
+                f"{_user_name(uid)}` (or run as root)",
+            )
 
 
 def _parent_dirs() -> dict[str, Path]:
@@ -199,7 +256,7 @@ def _parent_dirs() -> dict[str, Path]:
         parent = v2_parent(mounts.v2)
         return {} if parent is None else {"unified": parent}
     if support.version == 1:
-        return {c: mounts.v1[c] / PARENT for c in (*V1_REQUIRED, "cpu") if c in mounts.v1}
+        return {c: v1_parent(mounts.v1[c]) for c in (*V1_REQUIRED, "cpu") if c in mounts.v1}
     return {}
 
 
@@ -225,6 +282,125 @@ def open_cgroup(name: str) -> Cgroup | None:
     if not dirs:
         return None
     return Cgroup(name, 2 if "unified" in dirs else 1, dirs)
+
+
+SANDBOX_PREFIX = "kavach-"  # the Process driver names every sandbox cgroup kavach-<sandbox id>
+
+
+@lru_cache(maxsize=1)
+def _sweep_once() -> None:
+    """Remove stale leftovers on the first create of this process (later ones pay nothing).
+
+    A sweep that fails (the parent cannot be listed) is logged: it must not stop the
+    create, which reports its own errors.
+    """
+    try:
+        remove_stale_cgroups()
+    except CgroupError as exc:
+        logger.warning("could not look for stale sandbox cgroups: %s", exc)
+
+
+def remove_stale_cgroups(older_than: float = STALE_AFTER_S) -> list[str]:
+    """Remove this caller's sandbox cgroups that are empty and older than ``older_than`` seconds.
+
+    Such a cgroup is what a caller killed before it destroyed its sandbox leaves: its
+    processes died with the caller's sockets, the directory stayed. A live sandbox's cgroup
+    always holds its init (from a few milliseconds after the mkdir until destroy), and the
+    kernel refuses to remove a cgroup that holds a process, so a process that joins one
+    meanwhile keeps it. Returns the names removed; one that cannot be removed is logged
+    and left.
+    """
+    removed = []
+    now = time.time()
+    for name in existing_cgroups():
+        if not name.startswith(SANDBOX_PREFIX):
+            continue
+        cgroup = open_cgroup(name)
+        if cgroup is None or cgroup._populated():
+            continue
+        if any(now - _mtime(directory) < older_than for directory in cgroup.dirs.values()):
+            continue
+        try:
+            cgroup.remove_empty()
+        except CgroupError as exc:
+            logger.warning("stale sandbox cgroup %s left in place: %s", name, exc)
+            continue
+        removed.append(name)
+    return removed
+
+
+def _mtime(directory: Path) -> float:
+    try:
+        return os.stat(directory).st_mtime
+    except FileNotFoundError:
+        return 0.0  # removed meanwhile: rmdir will find nothing either
+    except OSError as exc:
+        raise CgroupError("stat", exc.errno or errno.EIO, directory) from None
+
+
+# -- delegation (v1) ------------------------------------------------------------------------------
+
+
+def delegate_v1(uid: int, gid: int) -> list[Path]:
+    """Give ``uid`` its own cgroup v1 subtree for sandboxes (root only); returns its directories.
+
+    Makes ``<mount>/kavach-users/<uid>`` in the memory, pids and freezer hierarchies (and cpu
+    when mounted) and gives only that directory to ``uid:gid``: the user can then create and
+    remove the sandbox cgroups below it, set their limits and move its own processes into
+    them (v1 checks that the writer's uid is the process's). The delegated directory's own
+    limit files stay root's, so root may cap all of that user's sandboxes together.
+    Idempotent. cgroup v2 hosts delegate with systemd instead (``Delegate=yes``).
+    """
+    if uid == 0:
+        raise CgroupError("delegate", errno.EINVAL, detail="root needs no delegation")
+    mounts = _delegation_mounts()
+    made = []
+    for mount in mounts:
+        top = mount / USERS_PARENT
+        _mkdir(top, exist_ok=True)
+        directory = top / str(uid)
+        _mkdir(directory, exist_ok=True)
+        try:
+            os.chown(directory, uid, gid)
+        except OSError as exc:
+            raise CgroupError("delegate", exc.errno or errno.EIO, directory, f"chown to {uid}:{gid}") from None
+        made.append(directory)
+    return made
+
+
+def undelegate_v1(uid: int) -> list[Path]:
+    """Remove what :func:`delegate_v1` made for ``uid`` (root only); returns the directories removed.
+
+    Refused (``EBUSY``) while a sandbox cgroup of that user exists below it.
+    """
+    removed = []
+    for mount in _delegation_mounts():
+        directory = mount / USERS_PARENT / str(uid)
+        if not directory.is_dir():
+            continue
+        try:
+            os.rmdir(directory)
+        except OSError as exc:
+            busy = exc.errno in (errno.EBUSY, errno.ENOTEMPTY)
+            children = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False))
+            detail = f"uid {uid} still has sandbox cgroups: {children}" if busy else ""
+            raise CgroupError("undelegate", exc.errno or errno.EIO, directory, detail) from None
+        removed.append(directory)
+    return removed
+
+
+def _delegation_mounts() -> list[Path]:
+    """The distinct v1 mounts a delegation covers; refuses when v1 is not what this host uses."""
+    if os.geteuid() != 0:
+        raise CgroupError("delegate", errno.EPERM, detail="only root can delegate cgroups")
+    support = cgroup_support()
+    if support.version != 1:
+        how = "with systemd (Delegate=yes)" if support.version == 2 else "nowhere"
+        raise CgroupError(
+            "delegate", errno.ENOTSUP, detail=f"this host does not use cgroup v1 ({support.reason}): delegate {how}"
+        )
+    mounts = _mounts()
+    return sorted({mounts.v1[c] for c in (*V1_REQUIRED, "cpu") if c in mounts.v1})
 
 
 # -- the cgroup handle --------------------------------------------------------------------------
@@ -350,6 +526,14 @@ class Cgroup:
             self.kill_all()
         if self.version == 1 and self.frozen():
             self.thaw()  # a frozen (empty) v1 cgroup could not be removed
+        for directory in self.dirs.values():
+            _rmdir(directory)
+        self._destroyed = True
+
+    def remove_empty(self) -> None:
+        """Remove the cgroup if it holds no process; never kills (the kernel refuses a populated one)."""
+        if self.version == 1 and self.frozen():
+            self.thaw()
         for directory in self.dirs.values():
             _rmdir(directory)
         self._destroyed = True
@@ -539,12 +723,17 @@ def _kill(pid: int) -> None:
 
 
 __all__ = [
+    "STALE_AFTER_S",
     "Cgroup",
     "CgroupError",
     "CgroupSupport",
     "cgroup_support",
     "create_cgroup",
+    "delegate_v1",
     "existing_cgroups",
     "open_cgroup",
+    "remove_stale_cgroups",
+    "undelegate_v1",
+    "v1_parent",
     "v2_parent",
 ]
