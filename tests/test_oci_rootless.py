@@ -18,6 +18,7 @@ import pytest
 
 import kavach
 from kavach.backends.oci.runtime import probe_runc
+from process_helpers import FORKS
 
 SRC = str(Path(kavach.__file__).resolve().parents[1])
 
@@ -62,13 +63,19 @@ SCRIPT = textwrap.dedent(
         except SandboxCreateError as exc:
             out["limits"] = str(exc)
         # Allowed to degrade: it runs without the limits (runc is not asked for them) and says so.
-        degraded = dataclasses.replace(SandboxPolicy.basic(), allow_degraded=True)
+        basic = SandboxPolicy.basic()
+        limits = dataclasses.replace(basic.resources, pids=16)
+        degraded = dataclasses.replace(basic, allow_degraded=True, resources=limits)
         instance = await driver.start(LaunchSpec(f"rl-degraded-{os.getpid()}", degraded))
         try:
             enforcement = instance.enforcement()
             out["degraded"] = [sorted(c.value for c in enforcement.controls), list(enforcement.degraded)]
+            out["nproc"] = enforcement.details.get("rlimit_nproc")
             result = await instance.exec(ExecRequest(argv=("id", "-u"), env={"PATH": "/usr/bin:/bin"}))
             out["degraded_run"] = [result.exit_code, result.stdout.decode().strip()]
+            forks = await instance.exec(ExecRequest(argv=("/usr/bin/python3", "-c", sys.argv[1], "40"),
+                                                    env={"PATH": "/usr/bin:/bin"}, timeout_ms=30000))
+            out["forks"] = forks.stdout.decode().split()
         finally:
             await instance.destroy()
         from kavach.backends import registry
@@ -98,7 +105,7 @@ SCRIPT = textwrap.dedent(
 
 def test_unprivileged_user_gets_a_rootless_sandbox() -> None:
     done = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", SCRIPT],
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", SCRIPT, FORKS],
         env={"PYTHONPATH": SRC, "PATH": "/usr/sbin:/usr/bin:/bin", "HOME": "/tmp"},
         capture_output=True,
         text=True,
@@ -113,9 +120,17 @@ def test_unprivileged_user_gets_a_rootless_sandbox() -> None:
     assert "allow_degraded" in out["limits"]  # ... and says how to run anyway
     # Usable, but the probe tells automatic selection that it cannot apply limits here.
     assert out["probe"][:2] == [True, False] and "resource limits only with allow_degraded" in out["probe"][2]
-    # With allow_degraded it runs without them, listed as degraded and not scored.
-    assert out["degraded"] == [["network_isolated", "read_only_root", "seccomp"], ["resource_limits"]]
+    # With allow_degraded it runs without the cgroup, listed as degraded and not scored; the
+    # pids limit still holds as RLIMIT_NPROC in the container's user namespace.
+    assert out["degraded"] == [
+        ["network_isolated", "read_only_root", "seccomp"],
+        ["resource_limits (no cgroup: rootless on cgroup v1; pids by RLIMIT_NPROC 16; memory not limited)"],
+    ]
+    assert out["nproc"] == 16
     assert out["degraded_run"] == [0, "0"]
+    made, refused, processes = (int(x) for x in out["forks"])
+    assert refused > 0 and made + refused == 40
+    assert processes <= 16  # every process of the container counts, init and the exec wrapper too
     # Auto-selection skips it for limits it would refuse, and takes it when degrading is allowed.
     assert out["auto"] == ["process", "oci"]
     assert out["controls"] == ["network_isolated", "read_only_root", "seccomp"]

@@ -107,10 +107,18 @@ class BundleInputs:
     masked_paths: tuple[str, ...] = MASKED_PATHS
     readonly_paths: tuple[str, ...] = READONLY_PATHS
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # RLIMIT_NPROC of every process, for a container without a cgroup (rootless on cgroup
+    # v1): the kernel counts it per uid and user namespace, so in the container's own user
+    # namespace it counts exactly the container's processes and threads.
+    nproc: int | None = None
 
 
-def rlimits(policy: SandboxPolicy) -> list[dict[str, Any]]:
-    """The policy's rlimits; RLIMIT_CORE is always 0 so a crash leaves no memory image behind."""
+def rlimits(policy: SandboxPolicy, nproc: int | None = None) -> list[dict[str, Any]]:
+    """The policy's rlimits; RLIMIT_CORE is always 0 so a crash leaves no memory image behind.
+
+    ``nproc`` sets RLIMIT_NPROC: the pids limit of a container that has no cgroup (see
+    :attr:`BundleInputs.nproc`).
+    """
     r = policy.resources
     limits: list[tuple[str, int]] = [("RLIMIT_CORE", 0)]
     if r.cpu_time_s is not None:
@@ -121,6 +129,8 @@ def rlimits(policy: SandboxPolicy) -> list[dict[str, Any]]:
         limits.append(("RLIMIT_NOFILE", r.open_files))
     if r.address_space is not None:
         limits.append(("RLIMIT_AS", r.address_space))
+    if nproc is not None:
+        limits.append(("RLIMIT_NPROC", nproc))
     return [{"type": name, "hard": value, "soft": value} for name, value in limits]
 
 
@@ -129,6 +139,7 @@ def build_process(
     args: Sequence[str],
     env: Mapping[str, str] | Sequence[str],
     cwd: str,
+    nproc: int | None = None,
 ) -> dict[str, Any]:
     """A runtime-spec ``process`` object: for the init in config.json and for each ``exec``.
 
@@ -143,7 +154,7 @@ def build_process(
         "env": env_list,
         "cwd": cwd,
         "capabilities": {name: [] for name in _CAPABILITY_SETS},
-        "rlimits": rlimits(policy),
+        "rlimits": rlimits(policy, nproc),
         "noNewPrivileges": True,
         "oomScoreAdj": 1000,  # the kernel's OOM killer picks sandboxed processes first
     }
@@ -239,7 +250,7 @@ def build_config(policy: SandboxPolicy, inputs: BundleInputs) -> dict[str, Any]:
         linux["seccomp"] = dict(inputs.seccomp)
     config: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
-        "process": build_process(policy, inputs.init_args, inputs.init_env, "/"),
+        "process": build_process(policy, inputs.init_args, inputs.init_env, "/", inputs.nproc),
         "root": {"path": inputs.rootfs, "readonly": policy.filesystem.read_only_root},
         "hostname": inputs.hostname,
         "mounts": [m.to_oci() for m in mounts],

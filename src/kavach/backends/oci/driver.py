@@ -307,6 +307,19 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+def _max_processes(pid: int) -> int | None:
+    """The soft RLIMIT_NPROC of ``pid`` (``None`` when unlimited), from /proc/PID/limits."""
+    try:
+        text = Path(f"/proc/{pid}/limits").read_text(encoding="ascii")
+    except OSError as exc:
+        raise SandboxCreateError(f"cannot read the limits of the sandbox init {pid}: {exc.strerror}") from None
+    for line in text.splitlines():
+        if line.startswith("Max processes"):
+            soft = line[len("Max processes") :].split()[0]
+            return None if soft == "unlimited" else int(soft)
+    raise SandboxCreateError(f"/proc/{pid}/limits has no 'Max processes' line")
+
+
 # -- processes -----------------------------------------------------------------------------------
 
 
@@ -539,6 +552,9 @@ class OciInstance(Instance):
         # one, the init's cgroup is the caller's session: processes are then found by pid
         # namespace and frozen with SIGSTOP, never through that shared cgroup.
         self._own_cgroup = _is_root()
+        # Without a cgroup (rootless on cgroup v1, which needs allow_degraded for limits), the
+        # pids limit still holds as RLIMIT_NPROC of every process of the container.
+        self._nproc = spec.policy.resources.pids if _rootless_without_cgroup() else None
         self._destroyed = False
         self._stopped = False
         self._has_sh = False  # /bin/sh in the rootfs: execs run under STDIO_WRAPPER
@@ -642,10 +658,12 @@ class OciInstance(Instance):
             seccomp=None if spec is None else to_oci(spec),
             cgroups_path=f"/kavach/{self.container_id}" if self._own_cgroup else None,
             annotations={"org.kavach.sandbox-id": self.spec.sandbox_id},
+            nproc=self._nproc,
         )
         if _rootless_without_cgroup():
             # runc would fail to set them (no cgroup of ours to write); _check_policy let
-            # limits through only with allow_degraded, and the probe finds them missing.
+            # limits through only with allow_degraded, and the probe finds them missing
+            # (the pids limit is then RLIMIT_NPROC, set above).
             policy = dataclasses.replace(policy, resources=policy.resources.without_cgroup_limits())
         config = build_config(policy, inputs)
         with open(os.path.join(self.layout.bundle_dir, "config.json"), "w", encoding="utf-8") as stream:
@@ -988,6 +1006,7 @@ class OciInstance(Instance):
             raise SandboxCreateError(
                 f"the OCI sandbox does not enforce {', '.join(missing)} (probe: {json.dumps(facts, sort_keys=True)})"
             )
+        degraded = [self._degraded_limits(policy) if m == Control.RESOURCE_LIMITS.value else m for m in missing]
         details: dict[str, Any] = {
             "runtime": self.runtime.name.value,
             "runtime_version": self.runtime.version,
@@ -1004,6 +1023,8 @@ class OciInstance(Instance):
             "net_ifaces": facts.get("net_ifaces"),
             "cgroup_limits": limits,
         }
+        if self._nproc is not None:
+            details["rlimit_nproc"] = self._nproc
         if announce:
             details["launcher"] = announce
         inner = None
@@ -1014,9 +1035,25 @@ class OciInstance(Instance):
             frozenset(c for c, ok in seen.items() if ok),
             verified=True,
             details=details,
-            degraded=tuple(missing),
+            degraded=tuple(degraded),
             inner=inner,
         )
+
+    def _degraded_limits(self, policy: SandboxPolicy) -> str:
+        """The ``degraded`` entry for limits without a cgroup, once RLIMIT_NPROC is checked."""
+        if self._nproc is None:
+            return Control.RESOURCE_LIMITS.value
+        assert self._init_pid is not None
+        seen = _max_processes(self._init_pid)
+        if seen != self._nproc:
+            # Read from the host: the init's limit, which every exec's runtime sets the same way.
+            raise SandboxCreateError(f"RLIMIT_NPROC {self._nproc} was asked but the sandbox init has {seen}")
+        r = policy.resources
+        unlimited = [name for name, value in (("memory", r.memory), ("CPU share", r.cpus)) if value is not None]
+        parts = [f"pids by RLIMIT_NPROC {self._nproc}"]
+        if unlimited:
+            parts.append(f"{', '.join(unlimited)} not limited")
+        return f"resource_limits (no cgroup: rootless on cgroup v1; {'; '.join(parts)})"
 
     def _inner_enforcement(
         self, announce: Mapping[str, Any], filters: int, outer_filters: int, facts: Mapping[str, str]
@@ -1070,13 +1107,12 @@ class OciInstance(Instance):
             argv = (PYTHON_INSIDE, "-I", "-S", LAUNCHER_INSIDE, "exec", PLAN_INSIDE, "--", *argv)
         self._exec_counter += 1
         cwd = request.cwd or self.policy.filesystem.workdir
-        process = json.dumps(build_process(self.policy, argv, dict(request.env), cwd)).encode()
         # The wrapper is a POSIX shell: it would drop environment names that are not shell
         # identifiers and rewrite PWD. Such a request runs without it (plain attached exec).
         wrapped = self._has_sh and "PWD" not in request.env and all(_ENV_NAME.fullmatch(k) for k in request.env)
         if wrapped:
             argv = ("/bin/sh", "-c", STDIO_WRAPPER, "kavach", *argv)
-        process = json.dumps(build_process(self.policy, argv, dict(request.env), cwd)).encode()
+        process = json.dumps(build_process(self.policy, argv, dict(request.env), cwd, self._nproc)).encode()
         # The process object holds the request's environment, which may carry secrets: it
         # goes to the runtime through a memfd (read as /proc/self/fd/N), never a file on disk.
         # It is moved above fd 9 so the fd shuffle below (3, 4, 5) cannot clobber it.
@@ -1555,7 +1591,8 @@ class OciDriver(Driver):
                 self.backend,
                 True,
                 f"{reason}; rootless on this cgroup {cgroup_mode().value} host (no delegated cgroup v2): "
-                "resource limits only with allow_degraded (then not applied and not scored), or run as root",
+                "resource limits only with allow_degraded (then pids by RLIMIT_NPROC, memory and CPU share not "
+                "limited, not scored), or run as root",
                 version=info.version,
                 resource_limits=False,
             )
@@ -1569,7 +1606,8 @@ class OciDriver(Driver):
             raise SandboxCreateError(
                 "resource limits need root for the OCI backend on this host (cgroup v1 is not "
                 "delegated to unprivileged users); run as root, or set allow_degraded in the policy "
-                "(kavach run --allow-degraded) to run without them (listed as degraded, not scored)"
+                "(kavach run --allow-degraded) to run without the cgroup (pids then by RLIMIT_NPROC, memory and "
+                "CPU share not limited; listed as degraded, not scored)"
             )
         if spec.inner_backend is not None and spec.inner_backend is not Backend.PROCESS:
             raise SandboxCreateError(
