@@ -53,6 +53,7 @@ def ticks(pids):
     return total
 
 async def main():
+    out["probe_reason"] = ProcessDriver().probe().reason
     policy = SandboxPolicy.strict()
     out["limits"] = {"memory": policy.resources.memory, "pids": policy.resources.pids}
     box = await ProcessDriver().start(LaunchSpec("delegated", policy))
@@ -146,6 +147,7 @@ def test_the_users_sandbox_has_every_control_and_no_degradation(
     observed: dict[str, Any], delegated_user: pwd.struct_passwd
 ) -> None:
     assert observed["uid"] == delegated_user.pw_uid
+    assert observed["probe_reason"].endswith("; cgroup v1")  # writable: nothing to ask for
     assert observed["controls"] == ["landlock", "network_isolated", "read_only_root", "resource_limits", "seccomp"]
     assert observed["degraded"] == []
     parent = f"/{USERS_PARENT}/{delegated_user.pw_uid}/kavach-delegated"

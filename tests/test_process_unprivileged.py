@@ -56,7 +56,9 @@ def pids_in(ns):
 
 async def main():
     driver = ProcessDriver()
-    out["probe_available"] = driver.probe().available
+    probe = driver.probe()
+    out["probe_available"] = probe.available
+    out["probe_reason"] = probe.reason
     try:
         await driver.start(LaunchSpec("unpriv-limits", SandboxPolicy.basic()))
         out["limits_error"] = None
@@ -174,6 +176,10 @@ def test_limits_without_cgroup_access_fail_closed(observed: dict[str, Any]) -> N
     assert observed["limits_error"] is not None
     assert "cgroup" in observed["limits_error"]
     assert "allow_degraded" in observed["limits_error"]  # says how to run anyway
+    assert "kavach cgroups delegate" in observed["limits_error"]  # ... or how to get the limits
+    # `kavach backends` says so before anything is created.
+    assert "not writable by uid" in observed["probe_reason"]
+    assert "kavach cgroups delegate USER" in observed["probe_reason"]
 
 
 def test_allow_degraded_runs_without_the_cgroup_scored_and_pids_still_limited(observed: dict[str, Any]) -> None:

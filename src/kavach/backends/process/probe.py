@@ -92,9 +92,16 @@ def _probe_host() -> ProbeResult:
         from kavach.backends.process.cgroups import cgroup_support
 
         support = cgroup_support()
-        facts.append(
-            f"cgroup v{support.version}" if support.version is not None else f"cgroups unusable: {support.reason}"
-        )
+        if support.version is None:
+            facts.append(f"cgroups unusable: {support.reason}")
+        elif support.writable:
+            facts.append(f"cgroup v{support.version}")
+        else:
+            how = "kavach cgroups delegate USER, as root" if support.version == 1 else "systemd Delegate=yes"
+            facts.append(
+                f"cgroup v{support.version} not writable by uid {os.geteuid()}: resource limits need a delegated "
+                f"cgroup ({how}) or allow_degraded"
+            )
     except ImportError as exc:
         facts.append(f"cgroups: module unavailable ({exc})")
     except (OSError, KavachError) as exc:
