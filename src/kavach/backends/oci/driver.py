@@ -1044,9 +1044,9 @@ class OciInstance(Instance):
         if self._nproc is None:
             return Control.RESOURCE_LIMITS.value
         assert self._init_pid is not None
+        # Read from the host: the init's limit (each exec's process object carries the same).
         seen = _max_processes(self._init_pid)
         if seen != self._nproc:
-            # Read from the host: the init's limit, which every exec's runtime sets the same way.
             raise SandboxCreateError(f"RLIMIT_NPROC {self._nproc} was asked but the sandbox init has {seen}")
         r = policy.resources
         unlimited = [name for name, value in (("memory", r.memory), ("CPU share", r.cpus)) if value is not None]

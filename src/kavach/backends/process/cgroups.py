@@ -221,6 +221,7 @@ def create_cgroup(name: str, limits: ResourceLimits) -> Cgroup:
             )
         if limits.cpus is not None and "cpu" not in support.controllers:
             raise CgroupError("probe", errno.ENOTSUP, parent.parent, "a CPU limit needs the v2 cpu controller")
+        _sweep_once()
         return _create_v2(parent, name, limits)
     controllers = [*V1_REQUIRED]
     if limits.cpus is not None:
