@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pwd
+import shutil
+import sys
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 from kavach.backends.base import ExecRequest, LaunchSpec, RawResult
@@ -108,3 +113,26 @@ def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a run as another user: Debian's python3 with the checkout and the
+    venv's packages (the venv's interpreter lives under /root, which the user cannot read)."""
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", **extra}
+
+
+@contextlib.contextmanager
+def user_dir(user: pwd.struct_passwd, prefix: str) -> Iterator[Path]:
+    """A fresh directory under /tmp owned by ``user``, removed afterwards (not under pytest's
+    basetemp, whose root is 0700)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        os.chown(base, user.pw_uid, user.pw_gid)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

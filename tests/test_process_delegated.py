@@ -17,7 +17,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,9 @@ from typing import Any
 import pytest
 
 from kavach.backends.process.cgroups import USERS_PARENT, cgroup_support
-from process_helpers import FORKS
+from process_helpers import FORKS, user_dir, user_env
 
 USER = "kavachdelegate"
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creating the user and delegating need root"),
     pytest.mark.skipif(cgroup_support().version != 1, reason="cgroup v1 delegation: this host is not v1"),
@@ -89,12 +87,6 @@ print(json.dumps(out))
 """
 
 
-def _user_env(**extra: str) -> dict[str, str]:
-    """The environment of a run as the user: Debian's python3 with the checkout and the venv's packages."""
-    site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
-    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", **extra}
-
-
 def _kavach(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kavach", *args], capture_output=True, text=True, timeout=60,
                           check=False)
@@ -123,7 +115,7 @@ def observed(delegated_user: pwd.struct_passwd) -> dict[str, Any]:
     proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
         [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, FORKS],
         capture_output=True,
-        env=_user_env(),
+        env=user_env(),
         cwd="/",
         timeout=180,
     )
@@ -176,21 +168,16 @@ def test_destroy_removes_the_cgroup(observed: dict[str, Any]) -> None:
 
 
 def test_cli_run_strict_scores_68_for_the_user(delegated_user: pwd.struct_passwd) -> None:
-    base = Path(tempfile.mkdtemp(prefix="kavach-delegated-cli-", dir="/tmp"))
-    try:
-        os.chmod(base, 0o755)
-        os.chown(base, delegated_user.pw_uid, delegated_user.pw_gid)
+    with user_dir(delegated_user, "kavach-delegated-cli-") as base:
         ran = subprocess.run(
             [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-m", "kavach", "run",
              "--backend", "process", "--policy", "strict", "--json", "--", "sh", "-c", "echo ran"],
-            capture_output=True, env=_user_env(XDG_DATA_HOME=str(base)), cwd=str(base), timeout=120, check=False,
+            capture_output=True, env=user_env(XDG_DATA_HOME=str(base)), cwd=str(base), timeout=120, check=False,
         )
-        assert ran.returncode == 0, ran.stderr.decode()[-2000:]
-        data = json.loads(ran.stdout)
-        assert data["result"]["stdout"] == "ran\n"
-        assert data["score"] == 68 and data["enforcement"]["degraded"] == []
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+    data = json.loads(ran.stdout)
+    assert data["result"]["stdout"] == "ran\n"
+    assert data["score"] == 68 and data["enforcement"]["degraded"] == []
 
 
 def test_undelegate_refuses_while_a_sandbox_cgroup_exists(delegated_user: pwd.struct_passwd) -> None:

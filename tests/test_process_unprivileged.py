@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +21,9 @@ from typing import Any
 
 import pytest
 
-from process_helpers import FORKS
+from process_helpers import FORKS, user_dir, user_env
 
 USER = "kavachtest"
-REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import asyncio, dataclasses, json, os, sys
@@ -137,18 +135,12 @@ def observed(unprivileged_user: pwd.struct_passwd) -> Iterator[dict[str, Any]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _user_env(**extra: str) -> dict[str, str]:
-    """The environment of a run as the user: Debian's python3 with the checkout and the venv's packages."""
-    site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
-    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", **extra}
-
-
 def _run_script(unprivileged_user: pwd.struct_passwd, base: Path) -> dict[str, Any]:
     os.chmod(base, 0o755)
     shared = base / "shared"
     shared.mkdir()
     os.chown(shared, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
-    env = _user_env(HOME=str(base))
+    env = user_env(HOME=str(base))
     proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
         [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, str(shared), FORKS],
         capture_output=True,
@@ -222,12 +214,9 @@ def test_background_processes_die_at_timeout_and_destroy(observed: dict[str, Any
 def test_cli_run_allow_degraded_as_the_unprivileged_user(unprivileged_user: pwd.struct_passwd) -> None:
     # `kavach run` with a preset (which asks for limits) fails closed for this user here,
     # naming the option; with --allow-degraded it runs, and the JSON shows what was lost.
-    base = Path(tempfile.mkdtemp(prefix="kavach-unpriv-cli-", dir="/tmp"))
-    try:
-        os.chmod(base, 0o755)
-        os.chown(base, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
+    with user_dir(unprivileged_user, "kavach-unpriv-cli-") as base:
         # (runuser resets HOME to the user's, which does not exist: the data directory goes here.)
-        env = _user_env(XDG_DATA_HOME=str(base))
+        env = user_env(XDG_DATA_HOME=str(base))
         cli = [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c",
                "import sys; from kavach.cli import main; sys.exit(main())", "run", "--backend", "process",
                "--policy", "strict", "--json"]
@@ -236,13 +225,11 @@ def test_cli_run_allow_degraded_as_the_unprivileged_user(unprivileged_user: pwd.
             return subprocess.run([*cli, *args], capture_output=True, env=env, cwd=str(base), timeout=120, check=False)
 
         refused = run("--", "true")
-        assert refused.returncode != 0 and refused.stdout == b""
-        assert b"allow_degraded" in refused.stderr and b"Traceback" not in refused.stderr
         ran = run("--allow-degraded", "--", "sh", "-c", "echo ran")
-        assert ran.returncode == 0, ran.stderr.decode()[-2000:]
-        data = json.loads(ran.stdout)
-        assert data["result"]["stdout"] == "ran\n"
-        assert data["score"] == 66  # strict's 68 without the resource-limits modifier
-        assert [d.split(" ")[0] for d in data["enforcement"]["degraded"]] == ["resource_limits"]
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    assert refused.returncode != 0 and refused.stdout == b""
+    assert b"allow_degraded" in refused.stderr and b"Traceback" not in refused.stderr
+    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+    data = json.loads(ran.stdout)
+    assert data["result"]["stdout"] == "ran\n"
+    assert data["score"] == 66  # strict's 68 without the resource-limits modifier
+    assert [d.split(" ")[0] for d in data["enforcement"]["degraded"]] == ["resource_limits"]
