@@ -382,12 +382,19 @@ def undelegate_v1(uid: int) -> list[Path]:
         try:
             os.rmdir(directory)
         except OSError as exc:
-            busy = exc.errno in (errno.EBUSY, errno.ENOTEMPTY)
-            children = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False))
-            detail = f"uid {uid} still has sandbox cgroups: {children}" if busy else ""
+            detail = ""
+            if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                detail = f"uid {uid} still has sandbox cgroups: {_subdirectories(directory)}"
             raise CgroupError("undelegate", exc.errno or errno.EIO, directory, detail) from None
         removed.append(directory)
     return removed
+
+
+def _subdirectories(directory: Path) -> list[str]:
+    try:
+        return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False))
+    except OSError as exc:  # only for the message: say why it could not be listed
+        return [f"(cannot list: {exc.strerror})"]
 
 
 def _delegation_mounts() -> list[Path]:
