@@ -8,8 +8,10 @@ import ipaddress
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -313,37 +315,45 @@ def test_cli_bad_input_is_one_line_exit_2() -> None:
     assert result.exit_code == 2 and "KV_TEST_UNSET is not set" in result.output
 
 
-def test_cli_runs_standalone_proxy_and_never_prints_the_value(tmp_path: Path) -> None:
-    ca_out = tmp_path / "ca.pem"
-    script = (
-        "import typer\nfrom kavach.cli.proxy import register\napp = typer.Typer()\n"
-        "@app.callback()\ndef main() -> None: pass\nregister(app)\napp()\n"
-    )
+_CLI_PROXY = (
+    "import typer\nfrom kavach.cli.proxy import register\napp = typer.Typer()\n"
+    "@app.callback()\ndef main() -> None: pass\nregister(app)\napp()\n"
+)
+
+
+def _start_cli_proxy(*args: str, lines: int) -> tuple[subprocess.Popen[str], str]:
+    """``kavach proxy ARGS`` in a subprocess, and the first ``lines`` lines it printed."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            script,
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--allow",
-            "api.example.com",
-            "--credential",
-            "api.example.com=Authorization:KV_CLI_TOKEN",
-            "--ca-out",
-            str(ca_out),
-            "--no-audit",
-        ],
+        [sys.executable, "-c", _CLI_PROXY, "proxy", "--listen", "127.0.0.1:0", *args, "--no-audit"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "KV_CLI_TOKEN": VALUE},
         text=True,
     )
+    assert proc.stdout is not None
+    # Read them before communicate(), which would bypass the buffer.
+    return proc, "".join(proc.stdout.readline() for _ in range(lines))
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0, stderr
+    return stdout, stderr
+
+
+def test_cli_runs_standalone_proxy_and_never_prints_the_value(tmp_path: Path) -> None:
+    ca_out = tmp_path / "ca.pem"
+    proc, first = _start_cli_proxy(
+        "--allow",
+        "api.example.com",
+        "--credential",
+        "api.example.com=Authorization:KV_CLI_TOKEN",
+        "--ca-out",
+        str(ca_out),
+        lines=3,  # listening, CA bundle, one placeholder
+    )
     try:
-        assert proc.stdout is not None
-        # listening, CA bundle, one placeholder: read all three before communicate() bypasses the buffer.
-        first = "".join(proc.stdout.readline() for _ in range(3))
         match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", first)
         assert match, first
         port = int(match.group(1))
@@ -356,11 +366,28 @@ def test_cli_runs_standalone_proxy_and_never_prints_the_value(tmp_path: Path) ->
         assert "X-Kavach-Reason: not allowlisted" in out.stdout
         assert ca_out.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=10)
-    assert proc.returncode == 0, stderr
+        stdout, stderr = _stop(proc)
     assert "placeholder KV_CLI_TOKEN=KAVACH_PLACEHOLDER_" in first + stdout
     assert VALUE not in first + stdout + stderr
+    assert ca_out.exists(), "a bundle the caller asked for (--ca-out) is kept"
+
+
+def test_cli_proxy_default_bundle_is_a_fresh_temporary_file_removed_on_exit() -> None:
+    # Without --ca-out the bundle goes to a new file in the temporary directory: a
+    # name derived from the pid alone could be planted there (a symlink) before the proxy
+    # starts, and the bundle would outlive the CA it names.
+    proc, first = _start_cli_proxy(lines=2)
+    try:
+        match = re.search(r"CA bundle (\S+)", first)
+        assert match, first
+        bundle = Path(match.group(1))
+        assert bundle.parent == Path(tempfile.gettempdir())
+        assert bundle.name != f"kavach-proxy-{proc.pid}-ca.pem"
+        assert stat.S_IMODE(bundle.stat().st_mode) == 0o644
+        assert bundle.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    finally:
+        _stop(proc)
+    assert not bundle.exists()
 
 
 def test_async_audit_sink_is_supported() -> None:

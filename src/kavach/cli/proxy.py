@@ -1,7 +1,9 @@
 """``kavach proxy``: the egress proxy standalone, for any program.
 
 It enforces the same rules as a sandbox's proxy (``--allow``, ``--deny``, ``--allow-private``,
-``--credential``, ``--upstream-ca``) and writes its CA bundle to a file clients can trust.
+``--credential``, ``--upstream-ca``) and writes its CA bundle to a file clients can trust
+(``--ca-out``, kept; by default a fresh temporary file, removed when the proxy stops, since
+the CA exists only for this run).
 Credential values are read from the caller's environment and never printed; the proxy
 prints only placeholders, which a client may send in place of a value.
 """
@@ -36,7 +38,7 @@ def _parse_listen(spec: str) -> tuple[str, int]:
 
 async def _serve(proxy: EgressProxy, host: str, port: int, ca_out: Path, placeholders: dict[str, str]) -> None:
     bound_host, bound_port = await proxy.start_tcp(host, port)
-    descriptor = os.open(ca_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    descriptor = os.open(ca_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(proxy.ca_bundle_pem())
     lines = [
@@ -54,6 +56,21 @@ async def _serve(proxy: EgressProxy, host: str, port: int, ca_out: Path, placeho
         await stop.wait()
     finally:
         await proxy.close()
+
+
+def _temporary_ca_path() -> Path:
+    """A new file for the CA bundle in the temporary directory, created exclusively.
+
+    mkstemp's random name and O_EXCL mean nothing planted in a shared /tmp (a symlink at a
+    name derived from the pid, say) is ever opened or truncated in its place.
+    """
+    descriptor, name = tempfile.mkstemp(prefix="kavach-proxy-", suffix="-ca.pem")
+    try:
+        # Certificates only (never a key), and clients may run as other users.
+        os.fchmod(descriptor, 0o644)
+    finally:
+        os.close(descriptor)
+    return Path(name)
 
 
 # The egress-rule options, shared with `kavach run` so both commands read the same flags.
@@ -85,7 +102,10 @@ def proxy_command(
     upstream_ca: UpstreamCaOption = None,
     resolve: ResolveOption = None,
     ca_out: Annotated[
-        Path | None, typer.Option("--ca-out", help="Write the CA bundle clients must trust here.")
+        Path | None,
+        typer.Option(
+            "--ca-out", help="Write the CA bundle clients must trust here (default: a temporary file, removed on exit)."
+        ),
     ] = None,
     audit_log: Annotated[
         Path | None, typer.Option("--audit-log", help="Audit chain file (default: kavach's audit log).")
@@ -110,10 +130,15 @@ def proxy_command(
 
             audit = open_audit_log(audit_log)
         proxy = EgressProxy(config, options.store, sandbox_id=f"proxy-{os.getpid()}", audit=audit)
-        target = ca_out or Path(tempfile.gettempdir()) / f"kavach-proxy-{os.getpid()}-ca.pem"
+        target = ca_out or _temporary_ca_path()
         try:
             asyncio.run(_serve(proxy, host, port, target, dict(proxy.placeholders())))
         finally:
+            if ca_out is None:
+                # Its CA dies with this process: a bundle left behind would name a CA that
+                # no longer exists.
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
             if audit is not None:
                 audit.close()
     except (KavachError, OSError) as exc:
