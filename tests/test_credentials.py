@@ -390,6 +390,18 @@ def test_cli_proxy_default_bundle_is_a_fresh_temporary_file_removed_on_exit() ->
     assert not bundle.exists()
 
 
+def test_cli_proxy_sigterm_right_after_listening_still_cleans_up() -> None:
+    # A supervisor may stop the proxy the moment it reads "listening": the handlers must be
+    # in place by then, or the default disposition kills it with the bundle left behind.
+    for _ in range(3):
+        proc, first = _start_cli_proxy(lines=2)
+        proc.send_signal(signal.SIGTERM)
+        _stop(proc)
+        match = re.search(r"CA bundle (\S+)", first)
+        assert match, first
+        assert not Path(match.group(1)).exists()
+
+
 def test_async_audit_sink_is_supported() -> None:
     class AsyncAudit:
         def __init__(self) -> None:

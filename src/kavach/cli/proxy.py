@@ -36,26 +36,35 @@ def _parse_listen(spec: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _serve(proxy: EgressProxy, host: str, port: int, ca_out: Path, placeholders: dict[str, str]) -> None:
-    bound_host, bound_port = await proxy.start_tcp(host, port)
-    descriptor = os.open(ca_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(proxy.ca_bundle_pem())
-    lines = [
-        f"kavach proxy: listening on http://{bound_host}:{bound_port}",
-        f"kavach proxy: CA bundle {ca_out}",
-    ]
-    lines += [f"kavach proxy: placeholder {name}={value}" for name, value in sorted(placeholders.items())]
-    sys.stdout.write("\n".join(lines) + "\n")
-    sys.stdout.flush()
+async def _serve(proxy: EgressProxy, host: str, port: int, ca_out: Path | None, placeholders: dict[str, str]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Ordering: the handlers come before anything the clean-up below must undo, and long
+    # before "listening" is printed: a supervisor may send SIGTERM as soon as it reads that
+    # line, and the default disposition would kill the process with the bundle left behind.
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    target = ca_out or _temporary_ca_path()
     try:
+        bound_host, bound_port = await proxy.start_tcp(host, port)
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(proxy.ca_bundle_pem())
+        lines = [
+            f"kavach proxy: listening on http://{bound_host}:{bound_port}",
+            f"kavach proxy: CA bundle {target}",
+        ]
+        lines += [f"kavach proxy: placeholder {name}={value}" for name, value in sorted(placeholders.items())]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
         await stop.wait()
     finally:
         await proxy.close()
+        if ca_out is None:
+            # Its CA dies with this process: a bundle left behind would name a CA that no
+            # longer exists.
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
 
 
 def _temporary_ca_path() -> Path:
@@ -130,15 +139,9 @@ def proxy_command(
 
             audit = open_audit_log(audit_log)
         proxy = EgressProxy(config, options.store, sandbox_id=f"proxy-{os.getpid()}", audit=audit)
-        target = ca_out or _temporary_ca_path()
         try:
-            asyncio.run(_serve(proxy, host, port, target, dict(proxy.placeholders())))
+            asyncio.run(_serve(proxy, host, port, ca_out, dict(proxy.placeholders())))
         finally:
-            if ca_out is None:
-                # Its CA dies with this process: a bundle left behind would name a CA that
-                # no longer exists.
-                with contextlib.suppress(FileNotFoundError):
-                    target.unlink()
             if audit is not None:
                 audit.close()
     except (KavachError, OSError) as exc:
