@@ -12,8 +12,9 @@ import asyncio
 import importlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -173,8 +174,42 @@ def run(
         **proxy_settings,
     )
     data = sys.stdin.buffer.read() if stdin else None
-    code = asyncio.run(_run_and_report(config, list(command), data, as_json))
+    code = asyncio.run(_stoppable(_run_and_report(config, list(command), data, as_json)))
     raise typer.Exit(code)
+
+
+#: Signals that end ``kavach run`` the way Ctrl-C does: the sandbox is destroyed first.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+async def _stoppable(work: Coroutine[Any, Any, int]) -> int:
+    """Run ``work``; SIGTERM or SIGHUP cancel it (as asyncio does on SIGINT), so the
+    sandbox's ``async with`` destroys it before the process exits with 128 + the signal.
+
+    A supervisor's SIGTERM would otherwise kill this process on the spot, leaving the
+    sandbox to whatever the backend does when its owner vanishes.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not received:  # a second signal must not interrupt the teardown the first began
+            received.append(signum)
+            task.cancel()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not received:
+            raise  # SIGINT (asyncio turns it into KeyboardInterrupt) or the caller's cancel
+        sys.stderr.write(f"kavach: stopped by {signal.Signals(received[0]).name}; the sandbox was destroyed\n")
+        return 128 + received[0]
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
 
 
 async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, as_json: bool) -> int:

@@ -42,7 +42,7 @@ async def _serve(proxy: EgressProxy, host: str, port: int, ca_out: Path | None, 
     # Ordering: the handlers come before anything the clean-up below must undo, and long
     # before "listening" is printed: a supervisor may send SIGTERM as soon as it reads that
     # line, and the default disposition would kill the process with the bundle left behind.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     target = ca_out or _temporary_ca_path()
     try:

@@ -1,0 +1,90 @@
+"""``kavach run`` stopped by a signal: the sandbox is torn down, not left to run on.
+
+A supervisor (CI cancelling a job, systemd stopping a unit, a closed terminal) sends SIGTERM
+or SIGHUP. The command inside must die with the sandbox and the sandbox's cgroup must go,
+as it does after Ctrl-C; the CLI exits with 128 + the signal number.
+
+The host identifies what to check from the sandboxed command itself: a ``sleep`` with a
+unique duration (visible in the host's /proc) and its cgroup, read from the host while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kavach.backends.oci.runtime import probe_runc
+
+if os.geteuid() != 0:
+    pytest.skip("these runs use the cgroup limits of the basic policy (root on this host)", allow_module_level=True)
+
+BACKENDS = [
+    "process",
+    pytest.param(
+        "oci", marks=pytest.mark.skipif(not probe_runc().usable, reason=f"runc unusable: {probe_runc().reason}")
+    ),
+]
+
+
+def _kavach_argv() -> list[str]:
+    script = Path(sys.executable).with_name("kavach")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from kavach.cli import main; sys.exit(main())"]
+
+
+def _pids_of(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "-x", pattern], capture_output=True, text=True, check=False).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def _memory_cgroup(pid: int) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text(encoding="ascii").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    raise AssertionError(f"pid {pid} has no memory cgroup")
+
+
+def _wait_for(pattern: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = _pids_of(pattern)
+        if pids:
+            return pids[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} never started")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signal_destroys_the_sandbox_before_the_cli_exits(backend: str, signum: signal.Signals) -> None:
+    sleeper = f"sleep 300.{uuid.uuid4().int % 10**9}"
+    proc = subprocess.Popen(
+        [*_kavach_argv(), "run", "--backend", backend, "--policy", "basic", "--", *sleeper.split()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own session: default signal dispositions, no terminal
+    )
+    try:
+        pid = _wait_for(sleeper, proc)
+        cgroup = _memory_cgroup(pid)
+        assert cgroup.name.startswith("kavach-") and cgroup.is_dir(), cgroup
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signum, stderr
+    assert f"stopped by {signum.name}; the sandbox was destroyed" in stderr.decode()
+    assert _pids_of(sleeper) == []
+    assert not cgroup.exists()
