@@ -10,7 +10,10 @@ unique duration (visible in the host's /proc) and its cgroup, read from the host
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,3 +91,45 @@ def test_signal_destroys_the_sandbox_before_the_cli_exits(backend: str, signum: 
     assert f"stopped by {signum.name}; the sandbox was destroyed" in stderr.decode()
     assert _pids_of(sleeper) == []
     assert not cgroup.exists()
+
+
+def _same_cgroup_everywhere(memory_cgroup: Path) -> list[Path]:
+    """The directory of that cgroup in every mounted v1 hierarchy (kavach uses one path in all)."""
+    relative = memory_cgroup.relative_to("/sys/fs/cgroup/memory")
+    return [Path(p) for p in glob.glob(f"/sys/fs/cgroup/*/{relative}")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sandbox_dies_with_its_sigkilled_owner(backend: str) -> None:
+    # SIGKILL runs no clean-up in the owner: the sandbox must end anyway (the Process init
+    # sees its control channel close; the OCI init its lifeline pipe), never run on with no
+    # one to enforce its timeout. What it leaves on disk is removed here.
+    sleeper = f"sleep 300.{uuid.uuid4().int % 10**9}"
+    proc = subprocess.Popen(
+        [*_kavach_argv(), "run", "--backend", backend, "--policy", "basic", "--", *sleeper.split()],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    cgroups: list[Path] = []
+    container = ""
+    try:
+        pid = _wait_for(sleeper, proc)
+        cgroups = _same_cgroup_everywhere(_memory_cgroup(pid))
+        container = _memory_cgroup(pid).name  # the OCI container id is its cgroup's name
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _pids_of(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pids_of(sleeper) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if backend == "oci" and container:
+            subprocess.run(["runc", "--root", "/run/kavach/runc", "delete", "--force", container], check=False)
+            shutil.rmtree(Path("/run/kavach/bundles", container), ignore_errors=True)
+        for directory in cgroups:
+            with contextlib.suppress(FileNotFoundError):
+                directory.rmdir()

@@ -134,7 +134,7 @@ async def test_pid_1_is_kavachs_init_by_name(basic: OciInstance) -> None:
     result = await basic.exec(_req("cat /proc/1/comm; tr '\\0' ' ' < /proc/1/cmdline"))
     comm, cmdline = result.stdout.decode().splitlines()
     assert comm == "kavach-init"
-    assert cmdline.endswith("/dev/.kavach/launcher.py init ")
+    assert cmdline.endswith("/dev/.kavach/launcher.py init --lifeline 3 ")  # runc: the owner's lifeline on fd 3
 
 
 async def test_output_is_capped_and_marked(basic: OciInstance) -> None:
@@ -751,3 +751,28 @@ async def test_a_cancelled_exec_kills_its_command_and_only_it(basic: OciInstance
     await asyncio.sleep(2.0)  # past the touch, had the command survived
     check = await basic.exec(_req("test -e /tmp/oci-ran-on && echo ran-on; ps -e -o args= | grep -cx 'sleep 1000'"))
     assert check.stdout.split() == [b"1"]  # no marker; only the earlier background sleep is left
+
+
+@pytest.mark.parametrize("rootfs", ["host", "directory"])
+async def test_init_exits_when_the_owners_lifeline_closes(rootfs: str, tiny_dir: Path) -> None:
+    # The owner (this process) holds the only write end of the init's lifeline; closing it is
+    # what the kernel does when the owner dies. Both inits must then exit, ending the
+    # container: the Python launcher (host layout) and the shell loop (no python3 inside).
+    driver = OciDriver() if rootfs == "host" else OciDriver(DirectoryRootfs(str(tiny_dir)))
+    instance = await _start(SandboxPolicy.basic(), driver)
+    try:
+        assert (await instance.exec(_req("echo up"))).stdout == b"up\n"
+        assert instance._lifeline is not None
+        state = ["runc", "--root", instance.state_dir, "state", instance.container_id]
+        assert json.loads(subprocess.run(state, capture_output=True, check=True).stdout)["status"] == "running"
+        os.close(instance._lifeline)
+        instance._lifeline = None
+        deadline = time.monotonic() + 10
+        status = "running"
+        while status != "stopped" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            status = json.loads(subprocess.run(state, capture_output=True, check=True).stdout)["status"]
+        assert status == "stopped"
+    finally:
+        await instance.destroy()
+    assert not os.path.exists(instance.layout.bundle_dir)

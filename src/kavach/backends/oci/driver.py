@@ -100,6 +100,18 @@ _log = logging.getLogger(__name__)
 # A POSIX-shell init for rootfs without python3: `wait` with no operand makes dash/bash call
 # waitpid(-1), which also reaps orphans re-parented to PID 1.
 SH_INIT = 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait; done'
+# The same with the owner's lifeline on fd 3 (see LIFELINE_RUNTIMES): a background reader
+# sends init SIGTERM at EOF. Weaker than the Python init's, which no process of the sandbox
+# can interfere with: a command may kill that reader (it runs as the sandbox's user).
+SH_INIT_LIFELINE = (
+    'trap "exit 0" TERM INT; { read -r _ <&3; kill -TERM $$; } & exec 3<&-; while :; do sleep 3600 & wait; done'
+)
+
+# Runtimes given the owner's lifeline: the read end of a pipe passed to the container's init
+# as fd 3 (``run --preserve-fds 1``), whose write end only this process holds. When this
+# process dies, however it dies, init sees EOF and exits, and the kernel kills the container.
+LIFELINE_RUNTIMES = frozenset({RuntimeName.RUNC, RuntimeName.CRUN})
+LIFELINE_FD = 3
 
 # Attached (non-detached) ``runtime exec`` copies the command's stdio through pipes of its
 # own and exits only when they reach EOF: a command that leaves `sleep 1000 &` behind
@@ -561,6 +573,7 @@ class OciInstance(Instance):
         self._owner: tuple[int, int] | None = None
         self._owns_bundle = False  # set once this instance created the bundle (and the container id)
         self._proxy_listener: socket.socket | None = None
+        self._lifeline: int | None = None  # write end of the init's lifeline (LIFELINE_RUNTIMES)
         self._extra_runtime_args: tuple[str, ...] = driver.runtime_args(spec.policy)
 
     # -- runtime calls ----------------------------------------------------------------------
@@ -635,9 +648,13 @@ class OciInstance(Instance):
             targets += [(b.target, os.path.isdir(b.source)) for b in policy.filesystem.rw_binds]
             targets += [(m.destination, False) for m in late if m.destination != KAVACH_DIR_INSIDE]
             images.create_mountpoints(prepared.path, targets, owner)
-        init_args = (
-            (PYTHON_INSIDE, "-I", "-S", LAUNCHER_INSIDE, "init") if prepared.has_python3 else ("/bin/sh", "-c", SH_INIT)
-        )
+        lifeline = self.runtime.name in LIFELINE_RUNTIMES
+        if prepared.has_python3:
+            init_args: tuple[str, ...] = (PYTHON_INSIDE, "-I", "-S", LAUNCHER_INSIDE, "init")
+            if lifeline:
+                init_args += ("--lifeline", str(LIFELINE_FD))
+        else:
+            init_args = ("/bin/sh", "-c", SH_INIT_LIFELINE if lifeline else SH_INIT)
         spec = build_spec(policy.seccomp)
         if spec is None and os.geteuid() == 0 and (policy.filesystem.rw_binds or self.spec.workdir_host):
             # A root caller's writable binds are idmapped so that files keep their host owner:
@@ -669,27 +686,42 @@ class OciInstance(Instance):
         with open(os.path.join(self.layout.bundle_dir, "config.json"), "w", encoding="utf-8") as stream:
             json.dump(config, stream, indent=1)
         pid_file = os.path.join(self.layout.bundle_dir, "init.pid")
-        await self._run_detached(pid_file)
+        await self._run_detached(pid_file, lifeline=lifeline)
         self._init_pid = int(Path(pid_file).read_text(encoding="ascii").strip())
         self._init_pidns = os.readlink(f"/proc/{self._init_pid}/ns/pid")
         if self.spec.proxy_listen is not None:
             self._proxy_listener = await self._make_proxy_listener(self.spec.proxy_listen)
         self._enforcement = await self._probe_enforcement(prepared.kind)
 
-    async def _run_detached(self, pid_file: str) -> None:
+    async def _run_detached(self, pid_file: str, *, lifeline: bool) -> None:
         """``runtime run -d``. The init inherits the runtime's stdio, so it must not be a pipe
         we wait on: stdout is /dev/null and stderr a log file in the bundle (runtime errors
-        and anything init prints)."""
+        and anything init prints). With ``lifeline``, the init also gets the read end of the
+        owner's lifeline as fd 3; the write end stays in ``self._lifeline`` until destroy."""
         log_path = os.path.join(self.layout.bundle_dir, "init.log")
-        with open(log_path, "wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *self._runtime_argv(
-                    "run", "-d", "--bundle", self.layout.bundle_dir, "--pid-file", pid_file, self.container_id
-                ),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
-            )
+        run = ["run", "-d", "--bundle", self.layout.bundle_dir, "--pid-file", pid_file, self.container_id]
+        argv = self._runtime_argv(*run)
+        stdin: int = asyncio.subprocess.DEVNULL
+        if lifeline:
+            # Both ends close-on-exec: no other child of this process inherits either. The
+            # read end becomes the runtime's stdin, which this shim moves to fd 3 (stdin is
+            # then /dev/null again) for --preserve-fds 1 to hand to the container's init.
+            stdin, self._lifeline = os.pipe2(os.O_CLOEXEC)
+            argv = [
+                "/bin/sh",
+                "-c",
+                f'exec "$@" {LIFELINE_FD}<&0 0</dev/null',
+                "kavach-run",
+                *self._runtime_argv("run", "--preserve-fds", "1", *run[1:]),
+            ]
+        try:
+            with open(log_path, "wb") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=stdin, stdout=asyncio.subprocess.DEVNULL, stderr=log
+                )
+        finally:
+            if lifeline:
+                os.close(stdin)  # the runtime (then the init) holds it now
         try:
             await asyncio.wait_for(proc.wait(), RUNTIME_TIMEOUT_S)
         except TimeoutError:
@@ -1423,6 +1455,9 @@ class OciInstance(Instance):
             self._proxy_listener.close()
             self._proxy_listener = None
         errors += _teardown_layout(self.layout)
+        if self._lifeline is not None:
+            os.close(self._lifeline)  # after the delete: init is gone already, or goes now
+            self._lifeline = None
         if os.path.exists(os.path.join(self.state_dir, self.container_id)):
             errors.append(f"runtime state {os.path.join(self.state_dir, self.container_id)} is left over")
         if errors:

@@ -300,20 +300,39 @@ def run_exec(args: list[str]) -> int:
     return EXIT_SETUP_FAILED  # not reached: execvp returns only by raising
 
 
-def run_init() -> int:
-    """PID 1: reap every child until SIGTERM/SIGINT."""
+def run_init(args: list[str]) -> int:
+    """PID 1: reap every child until SIGTERM/SIGINT, or until the owner's lifeline closes.
+
+    ``--lifeline FD``: the read end of a pipe whose only write end the host's kavach process
+    holds. When that process is gone (killed, crashed), the pipe reaches EOF and init exits,
+    so the kernel kills every process of the container: a sandbox never runs on with no one
+    to enforce its timeout.
+    """
     _prctl(PR_SET_DUMPABLE, 0, "prctl(PR_SET_DUMPABLE, 0)")
     # What ps and /proc/1/comm show inside (else "python3").
     name = ctypes.create_string_buffer(b"kavach-init")
     _prctl(PR_SET_NAME, ctypes.addressof(name), "prctl(PR_SET_NAME)")
+    lifeline = int(args[1]) if args[:1] == ["--lifeline"] and len(args) == 2 else None
     wanted = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+    if lifeline is not None:
+        wanted.add(signal.SIGIO)
     # Blocked and collected with sigwaitinfo, so no SIGCHLD can slip between a reap and the
-    # next wait (the race a pause()-based loop has).
+    # next wait (the race a pause()-based loop has). Ordering: SIGIO is blocked before the
+    # lifeline may raise it.
     signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    if lifeline is not None:
+        _watch(lifeline)
+        # The owner may have gone before the watch was set up: no SIGIO would come then.
+        if _closed(lifeline):
+            return 0
     while True:
         info = signal.sigwaitinfo(wanted)
         if info.si_signo in (signal.SIGTERM, signal.SIGINT):
             return 0
+        if info.si_signo == signal.SIGIO:
+            if lifeline is not None and _closed(lifeline):
+                return 0
+            continue
         while True:
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
@@ -321,6 +340,25 @@ def run_init() -> int:
                 break
             if pid == 0:
                 break
+
+
+def _watch(fd: int) -> None:
+    """Have the kernel send this process SIGIO when ``fd`` (a pipe's read end) changes state;
+    the last writer's close is one such change (the pipe's fasync readers are signalled)."""
+    import fcntl  # init only: not on the start-up path of every exec
+
+    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK | os.O_ASYNC)
+
+
+def _closed(fd: int) -> bool:
+    """Whether the pipe ``fd`` is at EOF (every write end closed); data, never sent, is dropped."""
+    try:
+        return os.read(fd, 64) == b""
+    except BlockingIOError:
+        return False
 
 
 def run_listen(args: list[str]) -> int:
@@ -348,7 +386,7 @@ def run_listen(args: list[str]) -> int:
 def main(argv: list[str]) -> int:
     """Entry point: ``launcher.py init``, ``exec ...`` or ``listen ...``."""
     if argv[:1] == ["init"]:
-        return run_init()
+        return run_init(argv[1:])
     if argv[:1] == ["listen"]:
         try:
             return run_listen(argv[1:])
@@ -357,7 +395,8 @@ def main(argv: list[str]) -> int:
             return EXIT_SETUP_FAILED
     if argv[:1] == ["exec"]:
         return run_exec(argv[1:])
-    print("kavach-launcher: usage: launcher.py init | exec PLAN [--announce] -- ARGV...", file=sys.stderr)
+    usage = "launcher.py init [--lifeline FD] | exec PLAN [--announce] -- ARGV..."
+    print(f"kavach-launcher: usage: {usage}", file=sys.stderr)
     return 2
 
 
