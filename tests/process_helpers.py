@@ -1,4 +1,4 @@
-"""Shared helpers for the Process backend's tests (engine, escapes, pool, unprivileged)."""
+"""Shared helpers for the Process backend's tests (engine, escapes, pool, unprivileged, CLI runs)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ from kavach.backends.process import ProcessDriver, ProcessInstance
 from kavach.policy import DEFAULT_PATH, ResourceLimits, SandboxPolicy
 
 ENV = {"PATH": DEFAULT_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"}
+
+
+def kavach_argv() -> list[str]:
+    """How to run the ``kavach`` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("kavach")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from kavach.cli import main; sys.exit(main())"]
 
 
 # A Python script for a sandbox: forks (each child sleeps 2 s) until the kernel refuses, then

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from kavach.backends.oci.runtime import probe_runc
+from process_helpers import kavach_argv
 
 if os.geteuid() != 0:
     pytest.skip("these runs use the cgroup limits of the basic policy (root on this host)", allow_module_level=True)
@@ -35,12 +35,6 @@ BACKENDS = [
     ),
 ]
 
-
-def _kavach_argv() -> list[str]:
-    script = Path(sys.executable).with_name("kavach")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from kavach.cli import main; sys.exit(main())"]
 
 
 def _pids_of(pattern: str) -> list[int]:
@@ -72,7 +66,7 @@ def _wait_for(pattern: str, proc: subprocess.Popen[bytes], timeout: float = 30.0
 def test_signal_destroys_the_sandbox_before_the_cli_exits(backend: str, signum: signal.Signals) -> None:
     sleeper = f"sleep 300.{uuid.uuid4().int % 10**9}"
     proc = subprocess.Popen(
-        [*_kavach_argv(), "run", "--backend", backend, "--policy", "basic", "--", *sleeper.split()],
+        [*kavach_argv(), "run", "--backend", backend, "--policy", "basic", "--", *sleeper.split()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own session: default signal dispositions, no terminal
@@ -106,7 +100,7 @@ def test_sandbox_dies_with_its_sigkilled_owner(backend: str) -> None:
     # one to enforce its timeout. What it leaves on disk is removed here.
     sleeper = f"sleep 300.{uuid.uuid4().int % 10**9}"
     proc = subprocess.Popen(
-        [*_kavach_argv(), "run", "--backend", backend, "--policy", "basic", "--", *sleeper.split()],
+        [*kavach_argv(), "run", "--backend", backend, "--policy", "basic", "--", *sleeper.split()],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -49,6 +49,8 @@ from typing import Any
 
 import pytest
 
+from process_helpers import kavach_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("escape_probe.py")
 BACKENDS = ("auto", "process", "oci")
@@ -58,12 +60,6 @@ OUTPUT_CAP = 16 * MiB  # the default per-stream cap
 if os.geteuid() != 0:  # the battery plants host-root-owned bait and reads /proc of every pid
     pytest.skip("the CLI escape battery runs as root (the issue's setup)", allow_module_level=True)
 
-
-def _kavach_argv() -> list[str]:
-    script = Path(sys.executable).with_name("kavach")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from kavach.cli import main; sys.exit(main())"]
 
 
 def _b64_python(code: str) -> list[str]:
@@ -213,7 +209,7 @@ def _run_cli(
     json_out: bool = True,
     pass_fds: tuple[int, ...] = (),
 ) -> CliRun:
-    argv = [*_kavach_argv(), "run", "--policy", "strict", "--backend", backend]
+    argv = [*kavach_argv(), "run", "--policy", "strict", "--backend", backend]
     if json_out:
         argv.append("--json")
     argv += [*options, "--", *command]
@@ -370,7 +366,7 @@ def _daemons_at_timeout_run(bait: Bait, backend: str) -> CliRun:
         f'/usr/bin/python3 -c "{daemon}"; '
         f"echo started; exec sleep 1000.{marker}5"
     )
-    argv = [*_kavach_argv(), "run", "--policy", "strict", "--backend", backend, "--json", "--timeout", "3"]
+    argv = [*kavach_argv(), "run", "--policy", "strict", "--backend", backend, "--json", "--timeout", "3"]
     argv += ["--", "/bin/sh", "-c", script]
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -446,7 +442,7 @@ def _tiocsti_run(bait: Bait, backend: str, *, sandboxed: bool = True) -> CliRun:
     result_file = bait.base / f"tty-{backend}-{uuid.uuid4().hex[:6]}.json"
     if sandboxed:
         inner = [
-            *_kavach_argv(),
+            *kavach_argv(),
             "run",
             "--policy",
             "strict",
@@ -707,7 +703,7 @@ def test_no_setuid_plant_even_when_the_policy_filters_no_syscalls(bait: Bait, ba
     shared = bait.base / f"minimal-{backend}"
     shared.mkdir()
     os.chmod(shared, 0o777)
-    argv = [*_kavach_argv(), "run", "--policy", "minimal", "--backend", backend, "--json"]
+    argv = [*kavach_argv(), "run", "--policy", "minimal", "--backend", backend, "--json"]
     argv += ["--bind", f"{shared}:/tmp/kv-rw", "--", *_b64_python(_PLANT_WITHOUT_FILTER)]
     proc = subprocess.run(argv, env=bait.env(), capture_output=True, timeout=60, check=False)
     assert proc.returncode == 0 and "planted" in json.loads(proc.stdout)["result"]["stdout"], proc.stderr[-800:]
