@@ -36,7 +36,6 @@ BACKENDS = [
 ]
 
 
-
 def _pids_of(pattern: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", "-x", pattern], capture_output=True, text=True, check=False).stdout
     return [int(pid) for pid in out.split()]
@@ -109,8 +108,9 @@ def test_sandbox_dies_with_its_sigkilled_owner(backend: str) -> None:
     container = ""
     try:
         pid = _wait_for(sleeper, proc)
-        cgroups = _same_cgroup_everywhere(_memory_cgroup(pid))
-        container = _memory_cgroup(pid).name  # the OCI container id is its cgroup's name
+        memory = _memory_cgroup(pid)
+        cgroups = _same_cgroup_everywhere(memory)
+        container = memory.name  # the OCI container id is its cgroup's name
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10

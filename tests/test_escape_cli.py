@@ -61,7 +61,6 @@ if os.geteuid() != 0:  # the battery plants host-root-owned bait and reads /proc
     pytest.skip("the CLI escape battery runs as root (the issue's setup)", allow_module_level=True)
 
 
-
 def _b64_python(code: str) -> list[str]:
     """``/usr/bin/python3 -c`` running ``code``, base64-wrapped so command-line guards see nothing.
 
