@@ -92,6 +92,24 @@ def test_load_toml_yaml_json_give_equal_policies(tmp_path: Path) -> None:
         ("colour = 1", "colour", "1"),
         ('extends = "paranoid"', "policy", "paranoid"),
         ('[seccomp]\nprofile = "basic"\nallow = ["ptrace"]', "seccomp.allow", "ptrace"),
+        # Non-finite or unenforceably small CPU shares (TOML has nan and inf): a quota below
+        # the kernel's 1 ms would be rounded up to a weaker limit than the one asked for.
+        ("[resources]\ncpus = nan", "resources.cpus", "nan"),
+        ("[resources]\ncpus = inf", "resources.cpus", "inf"),
+        ("[resources]\ncpus = 0.001", "resources.cpus", "0.001"),
+        # Above what the kernel can set at all.
+        ("[resources]\npids = 4194305", "resources.pids", "4194305"),
+        ("[resources]\nopen_files = 9223372036854775807", "resources.open_files", "9223372036854775807"),
+        # The sandbox's root, /proc and /dev are built by the sandbox: not a workdir or bind target.
+        ('[filesystem]\nworkdir = "/"', "filesystem.workdir", "'/'"),
+        ('[filesystem]\nworkdir = "/proc/x"', "filesystem.workdir", "/proc/x"),
+        ('[filesystem]\nworkdir = "/dev"', "filesystem.workdir", "/dev"),
+        ('[filesystem]\nro_binds = ["/:/"]', "filesystem.ro_binds", "'/'"),
+        ('[filesystem]\nro_binds = ["/etc:/dev/x"]', "filesystem.ro_binds", "/dev/x"),
+        ('[filesystem]\nrw_binds = ["/tmp:/proc/sys"]', "filesystem.rw_binds", "/proc/sys"),
+        ('[filesystem]\nrw_binds = ["/tmp://proc"]', "filesystem.rw_binds", "//proc"),
+        ('[filesystem]\nro_binds = ["/etc:/x/./y"]', "filesystem.ro_binds", "/x/./y"),
+        ('[env]\npassthrough = ["*"]', "env.passthrough", "*"),
     ],
 )
 def test_validation_errors_name_the_field_and_the_value(tmp_path: Path, text: str, field: str, value: str) -> None:
@@ -101,6 +119,27 @@ def test_validation_errors_name_the_field_and_the_value(tmp_path: Path, text: st
         SandboxPolicy.load(path)
     assert info.value.field == field
     assert value in str(info.value)
+
+
+def test_policies_built_in_code_are_checked_like_loaded_ones() -> None:
+    # A Bind made directly (not through Bind.parse) gets the same checks at validation.
+    fs = SandboxPolicy().filesystem
+    for binds, field in (
+        ({"ro_binds": (Bind("relative", "/x"),)}, "filesystem.ro_binds"),
+        ({"rw_binds": (Bind("/tmp", "/dev/shm"),)}, "filesystem.rw_binds"),
+        ({"workdir": "/proc"}, "filesystem.workdir"),
+    ):
+        policy = dataclasses.replace(SandboxPolicy(), filesystem=dataclasses.replace(fs, **binds))
+        with pytest.raises(PolicyError) as info:
+            policy.validate()
+        assert info.value.field == field
+    # The nearest allowed neighbours stay allowed.
+    ok = dataclasses.replace(
+        fs, workdir="/procedures", ro_binds=(Bind("/etc", "/devices"),), rw_binds=(Bind("/tmp", "/work/dev"),)
+    )
+    dataclasses.replace(SandboxPolicy(), filesystem=ok).validate()
+    cpus = dataclasses.replace(SandboxPolicy().resources, cpus=0.01, pids=4194304)
+    dataclasses.replace(SandboxPolicy(), resources=cpus).validate()
 
 
 def test_syntax_errors_and_unknown_file_types_are_policy_errors(tmp_path: Path) -> None:

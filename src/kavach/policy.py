@@ -13,6 +13,7 @@ The policy says what is *asked*; the score is computed from what a backend *enfo
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +27,10 @@ from kavach.errors import PolicyError
 MiB = 1024 * 1024
 DEFAULT_OUTPUT_CAP = 16 * MiB
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_MIN_CPUS = 0.01  # the kernel's smallest CFS quota, 1 ms, per kavach's 100 ms period
+_PID_MAX_LIMIT = 4 * 1024 * 1024  # the kernel's ceiling for pids.max (PID_MAX_LIMIT of 64-bit kernels)
+_NR_OPEN_MAX = 2147483584  # the kernel's ceiling for fs.nr_open, hence RLIMIT_NOFILE
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class NetworkMode(StrEnum):
@@ -95,7 +100,11 @@ class LandlockRule:
 
 @dataclass(frozen=True)
 class FilesystemPolicy:
-    """Mounts and the root filesystem."""
+    """Mounts and the root filesystem.
+
+    Bind targets and the workdir are absolute paths inside the sandbox; they may not be the
+    root, nor /proc or /dev or anything beneath them (the sandbox builds those itself).
+    """
 
     ro_binds: tuple[Bind, ...] = ()
     rw_binds: tuple[Bind, ...] = ()
@@ -136,12 +145,12 @@ class ResourceLimits:
     """Resource limits; ``None`` means not limited."""
 
     memory: int | None = None  # bytes, cgroup memory limit
-    cpus: float | None = None  # CPU bandwidth in cores
-    pids: int | None = None  # max processes/threads in the sandbox
+    cpus: float | None = None  # CPU bandwidth in cores, at least 0.01 (the kernel's smallest quota)
+    pids: int | None = None  # max processes/threads in the sandbox (the kernel allows up to 4194304)
     wall_timeout_ms: int | None = 30_000  # default per-exec wall clock
     cpu_time_s: int | None = None  # RLIMIT_CPU per exec
     file_size: int | None = None  # RLIMIT_FSIZE bytes
-    open_files: int | None = None  # RLIMIT_NOFILE
+    open_files: int | None = None  # RLIMIT_NOFILE; a sandbox cannot exceed the caller's hard limit (ulimit -Hn)
     address_space: int | None = None  # RLIMIT_AS bytes
     stdout_cap: int = DEFAULT_OUTPUT_CAP
     stderr_cap: int = DEFAULT_OUTPUT_CAP
@@ -345,8 +354,11 @@ class SandboxPolicy:
             raise PolicyError(
                 "seccomp.allow", list(self.seccomp.allow), "only valid with profile 'strict' (an allow list)"
             )
-        if not self.filesystem.workdir.startswith("/"):
-            raise PolicyError("filesystem.workdir", self.filesystem.workdir, "must be an absolute path")
+        _check_inside_path(self.filesystem.workdir, "filesystem.workdir")
+        for field_name, binds in (("filesystem.ro_binds", self.filesystem.ro_binds),
+                                  ("filesystem.rw_binds", self.filesystem.rw_binds)):
+            for bind in binds:
+                _check_bind(bind, field_name)
         for rule in self.landlock.rules:
             if not rule.path.startswith("/"):
                 raise PolicyError("landlock.rules.path", rule.path, "must be an absolute path")
@@ -363,8 +375,14 @@ class SandboxPolicy:
             value = getattr(r, name)
             if value is not None and value <= 0:
                 raise PolicyError(f"resources.{name}", value, "must be positive")
-        if r.cpus is not None and r.cpus <= 0:
-            raise PolicyError("resources.cpus", r.cpus, "must be positive")
+        if r.cpus is not None and not (math.isfinite(r.cpus) and r.cpus >= _MIN_CPUS):
+            # Below 1 ms of CPU per 100 ms period the kernel cannot enforce the share: a
+            # smaller quota would be rounded up, a weaker limit than the one asked for.
+            raise PolicyError("resources.cpus", r.cpus, f"must be a finite number of cores, at least {_MIN_CPUS}")
+        if r.pids is not None and r.pids > _PID_MAX_LIMIT:
+            raise PolicyError("resources.pids", r.pids, f"the kernel allows at most {_PID_MAX_LIMIT}")
+        if r.open_files is not None and r.open_files > _NR_OPEN_MAX:
+            raise PolicyError("resources.open_files", r.open_files, f"the kernel allows at most {_NR_OPEN_MAX}")
         for name in ("stdout_cap", "stderr_cap"):
             if getattr(r, name) <= 0:
                 raise PolicyError(f"resources.{name}", getattr(r, name), "must be positive")
@@ -375,6 +393,35 @@ class SandboxPolicy:
             raise PolicyError("filesystem.tmp_size", self.filesystem.tmp_size, "must be positive")
         for entry in (*self.network.egress_allowlist, *self.network.egress_denylist):
             _check_host_pattern(entry, "network.egress_allowlist")
+        for name in self.env.passthrough:
+            if not _ENV_NAME.fullmatch(name):
+                raise PolicyError("env.passthrough", name, "not a valid environment variable name")
+
+
+# Sandbox paths a bind or the workdir may not cover: the root itself, and /proc and /dev,
+# which every backend builds for the sandbox (a fresh procfs with masked entries, a minimal
+# device tmpfs); a host directory over or inside them would undo that or fail to mount.
+_RESERVED_TARGETS = ("/proc", "/dev")
+
+
+def _check_inside_path(path: str, field_name: str) -> None:
+    """``path`` (a path inside the sandbox) is absolute, normal and not reserved."""
+    if not path.startswith("/") or "\0" in path or any(part in ("..", ".") for part in path.split("/")):
+        raise PolicyError(field_name, path, "must be an absolute path without '.', '..' or NUL")
+    normal = "/" + "/".join(part for part in path.split("/") if part)
+    if normal == "/":
+        raise PolicyError(field_name, path, "cannot be the sandbox's root")
+    for reserved in _RESERVED_TARGETS:
+        if normal == reserved or normal.startswith(reserved + "/"):
+            raise PolicyError(
+                field_name, path, f"{reserved} is built by the sandbox and cannot be replaced or bound into"
+            )
+
+
+def _check_bind(bind: Bind, field_name: str) -> None:
+    if not bind.source.startswith("/") or "\0" in bind.source or ".." in bind.source.split("/"):
+        raise PolicyError(field_name, str(bind), "source must be an absolute path without '..' or NUL")
+    _check_inside_path(bind.target, field_name)
 
 
 def _parse_policy_text(text: str, suffix: str, name: str) -> Any:

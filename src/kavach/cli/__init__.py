@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -158,9 +159,11 @@ def run(
         )
         proxy_settings = {"proxy": options.config, "credential_store": options.store, "secrets": options.secret_refs}
     if timeout is not None:
-        if timeout <= 0:
-            raise PolicyError("--timeout", timeout, "must be positive")
-        chosen = replace(chosen, resources=replace(chosen.resources, wall_timeout_ms=int(timeout * 1000)))
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise PolicyError("--timeout", timeout, "must be a positive number of seconds")
+        # Rounded up to whole milliseconds: a timeout is never shortened to nothing.
+        wall_ms = math.ceil(timeout * 1000)
+        chosen = replace(chosen, resources=replace(chosen.resources, wall_timeout_ms=wall_ms))
     chosen.validate()
     config = SandboxConfig(
         backend=None if backend.lower() == "auto" else Backend.parse(backend),
