@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -205,6 +206,70 @@ async def test_missing_bind_source_fails_creation() -> None:
     with pytest.raises(SandboxCreateError, match="does not exist"):
         async with sandbox(policy):
             pass
+
+
+async def test_open_files_above_what_the_sandbox_can_get_fails_creation_naming_the_field() -> None:
+    # The sandbox is in its own user namespace: its hard RLIMIT_NOFILE cannot exceed the
+    # caller's, whatever fs.nr_open says.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resources = SandboxPolicy.basic().resources
+    above = dataclasses.replace(SandboxPolicy.basic(), resources=dataclasses.replace(resources, open_files=hard + 1))
+    with pytest.raises(SandboxCreateError, match=rf"^resources\.open_files: {hard + 1} is above .*\({hard}\)$"):
+        async with sandbox(above):
+            pass
+    at_limit = dataclasses.replace(SandboxPolicy.basic(), resources=dataclasses.replace(resources, open_files=hard))
+    async with sandbox(at_limit) as box:
+        assert (await sh(box, "ulimit -n")).stdout.strip() == str(hard).encode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs the memory cgroup a root caller gets")
+async def test_a_memory_limit_too_small_for_init_is_named_not_a_closed_channel() -> None:
+    resources = dataclasses.replace(SandboxPolicy.basic().resources, memory=2 * 1024 * 1024)
+    policy = dataclasses.replace(SandboxPolicy.basic(), resources=resources)
+    expected = r"^resources\.memory: 2097152 B is too little .* killed during set-up"
+    with pytest.raises(SandboxCreateError, match=expected):
+        async with sandbox(policy):
+            pass
+
+
+async def test_bytes_execve_cannot_take_fail_that_exec_and_the_server_keeps_serving() -> None:
+    async with sandbox() as box:
+        before = (await sh(box, "echo $PPID")).stdout
+        for field, value in (
+            ("env", {**ENV, "A=B": "x"}),
+            ("env", {**ENV, "X": "a\0b"}),
+            ("argv", ("/bin/echo", "a\0b")),
+            ("cwd", "/tm\0p"),
+        ):
+            request = ExecRequest(argv=("/bin/true",), env=ENV)
+            # ExecRequest refuses these (below); a request that got past it anyway must
+            # fail its own exec, not kill the sandbox's exec server.
+            object.__setattr__(request, field, value)
+            with pytest.raises(ExecError, match="exec setup failed"):
+                await box.exec(request)
+        # The same exec server (the command's parent) still serves.
+        assert (await sh(box, "echo $PPID")).stdout == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"argv": ()}, "argv"),
+        ({"argv": ("/bin/echo", "a\0b")}, "argv"),
+        ({"env": {"A=B": "x"}}, "env"),
+        ({"env": {"": "x"}}, "env"),
+        ({"env": {"X": "a\0b"}}, "env"),
+        ({"cwd": "relative"}, "cwd"),
+        ({"timeout_ms": 0}, "timeout_ms"),
+        ({"timeout_ms": 1.5}, "timeout_ms"),
+        ({"timeout_ms": True}, "timeout_ms"),
+        ({"stdout_cap": -1}, "stdout_cap"),
+    ],
+)
+def test_exec_requests_execve_cannot_take_are_refused_naming_the_field(changes: dict[str, object], field: str) -> None:
+    arguments: dict[str, object] = {"argv": ("/bin/true",), **changes}
+    with pytest.raises(ExecError, match=f"^{field}: "):
+        ExecRequest(**arguments)  # type: ignore[arg-type]
 
 
 async def test_proxy_listener_is_created_inside_and_reachable_from_inside() -> None:

@@ -9,11 +9,14 @@ composes those around them.
 from __future__ import annotations
 
 import abc
+import os
+import resource
 import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from kavach.backends.names import Backend
+from kavach.errors import ExecError, SandboxCreateError
 from kavach.policy import SandboxPolicy
 from kavach.scoring import Enforcement
 
@@ -80,6 +83,25 @@ class ExecRequest:
     stdout_cap: int = 16 * 1024 * 1024
     stderr_cap: int = 16 * 1024 * 1024
     shell: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse what no kernel can pass to execve (NUL bytes, ``=`` in a variable name) and
+        non-positive limits, naming the field: every backend gets checked input."""
+        if not self.argv or not all(isinstance(a, str) and "\0" not in a for a in self.argv) or not self.argv[0]:
+            raise ExecError("argv: must be a non-empty list of strings without NUL bytes")
+        for name, value in self.env.items():
+            if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+                raise ExecError(f"env: {name!r} is not a variable name (empty, or holds '=' or NUL)")
+            if not isinstance(value, str) or "\0" in value:
+                raise ExecError(f"env: the value of {name} must be a string without NUL bytes")
+        if self.cwd is not None and (not isinstance(self.cwd, str) or not self.cwd.startswith("/") or "\0" in self.cwd):
+            raise ExecError(f"cwd: must be an absolute path (got {self.cwd!r})")
+        for field_name in ("timeout_ms", "stdout_cap", "stderr_cap"):
+            value = getattr(self, field_name)
+            if value is None and field_name == "timeout_ms":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ExecError(f"{field_name}: must be a positive integer (got {value!r})")
 
 
 @dataclass
@@ -164,6 +186,29 @@ class Instance(abc.ABC):
     def live_pids(self) -> int | None:
         """How many processes the sandbox has now, or None when the backend cannot tell."""
         return None
+
+
+def check_open_files(policy: SandboxPolicy, *, user_namespace: bool = True) -> None:
+    """Refuse ``resources.open_files`` above what the sandbox can be given.
+
+    Raising a hard rlimit needs CAP_SYS_RESOURCE in the initial user namespace: a sandbox in
+    its own user namespace (root caller or not) gets at most the caller's hard limit
+    (``ulimit -Hn``); only a root caller without one may go up to ``fs.nr_open``. Above that
+    the sandbox could not start, and the kernel's EPERM would not name the policy field.
+    """
+    limit = policy.resources.open_files
+    if limit is None:
+        return
+    try:
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
+            bound, what = int(f.read()), "this host's fs.nr_open"
+    except (OSError, ValueError):
+        bound, what = resource.RLIM_INFINITY, ""  # unknown: setrlimit itself still fails closed
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if (user_namespace or os.geteuid() != 0) and hard != resource.RLIM_INFINITY and hard < bound:
+        bound, what = hard, "the caller's hard limit of open files (ulimit -Hn), which a sandbox cannot raise"
+    if bound != resource.RLIM_INFINITY and limit > bound:
+        raise SandboxCreateError(f"resources.open_files: {limit} is above {what} ({bound})")
 
 
 class Driver(abc.ABC):

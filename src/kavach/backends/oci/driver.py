@@ -62,6 +62,7 @@ from kavach.backends.base import (
     ProbeResult,
     RawProcess,
     RawResult,
+    check_open_files,
 )
 from kavach.backends.capture import CappedBuffer, exit_reason
 from kavach.backends.names import Backend
@@ -655,6 +656,12 @@ class OciInstance(Instance):
                 init_args += ("--lifeline", str(LIFELINE_FD))
         else:
             init_args = ("/bin/sh", "-c", SH_INIT_LIFELINE if lifeline else SH_INIT)
+        # The runtime skips syscall names its libseccomp does not know: a misspelt deny entry
+        # would be dropped in silence. Refused here instead (PolicyError naming the syscall).
+        from kavach.backends.process.seccomp import check_user_syscalls
+
+        check_user_syscalls(policy.seccomp, libseccomp_only=True)
+        check_open_files(policy)
         spec = build_spec(policy.seccomp)
         if spec is None and os.geteuid() == 0 and (policy.filesystem.rw_binds or self.spec.workdir_host):
             # A root caller's writable binds are idmapped so that files keep their host owner:

@@ -744,7 +744,11 @@ async def _start(
         finally:
             for fd in idmapped:
                 os.close(fd)
-        message, fds = await _within_deadline(_expect(channel, "ready"), "the sandbox's 'ready'")
+        try:
+            message, fds = await _within_deadline(_expect(channel, "ready"), "the sandbox's 'ready'")
+        except SandboxCreateError as exc:
+            _explain_setup_oom(exc, cgroup, spec)
+            raise
         instance = ProcessInstance(spec, plan, channel, pid, pidfd, cgroup)
         _LIVE.add(instance)
         if fds:
@@ -767,6 +771,21 @@ async def _start(
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.close(pidfd)
         raise
+
+
+def _explain_setup_oom(exc: SandboxCreateError, cgroup: Cgroup | None, spec: LaunchSpec) -> None:
+    """Raise a clearer error when the memory limit killed the sandbox's own processes.
+
+    Init and the exec server need a few MiB (about 6 MiB here); below that the OOM killer
+    ends them during set-up and the caller would only see the channel close.
+    """
+    if cgroup is None or not cgroup.oom_killed():
+        return
+    memory = spec.policy.resources.memory
+    raise SandboxCreateError(
+        f"resources.memory: {memory} B is too little for the sandbox's own init and exec server, "
+        f"which the memory limit killed during set-up ({exc}); allow at least 8 MiB"
+    ) from None
 
 
 def _map_ids(pid: int, spec: LaunchSpec, plan: dict[str, Any]) -> list[int]:

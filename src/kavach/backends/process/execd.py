@@ -227,6 +227,8 @@ class ExecServer:
             os.chdir(cwd)
         except OSError as exc:
             raise _SetupError(f"chdir {cwd}", exc.errno or 0) from None
+        except ValueError:  # a NUL byte (ExecRequest refuses it first): fail the exec, not the server
+            raise _SetupError("chdir: NUL byte in the path", errno.EINVAL) from None
         argv = [os.fsencode(a) for a in message["argv"]]
         env = {os.fsencode(k): os.fsencode(v) for k, v in message["env"].items()}
         scope_layer = self.scope_layer
@@ -249,6 +251,10 @@ class ExecServer:
             raise
         except OSError as exc:
             raise _SetupError("execve", exc.errno or 0) from None
+        except ValueError:
+            # posix_spawn's refusal of a NUL byte or of '=' in a variable name (ExecRequest
+            # refuses both first): this exec fails, the server keeps serving.
+            raise _SetupError("execve: NUL byte or '=' in a variable name", errno.EINVAL) from None
 
     def _reap(self) -> None:
         while self.running:

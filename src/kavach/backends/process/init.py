@@ -28,6 +28,7 @@ import _frozen_importlib as _bootstrap  # importlib's core, always loaded
 import _signal as _csignal  # type: ignore[import-not-found]  # C module of `signal` (child_signals_default)
 import base64
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -823,8 +824,13 @@ def _confine_process(plan: dict[str, Any]) -> None:
     for name, value in plan["rlimits"].items():
         try:
             resource.setrlimit(_RLIMITS[name], (value, value))
-        except (OSError, ValueError) as exc:
-            raise KernelCallError(f"setrlimit {name}={value}", getattr(exc, "errno", 0) or 0) from None
+        except ValueError:
+            # CPython reports EPERM as ValueError, without the errno: raising the hard
+            # limit (RLIMIT_NOFILE above fs.nr_open). Its other ValueError, EINVAL for a
+            # soft limit above the hard one, cannot happen: both are set to ``value``.
+            raise KernelCallError(f"setrlimit {name}={value}", errno.EPERM) from None
+        except OSError as exc:
+            raise KernelCallError(f"setrlimit {name}={value}", exc.errno or errno.EIO) from None
     if plan["namespaces"]:
         caps.drop_all_capabilities(plan["last_cap"])
     elif os.geteuid() == 0:

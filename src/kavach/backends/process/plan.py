@@ -15,7 +15,7 @@ import tempfile
 from typing import Any
 
 from kavach.backends import rootfs
-from kavach.backends.base import LaunchSpec
+from kavach.backends.base import LaunchSpec, check_open_files
 from kavach.backends.process import _libc
 from kavach.errors import SandboxCreateError
 from kavach.policy import NetworkMode, SeccompPolicy, SeccompProfile, landlock_rules
@@ -126,6 +126,7 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
         if injected.path.startswith(("/proc/", "/dev/")):
             raise SandboxCreateError(f"files: cannot place {injected.path} in /proc or /dev")
 
+    check_open_files(policy, user_namespace=use_namespaces)
     r = policy.resources
     rlimits = {
         name: value

@@ -219,6 +219,30 @@ def _resolve(pyseccomp: object, name: str, from_user: bool) -> int | None:
     return None
 
 
+def check_user_syscalls(policy: SeccompPolicy, *, libseccomp_only: bool = False) -> None:
+    """Raise :class:`~kavach.errors.PolicyError` for a name in ``deny`` or ``allow`` unknown here.
+
+    ``libseccomp_only`` is for runtimes that compile the names with this host's libseccomp
+    themselves (runc, crun) and skip the names it does not know: the names kavach resolves
+    from its own table of newer x86_64 syscalls would be dropped there, so they are refused.
+    pyseccomp is imported only when the policy names syscalls.
+    """
+    from kavach.errors import PolicyError
+
+    if not policy.deny and not policy.allow:
+        return
+    import pyseccomp
+
+    for field_name, names in (("seccomp.deny", policy.deny), ("seccomp.allow", policy.allow)):
+        for name in names:
+            number = int(pyseccomp.resolve_syscall(0, name))
+            if number < 0 and not libseccomp_only and _MACHINE == "x86_64":
+                number = _X86_64_NEWER_SYSCALLS.get(name, -1)
+            if number < 0:
+                where = "this host's libseccomp, which the OCI runtime uses," if libseccomp_only else _MACHINE
+                raise PolicyError(field_name, name, f"unknown syscall on {where} (it would not be filtered)")
+
+
 def _export(flt: object) -> bytes:
     fd = os.memfd_create("kavach-seccomp", os.MFD_CLOEXEC)
     try:
