@@ -109,6 +109,28 @@ async def test_close_destroys_warm_and_leased_sandboxes() -> None:
         await pool.claim()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("size", 2.5),
+        ("size", True),
+        ("concurrency", float("nan")),
+        ("max_uses", 0),
+        # NaN compares false with everything: such a lifetime would never expire a sandbox.
+        ("max_lifetime_s", float("nan")),
+        ("max_lifetime_s", float("inf")),
+        ("max_lifetime_s", 0),
+        ("refill_delay_s", float("nan")),
+        ("refill_delay_s", float("inf")),
+        ("refill_delay_s", -1),
+    ],
+)
+def test_bad_pool_arguments_are_refused_naming_them(field: str, value: object) -> None:
+    with pytest.raises(PolicyError) as info:
+        SandboxPool(_config(), **{field: value})  # type: ignore[arg-type]
+    assert info.value.field == f"pool.{field}"
+
+
 async def test_foreign_sandbox_release_and_bad_arguments_are_refused() -> None:
     with pytest.raises(PolicyError):
         SandboxPool(_config(), size=-1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,6 +58,15 @@ class PoolStats:
     discarded: int
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PolicyError(name, value, f"must be an integer >= {minimum}")
+
+
 class SandboxPool:
     """A pool of pre-created sandboxes of one configuration (see the module docstring)."""
 
@@ -73,16 +83,14 @@ class SandboxPool:
         concurrency: int = 2,
         refill_delay_s: float = 0.1,
     ) -> None:
-        if size < 0:
-            raise PolicyError("pool.size", size, "must be >= 0")
-        if max_uses < 1:
-            raise PolicyError("pool.max_uses", max_uses, "must be >= 1")
-        if max_lifetime_s is not None and max_lifetime_s <= 0:
-            raise PolicyError("pool.max_lifetime_s", max_lifetime_s, "must be positive")
-        if concurrency < 1:
-            raise PolicyError("pool.concurrency", concurrency, "must be >= 1")
-        if refill_delay_s < 0:
-            raise PolicyError("pool.refill_delay_s", refill_delay_s, "must be >= 0")
+        _check_int("pool.size", size, 0)
+        _check_int("pool.max_uses", max_uses, 1)
+        _check_int("pool.concurrency", concurrency, 1)
+        # NaN compares false with everything: a NaN lifetime would never expire a sandbox.
+        if max_lifetime_s is not None and not (_is_number(max_lifetime_s) and 0 < max_lifetime_s < math.inf):
+            raise PolicyError("pool.max_lifetime_s", max_lifetime_s, "must be a positive number of seconds, or None")
+        if not (_is_number(refill_delay_s) and 0 <= refill_delay_s < math.inf):
+            raise PolicyError("pool.refill_delay_s", refill_delay_s, "must be a finite number of seconds >= 0")
         self.config = config or SandboxConfig()
         self.size = size
         self.reuse = reuse
