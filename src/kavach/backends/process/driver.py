@@ -776,8 +776,8 @@ async def _start(
 def _explain_setup_oom(exc: SandboxCreateError, cgroup: Cgroup | None, spec: LaunchSpec) -> None:
     """Raise a clearer error when the memory limit killed the sandbox's own processes.
 
-    Init and the exec server need a few MiB (about 6 MiB here); below that the OOM killer
-    ends them during set-up and the caller would only see the channel close.
+    Init and the exec server need a few MiB (2 MiB does not start here, 4 MiB does); below
+    that the OOM killer ends them during set-up and the caller would only see the channel close.
     """
     if cgroup is None or not cgroup.oom_killed():
         return
