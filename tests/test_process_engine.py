@@ -222,6 +222,20 @@ async def test_open_files_above_what_the_sandbox_can_get_fails_creation_naming_t
         assert (await sh(box, "ulimit -n")).stdout.strip() == str(hard).encode()
 
 
+def test_the_callers_hard_limit_still_bounds_open_files_when_nr_open_is_unreadable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kavach.backends import base
+
+    monkeypatch.setattr(base, "NR_OPEN_PATH", "/nonexistent/nr_open")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resources = SandboxPolicy.basic().resources
+    above = dataclasses.replace(SandboxPolicy.basic(), resources=dataclasses.replace(resources, open_files=hard + 1))
+    with pytest.raises(SandboxCreateError, match=rf"caller's hard limit .*\({hard}\)$"):
+        base.check_open_files(above)
+    base.check_open_files(dataclasses.replace(above, resources=dataclasses.replace(resources, open_files=hard)))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs the memory cgroup a root caller gets")
 async def test_a_memory_limit_too_small_for_init_is_named_not_a_closed_channel() -> None:
     resources = dataclasses.replace(SandboxPolicy.basic().resources, memory=2 * 1024 * 1024)

@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from kavach.backends.names import Backend
 from kavach.errors import PolicyError
-from kavach.policy import NetworkMode, NetworkPolicy, SandboxPolicy, SeccompProfile
+from kavach.policy import ENV_NAME_RE, NetworkMode, NetworkPolicy, SandboxPolicy, SeccompProfile
 
 if TYPE_CHECKING:
     from kavach.credentials import CredentialStore, ProxyConfig, SecretRef
     from kavach.scanning.gate import ExternalizationPolicy
     from kavach.threat import ThreatAssessment
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _AGENT_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
@@ -88,7 +87,7 @@ class SandboxConfig:
         ):
             raise PolicyError("min_score", self.min_score, "must be an integer from 0 to 100")
         for key in self.env:
-            if not _ENV_NAME.match(key):
+            if not ENV_NAME_RE.fullmatch(key):
                 raise PolicyError(f"env.{key}", key, "not a valid environment variable name")
         if self.workdir is not None:
             path = Path(self.workdir)

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import inspect
 import os
-import re
 import secrets as _secrets
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -52,7 +51,7 @@ from kavach.errors import (
     SandboxCreateError,
     ScoreTooLow,
 )
-from kavach.policy import NetworkMode, SandboxPolicy
+from kavach.policy import ENV_NAME_RE, NetworkMode, SandboxPolicy
 from kavach.quarantine import QuarantineStore
 from kavach.scanning.findings import Finding, Verdict, worst_verdict
 from kavach.scanning.gate import INJECTED_SECRET_RULE, ExternalizationPolicy, Gate, GateResult, redact
@@ -65,7 +64,6 @@ if TYPE_CHECKING:
     from kavach.threat import ThreatAssessment
 
 PROXY_LISTEN = ("127.0.0.1", 3128)
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CA_BUNDLE_PATH = "/run/kavach/ca-bundle.pem"
 _SCRUB_CACHE_ENTRIES = 256  # scrubbed argv words remembered per cache (then forgotten at once)
 _SCRUB_SHARED_POLICIES = 16  # gate policies with a shared scrub cache
@@ -991,7 +989,7 @@ async def _launch_spec(config: SandboxConfig, sandbox_id: str, services: _Servic
         known_secrets.extend(proxy.secret_values())
         # Each proxy-bound secret is visible as a variable of its own name, holding only the
         # placeholder (as `kavach run --credential HOST=HEADER:VAR` promises for VAR).
-        env.update({name: value for name, value in placeholders.items() if _ENV_NAME.match(name)})
+        env.update({name: value for name, value in placeholders.items() if ENV_NAME_RE.fullmatch(name)})
         env.update(proxy.sandbox_env(f"http://{PROXY_LISTEN[0]}:{PROXY_LISTEN[1]}", CA_BUNDLE_PATH))
         files.append(InjectedFile(CA_BUNDLE_PATH, proxy.ca_bundle_pem(), 0o444))
         proxy_listen = PROXY_LISTEN

@@ -30,7 +30,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MIN_CPUS = 0.01  # the kernel's smallest CFS quota, 1 ms, per kavach's 100 ms period
 _PID_MAX_LIMIT = 4 * 1024 * 1024  # the kernel's ceiling for pids.max (PID_MAX_LIMIT of 64-bit kernels)
 _NR_OPEN_MAX = 2147483584  # the kernel's ceiling for fs.nr_open, hence RLIMIT_NOFILE
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# An environment variable name as shells and kavach accept it (use with fullmatch).
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class NetworkMode(StrEnum):
@@ -394,7 +395,7 @@ class SandboxPolicy:
         for entry in (*self.network.egress_allowlist, *self.network.egress_denylist):
             _check_host_pattern(entry, "network.egress_allowlist")
         for name in self.env.passthrough:
-            if not _ENV_NAME.fullmatch(name):
+            if not ENV_NAME_RE.fullmatch(name):
                 raise PolicyError("env.passthrough", name, "not a valid environment variable name")
 
 

@@ -188,6 +188,9 @@ class Instance(abc.ABC):
         return None
 
 
+NR_OPEN_PATH = "/proc/sys/fs/nr_open"  # the kernel's ceiling for any RLIMIT_NOFILE
+
+
 def check_open_files(policy: SandboxPolicy, *, user_namespace: bool = True) -> None:
     """Refuse ``resources.open_files`` above what the sandbox can be given.
 
@@ -199,16 +202,19 @@ def check_open_files(policy: SandboxPolicy, *, user_namespace: bool = True) -> N
     limit = policy.resources.open_files
     if limit is None:
         return
+    bounds: list[tuple[int, str]] = []
     try:
-        with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
-            bound, what = int(f.read()), "this host's fs.nr_open"
+        with open(NR_OPEN_PATH, encoding="ascii") as f:
+            bounds.append((int(f.read()), "this host's fs.nr_open"))
     except (OSError, ValueError):
-        bound, what = resource.RLIM_INFINITY, ""  # unknown: setrlimit itself still fails closed
+        pass  # unknown here: the caller's hard limit below still applies, and setrlimit fails closed
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if (user_namespace or os.geteuid() != 0) and hard != resource.RLIM_INFINITY and hard < bound:
-        bound, what = hard, "the caller's hard limit of open files (ulimit -Hn), which a sandbox cannot raise"
-    if bound != resource.RLIM_INFINITY and limit > bound:
-        raise SandboxCreateError(f"resources.open_files: {limit} is above {what} ({bound})")
+    if (user_namespace or os.geteuid() != 0) and hard != resource.RLIM_INFINITY:
+        bounds.append((hard, "the caller's hard limit of open files (ulimit -Hn), which a sandbox cannot raise"))
+    if bounds:
+        bound, what = min(bounds)
+        if limit > bound:
+            raise SandboxCreateError(f"resources.open_files: {limit} is above {what} ({bound})")
 
 
 class Driver(abc.ABC):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from kavach.backends.base import InjectedFile
 from kavach.errors import CredentialError
+from kavach.policy import ENV_NAME_RE
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 MAX_SECRET_BYTES = 64 * 1024
 
@@ -51,7 +51,7 @@ Injection = EnvInjection | FileInjection | StdinInjection
 
 def env(var: str) -> EnvInjection:
     """Inject as the environment variable ``var``."""
-    if not _ENV_NAME_RE.match(var):
+    if not ENV_NAME_RE.fullmatch(var):
         raise CredentialError(f"invalid environment variable name {var!r}")
     return EnvInjection(var)
 
