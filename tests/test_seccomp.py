@@ -9,6 +9,7 @@ arguments (e.g. ``mount`` with a NULL target fails with EFAULT when unfiltered).
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ from kavach.backends.process.seccomp import (
     SeccompError,
     compile_filter,
     compile_spec,
+    known_syscall_names,
     load_filter,
     seccomp_supported,
 )
@@ -179,6 +181,14 @@ def strict(module_tmp: Path) -> dict[str, object]:
     return probe(module_tmp, compile_filter(STRICT))
 
 
+@pytest.fixture(scope="module")
+def runtime_basic(module_tmp: Path) -> dict[str, object]:
+    """basic as the OCI backend sends it to runc: an allow list with a refusing default."""
+    spec = profiles.build_runtime_spec(BASIC, known_syscall_names())
+    assert spec is not None
+    return probe(module_tmp, compile_spec(spec))
+
+
 DANGEROUS = [
     "unshare",
     "setns",
@@ -225,7 +235,7 @@ def test_unfiltered_baseline_is_not_eperm(unfiltered: dict[str, object]) -> None
     assert unfiltered["clone3"] != errno.ENOSYS
 
 
-@pytest.mark.parametrize("profile", ["basic", "strict"])
+@pytest.mark.parametrize("profile", ["basic", "strict", "runtime_basic"])
 @pytest.mark.parametrize("name", DANGEROUS)
 def test_dangerous_syscalls_are_refused_with_eperm(name: str, profile: str, request: pytest.FixtureRequest) -> None:
     if request.getfixturevalue("unfiltered")[name] == errno.EPERM:
@@ -234,7 +244,7 @@ def test_dangerous_syscalls_are_refused_with_eperm(name: str, profile: str, requ
     assert out[name] == errno.EPERM
 
 
-@pytest.mark.parametrize("profile", ["basic", "strict"])
+@pytest.mark.parametrize("profile", ["basic", "strict", "runtime_basic"])
 def test_ordinary_process_work_still_runs(profile: str, request: pytest.FixtureRequest) -> None:
     out = request.getfixturevalue(profile)
     assert out["status"] == "2"  # filter mode
@@ -250,10 +260,15 @@ def test_ordinary_process_work_still_runs(profile: str, request: pytest.FixtureR
     assert out["af_unix"] == 0
 
 
-def test_basic_allows_what_it_does_not_list(basic: dict[str, object]) -> None:
-    assert basic["ioprio_get"] == 0
-    assert basic["af_inet"] == 0
-    assert basic["af_netlink"] == 0
+@pytest.mark.parametrize("profile", ["basic", "runtime_basic"])
+def test_basic_allows_what_it_does_not_list(
+    profile: str, unfiltered: dict[str, object], request: pytest.FixtureRequest
+) -> None:
+    out = request.getfixturevalue(profile)
+    assert out["ioprio_get"] == 0
+    assert out["af_inet"] == 0
+    assert out["af_netlink"] == 0
+    assert out["af_packet"] == unfiltered["af_packet"]
 
 
 def test_strict_refuses_unlisted_syscalls_and_exotic_sockets(strict: dict[str, object]) -> None:
@@ -378,8 +393,11 @@ def test_profiles_data_is_consistent() -> None:
     # Nothing the deny list refuses is on the strict allow list.
     assert not set(profiles.BASIC_DENY) & set(profiles.STRICT_ALLOW)
     assert not strict_spec.names(profiles.Action.ALLOW) & set(profiles.BASIC_DENY)
+    runtime_spec = profiles.build_runtime_spec(BASIC, known_syscall_names())
+    assert runtime_spec is not None and runtime_spec.default_action is profiles.Action.ERRNO
+    assert not runtime_spec.names(profiles.Action.ALLOW) & set(profiles.BASIC_DENY)
     # No syscall has both an unconditional and a conditional rule (libseccomp forbids it).
-    for spec in (basic_spec, strict_spec):
+    for spec in (basic_spec, strict_spec, runtime_spec):
         unconditional = {n for r in spec.rules if not r.args for n in r.names}
         conditional = {n for r in spec.rules if r.args for n in r.names}
         assert not unconditional & conditional
@@ -441,3 +459,119 @@ def test_personality_rules_refuse_exactly_the_unsafe_values(value: int) -> None:
     refuse = profiles.complement_masked(0, profiles.PERSONALITY_SAFE)
     refused = any(value & cmp.value == cmp.value_two for (cmp,) in refuse)
     assert refused == ((value & 0xFFFFFFFF) not in profiles.PERSONALITY_SAFE)
+
+
+# -- basic as an allow list (what runtimes receive) decides like basic as a deny list -------
+
+_OPS = {
+    profiles.CmpOp.NE: lambda a, c: a != c.value,
+    profiles.CmpOp.LT: lambda a, c: a < c.value,
+    profiles.CmpOp.LE: lambda a, c: a <= c.value,
+    profiles.CmpOp.EQ: lambda a, c: a == c.value,
+    profiles.CmpOp.GE: lambda a, c: a >= c.value,
+    profiles.CmpOp.GT: lambda a, c: a > c.value,
+    profiles.CmpOp.MASKED_EQ: lambda a, c: a & c.value == c.value_two,
+}
+
+
+def decide(spec: profiles.SeccompSpec, name: str, args: tuple[int, ...]) -> tuple[profiles.Action, int]:
+    """libseccomp's semantics of a spec: the action of the matching rules, else the default."""
+    hits = {
+        (rule.action, rule.errno)
+        for rule in spec.rules
+        if name in rule.names and all(_OPS[cmp.op](args[cmp.index], cmp) for cmp in rule.args)
+    }
+    assert len(hits) <= 1, (name, args, hits)  # no overlap between rules with different actions
+    if hits:
+        return hits.pop()
+    return spec.default_action, spec.default_errno if spec.default_action is profiles.Action.ERRNO else 0
+
+
+def _for_names(spec: profiles.SeccompSpec, names: frozenset[str]) -> profiles.SeccompSpec:
+    """``spec`` with only the rules that mention ``names`` (so that deciding is cheap)."""
+    rules = tuple(r for r in spec.rules if names & set(r.names))
+    return profiles.SeccompSpec(spec.profile, spec.default_action, spec.default_errno, rules)
+
+
+_RUNTIME_CASES = pytest.mark.parametrize(
+    ("policy", "deny_sockets"),
+    [(BASIC, False), (BASIC, True), (SeccompPolicy(profile=SeccompProfile.BASIC, deny=("chmod", "ioctl")), False)],
+    ids=["basic", "deny_sockets", "extra_deny"],
+)
+
+
+def _both_forms(policy: SeccompPolicy, deny_sockets: bool) -> tuple[profiles.SeccompSpec, profiles.SeccompSpec]:
+    deny_form = profiles.build_spec(policy, deny_sockets=deny_sockets)
+    allow_form = profiles.build_runtime_spec(policy, known_syscall_names(), deny_sockets=deny_sockets)
+    assert deny_form is not None and allow_form is not None
+    assert deny_form.default_action is profiles.Action.ALLOW
+    assert allow_form.default_action is profiles.Action.ERRNO
+    return deny_form, allow_form
+
+
+_INTERESTING_VALUES = (
+    0,
+    profiles.TIOCSTI,
+    profiles.TIOCLINUX,
+    0xFFFF_FFFF_0000_0000 | profiles.TIOCSTI,
+    profiles.CLONE_NAMESPACE_MASK,
+    *profiles.CLONE_NAMESPACE_FLAGS,
+    0x11,  # SIGCHLD
+    *profiles.PERSONALITY_SAFE,
+    0x0040000,
+    profiles.AF_UNIX,
+    profiles.AF_INET,
+    profiles.AF_VSOCK,
+    0x1_0000_0000 | profiles.AF_VSOCK,
+    0o100,  # O_CREAT
+    0o20200000,  # O_TMPFILE
+    0o4755,
+    0o2755,
+    0o755,
+    16,  # AF_NETLINK
+    0x541B,  # FIONREAD
+)
+_ARG = st.sampled_from(_INTERESTING_VALUES) | st.integers(min_value=0, max_value=2**64 - 1)
+_CHECKED = ["clone", "ioctl", "personality", "socket", "socketpair", "chmod", "fchmodat", "open", "openat", "creat"]
+
+
+@_RUNTIME_CASES
+def test_basic_as_an_allow_list_decides_every_known_syscall_like_the_deny_list(
+    policy: SeccompPolicy, deny_sockets: bool
+) -> None:
+    # Every syscall name, with every interesting value in every argument position.
+    deny_form, allow_form = _both_forms(policy, deny_sockets)
+    vectors = [(0,) * 6] + [
+        tuple(value if i == index else 0 for i in range(6)) for value in _INTERESTING_VALUES for index in range(6)
+    ]
+    # The argument-checked ones also with every pair of them in every pair of positions
+    # (open's O_CREAT with a setuid mode, ...).
+    pairs = [
+        tuple(first if i == one else second if i == two else 0 for i in range(6))
+        for one, two in itertools.combinations(range(4), 2)
+        for first in _INTERESTING_VALUES
+        for second in _INTERESTING_VALUES
+    ]
+    for name in sorted(known_syscall_names() | set(_CHECKED)):
+        names = frozenset({name})
+        deny_one, allow_one = _for_names(deny_form, names), _for_names(allow_form, names)
+        for args in vectors + pairs if name in _CHECKED else vectors:
+            assert decide(allow_one, name, args) == decide(deny_one, name, args), (name, [hex(a) for a in args])
+
+
+@_RUNTIME_CASES
+@given(name=st.sampled_from(_CHECKED), args=st.tuples(_ARG, _ARG, _ARG, _ARG, _ARG, _ARG))
+def test_basic_as_an_allow_list_decides_argument_checked_syscalls_like_the_deny_list(
+    policy: SeccompPolicy, deny_sockets: bool, name: str, args: tuple[int, ...]
+) -> None:
+    deny_form, allow_form = _both_forms(policy, deny_sockets)
+    assert decide(allow_form, name, args) == decide(deny_form, name, args)
+
+
+def test_basic_as_an_allow_list_refuses_names_the_runtime_does_not_know() -> None:
+    known = known_syscall_names() - {"statmount", "fchmodat2"}
+    spec = profiles.build_runtime_spec(BASIC, known)
+    assert spec is not None
+    assert "statmount" not in spec.names() and "fchmodat2" not in spec.names()
+    assert decide(spec, "statmount", (0,) * 6) == (profiles.Action.ERRNO, errno.EPERM)
+    assert decide(spec, "read", (0,) * 6) == (profiles.Action.ALLOW, 0)

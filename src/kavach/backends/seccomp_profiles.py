@@ -27,7 +27,9 @@ Profiles
     ``ioctl(TIOCSTI)`` / ``ioctl(TIOCLINUX)`` (only the low 32 bits of the request are
     compared, CVE-2019-10063) and ``personality`` outside Docker's safe values return
     ``EPERM``; ``clone3`` returns ``ENOSYS`` so that libc falls back to ``clone``, whose
-    flags a classic BPF filter can read.
+    flags a classic BPF filter can read. Runtimes that resolve names with their own
+    libseccomp (runc, crun) receive the same decisions written as an allow list
+    (:func:`build_runtime_spec`), because they skip names they do not know.
 ``strict``
     Default ``EPERM``; only :data:`STRICT_ALLOW` (enough for dynamically linked programs,
     shells that fork a lot, coreutils and ``/usr/bin/python3``) plus the argument-checked
@@ -687,13 +689,33 @@ def basic_argument_rules(*, deny_sockets: bool) -> list[SyscallRule]:
 
 def strict_argument_rules(*, deny_sockets: bool) -> list[SyscallRule]:
     """The same argument rules written as allow rules, for the allow-list profile."""
+    families = (AF_UNIX,) if deny_sockets else STRICT_SOCKET_FAMILIES
+    return _allow_argument_rules(_masked_equal(0, families), _masked_equal(0, (AF_UNIX,)))
+
+
+def basic_allow_argument_rules(*, deny_sockets: bool) -> list[SyscallRule]:
+    """:func:`basic_argument_rules` (without the setid rules) written as allow rules.
+
+    Exactly the complement of the deny rules: ``clone`` without a namespace flag, ``ioctl``
+    but TIOCSTI/TIOCLINUX, Docker's safe ``personality`` values, and every socket family
+    but ``AF_VSOCK`` (only ``AF_UNIX`` with ``deny_sockets``).
+    """
+    if deny_sockets:
+        families = _masked_equal(0, (AF_UNIX,))
+        return _allow_argument_rules(families, families)
+    families = list(complement_masked(0, (AF_VSOCK,)))
+    return _allow_argument_rules(families, families)
+
+
+def _allow_argument_rules(
+    socket_tests: Sequence[tuple[ArgCmp, ...]], socketpair_tests: Sequence[tuple[ArgCmp, ...]]
+) -> list[SyscallRule]:
     allow = Action.ALLOW
     rules = [SyscallRule(("clone",), allow, 0, (ArgCmp(0, CmpOp.MASKED_EQ, CLONE_NAMESPACE_MASK, 0),))]
     rules += _rules(("ioctl",), allow, 0, complement_masked(1, (TIOCSTI, TIOCLINUX)))
     rules += _rules(("personality",), allow, 0, _masked_equal(0, PERSONALITY_SAFE))
-    families = (AF_UNIX,) if deny_sockets else STRICT_SOCKET_FAMILIES
-    rules += _rules(("socket",), allow, 0, _masked_equal(0, families))
-    rules += _rules(("socketpair",), allow, 0, _masked_equal(0, (AF_UNIX,)))
+    rules += _rules(("socket",), allow, 0, socket_tests)
+    rules += _rules(("socketpair",), allow, 0, socketpair_tests)
     return rules
 
 
@@ -735,17 +757,52 @@ def build_spec(policy: SeccompPolicy, *, deny_sockets: bool = False) -> SeccompS
     return SeccompSpec(policy.profile, Action.ALLOW, 0, tuple(r for r in rules if r.names))
 
 
+def build_runtime_spec(
+    policy: SeccompPolicy, known: frozenset[str], *, deny_sockets: bool = False
+) -> SeccompSpec | None:
+    """The filter for ``policy`` as a runtime that resolves names itself must receive it.
+
+    runc and crun compile the names with their own libseccomp and *skip* the names it does
+    not know. In a deny list a skipped name is a syscall that reaches the kernel (Debian
+    12's libseccomp 2.5.4 does not know ``statmount``, ``listmount``, ``open_tree_attr``,
+    nor the setid-checked ``fchmodat2`` on older builds); in an allow list it is only a
+    missing allow, which fails closed. So ``basic`` is written here as an allow list with
+    a refusing default (as Docker's profile is): every name in ``known`` that ``basic``
+    does not refuse, and the argument rules as their exact complements. The result refuses
+    what :func:`build_spec`'s form refuses, and in addition every syscall the runtime
+    cannot name (``EPERM``; runc answers ``ENOSYS`` above the highest number the profile
+    names, so libc's fallbacks still work). ``known``: the syscall names of the native
+    architecture (:func:`kavach.backends.process.seccomp.known_syscall_names`). Other
+    profiles are returned as :func:`build_spec` builds them (``strict`` already is an
+    allow list; ``none`` only refuses names the caller checked).
+    """
+    if policy.profile is not SeccompProfile.BASIC:
+        return build_spec(policy, deny_sockets=deny_sockets)
+    build_spec(policy, deny_sockets=deny_sockets)  # the same validation of the policy's names
+    deny = frozenset(BASIC_DENY) | frozenset(policy.deny)
+    return _allow_list_spec(
+        SeccompProfile.BASIC, known - deny, basic_allow_argument_rules(deny_sockets=deny_sockets), deny
+    )
+
+
 def _strict_spec(extra_deny: frozenset[str], extra_allow: frozenset[str], *, deny_sockets: bool) -> SeccompSpec:
     listed = (frozenset(STRICT_ALLOW) | extra_allow) - extra_deny
-    argument_rules = _without(strict_argument_rules(deny_sockets=deny_sockets) + setid_allow_rules(listed), extra_deny)
-    checked = {n for r in argument_rules for n in r.names}
+    return _allow_list_spec(SeccompProfile.STRICT, listed, strict_argument_rules(deny_sockets=deny_sockets), extra_deny)
+
+
+def _allow_list_spec(
+    profile: SeccompProfile, listed: frozenset[str], argument_rules: list[SyscallRule], deny: frozenset[str]
+) -> SeccompSpec:
+    """Default EPERM; ``listed`` allowed, argument-checked where a rule checks them, ``deny`` never."""
+    checked_rules = _without(argument_rules + setid_allow_rules(listed), deny)
+    checked = {n for r in checked_rules for n in r.names}
     # An explicit allow of an argument-checked syscall (e.g. "ioctl") keeps the argument check.
-    allow = (frozenset(STRICT_ALLOW) | extra_allow) - extra_deny - checked - frozenset(ENOSYS_SYSCALLS)
-    rules = [SyscallRule(tuple(sorted(allow)), Action.ALLOW), *argument_rules]
-    enosys = tuple(n for n in ENOSYS_SYSCALLS if n not in extra_deny)
+    allow = listed - deny - checked - frozenset(ENOSYS_SYSCALLS)
+    rules = [SyscallRule(tuple(sorted(allow)), Action.ALLOW), *checked_rules]
+    enosys = tuple(n for n in ENOSYS_SYSCALLS if n not in deny)
     if enosys:
         rules.append(SyscallRule(enosys, Action.ERRNO, errno.ENOSYS))
-    return SeccompSpec(SeccompProfile.STRICT, Action.ERRNO, DENY_ERRNO, tuple(rules))
+    return SeccompSpec(profile, Action.ERRNO, DENY_ERRNO, tuple(rules))
 
 
 def _without(rules: Iterable[SyscallRule], names: frozenset[str]) -> list[SyscallRule]:
@@ -775,7 +832,9 @@ __all__ = [
     "CmpOp",
     "SeccompSpec",
     "SyscallRule",
+    "basic_allow_argument_rules",
     "basic_argument_rules",
+    "build_runtime_spec",
     "build_spec",
     "complement_masked",
     "setid_allow_rules",

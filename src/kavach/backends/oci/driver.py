@@ -81,7 +81,7 @@ from kavach.backends.oci.runtime import (
     state_root,
 )
 from kavach.backends.oci.seccomp_oci import to_oci
-from kavach.backends.seccomp_profiles import build_spec, setid_guard_spec
+from kavach.backends.seccomp_profiles import build_runtime_spec, build_spec, setid_guard_spec
 from kavach.errors import ExecError, SandboxCreateError
 from kavach.policy import Access, NetworkMode, SandboxPolicy, landlock_rules
 from kavach.scoring import Control, Enforcement
@@ -658,11 +658,13 @@ class OciInstance(Instance):
             init_args = ("/bin/sh", "-c", SH_INIT_LIFELINE if lifeline else SH_INIT)
         # The runtime skips syscall names its libseccomp does not know: a misspelt deny entry
         # would be dropped in silence. Refused here instead (PolicyError naming the syscall).
-        from kavach.backends.process.seccomp import check_user_syscalls
+        from kavach.backends.process.seccomp import check_user_syscalls, known_syscall_names
 
         check_user_syscalls(policy.seccomp, libseccomp_only=True)
         check_open_files(policy)
-        spec = build_spec(policy.seccomp)
+        # basic as an allow list: a deny-list name the runtime cannot resolve would reach
+        # the kernel; an allow-list name it cannot resolve is only refused.
+        spec = build_runtime_spec(policy.seccomp, known_syscall_names())
         if spec is None and os.geteuid() == 0 and (policy.filesystem.rw_binds or self.spec.workdir_host):
             # A root caller's writable binds are idmapped so that files keep their host owner:
             # root inside writes as host root there. With no policy filter to refuse setuid and

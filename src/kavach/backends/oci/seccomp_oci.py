@@ -2,7 +2,10 @@
 
 One source of truth: the Process backend compiles the same :class:`SeccompSpec` to BPF with
 libseccomp, this module writes it as the runtime-spec ``linux.seccomp`` object, and the
-runtime (runc, crun) compiles that with the same libseccomp. The mapping is a table lookup:
+runtime (runc, crun) compiles that with the host's libseccomp. That libseccomp skips names
+it does not know, so :func:`policy_to_oci` sends ``basic`` as an allow list with a refusing
+default (:func:`~kavach.backends.seccomp_profiles.build_runtime_spec`), where a skipped name
+can only refuse more. The mapping of a spec is a table lookup:
 
 * ``defaultAction`` / ``defaultErrnoRet`` from the spec's default;
 * ``architectures``: the native architecture only. A syscall made through another ABI (i386
@@ -18,7 +21,7 @@ from __future__ import annotations
 import platform
 from typing import Any
 
-from kavach.backends.seccomp_profiles import Action, ArgCmp, SeccompSpec, SyscallRule, build_spec
+from kavach.backends.seccomp_profiles import Action, ArgCmp, SeccompSpec, SyscallRule, build_runtime_spec
 from kavach.errors import PolicyError
 from kavach.policy import SeccompPolicy
 
@@ -82,9 +85,20 @@ def to_oci(spec: SeccompSpec, machine: str | None = None) -> dict[str, Any]:
     return seccomp
 
 
-def policy_to_oci(policy: SeccompPolicy, machine: str | None = None) -> dict[str, Any] | None:
-    """The ``linux.seccomp`` object for a policy; None when the policy filters nothing."""
-    spec = build_spec(policy)
+def policy_to_oci(
+    policy: SeccompPolicy, machine: str | None = None, known: frozenset[str] | None = None
+) -> dict[str, Any] | None:
+    """The ``linux.seccomp`` object for a policy; None when the policy filters nothing.
+
+    The runtime skips names its libseccomp does not know, so ``basic`` is sent as an allow
+    list of ``known`` (default: this host's syscall names) with a refusing default
+    (:func:`~kavach.backends.seccomp_profiles.build_runtime_spec`).
+    """
+    if known is None:
+        from kavach.backends.process.seccomp import known_syscall_names
+
+        known = known_syscall_names()
+    spec = build_runtime_spec(policy, known)
     return None if spec is None else to_oci(spec, machine)
 
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 from kavach.errors import SandboxCreateError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kavach.backends.seccomp_profiles import SeccompSpec
     from kavach.policy import SeccompPolicy
 
@@ -219,6 +221,56 @@ def _resolve(pyseccomp: object, name: str, from_user: bool) -> int | None:
     return None
 
 
+# Highest syscall number probed when listing the names libseccomp knows: above every
+# architecture's table (x86_64 ends below 500; x32's offset numbers are not native).
+_MAX_SYSCALL_PROBED = 1024
+
+
+@functools.lru_cache(maxsize=1)
+def known_syscall_names() -> frozenset[str]:
+    """The native architecture's syscall names: those this host's libseccomp resolves,
+    plus (on x86_64) the newer ones kavach resolves from its own table.
+
+    For runtimes that compile an allow list with their own libseccomp
+    (:func:`kavach.backends.seccomp_profiles.build_runtime_spec`): a name that runtime does
+    not know is skipped there, which in an allow list only refuses that syscall.
+    libseccomp is called through ctypes, not pyseccomp: the OCI backend needs only this,
+    and runc already needs libseccomp on the host.
+    """
+    resolve = _libseccomp_resolver()
+    names: set[str] = set()
+    for number in range(_MAX_SYSCALL_PROBED):
+        # arch 0 is SCMP_ARCH_NATIVE; the result is malloc'd (NULL: no such syscall) and ours to free
+        pointer = resolve(0, number)
+        if pointer:
+            try:
+                names.add(ctypes.string_at(pointer).decode("ascii"))
+            finally:
+                _free(pointer)
+    if not names:
+        raise SeccompError("list syscall names", errno.ENOSYS, "libseccomp resolved no syscall number")
+    if _MACHINE == "x86_64":
+        names.update(_X86_64_NEWER_SYSCALLS)
+    return frozenset(names)
+
+
+_free = _libc.free
+_free.argtypes = (ctypes.c_void_p,)
+_free.restype = None
+
+
+def _libseccomp_resolver() -> Callable[[int, int], int | None]:
+    """``seccomp_syscall_resolve_num_arch`` of the host's libseccomp (SeccompError when absent)."""
+    try:
+        library = ctypes.CDLL("libseccomp.so.2")
+    except OSError as exc:
+        raise SeccompError("load libseccomp.so.2", errno.ENOENT, str(exc)) from None
+    resolve = library.seccomp_syscall_resolve_num_arch
+    resolve.argtypes = (ctypes.c_uint32, ctypes.c_int)
+    resolve.restype = ctypes.c_void_p
+    return resolve
+
+
 def check_user_syscalls(policy: SeccompPolicy, *, libseccomp_only: bool = False) -> None:
     """Raise :class:`~kavach.errors.PolicyError` for a name in ``deny`` or ``allow`` unknown here.
 
@@ -353,6 +405,7 @@ __all__ = [
     "compile_filter",
     "compile_spec",
     "filter_mode_of",
+    "known_syscall_names",
     "load_filter",
     "seccomp_supported",
 ]
