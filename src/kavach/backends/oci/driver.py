@@ -4,9 +4,11 @@ Lifecycle of an instance (each step raises :class:`~kavach.errors.SandboxCreateE
 itself when it fails, and everything built so far is torn down):
 
 1. bundle directory ``/run/kavach/bundles/<id>`` (0711: the sandbox's unprivileged root must
-   traverse it to reach the rootfs) with the rootfs (host layout, user directory or unpacked
-   image), ``kavach/`` (the launcher, its plan and precompiled BPF, bound read-only at
-   ``/dev/.kavach``) and ``config.json`` from :func:`kavach.backends.oci.bundle.build_config`;
+   traverse it to reach the rootfs) with the owner record (``owner.json``, for the sweep of
+   :mod:`kavach.backends.oci.sweep` that the first create of a process runs), the rootfs
+   (host layout, user directory or unpacked image), ``kavach/`` (the launcher, its plan and
+   precompiled BPF, bound read-only at ``/dev/.kavach``) and ``config.json`` from
+   :func:`kavach.backends.oci.bundle.build_config`;
 2. ``runtime --root /run/kavach/<runtime> run -d`` of an init (kavach's launcher in ``init`` mode
    when the rootfs has ``/usr/bin/python3``, else a POSIX shell loop): files in /tmp and the
    workdir persist across execs;
@@ -81,6 +83,7 @@ from kavach.backends.oci.runtime import (
     state_root,
 )
 from kavach.backends.oci.seccomp_oci import to_oci
+from kavach.backends.oci.sweep import sweep_logged, write_owner
 from kavach.backends.seccomp_profiles import build_runtime_spec, build_spec, setid_guard_spec
 from kavach.errors import ExecError, SandboxCreateError
 from kavach.policy import Access, NetworkMode, SandboxPolicy, landlock_rules
@@ -618,6 +621,9 @@ class OciInstance(Instance):
         self._owns_bundle = True
         # 0711, not 0700: the sandbox's root (an unprivileged host uid) must traverse it.
         os.chmod(self.layout.bundle_dir, 0o711)  # noqa: S103
+        # Before anything is mounted below the bundle: a sweep after this process dies
+        # finds the owner dead and removes the bundle (kavach.backends.oci.sweep).
+        write_owner(self.layout.bundle_dir, self.runtime.name.value)
         uid_map, gid_map = self._id_maps()
         owner = (uid_map[0].host_id, gid_map[0].host_id) if _is_root() else None
         self._owner = owner
@@ -1574,6 +1580,12 @@ def _idmapped_bind(source: str, host_path: str, userns_fd: int) -> None:
 # -- drivers -------------------------------------------------------------------------------------
 
 
+# Bundle directories swept in this process already (OciDriver._sweep_once), and the
+# runtimes whose leftovers a sweep removes.
+_SWEPT_BASES: set[str] = set()
+SWEPT_RUNTIMES = frozenset({RuntimeName.RUNC, RuntimeName.CRUN})
+
+
 class OciDriver(Driver):
     """runc (or crun) containers. ``rootfs`` picks the root filesystem source (host layout by default)."""
 
@@ -1658,12 +1670,24 @@ class OciDriver(Driver):
                 f"an OCI sandbox can run only kavach's process layer inside, not {spec.inner_backend.value}"
             )
 
+    async def _sweep_once(self, info: RuntimeInfo) -> None:
+        """On the first start per bundle directory in this process, remove dead owners' leftovers.
+
+        runc and crun only: gVisor's runsc is not on this machine to test the sweep with.
+        """
+        if info.name not in SWEPT_RUNTIMES or info.path is None or self.bundle_base in _SWEPT_BASES:
+            return
+        _SWEPT_BASES.add(self.bundle_base)
+        state_dir = state_root(info.name, self.state_base)
+        await sweep_logged(self.bundle_base, state_dir, info.name.value, [info.path, "--root", state_dir])
+
     async def start(self, spec: LaunchSpec) -> Instance:
         """Create the container (see the module docstring); on any failure nothing is left."""
         info, results = self._runtime_for_start()
         if info is None:
             raise SandboxCreateError(f"no usable OCI runtime: {explain(results)}")
         self._check_policy(spec)
+        await self._sweep_once(info)
         instance = OciInstance(self, spec, info)
         try:
             await instance.create()
