@@ -149,21 +149,27 @@ async def test_young_bundles_and_other_runtimes_are_left(state_base: Path, tmp_p
     bundles.mkdir()
     dead_pid = _dead_pid()
     record = {"pid": dead_pid, "start": 1, "pidns": os.readlink("/proc/self/ns/pid"), "runtime": "runc"}
-    young, crun, unowned, garbled = (bundles / n for n in ("young", "crun", "unowned", "garbled"))
-    for bundle in (young, crun, unowned, garbled):
+    names = ("kavach-young", "kavach-crun", "kavach-unowned", "kavach-garbled", "--not-kavach", "kavach-target")
+    young, crun, unowned, garbled, foreign, target = (bundles / n for n in names)
+    for bundle in (young, crun, unowned, garbled, foreign, target):
         bundle.mkdir()
     (young / OWNER_FILE).write_text(json.dumps(record))
     (crun / OWNER_FILE).write_text(json.dumps({**record, "runtime": "crun"}))
     (garbled / OWNER_FILE).write_text("{not json")
-    for bundle in (crun, unowned, garbled):
+    (foreign / OWNER_FILE).write_text(json.dumps(record))
+    (target / OWNER_FILE).write_text(json.dumps(record))
+    link = bundles / "kavach-link"
+    link.symlink_to(target)  # a dead owner's record reached through a symlink: not a bundle
+    for bundle in (crun, unowned, garbled, foreign, target):
         _backdate(bundle)
+    os.utime(link, (time.time() - 3600,) * 2, follow_symlinks=False)
     state_dir = state_base / "runc"
-    removed = await sweep(str(bundles), str(state_dir), "runc", ["runc", "--root", str(state_dir)])
-    assert removed == []
-    assert all(b.exists() for b in (young, crun, unowned, garbled))
-    # and the same young bundle goes once it is old enough
+    runtime = ["runc", "--root", str(state_dir)]
+    assert await sweep(str(bundles), str(state_dir), "runc", runtime) == ["kavach-target"]
+    assert all(b.exists() for b in (young, crun, unowned, garbled, foreign)) and link.is_symlink()
+    # and the young bundle goes once it is old enough
     _backdate(young)
-    assert await sweep(str(bundles), str(state_dir), "runc", ["runc", "--root", str(state_dir)]) == ["young"]
+    assert await sweep(str(bundles), str(state_dir), "runc", runtime) == ["kavach-young"]
 
 
 def _dead_pid() -> int:

@@ -28,7 +28,9 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import time
 from collections.abc import Sequence
 
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 OWNER_FILE = "owner.json"  # in the bundle directory, next to config.json (not bound inside)
 STALE_AFTER_S = 60.0
 RUNTIME_DELETE_TIMEOUT_S = 30.0
+# kavach.backends.oci.driver.container_id's names
+_CONTAINER_ID = re.compile(r"kavach-[A-Za-z0-9_.-]{1,100}\Z")
 
 
 def process_start_time(pid: int) -> int | None:
@@ -168,9 +172,12 @@ async def sweep(
 async def _sweep_one(
     bundle_dir: str, container: str, state_dir: str, runtime: str, runtime_argv: Sequence[str], cutoff: float
 ) -> bool:
+    if not _CONTAINER_ID.match(container):
+        return False  # not a name kavach gives (and never an option-like argument for the runtime)
     try:
-        if os.lstat(bundle_dir).st_mtime > cutoff:
-            return False
+        info = os.lstat(bundle_dir)
+        if not stat.S_ISDIR(info.st_mode) or info.st_mtime > cutoff:
+            return False  # a symlink is not a bundle of ours; a young bundle may be being built
         record = _read_owner(bundle_dir)
     except FileNotFoundError:
         return False  # removed meanwhile
