@@ -27,10 +27,12 @@ from kavach.backends.oci.runtime import probe_runc
 from kavach.backends.oci.sweep import OWNER_FILE, mounts_under, owner_is_dead, process_start_time, sweep
 from kavach.policy import SandboxPolicy
 
+_RUNC = probe_runc()
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the OCI tests run runc as root"),
-    pytest.mark.skipif(not probe_runc().usable, reason=f"runc unusable: {probe_runc().reason}"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not _RUNC.usable, reason=f"needs root and a usable runc (runc: {_RUNC.reason})"
+    ),
 ]
 
 PATH_ENV = {"PATH": "/usr/bin:/bin"}

@@ -82,6 +82,7 @@ from kavach.backends.oci.runtime import (
     probe_runtime,
     state_root,
 )
+from kavach.backends.oci.runtime import call as call_runtime
 from kavach.backends.oci.seccomp_oci import to_oci
 from kavach.backends.oci.sweep import sweep_logged, write_owner
 from kavach.backends.seccomp_profiles import build_runtime_spec, build_spec, setid_guard_spec
@@ -586,21 +587,13 @@ class OciInstance(Instance):
         return [self.runtime_path, "--root", self.state_dir, *self._extra_runtime_args, *args]
 
     async def _runtime(self, *args: str, check: bool = True, timeout: float = RUNTIME_TIMEOUT_S) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *self._runtime_argv(*args),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            returncode, out, err = await call_runtime(self._runtime_argv(*args), timeout)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise ExecError(f"{self.runtime.name.value} {args[0]} timed out after {timeout:.0f}s") from None
-        if check and proc.returncode != 0:
+        if check and returncode != 0:
             detail = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
-            raise ExecError(f"{self.runtime.name.value} {args[0]} failed ({proc.returncode}): {detail}")
+            raise ExecError(f"{self.runtime.name.value} {args[0]} failed ({returncode}): {detail}")
         return out.decode(errors="replace")
 
     # -- creation ----------------------------------------------------------------------------

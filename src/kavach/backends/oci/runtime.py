@@ -10,10 +10,12 @@ container, for tests and for ``kavach backends --verbose``-style diagnostics tha
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -210,6 +212,27 @@ def state_root(runtime: RuntimeName, base: str = DEFAULT_STATE_ROOT) -> str:
     return os.path.join(base, runtime.value)
 
 
+async def call(argv: Sequence[str], timeout: float) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with stdin closed: ``(returncode, stdout, stderr)``.
+
+    Raises :class:`TimeoutError` after ``timeout`` seconds, once the process is killed and reaped.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None  # communicate() returned: the process was reaped
+    return proc.returncode, out, err
+
+
 def try_runtime(path: str, bundle_dir: str, state_dir: str, container_id: str) -> tuple[bool, str]:
     """Really run ``bundle_dir`` once with the runtime at ``path``; ``(ok, combined output)``.
 
@@ -243,6 +266,7 @@ __all__ = [
     "CgroupMode",
     "RuntimeInfo",
     "RuntimeName",
+    "call",
     "cgroup_mode",
     "choose_runtime",
     "crun_refusal",

@@ -24,7 +24,6 @@ otherwise delete files *through* a bind of a host directory.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -123,23 +122,14 @@ def _detach_all(bundle_dir: str) -> list[str]:
 
 async def _runtime_delete(runtime_argv: Sequence[str], container: str) -> str | None:
     """``<runtime> delete --force <container>``; an error text, or None when it worked."""
-    proc = await asyncio.create_subprocess_exec(
-        *runtime_argv,
-        "delete",
-        "--force",
-        container,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    from kavach.backends.oci.runtime import call
+
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), RUNTIME_DELETE_TIMEOUT_S)
+        returncode, _, err = await call([*runtime_argv, "delete", "--force", container], RUNTIME_DELETE_TIMEOUT_S)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         return "timed out"
-    if proc.returncode != 0:
-        return err.decode(errors="replace").strip() or f"exit {proc.returncode}"
+    if returncode != 0:
+        return err.decode(errors="replace").strip() or f"exit {returncode}"
     return None
 
 
