@@ -575,3 +575,11 @@ def test_basic_as_an_allow_list_refuses_names_the_runtime_does_not_know() -> Non
     assert "statmount" not in spec.names() and "fchmodat2" not in spec.names()
     assert decide(spec, "statmount", (0,) * 6) == (profiles.Action.ERRNO, errno.EPERM)
     assert decide(spec, "read", (0,) * 6) == (profiles.Action.ALLOW, 0)
+
+
+def test_the_runtime_form_validates_the_policy_like_build_spec() -> None:
+    known = known_syscall_names()
+    with pytest.raises(PolicyError, match=r"seccomp\.allow"):
+        profiles.build_runtime_spec(SeccompPolicy(profile=SeccompProfile.BASIC, allow=("ioprio_get",)), known)
+    with pytest.raises(PolicyError, match=r"seccomp\.deny"):
+        profiles.build_runtime_spec(SeccompPolicy(profile=SeccompProfile.BASIC, deny=("no such",)), known)

@@ -725,6 +725,13 @@ def _check_names(field: str, names: Sequence[str]) -> None:
             raise PolicyError(field, name, "not a syscall name")
 
 
+def _check_policy_names(policy: SeccompPolicy) -> None:
+    _check_names("seccomp.deny", policy.deny)
+    _check_names("seccomp.allow", policy.allow)
+    if policy.allow and policy.profile is not SeccompProfile.STRICT:
+        raise PolicyError("seccomp.allow", list(policy.allow), "only valid with profile 'strict' (an allow list)")
+
+
 def build_spec(policy: SeccompPolicy, *, deny_sockets: bool = False) -> SeccompSpec | None:
     """The filter for ``policy``; ``None`` when nothing is to be filtered (profile none, no deny).
 
@@ -732,10 +739,7 @@ def build_spec(policy: SeccompPolicy, *, deny_sockets: bool = False) -> SeccompS
     Names in ``policy.deny`` win over every allow and over the argument rules of the same
     syscall (they are refused unconditionally).
     """
-    _check_names("seccomp.deny", policy.deny)
-    _check_names("seccomp.allow", policy.allow)
-    if policy.allow and policy.profile is not SeccompProfile.STRICT:
-        raise PolicyError("seccomp.allow", list(policy.allow), "only valid with profile 'strict' (an allow list)")
+    _check_policy_names(policy)
     extra_deny = frozenset(policy.deny)
     if policy.profile is SeccompProfile.STRICT:
         return _strict_spec(extra_deny, frozenset(policy.allow), deny_sockets=deny_sockets)
@@ -778,7 +782,7 @@ def build_runtime_spec(
     """
     if policy.profile is not SeccompProfile.BASIC:
         return build_spec(policy, deny_sockets=deny_sockets)
-    build_spec(policy, deny_sockets=deny_sockets)  # the same validation of the policy's names
+    _check_policy_names(policy)
     deny = frozenset(BASIC_DENY) | frozenset(policy.deny)
     return _allow_list_spec(
         SeccompProfile.BASIC, known - deny, basic_allow_argument_rules(deny_sockets=deny_sockets), deny

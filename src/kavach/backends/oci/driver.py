@@ -1576,7 +1576,7 @@ def _idmapped_bind(source: str, host_path: str, userns_fd: int) -> None:
 # Bundle directories swept in this process already (OciDriver._sweep_once), and the
 # runtimes whose leftovers a sweep removes.
 _SWEPT_BASES: set[str] = set()
-SWEPT_RUNTIMES = frozenset({RuntimeName.RUNC, RuntimeName.CRUN})
+_SWEPT_RUNTIMES = frozenset({RuntimeName.RUNC, RuntimeName.CRUN})
 
 
 class OciDriver(Driver):
@@ -1668,7 +1668,7 @@ class OciDriver(Driver):
 
         runc and crun only: gVisor's runsc is not on this machine to test the sweep with.
         """
-        if info.name not in SWEPT_RUNTIMES or info.path is None or self.bundle_base in _SWEPT_BASES:
+        if info.name not in _SWEPT_RUNTIMES or info.path is None or self.bundle_base in _SWEPT_BASES:
             return
         _SWEPT_BASES.add(self.bundle_base)
         state_dir = state_root(info.name, self.state_base)
