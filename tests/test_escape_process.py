@@ -332,13 +332,14 @@ async def test_no_setuid_file_can_be_planted_through_a_writable_bind(tmp_path: P
 async def test_no_process_of_the_sandbox_keeps_a_host_directory() -> None:
     async with sandbox(SandboxPolicy.basic()) as box:
         await asyncio.sleep(0.2)
-        # At rest the sandbox is init and its first warm exec child (forked before the
-        # mounts): neither may keep a cwd or root in the host's tree.
+        # At rest the sandbox is init and its exec server (forked before the mounts):
+        # neither may keep a cwd or root in the host's tree. The server's warm-up has
+        # moved it to the workdir, where every command starts.
         pids = host_pids_in_namespace(pid_ns_of(box))
         assert len(pids) == 2
         for pid in pids:
-            for link in ("cwd", "root"):
-                assert os.readlink(f"/proc/{pid}/{link}") == "/", (pid, link)
+            assert os.readlink(f"/proc/{pid}/root") == "/", pid
+            assert os.readlink(f"/proc/{pid}/cwd") in ("/", SandboxPolicy.basic().filesystem.workdir), pid
             # Every fd on the sandbox's own mounts: a file of the detached host tree would
             # show from here as a path relative to its mount (/null, not /dev/null).
             for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -50,6 +50,8 @@ _THREAD_STACK = 256 * 1024
 # ignored signal stays ignored through execve (handled ones are reset by the kernel).
 _DEFAULT_SIGNALS = tuple(sig for sig in signal.Signals if sig not in (signal.SIGKILL, signal.SIGSTOP))
 RECV_FLAGS = socket.MSG_CMSG_CLOEXEC  # a received fd must never leak into another command
+# What ExecServer.warm asks to run: never a regular file, so execve always refuses it.
+_WARM_TARGET = "/dev/null"
 
 
 def exit_message(exec_id: int, status: int, error: dict[str, Any] | None) -> dict[str, Any]:
@@ -145,23 +147,45 @@ class ExecServer:
         # once it can. Nothing is dropped: the caller waits for every exit report.
         self.outbox: deque[dict[str, Any]] = deque()
         self.waiting_to_write = False
+        self.sock.setblocking(False)
 
-    def serve(self, first: tuple[dict[str, Any], list[int]]) -> NoReturn:
-        """Handle ``first`` (the first message, received blocking), then serve until the
-        caller closes the socket; then end (init kills what is left).
+    def warm(self) -> None:
+        """Run the spawn path once, with a command that cannot start, before any command came.
 
-        The server is built only once a first command came: an idle sandbox's server is
-        then no larger than a process blocked in recvmsg (idle memory per sandbox)."""
+        Otherwise the first command pays for this process's first run of that path: the
+        pages CPython writes while it runs code for the first time here (shared with init
+        until then, so each one is copied), the first thread and its stack, the first
+        Landlock layer. The first command of a sandbox then took about 0.55 ms longer than
+        the next ones; after this, 0.1-0.2 ms (docs/process.md). It costs about 0.25 MiB
+        of idle memory per sandbox and runs after the probe is sent, while the caller
+        finishes the creation.
+
+        The target is /dev/null: execve refuses anything that is not a regular file
+        (EACCES) and no bind can cover it (the policy refuses targets under /dev), so
+        nothing runs; every refusal (EACCES, or EAGAIN at the pids limit) is the expected
+        outcome. Should a process start anyway, it is killed and this raises: the server
+        then fails and so does the sandbox's creation.
+        """
+        _thread.stack_size(_THREAD_STACK)
+        try:
+            pid = self._spawn({"argv": [_WARM_TARGET], "env": {}, "cwd": None}, (self.null_fd,) * 3)
+        except _SetupError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise RuntimeError(f"the warm-up started {_WARM_TARGET} as a command")
+
+    def serve(self) -> NoReturn:
+        """Serve commands until the caller closes the socket; then end (init kills what is left)."""
         # The C-level calls (_signal, select.epoll), not the signal/selectors wrappers: every
         # object the server touches is a page copied from init in every sandbox (idle PSS).
         _thread.stack_size(_THREAD_STACK)
         _csignal.set_wakeup_fd(self.wake_w)
         _csignal.signal(signal.SIGCHLD, _ignore_in_python)
-        self.sock.setblocking(False)
         sock_fd = self.sock.fileno()
         self.poller.register(sock_fd, select.EPOLLIN)
         self.poller.register(self.wake_r, select.EPOLLIN)
-        self._handle(*first)
         while True:
             for fd, events in self.poller.poll(-1, 2):  # two fds: no 1023-event buffer per call
                 if fd == sock_fd:

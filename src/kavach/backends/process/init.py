@@ -991,17 +991,16 @@ def _server_child(plan: dict[str, Any], sock_fd: int, records_fd: int, probe: bo
         if probe:
             step = "enforcement probe"
             protocol.send(sock, {"op": "probe", "report": _probe_data(plan)})
-        step = "wait for a command"
-        message, fds = protocol.recv(sock, execd.RECV_FLAGS)
-        if message is None:
-            os._exit(0)
         step = "start serving"
         null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         server = execd.ExecServer(sock, null_fd, _scope_layer if _scoped(plan) else None, plan["workdir"])
+        # After the probe (the caller is not kept waiting for it), before any command.
+        step = "warm the spawn path"
+        server.warm()
     except BaseException as exc:  # noqa: BLE001 - the child must never return into init's code
         _report_exception(exc, step)
         os._exit(EXIT_EXEC_FAILED)
-    server.serve((message, fds))
+    server.serve()
 
 
 def _scoped(plan: dict[str, Any]) -> bool:
