@@ -146,6 +146,41 @@ async def test_a_killed_owners_leftovers_go_with_the_next_create_and_a_live_owne
     assert (live_work / "kept.txt").read_text() == "kept\n"
 
 
+async def test_a_long_lived_process_sweeps_again_once_the_interval_has_passed(
+    state_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver = OciDriver(state_base=str(state_base))
+    spec = LaunchSpec(f"t-sweep-again-{os.getpid()}", SandboxPolicy.basic())
+
+    async def start_and_destroy() -> None:
+        instance = await driver.start(spec)
+        await instance.destroy()
+
+    await start_and_destroy()  # this process's first start: its sweep found nothing
+    work = tmp_path / "work"
+    work.mkdir()
+    owner, container = _start_owner(state_base, f"t-sweep-later-{os.getpid()}", work)
+    bundle, state_dir = state_base / "bundles" / container, state_base / "runc"
+    try:
+        owner.kill()
+        owner.wait()
+        _backdate(bundle)
+        # Killed after this process swept: within the interval the next start leaves it ...
+        await start_and_destroy()
+        assert bundle.exists() and (state_dir / container).exists() and _cgroups(container)
+        # ... the first start after the interval removes it.
+        monkeypatch.setattr("kavach.backends.oci.driver.SWEEP_EVERY_S", 0.0)
+        await start_and_destroy()
+        assert not bundle.exists() and not (state_dir / container).exists() and not _cgroups(container)
+        assert not mounts_under(str(bundle))
+        assert (work / "kept.txt").read_text() == "kept\n"
+    finally:
+        owner.kill()
+        owner.wait()
+        runtime = ["runc", "--root", str(state_dir)]
+        await sweep(str(state_base / "bundles"), str(state_dir), "runc", runtime, older_than=0)
+
+
 async def test_young_bundles_and_other_runtimes_are_left(state_base: Path, tmp_path: Path) -> None:
     bundles = state_base / "bundles"
     bundles.mkdir()

@@ -1573,9 +1573,11 @@ def _idmapped_bind(source: str, host_path: str, userns_fd: int) -> None:
 # -- drivers -------------------------------------------------------------------------------------
 
 
-# Bundle directories swept in this process already (OciDriver._sweep_once), and the
-# runtimes whose leftovers a sweep removes.
-_SWEPT_BASES: set[str] = set()
+# When this process last swept each bundle directory (OciDriver._sweep_if_due), how often a
+# long-lived process sweeps again (what an owner killed after the last sweep left), and
+# the runtimes whose leftovers a sweep removes.
+_SWEPT_AT: dict[str, float] = {}
+SWEEP_EVERY_S = 600.0
 _SWEPT_RUNTIMES = frozenset({RuntimeName.RUNC, RuntimeName.CRUN})
 
 
@@ -1663,14 +1665,20 @@ class OciDriver(Driver):
                 f"an OCI sandbox can run only kavach's process layer inside, not {spec.inner_backend.value}"
             )
 
-    async def _sweep_once(self, info: RuntimeInfo) -> None:
-        """On the first start per bundle directory in this process, remove dead owners' leftovers.
+    async def _sweep_if_due(self, info: RuntimeInfo) -> None:
+        """Remove dead owners' leftovers from the bundle directory: on the first start per
+        bundle directory in this process, then on the first start after ``SWEEP_EVERY_S``.
 
         runc and crun only: gVisor's runsc is not on this machine to test the sweep with.
         """
-        if info.name not in _SWEPT_RUNTIMES or info.path is None or self.bundle_base in _SWEPT_BASES:
+        if info.name not in _SWEPT_RUNTIMES or info.path is None:
             return
-        _SWEPT_BASES.add(self.bundle_base)
+        now = time.monotonic()
+        last = _SWEPT_AT.get(self.bundle_base)
+        if last is not None and now - last < SWEEP_EVERY_S:
+            return
+        # Marked before the first await: concurrent starts do not sweep the same directory twice.
+        _SWEPT_AT[self.bundle_base] = now
         state_dir = state_root(info.name, self.state_base)
         await sweep_logged(self.bundle_base, state_dir, info.name.value, [info.path, "--root", state_dir])
 
@@ -1680,7 +1688,7 @@ class OciDriver(Driver):
         if info is None:
             raise SandboxCreateError(f"no usable OCI runtime: {explain(results)}")
         self._check_policy(spec)
-        await self._sweep_once(info)
+        await self._sweep_if_due(info)
         instance = OciInstance(self, spec, info)
         try:
             await instance.create()
