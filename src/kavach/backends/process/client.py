@@ -48,7 +48,11 @@ class Spawner:
                 # argv[0] is a plain name: every sandbox can read it as /proc/1/cmdline,
                 # and the interpreter's path would name a host directory. The bootstrap
                 # brings the caller's import path, so nothing depends on argv[0].
-                ["kavach-spawner", "-I", "-c", STARTER],
+                # -S: no site module. With argv[0] not the interpreter's path, Python does
+                # not find a virtualenv's pyvenv.cfg, so site would add the *base*
+                # installation's site-packages and run its .pth files: other code, more
+                # modules in the spawner, and so more pages copied in every sandbox fork.
+                ["kavach-spawner", "-I", "-S", "-c", STARTER],
                 executable=sys.executable,
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.PIPE,

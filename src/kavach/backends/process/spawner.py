@@ -27,7 +27,7 @@ import sys
 from kavach.backends.process import _libc, protocol
 from kavach.backends.process.init import child_entry, forbid_file_imports, preload, reopen_std_fds
 
-# The spawner is started as ``kavach-spawner -I -c STARTER`` (argv[0] replaced, the
+# The spawner is started as ``kavach-spawner -I -S -c STARTER`` (argv[0] replaced, the
 # interpreter is sys.executable) and reads this from
 # its stdin, followed by three lines: the source directory, its socket's fd and the caller's
 # import path (isolated mode ignores PYTHONPATH). Passing it on stdin keeps the command line,
