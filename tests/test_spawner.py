@@ -41,7 +41,9 @@ def test_the_spawner_does_not_run_pth_files_of_the_base_installation(tmp_path: P
         pytest.skip("no writable site-packages directory of the base installation (needs root)")
     marker = tmp_path / "pth-ran"
     pth = writable[0] / f"kavach-test-{uuid.uuid4().hex}.pth"
-    pth.write_text(f"import os; os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_WRONLY, 0o600))\n")
+    # Harmless if left behind by a killed run: it does nothing once tmp_path is gone.
+    create = f"os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_WRONLY, 0o600))"
+    pth.write_text(f"import os; os.path.isdir({str(tmp_path)!r}) and {create}\n")
     try:
         # Control: an interpreter started the way the spawner is, but with site, runs it.
         subprocess.run(["kavach-spawner", "-I", "-c", "pass"], executable=sys.executable, env={}, check=True)

@@ -630,11 +630,13 @@ class Init:
             self.dead.pop(next(iter(self.dead)))
         self.server = None
         self.refill = True
+        # Ordering: the lost execs before the orphans below, while every adopted command is
+        # still in self.children (their exits are reported next, once).
+        for exec_id in server.lost:
+            self._lost(exec_id, server.pid)
         # Orphans reaped before this death was processed.
         for pid in [pid for pid in self.unclaimed if pid in self.children]:
             self._child_ended(pid, self.unclaimed.pop(pid))
-        for exec_id in server.lost:
-            self._lost(exec_id, server.pid)
 
     def _child_ended(self, pid: int, status: int) -> None:
         entry = self.children.pop(pid, None)
@@ -661,10 +663,12 @@ class Init:
             protocol.send(self.ctl, exit_message(exec_id, signal.SIGKILL, None))
             return
         pid = server.started.get(exec_id)
-        if pid is None:
-            # Never started: the server died with the command still in its socket.
-            protocol.send(self.ctl, exit_message(exec_id, signal.SIGKILL, None))
-        # Started: init reports its exit when it reaps it (adopted in _server_ended).
+        if pid is not None and pid in self.children:
+            return  # adopted in _server_ended: init reports its exit when it reaps it
+        # Never started (the server died with the command still in its socket), or started
+        # and reaped by the server, which died before its report went out: the exit status
+        # died with it. Reported killed, never left unanswered (the caller would wait forever).
+        protocol.send(self.ctl, exit_message(exec_id, signal.SIGKILL, None))
 
     def _kill_exec(self, exec_id: int, signum: int) -> None:
         """Signal an exec's process group; SIGKILL also reaches its session and descendants."""
