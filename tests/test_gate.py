@@ -174,6 +174,67 @@ def test_stream_block_stops_release() -> None:
     assert [f.rule for f in found] == ["secrets.aws-access-key-id"]
 
 
+def test_stream_flush_releases_complete_lines_and_holds_a_partial_one() -> None:
+    stream = Gate(ExternalizationPolicy()).stream("stdout")
+    assert stream.feed(b"line 1\nline 2\npart") == (b"", [])  # small: held back
+    assert stream.held == 18
+    assert stream.flush() == (b"line 1\nline 2\n", [])
+    assert stream.held == 4
+    assert stream.flush() == (b"", [])  # no complete line: nothing
+    stream.feed(b"ial\r")
+    assert stream.flush() == (b"partial\r", [])  # a progress bar's carriage return ends a line too
+    assert stream.close() == (b"", [])
+    assert stream.verdict is Verdict.PASS
+
+
+def test_stream_flush_keeps_context_so_a_key_whose_header_left_is_still_caught() -> None:
+    # An OpenSSH key: its body alone matches no rule, its header line alone neither.
+    header = b"-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    body = (
+        b"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
+        b"QyNTUxOQAAACAMMB4vyOgI5UqpLNX+lCCTwj6zRZdScZn6zeFkE3azngAAAJArho0JK4aN\n"
+    )
+    gate = Gate(ExternalizationPolicy())
+    assert gate.scan(body) == [] and gate.scan(header) == []
+    stream = gate.stream("stdout")
+    stream.feed(b"log line\n" + header)
+    out1, found1 = stream.flush()
+    assert out1 == b"log line\n" + header and found1 == []
+    out2, found2 = stream.feed(body)
+    out3, found3 = stream.close()
+    assert [f.rule for f in found2 + found3] == ["secrets.private-key"]
+    finding = (found2 + found3)[0]
+    assert finding.start == len(b"log line\n") and finding.line == 2  # where the header was
+    assert stream.verdict is Verdict.BLOCK
+    assert out2 + out3 == b""  # the body never leaves
+
+
+def test_stream_flush_reports_each_finding_once_with_stream_offsets() -> None:
+    policy = ExternalizationPolicy(block_at="critical", category_overrides={"cloud_key": "high"})
+    stream = Gate(policy).stream("stdout")
+    stream.feed(b"a\nb\n")
+    assert stream.flush() == (b"a\nb\n", [])
+    stream.feed(f"c\nkey={AWS_ID}\n".encode())
+    out, found = stream.flush()
+    assert out == b"c\nkey=[REDACTED:cloud_key]\n"  # quarantine: redacted before release
+    assert [(f.rule, f.start, f.line) for f in found] == [("secrets.aws-access-key-id", 10, 4)]
+    stream.feed(b"d\n")
+    assert stream.flush() == (b"d\n", [])  # the key is in the context now: not reported again
+    assert stream.close() == (b"", [])
+    assert [f.start for f in stream.findings] == [10]
+    assert stream.verdict is Verdict.QUARANTINE
+
+
+def test_stream_flush_never_splits_a_secret_cut_mid_line() -> None:
+    stream = Gate(ExternalizationPolicy()).stream("stdout")
+    stream.feed(b"ok\nkey=" + AWS_ID[:9].encode())
+    assert stream.flush() == (b"ok\n", [])  # the line with half a key stays held
+    stream.feed(AWS_ID[9:].encode() + b"\n")
+    out, found = stream.flush()
+    assert [f.rule for f in found] == ["secrets.aws-access-key-id"]
+    assert out == b"" and stream.verdict is Verdict.BLOCK
+
+
 def test_engine_built_findings_are_ordinary_findings() -> None:
     # The engine builds Finding objects through __dict__ for speed; they must compare, hash,
     # replace and serialise exactly like ones made by the constructor.

@@ -114,6 +114,75 @@ async def test_spawn_streams_output_through_the_gate() -> None:
     assert any(f.category == "password" for f in result.findings)
 
 
+async def test_spawn_streams_slow_output_line_by_line_while_the_command_runs() -> None:
+    # The command prints a line, then waits for a file that the test creates only once it
+    # has received that line: a stream that held output back until the end would time out.
+    script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.02; done; echo second"
+    async with await Sandbox.create(process_config()) as sandbox:
+        handle = await sandbox.spawn(script, timeout_ms=20_000)
+        chunks = []
+        async for name, chunk in handle.stream():
+            chunks.append((name, chunk))
+            if len(chunks) == 1:
+                await sandbox.exec("touch /tmp/go")
+        result = await handle.wait()
+    assert chunks == [("stdout", b"first\n"), ("stdout", b"second\n")]
+    assert result.exit_code == 0 and not result.timed_out
+
+
+async def test_a_streamed_secret_blocks_and_kills_the_command_once_its_line_is_complete() -> None:
+    # The key's line is complete but the command keeps running (until /tmp/go, which never
+    # comes): the gate must judge the line when output goes quiet, not at the end.
+    key = "AKIA" + "QWERTYUIOPASDFGH"
+    script = f"echo 'aws_access_key_id = {key}'; while [ ! -e /tmp/go ]; do sleep 0.02; done"
+    async with await Sandbox.create(process_config()) as sandbox:
+        handle = await sandbox.spawn(script, timeout_ms=20_000)
+        streamed = b""
+        with pytest.raises(ExternalizationBlocked) as info:
+            async for _name, chunk in handle.stream():
+                streamed += chunk
+        result = await handle.wait()
+        assert (await sandbox.exec("echo still serving")).stdout == b"still serving\n"
+    assert key.encode() not in streamed
+    assert any(f.rule == "secrets.aws-access-key-id" for f in info.value.findings)
+    assert not result.timed_out and result.exit_code != 0  # killed by the gate
+
+
+async def test_streaming_lines_that_come_faster_than_the_flush_interval_arrive_before_the_end() -> None:
+    # A line every 10 ms never leaves the stream quiet for long: the held lines must still
+    # be released while the command runs (it waits for /tmp/go after them).
+    script = "for i in $(seq 1 30); do echo line $i; sleep 0.01; done; while [ ! -e /tmp/go ]; do sleep 0.02; done"
+    async with await Sandbox.create(process_config()) as sandbox:
+        handle = await sandbox.spawn(script, timeout_ms=20_000)
+        chunks: list[bytes] = []
+        async for _name, chunk in handle.stream():
+            chunks.append(chunk)
+            if b"line 30\n" in chunk:
+                await sandbox.exec("touch /tmp/go")
+        result = await handle.wait()
+    assert b"".join(chunks) == b"".join(b"line %d\n" % i for i in range(1, 31))
+    # The 30 lines take at least 0.3 s: flushes at most 0.1 s apart release them in
+    # several chunks (waiting for a quiet moment would release them all at once).
+    assert len(chunks) >= 2
+    assert result.exit_code == 0 and not result.timed_out
+
+
+async def test_a_consumer_that_stops_streaming_early_leaves_the_sandbox_usable() -> None:
+    # The first line is released by a flush while a read of more output is in flight.
+    script = "echo line 1; while [ ! -e /tmp/go ]; do sleep 0.02; done; echo line 2"
+    async with await Sandbox.create(process_config()) as sandbox:
+        handle = await sandbox.spawn(script, timeout_ms=20_000)
+        stream = handle.stream()
+        async for _name, chunk in stream:
+            assert chunk == b"line 1\n"
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        await sandbox.exec("touch /tmp/go")
+        result = await handle.wait()
+        assert result.exit_code == 0 and not result.timed_out
+        assert (await sandbox.exec("echo again")).stdout == b"again\n"
+
+
 async def test_unusable_quarantine_store_fails_creation_during_the_integrity_probe(tmp_path: Path) -> None:
     """The store is opened while the probe runs in the sandbox; its failure still fails creation."""
     from kavach.errors import QuarantineError

@@ -159,3 +159,36 @@ def test_a_token_ending_right_at_its_search_bound_is_found_whole() -> None:
         data = b"x" * (WINDOW - len(card) + shift) + b" " + card + b" tail"
         got = [(f.rule, data[f.start : f.end]) for f in _BANKS["d"].scan(data, "t") if f.rule == "pii.credit-card"]
         assert got == [("pii.credit-card", card)], shift
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_PIECES, min_size=1, max_size=40), st.integers(min_value=1, max_value=64),
+       st.integers(min_value=1, max_value=4))
+def test_streaming_with_flushes_misses_nothing_and_releases_no_reported_value(
+    pieces: list[bytes], chunk: int, every: int
+) -> None:
+    # spawn's stream flushes the complete lines held back while output trickles in: with a
+    # flush after every few chunks, every finding of the whole artifact is still reported
+    # (from the same first byte; one that grew as more of it came may also be reported with
+    # a shorter span) and no value the whole artifact's gate redacts is released.
+    data = b"".join(pieces)
+    policy = ExternalizationPolicy(block_at="critical", quarantine_at="critical",
+                                   category_overrides={k: "high" for k in ("cloud_key", "vcs_token", "private_key",
+                                                                           "connection_string", "pci_dss")})
+    gate = Gate(policy)
+    whole = gate.apply(data)
+    stream = gate.stream("stdout")
+    released = b""
+    for n, i in enumerate(range(0, len(data), chunk)):
+        released += stream.feed(data[i : i + chunk])[0]
+        if n % every == 0:
+            released += stream.flush()[0]
+    released += stream.close()[0]
+    assert {(f.rule, f.start) for f in whole.findings} <= {(f.rule, f.start) for f in stream.findings}
+    spans: dict[bytes, set[tuple[int, int]]] = {}
+    for f in whole.findings:
+        value = data[f.start : f.end]
+        if f.redact and f.severity >= policy.warn_at and len(value) >= 8:
+            spans.setdefault(value, set()).add((f.start, f.end))
+    for value, found in spans.items():
+        assert released.count(value) <= data.count(value) - len(found), value

@@ -54,7 +54,14 @@ from kavach.errors import (
 from kavach.policy import ENV_NAME_RE, NetworkMode, SandboxPolicy
 from kavach.quarantine import QuarantineStore
 from kavach.scanning.findings import Finding, Verdict, worst_verdict
-from kavach.scanning.gate import INJECTED_SECRET_RULE, ExternalizationPolicy, Gate, GateResult, redact
+from kavach.scanning.gate import (
+    INJECTED_SECRET_RULE,
+    STREAM_FLUSH_S,
+    ExternalizationPolicy,
+    Gate,
+    GateResult,
+    redact,
+)
 from kavach.scanning.secrets import SecretsScanner
 from kavach.scoring import Enforcement, StrengthScore, missing_controls, score
 
@@ -765,13 +772,56 @@ class SpawnHandle:
         return self._process.pid
 
     async def stream(self) -> AsyncIterator[tuple[str, bytes]]:
-        """Yield released output chunks as they arrive."""
-        async for name, chunk in self._process.chunks():
-            released = await self._feed(name, chunk)
-            if released:
-                yield name, released
+        """Yield released output chunks as they arrive.
+
+        The gate holds back the tail of each stream (see :class:`~kavach.scanning.StreamGate`);
+        complete lines it holds are released at the latest ``STREAM_FLUSH_S`` (0.1 s) after
+        they arrived, so that slow output is seen line by line rather than in 8 KiB batches
+        or at the end.
+        """
+        loop = asyncio.get_running_loop()
+        chunks = self._process.chunks()
+        pending: asyncio.Future[tuple[str, bytes]] | None = None
+        due: float | None = None  # when the complete lines held back are released
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(chunks))
+                if due is None and any(g.held for g in self._gates.values()):
+                    due = loop.time() + STREAM_FLUSH_S
+                timeout = None if due is None else max(0.0, due - loop.time())
+                done, _ = await asyncio.wait({pending}, timeout=timeout)
+                if done:
+                    arrived, pending = pending, None
+                    try:
+                        name, chunk = arrived.result()
+                    except StopAsyncIteration:
+                        break
+                    released = await self._feed(name, chunk)
+                    if released:
+                        yield name, released
+                if due is not None and loop.time() >= due:
+                    due = None
+                    async for item in self._flush():
+                        yield item
+        finally:
+            # The consumer stopped early or the gate blocked: stop reading the output. (The
+            # read in flight ends first: a generator cannot be closed while it runs.)
+            if pending is not None:
+                pending.cancel()
+                await asyncio.wait({pending})
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
         for name, stream_gate in self._gates.items():
             released, found = stream_gate.close()
+            await self._record(found, stream_gate.verdict)
+            if released:
+                yield name, released
+
+    async def _flush(self) -> AsyncIterator[tuple[str, bytes]]:
+        for name, stream_gate in self._gates.items():
+            released, found = stream_gate.flush()
             await self._record(found, stream_gate.verdict)
             if released:
                 yield name, released

@@ -434,6 +434,10 @@ def _shared(name: str, factory: Any) -> Scanner:
 STREAM_HOLD = 4096
 # A finding that would keep more than this held back is released (redacted) anyway.
 _STREAM_MAX_HOLD = MAX_MATCH
+# How long ``SpawnHandle.stream`` holds back complete lines at most before it releases them
+# (``StreamGate.flush``): output that trickles in (progress lines, a prompt-paced tool) is
+# seen line by line instead of in 8 KiB batches or only at the end.
+STREAM_FLUSH_S = 0.1
 
 
 class StreamGate:
@@ -442,6 +446,9 @@ class StreamGate:
     ``feed`` scans the bytes held back from the previous chunk plus the new chunk and
     returns what may be released now: everything except the last ``STREAM_HOLD`` bytes
     (and except a finding that straddles that cut, which is held until it is complete).
+    ``flush`` (called when lines were held long enough) releases the complete lines held back; the last
+    ``STREAM_HOLD`` bytes it released stay as context for the next scan, so a secret whose
+    keyword or PEM header was already released is still found when its value arrives.
     Offsets and line numbers of findings are relative to the whole stream. Once the
     verdict is BLOCK nothing more is released; bytes released before the block have
     already left (the price of streaming; use ``exec`` for all-or-nothing).
@@ -450,9 +457,13 @@ class StreamGate:
     def __init__(self, gate: Gate, source: str) -> None:
         self._gate = gate
         self._source = source
-        self._buffer = b""
+        self._buffer = b""  # bytes not released yet
         self._offset = 0  # stream offset of self._buffer[0]
         self._line = 1  # line number at self._buffer[0]
+        # Released bytes scanned again before the buffer (set by flush, whose cut leaves
+        # no held tail to give the next scan its context), and the lines they hold.
+        self._context = b""
+        self._context_lines = 0
         self._verdict = Verdict.PASS
         self._findings: list[Finding] = []
         self._total = 0
@@ -474,6 +485,11 @@ class StreamGate:
         """The unredacted stream so far (bounded by ``max_artifact_size``), for quarantine."""
         return bytes(self._original)
 
+    @property
+    def held(self) -> int:
+        """How many bytes are held back, not released yet."""
+        return len(self._buffer)
+
     def feed(self, chunk: bytes) -> tuple[bytes, list[Finding]]:
         """Add ``chunk``; return (bytes safe to release now, new findings)."""
         limit = self._gate.policy.max_artifact_size
@@ -489,42 +505,95 @@ class StreamGate:
         # Scanning a tiny chunk would rescan the held tail every time; wait for enough bytes.
         if len(self._buffer) < 2 * self._hold and not extra:
             return b"", []
-        return self._process(final=False, extra=extra)
+        return self._process(cut=max(0, len(self._buffer) - self._hold), final=False, extra=extra)
+
+    def flush(self) -> tuple[bytes, list[Finding]]:
+        """Release the complete lines held back (up to the last
+        ``\\n`` or ``\\r``); a partial last line stays held. Returns what :meth:`feed` does."""
+        end = max(self._buffer.rfind(b"\n"), self._buffer.rfind(b"\r")) + 1
+        if end == 0:
+            return b"", []
+        return self._process(cut=end, final=False, extra=[], flushed=True)
 
     def close(self) -> tuple[bytes, list[Finding]]:
         """Flush what is held back; return (bytes to release, new findings)."""
-        return self._process(final=True, extra=[])
+        return self._process(cut=len(self._buffer), final=True, extra=[])
 
-    def _process(self, *, final: bool, extra: list[Finding]) -> tuple[bytes, list[Finding]]:
-        buffer = self._buffer
-        findings = self._gate.scan(buffer, self._source)
-        cut = len(buffer) if final else max(0, len(buffer) - self._hold)
+    def _process(
+        self, *, cut: int, final: bool, extra: list[Finding], flushed: bool = False
+    ) -> tuple[bytes, list[Finding]]:
+        """Scan context + buffer, release the buffer up to ``cut`` (moved back to the start
+        of a finding it would split) and return (released bytes, new findings)."""
+        context, buffer = self._context, self._buffer
+        base = len(context)
+        findings = self._gate.scan(context + buffer, self._source)
         if not final:
             for f in findings:
-                if f.start < cut < f.end and cut - f.start <= _STREAM_MAX_HOLD:
-                    cut = min(cut, f.start)
-        emitted = [f for f in findings if f.start < cut or (final and f.start <= cut)]
-        shifted = [self._shift(f) for f in emitted] + extra
+                start = f.start - base
+                if start < cut < f.end - base and cut - start <= _STREAM_MAX_HOLD:
+                    cut = max(0, start)
+        emitted = self._new_findings(findings, base, cut, final)
+        shifted = [self._shift(f, base) for f in emitted] + extra
         self._findings.extend(shifted)
         policy = self._gate.policy
         from kavach.scanning.findings import worst_verdict
 
         self._verdict = worst_verdict(self._verdict, policy.verdict_for(shifted))
         head = buffer[:cut]
-        released = b"" if self._verdict is Verdict.BLOCK else self._gate._release(head, emitted, self._verdict)
+        released = b""
+        if self._verdict is not Verdict.BLOCK:
+            # Spans relative to the head; one that began in the context (released already)
+            # is redacted from the head's first byte.
+            local = [replace(f, start=max(0, f.start - base), end=f.end - base) for f in emitted]
+            released = self._gate._release(head, local, self._verdict)
         self._line += head.count(b"\n")
         self._offset += cut
         self._buffer = buffer[cut:]
+        self._set_context(context, head, keep=flushed)
         return released, shifted
 
-    def _shift(self, f: Finding) -> Finding:
-        return replace(f, start=f.start + self._offset, end=f.end + self._offset, line=f.line + self._line - 1)
+    def _new_findings(self, findings: list[Finding], base: int, cut: int, final: bool) -> list[Finding]:
+        """The findings of this scan to report now: those that start before the cut and end
+        past the context. One wholly inside the context was reported when its bytes were
+        released (a release splits none it reports but one longer than ``_STREAM_MAX_HOLD``) or is an
+        artefact of the context's cut-off start. One that starts in the context and reaches
+        into the buffer is new: a key whose header was released before its body came."""
+        return [
+            f for f in findings
+            if f.end > base and ((f.start - base) < cut or (final and (f.start - base) <= cut))
+        ]
+
+    def _set_context(self, context: bytes, head: bytes, *, keep: bool) -> None:
+        """After a release: keep the last released bytes as context after a flush (which
+        holds back at most a partial line, too little context for the next scan); after
+        the other releases the held tail is the context. The context starts at a line
+        start, so that no token is cut in two at its start."""
+        if not head:
+            return  # nothing released: the buffer still follows the same context
+        if not keep:
+            self._context, self._context_lines = b"", 0
+            return
+        tail = (context + head)[-self._hold :]
+        if len(context) + len(head) > self._hold:
+            newline = tail.find(b"\n")
+            tail = tail[newline + 1 :] if newline >= 0 else b""
+        self._context, self._context_lines = tail, tail.count(b"\n")
+
+    def _shift(self, f: Finding, base: int) -> Finding:
+        """``f`` (found in context + buffer) with stream-relative offsets and line."""
+        return replace(
+            f,
+            start=f.start - base + self._offset,
+            end=f.end - base + self._offset,
+            line=f.line + self._line - 1 - self._context_lines,
+        )
 
 
 __all__ = [
     "INJECTED_SECRET_RULE",
     "OVERSIZE_RULE",
     "SCANNER_NAMES",
+    "STREAM_FLUSH_S",
     "STREAM_HOLD",
     "ExternalizationPolicy",
     "Gate",
