@@ -235,6 +235,52 @@ def test_stream_flush_never_splits_a_secret_cut_mid_line() -> None:
     assert out == b"" and stream.verdict is Verdict.BLOCK
 
 
+def test_stream_cut_moved_back_by_a_long_finding_does_not_split_an_earlier_one() -> None:
+    # A [100, 200) and B [150, 9000): the cut (len - hold) splits B only; moved back to B's
+    # start it splits A, so it must move again, to A's start. (Checked in the other order
+    # too, which is how the scanners may list them.)
+    def make(rule: str, start: int, end: int) -> Finding:
+        return Finding(scanner="secrets", rule=rule, category="password", severity=Severity.HIGH, start=start,
+                       end=end, line=1, evidence="x", confidence=1.0)
+
+    data = b"x" * 100 + b"#" + b"y" * 10_299  # the findings are placed from the "#"
+    for order in (0, 1):
+        gate = Gate(ExternalizationPolicy(block_at="critical"))
+
+        def scan(d: bytes, source: str = "", order: int = order) -> list[Finding]:
+            at = d.find(b"#")
+            pair = [make("a", at, at + 100), make("b", at + 50, at + 8900)] if at >= 0 else []
+            return pair if order == 0 else pair[::-1]
+
+        gate.scan = scan  # type: ignore[method-assign]
+        stream = gate.stream("stdout")
+        out, found = stream.feed(data)
+        assert (out, found) == (data[:100], [])
+        out2, found2 = stream.close()
+        assert {f.rule for f in found2} == {"a", "b"}
+        assert out2.startswith(b"[REDACTED:password]")
+
+
+def test_stream_flush_reports_a_match_from_the_context_once_it_is_complete() -> None:
+    # A quarantined (not blocked) key whose header line was released: while its body line
+    # is still partial the match runs past the cut, so nothing of it is reported or
+    # released until the line is complete; then it is reported once.
+    header = b"-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    line1 = b"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
+    line2 = b"QyNTUxOQAAACAMMB4vyOgI5UqpLNX+lCCTwj6zRZdScZn6zeFkE3azngAAAJArho0JK4aN\n"
+    stream = Gate(ExternalizationPolicy(category_overrides={"private_key": "high"})).stream("stdout")
+    stream.feed(header)
+    assert stream.flush() == (header, [])
+    stream.feed(line1 + line2[:40])
+    assert stream.flush() == (b"", [])  # the key runs into the partial line: all held
+    stream.feed(line2[40:])
+    out, found = stream.flush()
+    assert [(f.rule, f.start) for f in found] == [("secrets.private-key", 0)]
+    assert out == b"[REDACTED:private_key]\n" and stream.verdict is Verdict.QUARANTINE
+    assert stream.close() == (b"", [])
+    assert len(stream.findings) == 1
+
+
 def test_engine_built_findings_are_ordinary_findings() -> None:
     # The engine builds Finding objects through __dict__ for speed; they must compare, hash,
     # replace and serialise exactly like ones made by the constructor.

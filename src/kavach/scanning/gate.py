@@ -446,9 +446,10 @@ class StreamGate:
     ``feed`` scans the bytes held back from the previous chunk plus the new chunk and
     returns what may be released now: everything except the last ``STREAM_HOLD`` bytes
     (and except a finding that straddles that cut, which is held until it is complete).
-    ``flush`` (called when lines were held long enough) releases the complete lines held back; the last
-    ``STREAM_HOLD`` bytes it released stay as context for the next scan, so a secret whose
-    keyword or PEM header was already released is still found when its value arrives.
+    ``flush`` (called when lines were held long enough) releases the complete lines held
+    back; the last ``STREAM_HOLD`` bytes it released stay as context for the next scan, so
+    a match whose first line was already released (a PEM header, ``Bearer`` at a line's
+    end) is still found when the rest arrives.
     Offsets and line numbers of findings are relative to the whole stream. Once the
     verdict is BLOCK nothing more is released; bytes released before the block have
     already left (the price of streaming; use ``exec`` for all-or-nothing).
@@ -508,8 +509,8 @@ class StreamGate:
         return self._process(cut=max(0, len(self._buffer) - self._hold), final=False, extra=extra)
 
     def flush(self) -> tuple[bytes, list[Finding]]:
-        """Release the complete lines held back (up to the last
-        ``\\n`` or ``\\r``); a partial last line stays held. Returns what :meth:`feed` does."""
+        """Release the complete lines held back (up to the last ``\\n`` or ``\\r``); a partial
+        last line stays held. Returns what :meth:`feed` does."""
         end = max(self._buffer.rfind(b"\n"), self._buffer.rfind(b"\r")) + 1
         if end == 0:
             return b"", []
@@ -528,7 +529,10 @@ class StreamGate:
         base = len(context)
         findings = self._gate.scan(context + buffer, self._source)
         if not final:
-            for f in findings:
+            # Latest start first: moving the cut back to one finding's start can make it
+            # split an earlier finding, which then moves it further; one that starts later
+            # lies wholly past the moved cut. (One pass, no fixed-point loop.)
+            for f in sorted(findings, key=lambda f: f.start, reverse=True):
                 start = f.start - base
                 if start < cut < f.end - base and cut - start <= _STREAM_MAX_HOLD:
                     cut = max(0, start)
@@ -554,14 +558,23 @@ class StreamGate:
 
     def _new_findings(self, findings: list[Finding], base: int, cut: int, final: bool) -> list[Finding]:
         """The findings of this scan to report now: those that start before the cut and end
-        past the context. One wholly inside the context was reported when its bytes were
-        released (a release splits none it reports but one longer than ``_STREAM_MAX_HOLD``) or is an
-        artefact of the context's cut-off start. One that starts in the context and reaches
-        into the buffer is new: a key whose header was released before its body came."""
-        return [
-            f for f in findings
-            if f.end > base and ((f.start - base) < cut or (final and (f.start - base) <= cut))
-        ]
+        past the context, except one that the cut was moved back for (it is reported once
+        it is complete).
+
+        One wholly inside the context was reported when its bytes were released (a release
+        splits only a finding longer than ``_STREAM_MAX_HOLD``) or is an artefact of the
+        context's cut-off start. One that starts in the context and reaches into the buffer
+        is new: a key whose header was released before its body came.
+        """
+        out = []
+        for f in findings:
+            start, end = f.start - base, f.end - base
+            if end <= 0 or not (start < cut or (final and start <= cut)):
+                continue
+            if not final and end > cut and cut - start <= _STREAM_MAX_HOLD:
+                continue  # still running past the cut: held, like its bytes
+            out.append(f)
+        return out
 
     def _set_context(self, context: bytes, head: bytes, *, keep: bool) -> None:
         """After a release: keep the last released bytes as context after a flush (which
