@@ -15,6 +15,7 @@ from kavach.scanning import ExternalizationPolicy, Gate, Verdict
 from kavach.scanning.code import REGEX_RULES
 from kavach.scanning.data import DATA_RULES
 from kavach.scanning.engine import WINDOW, PatternBank, compile_bytes
+from kavach.scanning.findings import Finding
 from kavach.scanning.secrets import SECRET_RULES
 
 AWS_ID = b"AKIA" + b"QWERTYUIOPASDFGH"
@@ -93,13 +94,31 @@ def test_prefilter_and_anchors_never_drop_a_match(pieces: list[bytes]) -> None:
         assert got == _naive(rules, data)
 
 
+def _redacting_policy() -> ExternalizationPolicy:
+    """Nothing blocks (so the released bytes can be checked): the critical kinds quarantine."""
+    return ExternalizationPolicy(block_at="critical", quarantine_at="critical",
+                                 category_overrides={k: "high" for k in ("cloud_key", "vcs_token", "private_key",
+                                                                         "connection_string", "pci_dss")})
+
+
+def _redacted_values(data: bytes, findings: tuple[Finding, ...], policy: ExternalizationPolicy) -> Counter[bytes]:
+    """How many reported occurrences of each value the gate must redact.
+
+    Occurrences, not findings: two findings (a password that is also an SSN) may share a span.
+    """
+    spans: dict[bytes, set[tuple[int, int]]] = {}
+    for f in findings:
+        value = data[f.start : f.end]
+        if f.redact and f.severity >= policy.warn_at and len(value) >= 8:
+            spans.setdefault(value, set()).add((f.start, f.end))
+    return Counter({value: len(found) for value, found in spans.items()})
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(_PIECES, min_size=1, max_size=40), st.integers(min_value=1, max_value=64))
 def test_redaction_removes_every_reported_value(pieces: list[bytes], chunk: int) -> None:
     data = b"".join(pieces)
-    policy = ExternalizationPolicy(block_at="critical", quarantine_at="critical",
-                                   category_overrides={k: "high" for k in ("cloud_key", "vcs_token", "private_key",
-                                                                           "connection_string", "pci_dss")})
+    policy = _redacting_policy()
     gate = Gate(policy)
     result = gate.apply(data)
     # Streaming the same bytes in small chunks reports the same findings.
@@ -111,14 +130,7 @@ def test_redaction_removes_every_reported_value(pieces: list[bytes], chunk: int)
     assert {(f.rule, f.start, f.end) for f in streamed} == {(f.rule, f.start, f.end) for f in result.findings}
     if result.verdict is Verdict.PASS:
         return
-    # Occurrences, not findings: two findings (a password that is also an SSN) may share a span.
-    spans: dict[bytes, set[tuple[int, int]]] = {}
-    for f in result.findings:
-        value = data[f.start : f.end]
-        if f.redact and f.severity >= policy.warn_at and len(value) >= 8:
-            spans.setdefault(value, set()).add((f.start, f.end))
-    redacted = Counter({value: len(found) for value, found in spans.items()})
-    for value, count in redacted.items():
+    for value, count in _redacted_values(data, result.findings, policy).items():
         # Each reported occurrence is gone; unreported look-alikes (a card number glued to a
         # word) may remain.
         assert result.released.count(value) <= data.count(value) - count, value
@@ -172,9 +184,7 @@ def test_streaming_with_flushes_misses_nothing_and_releases_no_reported_value(
     # (from the same first byte; one that grew as more of it came may also be reported with
     # a shorter span) and no value the whole artifact's gate redacts is released.
     data = b"".join(pieces)
-    policy = ExternalizationPolicy(block_at="critical", quarantine_at="critical",
-                                   category_overrides={k: "high" for k in ("cloud_key", "vcs_token", "private_key",
-                                                                           "connection_string", "pci_dss")})
+    policy = _redacting_policy()
     gate = Gate(policy)
     whole = gate.apply(data)
     stream = gate.stream("stdout")
@@ -185,10 +195,5 @@ def test_streaming_with_flushes_misses_nothing_and_releases_no_reported_value(
             released += stream.flush()[0]
     released += stream.close()[0]
     assert {(f.rule, f.start) for f in whole.findings} <= {(f.rule, f.start) for f in stream.findings}
-    spans: dict[bytes, set[tuple[int, int]]] = {}
-    for f in whole.findings:
-        value = data[f.start : f.end]
-        if f.redact and f.severity >= policy.warn_at and len(value) >= 8:
-            spans.setdefault(value, set()).add((f.start, f.end))
-    for value, found in spans.items():
-        assert released.count(value) <= data.count(value) - len(found), value
+    for value, count in _redacted_values(data, whole.findings, policy).items():
+        assert released.count(value) <= data.count(value) - count, value
