@@ -225,6 +225,17 @@ def test_stream_flush_reports_each_finding_once_with_stream_offsets() -> None:
     assert stream.verdict is Verdict.QUARANTINE
 
 
+def test_stream_flush_context_after_a_line_longer_than_the_hold() -> None:
+    # The released line is longer than the context kept (STREAM_HOLD): its end still is.
+    stream = Gate(ExternalizationPolicy()).stream("stdout")
+    stream.feed(b"x" * (STREAM_HOLD + 1000) + b" Bearer \n")
+    assert stream.flush()[1] == []
+    stream.feed(b"password536-22-8172\n")
+    out, found = stream.flush()
+    assert [f.rule for f in found] == ["secrets.bearer-token"]
+    assert b"password536-22-8172" not in out
+
+
 def test_stream_flush_never_splits_a_secret_cut_mid_line() -> None:
     stream = Gate(ExternalizationPolicy()).stream("stdout")
     stream.feed(b"ok\nkey=" + AWS_ID[:9].encode())

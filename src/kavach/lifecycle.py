@@ -802,7 +802,7 @@ class SpawnHandle:
                         yield name, released
                 if due is not None and loop.time() >= due:
                     due = None
-                    async for item in self._flush():
+                    for item in await self._flush():
                         yield item
         finally:
             # The consumer stopped early or the gate blocked: stop reading the output. (The
@@ -819,12 +819,15 @@ class SpawnHandle:
             if released:
                 yield name, released
 
-    async def _flush(self) -> AsyncIterator[tuple[str, bytes]]:
+    async def _flush(self) -> list[tuple[str, bytes]]:
+        """What each stream's gate releases of the complete lines it holds."""
+        out = []
         for name, stream_gate in self._gates.items():
             released, found = stream_gate.flush()
             await self._record(found, stream_gate.verdict)
             if released:
-                yield name, released
+                out.append((name, released))
+        return out
 
     async def _feed(self, name: str, chunk: bytes) -> bytes:
         stream_gate = self._gates.get(name)

@@ -579,17 +579,18 @@ class StreamGate:
     def _set_context(self, context: bytes, head: bytes, *, keep: bool) -> None:
         """After a release: keep the last released bytes as context after a flush (which
         holds back at most a partial line, too little context for the next scan); after
-        the other releases the held tail is the context. The context starts at a line
-        start, so that no token is cut in two at its start."""
+        the other releases the held tail is the context.
+
+        The context may start inside a token; a match found there is dropped unless it
+        reaches into the buffer, which would take a match spanning the whole context (a
+        hold's worth of bytes) from a cut-off start: none of the rules' anchors is cut.
+        """
         if not head:
             return  # nothing released: the buffer still follows the same context
         if not keep:
             self._context, self._context_lines = b"", 0
             return
         tail = (context + head)[-self._hold :]
-        if len(context) + len(head) > self._hold:
-            newline = tail.find(b"\n")
-            tail = tail[newline + 1 :] if newline >= 0 else b""
         self._context, self._context_lines = tail, tail.count(b"\n")
 
     def _shift(self, f: Finding, base: int) -> Finding:
