@@ -462,9 +462,8 @@ class StreamGate:
         self._offset = 0  # stream offset of self._buffer[0]
         self._line = 1  # line number at self._buffer[0]
         # Released bytes scanned again before the buffer (set by flush, whose cut leaves
-        # no held tail to give the next scan its context), and the lines they hold.
+        # no held tail to give the next scan its context).
         self._context = b""
-        self._context_lines = 0
         self._verdict = Verdict.PASS
         self._findings: list[Finding] = []
         self._total = 0
@@ -537,7 +536,8 @@ class StreamGate:
                 if start < cut < f.end - base and cut - start <= _STREAM_MAX_HOLD:
                     cut = max(0, start)
         emitted = self._new_findings(findings, base, cut, final)
-        shifted = [self._shift(f, base) for f in emitted] + extra
+        first_line = self._line - context.count(b"\n")  # line number at the context's start
+        shifted = [self._shift(f, base, first_line) for f in emitted] + extra
         self._findings.extend(shifted)
         policy = self._gate.policy
         from kavach.scanning.findings import worst_verdict
@@ -547,8 +547,10 @@ class StreamGate:
         released = b""
         if self._verdict is not Verdict.BLOCK:
             # Spans relative to the head; one that began in the context (released already)
-            # is redacted from the head's first byte.
-            local = [replace(f, start=max(0, f.start - base), end=f.end - base) for f in emitted]
+            # is redacted from the head's first byte. (Without a context they already are.)
+            local = emitted
+            if base:
+                local = [replace(f, start=max(0, f.start - base), end=f.end - base) for f in emitted]
             released = self._gate._release(head, local, self._verdict)
         self._line += head.count(b"\n")
         self._offset += cut
@@ -588,18 +590,18 @@ class StreamGate:
         if not head:
             return  # nothing released: the buffer still follows the same context
         if not keep:
-            self._context, self._context_lines = b"", 0
+            self._context = b""
             return
         tail = (context + head)[-self._hold :]
-        self._context, self._context_lines = tail, tail.count(b"\n")
+        self._context = tail
 
-    def _shift(self, f: Finding, base: int) -> Finding:
+    def _shift(self, f: Finding, base: int, first_line: int) -> Finding:
         """``f`` (found in context + buffer) with stream-relative offsets and line."""
         return replace(
             f,
             start=f.start - base + self._offset,
             end=f.end - base + self._offset,
-            line=f.line + self._line - 1 - self._context_lines,
+            line=f.line + first_line - 1,
         )
 
 
