@@ -109,6 +109,54 @@ def test_create_applies_limits_and_destroy_removes_every_directory(
         assert not directory.exists()
 
 
+@pytest.mark.skipif(SUPPORT.version != 1, reason="the tasks-file self-move is cgroup v1's")
+def test_a_process_moves_itself_in_with_the_callers_tasks_fds(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
+    """How a sandbox's init joins its cgroup: fds the caller opened, "0" written from inside."""
+    cgroup = make_cgroup(ResourceLimits(memory=64 * MiB, pids=20))
+    fds = cgroup.self_move_fds()
+    assert len(fds) == len(cgroup.dirs)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            for fd in fds:
+                os.write(fd, b"0")
+            code = 0
+        except OSError as exc:
+            code = 100 + (exc.errno or 0) % 100
+        if code == 0:
+            signal.pause()  # stay until the parent has checked (it kills us)
+        os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    try:
+        assert wait_for(lambda: pid in cgroup.pids())
+        cgroup.check_member(pid)
+        for procs in cgroup.procs_files():
+            assert str(pid) in procs.read_text().split()
+        with pytest.raises(CgroupError, match="is not in"):
+            cgroup.check_member(os.getpid())  # this test process never joined it
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_check_member_names_every_hierarchy_the_process_is_missing_from(
+    make_cgroup: Callable[[ResourceLimits], Cgroup],
+) -> None:
+    cgroup = make_cgroup(ResourceLimits(memory=64 * MiB, pids=20))
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(CgroupError) as raised:
+            cgroup.check_member(proc.pid)
+        for controller in cgroup.dirs:
+            assert controller in str(raised.value)
+        cgroup.add(proc.pid)
+        cgroup.check_member(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_duplicate_and_invalid_names_are_refused(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
     cgroup = make_cgroup(ResourceLimits())
     with pytest.raises(CgroupError, match="exists"):
@@ -121,11 +169,24 @@ def test_duplicate_and_invalid_names_are_refused(make_cgroup: Callable[[Resource
 def test_memory_bomb_is_oom_killed_and_reported(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:
     cgroup = make_cgroup(ResourceLimits(memory=48 * MiB))
     bomb = "chunks = []\nwhile True:\n    chunks.append(b'x' * (1 << 20))\n"
+    assert not cgroup.oom_killed()  # read before the bomb, as the driver does before each exec
     proc = start_in(cgroup, [PYTHON, "-c", bomb], stderr=subprocess.DEVNULL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert cgroup.oom_killed()
+    assert cgroup.oom_killed()  # the same file read again sees the kill
     peak = cgroup.memory_peak()
     assert peak is None or peak <= 48 * MiB
+
+
+def test_oom_state_of_a_removed_cgroup_reads_as_none_and_destroy_still_works(
+    make_cgroup: Callable[[ResourceLimits], Cgroup],
+) -> None:
+    cgroup = make_cgroup(ResourceLimits(memory=48 * MiB))
+    assert not cgroup.oom_killed()  # its counters' file is now held open
+    for directory in cgroup.dirs.values():
+        os.rmdir(directory)  # removed behind its back (an operator, a sweep)
+    assert not cgroup.oom_killed()
+    cgroup.destroy()
+    assert not cgroup.oom_killed()
 
 
 def test_fresh_cgroup_reports_no_oom(make_cgroup: Callable[[ResourceLimits], Cgroup]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kavach.backends.base import ExecRequest, InjectedFile
+from kavach.backends.base import ExecRequest, InjectedFile, LaunchSpec
 from kavach.backends.process import ProcessDriver, ProcessInstance
 from kavach.backends.process.namespaces import ROOT_MAP_BASE
 from kavach.errors import ExecError, SandboxCreateError
@@ -448,6 +448,71 @@ async def test_a_sandbox_that_fails_verification_is_gone_and_not_tracked(monkeyp
     assert not any(i.sandbox_id == "verify-fails" for i in driver_module._LIVE)
     if os.geteuid() == 0:  # (its cgroup, with its processes, is gone too)
         assert not list(Path("/sys/fs/cgroup").glob("*/kavach/kavach-verify-fails"))
+
+
+async def test_every_sandbox_process_is_in_the_cgroup_and_init_joined_it_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On cgroup v1 init moves itself in (the caller's pid write would wait for an RCU grace
+    period); whoever moved it, init, the exec server and every command are inside."""
+    from kavach.backends.process.cgroups import Cgroup
+
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox cgroups of an unprivileged caller are covered in test_process_delegated")
+
+    def caller_moves(self: Cgroup, pid: int) -> None:
+        raise AssertionError(f"the caller moved {pid} into {self.name} itself")
+
+    monkeypatch.setattr(Cgroup, "add", caller_moves)
+    async with sandbox(SandboxPolicy.basic()) as box:
+        assert box.cgroup is not None and box.cgroup.version == 1
+        handle = await box.spawn(ExecRequest(argv=("/bin/sh", "-c", "sleep 30 & sleep 30"), env=ENV))
+        try:
+            # init, the exec server, the shell and its two sleeps (once the shell forked them)
+            for _ in range(500):
+                in_sandbox = host_pids_in_namespace(pid_ns_of(box))
+                if len(in_sandbox) >= 5:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(in_sandbox) >= 5, in_sandbox
+            for pid in in_sandbox:
+                box.cgroup.check_member(pid)
+            assert set(in_sandbox) <= set(box.cgroup.pids())
+        finally:
+            await handle.kill()
+
+
+@pytest.mark.parametrize(
+    ("breakage", "named"),
+    [
+        ("count", "cgroup_fds"),  # more cgroup fds announced than sent
+        ("read-only fd", "join the sandbox's cgroup"),  # the write into tasks fails
+    ],
+)
+async def test_init_that_cannot_join_its_cgroup_fails_creation(
+    monkeypatch: pytest.MonkeyPatch, breakage: str, named: str
+) -> None:
+    from kavach.backends.process import driver as driver_module
+    from kavach.backends.process.cgroups import Cgroup
+
+    if os.geteuid() != 0:
+        pytest.skip("needs the root caller's cgroups")
+    if breakage == "count":
+        original_send = driver_module.Channel.send
+
+        def send(self: object, message: dict[str, object], fds: list[int] | tuple[int, ...] = ()) -> None:
+            if message.get("op") == "mapped":
+                message = {**message, "cgroup_fds": len(fds) + 1}
+            original_send(self, message, fds)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(driver_module.Channel, "send", send)
+    else:
+        monkeypatch.setattr(Cgroup, "self_move_fds", lambda self: [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)])
+    sandbox_id = f"cgjoin-{breakage.replace(' ', '-')}"
+    with pytest.raises(SandboxCreateError, match=named):
+        await ProcessDriver().start(LaunchSpec(sandbox_id, SandboxPolicy.basic()))
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/kavach/kavach-{sandbox_id}"))
+    assert not any(i.sandbox_id == sandbox_id for i in driver_module._LIVE)
 
 
 async def test_the_exec_server_cannot_import_from_files_and_a_probe_saying_otherwise_is_refused(

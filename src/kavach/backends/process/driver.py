@@ -6,8 +6,9 @@ Creating a sandbox (``ProcessDriver.start``), in order:
 2. create the cgroup (memory, pids, cpu, freezer) when the policy asks for limits;
 3. ask the spawner to clone the sandbox's init straight into new user, mount, pid, net,
    ipc and uts namespaces; send it the plan and the secrets (as memfds);
-4. put it in the cgroup, write its uid/gid maps and (root caller) make idmapped copies of
-   the user binds; send "mapped";
+4. write its uid/gid maps and (root caller) make idmapped copies of the user binds; send
+   "mapped" with them and (cgroup v1) the fds with which init moves itself into its cgroup
+   (on v2 the caller moves it); the caller checks the move once init is ready;
 5. init builds the root filesystem and lets its exec server (forked before the mounts)
    confine itself and report what it observes (the enforcement probe);
 6. :meth:`ProcessInstance.enforcement` is built from that probe, and any control the
@@ -630,8 +631,7 @@ def _make_cgroup(spec: LaunchSpec) -> tuple[Cgroup | None, str | None]:
     host has none for this caller and the policy allows degrading (else that is an error).
 
     Without limits a cgroup would only serve pause and kill, which init does as well
-    (SIGSTOP/SIGCONT and kill(-1) inside the pid namespace), and moving a process into a
-    cgroup v1 hierarchy costs an RCU grace period, so it is skipped.
+    (SIGSTOP/SIGCONT and kill(-1) inside the pid namespace), so it is skipped.
     """
     if not _limits_asked(spec.policy.resources):
         return None, None
@@ -736,19 +736,26 @@ async def _start(
         finally:
             for fd in file_fds:
                 os.close(fd)
-        if cgroup is not None:
-            cgroup.add(pid)
-        idmapped = _map_ids(pid, spec, plan) if plan["namespaces"] else []
+        cgroup_fds = _cgroup_entry(cgroup, pid)
         try:
-            channel.send({"op": "mapped"}, idmapped)
+            idmapped = _map_ids(pid, spec, plan) if plan["namespaces"] else []
+            try:
+                channel.send({"op": "mapped", "cgroup_fds": len(cgroup_fds)}, [*idmapped, *cgroup_fds])
+            finally:
+                for fd in idmapped:
+                    os.close(fd)
         finally:
-            for fd in idmapped:
+            for fd in cgroup_fds:
                 os.close(fd)
         try:
             message, fds = await _within_deadline(_expect(channel, "ready"), "the sandbox's 'ready'")
         except SandboxCreateError as exc:
             _explain_setup_oom(exc, cgroup, spec)
             raise
+        if cgroup is not None:
+            # Init reported its own move as done; confirm it from outside before any
+            # command can run (the first one is sent only after this returns).
+            cgroup.check_member(pid)
         instance = ProcessInstance(spec, plan, channel, pid, pidfd, cgroup)
         _LIVE.add(instance)
         if fds:
@@ -786,6 +793,18 @@ def _explain_setup_oom(exc: SandboxCreateError, cgroup: Cgroup | None, spec: Lau
         f"resources.memory: {memory} B is too little for the sandbox's own init and exec server, "
         f"which the memory limit killed during set-up ({exc}); allow at least 8 MiB"
     ) from None
+
+
+def _cgroup_entry(cgroup: Cgroup | None, pid: int) -> list[int]:
+    """Put init in its cgroup: v1, the fds init moves itself with (sent with "mapped"; the
+    caller moving it would cost an RCU grace period, see ``Cgroup.self_move_fds``); v2, the
+    caller moves it now."""
+    if cgroup is None:
+        return []
+    if cgroup.version == 1:
+        return cgroup.self_move_fds()
+    cgroup.add(pid)
+    return []
 
 
 def _map_ids(pid: int, spec: LaunchSpec, plan: dict[str, Any]) -> list[int]:

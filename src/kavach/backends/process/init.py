@@ -4,8 +4,9 @@ The spawner clones one process per sandbox straight into new user, mount, pid, n
 and uts namespaces; it runs :func:`sandbox_main` and is the sandbox's init:
 
 ``sandbox_main``
-    waits for the plan and for "mapped" (the caller wrote its uid/gid maps and moved it
-    into its cgroup), becomes root inside and enters a new cgroup namespace.
+    waits for the plan and for "mapped" (the caller wrote its uid/gid maps), moves itself
+    into its cgroup (v1; on v2 the caller moved it), becomes root inside and enters a new
+    cgroup namespace.
 ``_init_main`` (PID 1)
     forks the exec server, builds the root filesystem (:mod:`.mounts`), sets the
     hostname, brings up loopback, creates the proxy listener, makes itself non-dumpable,
@@ -192,8 +193,8 @@ def sandbox_main(ctl_fd: int) -> NoReturn:
 
     With namespaces it was cloned straight into new user, mount, pid, net, ipc and uts
     namespaces, so it is already PID 1. It waits for the plan, then for "mapped" (the
-    caller has written its uid/gid maps and put it in its cgroup), becomes root inside and
-    enters a new cgroup namespace, rooted at that cgroup.
+    caller has written its uid/gid maps), joins its cgroup, becomes root inside and enters
+    a new cgroup namespace, rooted at that cgroup.
     """
     ctl = socket.socket(fileno=ctl_fd)
     try:
@@ -206,9 +207,14 @@ def sandbox_main(ctl_fd: int) -> NoReturn:
         if message is None or message.get("op") != "plan":
             os._exit(1)
         plan: dict[str, Any] = message["plan"]
-        message, idmapped = protocol.recv(ctl)
+        message, fds = protocol.recv(ctl)
         if message is None or message.get("op") != "mapped":
             os._exit(1)
+        idmapped, cgroup_fds = _split_mapped_fds(message, fds)
+        # Ordering: into the cgroup before anything else. The cgroup namespace below is
+        # rooted at the cgroup we are in when it is made, and every process of the sandbox
+        # (the exec server, the commands) is forked after this and inherits it.
+        _join_cgroup(cgroup_fds)
         if plan["namespaces"]:
             _become_root_inside(plan)
             _libc.unshare(_libc.CLONE_NEWCGROUP, "unshare the cgroup namespace")
@@ -216,6 +222,37 @@ def sandbox_main(ctl_fd: int) -> NoReturn:
         _send_quietly(ctl, _error_message(exc, "prepare the sandbox"))
         os._exit(1)
     _init_main(ctl, plan, file_fds, idmapped)
+
+
+def _split_mapped_fds(message: dict[str, Any], fds: list[int]) -> tuple[list[int], list[int]]:
+    """The fds of "mapped": the idmapped mount trees, then ``cgroup_fds`` cgroup ``tasks`` files."""
+    count = message.get("cgroup_fds", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= len(fds):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"'mapped': cgroup_fds {count!r} for {len(fds)} fds")
+    cut = len(fds) - count
+    return fds[:cut], fds[cut:]
+
+
+def _join_cgroup(task_fds: list[int]) -> None:
+    """Move this process into the sandbox's cgroup v1 hierarchies: "0" (the writing thread)
+    to each ``tasks`` fd the caller opened (``Cgroup.self_move_fds`` says why not the caller).
+
+    "0" moves only the calling thread; init is single-threaded here (a fork of the
+    single-threaded spawner), so that is the whole process. Every fd is closed, also on error.
+    """
+    try:
+        for fd in task_fds:
+            try:
+                written = os.write(fd, b"0")
+            except OSError as exc:
+                raise KernelCallError("join the sandbox's cgroup", exc.errno or errno.EIO) from None
+            if written != 1:
+                raise KernelCallError("join the sandbox's cgroup (short write)", errno.EIO)
+    finally:
+        for fd in task_fds:
+            os.close(fd)
 
 
 def _become_root_inside(plan: dict[str, Any]) -> None:
