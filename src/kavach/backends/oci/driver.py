@@ -212,13 +212,11 @@ def parse_announce(stderr: str) -> dict[str, Any]:
 
 def _cgroup_paths(pid: int) -> dict[str, str]:
     """controller -> cgroup path of ``pid`` (``""`` is the v2 unified hierarchy)."""
-    paths: dict[str, str] = {}
-    with open(f"/proc/{pid}/cgroup", encoding="ascii") as stream:
-        for line in stream:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                paths[controller] = path
-    return paths
+    # Imported here, as the other Process modules this driver uses: the package would load
+    # the whole Process driver with it.
+    from kavach.backends.process.cgroups import cgroup_paths
+
+    return cgroup_paths(pid)
 
 
 def _read_int(path: str) -> int | None:

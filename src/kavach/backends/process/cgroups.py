@@ -195,6 +195,18 @@ def _own_v2_cgroup() -> str | None:
     return None
 
 
+def cgroup_paths(pid: int) -> dict[str, str]:
+    """controller -> cgroup path of process ``pid``, from ``/proc/PID/cgroup`` (``""`` is the
+    v2 unified hierarchy). Raises OSError when the process is gone."""
+    paths: dict[str, str] = {}
+    with open(f"/proc/{pid}/cgroup", encoding="ascii") as stream:
+        for line in stream:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                paths[controller] = path
+    return paths
+
+
 def create_cgroup(name: str, limits: ResourceLimits) -> Cgroup:
     """Create the sandbox cgroup ``name`` with ``limits`` (memory, pids, cpus) applied.
 
@@ -481,14 +493,13 @@ class Cgroup:
         hierarchy this cgroup uses must end in this cgroup's name, which is unique per sandbox.
         """
         where = f"/proc/{pid}/cgroup"
-        text = _read(Path(where))
-        paths: dict[str, str] = {}
-        for line in text.splitlines():
-            _hid, _, rest = line.partition(":")
-            controllers, _, path = rest.partition(":")
-            for controller in controllers.split(",") if controllers else ["unified"]:
-                paths[controller] = path
-        outside = sorted(c for c in self.dirs if not paths.get(c, "").endswith("/" + self.name))
+        try:
+            paths = cgroup_paths(pid)
+        except OSError as exc:
+            raise CgroupError("check membership", exc.errno or errno.EIO, where) from None
+        # Cgroup.dirs names the v2 hierarchy "unified"; /proc names it "".
+        mine = "/" + self.name
+        outside = sorted(c for c in self.dirs if not paths.get("" if c == "unified" else c, "").endswith(mine))
         if outside:
             raise CgroupError(
                 "check membership", errno.ESRCH, where, f"process {pid} is not in {self.name} for {', '.join(outside)}"
@@ -812,6 +823,7 @@ __all__ = [
     "Cgroup",
     "CgroupError",
     "CgroupSupport",
+    "cgroup_paths",
     "cgroup_support",
     "create_cgroup",
     "delegate_v1",
