@@ -164,13 +164,38 @@ async def test_probe_output_without_the_mount_table_is_incomplete_not_a_pass() -
     """A probe whose grep did not print mountinfo (killed, or a file unreadable) fails the check."""
 
     def without_mountinfo(request: ExecRequest) -> RawResult:
-        out = host_probe(request).stdout
-        kept = b"\n".join(line for line in out.split(b"\n") if not line.startswith(b"/proc/self/mountinfo:"))
-        return RawResult(0, kept)
+        ran = host_probe(request)
+        kept = b"\n".join(line for line in ran.stdout.split(b"\n") if not line.startswith(b"/proc/self/mountinfo:"))
+        return RawResult(0, kept, ran.stderr)
 
     instance = await noop_instance(without_mountinfo)
     report = await check_integrity(instance, Enforcement(Backend.PROCESS))
     assert report.problems == ("the probe output is incomplete (namespaces, status or mountinfo missing)",)
+
+
+async def test_probe_output_without_the_namespace_links_is_incomplete_not_a_pass() -> None:
+    """The links come on stderr (readlink runs beside grep): without them the check fails,
+    and so it does when stdout says what the links would (only readlink's stream counts)."""
+
+    def links_on_stdout(request: ExecRequest) -> RawResult:
+        ran = host_probe(request)
+        return RawResult(0, ran.stderr + ran.stdout, b"")
+
+    instance = await noop_instance(links_on_stdout)
+    report = await check_integrity(instance, Enforcement(Backend.PROCESS))
+    assert report.problems == ("the probe output is incomplete (namespaces, status or mountinfo missing)",)
+
+    def with_links(request: ExecRequest) -> RawResult:
+        ran = host_probe(request)
+        assert ran.exit_code == 0 and ran.stderr
+        return RawResult(0, ran.stdout, ran.stderr)
+
+    # The same output with the links on stderr is complete: the host's own namespaces are read
+    # (and, on the host, reported shared).
+    report = await check_integrity(await noop_instance(with_links), Enforcement(Backend.PROCESS))
+    assert not any("incomplete" in problem for problem in report.problems)
+    assert report.namespaces["mnt"]["inside"] == os.readlink("/proc/self/ns/mnt")
+    assert "mnt namespace is shared with the host" in "\n".join(report.problems)
 
 
 async def test_truncated_probe_output_is_a_problem() -> None:
@@ -180,18 +205,28 @@ async def test_truncated_probe_output_is_a_problem() -> None:
     report = await check_integrity(await noop_instance(truncated), Enforcement(Backend.PROCESS))
     assert report.problems == ("the integrity probe's output was truncated",)
 
+    def stderr_truncated(request: ExecRequest) -> RawResult:
+        ran = host_probe(request)
+        return RawResult(0, ran.stdout, ran.stderr, stderr_truncated=True)
+
+    report = await check_integrity(await noop_instance(stderr_truncated), Enforcement(Backend.PROCESS))
+    assert report.problems == ("the integrity probe's output was truncated",)
+
 
 def test_probe_script_parses_on_the_host() -> None:
-    out = subprocess.run(["/bin/sh", "-c", PROBE_SCRIPT], capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(["/bin/sh", "-c", PROBE_SCRIPT], capture_output=True, text=True, check=True)
+    out = done.stdout
     labelled = [line for line in out.splitlines() if line.startswith("/proc/self/mountinfo:")]
     mounts = parse_mountinfo("\n".join(line.split(":", 1)[1] for line in labelled))
     assert any(m.mount_point == "/" for m in mounts)
     status = [line for line in out.splitlines() if line.startswith("/proc/self/status:")]
-    # /proc/self was grep's own: the shell replaced itself with it (one fork, two execs).
+    # /proc/self was grep's own: a command the shell forked and exec'd.
     assert "/proc/self/status:Name:\tgrep" in status
-    ns = out.split("@@kavach-integrity ns\n")[1].split("@@kavach-integrity files")[0].splitlines()
-    assert [line.split()[0] for line in ns] == ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
-    assert all(line.split()[1].startswith(line.split()[0] + ":[") for line in ns)
+    # The links, from readlink's own /proc/self, on the other stream, each naming its type.
+    links = done.stderr.splitlines()
+    assert [line.split(":")[0] for line in links] == ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
+    assert links == [os.readlink(f"/proc/self/ns/{line.split(':')[0]}") for line in links]
+    assert not any(line.startswith(("user:", "mnt:")) for line in out.splitlines())
 
 
 @pytest.fixture

@@ -883,22 +883,22 @@ NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 DEFAULT_EXPECTED_NAMESPACES = frozenset({"mnt", "pid", "ipc", "uts"})
 # Host mounts a sandbox may show on purpose when they are read-only (system directories).
 SYSTEM_BIND_PREFIXES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
-_MARK = "@@kavach-integrity"
-_NS_NAMES = " ".join(NAMESPACES)
 _NS_PATHS = " ".join(f"/proc/self/ns/{n}" for n in NAMESPACES)
 _STATUS_PREFIX = "/proc/self/status:"
 _MOUNTINFO_PREFIX = "/proc/self/mountinfo:"
-# One readlink resolves every namespace link (if one cannot be read the outputs would not line
-# up, so then each is read on its own). Then the shell *replaces itself* with grep, which prints
-# both /proc files with each line labelled by its file: /proc/self is then grep's, a freshly
-# exec'd command like any other, and the probe costs one fork and two execs. (Reading the files
-# with the shell's `read` builtin costs a read(2) per byte: ~6,000 filtered syscalls.)
-# grep exits 0 only when it read both files; check_integrity requires that.
+# A namespace link's target names its type: "net:[4026532182]".
+_NS_LINK = re.compile(r"^(" + "|".join(NAMESPACES) + r"):\[\d+\]$")
+# Two freshly exec'd commands read what a command sees, side by side (each is a fork and an
+# exec, and two run no slower than one on this kind of host; one after the other they cost
+# ~1.3 ms more): `readlink` prints the namespace links to stderr, each target naming its
+# type, so an unreadable link leaves only its own line out; `grep` prints both /proc files
+# to stdout with each line labelled by its file, its own /proc/self. The two streams are
+# separate pipes, so their lines cannot interleave. The shell waits for both and exits with
+# grep's status, which is 0 only when it read both files; check_integrity requires that.
+# (Reading the files with the shell's `read` builtin costs a read(2) per byte: ~6,000
+# filtered syscalls.)
 PROBE_SCRIPT = (
-    f"echo {_MARK} ns; set -- $(readlink {_NS_PATHS} 2>/dev/null); "
-    f'if [ $# -eq {len(NAMESPACES)} ]; then for n in {_NS_NAMES}; do echo "$n $1"; shift; done; '
-    f'else for n in {_NS_NAMES}; do echo "$n $(readlink /proc/self/ns/$n)"; done; fi; '
-    f"echo {_MARK} files; exec grep -H '' /proc/self/status /proc/self/mountinfo"
+    f"readlink {_NS_PATHS} >&2 & grep -H '' /proc/self/status /proc/self/mountinfo; s=$?; wait $!; exit $s"
 )
 PROBE_TIMEOUT_MS = 10_000
 
@@ -1001,27 +1001,18 @@ class IntegrityReport:
         }
 
 
-def _sections(stdout: str) -> dict[str, str]:
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in stdout.splitlines():
-        if line.startswith(_MARK + " "):
-            current = sections.setdefault(line[len(_MARK) + 1 :].strip(), [])
-            continue
-        if current is not None:
-            current.append(line)
-    # The "files" section is grep's labelled output: split it back into the two files.
+def _sections(stdout: str, stderr: str) -> dict[str, str]:
+    """The probe's output split into ``ns`` (``name target`` lines), ``status`` and ``mountinfo``."""
+    ns = [f"{m.group(1)} {m.group(0)}" for m in map(_NS_LINK.match, stderr.splitlines()) if m is not None]
+    # grep's labelled output: split it back into the two files.
     status, mountinfo = [], []
-    for line in sections.pop("files", []):
+    for line in stdout.splitlines():
         if line.startswith(_STATUS_PREFIX):
             status.append(line[len(_STATUS_PREFIX) :])
         elif line.startswith(_MOUNTINFO_PREFIX):
             mountinfo.append(line[len(_MOUNTINFO_PREFIX) :])
-    if status:
-        sections["status"] = status
-    if mountinfo:
-        sections["mountinfo"] = mountinfo
-    return {name: "\n".join(lines) for name, lines in sections.items()}
+    sections = {"ns": ns, "status": status, "mountinfo": mountinfo}
+    return {name: "\n".join(lines) for name, lines in sections.items() if lines}
 
 
 def expected_namespaces(enforcement: Enforcement) -> frozenset[str]:
@@ -1038,9 +1029,10 @@ def expected_namespaces(enforcement: Enforcement) -> frozenset[str]:
     return frozenset(expected & set(NAMESPACES))
 
 
-def assess_probe(stdout: str, enforcement: Enforcement) -> IntegrityReport:
-    """Compare the probe's output with the host and with what ``enforcement`` claims."""
-    return _assess(_sections(stdout), enforcement, _host_mounts())
+def assess_probe(stdout: str, stderr: str, enforcement: Enforcement) -> IntegrityReport:
+    """Compare the probe's output (:data:`PROBE_SCRIPT`'s two streams) with the host and with
+    what ``enforcement`` claims."""
+    return _assess(_sections(stdout, stderr), enforcement, _host_mounts())
 
 
 def _assess(sections: Mapping[str, str], enforcement: Enforcement, host_mount_list: list[Mount]) -> IntegrityReport:
@@ -1150,9 +1142,10 @@ async def check_integrity(
     if result.exit_code != 0 or result.timed_out:
         why = result.reason or f"exit code {result.exit_code}"
         return IntegrityReport((f"the integrity probe failed ({why})",))
-    if result.stdout_truncated:
+    if result.stdout_truncated or result.stderr_truncated:
         return IntegrityReport(("the integrity probe's output was truncated",))
-    sections = _sections(result.stdout.decode("utf-8", errors="replace"))
+    stdout = result.stdout.decode("utf-8", errors="replace")
+    sections = _sections(stdout, result.stderr.decode("utf-8", errors="replace"))
     return _assess(sections, enforcement, host_mount_list)
 
 
