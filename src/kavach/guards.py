@@ -889,7 +889,7 @@ _MOUNTINFO_PREFIX = "/proc/self/mountinfo:"
 # A namespace link's target names its type: "net:[4026532182]".
 _NS_LINK = re.compile(r"^(" + "|".join(NAMESPACES) + r"):\[\d+\]$")
 # Two freshly exec'd commands read what a command sees, side by side (each a fork and an exec:
-# in a basic sandbox the probe took 3.75 ms so against 5.1 ms one after the other, throwaway
+# in a basic sandbox the probe took 3.75 ms against 5.1 ms one after the other, throwaway
 # timing, medians of 25): `readlink` prints the namespace links to stderr, each target naming its
 # type, so an unreadable link leaves only its own line out; `grep` prints both /proc files
 # to stdout with each line labelled by its file, its own /proc/self. The two streams are
