@@ -13,6 +13,7 @@ demo: install  ## a real command in the strongest available sandbox: output, sco
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 typecheck: install
 	$(VENV)/bin/mypy --strict src

@@ -81,8 +81,10 @@ class Score:
 
     def line(self, name: str, beta: float = 1.0) -> str:
         fname = "F1" if beta == 1.0 else f"F{beta:g}"
-        return (f"  {name:<44} P {self.precision:.3f}  R {self.recall:.3f}  {fname} {self.f(beta):.3f}"
-                f"   (tp {self.tp} fp {self.fp} fn {self.fn})")
+        return (
+            f"  {name:<44} P {self.precision:.3f}  R {self.recall:.3f}  {fname} {self.f(beta):.3f}"
+            f"   (tp {self.tp} fp {self.fp} fn {self.fn})"
+        )
 
 
 def load(path: Path) -> list[dict[str, object]]:
@@ -207,8 +209,10 @@ def bench_secrets(data_dir: Path, report: list[str]) -> tuple[Score, Score]:
     report.append(ds_total.line("detect-secrets ALL secrets files (row level)"))
     report.append(ours_value_total.line("kavach         ALL (CredData value level)"))
     report.append(ds_value_total.line("detect-secrets ALL (CredData value level)"))
-    for label, ours_s, ds_s in (("all files, row level", ours_total, ds_total),
-                                ("all files, CredData rows at value level", ours_value_total, ds_value_total)):
+    for label, ours_s, ds_s in (
+        ("all files, row level", ours_total, ds_total),
+        ("all files, CredData rows at value level", ours_value_total, ds_value_total),
+    ):
         ratio = ours_s.f() / ds_s.f() if ds_s.f() else float("inf")
         report.append(f"  secrets F1 ratio kavach / detect-secrets ({label}) = {ratio:.2f}x   (target >= 2x)")
     return ours_total, ds_total
@@ -287,7 +291,7 @@ def bench_pii(data_dir: Path, report: list[str]) -> Score:
                 continue
             # A finding inside a span of a type we do not claim (a phone-looking street number)
             # is still a false positive for the claimed type.
-            note = f"[{f.category}] {data[f.start:f.end]!r} in {text[:200]!r}"
+            note = f"[{f.category}] {data[f.start : f.end]!r} in {text[:200]!r}"
             presidio.add(True, False, note)
             per_type[f"fp:{f.category}"].add(True, False, note)
     write_notes("pii_presidio", presidio)
@@ -338,8 +342,10 @@ def bench_code(data_dir: Path, report: list[str]) -> float:
             rate_h = high.fp / len(rows)
             rate_m = medium.fp / len(rows)
             benign_rate_high = rate_h
-            report.append(f"  benign_dev: files flagged {high.fp}/{len(rows)} = {rate_h:.1%} at >= high "
-                          f"[{medium.fp} = {rate_m:.1%} at >= medium]   (target <= 2%)   {elapsed:.1f}s")
+            report.append(
+                f"  benign_dev: files flagged {high.fp}/{len(rows)} = {rate_h:.1%} at >= high "
+                f"[{medium.fp} = {rate_m:.1%} at >= medium]   (target <= 2%)   {elapsed:.1f}s"
+            )
         else:
             report.append(high.line(f"{stem} >= high"))
             report.append(medium.line(f"{stem} [>= medium]"))
@@ -371,8 +377,9 @@ def build_corpus(data_dir: Path, size: int, seed: int = 7) -> bytes:
                 for _ in range(40)
             )
         elif kind < 0.9:
-            piece = "\n".join(json.dumps({"id": rng.randrange(10**9), "name": "item", "note": rng.choice(prose)})
-                              for _ in range(10))
+            piece = "\n".join(
+                json.dumps({"id": rng.randrange(10**9), "name": "item", "note": rng.choice(prose)}) for _ in range(10)
+            )
         else:
             piece = "\n".join(rng.choice(lines + pii) for _ in range(5))
         parts.append(piece)
@@ -441,19 +448,34 @@ def bench_throughput(data_dir: Path, report: list[str], corpus_mb: int, ds_sampl
     ds_elapsed, ds_cpu = time.perf_counter() - t0, time.process_time() - c0
     ds_mbps = len(sample) / ds_elapsed / 1e6
     report.append("throughput (whole gate: secrets + code + data + compliance, redaction included)")
-    report.append(f"  kavach gate      {len(corpus) / 1e6:.0f} MB in {elapsed:.1f}s = {mbps:.1f} MB/s "
-                  f"({findings} findings; verdicts {dict(verdicts)})   (target >= 50 MB/s)")
-    report.append(f"    CPU time of this process and the scan helper {cpu:.1f}s = {len(corpus) / cpu / 1e6:.1f} MB/s "
-                  f"of CPU (load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    helped = "off" if helper.disabled and not first_splits else (
-        f"{first_splits} of {-(-len(corpus) // step)} artifacts split with it, from "
-        f"{100 * ready_at:.0f}% of the pass" if ready_at is not None else "never ready")
+    report.append(
+        f"  kavach gate      {len(corpus) / 1e6:.0f} MB in {elapsed:.1f}s = {mbps:.1f} MB/s "
+        f"({findings} findings; verdicts {dict(verdicts)})   (target >= 50 MB/s)"
+    )
+    report.append(
+        f"    CPU time of this process and the scan helper {cpu:.1f}s = {len(corpus) / cpu / 1e6:.1f} MB/s "
+        f"of CPU (load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+    )
+    helped = (
+        "off"
+        if helper.disabled and not first_splits
+        else (
+            f"{first_splits} of {-(-len(corpus) // step)} artifacts split with it, from "
+            f"{100 * ready_at:.0f}% of the pass"
+            if ready_at is not None
+            else "never ready"
+        )
+    )
     report.append(f"    scan helper in the first pass: {helped}")
-    report.append(f"    second pass over the same artifacts (automata built, nothing else kept) {warm_elapsed:.1f}s = "
-                  f"{len(corpus) / warm_elapsed / 1e6:.1f} MB/s ({len(corpus) / warm_cpu / 1e6:.1f} MB/s of CPU)")
+    report.append(
+        f"    second pass over the same artifacts (automata built, nothing else kept) {warm_elapsed:.1f}s = "
+        f"{len(corpus) / warm_elapsed / 1e6:.1f} MB/s ({len(corpus) / warm_cpu / 1e6:.1f} MB/s of CPU)"
+    )
     report.append(f"    resident memory after both passes: {rss}")
-    report.append(f"  detect-secrets   {len(sample) / 1e6:.1f} MB sample of the same corpus in {ds_elapsed:.1f}s "
-                  f"= {ds_mbps:.2f} MB/s ({len(sample) / ds_cpu / 1e6:.2f} MB/s of CPU)")
+    report.append(
+        f"  detect-secrets   {len(sample) / 1e6:.1f} MB sample of the same corpus in {ds_elapsed:.1f}s "
+        f"= {ds_mbps:.2f} MB/s ({len(sample) / ds_cpu / 1e6:.2f} MB/s of CPU)"
+    )
     report.append(f"  speed ratio kavach / detect-secrets = {mbps / ds_mbps:.0f}x   (target >= 20x)")
     return mbps, ds_mbps
 
@@ -508,8 +530,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     if not args.accuracy_only:
         bench_throughput(args.data, report, args.corpus_mb, args.ds_sample_mb)
         bench_adversarial(report, [float(x) for x in args.adversarial_mb.split(",")])
-    report.append(f"total benchmark time {time.perf_counter() - t0:.0f}s; lists of false positives and misses "
-                  f"in {OUT}")
+    report.append(f"total benchmark time {time.perf_counter() - t0:.0f}s; lists of false positives and misses in {OUT}")
     text = "\n".join(report)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.txt").write_text(text + "\n", encoding="utf-8")

@@ -67,9 +67,7 @@ async def main() -> int:
             leak = await sandbox.exec(["/usr/bin/python3", "-c", LEAKY])
         except kavach.ExternalizationBlocked as blocked:
             print("  verdict: block -- nothing released")
-            print(
-                "  findings: " + ", ".join(f"{f.rule} ({f.severity}) {f.evidence}" for f in blocked.findings)
-            )
+            print("  findings: " + ", ".join(f"{f.rule} ({f.severity}) {f.evidence}" for f in blocked.findings))
         else:
             print(f"  released output: {leak.stdout_text.strip() or '(nothing released)'}")
             print(

@@ -305,7 +305,8 @@ async def test_init_and_the_exec_server_expose_no_fds_to_commands() -> None:
         result = await sh(box, script)
         lines = result.stdout.decode().split()
         assert sorted(line for line in lines if line.startswith("closed:")) == [
-            "closed:kavach-execd", "closed:kavach-init"
+            "closed:kavach-execd",
+            "closed:kavach-init",
         ], lines
         assert [line for line in lines if line.startswith("open:")] == []
 

@@ -123,8 +123,15 @@ def test_python_ast_findings_reach_the_gate_whatever_the_size(padding: int) -> N
 
 def test_policy_from_dict_parses_and_names_bad_fields() -> None:
     policy = ExternalizationPolicy.from_dict(
-        {"block_at": "high", "quarantine_at": "medium", "warn_at": "low", "scanners": ["secrets"],
-         "category_overrides": {"email": "info"}, "allowlist_rules": ["pii.phone"], "max_artifact_size": 1024}
+        {
+            "block_at": "high",
+            "quarantine_at": "medium",
+            "warn_at": "low",
+            "scanners": ["secrets"],
+            "category_overrides": {"email": "info"},
+            "allowlist_rules": ["pii.phone"],
+            "max_artifact_size": 1024,
+        }
     )
     assert policy.block_at is Severity.HIGH and policy.scanners == frozenset({"secrets"})
     assert policy.category_overrides["email"] is Severity.INFO
@@ -251,8 +258,17 @@ def test_stream_cut_moved_back_by_a_long_finding_does_not_split_an_earlier_one()
     # start it splits A, so it must move again, to A's start. (Checked in the other order
     # too, which is how the scanners may list them.)
     def make(rule: str, start: int, end: int) -> Finding:
-        return Finding(scanner="secrets", rule=rule, category="password", severity=Severity.HIGH, start=start,
-                       end=end, line=1, evidence="x", confidence=1.0)
+        return Finding(
+            scanner="secrets",
+            rule=rule,
+            category="password",
+            severity=Severity.HIGH,
+            start=start,
+            end=end,
+            line=1,
+            evidence="x",
+            confidence=1.0,
+        )
 
     data = b"x" * 100 + b"#" + b"y" * 10_299  # the findings are placed from the "#"
     for order in (0, 1):

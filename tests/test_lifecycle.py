@@ -119,9 +119,7 @@ async def test_empty_commands_are_refused() -> None:
 async def test_exec_result_fields_and_text_helpers() -> None:
     from kavach.backends.noop import NoopDriver
 
-    driver = NoopDriver(
-        responder=lambda req: RawResult(137, b"out\xff", b"err", 12.5, reason="killed by signal 9")
-    )
+    driver = NoopDriver(responder=lambda req: RawResult(137, b"out\xff", b"err", 12.5, reason="killed by signal 9"))
     async with await Sandbox.create(noop_config(), driver=driver) as sandbox:
         result = await sandbox.exec("true")
     assert result.exit_code == 137

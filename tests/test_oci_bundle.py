@@ -189,9 +189,7 @@ def test_basic_goes_to_the_runtime_as_an_allow_list_that_never_admits_tiocsti() 
     ioctl_rules = [s for s in seccomp["syscalls"] if s["names"] == ["ioctl"]]
     assert ioctl_rules and all(rule["action"] == "SCMP_ACT_ALLOW" for rule in ioctl_rules)
     for request in (TIOCSTI, TIOCLINUX, 0xFFFF_FFFF_0000_0000 | TIOCSTI):
-        admitting = [
-            rule for rule in ioctl_rules if all(request & a["value"] == a["valueTwo"] for a in rule["args"])
-        ]
+        admitting = [rule for rule in ioctl_rules if all(request & a["value"] == a["valueTwo"] for a in rule["args"])]
         assert not admitting, hex(request)
     assert any(all(0x541B & a["value"] == a["valueTwo"] for a in rule["args"]) for rule in ioctl_rules)  # FIONREAD
 

@@ -134,7 +134,6 @@ def _descendants(root: int) -> set[int]:
 # -- no cgroup for this caller (simulated as root: see the module docstring) ----------------------
 
 
-
 def _no_cgroup_for_this_caller(monkeypatch: pytest.MonkeyPatch, step: str = "mkdir") -> None:
     def refuse(name: str, limits: ResourceLimits) -> cgroups_module.Cgroup:
         detail = "run as root or delegate a writable cgroup"

@@ -30,8 +30,10 @@ USER = "kavachdelegate"
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creating the user and delegating need root"),
     pytest.mark.skipif(cgroup_support().version != 1, reason="cgroup v1 delegation: this host is not v1"),
-    pytest.mark.skipif(shutil.which("runuser") is None or not os.path.exists("/usr/bin/python3"),
-                       reason="runuser or /usr/bin/python3 missing"),
+    pytest.mark.skipif(
+        shutil.which("runuser") is None or not os.path.exists("/usr/bin/python3"),
+        reason="runuser or /usr/bin/python3 missing",
+    ),
 ]
 
 SCRIPT = r"""
@@ -88,8 +90,9 @@ print(json.dumps(out))
 
 
 def _kavach(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kavach", *args], capture_output=True, text=True, timeout=60,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "kavach", *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +172,30 @@ def test_destroy_removes_the_cgroup(observed: dict[str, Any]) -> None:
 def test_cli_run_strict_scores_68_for_the_user(delegated_user: pwd.struct_passwd) -> None:
     with user_dir(delegated_user, "kavach-delegated-cli-") as base:
         ran = subprocess.run(
-            [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-m", "kavach", "run",
-             "--backend", "process", "--policy", "strict", "--json", "--", "sh", "-c", "echo ran"],
-            capture_output=True, env=user_env(XDG_DATA_HOME=str(base)), cwd=str(base), timeout=120, check=False,
+            [
+                shutil.which("runuser") or "runuser",
+                "-u",
+                USER,
+                "--",
+                "/usr/bin/python3",
+                "-m",
+                "kavach",
+                "run",
+                "--backend",
+                "process",
+                "--policy",
+                "strict",
+                "--json",
+                "--",
+                "sh",
+                "-c",
+                "echo ran",
+            ],
+            capture_output=True,
+            env=user_env(XDG_DATA_HOME=str(base)),
+            cwd=str(base),
+            timeout=120,
+            check=False,
         )
     assert ran.returncode == 0, ran.stderr.decode()[-2000:]
     data = json.loads(ran.stdout)

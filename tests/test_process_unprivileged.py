@@ -217,9 +217,21 @@ def test_cli_run_allow_degraded_as_the_unprivileged_user(unprivileged_user: pwd.
     with user_dir(unprivileged_user, "kavach-unpriv-cli-") as base:
         # (runuser resets HOME to the user's, which does not exist: the data directory goes here.)
         env = user_env(XDG_DATA_HOME=str(base))
-        cli = [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c",
-               "import sys; from kavach.cli import main; sys.exit(main())", "run", "--backend", "process",
-               "--policy", "strict", "--json"]
+        cli = [
+            shutil.which("runuser") or "runuser",
+            "-u",
+            USER,
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            "import sys; from kavach.cli import main; sys.exit(main())",
+            "run",
+            "--backend",
+            "process",
+            "--policy",
+            "strict",
+            "--json",
+        ]
 
         def run(*args: str) -> subprocess.CompletedProcess[bytes]:
             return subprocess.run([*cli, *args], capture_output=True, env=env, cwd=str(base), timeout=120, check=False)

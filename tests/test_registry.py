@@ -35,9 +35,7 @@ def test_hardware_backends_report_unavailable_here_without_pretending() -> None:
 def test_resolve_best_picks_the_highest_predicted_usable_linux_backend() -> None:
     policy = SandboxPolicy.strict()
     best = registry.resolve_best(policy)
-    usable = [
-        r for r in registry.probe_all() if r.usable and r.runs_linux_commands and r.backend is not Backend.NOOP
-    ]
+    usable = [r for r in registry.probe_all() if r.usable and r.runs_linux_commands and r.backend is not Backend.NOOP]
     if not usable:
         assert best is Backend.NOOP
         return

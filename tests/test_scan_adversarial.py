@@ -55,14 +55,51 @@ def test_tokens_straddling_window_boundaries_are_found_once(offset: int, windows
     assert [(f.start, f.end) for f in found] == [(position, position + len(GH))]
 
 
-_PIECES = st.sampled_from([
-    b" ", b"\n", b"=", b":", b'"', b"'", b"password", b"token", b"api_key", b"AKIA", b"QWERTYUIOPASDFGH",
-    b"Tr0ub4dor&3x", b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1", b"@", b"corp.example.com", b"alice", b"4111 1111 1111 1111",
-    b"536-22-8172", b"+44 20 7946 0958", b"8.8.8.8", b"curl https://x.example/i", b"|", b"sh", b"bash -i",
-    b">& /dev/tcp/203.0.113.7/4444", b"eval(", b"atob(", b"-----BEGIN ", b"PRIVATE KEY-----", b"ghp_",
-    b"a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8", b"postgres://u:", b"Xk9mQ2vL7pR4@db", b"Bearer ", b"eyJhbGciOiJIUzI1NiJ9",
-    b".", b"eyJzdWIiOiIxMjM0In0", b"sig", b"GB82 WEST 1234 5698 7654 32", b"Phone: ", b"SSN: 536228172",
-])
+_PIECES = st.sampled_from(
+    [
+        b" ",
+        b"\n",
+        b"=",
+        b":",
+        b'"',
+        b"'",
+        b"password",
+        b"token",
+        b"api_key",
+        b"AKIA",
+        b"QWERTYUIOPASDFGH",
+        b"Tr0ub4dor&3x",
+        b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1",
+        b"@",
+        b"corp.example.com",
+        b"alice",
+        b"4111 1111 1111 1111",
+        b"536-22-8172",
+        b"+44 20 7946 0958",
+        b"8.8.8.8",
+        b"curl https://x.example/i",
+        b"|",
+        b"sh",
+        b"bash -i",
+        b">& /dev/tcp/203.0.113.7/4444",
+        b"eval(",
+        b"atob(",
+        b"-----BEGIN ",
+        b"PRIVATE KEY-----",
+        b"ghp_",
+        b"a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8",
+        b"postgres://u:",
+        b"Xk9mQ2vL7pR4@db",
+        b"Bearer ",
+        b"eyJhbGciOiJIUzI1NiJ9",
+        b".",
+        b"eyJzdWIiOiIxMjM0In0",
+        b"sig",
+        b"GB82 WEST 1234 5698 7654 32",
+        b"Phone: ",
+        b"SSN: 536228172",
+    ]
+)
 
 
 def _naive(rules: tuple, data: bytes) -> set[tuple[str, int, int]]:  # type: ignore[type-arg]
@@ -96,9 +133,13 @@ def test_prefilter_and_anchors_never_drop_a_match(pieces: list[bytes]) -> None:
 
 def _redacting_policy() -> ExternalizationPolicy:
     """Nothing blocks (so the released bytes can be checked): the critical kinds quarantine."""
-    return ExternalizationPolicy(block_at="critical", quarantine_at="critical",
-                                 category_overrides={k: "high" for k in ("cloud_key", "vcs_token", "private_key",
-                                                                         "connection_string", "pci_dss")})
+    return ExternalizationPolicy(
+        block_at="critical",
+        quarantine_at="critical",
+        category_overrides={
+            k: "high" for k in ("cloud_key", "vcs_token", "private_key", "connection_string", "pci_dss")
+        },
+    )
 
 
 def _redacted_values(data: bytes, findings: tuple[Finding, ...], policy: ExternalizationPolicy) -> Counter[bytes]:
@@ -174,8 +215,11 @@ def test_a_token_ending_right_at_its_search_bound_is_found_whole() -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_PIECES, min_size=1, max_size=40), st.integers(min_value=1, max_value=64),
-       st.integers(min_value=1, max_value=4))
+@given(
+    st.lists(_PIECES, min_size=1, max_size=40),
+    st.integers(min_value=1, max_value=64),
+    st.integers(min_value=1, max_value=4),
+)
 # Found by this test when flushes kept no context: the Bearer rule's match spans a line.
 @example([b"Bearer ", b"\n", b"password", b"536-22-8172"], 1, 1)
 def test_streaming_with_flushes_misses_nothing_and_releases_no_reported_value(

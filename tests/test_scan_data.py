@@ -128,8 +128,10 @@ def _phone_fully_checked(data: bytes, start: int, end: int, spans: Spans) -> flo
 
 
 def _reference_findings(data: bytes) -> set[tuple[str, str, int, int, float]]:
-    rules = [_replace(r, validate=_phone_fully_checked) if r.validate is data_module._phone_candidate else r
-             for r in data_module.DATA_RULES]
+    rules = [
+        _replace(r, validate=_phone_fully_checked) if r.validate is data_module._phone_candidate else r
+        for r in data_module.DATA_RULES
+    ]
     raw = PatternBank(rules).scan(data, "data")
     # DataScanner.post without its phone confirmation step (every candidate is confirmed here).
     found = data_module._drop_shadowed(dedupe([data_module._refine(data, f) for f in raw]))
@@ -137,11 +139,35 @@ def _reference_findings(data: bytes) -> set[tuple[str, str, int, int, float]]:
     return {(f.rule, f.category, f.start, f.end, f.confidence) for f in found}
 
 
-_PHONE_PIECES = st.sampled_from([
-    b"054-28-6917", b"536-22-8172", b"172.61.42.192", b"8.8.4.4", b"+44 20 7946 0958", b"0044 20 7946 0958",
-    b"(415) 555-2671", b"020 7946 0958", b"555-0142", b"2014.09.29", b"1.22.3", b"4111 1111 1111 1111",
-    b"SSN ", b"phone: ", b" ", b"-", b".", b"\n", b"call ", b"x12", b"0", b"7", b"12", b"(", b")",
-])
+_PHONE_PIECES = st.sampled_from(
+    [
+        b"054-28-6917",
+        b"536-22-8172",
+        b"172.61.42.192",
+        b"8.8.4.4",
+        b"+44 20 7946 0958",
+        b"0044 20 7946 0958",
+        b"(415) 555-2671",
+        b"020 7946 0958",
+        b"555-0142",
+        b"2014.09.29",
+        b"1.22.3",
+        b"4111 1111 1111 1111",
+        b"SSN ",
+        b"phone: ",
+        b" ",
+        b"-",
+        b".",
+        b"\n",
+        b"call ",
+        b"x12",
+        b"0",
+        b"7",
+        b"12",
+        b"(",
+        b")",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -176,8 +202,17 @@ def test_a_shadowed_candidate_holding_another_is_still_parsed(monkeypatch: pytes
     from kavach.scanning.findings import Finding
 
     def phone(start: int, end: int) -> Finding:
-        return Finding(scanner="data", rule="pii.phone", category="phone", severity=Severity.LOW, start=start,
-                       end=end, line=0, evidence="", confidence=data_module._CONF_NATIONAL)
+        return Finding(
+            scanner="data",
+            rule="pii.phone",
+            category="phone",
+            severity=Severity.LOW,
+            start=start,
+            end=end,
+            line=0,
+            evidence="",
+            confidence=data_module._CONF_NATIONAL,
+        )
 
     parsed: list[int] = []
 
@@ -187,8 +222,17 @@ def test_a_shadowed_candidate_holding_another_is_still_parsed(monkeypatch: pytes
 
     text = b"0" * 40
     monkeypatch.setattr(data_module, "_phone_confirmed", confirmed)
-    ssn = Finding(scanner="data", rule="pii.ssn", category="ssn", severity=Severity.HIGH, start=0, end=11, line=0,
-                  evidence="", confidence=0.75)
+    ssn = Finding(
+        scanner="data",
+        rule="pii.ssn",
+        category="ssn",
+        severity=Severity.HIGH,
+        start=0,
+        end=11,
+        line=0,
+        evidence="",
+        confidence=0.75,
+    )
     outer, inner = phone(0, 24), phone(12, 24)
     kept = data_module._confirm_phones(text, [ssn, outer, inner])
     assert outer in kept and inner in kept and sorted(parsed) == [12, 24]

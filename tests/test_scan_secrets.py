@@ -44,17 +44,33 @@ def one(text: str, rule: str) -> None:
         ("OPENAI_API_KEY=sk-proj-" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z", "secrets.openai-api-key", Severity.CRITICAL),
         ("sk-ant-api03-" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z" * 3, "secrets.anthropic-api-key", Severity.CRITICAL),
         ("glpat-" + "Ab3dEf6hIj9kLm2nOp5q", "secrets.gitlab-token", Severity.CRITICAL),
-        ("//registry.npmjs.org/:_authToken=npm_" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z7B9c", "secrets.npm-token",
-         Severity.CRITICAL),
-        ("password = pypi-AgEIcHlwaS5vcmc" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z7B9c0dE2fG4hI6jK8lM0",
-         "secrets.pypi-token", Severity.CRITICAL),
-        ("SG." + "Ab3dEf6hIj9kLm2nOp5qRs" + "." + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z7B9c0dE2fG4",
-         "secrets.sendgrid-api-key", Severity.CRITICAL),
-        ("api.telegram.org/bot1234567890:AA" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z7", "secrets.telegram-bot-token", Severity.HIGH),  # noqa: E501
+        (
+            "//registry.npmjs.org/:_authToken=npm_" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z7B9c",
+            "secrets.npm-token",
+            Severity.CRITICAL,
+        ),
+        (
+            "password = pypi-AgEIcHlwaS5vcmc" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z7B9c0dE2fG4hI6jK8lM0",
+            "secrets.pypi-token",
+            Severity.CRITICAL,
+        ),
+        (
+            "SG." + "Ab3dEf6hIj9kLm2nOp5qRs" + "." + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z7B9c0dE2fG4",
+            "secrets.sendgrid-api-key",
+            Severity.CRITICAL,
+        ),
+        (
+            "api.telegram.org/bot1234567890:AA" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z7",
+            "secrets.telegram-bot-token",
+            Severity.HIGH,
+        ),
         ("HF_TOKEN=hf_" + "AbcdEfghIjklMnopQrstUvwxYzabCdefGh", "secrets.huggingface-token", Severity.HIGH),
         ("twilio SK" + "0123456789abcdef0123456789abcdef", "secrets.twilio-api-key", Severity.HIGH),
-        ("client_secret=bP88Q~" + "rcBcYjzzOhg1Hnn76Wm3jGgakZiZ.8vMgR", "secrets.azure-ad-client-secret",
-         Severity.CRITICAL),
+        (
+            "client_secret=bP88Q~" + "rcBcYjzzOhg1Hnn76Wm3jGgakZiZ.8vMgR",
+            "secrets.azure-ad-client-secret",
+            Severity.CRITICAL,
+        ),
     ],
 )
 def test_provider_tokens_are_found_with_their_severity(text: str, rule: str, severity: Severity) -> None:
@@ -168,8 +184,10 @@ def test_email_is_low_and_ssn_is_found() -> None:
     [
         ("INWX_PASSWORD=iekkuzmsmu \\", b"iekkuzmsmu"),  # .env / shell: an unquoted word is a literal
         ("  password: mdmtsv", b"mdmtsv"),  # YAML
-        ("var jfrogToken string = \"8ip0epqt83v2b55ib1yls9ymzbp4vx2tfd7ukidx4pcca4\"",
-         b"8ip0epqt83v2b55ib1yls9ymzbp4vx2tfd7ukidx4pcca4"),  # Go typed declaration
+        (
+            'var jfrogToken string = "8ip0epqt83v2b55ib1yls9ymzbp4vx2tfd7ukidx4pcca4"',
+            b"8ip0epqt83v2b55ib1yls9ymzbp4vx2tfd7ukidx4pcca4",
+        ),  # Go typed declaration
         ("<etsyToken>\n    oyglweb05d3ho3w6fvcr7vik\n</etsyToken>", b"oyglweb05d3ho3w6fvcr7vik"),
         ("gpg --decrypt --passphrase N1DdkUD3E73 --output x", b"N1DdkUD3E73"),
         ("nats-route://ruser:vkb_nhwwmd@10.1.2.3:5244", b"vkb_nhwwmd"),
@@ -207,7 +225,7 @@ def test_names_hashes_and_examples_are_not_secrets(text: str) -> None:
     "text",
     [
         "request 6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06 completed in 12 ms",
-        'X-Request-ID: 9b2f61c4-77aa-4e0b-a1d3-5c8e2f4b6d10',
+        "X-Request-ID: 9b2f61c4-77aa-4e0b-a1d3-5c8e2f4b6d10",
         "9b2f61c4-77aa-4e0b-a1d3-5c8e2f4b6d10   nginx:1.25   Up 3 minutes",
         '{"id": "3f2a9b1c-4d5e-4f60-8a7b-9c0d1e2f3a4b", "status": "ok"}',
     ],
@@ -221,7 +239,7 @@ def test_bare_uuids_in_ordinary_output_are_not_secrets(text: str) -> None:
 @pytest.mark.parametrize(
     ("text", "rule"),
     [
-        ('storage account key 6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06', "secrets.uuid"),
+        ("storage account key 6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06", "secrets.uuid"),
         ('const string tenantId = "6f0c2a9e-3b71-4d8a-9c52-e1f47b3a8d06";', "secrets.uuid"),
         ('{"appid":"wx5c9e1f03a7b24d68","attach":"x"}', "secrets.wechat-app-id"),
         ("TWILIO_SID=AC" + "3f9a1c7e5b2d8046f1a9c3e7b5d20486", "secrets.twilio-account-sid"),
@@ -257,7 +275,7 @@ def test_token_shaped_identifiers_and_key_named_tokens(text: str, rule: str) -> 
         "GRAYLOG_SHA256_PASSWORD=" + "b1cb6e31e172577918c9e7806c572b5e" * 2,  # a digest, not the password
         "MAILU_PASSWORD_SCHEME=SHA512-CRYPT",
         "'authorizerCredentials': 'arn:role',",  # words joined by separators: a label
-        '  users: [ { user: auth, password: admin } ]',  # documentation stand-ins
+        "  users: [ { user: auth, password: admin } ]",  # documentation stand-ins
         'private const string MOCK_ACCESS_TOKEN = "at-0987654321";',  # typed digit run
         'const testPassword = "basicPass";',  # names itself
         "JOKER_PASSWORD=<your password> \\",  # a template slot
@@ -317,8 +335,10 @@ def found_values(text: str) -> list[bytes]:
         # A quoted password with punctuation the unquoted-value pattern stops at.
         ('const BCRYPT_AUTH_PASS = "Zr8(q!Lw@3vT;x^%"', b"Zr8(q!Lw@3vT;x^%"),
         # Unquoted base64 with '/' is a key or salt, not a path.
-        ("      salt      : 2QJSNA3PLINwPBA8vAltmclw1IS/KnuVbezquFmfnfsw=",
-         b"2QJSNA3PLINwPBA8vAltmclw1IS/KnuVbezquFmfnfsw="),
+        (
+            "      salt      : 2QJSNA3PLINwPBA8vAltmclw1IS/KnuVbezquFmfnfsw=",
+            b"2QJSNA3PLINwPBA8vAltmclw1IS/KnuVbezquFmfnfsw=",
+        ),
     ],
 )
 def test_random_values_under_secret_names(text: str, value: bytes) -> None:
@@ -328,7 +348,7 @@ def test_random_values_under_secret_names(text: str, value: bytes) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        'JSON Web Token : `Base64(Header).Base64(Data).Base64(Signature)`',  # an expression
+        "JSON Web Token : `Base64(Header).Base64(Data).Base64(Signature)`",  # an expression
         '{"secretKey": "ENC(2dfRFqV/cS6TzRd+JyO=)"}',  # jasypt ciphertext, meant to be stored
         'MAILU_AUTH_RATELIMIT="10/minute;1000/hour"',  # a rate limit
         '            const string clientSecret = "a1b2c3d4e5";',  # typed: a-e interleaved with 1-5
@@ -346,8 +366,10 @@ def test_expressions_ciphertexts_and_public_values_are_not_secrets(text: str) ->
 
 def test_credentials_in_proxy_urls_are_found_for_registered_sample_domains() -> None:
     # contoso.com resolves; only the RFC 2606 reserved names are certainly not in use.
-    for text in ("git config --global credential.httpsProxy http://john.doe:Wq7zvfuc@proxy.contoso.com",
-                 "export HTTPS_PROXY=http://john.doe:Wq7zvfuc@proxy.corp.contoso.com:8080"):
+    for text in (
+        "git config --global credential.httpsProxy http://john.doe:Wq7zvfuc@proxy.contoso.com",
+        "export HTTPS_PROXY=http://john.doe:Wq7zvfuc@proxy.corp.contoso.com:8080",
+    ):
         assert b"Wq7zvfuc" in found_values(text), text
     assert found_values("export HTTPS_PROXY=http://john.doe:Wq7zvfuc@proxy.example.com:8080") == []
 
@@ -384,13 +406,17 @@ def test_sql_parameters_hashes_and_prose_are_not_passwords(text: str) -> None:
 
 
 def test_private_key_bodies_without_pem_lines() -> None:
-    for text in (f"'rsaPrivateKey' => '{RSA_DER}',", f'options.ClientSecret = "{RSA_DER}";',
-                 f's:15:"rsa_private_key";s:1592:"{RSA_DER}";'):
+    for text in (
+        f"'rsaPrivateKey' => '{RSA_DER}',",
+        f'options.ClientSecret = "{RSA_DER}";',
+        f's:15:"rsa_private_key";s:1592:"{RSA_DER}";',
+    ):
         found = [f for f in SCANNER.scan(text.encode()) if f.rule == "secrets.private-key"]
         assert found and found[0].severity == Severity.CRITICAL, text
         assert text.encode()[found[0].start : found[0].end] == RSA_DER.encode()
-    assert [f for f in SCANNER.scan(f"'alipayPublicKey' => '{RSA_PUBLIC_DER}',".encode())
-            if f.rule == "secrets.private-key"] == []
+    assert [
+        f for f in SCANNER.scan(f"'alipayPublicKey' => '{RSA_PUBLIC_DER}',".encode()) if f.rule == "secrets.private-key"
+    ] == []
     assert found_values("rsa key: MIIEpAIBAAKCAQEA...") == []  # elided
 
 
@@ -441,10 +467,14 @@ def test_prose_members_stand_ins_and_unsigned_tokens_are_not_secrets(text: str) 
         ("vault login s.5CNGwTsLiI845NHdphC7FoGu", b"s.5CNGwTsLiI845NHdphC7FoGu"),
         ('$herokuToken .= "e4ef6884-3a7a-43d6-82c0-4cbc4276ffca"', b"e4ef6884-3a7a-43d6-82c0-4cbc4276ffca"),
         # HMAC keys that sign cookies / ViewState (forgeable when leaked).
-        ("            'cookieValidationKey' => 'Q5i127brjr4c-K71_3JxnZo-9JFaqMCg#@#@',",
-         b"Q5i127brjr4c-K71_3JxnZo-9JFaqMCg#@#@"),
-        ('<machineKey validationKey="9F1B7C2E4A6D8F0A1C3E5B7D9F1A3C5E7B9D1F3A" decryption="AES" />',
-         b"9F1B7C2E4A6D8F0A1C3E5B7D9F1A3C5E7B9D1F3A"),
+        (
+            "            'cookieValidationKey' => 'Q5i127brjr4c-K71_3JxnZo-9JFaqMCg#@#@',",
+            b"Q5i127brjr4c-K71_3JxnZo-9JFaqMCg#@#@",
+        ),
+        (
+            '<machineKey validationKey="9F1B7C2E4A6D8F0A1C3E5B7D9F1A3C5E7B9D1F3A" decryption="AES" />',
+            b"9F1B7C2E4A6D8F0A1C3E5B7D9F1A3C5E7B9D1F3A",
+        ),
     ],
 )
 def test_secrets_beside_prose_in_dotted_names_and_hmac_keys(text: str, value: bytes) -> None:
@@ -458,8 +488,7 @@ def test_secrets_beside_prose_in_dotted_names_and_hmac_keys(text: str, value: by
         ('\tif updated.Password != "O3dL4uq7d" {', b"O3dL4uq7d"),
         ('if (password !== "PaS5w0rD2#"){', b"PaS5w0rD2#"),
         # PHP serialize() output, e.g. a config row in an SQL dump.
-        ('a:2:{s:10:"paypal_env";s:6:"sandbox";s:15:"paypal_password";s:16:"OO7JAOEWCQ5FQJZX";}',
-         b"OO7JAOEWCQ5FQJZX"),
+        ('a:2:{s:10:"paypal_env";s:6:"sandbox";s:15:"paypal_password";s:16:"OO7JAOEWCQ5FQJZX";}', b"OO7JAOEWCQ5FQJZX"),
     ],
 )
 def test_comparisons_and_php_serialized_values(text: str, value: bytes) -> None:
@@ -479,8 +508,10 @@ def test_php_serialized_ordinary_values_are_not_secrets() -> None:
         ('DEPLOY_TOKEN ::= "q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"', b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"),
         ('DEPLOY_TOKEN :::= "q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"', b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"),
         # A name and a value passed together to a call.
-        ('System.setProperty("CODECOV_TOKEN", "1vve0m6596424kr7tz8qqtac33wo62n4");',
-         b"1vve0m6596424kr7tz8qqtac33wo62n4"),
+        (
+            'System.setProperty("CODECOV_TOKEN", "1vve0m6596424kr7tz8qqtac33wo62n4");',
+            b"1vve0m6596424kr7tz8qqtac33wo62n4",
+        ),
         ('os.Setenv("DB_PASSWORD", "Tr0ub4dor&3x")', b"Tr0ub4dor&3x"),
         ("headers.put('X-Api-Key', 'q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1');", b"q8Zr3Lm0Xv7Nb2Kc5Jd9Hf4Gs1"),
     ],
@@ -496,7 +527,7 @@ def test_makefile_append_and_call_pair_assignments(text: str, value: bytes) -> N
         'key = os.environ.get("SECRET_KEY", "changeme")',
         'i18n.add("password", "Mot de passe")',  # a translation
         'parser.add_argument("--password", "-p")',
-        '$password .= $chars[rand(0, 61)];',  # code building a random password
+        "$password .= $chars[rand(0, 61)];",  # code building a random password
         "PASSWORD ?= $(shell cat /run/secrets/db)",
     ],
 )
@@ -515,15 +546,23 @@ def test_url_query_values_end_at_the_next_parameter() -> None:
     ("text", "rule"),
     [
         ("DOCKER_PAT=dckr_pat_" + "mcF-hLK_JoBxXUNJy1kU7-WSbk0", "secrets.docker-hub-token"),
-        ("docker swarm join --token SWMTKN-1-" + "edmua5ub12inlget8wkvz35kckxkeyznuvc49brsy84wgfssrw"
-         "-otjll8wdy3yikfrksskvqzqh1", "secrets.docker-swarm-token"),
+        (
+            "docker swarm join --token SWMTKN-1-" + "edmua5ub12inlget8wkvz35kckxkeyznuvc49brsy84wgfssrw"
+            "-otjll8wdy3yikfrksskvqzqh1",
+            "secrets.docker-swarm-token",
+        ),
         ("unlock key: SWMKEY-1-" + "fySn8TY4w5lKcWcJPIpKufejh9hxx5KYwx6XZigx3Q4", "secrets.docker-swarm-token"),
         ("X-Figma-Token: figd_" + "h65Ugiu76WD3xf233a6KAmo9ZmbWNnNrny9Q6IHl", "secrets.figma-token"),
         ("glrtr-" + "KZX7Mizo7RYFKh2JScz6aeqZ3WG8nxujE21QpZVIr", "secrets.gitlab-token"),
-        ("refresh_token: 1//0" + "T4eRe15N0tT4Et0kEHY0U4Rel0Ok1ng4-hPyg7SWC7tZ1WE5vZvtCwqrJF9rLsyiKFeD",
-         "secrets.gcp-oauth-refresh-token"),
-        ("var dropbox = 'sl." + "BdmpmC82mhhySscKk2oQGyE5l--8LdAQftLTXVGQhP39Z8FtAK1BhePhyevurA-Elt7ToIr6Opwz"
-         "KAYE7RBqpu6VVyQU5WlCTL_Q7N4gElXahaWou6aPpOIwgGCIOq9aeC3YFoc';", "secrets.dropbox-token"),
+        (
+            "refresh_token: 1//0" + "T4eRe15N0tT4Et0kEHY0U4Rel0Ok1ng4-hPyg7SWC7tZ1WE5vZvtCwqrJF9rLsyiKFeD",
+            "secrets.gcp-oauth-refresh-token",
+        ),
+        (
+            "var dropbox = 'sl." + "BdmpmC82mhhySscKk2oQGyE5l--8LdAQftLTXVGQhP39Z8FtAK1BhePhyevurA-Elt7ToIr6Opwz"
+            "KAYE7RBqpu6VVyQU5WlCTL_Q7N4gElXahaWou6aPpOIwgGCIOq9aeC3YFoc';",
+            "secrets.dropbox-token",
+        ),
     ],
 )
 def test_more_provider_tokens(text: str, rule: str) -> None:
@@ -611,18 +650,57 @@ def test_a_256_bit_hex_key_is_still_a_key() -> None:
 def test_a_query_value_in_quotes_is_judged_once() -> None:
     # Cutting at '&' and running to the closing quote undo each other; a reshaped value is
     # never reshaped again (this input used to recurse until RecursionError).
-    for text in ('GET /x?token="abc&def"', 'https://a.example/c?api_key="Xk9mQ2vL7pR4aBcD&x=1"',
-                 "?secret='q&#34;r&amp;s'&t=1"):
+    for text in (
+        'GET /x?token="abc&def"',
+        'https://a.example/c?api_key="Xk9mQ2vL7pR4aBcD&x=1"',
+        "?secret='q&#34;r&amp;s'&t=1",
+    ):
         SCANNER.scan(text.encode())
 
 
 # Pieces that steer the value validators into their reshaping paths.
-_TRICKY = st.sampled_from([
-    "?", "&", "#", "=", ":", '"', "'", "`", ";", "&quot;", "&#34;", "&lt;", "&amp;", "token", "password",
-    "api_key", "key", "Auth", "secret", " ", "\\", "(", ")", "Xk9mQ2vL7pR4aBcD", "0x", "...", "__", "s:8:",
-    '";s:', "\n", "-----BEGIN RSA PRIVATE KEY-----", "MIIEpAIBAAK", "identified by ", "xoxb-",
-    '?token="', "&api_key='", "password: &quot;", "abc",
-])
+_TRICKY = st.sampled_from(
+    [
+        "?",
+        "&",
+        "#",
+        "=",
+        ":",
+        '"',
+        "'",
+        "`",
+        ";",
+        "&quot;",
+        "&#34;",
+        "&lt;",
+        "&amp;",
+        "token",
+        "password",
+        "api_key",
+        "key",
+        "Auth",
+        "secret",
+        " ",
+        "\\",
+        "(",
+        ")",
+        "Xk9mQ2vL7pR4aBcD",
+        "0x",
+        "...",
+        "__",
+        "s:8:",
+        '";s:',
+        "\n",
+        "-----BEGIN RSA PRIVATE KEY-----",
+        "MIIEpAIBAAK",
+        "identified by ",
+        "xoxb-",
+        '?token="',
+        "&api_key='",
+        "password: &quot;",
+        "abc",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -80,11 +80,7 @@ class SandboxConfig:
 
     def validate(self) -> None:
         """Check every field; raise :class:`PolicyError` naming the first bad one."""
-        if (
-            not isinstance(self.min_score, int)
-            or isinstance(self.min_score, bool)
-            or not 0 <= self.min_score <= 100
-        ):
+        if not isinstance(self.min_score, int) or isinstance(self.min_score, bool) or not 0 <= self.min_score <= 100:
             raise PolicyError("min_score", self.min_score, "must be an integer from 0 to 100")
         for key in self.env:
             if not ENV_NAME_RE.fullmatch(key):

@@ -897,9 +897,7 @@ _NS_LINK = re.compile(r"^(" + "|".join(NAMESPACES) + r"):\[\d+\]$")
 # grep's status, which is 0 only when it read both files; check_integrity requires that.
 # (Reading the files with the shell's `read` builtin costs a read(2) per byte: ~6,000
 # filtered syscalls.)
-PROBE_SCRIPT = (
-    f"readlink {_NS_PATHS} >&2 & grep -H '' /proc/self/status /proc/self/mountinfo; s=$?; wait $!; exit $s"
-)
+PROBE_SCRIPT = f"readlink {_NS_PATHS} >&2 & grep -H '' /proc/self/status /proc/self/mountinfo; s=$?; wait $!; exit $s"
 PROBE_TIMEOUT_MS = 10_000
 
 

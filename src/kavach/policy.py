@@ -317,9 +317,7 @@ class SandboxPolicy:
             },
             "landlock": {
                 "enabled": self.landlock.enabled,
-                "rules": [
-                    {"path": r.path, "access": sorted(a.value for a in r.access)} for r in self.landlock.rules
-                ],
+                "rules": [{"path": r.path, "access": sorted(a.value for a in r.access)} for r in self.landlock.rules],
             },
             "seccomp": {
                 "profile": self.seccomp.profile.value,
@@ -356,8 +354,10 @@ class SandboxPolicy:
                 "seccomp.allow", list(self.seccomp.allow), "only valid with profile 'strict' (an allow list)"
             )
         _check_inside_path(self.filesystem.workdir, "filesystem.workdir")
-        for field_name, binds in (("filesystem.ro_binds", self.filesystem.ro_binds),
-                                  ("filesystem.rw_binds", self.filesystem.rw_binds)):
+        for field_name, binds in (
+            ("filesystem.ro_binds", self.filesystem.ro_binds),
+            ("filesystem.rw_binds", self.filesystem.rw_binds),
+        ):
             for bind in binds:
                 _check_bind(bind, field_name)
         for rule in self.landlock.rules:
@@ -595,9 +595,7 @@ def _merge_resources(a: ResourceLimits, b: ResourceLimits) -> ResourceLimits:
     )
 
 
-def _merge_env_vars(
-    a: tuple[tuple[str, str], ...], b: tuple[tuple[str, str], ...]
-) -> tuple[tuple[str, str], ...]:
+def _merge_env_vars(a: tuple[tuple[str, str], ...], b: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     merged = dict(a)
     for key, value in b:
         if key in merged and merged[key] != value:
@@ -641,13 +639,10 @@ def intersect_host_patterns(a: Iterable[str], b: Iterable[str]) -> tuple[str, ..
                 continue
             port = porta or portb
             if ha.lower() == hb.lower() or (
-                host_pattern_matches(hb, ha.removeprefix("*."))
-                and (not ha.startswith("*.") or hb.startswith("*."))
+                host_pattern_matches(hb, ha.removeprefix("*.")) and (not ha.startswith("*.") or hb.startswith("*."))
             ):
                 host = ha
-            elif host_pattern_matches(ha, hb.removeprefix("*.")) and (
-                not hb.startswith("*.") or ha.startswith("*.")
-            ):
+            elif host_pattern_matches(ha, hb.removeprefix("*.")) and (not hb.startswith("*.") or ha.startswith("*.")):
                 host = hb
             else:
                 continue
@@ -737,9 +732,7 @@ def _parse_filesystem(value: object, base: FilesystemPolicy) -> FilesystemPolicy
     changes: dict[str, Any] = {}
     for key in ("ro_binds", "rw_binds"):
         if key in data:
-            changes[key] = tuple(
-                Bind.parse(s, f"filesystem.{key}") for s in _str_list(data[key], f"filesystem.{key}")
-            )
+            changes[key] = tuple(Bind.parse(s, f"filesystem.{key}") for s in _str_list(data[key], f"filesystem.{key}"))
     if "read_only_root" in data:
         changes["read_only_root"] = _bool(data["read_only_root"], "filesystem.read_only_root")
     for key in ("tmp_size", "workdir_size"):

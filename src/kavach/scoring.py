@@ -200,9 +200,7 @@ def score_backend(backend: Backend, policy: SandboxPolicy, inner: Backend | None
     outer = Enforcement(backend, controls, verified=True)
     if inner is not None:
         inner_controls = requested_controls(policy) & supported_controls(inner)
-        outer = Enforcement(
-            backend, controls, verified=True, inner=Enforcement(inner, inner_controls, verified=True)
-        )
+        outer = Enforcement(backend, controls, verified=True, inner=Enforcement(inner, inner_controls, verified=True))
     return score(outer)
 
 

@@ -62,8 +62,10 @@ def scan_command(
             record = {k: v for k, v in finding.to_dict().items() if k not in ("source",)}
             typer.echo(json.dumps(record, sort_keys=False))
         else:
-            typer.echo(f"{target}:{finding.line}: {finding.severity!s:<8} {finding.rule} ({finding.category}) "
-                       f"{finding.evidence}")
+            typer.echo(
+                f"{target}:{finding.line}: {finding.severity!s:<8} {finding.rule} ({finding.category}) "
+                f"{finding.evidence}"
+            )
     if not as_json:
         typer.echo(f"verdict: {result.verdict} ({len(result.findings)} findings)", err=True)
     if result.verdict is Verdict.BLOCK:

@@ -29,13 +29,20 @@ from kavach.scanning.findings import Finding, Severity
 _NEAR = 160
 _BULK_PII = 25
 
-_CVV = compile_bytes(r"(?i)\b(?:cvv2?|cvc2?|cid|csc|card\s+security\s+code|security\s+code|cvn)\b[\"']?\s{0,3}[:=#]?"
-                     r"\s{0,3}[\"']?(\d{3,4})\b")
-_EXPIRY = compile_bytes(r"(?i)\b(?:exp(?:iry|iration)?(?:\s+date)?|valid\s+thru|good\s+thru|expires)\b[\"']?\s{0,3}"
-                        r"[:=]?\s{0,3}[\"']?((?:0[1-9]|1[0-2])\s?/\s?(?:\d{2}|\d{4}))\b")
-_NAME = compile_bytes(r"(?:(?i:patient|name|pt|full\s+name|customer|client|employee|member)\s{0,3}[:=]\s{0,3}[\"']?"
-                      r"\p{Lu}[\p{Ll}'\-]+(?:\s+\p{Lu}\.?)?\s+\p{Lu}[\p{Ll}'\-]+|(?:Mr|Mrs|Ms|Miss|Dr)\.?\s+\p{Lu}"
-                      r"[\p{Ll}'\-]+)", utf8=True)
+_CVV = compile_bytes(
+    r"(?i)\b(?:cvv2?|cvc2?|cid|csc|card\s+security\s+code|security\s+code|cvn)\b[\"']?\s{0,3}[:=#]?"
+    r"\s{0,3}[\"']?(\d{3,4})\b"
+)
+_EXPIRY = compile_bytes(
+    r"(?i)\b(?:exp(?:iry|iration)?(?:\s+date)?|valid\s+thru|good\s+thru|expires)\b[\"']?\s{0,3}"
+    r"[:=]?\s{0,3}[\"']?((?:0[1-9]|1[0-2])\s?/\s?(?:\d{2}|\d{4}))\b"
+)
+_NAME = compile_bytes(
+    r"(?:(?i:patient|name|pt|full\s+name|customer|client|employee|member)\s{0,3}[:=]\s{0,3}[\"']?"
+    r"\p{Lu}[\p{Ll}'\-]+(?:\s+\p{Lu}\.?)?\s+\p{Lu}[\p{Ll}'\-]+|(?:Mr|Mrs|Ms|Miss|Dr)\.?\s+\p{Lu}"
+    r"[\p{Ll}'\-]+)",
+    utf8=True,
+)
 _DOB = compile_bytes(r"(?i)\b(?:dob|d\.o\.b\.|date\s+of\s+birth|birth\s*date|born)\b")
 
 _UNANCHORED = re2._Anchor.UNANCHORED
@@ -47,24 +54,52 @@ _CVV_MATCH = _CVV._regexp.Match
 _EXPIRY_MATCH = _EXPIRY._regexp.Match
 
 
-def _found(match: Callable[[re2._Anchor, bytes, int, int], list[tuple[int, int]]], data: bytes, lo: int,
-           hi: int) -> bool:
+def _found(
+    match: Callable[[re2._Anchor, bytes, int, int], list[tuple[int, int]]], data: bytes, lo: int, hi: int
+) -> bool:
     """Whether ``match`` finds anything in ``data[lo:hi]`` (the whole artifact as context)."""
     return match(_UNANCHORED, data, lo, hi)[0][0] >= 0
 
 
 _PERSON_IDENTIFIERS = frozenset({"email", "phone", "iban", "ssn", "credit_card"})
 
-PCI_RULE = Rule(id="compliance.pci-cardholder-data", category="pci_dss", severity=Severity.CRITICAL, pattern="",
-                description="card number with CVV or expiry nearby (PCI-DSS 3.2/3.3)")
-PCI_SAD_RULE = Rule(id="compliance.pci-sensitive-auth-data", category="pci_dss", severity=Severity.CRITICAL,
-                    pattern="", description="CVV/CVC value next to a card number (PCI-DSS 3.3.1)")
-HIPAA_RULE = Rule(id="compliance.hipaa-phi", category="hipaa", severity=Severity.HIGH, pattern="",
-                  description="medical record number near a name or date of birth (HIPAA 164.514)")
-GDPR_RULE = Rule(id="compliance.gdpr-personal-data", category="gdpr", severity=Severity.MEDIUM, pattern="",
-                 description="an identifier next to a person's name (GDPR Art. 4(1))", redact=False)
-SOC2_RULE = Rule(id="compliance.soc2-bulk-pii", category="soc2", severity=Severity.HIGH, pattern="",
-                 description="bulk personal data in one artifact (SOC 2 C1.1)", redact=False)
+PCI_RULE = Rule(
+    id="compliance.pci-cardholder-data",
+    category="pci_dss",
+    severity=Severity.CRITICAL,
+    pattern="",
+    description="card number with CVV or expiry nearby (PCI-DSS 3.2/3.3)",
+)
+PCI_SAD_RULE = Rule(
+    id="compliance.pci-sensitive-auth-data",
+    category="pci_dss",
+    severity=Severity.CRITICAL,
+    pattern="",
+    description="CVV/CVC value next to a card number (PCI-DSS 3.3.1)",
+)
+HIPAA_RULE = Rule(
+    id="compliance.hipaa-phi",
+    category="hipaa",
+    severity=Severity.HIGH,
+    pattern="",
+    description="medical record number near a name or date of birth (HIPAA 164.514)",
+)
+GDPR_RULE = Rule(
+    id="compliance.gdpr-personal-data",
+    category="gdpr",
+    severity=Severity.MEDIUM,
+    pattern="",
+    description="an identifier next to a person's name (GDPR Art. 4(1))",
+    redact=False,
+)
+SOC2_RULE = Rule(
+    id="compliance.soc2-bulk-pii",
+    category="soc2",
+    severity=Severity.HIGH,
+    pattern="",
+    description="bulk personal data in one artifact (SOC 2 C1.1)",
+    redact=False,
+)
 
 COMPLIANCE_RULES: tuple[Rule, ...] = (PCI_RULE, PCI_SAD_RULE, HIPAA_RULE, GDPR_RULE, SOC2_RULE)
 

@@ -44,11 +44,65 @@ def _before(data: bytes, start: int, width: int = _CONTEXT_WINDOW) -> bytes:
 # File extensions that follow ``name@2x.`` in asset names, not top-level domains.
 _NOT_TLDS = frozenset(
     {
-        b"png", b"jpg", b"jpeg", b"gif", b"svg", b"webp", b"ico", b"css", b"js", b"ts", b"py", b"rb", b"go",
-        b"java", b"json", b"yaml", b"yml", b"xml", b"html", b"htm", b"txt", b"md", b"lock", b"map", b"scss",
-        b"less", b"woff", b"woff2", b"ttf", b"eot", b"mp4", b"mp3", b"pdf", b"zip", b"gz", b"tgz", b"exe",
-        b"dll", b"so", b"class", b"jar", b"tsx", b"jsx", b"vue", b"c", b"h", b"cpp", b"hpp", b"cs", b"php",
-        b"sh", b"bat", b"ps1", b"service", b"socket", b"target", b"mount", b"timer", b"local",
+        b"png",
+        b"jpg",
+        b"jpeg",
+        b"gif",
+        b"svg",
+        b"webp",
+        b"ico",
+        b"css",
+        b"js",
+        b"ts",
+        b"py",
+        b"rb",
+        b"go",
+        b"java",
+        b"json",
+        b"yaml",
+        b"yml",
+        b"xml",
+        b"html",
+        b"htm",
+        b"txt",
+        b"md",
+        b"lock",
+        b"map",
+        b"scss",
+        b"less",
+        b"woff",
+        b"woff2",
+        b"ttf",
+        b"eot",
+        b"mp4",
+        b"mp3",
+        b"pdf",
+        b"zip",
+        b"gz",
+        b"tgz",
+        b"exe",
+        b"dll",
+        b"so",
+        b"class",
+        b"jar",
+        b"tsx",
+        b"jsx",
+        b"vue",
+        b"c",
+        b"h",
+        b"cpp",
+        b"hpp",
+        b"cs",
+        b"php",
+        b"sh",
+        b"bat",
+        b"ps1",
+        b"service",
+        b"socket",
+        b"target",
+        b"mount",
+        b"timer",
+        b"local",
     }
 )
 
@@ -190,8 +244,10 @@ IBAN_RULE = Rule(
 
 # A dotted quad right after one of these words is a version or an OID, not an address.
 # (Python re on a bounded 32-byte slice: linear in practice and never on untrusted length.)
-_VERSION_CONTEXT = re.compile(rb"(?i)(?:\b(?:version|ver|v|release|rel|build|oid|mib|__version__)\b|_version)"
-                              rb"[\s:=\"']{0,4}$")
+_VERSION_CONTEXT = re.compile(
+    rb"(?i)(?:\b(?:version|ver|v|release|rel|build|oid|mib|__version__)\b|_version)"
+    rb"[\s:=\"']{0,4}$"
+)
 
 
 def _ipv4_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
@@ -235,8 +291,10 @@ IPV6_RULE = Rule(
     r"(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?)",
     # A "::" form holds its last group before "::" right after a boundary or a ':' (so "std::"
     # and "Vec::new" in source code are not candidates); the full form holds four groups.
-    anchors=(r"(?:^|[^0-9A-Za-z_])[0-9A-Fa-f]{1,4}::|[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:"
-             r"[0-9A-Fa-f]{1,4}:",),
+    anchors=(
+        r"(?:^|[^0-9A-Za-z_])[0-9A-Fa-f]{1,4}::|[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:"
+        r"[0-9A-Fa-f]{1,4}:",
+    ),
     value_group=1,
     not_followed_by=r"[0-9A-Za-z:_]",
     validate=_ipv6_ok,
@@ -247,8 +305,25 @@ IPV6_RULE = Rule(
 # --- phone numbers -------------------------------------------------------------------------
 
 _PHONE_CONTEXT = (
-    b"phone", b"tel", b"mobile", b"cell", b"fax", b"call", b"desk", b"office", b"sms", b"whatsapp", b"text me",
-    b"contact", b"number", b"messages to", b"answering at", b"reach me", b"dial", b"telefon", b"handy",
+    b"phone",
+    b"tel",
+    b"mobile",
+    b"cell",
+    b"fax",
+    b"call",
+    b"desk",
+    b"office",
+    b"sms",
+    b"whatsapp",
+    b"text me",
+    b"contact",
+    b"number",
+    b"messages to",
+    b"answering at",
+    b"reach me",
+    b"dial",
+    b"telefon",
+    b"handy",
     b"registered",
 )
 # Directory-style listings put the label after the number ("416 60 039 office").
@@ -384,8 +459,10 @@ PHONE_CONTEXT_RULE = Rule(
     validate=_phone_candidate,
     # The word right before the number's first digit, not the word alone ("number", "call"
     # and "contact" are in most source files).
-    anchors=(r"(?i)(?:phone|tel|mobile|cell|fax|call(?:\s+me)?(?:\s+(?:at|on))?|desk|sms|whatsapp|contact|number|"
-             r"messages\s+to|answering\s+at)[^0-9A-Za-z\n]{0,6}(?:\n[^0-9A-Za-z\n]{0,3})?\+?\(?\d",),
+    anchors=(
+        r"(?i)(?:phone|tel|mobile|cell|fax|call(?:\s+me)?(?:\s+(?:at|on))?|desk|sms|whatsapp|contact|number|"
+        r"messages\s+to|answering\s+at)[^0-9A-Za-z\n]{0,6}(?:\n[^0-9A-Za-z\n]{0,3})?\+?\(?\d",
+    ),
     tags=("gdpr",),
 )
 
@@ -427,8 +504,14 @@ def _refine(data: bytes, finding: Finding) -> Finding:
         value = data[finding.start : finding.end]
         kind = ipv4_kind(value) if finding.rule == "pii.ipv4" else ipv6_kind(value)
         if kind == "private":
-            return Finding(**{**finding.__dict__, "severity": _PRIVATE_IP_SEVERITY, "redact": False,
-                              "category": "ip_address_private"})
+            return Finding(
+                **{
+                    **finding.__dict__,
+                    "severity": _PRIVATE_IP_SEVERITY,
+                    "redact": False,
+                    "category": "ip_address_private",
+                }
+            )
     return finding
 
 

@@ -310,8 +310,16 @@ class PatternBank:
         owners_ = self.owners
         # Per rule, what the scan loop needs, unpacked once.
         self._plans = [
-            (rule, rule.value_group, self._followers[i], rule.validate, rule.confidence,
-             owners_[i] if owners_ is not None else None, rule.evidence == "redact", rule.redact)
+            (
+                rule,
+                rule.value_group,
+                self._followers[i],
+                rule.validate,
+                rule.confidence,
+                owners_[i] if owners_ is not None else None,
+                rule.evidence == "redact",
+                rule.redact,
+            )
             for i, rule in enumerate(self.rules)
         ]
 
@@ -406,10 +414,17 @@ class PatternBank:
             # the single largest per-match cost of the loop; the fields are the same.
             finding = new(Finding)
             finding.__dict__.update(
-                scanner=owner if owner is not None else scanner, rule=rule.id, category=rule.category,
-                severity=rule.severity, start=vstart, end=vend, line=0,
-                evidence=redact_value(value) if redacts else snippet(value), confidence=confidence,
-                source="", redact=redact,
+                scanner=owner if owner is not None else scanner,
+                rule=rule.id,
+                category=rule.category,
+                severity=rule.severity,
+                start=vstart,
+                end=vend,
+                line=0,
+                evidence=redact_value(value) if redacts else snippet(value),
+                confidence=confidence,
+                source="",
+                redact=redact,
             )
             append(finding)
         return found
@@ -423,8 +438,21 @@ class PatternBank:
         """
         h = hashlib.blake2b(digest_size=16)
         for r in self.rules:
-            fields = (r.id, r.category, int(r.severity), r.pattern, r.value_group, r.case_insensitive, r.evidence,
-                      r.redact, r.confidence, r.not_followed_by, r.anchors, r.max_len, r.tags)
+            fields = (
+                r.id,
+                r.category,
+                int(r.severity),
+                r.pattern,
+                r.value_group,
+                r.case_insensitive,
+                r.evidence,
+                r.redact,
+                r.confidence,
+                r.not_followed_by,
+                r.anchors,
+                r.max_len,
+                r.tags,
+            )
             h.update(repr(fields).encode("utf-8", "surrogatepass"))
             code = getattr(r.validate, "__code__", None)
             h.update(_code_fingerprint(code) if code is not None else repr(type(r.validate)).encode())

@@ -94,17 +94,23 @@ class ExternalizationPolicy:
         for name in ("scanners", "allowlist_rules", "allowlist_values"):
             object.__setattr__(self, name, _parse_str_set(f"externalization.{name}", getattr(self, name)))
         if not self.warn_at <= self.quarantine_at <= self.block_at:
-            raise PolicyError("externalization.thresholds", (self.warn_at, self.quarantine_at, self.block_at),
-                              "must satisfy warn_at <= quarantine_at <= block_at")
+            raise PolicyError(
+                "externalization.thresholds",
+                (self.warn_at, self.quarantine_at, self.block_at),
+                "must satisfy warn_at <= quarantine_at <= block_at",
+            )
         if self.max_artifact_size <= 0:
             raise PolicyError("externalization.max_artifact_size", self.max_artifact_size, "must be positive")
         unknown = set(self.scanners) - SCANNER_NAMES
         if unknown:
-            raise PolicyError("externalization.scanners", sorted(unknown),
-                              f"unknown scanner; expected any of {sorted(SCANNER_NAMES)}")
-        object.__setattr__(self, "category_overrides",
-                           _parse_field("externalization.category_overrides", "category_overrides",
-                                        self.category_overrides))
+            raise PolicyError(
+                "externalization.scanners", sorted(unknown), f"unknown scanner; expected any of {sorted(SCANNER_NAMES)}"
+            )
+        object.__setattr__(
+            self,
+            "category_overrides",
+            _parse_field("externalization.category_overrides", "category_overrides", self.category_overrides),
+        )
 
     @classmethod
     def disabled(cls) -> ExternalizationPolicy:
@@ -216,8 +222,15 @@ def _encoded_forms(secret: str) -> set[bytes]:
     forms = {raw}
     if len(raw) >= 8:
         b64 = base64.b64encode(raw)
-        forms.update({b64, b64.rstrip(b"="), base64.urlsafe_b64encode(raw).rstrip(b"="),
-                      binascii.hexlify(raw), urllib.parse.quote(secret, safe="").encode("ascii")})
+        forms.update(
+            {
+                b64,
+                b64.rstrip(b"="),
+                base64.urlsafe_b64encode(raw).rstrip(b"="),
+                binascii.hexlify(raw),
+                urllib.parse.quote(secret, safe="").encode("ascii"),
+            }
+        )
     return {f for f in forms if f}
 
 
@@ -343,17 +356,36 @@ class Gate:
         for form in self._known:
             pos = data.find(form)
             while pos >= 0:
-                out.append(Finding(scanner="secrets", rule=INJECTED_SECRET_RULE, category="injected_secret",
-                                   severity=Severity.CRITICAL, start=pos, end=pos + len(form), line=0,
-                                   evidence=redact_value(form), confidence=1.0))
+                out.append(
+                    Finding(
+                        scanner="secrets",
+                        rule=INJECTED_SECRET_RULE,
+                        category="injected_secret",
+                        severity=Severity.CRITICAL,
+                        start=pos,
+                        end=pos + len(form),
+                        line=0,
+                        evidence=redact_value(form),
+                        confidence=1.0,
+                    )
+                )
                 pos = data.find(form, pos + 1)
         return out
 
 
 def _oversize_finding(size: int, bound: int) -> Finding:
-    return Finding(scanner="gate", rule=OVERSIZE_RULE, category="oversize", severity=Severity.CRITICAL,
-                   start=bound, end=bound, line=0, evidence=f"{size} bytes > max_artifact_size {bound}",
-                   confidence=1.0, redact=False)
+    return Finding(
+        scanner="gate",
+        rule=OVERSIZE_RULE,
+        category="oversize",
+        severity=Severity.CRITICAL,
+        start=bound,
+        end=bound,
+        line=0,
+        evidence=f"{size} bytes > max_artifact_size {bound}",
+        confidence=1.0,
+        redact=False,
+    )
 
 
 def _dedupe_across_scanners(findings: list[Finding]) -> list[Finding]:
@@ -498,9 +530,7 @@ class StreamGate:
         self._original += chunk[:room]
         self._buffer += chunk[:room]
         extra: list[Finding] = []
-        if len(chunk) > room and self._gate.policy.enabled and not any(
-            f.rule == OVERSIZE_RULE for f in self._findings
-        ):
+        if len(chunk) > room and self._gate.policy.enabled and not any(f.rule == OVERSIZE_RULE for f in self._findings):
             extra.append(_oversize_finding(self._total, limit))
         # Scanning a tiny chunk would rescan the held tail every time; wait for enough bytes.
         if len(self._buffer) < 2 * self._hold and not extra:

@@ -45,8 +45,21 @@ _TOK = r"A-Za-z0-9_\-"
 
 
 # A file name with a fingerprint ("video_box.ico-7a38...0aab0c.png"): a build hash, not a token.
-_ASSET_SUFFIXES = (b".png", b".jpg", b".jpeg", b".gif", b".svg", b".ico", b".css", b".js", b".map", b".woff",
-                   b".woff2", b".webp", b".html")
+_ASSET_SUFFIXES = (
+    b".png",
+    b".jpg",
+    b".jpeg",
+    b".gif",
+    b".svg",
+    b".ico",
+    b".css",
+    b".js",
+    b".map",
+    b".woff",
+    b".woff2",
+    b".webp",
+    b".html",
+)
 
 
 def _token_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
@@ -160,31 +173,65 @@ _TOKEN_END = rf"[{_TOK}]"
 
 PROVIDER_RULES: tuple[Rule, ...] = (
     # --- cloud ---
-    _provider("aws-access-key-id", _b(r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[0-9A-Z]{16}"),
-              C, category="cloud_key"),
-    _provider("aws-bedrock-api-key", _b(r"ABSKQmVkcm9ja0FQSUtleS[A-Za-z0-9+/]{100,200}={0,2}"), C,
-              category="cloud_key"),
+    _provider(
+        "aws-access-key-id",
+        _b(r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[0-9A-Z]{16}"),
+        C,
+        category="cloud_key",
+    ),
+    _provider(
+        "aws-bedrock-api-key", _b(r"ABSKQmVkcm9ja0FQSUtleS[A-Za-z0-9+/]{100,200}={0,2}"), C, category="cloud_key"
+    ),
     _provider("gcp-api-key", _b(r"AIza[0-9A-Za-z_\-]{35}"), H, category="cloud_key"),
     _provider("gcp-oauth-client-secret", _b(r"GOCSPX-[0-9A-Za-z_\-]{28}"), C, category="cloud_key"),
     _provider("gcp-oauth-access-token", _b(r"ya29\.[0-9A-Za-z_\-]{30,500}"), H, category="cloud_key"),
-    _provider("gcp-oauth-refresh-token", r"(?:^|[^A-Za-z0-9_/])(1//0[0-9A-Za-z_\-]{40,500})", C, category="cloud_key",
-              random_body=True),
-    _provider("azure-ad-client-secret", r"(?:^|[^A-Za-z0-9_~.])([A-Za-z0-9_~.]{3}\dQ~[A-Za-z0-9_~.\-]{31,34})", C,
-              category="cloud_key"),
+    _provider(
+        "gcp-oauth-refresh-token",
+        r"(?:^|[^A-Za-z0-9_/])(1//0[0-9A-Za-z_\-]{40,500})",
+        C,
+        category="cloud_key",
+        random_body=True,
+    ),
+    _provider(
+        "azure-ad-client-secret",
+        r"(?:^|[^A-Za-z0-9_~.])([A-Za-z0-9_~.]{3}\dQ~[A-Za-z0-9_~.\-]{31,34})",
+        C,
+        category="cloud_key",
+    ),
     _provider("azure-storage-account-key", r"(?i)AccountKey\s*=\s*([A-Za-z0-9+/]{86}==)", C, category="cloud_key"),
     _provider("azure-sas-token", r"[?&]sig=([A-Za-z0-9%+/]{43,64}(?:%3D|=))", H, category="cloud_key"),
     _provider("alibaba-access-key-id", _b(r"LTAI[A-Za-z0-9]{17,21}"), H, category="cloud_key", random_body=True),
     _provider("digitalocean-token", _b(r"do[opr]_v1_[a-f0-9]{64}"), C, category="cloud_key"),
-    _provider("yandex-token", _b(r"(?:YC[A-Za-z0-9_\-]{38}|AQVN[A-Za-z0-9_\-]{35,38}|t1\.[A-Z0-9a-z_\-]+[=]{0,2}"
-              r"\.[A-Z0-9a-z_\-]{86}[=]{0,2})"), H, category="cloud_key"),
+    _provider(
+        "yandex-token",
+        _b(
+            r"(?:YC[A-Za-z0-9_\-]{38}|AQVN[A-Za-z0-9_\-]{35,38}|t1\.[A-Z0-9a-z_\-]+[=]{0,2}"
+            r"\.[A-Z0-9a-z_\-]{86}[=]{0,2})"
+        ),
+        H,
+        category="cloud_key",
+    ),
     _provider("heroku-api-key-v2", _b(r"HRKU-AA[0-9A-Za-z_\-]{58}"), C, category="cloud_key"),
-    _provider("flyio-token", _b(r"(?:fo1_[\w\-=]{43}|fm1[ar]_[A-Za-z0-9+/]{100,1000}={0,3}|fm2_[A-Za-z0-9+/]{100,1000}={0,3})"),  # noqa: E501
-              H, category="cloud_key"),
+    _provider(
+        "flyio-token",
+        _b(r"(?:fo1_[\w\-=]{43}|fm1[ar]_[A-Za-z0-9+/]{100,1000}={0,3}|fm2_[A-Za-z0-9+/]{100,1000}={0,3})"),
+        H,
+        category="cloud_key",
+    ),
     _provider("cloudflare-origin-ca-key", _b(r"v1\.0-[a-f0-9]{24}-[a-f0-9]{146}"), H, category="cloud_key"),
-    _provider("hashicorp-tf-token", _b(r"[A-Za-z0-9]{14}\.atlasv1\.[A-Za-z0-9_=\-]{60,70}"), C,
-              category="cloud_key"),
-    replace(_provider("vault-token", _b(r"(?:hvs\.[A-Za-z0-9_\-]{90,120}|hvb\.[A-Za-z0-9_\-]{138,300}|"
-                                        r"s\.[A-Za-z0-9]{24})"), C, category="cloud_key"), validate=_vault_token_ok),
+    _provider("hashicorp-tf-token", _b(r"[A-Za-z0-9]{14}\.atlasv1\.[A-Za-z0-9_=\-]{60,70}"), C, category="cloud_key"),
+    replace(
+        _provider(
+            "vault-token",
+            _b(
+                r"(?:hvs\.[A-Za-z0-9_\-]{90,120}|hvb\.[A-Za-z0-9_\-]{138,300}|"
+                r"s\.[A-Za-z0-9]{24})"
+            ),
+            C,
+            category="cloud_key",
+        ),
+        validate=_vault_token_ok,
+    ),
     _provider("databricks-token", _b(r"dapi[a-f0-9]{32}(?:-\d)?"), C, category="cloud_key"),
     _provider("doppler-token", _b(r"dp\.pt\.[A-Za-z0-9]{43}"), C, category="cloud_key"),
     _provider("pulumi-token", _b(r"pul-[a-f0-9]{40}"), C, category="cloud_key"),
@@ -192,35 +239,61 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("scalingo-token", _b(r"tk-us-[A-Za-z0-9\-_]{48}"), H, category="cloud_key"),
     _provider("openshift-token", _b(r"sha256~[A-Za-z0-9_\-]{43}"), H, category="cloud_key"),
     _provider("nats-nkey-seed", _b(r"S[ACNOPUX][A-Z2-7]{56}"), C, category="private_key", random_body=True),
-    _provider("age-secret-key", _b(r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}"), C,
-              category="private_key"),
+    _provider(
+        "age-secret-key", _b(r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}"), C, category="private_key"
+    ),
     # --- source control and package registries ---
     _provider("github-token", _b(r"gh[pousr]_[A-Za-z0-9]{36,251}"), C, category="vcs_token"),
     _provider("github-fine-grained-pat", _b(r"github_pat_[A-Za-z0-9_]{80,90}"), C, category="vcs_token"),
-    _provider("gitlab-token", _b(r"(?:glpat|glptt|gldt|glrtr|glrt|glcbt|glft|glimt|glagent|gloas|glsoat|glffct|glwt)-"
-              r"[0-9A-Za-z_\-]{20,64}(?:\.[0-9a-z]{2,12})?"), C, category="vcs_token"),
+    _provider(
+        "gitlab-token",
+        _b(
+            r"(?:glpat|glptt|gldt|glrtr|glrt|glcbt|glft|glimt|glagent|gloas|glsoat|glffct|glwt)-"
+            r"[0-9A-Za-z_\-]{20,64}(?:\.[0-9a-z]{2,12})?"
+        ),
+        C,
+        category="vcs_token",
+    ),
     _provider("gitlab-runner-registration-token", _b(r"GR1348941[0-9A-Za-z_\-]{20}"), C, category="vcs_token"),
     _provider("gitlab-session-cookie", r"_gitlab_session=([0-9a-z]{32})", H, category="vcs_token"),
     _provider("bitbucket-app-password", _b(r"ATBB[A-Za-z0-9_=.\-]{28,64}"), C, category="vcs_token"),
     _provider("atlassian-api-token", _b(r"ATATT3[A-Za-z0-9_\-=]{186}"), H, category="saas_token"),
     _provider("npm-token", _b(r"npm_[A-Za-z0-9]{36}"), C, category="vcs_token"),
-    _provider("docker-hub-token", _b(r"dckr_(?:pat|oat)_[A-Za-z0-9_\-]{27,40}"), C, category="vcs_token",
-              random_body=True),
-    _provider("docker-swarm-token", _b(r"SWMTKN-1-[a-z0-9]{50}-[a-z0-9]{25}|SWMKEY-1-[A-Za-z0-9+/]{43}"), C,
-              category="cloud_key", random_body=True),
+    _provider(
+        "docker-hub-token", _b(r"dckr_(?:pat|oat)_[A-Za-z0-9_\-]{27,40}"), C, category="vcs_token", random_body=True
+    ),
+    _provider(
+        "docker-swarm-token",
+        _b(r"SWMTKN-1-[a-z0-9]{50}-[a-z0-9]{25}|SWMKEY-1-[A-Za-z0-9+/]{43}"),
+        C,
+        category="cloud_key",
+        random_body=True,
+    ),
     _provider("pypi-token", _b(r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_\-]{50,300}"), C, category="vcs_token"),
     _provider("rubygems-token", _b(r"rubygems_[a-f0-9]{48}"), C, category="vcs_token"),
     _provider("clojars-token", _b(r"CLOJARS_[a-z0-9]{60}"), C, category="vcs_token", case_insensitive=True),
-    _provider("sourcegraph-token", _b(r"sgp_(?:[a-fA-F0-9]{16}|local)_[a-fA-F0-9]{40}|sgp_[a-fA-F0-9]{40}"), H,
-              category="vcs_token"),
-    _provider("jfrog-token", _b(r"(?:AKCp[A-Za-z0-9]{69}|cmVmd[A-Za-z0-9]{59})"), H, category="vcs_token",
-              random_body=True),
-    _provider("droneci-token", r"(?i)drone[\w.\-]{0,20}[\"']?\s*[:=]+\s*[\"']?([a-z0-9]{32})\b", H,
-              category="vcs_token"),
+    _provider(
+        "sourcegraph-token",
+        _b(r"sgp_(?:[a-fA-F0-9]{16}|local)_[a-fA-F0-9]{40}|sgp_[a-fA-F0-9]{40}"),
+        H,
+        category="vcs_token",
+    ),
+    _provider(
+        "jfrog-token", _b(r"(?:AKCp[A-Za-z0-9]{69}|cmVmd[A-Za-z0-9]{59})"), H, category="vcs_token", random_body=True
+    ),
+    _provider(
+        "droneci-token", r"(?i)drone[\w.\-]{0,20}[\"']?\s*[:=]+\s*[\"']?([a-z0-9]{32})\b", H, category="vcs_token"
+    ),
     # --- AI providers ---
-    _provider("openai-api-key", _b(r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_\-]{20,200}|sk-[A-Za-z0-9]{20}T3BlbkFJ"
-              r"[A-Za-z0-9]{20}|sk-(?:proj-)?[A-Za-z0-9_\-]{20,80}T3BlbkFJ[A-Za-z0-9_\-]{20,80}"), C,
-              category="ai_token"),
+    _provider(
+        "openai-api-key",
+        _b(
+            r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_\-]{20,200}|sk-[A-Za-z0-9]{20}T3BlbkFJ"
+            r"[A-Za-z0-9]{20}|sk-(?:proj-)?[A-Za-z0-9_\-]{20,80}T3BlbkFJ[A-Za-z0-9_\-]{20,80}"
+        ),
+        C,
+        category="ai_token",
+    ),
     _provider("anthropic-api-key", _b(r"sk-ant-(?:api|admin|sid)\d{2}-[A-Za-z0-9_\-]{80,120}"), C, category="ai_token"),
     _provider("huggingface-token", _b(r"(?:hf_[A-Za-z]{34}|api_org_[A-Za-z]{34})"), H, category="ai_token"),
     _provider("perplexity-api-key", _b(r"pplx-[A-Za-z0-9]{48}"), H, category="ai_token"),
@@ -230,58 +303,115 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     # --- payments ---
     _provider("stripe-secret-key", _b(r"(?:sk|rk)_live_[A-Za-z0-9]{10,99}"), C, category="payment_token"),
     _provider("stripe-test-key", _b(r"(?:sk|rk)_test_[A-Za-z0-9]{10,99}"), M, category="payment_token"),
-    _provider("square-token", _b(r"(?:sq0atp-[0-9A-Za-z_\-]{22}|sq0csp-[0-9A-Za-z\\_\-^]{43}|EAAA[A-Za-z0-9_\-+=]{22,60})"),  # noqa: E501
-              H, category="payment_token", random_body=True),
+    _provider(
+        "square-token",
+        _b(r"(?:sq0atp-[0-9A-Za-z_\-]{22}|sq0csp-[0-9A-Za-z\\_\-^]{43}|EAAA[A-Za-z0-9_\-+=]{22,60})"),
+        H,
+        category="payment_token",
+        random_body=True,
+    ),
     _provider("shopify-token", _b(r"shp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}"), C, category="payment_token"),
     _provider("flutterwave-key", _b(r"FLW(?:SECK|PUBK)_TEST-[a-hA-H0-9]{12,32}(?:-X)?"), M, category="payment_token"),
     _provider("gocardless-token", _b(r"live_[A-Za-z0-9\-_=]{40}"), H, category="payment_token", random_body=True),
     _provider("shippo-token", _b(r"shippo_(?:live|test)_[a-fA-F0-9]{40}"), H, category="payment_token"),
     _provider("easypost-token", _b(r"EZ[AT]K[A-Za-z0-9]{54}"), H, category="payment_token"),
     _provider("duffel-token", _b(r"duffel_(?:test|live)_[A-Za-z0-9_\-=]{43}"), H, category="payment_token"),
-    _provider("plaid-token", _b(r"access-(?:sandbox|development|production)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
-              r"[0-9a-f]{4}-[0-9a-f]{12}"), H, category="payment_token"),
+    _provider(
+        "plaid-token",
+        _b(
+            r"access-(?:sandbox|development|production)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-"
+            r"[0-9a-f]{4}-[0-9a-f]{12}"
+        ),
+        H,
+        category="payment_token",
+    ),
     # --- messaging and SaaS ---
-    replace(_provider("slack-token", _b(r"xox(?:[abposr]|e\.xox[bp]|e)-[0-9A-Za-z\-]{10,300}"), H,
-                      category="saas_token"), validate=_slack_ok),
-    _provider("slack-app-token", _b(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+"), H, category="saas_token",
-              case_insensitive=True),
-    _provider("slack-webhook", r"((?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{40,120})",
-              H, category="saas_token"),
-    _provider("teams-webhook", r"(https://[a-z0-9]+\.webhook\.office\.com/webhookb2/[a-z0-9\-]+@[a-z0-9\-]+/"
-              r"IncomingWebhook/[a-z0-9]{32}/[a-z0-9\-]{36})", H, category="saas_token"),
-    _provider("discord-webhook", r"(https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d{5,30}/"
-              r"[A-Za-z0-9_\-]{60,80})", H, category="saas_token"),
-    _provider("discord-bot-token", _b(r"[MNO][A-Za-z0-9_\-]{23,27}\.[A-Za-z0-9_\-]{6}\.[A-Za-z0-9_\-]{27,40}"), H,
-              category="saas_token", random_body=True),
-    _provider("telegram-bot-token", rf"(?:^|[^{_TOK}]|bot)(\d{{8,10}}:AA[0-9A-Za-z_\-]{{33}})", H,
-              category="saas_token"),
+    replace(
+        _provider("slack-token", _b(r"xox(?:[abposr]|e\.xox[bp]|e)-[0-9A-Za-z\-]{10,300}"), H, category="saas_token"),
+        validate=_slack_ok,
+    ),
+    _provider(
+        "slack-app-token", _b(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+"), H, category="saas_token", case_insensitive=True
+    ),
+    _provider(
+        "slack-webhook",
+        r"((?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{40,120})",
+        H,
+        category="saas_token",
+    ),
+    _provider(
+        "teams-webhook",
+        r"(https://[a-z0-9]+\.webhook\.office\.com/webhookb2/[a-z0-9\-]+@[a-z0-9\-]+/"
+        r"IncomingWebhook/[a-z0-9]{32}/[a-z0-9\-]{36})",
+        H,
+        category="saas_token",
+    ),
+    _provider(
+        "discord-webhook",
+        r"(https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d{5,30}/"
+        r"[A-Za-z0-9_\-]{60,80})",
+        H,
+        category="saas_token",
+    ),
+    _provider(
+        "discord-bot-token",
+        _b(r"[MNO][A-Za-z0-9_\-]{23,27}\.[A-Za-z0-9_\-]{6}\.[A-Za-z0-9_\-]{27,40}"),
+        H,
+        category="saas_token",
+        random_body=True,
+    ),
+    _provider(
+        "telegram-bot-token", rf"(?:^|[^{_TOK}]|bot)(\d{{8,10}}:AA[0-9A-Za-z_\-]{{33}})", H, category="saas_token"
+    ),
     _provider("twilio-api-key", _b(r"SK[0-9a-fA-F]{32}"), H, category="saas_token", random_body=True),
     _provider("sendgrid-api-key", _b(r"SG\.[A-Za-z0-9_\-=]{20,24}\.[A-Za-z0-9_\-=]{39,50}"), C, category="saas_token"),
     _provider("sendinblue-api-key", _b(r"xkeysib-[a-f0-9]{64}-[A-Za-z0-9]{16}"), H, category="saas_token"),
     _provider("mailgun-key", _b(r"(?:key|pubkey)-[a-f0-9]{32}"), H, category="saas_token", random_body=True),
     # Mailgun's current private API keys: 32 hex, then two groups of 8 (no other common token
     # has this shape; a UUID's groups are 8-4-4-4-12).
-    _provider("mailgun-api-key", _b(r"[a-f0-9]{32}-[a-f0-9]{8}-[a-f0-9]{8}"), H, category="saas_token",
-              random_body=True),
+    _provider(
+        "mailgun-api-key", _b(r"[a-f0-9]{32}-[a-f0-9]{8}-[a-f0-9]{8}"), H, category="saas_token", random_body=True
+    ),
     _provider("mailchimp-api-key", _b(r"[a-f0-9]{32}-us\d{1,2}"), H, category="saas_token"),
     _provider("postman-api-key", _b(r"PMAK-[a-fA-F0-9]{24}-[a-fA-F0-9]{34}"), H, category="saas_token"),
     _provider("netlify-token", _b(r"nfp_[A-Za-z0-9]{36,40}"), H, category="saas_token"),
     _provider("linear-api-key", _b(r"lin_api_[A-Za-z0-9]{40}"), H, category="saas_token"),
     _provider("figma-token", _b(r"figd_[A-Za-z0-9_\-]{40}"), H, category="saas_token", random_body=True),
-    _provider("dropbox-token", _b(r"sl\.(?:u\.)?[A-Za-z0-9_\-=]{130,1000}"), H, category="saas_token",
-              random_body=True),
+    _provider(
+        "dropbox-token", _b(r"sl\.(?:u\.)?[A-Za-z0-9_\-=]{130,1000}"), H, category="saas_token", random_body=True
+    ),
     _provider("notion-token", _b(r"(?:ntn_[0-9]{11}[A-Za-z0-9]{35}|secret_[A-Za-z0-9]{43})"), H, category="saas_token"),
     _provider("new-relic-key", _b(r"NR(?:AK|II|JS)-[A-Za-z0-9]{19,32}"), H, category="saas_token"),
-    _provider("grafana-token", _b(r"(?:glc_[A-Za-z0-9+/]{32,400}={0,2}|glsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}|"
-              r"eyJrIjoi[A-Za-z0-9]{70,400}={0,2})"), H, category="saas_token"),
-    _provider("sentry-token", _b(r"(?:sntrys_eyJ[A-Za-z0-9+/=_\-]{60,400}|sntryu_[a-f0-9]{64})"), H,
-              category="saas_token"),
+    _provider(
+        "grafana-token",
+        _b(
+            r"(?:glc_[A-Za-z0-9+/]{32,400}={0,2}|glsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}|"
+            r"eyJrIjoi[A-Za-z0-9]{70,400}={0,2})"
+        ),
+        H,
+        category="saas_token",
+    ),
+    _provider(
+        "sentry-token", _b(r"(?:sntrys_eyJ[A-Za-z0-9+/=_\-]{60,400}|sntryu_[a-f0-9]{64})"), H, category="saas_token"
+    ),
     _provider("dynatrace-token", _b(r"dt0c01\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{64}"), H, category="saas_token"),
     _provider("onepassword-token", _b(r"ops_eyJ[A-Za-z0-9+/]{250,}={0,3}"), C, category="saas_token"),
-    _provider("onepassword-secret-key", _b(r"A3-[A-Z0-9]{6}-(?:[A-Z0-9]{11}|[A-Z0-9]{6}-[A-Z0-9]{5})-[A-Z0-9]{5}"
-              r"-[A-Z0-9]{5}-[A-Z0-9]{5}"), C, category="saas_token", random_body=True),
-    _provider("facebook-access-token", _b(r"(?:EAA[MC][A-Za-z0-9]{100,400}|\d{15,16}\|[0-9A-Za-z\-_]{27})"), H,
-              category="saas_token"),
+    _provider(
+        "onepassword-secret-key",
+        _b(
+            r"A3-[A-Z0-9]{6}-(?:[A-Z0-9]{11}|[A-Z0-9]{6}-[A-Z0-9]{5})-[A-Z0-9]{5}"
+            r"-[A-Z0-9]{5}-[A-Z0-9]{5}"
+        ),
+        C,
+        category="saas_token",
+        random_body=True,
+    ),
+    _provider(
+        "facebook-access-token",
+        _b(r"(?:EAA[MC][A-Za-z0-9]{100,400}|\d{15,16}\|[0-9A-Za-z\-_]{27})"),
+        H,
+        category="saas_token",
+    ),
     _provider("twitter-bearer-token", _b(r"A{22}[A-Za-z0-9%]{80,120}"), H, category="saas_token"),
     _provider("readme-token", _b(r"rdme_[a-z0-9]{70}"), H, category="saas_token"),
     _provider("prefect-token", _b(r"pnu_[a-zA-Z0-9]{36}"), H, category="saas_token"),
@@ -290,23 +420,43 @@ PROVIDER_RULES: tuple[Rule, ...] = (
     _provider("infracost-token", _b(r"ico-[A-Za-z0-9]{32}"), H, category="saas_token"),
     _provider("settlemint-token", _b(r"sm_(?:pat|aat|sat)_[a-z0-9]{16}"), H, category="saas_token"),
     _provider("defined-networking-token", _b(r"dnkey-[a-z0-9=_\-]{26}-[a-z0-9=_\-]{52}"), H, category="saas_token"),
-    _provider("authress-key", _b(r"(?:sc|ext|scauth|authress)_[a-z0-9]{5,30}\.[a-z0-9]{4,6}\.acc[_-][a-z0-9\-]{10,32}"
-              r"\.[a-z0-9+/_=\-]{30,120}"), H, category="saas_token"),
+    _provider(
+        "authress-key",
+        _b(
+            r"(?:sc|ext|scauth|authress)_[a-z0-9]{5,30}\.[a-z0-9]{4,6}\.acc[_-][a-z0-9\-]{10,32}"
+            r"\.[a-z0-9+/_=\-]{30,120}"
+        ),
+        H,
+        category="saas_token",
+    ),
     _provider("adobe-client-secret", _b(r"p8e-[A-Za-z0-9]{32}"), H, category="saas_token", case_insensitive=True),
-    _provider("harness-token", _b(r"(?:pat|sat)\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{20}"), H,
-              category="saas_token"),
+    _provider(
+        "harness-token",
+        _b(r"(?:pat|sat)\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9]{24}\.[A-Za-z0-9]{20}"),
+        H,
+        category="saas_token",
+    ),
     _provider("intra42-secret", _b(r"s-s4t2(?:ud|af)-[a-f0-9]{64}"), H, category="saas_token"),
     _provider("octopus-deploy-key", _b(r"API-[A-Z0-9]{26}"), H, category="saas_token", random_body=True),
     # Identifiers issued with credentials, reported at medium (warn + redact): a WeChat AppID
     # and a Twilio Account SID are half of a credential pair and name the account to attack.
-    replace(_provider("wechat-app-id", _b(r"wx[0-9a-f]{16}"), M, category="cloud_key"),
-            validate=_random_hex_id_ok),
-    replace(_provider("twilio-account-sid", _b(r"AC[0-9a-f]{32}"), M, category="saas_token"),
-            validate=_random_hex_id_ok),
-    _provider("sidekiq-credentials", r"(?i)(?:BUNDLE_ENTERPRISE__CONTRIBSYS__COM|BUNDLE_GEMS__CONTRIBSYS__COM)"
-              r"[\"']?\s*[:=]+\s*[\"']?([a-f0-9]{8}:[a-f0-9]{8})", H, category="saas_token"),
-    _provider("sidekiq-url", r"(?i)https?://([a-f0-9]{8}:[a-f0-9]{8})@(?:gems\.contribsys\.com|enterprise\.contribsys\.com)",
-              H, category="saas_token"),
+    replace(_provider("wechat-app-id", _b(r"wx[0-9a-f]{16}"), M, category="cloud_key"), validate=_random_hex_id_ok),
+    replace(
+        _provider("twilio-account-sid", _b(r"AC[0-9a-f]{32}"), M, category="saas_token"), validate=_random_hex_id_ok
+    ),
+    _provider(
+        "sidekiq-credentials",
+        r"(?i)(?:BUNDLE_ENTERPRISE__CONTRIBSYS__COM|BUNDLE_GEMS__CONTRIBSYS__COM)"
+        r"[\"']?\s*[:=]+\s*[\"']?([a-f0-9]{8}:[a-f0-9]{8})",
+        H,
+        category="saas_token",
+    ),
+    _provider(
+        "sidekiq-url",
+        r"(?i)https?://([a-f0-9]{8}:[a-f0-9]{8})@(?:gems\.contribsys\.com|enterprise\.contribsys\.com)",
+        H,
+        category="saas_token",
+    ),
 )
 
 
@@ -385,8 +535,10 @@ _OTHER_SCHEMES = r"[a-z][a-z0-9+.\-]{1,24}"
 # RFC 2606 / 6761 reserved documentation names: they never resolve, so credentials for them
 # are examples, not in use. (A sample domain that is registered and resolves, such as
 # contoso.com, is not one: a password in a proxy URL is reported whatever the host.)
-_DOC_HOSTS = re.compile(rb"(?i)@(?:[A-Za-z0-9\-]+\.)*(?:example\.(?:com|net|org)|[a-z0-9\-]+\.example|"
-                        rb"[a-z0-9\-]+\.(?:test|invalid))(?:[:/\s\"'?#]|$)")
+_DOC_HOSTS = re.compile(
+    rb"(?i)@(?:[A-Za-z0-9\-]+\.)*(?:example\.(?:com|net|org)|[a-z0-9\-]+\.example|"
+    rb"[a-z0-9\-]+\.(?:test|invalid))(?:[:/\s\"'?#]|$)"
+)
 
 
 def _url_password_ok(data: bytes, start: int, end: int, _spans: Spans) -> float | None:
@@ -580,11 +732,55 @@ def _strip_value(raw: bytes) -> bytes:
 
 
 _CODE_REFERENCE_PREFIXES = (
-    b"os.", b"self.", b"this.", b"process.", b"env.", b"config.", b"settings.", b"request.", b"req.",
-    b"args.", b"opts.", b"options.", b"params.", b"ctx.", b"context.", b"props.", b"state.", b"System.",
-    b"Environment.", b"ENV.", b"cls.", b"data.", b"cfg.", b"conf.", b"secrets.", b"vault.", b"kwargs",
-    b"None", b"null", b"nil", b"undefined", b"new ", b"function", b"lambda", b"await ", b"get_", b"get(",
-    b"$_", b"@", b"&", b"*", b"!", b"#", b"%", b"=", b"-", b"+", b"/", b"."
+    b"os.",
+    b"self.",
+    b"this.",
+    b"process.",
+    b"env.",
+    b"config.",
+    b"settings.",
+    b"request.",
+    b"req.",
+    b"args.",
+    b"opts.",
+    b"options.",
+    b"params.",
+    b"ctx.",
+    b"context.",
+    b"props.",
+    b"state.",
+    b"System.",
+    b"Environment.",
+    b"ENV.",
+    b"cls.",
+    b"data.",
+    b"cfg.",
+    b"conf.",
+    b"secrets.",
+    b"vault.",
+    b"kwargs",
+    b"None",
+    b"null",
+    b"nil",
+    b"undefined",
+    b"new ",
+    b"function",
+    b"lambda",
+    b"await ",
+    b"get_",
+    b"get(",
+    b"$_",
+    b"@",
+    b"&",
+    b"*",
+    b"!",
+    b"#",
+    b"%",
+    b"=",
+    b"-",
+    b"+",
+    b"/",
+    b".",
 )
 
 
@@ -602,15 +798,58 @@ def _looks_like_code(value: bytes, quoted: bool) -> bool:
 def _type_or_label(value: bytes) -> bool:
     low = value.lower()
     return low in {
-        b"str", b"string", b"int", b"bool", b"bytes", b"text", b"varchar", b"char", b"boolean", b"object",
-        b"any", b"none", b"optional", b"secretstr", b"password", b"required", b"integer", b"number",
+        b"str",
+        b"string",
+        b"int",
+        b"bool",
+        b"bytes",
+        b"text",
+        b"varchar",
+        b"char",
+        b"boolean",
+        b"object",
+        b"any",
+        b"none",
+        b"optional",
+        b"secretstr",
+        b"password",
+        b"required",
+        b"integer",
+        b"number",
     } or low.endswith((b":", b"?"))
 
 
 _NOT_SECRET_KEY_PARTS = (
-    b"path", b"file", b"dir", b"url", b"uri", b"length", b"size", b"type", b"name", b"format", b"field",
-    b"label", b"prompt", b"hint", b"policy", b"expire", b"timeout", b"count", b"mode", b"enabled", b"required",
-    b"scheme", b"algorithm", b"charset", b"header", b"behavior", b"behaviour", b"strategy", b"limit", b"mask",
+    b"path",
+    b"file",
+    b"dir",
+    b"url",
+    b"uri",
+    b"length",
+    b"size",
+    b"type",
+    b"name",
+    b"format",
+    b"field",
+    b"label",
+    b"prompt",
+    b"hint",
+    b"policy",
+    b"expire",
+    b"timeout",
+    b"count",
+    b"mode",
+    b"enabled",
+    b"required",
+    b"scheme",
+    b"algorithm",
+    b"charset",
+    b"header",
+    b"behavior",
+    b"behaviour",
+    b"strategy",
+    b"limit",
+    b"mask",
 )
 # Words that contain a keyword but do not name a secret: "pass" in passthrough/passport/passes,
 # "pw" in PWR (power), PWM, stopword, upward; "token" in tokenize(d)/tokenizer.
@@ -630,8 +869,22 @@ _WORD_PARTS = re.compile(rb"[A-Za-z]+(?:[_\-:./][A-Za-z]+)+")
 
 
 # Password hashes are not plaintext credentials (bcrypt, sha-crypt, argon2, LDAP schemes).
-_HASH_PREFIXES = (b"$2a$", b"$2b$", b"$2y$", b"$1$", b"$5$", b"$6$", b"$argon2", b"$pbkdf2", b"{SSHA}", b"{SHA}",
-                  b"{CRYPT}", b"pbkdf2_sha256$", b"sha1$", b"md5$")
+_HASH_PREFIXES = (
+    b"$2a$",
+    b"$2b$",
+    b"$2y$",
+    b"$1$",
+    b"$5$",
+    b"$6$",
+    b"$argon2",
+    b"$pbkdf2",
+    b"{SSHA}",
+    b"{SHA}",
+    b"{CRYPT}",
+    b"pbkdf2_sha256$",
+    b"sha1$",
+    b"md5$",
+)
 _PASSWORD_KEY_PARTS = (b"pass", b"pwd", b"pw", b"psw", b"pssw", b"pasw", b"passwort", b"senha", b"contrase")
 
 
@@ -647,20 +900,85 @@ def _config_context(data: bytes, key_start: int, value_start: int) -> bool:
     prefix = data[line_start:key_start].strip()
     key = between.split(b"=", 1)[0]
     # .env / shell: KEY=value at the start of a line (after an optional "export"/"set"/"-").
-    return (prefix in (b"", b"export", b"set", b"-", b"SET", b"ENV", b"ARG") and key.isupper()
-            and b" =" not in between and b"= " not in between)
+    return (
+        prefix in (b"", b"export", b"set", b"-", b"SET", b"ENV", b"ARG")
+        and key.isupper()
+        and b" =" not in between
+        and b"= " not in between
+    )
 
 
-_SELF_DESCRIBING = (b"password", b"passwd", b"secret", b"notreal", b"not_real", b"not-real", b"apikey", b"api_key",
-                    b"token", b"letmein", b"let_me_in", b"pass", b"pwd")
+_SELF_DESCRIBING = (
+    b"password",
+    b"passwd",
+    b"secret",
+    b"notreal",
+    b"not_real",
+    b"not-real",
+    b"apikey",
+    b"api_key",
+    b"token",
+    b"letmein",
+    b"let_me_in",
+    b"pass",
+    b"pwd",
+)
 # Stand-ins used as passwords in documentation and tests: account names and "wrong" values.
-_STAND_IN_VALUES = frozenset({
-    b"admin", b"administrator", b"root", b"guest", b"user", b"username", b"login", b"auth", b"client", b"hello",
-    b"world", b"wrong", b"incorrect", b"invalid", b"bad", b"good", b"right", b"correct",
-})
-_FILE_SUFFIXES = (b".md", b".pem", b".json", b".txt", b".crt", b".cer", b".key", b".html", b".yaml", b".yml", b".xml",
-                  b".py", b".js", b".ts", b".go", b".cs", b".java", b".rb", b".php", b".sh", b".cfg", b".conf", b".ini",
-                  b".p12", b".pfx", b".jks", b".der", b".csr", b".log", b".png", b".svg")
+_STAND_IN_VALUES = frozenset(
+    {
+        b"admin",
+        b"administrator",
+        b"root",
+        b"guest",
+        b"user",
+        b"username",
+        b"login",
+        b"auth",
+        b"client",
+        b"hello",
+        b"world",
+        b"wrong",
+        b"incorrect",
+        b"invalid",
+        b"bad",
+        b"good",
+        b"right",
+        b"correct",
+    }
+)
+_FILE_SUFFIXES = (
+    b".md",
+    b".pem",
+    b".json",
+    b".txt",
+    b".crt",
+    b".cer",
+    b".key",
+    b".html",
+    b".yaml",
+    b".yml",
+    b".xml",
+    b".py",
+    b".js",
+    b".ts",
+    b".go",
+    b".cs",
+    b".java",
+    b".rb",
+    b".php",
+    b".sh",
+    b".cfg",
+    b".conf",
+    b".ini",
+    b".p12",
+    b".pfx",
+    b".jks",
+    b".der",
+    b".csr",
+    b".log",
+    b".png",
+    b".svg",
+)
 _UPPER_SNAKE = re.compile(rb"[A-Z][A-Z0-9]*(?:[_\-][A-Z0-9]+)+")
 _MEMBER_ACCESS = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$]*(?:\.[A-Za-z_$][A-Za-z0-9_$]*)+")
 
@@ -716,8 +1034,11 @@ def _value_ok(value: bytes, quoted: bool) -> bool:
         return False  # an unquoted path; base64 ("rQVMSp6T...rpSz/wL=") has '/' too
     if _UPPER_SNAKE.fullmatch(value) is not None and not any(48 <= b <= 57 for b in value):
         return False  # GCM_MSAUTH_FLOW: a constant's name
-    if not quoted and _MEMBER_ACCESS.fullmatch(value) is not None and (
-            not looks_random(value) or not any(reads_as_gibberish(part) for part in value.split(b"."))):
+    if (
+        not quoted
+        and _MEMBER_ACCESS.fullmatch(value) is not None
+        and (not looks_random(value) or not any(reads_as_gibberish(part) for part in value.split(b".")))
+    ):
         return False  # c.apiKey, config.APIKey, string.Empty: member access, each part a word
     if _has_call(value):
         return False  # an expression or an encrypted-value wrapper, not the literal secret
@@ -799,8 +1120,9 @@ def _fold_key(key: bytes) -> bytes:
 
 def _name_may_hold_secret(key_low: bytes) -> bool:
     """Whether an assigned name can hold a secret at all (judged before its value)."""
-    if key_low.rstrip(b"\"'`]").endswith((b"id", b"uri", b"url", b"name", b"mode", b"modes", b"flow", b"helper",
-                                             b"user")):
+    if key_low.rstrip(b"\"'`]").endswith(
+        (b"id", b"uri", b"url", b"name", b"mode", b"modes", b"flow", b"helper", b"user")
+    ):
         return False  # OAuthClientId, RedirectUri, auth_user: identifiers next to secrets, not secrets
     if b"csrf" in key_low or b"xsrf" in key_low or b"authenticity" in key_low:
         return False  # anti-forgery tokens (Rails: authenticity_token) are in every HTML form a site serves
@@ -942,12 +1264,31 @@ _TOKEN_ALPHABET = re.compile(rb"[A-Za-z0-9+/=_\-]+")
 # "auth" is a keyword only as a word of its own ("auth_token", "x-auth"), not inside
 # "OAuth", "Authentication", "Authority".
 _AUTH_WORD = re.compile(rb"(?:^|[^a-z])auth(?:$|[^a-z]|token|key|code|secret|pass)")
-_STRONG_WORDS = (b"pass", b"pwd", b"pw", b"psw", b"pssw", b"pasw", b"secret", b"token", b"key", b"credential",
-                 b"salt", b"sas", b"api",
-                 b"passwort", b"senha", b"contrase", b"mot",
-                 # HMAC keys of ASP.NET's machineKey and Yii's cookieValidationKey: leaking
-                 # one lets an attacker forge signed ViewState / cookies
-                 b"validationkey", b"validation_key", b"decryptionkey", b"decryption_key")
+_STRONG_WORDS = (
+    b"pass",
+    b"pwd",
+    b"pw",
+    b"psw",
+    b"pssw",
+    b"pasw",
+    b"secret",
+    b"token",
+    b"key",
+    b"credential",
+    b"salt",
+    b"sas",
+    b"api",
+    b"passwort",
+    b"senha",
+    b"contrase",
+    b"mot",
+    # HMAC keys of ASP.NET's machineKey and Yii's cookieValidationKey: leaking
+    # one lets an attacker forge signed ViewState / cookies
+    b"validationkey",
+    b"validation_key",
+    b"decryptionkey",
+    b"decryption_key",
+)
 
 
 def _literals(words: tuple[bytes, ...]) -> re.Pattern[bytes]:
@@ -1251,13 +1592,17 @@ _CLI_ANCHORS = (
 # The three keyword-assignment shapes: ``name = value``, ``<name>value</``, ``key="name" value=``.
 _ASSIGNMENT_ANCHORS = (
     # keyword, then (after the rest of the name, quotes and an optional type) the operator
-    (rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[A-Za-z0-9_.\-]*(?:\\?[\"'`\]]){{0,2}}"
-     r"(?:[ \t]*:?[ \t]*(?:string|str|&str|\[\]byte|SecureString)\??)?[ \t]*[!?.+]?[=:]",),
+    (
+        rf"(?i)(?:{_KEYWORD_ANCHOR[0]})[A-Za-z0-9_.\-]*(?:\\?[\"'`\]]){{0,2}}"
+        r"(?:[ \t]*:?[ \t]*(?:string|str|&str|\[\]byte|SecureString)\??)?[ \t]*[!?.+]?[=:]",
+    ),
     (rf"(?i)<[A-Za-z0-9_.\-]*(?:{_KEYWORD_ANCHOR[0]})",),
     (rf"(?i)(?:key|name)\s*=\s*[\"'][^\"']*(?:{_KEYWORD_ANCHOR[0]})",),
     # the directive, then a name holding a keyword ("set " alone is in every other shell script)
-    (rf"(?i)(?:define\(\s*[\"']|#define\s+|%define\s+|%global\s+|\bset\s+)[A-Za-z0-9_.\-]*"
-     rf"(?:{_KEYWORD_ANCHOR[0]})",),
+    (
+        rf"(?i)(?:define\(\s*[\"']|#define\s+|%define\s+|%global\s+|\bset\s+)[A-Za-z0-9_.\-]*"
+        rf"(?:{_KEYWORD_ANCHOR[0]})",
+    ),
     (r"_(?:KEY|TOKEN|SECRET|PASS|PASSWD|PASSWORD|PWD|PW|AUTH|CREDENTIALS?|APIKEY|ACCESS_KEY)=",),
 )
 
@@ -1277,8 +1622,7 @@ def _anchored(rule: Rule) -> Rule:
             shape = 4
         return replace(rule, anchors=_ASSIGNMENT_ANCHORS[shape])
     if rule.id == "secrets.cli-password":
-        for marker, anchors in (("ConvertTo", _CLI_ANCHORS[3]), ("mysql", _CLI_ANCHORS[1]),
-                                ("curl", _CLI_ANCHORS[2])):
+        for marker, anchors in (("ConvertTo", _CLI_ANCHORS[3]), ("mysql", _CLI_ANCHORS[1]), ("curl", _CLI_ANCHORS[2])):
             if marker in rule.pattern:
                 return replace(rule, anchors=anchors)
         return replace(rule, anchors=_CLI_ANCHORS[0])
@@ -1287,21 +1631,25 @@ def _anchored(rule: Rule) -> Rule:
     return replace(rule, anchors=_ANCHORS[rule.id])
 
 
-SECRET_RULES: tuple[Rule, ...] = tuple(_anchored(r) for r in (
-    *PROVIDER_RULES,
-    *STRUCTURAL_RULES,
-    AWS_SECRET_RULE,
-    STANDALONE_AWS_SECRET_RULE,
-    UUID_RULE,
-    *ASSIGNMENT_RULES,
-    EMAIL_RULE,
-    SSN_RULE,
-))
+SECRET_RULES: tuple[Rule, ...] = tuple(
+    _anchored(r)
+    for r in (
+        *PROVIDER_RULES,
+        *STRUCTURAL_RULES,
+        AWS_SECRET_RULE,
+        STANDALONE_AWS_SECRET_RULE,
+        UUID_RULE,
+        *ASSIGNMENT_RULES,
+        EMAIL_RULE,
+        SSN_RULE,
+    )
+)
 
 # A provider or structural finding explains a value better than the generic assignment
 # rule that also matched it; the generic one is dropped when its span overlaps.
-_GENERIC_RULES = frozenset({"secrets.password-assignment", "secrets.cli-password", "secrets.url-credentials",
-                            "secrets.uuid"})
+_GENERIC_RULES = frozenset(
+    {"secrets.password-assignment", "secrets.cli-password", "secrets.url-credentials", "secrets.uuid"}
+)
 
 
 def _prefer_specific(findings: list[Finding]) -> list[Finding]:

@@ -192,9 +192,7 @@ async def _sweep_one(
     return True
 
 
-async def sweep_logged(
-    bundle_base: str, state_dir: str, runtime: str, runtime_argv: Sequence[str]
-) -> list[str]:
+async def sweep_logged(bundle_base: str, state_dir: str, runtime: str, runtime_argv: Sequence[str]) -> list[str]:
     """:func:`sweep` for a create: an error while sweeping is logged, never raised."""
     try:
         return await sweep(bundle_base, state_dir, runtime, runtime_argv)
