@@ -463,7 +463,11 @@ def test_v1_delegation_gives_an_unprivileged_caller_limited_cgroups() -> None:
         reported = _as_uid(uid, gid, work)
         parents = {str(d) for d in made}
         assert "error" not in reported, reported
-        assert {str(Path(d).parent) for d in reported["dirs"]} == parents  # type: ignore[union-attr]
+        # The sandbox's cgroup is in the four hierarchies the Process backend uses, below the
+        # delegated directories (which cover every v1 hierarchy: runc joins all of them).
+        assert len(made) == len(cgroups._mounts().v1_all)
+        assert {str(Path(d).parent) for d in reported["dirs"]} <= parents  # type: ignore[union-attr]
+        assert len(reported["dirs"]) >= 3  # type: ignore[arg-type]
         assert reported["pids_max"] == "8" and reported["memory"] == str(64 * MiB)
         assert reported["member"] is True
         assert reported["listed"] == ["kavach-delegated"]  # only its own parent, not root's
@@ -473,6 +477,28 @@ def test_v1_delegation_gives_an_unprivileged_caller_limited_cgroups() -> None:
         cgroups.undelegate_v1(uid)
     assert not any(d.exists() for d in made)
     assert cgroups.undelegate_v1(uid) == []
+
+
+@V1_ONLY
+def test_delegated_v1_path_needs_the_subtree_in_every_hierarchy() -> None:
+    uid = gid = 63000 + os.getpid() % 1000
+    assert cgroups.delegated_v1_path() is None  # root has its own parent, no delegation
+
+    def work() -> dict[str, object]:
+        return {"path": cgroups.delegated_v1_path()}
+
+    made = cgroups.delegate_v1(uid, gid)
+    try:
+        assert _as_uid(uid, gid, work) == {"path": f"/{cgroups.USERS_PARENT}/{uid}"}
+        # A delegation missing one hierarchy (e.g. made by an older kavach for memory, pids,
+        # freezer and cpu only) gives runc nothing it could use: no path.
+        partial = next(d for d in made if d.parent.parent.name not in ("memory", "pids", "freezer", "cpu"))
+        partial.rmdir()
+        assert _as_uid(uid, gid, work) == {"path": None}
+        assert cgroups.delegate_v1(uid, gid) == made  # delegating again completes it
+        assert _as_uid(uid, gid, work) == {"path": f"/{cgroups.USERS_PARENT}/{uid}"}
+    finally:
+        cgroups.undelegate_v1(uid)
 
 
 @V1_ONLY

@@ -116,10 +116,13 @@ def test_unprivileged_user_gets_a_rootless_sandbox() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["uid"] == 65534 and out["state_base"] == "/tmp/kavach-65534"
-    assert "resource limits need root" in out["limits"]  # fail closed, not silently unlimited
-    assert "allow_degraded" in out["limits"]  # ... and says how to run anyway
+    assert "resource limits need a cgroup" in out["limits"]  # fail closed, not silently unlimited
+    assert "no cgroup v1 subtree is delegated to uid 65534" in out["limits"]
+    # ... and says how to get the limits (test_oci_delegated) or run anyway
+    assert "`kavach cgroups delegate nobody`" in out["limits"] and "allow_degraded" in out["limits"]
     # Usable, but the probe tells automatic selection that it cannot apply limits here.
     assert out["probe"][:2] == [True, False] and "resource limits only with allow_degraded" in out["probe"][2]
+    assert "`kavach cgroups delegate nobody`" in out["probe"][2]
     # With allow_degraded it runs without the cgroup, listed as degraded and not scored; the
     # pids limit still holds as RLIMIT_NPROC in the container's user namespace.
     assert out["degraded"] == [

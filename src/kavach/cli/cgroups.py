@@ -1,10 +1,10 @@
 """``kavach cgroups``: let a non-root user's sandboxes have cgroup limits on a cgroup v1 host.
 
 cgroup v1 has no delegation of its own: only root may create cgroups, so an unprivileged
-caller's Process sandboxes could not have their memory, pids and CPU limits (creation fails
-closed, or runs degraded with ``allow_degraded``). ``delegate`` gives one user a subtree
-(``/sys/fs/cgroup/<controller>/kavach-users/<uid>``) for its sandboxes; ``undelegate`` takes
-it back. On a cgroup v2 host, delegate with systemd (``Delegate=yes``) instead.
+caller's Process and OCI (rootless runc) sandboxes could not have their memory, pids and CPU
+limits (creation fails closed, or runs degraded with ``allow_degraded``). ``delegate`` gives one
+user a subtree (``/sys/fs/cgroup/<hierarchy>/kavach-users/<uid>`` in every v1 hierarchy) for
+its sandboxes; ``undelegate`` takes it back. On a cgroup v2 host, delegate with systemd (``Delegate=yes``) instead.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _user(spec: str) -> pwd.struct_passwd:
 
 @cgroups_app.command("delegate")
 def delegate_command(user: UserArgument) -> None:
-    """Give USER a cgroup v1 subtree, so its sandboxes get their memory, pids and CPU limits."""
+    """Give USER a cgroup v1 subtree, so its Process and OCI sandboxes get their memory, pids and CPU limits."""
     from kavach.backends.process.cgroups import delegate_v1
 
     entry = _user(user)

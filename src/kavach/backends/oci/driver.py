@@ -44,6 +44,7 @@ import fcntl
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -85,6 +86,7 @@ from kavach.backends.oci.runtime import (
 from kavach.backends.oci.runtime import call as call_runtime
 from kavach.backends.oci.seccomp_oci import to_oci
 from kavach.backends.oci.sweep import sweep_logged, write_owner
+from kavach.backends.process.cgroups import delegated_v1_path
 from kavach.backends.seccomp_profiles import build_runtime_spec, build_spec, setid_guard_spec
 from kavach.errors import ExecError, SandboxCreateError
 from kavach.policy import Access, NetworkMode, SandboxPolicy, landlock_rules
@@ -314,12 +316,31 @@ def _check_private_dir(path: str) -> None:
 
 
 def _rootless_without_cgroup() -> bool:
-    """A caller that gets no cgroup from runc here: not root, and no cgroup v2 to delegate."""
-    return not _is_root() and cgroup_mode() is not CgroupMode.UNIFIED
+    """A caller that gets no cgroup from runc here: not root, no cgroup v2 to delegate, and
+    no v1 subtree delegated to it (``kavach cgroups delegate USER``) in every hierarchy."""
+    return not _is_root() and cgroup_mode() is not CgroupMode.UNIFIED and delegated_v1_path() is None
+
+
+def _cgroups_path(container_id: str) -> str | None:
+    """The container's ``linux.cgroupsPath``: below ``/kavach`` for root, below the caller's
+    delegated v1 subtree otherwise (runc's rootless mode then creates it and sets the
+    limits, as it does for root), ``None`` when the caller has neither."""
+    if _is_root():
+        return f"/kavach/{container_id}"
+    delegated = delegated_v1_path() if cgroup_mode() is not CgroupMode.UNIFIED else None
+    return None if delegated is None else f"{delegated}/{container_id}"
 
 
 def _is_root() -> bool:
     return os.geteuid() == 0
+
+
+def _user_name() -> str:
+    """This caller's user name (its uid when it has none), for the messages that say what root can do."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _max_processes(pid: int) -> int | None:
@@ -563,13 +584,18 @@ class OciInstance(Instance):
         self._enforcement: Enforcement | None = None
         self._init_pid: int | None = None
         self._init_pidns = ""
-        # Only a root caller gives the container a cgroup of its own (cgroupsPath). Without
-        # one, the init's cgroup is the caller's session: processes are then found by pid
-        # namespace and frozen with SIGSTOP, never through that shared cgroup.
-        self._own_cgroup = _is_root()
-        # Without a cgroup (rootless on cgroup v1, which needs allow_degraded for limits), the
-        # pids limit still holds as RLIMIT_NPROC of every process of the container.
-        self._nproc = spec.policy.resources.pids if _rootless_without_cgroup() else None
+        # A root caller, or one with a delegated cgroup v1 subtree, gives the container a
+        # cgroup of its own (cgroupsPath). Without one, the init's cgroup is the caller's
+        # session: processes are then found by pid namespace and frozen with SIGSTOP, never
+        # through that shared cgroup.
+        self._cgroups_path = _cgroups_path(self.container_id)
+        self._own_cgroup = self._cgroups_path is not None
+        # Without a cgroup (rootless on cgroup v1 without a delegated subtree, which needs
+        # allow_degraded for limits), the pids limit still holds as RLIMIT_NPROC of every
+        # process of the container. (Decided once, with the cgroups path: a delegation made or
+        # removed meanwhile must not split the two.)
+        self._without_cgroup = not _is_root() and cgroup_mode() is not CgroupMode.UNIFIED and not self._own_cgroup
+        self._nproc = spec.policy.resources.pids if self._without_cgroup else None
         self._destroyed = False
         self._stopped = False
         self._has_sh = False  # /bin/sh in the rootfs: execs run under STDIO_WRAPPER
@@ -679,11 +705,11 @@ class OciInstance(Instance):
             workdir_host=self.spec.workdir_host,
             source_overrides=overrides,
             seccomp=None if spec is None else to_oci(spec),
-            cgroups_path=f"/kavach/{self.container_id}" if self._own_cgroup else None,
+            cgroups_path=self._cgroups_path,
             annotations={"org.kavach.sandbox-id": self.spec.sandbox_id},
             nproc=self._nproc,
         )
-        if _rootless_without_cgroup():
+        if self._without_cgroup:
             # runc would fail to set them (no cgroup of ours to write); _check_policy let
             # limits through only with allow_degraded, and the probe finds them missing
             # (the pids limit is then RLIMIT_NPROC, set above).
@@ -1639,9 +1665,9 @@ class OciDriver(Driver):
             return ProbeResult(
                 self.backend,
                 True,
-                f"{reason}; rootless on this cgroup {cgroup_mode().value} host (no delegated cgroup v2): "
+                f"{reason}; rootless on this cgroup {cgroup_mode().value} host without a delegated cgroup: "
                 "resource limits only with allow_degraded (then pids by RLIMIT_NPROC, memory and CPU share not "
-                "limited, not scored), or run as root",
+                f"limited, not scored), or run as root, or as root run `kavach cgroups delegate {_user_name()}`",
                 version=info.version,
                 resource_limits=False,
             )
@@ -1651,12 +1677,16 @@ class OciDriver(Driver):
         policy = spec.policy
         r = policy.resources
         limits = r.memory is not None or r.pids is not None or r.cpus is not None
-        if not _is_root() and limits and not policy.allow_degraded:
+        if not _is_root() and limits and not policy.allow_degraded and delegated_v1_path() is None:
+            if cgroup_mode() is CgroupMode.UNIFIED:
+                missing, remedy = "an unprivileged caller gets no cgroup of its own here", "run as root"
+            else:
+                missing = f"no cgroup v1 subtree is delegated to uid {os.geteuid()} in every hierarchy"
+                remedy = f"as root run `kavach cgroups delegate {_user_name()}`, or run as root"
             raise SandboxCreateError(
-                "resource limits need root for the OCI backend on this host (cgroup v1 is not "
-                "delegated to unprivileged users); run as root, or set allow_degraded in the policy "
-                "(kavach run --allow-degraded) to run without the cgroup (pids then by RLIMIT_NPROC, memory and "
-                "CPU share not limited; listed as degraded, not scored)"
+                f"resource limits need a cgroup for the OCI backend ({missing}); {remedy}, or set allow_degraded "
+                "in the policy (kavach run --allow-degraded) to run without the cgroup (pids then by RLIMIT_NPROC, "
+                "memory and CPU share not limited; listed as degraded, not scored)"
             )
         if spec.inner_backend is not None and spec.inner_backend is not Backend.PROCESS:
             raise SandboxCreateError(

@@ -90,12 +90,16 @@ class CgroupSupport:
 class _Mounts:
     v2: Path | None
     v1: Mapping[str, Path]
+    # Every v1 hierarchy's mount point, named ones (name=systemd) and controllers kavach
+    # does not use included: runc joins all of them, so a delegation covers all of them.
+    v1_all: tuple[Path, ...] = ()
 
 
 @lru_cache(maxsize=1)
 def _mounts() -> _Mounts:
     v2: Path | None = None
     v1: dict[str, Path] = {}
+    v1_all: set[Path] = set()
     with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
         for line in mountinfo:
             fields = line.split()
@@ -105,10 +109,11 @@ def _mounts() -> _Mounts:
             if fstype == "cgroup2" and v2 is None:
                 v2 = mount_point
             elif fstype == "cgroup":
+                v1_all.add(mount_point)
                 for option in super_options.split(","):
                     v1.setdefault(option, mount_point)
     known = ("memory", "pids", "freezer", "cpu", "cpuacct", "cpuset", "blkio", "devices", "hugetlb")
-    return _Mounts(v2, {name: path for name, path in v1.items() if name in known})
+    return _Mounts(v2, {name: path for name, path in v1.items() if name in known}, tuple(sorted(v1_all)))
 
 
 def cgroup_support() -> CgroupSupport:
@@ -357,12 +362,17 @@ def _mtime(directory: Path) -> float:
 def delegate_v1(uid: int, gid: int) -> list[Path]:
     """Give ``uid`` its own cgroup v1 subtree for sandboxes (root only); returns its directories.
 
-    Makes ``<mount>/kavach-users/<uid>`` in the memory, pids and freezer hierarchies (and cpu
-    when mounted) and gives only that directory to ``uid:gid``: the user can then create and
-    remove the sandbox cgroups below it, set their limits and move its own processes into
-    them (v1 checks that the writer's uid is the process's). The delegated directory's own
-    limit files stay root's, so root may cap all of that user's sandboxes together.
-    Idempotent. cgroup v2 hosts delegate with systemd instead (``Delegate=yes``).
+    Makes ``<mount>/kavach-users/<uid>`` in every mounted v1 hierarchy and gives only that
+    directory to ``uid:gid``: the user can then create and remove the sandbox cgroups below
+    it, set their limits and move its own processes into them (v1 checks that the writer's
+    uid is the process's). The Process backend uses the memory, pids, freezer and cpu
+    hierarchies; runc, for the OCI backend's rootless containers, joins every hierarchy
+    (cpuset, devices, blkio, name=systemd ...) and fails when one is not writable, hence
+    all of them. None of them lets the user widen anything: a child cgroup can only narrow
+    its parent's cpuset, devices and limits (``devices.allow`` needs CAP_SYS_ADMIN). The
+    delegated directory's own limit files stay root's, so root may cap all of that user's
+    sandboxes together. Idempotent. cgroup v2 hosts delegate with systemd instead
+    (``Delegate=yes``).
     """
     if uid == 0:
         raise CgroupError("delegate", errno.EINVAL, detail="root needs no delegation")
@@ -373,6 +383,7 @@ def delegate_v1(uid: int, gid: int) -> list[Path]:
         _mkdir(top, exist_ok=True)
         directory = top / str(uid)
         _mkdir(directory, exist_ok=True)
+        _inherit_cpuset(mount, (top, directory))
         try:
             os.chown(directory, uid, gid)
         except OSError as exc:
@@ -419,8 +430,46 @@ def _delegation_mounts() -> list[Path]:
         raise CgroupError(
             "delegate", errno.ENOTSUP, detail=f"this host does not use cgroup v1 ({support.reason}): delegate {how}"
         )
+    return list(_mounts().v1_all)
+
+
+def _inherit_cpuset(mount: Path, directories: tuple[Path, ...]) -> None:
+    """Give each new cpuset directory its parent's CPUs and memory nodes (root only).
+
+    A v1 cpuset cgroup starts with none, and no process can join it until both are set;
+    runc fills only the directories it creates, so the ones root made must be filled here
+    (top down, each from its parent).
+    """
+    if not (mount / "cpuset.cpus").exists():
+        return  # not the cpuset hierarchy
+    for directory in directories:
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            target = directory / name
+            try:
+                if target.read_text(encoding="ascii").strip():
+                    continue
+                target.write_text((directory.parent / name).read_text(encoding="ascii"), encoding="ascii")
+            except OSError as exc:
+                raise CgroupError("delegate", exc.errno or errno.EIO, target, "copy from its parent") from None
+
+
+def delegated_v1_path() -> str | None:
+    """The cgroup path (``/kavach-users/<uid>``) delegated to this non-root caller in every
+    mounted v1 hierarchy, or ``None`` (root, not a v1 host, or not delegated in all of them).
+
+    What a container runtime needs to give this caller's rootless containers a cgroup below
+    it: it creates the container's cgroup in each hierarchy (see the OCI backend).
+    """
+    uid = os.geteuid()
     mounts = _mounts()
-    return sorted({mounts.v1[c] for c in (*V1_REQUIRED, "cpu") if c in mounts.v1})
+    if uid == 0 or not mounts.v1_all or "memory" not in mounts.v1:
+        return None
+    relative = f"/{USERS_PARENT}/{uid}"
+    for mount in mounts.v1_all:
+        directory = mount / USERS_PARENT / str(uid)
+        if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+            return None
+    return relative
 
 
 # -- the cgroup handle --------------------------------------------------------------------------
