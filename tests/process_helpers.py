@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import pwd
 import shutil
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -144,3 +146,55 @@ def user_dir(user: pwd.struct_passwd, prefix: str) -> Iterator[Path]:
         yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# For a script run as another user: the CPU ticks (user + system) of the processes ``pids``,
+# from /proc/PID/stat; a frozen cgroup's processes gain none.
+TICKS = """
+def ticks(pids):
+    total = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+"""
+
+
+def kavach_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m kavach ARGS`` with this interpreter, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "kavach", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@contextlib.contextmanager
+def delegated_system_user(name: str) -> Iterator[pwd.struct_passwd]:
+    """The system user ``name`` (created when missing; root only) with a cgroup v1 subtree
+    delegated by ``kavach cgroups delegate``, undelegated afterwards."""
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+        user = pwd.getpwnam(name)
+    done = kavach_cli("cgroups", "delegate", name)
+    assert done.returncode == 0, done.stderr
+    try:
+        yield user
+    finally:
+        undone = kavach_cli("cgroups", "undelegate", name)
+        assert undone.returncode == 0, undone.stderr
+
+
+def run_script_as(user: str, script: str, *args: str, cwd: str, timeout: float, **env: str) -> dict[str, Any]:
+    """Run ``script`` with Debian's python3 as ``user`` (:func:`user_env`, plus ``env``) and
+    return the JSON object its last line of output holds; fails the test on a non-zero exit."""
+    proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
+        [shutil.which("runuser") or "runuser", "-u", user, "--", "/usr/bin/python3", "-c", script, *args],
+        capture_output=True,
+        env=user_env(**env),
+        cwd=cwd,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return result

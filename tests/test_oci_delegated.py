@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import pytest
 
 from kavach.backends.oci.runtime import probe_runc
 from kavach.backends.process import cgroups
-from process_helpers import FORKS, user_dir, user_env
+from process_helpers import FORKS, TICKS, delegated_system_user, run_script_as, user_dir, user_env
 
 USER = "kavachocidelegate"
 pytestmark = [
@@ -51,13 +50,6 @@ uid = os.getuid()
 out = {"uid": uid}
 HIERARCHIES = sorted(p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() and not p.is_symlink()
                      and p.name != "unified")
-
-def ticks(pids):
-    total = 0
-    for pid in pids:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total
 
 async def main():
     driver = OciDriver()
@@ -109,44 +101,21 @@ print(json.dumps(out))
 """
 
 
-def _kavach(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kavach", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 @pytest.fixture(scope="module")
 def delegated_user() -> Iterator[pwd.struct_passwd]:
     """``kavachocidelegate``, created when missing, with a cgroup subtree delegated by the CLI."""
-    try:
-        user = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
-        user = pwd.getpwnam(USER)
-    done = _kavach("cgroups", "delegate", USER)
-    assert done.returncode == 0, done.stderr
-    try:
-        yield user
-    finally:
-        undone = _kavach("cgroups", "undelegate", USER)
-        shutil.rmtree(f"/tmp/kavach-{user.pw_uid}", ignore_errors=True)  # the driver's runc state directory
-        assert undone.returncode == 0, undone.stderr
+    with delegated_system_user(USER) as user:
+        try:
+            yield user
+        finally:
+            shutil.rmtree(f"/tmp/kavach-{user.pw_uid}", ignore_errors=True)  # the driver's runc state directory
 
 
 @pytest.fixture(scope="module")
 def observed(delegated_user: pwd.struct_passwd) -> dict[str, Any]:
     """What the script saw, run as the delegated user."""
     with user_dir(delegated_user, "kavach-ocidel-") as base:
-        proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
-            [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, FORKS],
-            capture_output=True,
-            env=user_env(HOME=str(base)),
-            cwd=str(base),
-            timeout=240,
-        )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    return result
+        return run_script_as(USER, TICKS + SCRIPT, FORKS, cwd=str(base), timeout=240, HOME=str(base))
 
 
 def test_the_delegation_covers_every_v1_hierarchy(delegated_user: pwd.struct_passwd) -> None:

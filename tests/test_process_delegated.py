@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 
 from kavach.backends.process.cgroups import USERS_PARENT, cgroup_support
-from process_helpers import FORKS, user_dir, user_env
+from process_helpers import FORKS, TICKS, delegated_system_user, kavach_cli, run_script_as, user_dir, user_env
 
 USER = "kavachdelegate"
 pytestmark = [
@@ -44,13 +43,6 @@ from kavach.policy import SandboxPolicy
 
 ENV = {"PATH": "/usr/bin:/bin"}
 out = {"uid": os.getuid()}
-
-def ticks(pids):
-    total = 0
-    for pid in pids:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total
 
 async def main():
     out["probe_reason"] = ProcessDriver().probe().reason
@@ -89,46 +81,21 @@ print(json.dumps(out))
 """
 
 
-def _kavach(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kavach", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 @pytest.fixture(scope="module")
 def delegated_user() -> Iterator[pwd.struct_passwd]:
     """``kavachdelegate``, created when missing, with a cgroup subtree delegated by the CLI."""
-    try:
-        user = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
-        user = pwd.getpwnam(USER)
-    done = _kavach("cgroups", "delegate", USER)
-    assert done.returncode == 0, done.stderr
-    try:
+    with delegated_system_user(USER) as user:
         yield user
-    finally:
-        undone = _kavach("cgroups", "undelegate", USER)
-        assert undone.returncode == 0, undone.stderr
 
 
 @pytest.fixture(scope="module")
 def observed(delegated_user: pwd.struct_passwd) -> dict[str, Any]:
     """What the script saw, run as the delegated user."""
-    proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
-        [shutil.which("runuser") or "runuser", "-u", USER, "--", "/usr/bin/python3", "-c", SCRIPT, FORKS],
-        capture_output=True,
-        env=user_env(),
-        cwd="/",
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    return result
+    return run_script_as(USER, TICKS + SCRIPT, FORKS, cwd="/", timeout=180)
 
 
 def test_delegate_made_the_users_subtree(delegated_user: pwd.struct_passwd) -> None:
-    again = _kavach("cgroups", "delegate", USER)  # idempotent, and says where
+    again = kavach_cli("cgroups", "delegate", USER)  # idempotent, and says where
     assert again.returncode == 0
     directories = [Path(line.split()[1]) for line in again.stdout.splitlines()]
     assert len(directories) >= 3  # memory, pids, freezer (and cpu)
@@ -204,10 +171,10 @@ def test_cli_run_strict_scores_68_for_the_user(delegated_user: pwd.struct_passwd
 
 
 def test_undelegate_refuses_while_a_sandbox_cgroup_exists(delegated_user: pwd.struct_passwd) -> None:
-    busy = Path(_kavach("cgroups", "delegate", USER).stdout.split()[1]) / "kavach-left-behind"
+    busy = Path(kavach_cli("cgroups", "delegate", USER).stdout.split()[1]) / "kavach-left-behind"
     busy.mkdir()
     try:
-        refused = _kavach("cgroups", "undelegate", USER)
+        refused = kavach_cli("cgroups", "undelegate", USER)
         assert refused.returncode == 2 and refused.stdout == ""
         assert "still has sandbox cgroups: ['kavach-left-behind']" in refused.stderr
         assert "Traceback" not in refused.stderr

@@ -368,11 +368,12 @@ def delegate_v1(uid: int, gid: int) -> list[Path]:
     uid is the process's). The Process backend uses the memory, pids, freezer and cpu
     hierarchies; runc, for the OCI backend's rootless containers, joins every hierarchy
     (cpuset, devices, blkio, name=systemd ...) and fails when one is not writable, hence
-    all of them. None of them lets the user widen anything: a child cgroup can only narrow
-    its parent's cpuset, devices and limits (``devices.allow`` needs CAP_SYS_ADMIN). The
-    delegated directory's own limit files stay root's, so root may cap all of that user's
-    sandboxes together. Idempotent. cgroup v2 hosts delegate with systemd instead
-    (``Delegate=yes``).
+    all of them. No limit can be widened below the delegated directory: a child's limits
+    count against its parent's, a child cpuset's CPUs must be a subset of its parent's, and
+    the devices files need CAP_SYS_ADMIN. (Where net_cls or net_prio are mounted, the user
+    can tag its own processes' traffic with a class or priority.) The delegated directory's
+    own limit files stay root's, so root may cap all of that user's sandboxes together.
+    Idempotent. cgroup v2 hosts delegate with systemd instead (``Delegate=yes``).
     """
     if uid == 0:
         raise CgroupError("delegate", errno.EINVAL, detail="root needs no delegation")
