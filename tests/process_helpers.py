@@ -148,15 +148,29 @@ def user_dir(user: pwd.struct_passwd, prefix: str) -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-# For a script run as another user: the CPU ticks (user + system) of the processes ``pids``,
-# from /proc/PID/stat; a frozen cgroup's processes gain none.
+# For a script run as another user: ``ticks`` sums the CPU ticks (user + system) of the
+# processes ``pids`` from /proc/PID/stat; ``pause_ticks`` pauses a sandbox for 0.5 s and
+# resumes it for 0.5 s, and returns the ticks ``pids`` gained in each (a frozen cgroup's
+# processes gain none).
 TICKS = """
+import time
+
 def ticks(pids):
     total = 0
     for pid in pids:
         fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total
+
+async def pause_ticks(box, pids):
+    await box.pause()
+    frozen = ticks(pids)
+    time.sleep(0.5)
+    paused = ticks(pids) - frozen
+    await box.resume()
+    thawed = ticks(pids)
+    time.sleep(0.5)
+    return paused, ticks(pids) - thawed
 """
 
 
@@ -198,3 +212,31 @@ def run_script_as(user: str, script: str, *args: str, cwd: str, timeout: float, 
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     return result
+
+
+def kavach_run_as(user: pwd.struct_passwd, *args: str) -> dict[str, Any]:
+    """``kavach run --json ARGS`` as ``user`` with Debian's python3, in a fresh directory of
+    that user's (its HOME and XDG_DATA_HOME, so the audit log lands there); the JSON report,
+    after asserting exit 0."""
+    with user_dir(user, f"kavach-{user.pw_name}-cli-") as base:
+        ran = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the stderr shown
+            [
+                shutil.which("runuser") or "runuser",
+                "-u",
+                user.pw_name,
+                "--",
+                "/usr/bin/python3",
+                "-m",
+                "kavach",
+                "run",
+                "--json",
+                *args,
+            ],
+            capture_output=True,
+            env=user_env(HOME=str(base), XDG_DATA_HOME=str(base)),
+            cwd=str(base),
+            timeout=120,
+        )
+    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+    report: dict[str, Any] = json.loads(ran.stdout)
+    return report

@@ -11,11 +11,9 @@ script as that user with Debian's python3, asserts here, and undelegates at the 
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import pytest
 
 from kavach.backends.oci.runtime import probe_runc
 from kavach.backends.process import cgroups
-from process_helpers import FORKS, TICKS, delegated_system_user, run_script_as, user_dir, user_env
+from process_helpers import FORKS, TICKS, delegated_system_user, kavach_run_as, run_script_as, user_dir
 
 USER = "kavachocidelegate"
 pytestmark = [
@@ -76,14 +74,7 @@ async def main():
         time.sleep(0.2)
         pids = [int(p) for p in procs.read_text().split()]
         out["members"] = len(pids)
-        await box.pause()
-        frozen = ticks(pids)
-        time.sleep(0.5)
-        out["ticks_while_paused"] = ticks(pids) - frozen
-        await box.resume()
-        thawed = ticks(pids)
-        time.sleep(0.5)
-        out["ticks_after_resume"] = ticks(pids) - thawed
+        out["ticks_while_paused"], out["ticks_after_resume"] = await pause_ticks(box, pids)
         # (Before the fork bomb, whose children live on for 2 s.)
         r = await box.exec(ExecRequest(argv=("sh", "-c", "sleep 100 & sleep 100"), env=ENV, timeout_ms=300))
         out["timeout"] = [r.timed_out, r.exit_code, box.live_pids()]
@@ -172,32 +163,7 @@ def test_destroy_removes_the_cgroup(observed: dict[str, Any]) -> None:
 
 
 def test_cli_run_strict_picks_oci_with_limits_for_the_user(delegated_user: pwd.struct_passwd) -> None:
-    with user_dir(delegated_user, "kavach-ocidel-cli-") as base:
-        ran = subprocess.run(
-            [
-                shutil.which("runuser") or "runuser",
-                "-u",
-                USER,
-                "--",
-                "/usr/bin/python3",
-                "-m",
-                "kavach",
-                "run",
-                "--policy",
-                "strict",
-                "--json",
-                "--",
-                "echo",
-                "ran",
-            ],
-            capture_output=True,
-            env=user_env(HOME=str(base), XDG_DATA_HOME=str(base)),
-            cwd=str(base),
-            timeout=120,
-            check=False,
-        )
-    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
-    report = json.loads(ran.stdout)
+    report = kavach_run_as(delegated_user, "--policy", "strict", "--", "echo", "ran")
     assert report["backend"] == "oci" and report["enforcement"]["degraded"] == []
     assert "resource_limits" in report["enforcement"]["controls"]
     assert report["score"] == 73

@@ -11,11 +11,9 @@ other's setup.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,14 @@ from typing import Any
 import pytest
 
 from kavach.backends.process.cgroups import USERS_PARENT, cgroup_support
-from process_helpers import FORKS, TICKS, delegated_system_user, kavach_cli, run_script_as, user_dir, user_env
+from process_helpers import (
+    FORKS,
+    TICKS,
+    delegated_system_user,
+    kavach_cli,
+    kavach_run_as,
+    run_script_as,
+)
 
 USER = "kavachdelegate"
 pytestmark = [
@@ -60,14 +65,7 @@ async def main():
     out["busy_started"] = r.stdout.decode()
     time.sleep(0.2)
     pids = box.cgroup.pids()
-    await box.pause()
-    frozen = ticks(pids)
-    time.sleep(0.5)
-    out["ticks_while_paused"] = ticks(pids) - frozen
-    await box.resume()
-    thawed = ticks(pids)
-    time.sleep(0.5)
-    out["ticks_after_resume"] = ticks(pids) - thawed
+    out["ticks_while_paused"], out["ticks_after_resume"] = await pause_ticks(box, pids)
     bomb = "x = []\nwhile True: x.append(bytearray(16 << 20))"
     r = await box.exec(ExecRequest(argv=("/usr/bin/python3", "-c", bomb), env=ENV, timeout_ms=60000))
     out["memory_bomb"] = {"code": r.exit_code, "reason": r.reason, "oom": box.oom_killed()}
@@ -137,35 +135,7 @@ def test_destroy_removes_the_cgroup(observed: dict[str, Any]) -> None:
 
 
 def test_cli_run_strict_scores_68_for_the_user(delegated_user: pwd.struct_passwd) -> None:
-    with user_dir(delegated_user, "kavach-delegated-cli-") as base:
-        ran = subprocess.run(
-            [
-                shutil.which("runuser") or "runuser",
-                "-u",
-                USER,
-                "--",
-                "/usr/bin/python3",
-                "-m",
-                "kavach",
-                "run",
-                "--backend",
-                "process",
-                "--policy",
-                "strict",
-                "--json",
-                "--",
-                "sh",
-                "-c",
-                "echo ran",
-            ],
-            capture_output=True,
-            env=user_env(XDG_DATA_HOME=str(base)),
-            cwd=str(base),
-            timeout=120,
-            check=False,
-        )
-    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
-    data = json.loads(ran.stdout)
+    data = kavach_run_as(delegated_user, "--backend", "process", "--policy", "strict", "--", "sh", "-c", "echo ran")
     assert data["result"]["stdout"] == "ran\n"
     assert data["score"] == 68 and data["enforcement"]["degraded"] == []
 
