@@ -25,6 +25,7 @@ import pytest
 
 from kavach.backends.base import ExecRequest, InjectedFile, LaunchSpec
 from kavach.backends.oci import DirectoryRootfs, ImageRootfs, OciDriver, OciInstance
+from kavach.backends.oci.driver import KAVACH_DIR_INSIDE
 from kavach.backends.oci.runtime import CgroupMode, RuntimeName, cgroup_mode, probe_runc, try_runtime
 from kavach.errors import ExecError, PolicyError, SandboxCreateError
 from kavach.policy import (
@@ -444,6 +445,35 @@ async def test_injected_file_is_readable_inside_and_lives_on_a_tmpfs() -> None:
         )
         written = await instance.exec(_req("echo x > /run/secrets/token"))
         assert written.exit_code != 0
+    finally:
+        await instance.destroy()
+
+
+async def test_mountinfo_shows_no_host_path_of_the_bundle(basic: OciInstance) -> None:
+    result = await basic.exec(_req("cat /proc/self/mountinfo"))
+    lines = result.stdout.decode().splitlines()
+    root = next(line for line in lines if line.split()[4] == "/")
+    kavach = next(line for line in lines if line.split()[4] == KAVACH_DIR_INSIDE)
+    # Root and kavach's own files are private tmpfs mounts of the host side (their root "/"),
+    # not binds of directories under the bundle.
+    assert root.split()[3] == "/" and root.split(" - ")[1].startswith("tmpfs ")
+    assert kavach.split()[3] == "/" and kavach.split(" - ")[1].startswith("tmpfs ")
+    assert not [line for line in lines if basic.layout.bundle_dir in line or "/run/kavach" in line]
+
+
+async def test_a_writable_root_is_a_capped_tmpfs_not_the_host_disk() -> None:
+    policy = SandboxPolicy.basic()
+    writable = dataclasses.replace(policy, filesystem=dataclasses.replace(policy.filesystem, read_only_root=False))
+    instance = await _start(writable)
+    try:
+        small = await instance.exec(_req("head -c 300000 /dev/zero > /small && echo ok"))
+        assert small.stdout == b"ok\n"
+        big = await instance.exec(_req("head -c 2000000 /dev/zero > /big"))
+        assert big.exit_code != 0 and b"No space left on device" in big.stderr
+        rootfs = Path(instance.layout.bundle_dir, "rootfs")
+        assert os.stat(rootfs / "small").st_size == 300000  # written to the bundle's tmpfs ...
+        df = subprocess.run(["stat", "-f", "-c", "%T", str(rootfs)], capture_output=True, text=True, check=True)
+        assert df.stdout.strip() == "tmpfs"  # ... which is not the host's disk
     finally:
         await instance.destroy()
 

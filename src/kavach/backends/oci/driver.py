@@ -7,7 +7,9 @@ itself when it fails, and everything built so far is torn down):
    traverse it to reach the rootfs) with the owner record (``owner.json``, for the sweep of
    :mod:`kavach.backends.oci.sweep` that the first create of a process runs), the rootfs
    (host layout, user directory or unpacked image), ``kavach/`` (the launcher, its plan and
-   precompiled BPF, bound read-only at ``/dev/.kavach``) and ``config.json`` from
+   precompiled BPF, bound read-only at ``/dev/.kavach``; for a root caller it and the host
+   layout's rootfs are private tmpfs mounts, so no host path shows in the sandbox's
+   mountinfo) and ``config.json`` from
    :func:`kavach.backends.oci.bundle.build_config`;
 2. ``runtime --root /run/kavach/<runtime> run -d`` of an init (kavach's launcher in ``init`` mode
    when the rootfs has ``/usr/bin/python3``, else a POSIX shell loop): files in /tmp and the
@@ -97,6 +99,13 @@ LAUNCHER_INSIDE = f"{KAVACH_DIR_INSIDE}/launcher.py"
 PLAN_INSIDE = f"{KAVACH_DIR_INSIDE}/plan"
 PYTHON_INSIDE = "/usr/bin/python3"
 BUNDLE_BASE = os.path.join(DEFAULT_STATE_ROOT, "bundles")
+# Sizes of the tmpfs a root caller's bundle mounts (see OciInstance._private_tmpfs): the host
+# layout's root (mount points and generated /etc files, a few KiB; what a writable root can
+# hold, as the Process backend's 1 MiB root tmpfs), kavach's own files bound at
+# KAVACH_DIR_INSIDE (launcher, plan, BPF, FIFOs) and the injected files.
+HOST_ROOTFS_SIZE = 1 << 20
+KAVACH_DIR_SIZE = 4 << 20
+INJECTED_FILES_SIZE = 8 << 20
 RUNTIME_TIMEOUT_S = 30.0
 RUNTIME_CACHE_S = 60.0
 DRAIN_GRACE_S = 0.05  # output of leftover background processes is still read this long (as the Process backend)
@@ -665,7 +674,7 @@ class OciInstance(Instance):
             raise SandboxCreateError(f"the {prepared.kind} rootfs has neither {PYTHON_INSIDE} nor /bin/sh for init")
         self._write_kavach_dir(owner)
         overrides = await self._writable_binds()
-        late = [*self._injected_files(owner), ro_bind(self.layout.kavach_dir, KAVACH_DIR_INSIDE)]
+        late = [*self._injected_files(owner), ro_bind(self.layout.kavach_dir, KAVACH_DIR_INSIDE, noexec=True)]
         if prepared.kind == "host":
             targets = [(policy.filesystem.workdir, True)]
             targets += [(b.target, os.path.isdir(b.source)) for b in policy.filesystem.ro_binds]
@@ -794,7 +803,25 @@ class OciInstance(Instance):
         if self.policy.network.mode is NetworkMode.HOST:
             with contextlib.suppress(OSError):
                 resolv = Path("/etc/resolv.conf").read_bytes()
+        if _is_root():
+            # The host layout's root is a private tmpfs, as the Process backend's is: the
+            # sandbox's mountinfo shows a tmpfs, not the bundle's host path, and a writable
+            # root (read_only_root false) holds at most this much, not the host disk's space.
+            # (Unprivileged, nothing can be mounted here: it is a directory of the user's.)
+            rootfs_dir = os.path.join(self.layout.bundle_dir, "rootfs")
+            self._private_tmpfs(rootfs_dir, HOST_ROOTFS_SIZE, "0755", "mount the rootfs tmpfs", noexec=False)
         return images.prepare_host_rootfs(self.layout.bundle_dir, self.spec.hostname, owner, resolv)
+
+    def _private_tmpfs(self, path: str, size: int, mode: str, step: str, *, noexec: bool) -> None:
+        """A new directory ``path`` with a fresh tmpfs on it (root only; nosuid, nodev, capped at
+        ``size`` bytes and one inode per KiB), detached at destroy like every host-side mount."""
+        from kavach.backends.process import _libc
+
+        os.mkdir(path, 0o700)  # the tmpfs's own mode applies once it is mounted
+        flags = _libc.MS_NOSUID | _libc.MS_NODEV | (_libc.MS_NOEXEC if noexec else 0)
+        options = f"size={size},nr_inodes={max(1024, size // 1024)},mode={mode}"
+        _libc.mount("tmpfs", path, "tmpfs", flags, options, step)
+        self.layout.host_mounts.append(path)
 
     def _bind_into_bundle(self, directory: str) -> str:
         """Bind the user's rootfs directory at ``bundle/rootfs`` (host side).
@@ -813,8 +840,12 @@ class OciInstance(Instance):
 
     def _write_kavach_dir(self, owner: tuple[int, int] | None) -> None:
         # 0711: the sandbox reaches its files by name; nobody else can list the random
-        # names of the status FIFOs created here.
-        os.mkdir(self.layout.kavach_dir, 0o711)
+        # names of the status FIFOs created here. As root on a tmpfs of its own, so the
+        # sandbox's mountinfo shows no host path for it either.
+        if _is_root():
+            self._private_tmpfs(self.layout.kavach_dir, KAVACH_DIR_SIZE, "0711", "mount the kavach tmpfs", noexec=True)
+        else:
+            os.mkdir(self.layout.kavach_dir, 0o711)
         os.chmod(self.layout.kavach_dir, 0o711)  # noqa: S103
         shutil.copyfile(Path(__file__).with_name("launcher.py"), os.path.join(self.layout.kavach_dir, "launcher.py"))
         layers: list[Layer] = []
@@ -889,19 +920,8 @@ class OciInstance(Instance):
             return []
         if not _is_root():
             raise SandboxCreateError("injected files need a private tmpfs, which only root can mount here")
-        from kavach.backends.process import _libc
-
         files_dir = os.path.join(self.layout.bundle_dir, "files")
-        os.mkdir(files_dir, 0o711)
-        _libc.mount(
-            "tmpfs",
-            files_dir,
-            "tmpfs",
-            _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC,
-            "size=8m,mode=0711",
-            "mount tmpfs for injected files",
-        )
-        self.layout.host_mounts.append(files_dir)
+        self._private_tmpfs(files_dir, INJECTED_FILES_SIZE, "0711", "mount tmpfs for injected files", noexec=True)
         mounts = []
         for index, injected in enumerate(self.spec.files):
             host_path = os.path.join(files_dir, str(index))
