@@ -69,6 +69,12 @@ DEV_TMPFS_SIZE = 64 * 1024
 DEV_SHM_SIZE = 16 * 1024 * 1024
 
 
+def tmpfs_inodes(size: int) -> int:
+    """The inode cap of a kavach tmpfs of ``size`` bytes: one per KiB, at least 1024, so that
+    empty files cannot pin unbounded kernel memory when no memory limit is set."""
+    return max(1024, size // 1024)
+
+
 class GeneratedFile(NamedTuple):
     """A file written into the sandbox's /etc (never a host file).
 

@@ -89,6 +89,7 @@ from kavach.backends.oci.runtime import call as call_runtime
 from kavach.backends.oci.seccomp_oci import to_oci
 from kavach.backends.oci.sweep import sweep_logged, write_owner
 from kavach.backends.process.cgroups import delegated_v1_path
+from kavach.backends.rootfs import tmpfs_inodes
 from kavach.backends.seccomp_profiles import build_runtime_spec, build_spec, setid_guard_spec
 from kavach.errors import ExecError, SandboxCreateError
 from kavach.policy import Access, NetworkMode, SandboxPolicy, landlock_rules
@@ -814,12 +815,13 @@ class OciInstance(Instance):
 
     def _private_tmpfs(self, path: str, size: int, mode: str, step: str, *, noexec: bool) -> None:
         """A new directory ``path`` with a fresh tmpfs on it (root only; nosuid, nodev, capped at
-        ``size`` bytes and one inode per KiB), detached at destroy like every host-side mount."""
+        ``size`` bytes and :func:`~kavach.backends.rootfs.tmpfs_inodes` inodes), detached at
+        destroy like every host-side mount."""
         from kavach.backends.process import _libc
 
         os.mkdir(path, 0o700)  # the tmpfs's own mode applies once it is mounted
         flags = _libc.MS_NOSUID | _libc.MS_NODEV | (_libc.MS_NOEXEC if noexec else 0)
-        options = f"size={size},nr_inodes={max(1024, size // 1024)},mode={mode}"
+        options = f"size={size},nr_inodes={tmpfs_inodes(size)},mode={mode}"
         _libc.mount("tmpfs", path, "tmpfs", flags, options, step)
         self.layout.host_mounts.append(path)
 

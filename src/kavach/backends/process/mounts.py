@@ -76,9 +76,8 @@ def _attach(fd: int, target: str, is_dir: bool, step: str) -> None:
 
 
 def _tmpfs_options(mode: str, size: int) -> dict[str, str]:
-    """tmpfs options with a byte cap and an inode cap (one inode per KiB of size, at least
-    1024), so that empty files cannot pin unbounded kernel memory when no memory limit is set."""
-    return {"mode": mode, "size": str(size), "nr_inodes": str(max(1024, size // 1024))}
+    """tmpfs options with a byte cap and an inode cap (:func:`rootfs.tmpfs_inodes`)."""
+    return {"mode": mode, "size": str(size), "nr_inodes": str(rootfs.tmpfs_inodes(size))}
 
 
 def _tmpfs(target: str, options: dict[str, str], attrs: int, step: str) -> None:
