@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from kavach.backends.oci.runtime import probe_runc
+from kavach.backends.oci.sweep import detach_mounts_under
 from process_helpers import kavach_argv
 
 if os.geteuid() != 0:
@@ -123,7 +124,12 @@ def test_sandbox_dies_with_its_sigkilled_owner(backend: str) -> None:
             proc.wait()
         if backend == "oci" and container:
             subprocess.run(["runc", "--root", "/run/kavach/runc", "delete", "--force", container], check=False)
-            shutil.rmtree(Path("/run/kavach/bundles", container), ignore_errors=True)
+            bundle = Path("/run/kavach/bundles", container)
+            # Its rootfs and kavach directory are tmpfs mounts: detached first, or rmtree would
+            # empty them and leave the mounts behind.
+            assert detach_mounts_under(str(bundle)) == []
+            shutil.rmtree(bundle, ignore_errors=True)
+            assert not bundle.exists()
         for directory in cgroups:
             with contextlib.suppress(FileNotFoundError):
                 directory.rmdir()

@@ -104,8 +104,10 @@ def mounts_under(path: str) -> list[str]:
     return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
 
 
-def _detach_all(bundle_dir: str) -> list[str]:
-    """Detach every mount below ``bundle_dir``; the ones still there afterwards."""
+def detach_mounts_under(bundle_dir: str) -> list[str]:
+    """Detach every mount at or below ``bundle_dir`` (root only); the ones still there
+    afterwards. Anything that removes a bundle must call this first: ``rmtree`` would
+    delete through a mount (a bound host directory's files, a tmpfs's contents)."""
     from kavach.backends.process import _libc
 
     for _ in range(8):  # mounts stacked on one point come off one per pass
@@ -178,7 +180,7 @@ async def _sweep_one(
         if error is not None or os.path.exists(os.path.join(state_dir, container)):
             logger.warning("sweep: %s delete %s failed, bundle left: %s", runtime, container, error)
             return False
-    left = _detach_all(bundle_dir)
+    left = detach_mounts_under(bundle_dir)
     if left:
         # Never rmtree through a mount: it would delete the files of a host directory.
         logger.warning("sweep: mounts left below %s, bundle left: %s", bundle_dir, ", ".join(left))
@@ -204,6 +206,7 @@ async def sweep_logged(bundle_base: str, state_dir: str, runtime: str, runtime_a
 __all__ = [
     "OWNER_FILE",
     "STALE_AFTER_S",
+    "detach_mounts_under",
     "mounts_under",
     "owner_is_dead",
     "process_start_time",
