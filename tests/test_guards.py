@@ -159,6 +159,11 @@ SENSITIVE = [
     ["dash", "-c", "cat $(echo /etc/shadow)"],
     ["dash", "-c", "F=/etc/shadow cat x"],
     ["curl", "--unix-socket", "/var/run/docker.sock", "http://x/containers"],
+    ["cat", "/proc/k*"],
+    ["cat", "/proc/**/kcore"],  # globstar: "**" may match no directory
+    ["python3", "-c", "import glob; print(glob.glob('/etc/**/shadow', recursive=True))"],
+    ["ls", "/root/*/id_rsa"],  # /root/.ssh is a directory: a deeper glob reaches into it
+    ["ls", "/sys/*/debug"],
 ]
 
 
@@ -168,7 +173,17 @@ def test_sensitive_paths_are_refused(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["ls", "/etc"], ["cat", "/etc/shadow.example"], ["cat", "/etc/passwd"], ["ls", "/root"]]
+    "argv",
+    [
+        ["ls", "/etc"],
+        ["cat", "/etc/shadow.example"],
+        ["cat", "/etc/passwd"],
+        ["ls", "/root"],
+        # Deeper globs below sensitive *files* (/proc/kcore, /etc/shadow) cannot reach them.
+        ["cat", "/proc/*/environ"],
+        ["sh", "-c", "for f in /proc/*/cmdline; do cat $f; done"],
+        ["ls", "/etc/*/conf"],
+    ],
 )
 def test_neighbours_of_sensitive_paths_pass(argv: list[str]) -> None:
     check_command(argv, DEFAULT)

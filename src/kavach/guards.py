@@ -91,6 +91,22 @@ _IFS = re.compile(r"\$\{?IFS\b")
 _DEV_NET = re.compile(r"/dev/(tcp|udp)/")
 _PLACEHOLDER = "__kavach_subst_"
 _GLOB_CHARS = frozenset("*?[")
+# Sensitive paths that are files on every Linux host (kernel nodes, sockets, account files):
+# nothing lies below them, so a glob that reaches deeper (``/proc/*/environ``) cannot touch
+# them. Any other sensitive path may be a directory, and a deeper glob that could expand to a
+# path below it is refused.
+_KNOWN_FILES = frozenset(
+    {
+        "/etc/shadow",
+        "/etc/gshadow",
+        "/etc/sudoers",
+        "/proc/kcore",
+        "/proc/sysrq-trigger",
+        "/dev/mem",
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+    }
+)
 _OCTAL = re.compile(r"[0-7]{1,3}")
 _HEX_DIGITS = {width: re.compile(rf"[0-9a-fA-F]{{1,{width}}}") for width in (2, 4, 8)}
 
@@ -738,6 +754,10 @@ def _path_covers(candidate: str, sensitive: str) -> bool:
         return False
     cand_parts = candidate.strip("/").split("/")
     sens_parts = sensitive.strip("/").split("/")
+    if len(cand_parts) > len(sens_parts) and sensitive in _KNOWN_FILES and "**" not in candidate:
+        # It could only expand to paths below a file, and there are none. ("**" may match
+        # no directory at all: bash's globstar, Python's recursive glob.)
+        return False
     if len(cand_parts) < len(sens_parts) and not cand_parts[-1].endswith("*"):
         return False
     pairs = zip(cand_parts, sens_parts, strict=False)
