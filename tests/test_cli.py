@@ -171,6 +171,23 @@ def test_abnormal_end_is_reported_in_plain_mode(capsys: pytest.CaptureFixture[st
     assert code == 124 and "timed out" in err
 
 
+def test_truncated_output_is_said_in_plain_mode(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from kavach.backends import registry
+    from kavach.backends.names import Backend
+
+    if not registry.probe(Backend.PROCESS).usable:
+        pytest.skip(f"process backend unusable here: {registry.probe(Backend.PROCESS).reason}")
+    policy = tmp_path / "cap.toml"
+    policy.write_text("[resources]\nstdout_cap = 1000\n")
+    flood = ["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' a; echo done >&2"]
+    code, out, err = run_cli(capsys, "run", "--backend", "process", "--policy", str(policy), "--", *flood)
+    assert code == 0
+    assert out == "a" * 1000
+    assert err == "done\nkavach: stdout truncated: only its first 1000 bytes were kept (stdout_cap)\n"
+    code, out, err = run_cli(capsys, "run", "--backend", "process", "--", "sh", "-c", "echo whole")
+    assert (code, out) == (0, "whole\n") and "truncated" not in err
+
+
 def test_blocked_output_exits_125_and_never_prints_the_secret(capsys: pytest.CaptureFixture[str]) -> None:
     from kavach.backends import registry
     from kavach.backends.names import Backend

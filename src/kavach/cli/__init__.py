@@ -235,6 +235,17 @@ async def _run_and_report(config: Any, command: list[str], stdin: bytes | None, 
             sys.stdout.buffer.write(result.stdout)
             sys.stdout.flush()
             sys.stderr.buffer.write(result.stderr)
+            limits = config.policy.resources
+            for stream, truncated, cap in (
+                ("stdout", result.stdout_truncated, limits.stdout_cap),
+                ("stderr", result.stderr_truncated, limits.stderr_cap),
+            ):
+                if truncated:
+                    # The first bytes were kept and the rest dropped: say so, or a cut-off
+                    # output would pass for the whole of it.
+                    sys.stderr.write(
+                        f"kavach: {stream} truncated: only its first {cap} bytes were kept ({stream}_cap)\n"
+                    )
             for item in result.quarantine_ids:
                 sys.stderr.write(f"kavach: output quarantined as {item} (see 'kavach quarantine show {item}')\n")
             if result.timed_out:
