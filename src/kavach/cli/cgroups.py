@@ -24,7 +24,7 @@ UserArgument = Annotated[str, typer.Argument(metavar="USER", help="A user name o
 
 def _user(spec: str) -> pwd.struct_passwd:
     try:
-        return pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+        return pwd.getpwuid(int(spec)) if spec.isascii() and spec.isdigit() else pwd.getpwnam(spec)
     except KeyError:
         raise fail(f"USER: no such user {spec!r}") from None
 

@@ -31,7 +31,7 @@ EXIT_BAD_INPUT = 2
 
 def _parse_listen(spec: str) -> tuple[str, int]:
     host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535 or parse_ip(host or "") is None:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535 or parse_ip(host or "") is None:
         raise PolicyError("--listen", spec, "expected ADDRESS:PORT, e.g. 127.0.0.1:8080")
     return host.strip("[]"), int(port)
 

@@ -32,6 +32,11 @@ _VERSION_RE = re.compile(rb"^HTTP/1\.[01]$")
 _STATUS_RE = re.compile(rb"^(HTTP/1\.[01]) ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?$")
 _CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,15})(;[\x09\x20-\x7e]*)?$")
 
+# End-to-end headers that a ``Connection`` header cannot make hop-by-hop: dropping the
+# length of a body the proxy still relays would let the next hop read that body as the
+# next request (smuggling), and the proxy sets Host itself.
+NEVER_HOP_BY_HOP = frozenset({"content-length", "host"})
+
 # Connection-scoped headers a proxy must not forward (RFC 9110 section 7.6.1), lower-case.
 HOP_BY_HOP = frozenset(
     {
@@ -95,7 +100,7 @@ class Headers:
 
     def without_hop_by_hop(self) -> Headers:
         """A copy without hop-by-hop headers, including those ``Connection`` names."""
-        drop = HOP_BY_HOP | self.connection_tokens()
+        drop = HOP_BY_HOP | (self.connection_tokens() - NEVER_HOP_BY_HOP)
         return Headers([(k, v) for k, v in self.items if k.lower() not in drop])
 
 
@@ -193,6 +198,10 @@ def parse_request_head(head: bytes) -> RequestHead:
     method, target, version = parts
     if not _TOKEN_RE.match(method) or not _TARGET_RE.match(target) or not _VERSION_RE.match(version):
         raise HttpError(400, "malformed request line")
+    if method != method.upper():
+        # Methods are case-sensitive, but many servers upper-case them: "delete" would slip
+        # past a rule that denies DELETE and then be served as one.
+        raise HttpError(400, "method not in upper case")
     headers = _parse_header_lines(lines[1:], 400)
     return RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers)
 
@@ -227,7 +236,7 @@ def _content_length(headers: Headers, status: int) -> int | None:
     for value in values:
         for raw in value.split(","):
             item = raw.strip()
-            if not item.isdigit() or len(item) > 18:
+            if not (item.isascii() and item.isdigit()) or len(item) > 18:
                 raise HttpError(status, "invalid Content-Length")
             parsed.add(int(item))
     if len(parsed) != 1:
@@ -271,6 +280,23 @@ def response_framing(response: ResponseHead, request_method: str) -> Framing:
     if length is not None:
         return Framing("length", length) if length else NO_BODY
     return Framing("close")
+
+
+def set_framing(headers: Headers, framing: Framing, *, declared: bool = False) -> None:
+    """Replace the framing headers by exactly those of ``framing``, the framing the proxy relays.
+
+    The peer's own spelling is never forwarded (``Content-Length: 5, 5``, a length dropped
+    by a ``Connection`` header): the next hop must delimit the body where the proxy did.
+    ``declared`` keeps ``Content-Length: 0`` on an empty body that declared it (a POST).
+    """
+    headers.remove("content-length")
+    headers.remove("transfer-encoding")
+    if framing.kind == "length":
+        headers.items.append(("Content-Length", str(framing.length)))
+    elif framing.kind == "chunked":
+        headers.items.append(("Transfer-Encoding", "chunked"))
+    elif framing.kind == "none" and declared:
+        headers.items.append(("Content-Length", "0"))
 
 
 def serialize_head(first_line: str, headers: Iterable[tuple[str, str]]) -> bytes:

@@ -53,6 +53,7 @@ from kavach.credentials.http import (
     request_framing,
     response_framing,
     serialize_head,
+    set_framing,
 )
 from kavach.credentials.rules import (
     AddressGuard,
@@ -550,8 +551,7 @@ class EgressProxy:
             await _send(writer, _error_response(501, "upgrade not supported", request.method))
             return False, upstream
         headers.put("Host", _host_header(host, port, 443 if scheme == "https" else 80))
-        if framing.kind == "chunked":
-            headers.items.append(("Transfer-Encoding", "chunked"))
+        set_framing(headers, framing, declared=request.headers.get("content-length") is not None)
         expect = headers.get("expect")
         headers.remove("expect")
         if not await self._audit("proxy.request", decision.payload("allowed")):
@@ -622,8 +622,10 @@ class EgressProxy:
             await _send(writer, _error_response(502, exc.reason, ""))
             return False, None
         headers = response.headers.without_hop_by_hop()
-        if framing_out.kind == "chunked":
-            headers.items.append(("Transfer-Encoding", "chunked"))
+        if framing_out.kind in ("length", "chunked"):
+            # Otherwise (HEAD, 204, 304, close-delimited) upstream's Content-Length, if
+            # any, describes no body on this connection and goes through as it came.
+            set_framing(headers, framing_out)
         keep_framing = framing_out.kind != "close"
         keep = request.keep_alive and keep_framing
         if not keep:
@@ -772,7 +774,7 @@ def _authority(text: str, default_port: int | None) -> tuple[str, int]:
         if default_port is None:
             raise HttpError(400, "port required")
         port = default_port
-    elif port_text.isdigit() and len(port_text) <= 5 and 0 < int(port_text) < 65536:
+    elif port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and 0 < int(port_text) < 65536:
         port = int(port_text)
     else:
         raise HttpError(400, "invalid port")

@@ -158,7 +158,7 @@ def _split_host_port(text: str, entry: str, field_name: str) -> tuple[str, int |
         host, port_text = text, None
     if port_text is None:
         return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise PolicyError(field_name, entry, "port must be 1-65535")
     return host, int(port_text)
 
