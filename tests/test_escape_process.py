@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -19,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from kavach.backends.base import ExecRequest
-from kavach.backends.process import ProcessDriver
+from kavach.backends.process import ProcessDriver, _libc
+from kavach.backends.process._libc import KernelCallError
 from kavach.backends.process.client import Spawner
+from kavach.errors import SandboxCreateError
 from kavach.policy import Bind, FilesystemPolicy, MiB, NetworkMode, NetworkPolicy, SandboxPolicy
 from process_helpers import ENV, comm_of, host_pids_in_namespace, pid_ns_of, py, sandbox, sh
 
@@ -371,3 +374,77 @@ async def test_proxy_mode_with_landlock_connects_only_to_the_proxy_port() -> Non
         listener.close()
         # 13 = EACCES from Landlock: neither another port nor a listening socket is allowed.
         assert result.stdout.split() == [b"ok", b"13", b"13"], result
+
+
+async def test_a_bind_source_a_sandbox_turned_into_a_link_fails_the_next_creation(tmp_path: Path) -> None:
+    # The first sandbox writes where a bind source lies and replaces that source by a link to
+    # a host directory; the next sandbox of the same configuration would have bound the
+    # link's target (writable, as the caller: host root for a root caller).
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    secret = tmp_path / "hostsecret"
+    secret.mkdir(mode=0o700)
+    (secret / "keyfile").write_text("HOST-ONLY\n")
+    policy = dataclasses.replace(
+        SandboxPolicy.basic(),
+        filesystem=FilesystemPolicy(rw_binds=(Bind(str(work), "/w"), Bind(str(work / "out"), "/out"))),
+    )
+    async with sandbox(policy) as box:
+        result = await sh(box, f"rmdir /w/out && ln -s {secret} /w/out && echo planted")
+        assert result.stdout == b"planted\n", result.stderr
+    assert (work / "out").is_symlink()
+    with pytest.raises(SandboxCreateError, match="symbolic link"):
+        async with sandbox(policy) as box:
+            await sh(box, "cat /out/keyfile; echo pwned > /out/written")
+    assert sorted(p.name for p in secret.iterdir()) == ["keyfile"]
+
+
+def test_bind_sources_are_resolved_without_following_any_link(tmp_path: Path) -> None:
+    # What init and the root caller's idmapped copy open, after the plan's check: a link
+    # swapped in between fails (ELOOP) instead of redirecting the bind.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "sub").mkdir()
+    for path in (tmp_path / "link", tmp_path / "link" / "sub"):
+        with pytest.raises(KernelCallError) as caught:
+            _libc.open_tree_no_symlinks(str(path), _libc.OPEN_TREE_CLONE | _libc.OPEN_TREE_CLOEXEC, "bind")
+        assert caught.value.errno == errno.ELOOP
+
+
+# Kills the exec server (possible without Landlock's signal scoping), then races to open
+# the replacement's /proc/PID/mem while it is dumpable for its oom_score_adj write.
+_SERVER_MEM_RACE = """
+import os, signal, time
+def server():
+    for n in os.listdir('/proc'):
+        if n.isdigit():
+            try:
+                if open(f'/proc/{n}/comm').read().strip() == 'kavach-execd':
+                    return int(n)
+            except OSError:
+                pass
+for attempt in range(40):
+    last = int(open('/proc/sys/kernel/ns_last_pid').read())
+    pid = server()
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 0.05
+    while time.monotonic() < deadline:
+        for candidate in range(last + 1, last + 4):
+            try:
+                os.close(os.open(f'/proc/{candidate}/mem', os.O_RDWR))
+            except OSError:
+                continue
+            print('opened', candidate, 'attempt', attempt)
+            raise SystemExit(3)
+print('refused')
+"""
+
+
+@pytest.mark.parametrize("profile", ["minimal", "basic"])
+async def test_a_replacement_exec_server_never_opens_its_memory_to_commands(profile: str) -> None:
+    policy = SandboxPolicy.minimal() if profile == "minimal" else SandboxPolicy.basic()
+    async with sandbox(policy) as box:
+        result = await py(box, _SERVER_MEM_RACE, timeout_ms=60_000)
+        assert result.stdout.endswith(b"refused\n"), (result.stdout, result.stderr)
+        assert (await sh(box, "echo served")).stdout == b"served\n"

@@ -46,6 +46,9 @@ AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_FDCWD = -100
+# openat2(2) resolve flags (linux/openat2.h)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
@@ -84,6 +87,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "close_range": 436,
         "mount_setattr": 442,
         "clone": 56,
+        "openat2": 437,
     },
     "aarch64": {
         "pivot_root": 41,
@@ -98,6 +102,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "close_range": 436,
         "mount_setattr": 442,
         "clone": 220,
+        "openat2": 437,
     },
 }
 # os.uname() is what platform.machine() reads on Linux; `platform` itself is not imported
@@ -177,6 +182,42 @@ def open_tree(dirfd: int, path: str, flags: int, step: str) -> int:
         _syscall(ctypes.c_long(_nr("open_tree", step)), ctypes.c_int(dirfd), _b(path), ctypes.c_uint(flags)),
         step,
     )
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, step: str) -> int:
+    """openat2(2) with ``resolve`` restrictions (RESOLVE_*); returns the new fd."""
+    how = _OpenHow(flags, 0, resolve)
+    return _check(
+        _syscall(
+            ctypes.c_long(_nr("openat2", step)),
+            ctypes.c_int(dirfd),
+            _b(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        ),
+        step,
+    )
+
+
+def open_tree_no_symlinks(path: str, flags: int, step: str) -> int:
+    """open_tree(2) of ``path``, failing (ELOOP) if any component of it is a symbolic link.
+
+    For bind sources a sandbox may be able to write around (under a writable bind or its
+    workdir): a link planted there between two creations must fail the next one, never turn
+    its bind into one of whatever the link names. The path is resolved once, into an
+    O_PATH fd, and the tree is cloned from that fd, so no rename in between can redirect it.
+    """
+    path_fd = openat2(
+        AT_FDCWD, path, os.O_PATH | os.O_CLOEXEC, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, f"{step}: resolve"
+    )
+    try:
+        return open_tree(path_fd, "", flags | AT_EMPTY_PATH, step)
+    finally:
+        os.close(path_fd)
 
 
 def move_mount(from_fd: int, to_dirfd: int, to_path: str, step: str) -> None:

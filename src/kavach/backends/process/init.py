@@ -872,6 +872,28 @@ def _confine_process(plan: dict[str, Any]) -> None:
             raise KernelCallError(f"setrlimit {name}={value}", errno.EPERM) from None
         except OSError as exc:
             raise KernelCallError(f"setrlimit {name}={value}", exc.errno or errno.EIO) from None
+    # A non-dumpable process cannot write its own /proc files inside a user namespace, so
+    # the child is dumpable just long enough to raise its oom_score_adj, then not again:
+    # while the exec server serves, commands of the sandbox cannot open its /proc/PID/fd
+    # (its socket and record pipe). execve makes the command dumpable, as for any program.
+    # Ordering: this window comes BEFORE the capability drop. A replacement server is
+    # forked while the sandbox's commands run; dumpable and already without capabilities,
+    # it would pass the kernel's ptrace check for a command of the same uid, which could
+    # open its /proc/PID/mem and rewrite it before seccomp is loaded. While it still holds
+    # its capabilities, a capability-less command is refused (its own set is no superset).
+    _libc.prctl(_libc.PR_SET_DUMPABLE, 1, "make the exec child dumpable")
+    try:
+        # The sandbox's commands are the OOM killer's first choice, before init or the host.
+        # (os.open/os.write: no io objects, fewer pages copied in every exec child.)
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if os.write(fd, b"1000") != 4:
+                raise OSError(5, "short write")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise KernelCallError("raise oom_score_adj", exc.errno or 0) from None
+    _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make the exec server (or child) non-dumpable")
     if plan["namespaces"]:
         caps.drop_all_capabilities(plan["last_cap"])
     elif os.geteuid() == 0:
@@ -891,23 +913,6 @@ def _confine_process(plan: dict[str, Any]) -> None:
         # needs CAP_SETPCAP); clearing what is there is enough.
         _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient capabilities")
         _libc.capset_empty("clear capabilities")
-    # A non-dumpable process cannot write its own /proc files inside a user namespace, so
-    # the child is dumpable just long enough to raise its oom_score_adj, then not again:
-    # while the exec server serves, commands of the sandbox cannot open its /proc/PID/fd
-    # (its socket and record pipe). execve makes the command dumpable, as for any program.
-    _libc.prctl(_libc.PR_SET_DUMPABLE, 1, "make the exec child dumpable")
-    try:
-        # The sandbox's commands are the OOM killer's first choice, before init or the host.
-        # (os.open/os.write: no io objects, fewer pages copied in every exec child.)
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            if os.write(fd, b"1000") != 4:
-                raise OSError(5, "short write")
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise KernelCallError("raise oom_score_adj", exc.errno or 0) from None
-    _libc.prctl(_libc.PR_SET_DUMPABLE, 0, "make the exec server (or child) non-dumpable")
     caps.set_no_new_privs()
 
 

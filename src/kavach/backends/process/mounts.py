@@ -44,9 +44,12 @@ def _rel(path: str) -> str:
     return path.lstrip("/") or "."
 
 
-def _detach(source: str, recursive: bool, attrs: int, step: str) -> int:
+def _detach(source: str, recursive: bool, attrs: int, step: str, *, no_symlinks: bool = False) -> int:
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
-    fd = _libc.open_tree(AT_FDCWD, source, flags, step)
+    if no_symlinks:
+        fd = _libc.open_tree_no_symlinks(source, flags, step)
+    else:
+        fd = _libc.open_tree(AT_FDCWD, source, flags, step)
     if attrs:
         try:
             _libc.mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, attrs, f"{step}: set attributes")
@@ -120,7 +123,9 @@ def detach_sources(plan: dict[str, Any], prepared: list[int]) -> Sources:
             for source, target, is_dir, writable in plan["user_binds"]:
                 attrs = (MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV) if writable else ro_attrs
                 mode = "read-write" if writable else "read-only"
-                sources.user.append((_detach(source, True, attrs, f"bind {source} {mode}"), target, is_dir))
+                # The caller's binds may lie where sandboxes write: no link is followed.
+                fd = _detach(source, True, attrs, f"bind {source} {mode}", no_symlinks=True)
+                sources.user.append((fd, target, is_dir))
         for node in plan["dev_nodes"]:
             sources.dev.append((_detach(node, False, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, f"bind {node}"), node))
     except OSError as exc:

@@ -23,7 +23,6 @@ import struct
 from kavach.backends.process import _libc
 from kavach.backends.process._libc import (
     AT_EMPTY_PATH,
-    AT_FDCWD,
     AT_RECURSIVE,
     MOUNT_ATTR_IDMAP,
     MOUNT_ATTR_NODEV,
@@ -94,7 +93,7 @@ def idmapped_tree(source: str, userns_fd: int, *, writable: bool) -> int:
     uid N is seen inside as owned by N as well (root stays root), so the sandbox's root can
     write what host root could, and files it creates belong to the bind's host owner.
     """
-    fd = _libc.open_tree(AT_FDCWD, source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE, f"open_tree {source}")
+    fd = _libc.open_tree_no_symlinks(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE, f"open_tree {source}")
     try:
         _libc.mount_setattr(
             fd,

@@ -58,6 +58,23 @@ def _check_path(path: str, field: str) -> None:
         raise SandboxCreateError(f"{field}: {path!r} must be an absolute path without '..'")
 
 
+def _check_no_symlink(source: str, field: str) -> None:
+    """Refuse a bind source reached through a symbolic link.
+
+    A bind source may lie under a directory a sandbox writes (a workdir, another bind): a
+    sandbox could replace it by a link to any host path, and the next sandbox created with
+    the same configuration would bind that path instead, writable as the caller. So only a
+    path without links is accepted (init resolves it again with RESOLVE_NO_SYMLINKS, which
+    closes the window between this check and the mount).
+    """
+    real = os.path.realpath(source)
+    if real != os.path.normpath(source):
+        raise SandboxCreateError(
+            f"{field}: source {source} goes through a symbolic link (it resolves to {real}); "
+            "give the path without links"
+        )
+
+
 def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
     """The plan for ``spec``; raises :class:`SandboxCreateError` for impossible requests."""
     policy = spec.policy
@@ -84,12 +101,15 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
             _check_path(bind.target, field)
             if not os.path.exists(bind.source):
                 raise SandboxCreateError(f"{field}: source {bind.source} does not exist")
+            _check_no_symlink(bind.source, field)
             if bind.target in ("/", "/proc", "/dev") or bind.target in system_targets:
                 raise SandboxCreateError(f"{field}: cannot bind over {bind.target}")
             out.append((bind.source, bind.target))
     _check_path(fs.workdir, "filesystem.workdir")
-    if spec.workdir_host is not None and not os.path.isdir(spec.workdir_host):
-        raise SandboxCreateError(f"workdir: host directory {spec.workdir_host} does not exist")
+    if spec.workdir_host is not None:
+        if not os.path.isdir(spec.workdir_host):
+            raise SandboxCreateError(f"workdir: host directory {spec.workdir_host} does not exist")
+        _check_no_symlink(os.path.abspath(spec.workdir_host), "workdir")
     workdir = fs.workdir
     private_workdir = None
     if not use_namespaces:
