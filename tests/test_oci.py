@@ -432,6 +432,27 @@ async def test_workdir_host_is_writable_and_files_keep_the_host_owner(tmp_path: 
     assert (workdir / "output").stat().st_uid == 0  # idmapped: written as the bind's host owner
 
 
+async def test_a_workdir_reached_through_a_link_a_sandbox_planted_is_refused(tmp_path: Path) -> None:
+    # A sandbox links its workdir to a host directory; a later sandbox given a path through
+    # that link would have bound the directory (writable, idmapped as its host owner).
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    instance = await _start(SandboxPolicy.basic(), workdir_host=str(workdir))
+    try:
+        result = await instance.exec(_req(f"ln -s {private} link && ln -s {private} ro && echo planted"))
+        assert result.stdout == b"planted\n", result.stderr
+    finally:
+        await instance.destroy()
+    with pytest.raises(SandboxCreateError, match=r"workdir: .* goes through a symbolic link"):
+        await _start(SandboxPolicy.basic(), workdir_host=str(workdir / "link"))
+    linked = replace(SandboxPolicy.basic(), filesystem=FilesystemPolicy(ro_binds=(Bind(str(workdir / "ro"), "/data"),)))
+    with pytest.raises(SandboxCreateError, match=r"ro_binds: .* goes through a symbolic link"):
+        await _start(linked)
+    assert list(private.iterdir()) == []
+
+
 async def test_injected_file_is_readable_inside_and_lives_on_a_tmpfs() -> None:
     instance = await _start(SandboxPolicy.basic(), files=(InjectedFile("/run/secrets/token", b"s3cret", 0o444),))
     try:

@@ -884,13 +884,20 @@ class OciInstance(Instance):
     def _check_bind_sources(self) -> None:
         """Every bind source exists, checked before anything is built (the runtime's own
         error for a missing one is a page of its log, and it leaves a cgroup to retry)."""
+        from kavach.backends.process.plan import check_no_symlink
+
         fs = self.policy.filesystem
         for binds, name in ((fs.ro_binds, "filesystem.ro_binds"), (fs.rw_binds, "filesystem.rw_binds")):
             for bind in binds:
                 if not os.path.exists(bind.source):
                     raise SandboxCreateError(f"{name}: source {bind.source} does not exist")
-        if self.spec.workdir_host is not None and not os.path.isdir(self.spec.workdir_host):
-            raise SandboxCreateError(f"workdir: host directory {self.spec.workdir_host} does not exist")
+                # runc follows links in a source, and a sandbox may have planted one where
+                # it wrote (the writable ones are also opened with RESOLVE_NO_SYMLINKS).
+                check_no_symlink(bind.source, name)
+        if self.spec.workdir_host is not None:
+            if not os.path.isdir(self.spec.workdir_host):
+                raise SandboxCreateError(f"workdir: host directory {self.spec.workdir_host} does not exist")
+            check_no_symlink(os.path.abspath(self.spec.workdir_host), "workdir")
 
     async def _writable_binds(self) -> dict[str, str]:
         """Host source -> path to bind, for the workdir and rw_binds.

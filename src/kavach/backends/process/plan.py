@@ -58,7 +58,7 @@ def _check_path(path: str, field: str) -> None:
         raise SandboxCreateError(f"{field}: {path!r} must be an absolute path without '..'")
 
 
-def _check_no_symlink(source: str, field: str) -> None:
+def check_no_symlink(source: str, field: str) -> None:
     """Refuse a bind source reached through a symbolic link.
 
     A bind source may lie under a directory a sandbox writes (a workdir, another bind): a
@@ -101,7 +101,7 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
             _check_path(bind.target, field)
             if not os.path.exists(bind.source):
                 raise SandboxCreateError(f"{field}: source {bind.source} does not exist")
-            _check_no_symlink(bind.source, field)
+            check_no_symlink(bind.source, field)
             if bind.target in ("/", "/proc", "/dev") or bind.target in system_targets:
                 raise SandboxCreateError(f"{field}: cannot bind over {bind.target}")
             out.append((bind.source, bind.target))
@@ -109,7 +109,7 @@ def build_plan(spec: LaunchSpec, *, use_namespaces: bool) -> dict[str, Any]:
     if spec.workdir_host is not None:
         if not os.path.isdir(spec.workdir_host):
             raise SandboxCreateError(f"workdir: host directory {spec.workdir_host} does not exist")
-        _check_no_symlink(os.path.abspath(spec.workdir_host), "workdir")
+        check_no_symlink(os.path.abspath(spec.workdir_host), "workdir")
     workdir = fs.workdir
     private_workdir = None
     if not use_namespaces:
@@ -246,4 +246,11 @@ def remove_private_workdir(plan: dict[str, Any]) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["build_plan", "degraded_landlock_rules", "remove_private_workdir", "seccomp_program", "wants_seccomp"]
+__all__ = [
+    "build_plan",
+    "check_no_symlink",
+    "degraded_landlock_rules",
+    "remove_private_workdir",
+    "seccomp_program",
+    "wants_seccomp",
+]
