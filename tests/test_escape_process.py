@@ -448,3 +448,31 @@ async def test_a_replacement_exec_server_never_opens_its_memory_to_commands(prof
         result = await py(box, _SERVER_MEM_RACE, timeout_ms=60_000)
         assert result.stdout.endswith(b"refused\n"), (result.stdout, result.stderr)
         assert (await sh(box, "echo served")).stdout == b"served\n"
+
+
+@pytest.mark.parametrize("link_to", ["host directory", "staging root"])
+async def test_a_link_planted_in_a_writable_bind_never_redirects_a_later_mount_target(
+    tmp_path: Path, link_to: str
+) -> None:
+    # A read-only bind is stacked inside a writable one. A sandbox replaces the directory
+    # above the inner target by a link; before pivot_root, init followed it: into the host's
+    # tree, or into the new root under construction (/tmp/etc: the bind then landed on
+    # /etc/b and creation succeeded, the real target left writable).
+    work = tmp_path / "work"
+    (work / "a" / "b").mkdir(parents=True)
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    host_dir = tmp_path / "host"
+    host_dir.mkdir()
+    policy = dataclasses.replace(
+        SandboxPolicy.basic(),
+        filesystem=FilesystemPolicy(rw_binds=(Bind(str(work), "/w"),), ro_binds=(Bind(str(inner), "/w/a/b"),)),
+    )
+    async with sandbox(policy) as box:
+        target = host_dir if link_to == "host directory" else "/tmp/etc"
+        result = await sh(box, f"mv /w/a /w/a_old && ln -s {target} /w/a && echo planted")
+        assert result.stdout == b"planted\n", result.stderr
+    with pytest.raises(SandboxCreateError, match="ELOOP"):
+        async with sandbox(policy) as box:
+            await sh(box, "true")
+    assert list(host_dir.iterdir()) == []

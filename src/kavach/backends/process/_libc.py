@@ -49,7 +49,9 @@ AT_FDCWD = -100
 # openat2(2) resolve flags (linux/openat2.h)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
+MOVE_MOUNT_T_EMPTY_PATH = 0x00000040
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 FSOPEN_CLOEXEC = 1
@@ -221,7 +223,9 @@ def open_tree_no_symlinks(path: str, flags: int, step: str) -> int:
 
 
 def move_mount(from_fd: int, to_dirfd: int, to_path: str, step: str) -> None:
-    """move_mount(2) of a detached tree ``from_fd`` onto ``to_path`` (relative to ``to_dirfd``)."""
+    """move_mount(2) of a detached tree ``from_fd`` onto ``to_path`` (relative to ``to_dirfd``;
+    an empty ``to_path`` means onto ``to_dirfd`` itself, an O_PATH fd)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (0 if to_path else MOVE_MOUNT_T_EMPTY_PATH)
     _check(
         _syscall(
             ctypes.c_long(_nr("move_mount", step)),
@@ -229,7 +233,7 @@ def move_mount(from_fd: int, to_dirfd: int, to_path: str, step: str) -> None:
             b"",
             ctypes.c_int(to_dirfd),
             _b(to_path),
-            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+            ctypes.c_uint(flags),
         ),
         step,
     )

@@ -17,6 +17,7 @@ named so that a failure reports which mount broke and why:
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from typing import Any
 
@@ -59,21 +60,57 @@ def _detach(source: str, recursive: bool, attrs: int, step: str, *, no_symlinks:
     return fd
 
 
-def _make_mountpoint(path: str, is_dir: bool) -> None:
-    """Create ``path`` (relative to the new root) as an empty directory or file to mount on."""
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
+def _step_into(dir_fd: int, name: str, step: str) -> int:
+    """An O_PATH fd on ``name`` in ``dir_fd``, refusing a symbolic link (ELOOP) or ``..``."""
+    return _libc.openat2(
+        dir_fd, name, os.O_PATH | os.O_CLOEXEC, _libc.RESOLVE_NO_SYMLINKS | _libc.RESOLVE_BENEATH, step
+    )
+
+
+def _open_dirs(rel: str, step: str) -> int:
+    """An O_PATH fd on directory ``rel`` below the new root (cwd), creating what is missing.
+
+    No component is followed if it is a symbolic link. Targets may lie inside a writable
+    bind attached earlier (the workdir, a rw_binds entry), where a sandbox could have planted
+    links on a previous run; before pivot_root a link there would lead init into the host's
+    tree (creating directories, mounting, writing an injected file where the link points).
+    """
+    fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in (part for part in rel.split("/") if part and part != "."):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=fd)
+            next_fd = _step_into(fd, name, step)
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_mountpoint(path: str, is_dir: bool, step: str) -> int:
+    """An O_PATH fd on ``path`` (relative to the new root), an empty directory or file to
+    mount on, reached without following any link (see :func:`_open_dirs`)."""
     if is_dir:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-    elif not os.path.lexists(path):
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+        return _open_dirs(path, step)
+    parent_fd = _open_dirs(os.path.dirname(path), step)
+    try:
+        name = os.path.basename(path)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o444, dir_fd=parent_fd))
+        return _step_into(parent_fd, name, step)
+    finally:
+        os.close(parent_fd)
 
 
 def _attach(fd: int, target: str, is_dir: bool, step: str) -> None:
     try:
-        _make_mountpoint(target, is_dir)
-        _libc.move_mount(fd, AT_FDCWD, target, step)
+        target_fd = _open_mountpoint(target, is_dir, step)
+        try:
+            _libc.move_mount(fd, target_fd, "", step)
+        finally:
+            os.close(target_fd)
     finally:
         os.close(fd)
 
@@ -217,13 +254,17 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
 
 
 def _copy_secret(source_fd: int, path: str, mode: int) -> None:
-    """Copy an injected file from its memfd with sendfile: the bytes never enter init's heap."""
+    """Copy an injected file from its memfd with sendfile: the bytes never enter init's heap.
+
+    Its directory may lie inside a writable bind: it is reached without following links."""
     rel = _rel(path)
-    parent = os.path.dirname(rel)
-    if parent:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
     size = os.fstat(source_fd).st_size
-    fd = os.open(rel, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    parent_fd = _open_dirs(os.path.dirname(rel), f"injected file {path}")
+    try:
+        flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(os.path.basename(rel), flags, mode, dir_fd=parent_fd)
+    finally:
+        os.close(parent_fd)
     try:
         offset = 0
         while offset < size:
