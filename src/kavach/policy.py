@@ -449,7 +449,9 @@ def landlock_rules(policy: SandboxPolicy) -> tuple[LandlockRule, ...]:
 
     A bind is an explicit grant of a path, so Landlock must not hide it: read-only binds get
     read + execute, writable binds read + write (not execute, as /tmp and /work in
-    ``strict``: a file the command wrote is not run unless a rule says so).
+    ``strict``: execve of a file the command wrote is refused unless a rule allows it. This
+    is not a guarantee that such code never runs: the dynamic loader can still map it
+    (``ld.so ./file``), as any interpreter on the root can run a script).
     """
     if not policy.landlock.enabled:
         return ()
