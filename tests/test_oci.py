@@ -377,6 +377,38 @@ async def test_memory_limit_kills_a_memory_bomb() -> None:
         await instance.destroy()
 
 
+@pytest.mark.parametrize("preset", ["basic", "strict"])  # the shell wrapper; the launcher (Landlock)
+async def test_the_oom_killer_picks_commands_never_the_init(preset: str) -> None:
+    # tmpfs pages belong to no process: the init was the OOM killer's pick (it had
+    # oom_score_adj 1000, commands the caller's 0), which ended the sandbox, and the result
+    # named no reason (the cgroup was looked up through the dead init's pid).
+    policy = SandboxPolicy.preset(preset)
+    policy = replace(policy, resources=replace(policy.resources, memory=64 << 20))
+    instance = await _start(policy)
+    try:
+        adj = await instance.exec(_req("cat /proc/self/oom_score_adj /proc/1/oom_score_adj"))
+        assert adj.stdout.split()[0] == b"1000" and adj.stdout.split()[1] != b"1000", adj
+        if preset == "strict":  # an environment name no shell keeps: the launcher alone
+            alone = await instance.exec(
+                ExecRequest(argv=("/bin/cat", "/proc/self/oom_score_adj"), env={**PATH_ENV, "A-B": "1"})
+            )
+            assert alone.stdout == b"1000\n", alone
+        squeezed = await instance.exec(
+            _req("head -c 40M /dev/zero >/tmp/a; /usr/bin/python3 -c 'bytearray(30 << 20)'; echo rc=$?; rm /tmp/a")
+        )
+        assert b"rc=137" in squeezed.stdout and squeezed.exit_code == 0, squeezed
+        assert (await instance.exec(_req("cat /proc/1/comm"))).stdout == b"kavach-init\n"
+        filled = await instance.exec(
+            _req("exec head -c 63M /dev/zero >/tmp/a", timeout_ms=20_000)  # /tmp holds 64 MiB
+        )
+        assert filled.exit_code == 137 and filled.reason == "memory limit", filled
+        # The full tmpfs leaves room for nothing: empty it from the host, through the init.
+        Path(f"/proc/{instance._init_pid}/root/tmp/a").unlink()
+        assert (await instance.exec(_req("cat /proc/1/comm"))).stdout == b"kavach-init\n"
+    finally:
+        await instance.destroy()
+
+
 async def test_pids_limit_contains_a_fork_bomb() -> None:
     policy = replace(SandboxPolicy.basic(), resources=replace(SandboxPolicy.basic().resources, pids=16))
     instance = await _start(policy)

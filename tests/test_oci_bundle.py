@@ -98,6 +98,13 @@ def test_exec_process_env_is_exactly_the_requested_one() -> None:
     assert process["env"] == ["A=1"] and process["args"] == ["/bin/echo", "x"] and process["cwd"] == "/work"
 
 
+def test_commands_are_the_oom_killers_first_choice_and_the_init_is_not() -> None:
+    # runc gives execs the container-level value: an init at 1000 made every process 1000,
+    # and the init (the largest) the one killed when tmpfs pages filled the memory cgroup.
+    assert "oomScoreAdj" not in _config(SandboxPolicy.basic())["process"]
+    assert build_process(SandboxPolicy.basic(), ["/bin/true"], {}, "/")["oomScoreAdj"] == 1000
+
+
 def test_namespaces_user_mapping_and_network() -> None:
     config = _config(SandboxPolicy.basic())
     kinds = {n["type"] for n in config["linux"]["namespaces"]}

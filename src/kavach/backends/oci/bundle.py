@@ -140,14 +140,16 @@ def build_process(
     env: Mapping[str, str] | Sequence[str],
     cwd: str,
     nproc: int | None = None,
+    *,
+    init: bool = False,
 ) -> dict[str, Any]:
-    """A runtime-spec ``process`` object: for the init in config.json and for each ``exec``.
+    """A runtime-spec ``process`` object: for the init in config.json (``init``) and for each ``exec``.
 
     Each exec gets its own complete process object (``runtime exec --process``) instead of
     inheriting the init's, so its environment is exactly the request's and nothing else.
     """
     env_list = [f"{k}={v}" for k, v in env.items()] if isinstance(env, Mapping) else list(env)
-    return {
+    process: dict[str, Any] = {
         "terminal": False,
         "user": {"uid": 0, "gid": 0},
         "args": list(args),
@@ -156,8 +158,14 @@ def build_process(
         "capabilities": {name: [] for name in _CAPABILITY_SETS},
         "rlimits": rlimits(policy, nproc),
         "noNewPrivileges": True,
-        "oomScoreAdj": 1000,  # the kernel's OOM killer picks sandboxed processes first
     }
+    if not init:
+        # The kernel's OOM killer picks commands first. Not the init: when tmpfs pages (which
+        # belong to no process) fill the memory cgroup, the init would otherwise be the largest
+        # candidate, and its death ends the container. It keeps the caller's value (lowering
+        # it could need CAP_SYS_RESOURCE, which a rootless caller lacks).
+        process["oomScoreAdj"] = 1000
+    return process
 
 
 def _standard_mounts(policy: SandboxPolicy) -> list[Mount]:
@@ -250,7 +258,7 @@ def build_config(policy: SandboxPolicy, inputs: BundleInputs) -> dict[str, Any]:
         linux["seccomp"] = dict(inputs.seccomp)
     config: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
-        "process": build_process(policy, inputs.init_args, inputs.init_env, "/", inputs.nproc),
+        "process": build_process(policy, inputs.init_args, inputs.init_env, "/", inputs.nproc, init=True),
         "root": {"path": inputs.rootfs, "readonly": policy.filesystem.read_only_root},
         "hostname": inputs.hostname,
         "mounts": [m.to_oci() for m in mounts],

@@ -138,7 +138,10 @@ LIFELINE_FD = 3
 # shell when the command cannot run). No extra process stays behind. `unset PWD`: the shell
 # would otherwise export PWD, and the environment must be exactly the request's. The
 # runtime's own stdin is /dev/null, or its copy loop would consume the command's input.
-STDIO_WRAPPER = 'unset PWD; exec "$@" <&3 >&4 2>&5 3<&- 4>&- 5>&-'
+# The wrapper also raises its oom_score_adj to 1000 (inherited by the command) so that the
+# OOM killer picks commands, never the container's init (whose death would end the
+# sandbox): runc 1.1 ignores an exec's ``oomScoreAdj``. A failed write stops the exec (126).
+STDIO_WRAPPER = 'echo 1000 >/proc/self/oom_score_adj || exit 126; unset PWD; exec "$@" <&3 >&4 2>&5 3<&- 4>&- 5>&-'
 
 # The enforcement probe, in shell builtins only (it must work in any rootfs with /bin/sh).
 # It reads its *own* /proc/self entries, i.e. those of a process started exactly like every
@@ -239,9 +242,9 @@ def _read_int(path: str) -> int | None:
     return None if text == "max" else int(text)
 
 
-def cgroup_limits(pid: int) -> dict[str, int | None]:
-    """The memory, pids and CPU quota limits the kernel enforces on ``pid``'s cgroup."""
-    paths = _cgroup_paths(pid)
+def cgroup_limits(paths: Mapping[str, str]) -> dict[str, int | None]:
+    """The memory, pids and CPU quota limits the kernel enforces on the cgroup at ``paths``
+    (controller -> path, as :func:`kavach.backends.process.cgroups.cgroup_paths` reads them)."""
     limits: dict[str, int | None] = {"memory": None, "pids": None, "cpu_quota_us": None}
     if "memory" in paths:  # cgroup v1
         limits["memory"] = _read_int(f"/sys/fs/cgroup/memory{paths['memory']}/memory.limit_in_bytes")
@@ -600,6 +603,10 @@ class OciInstance(Instance):
         # through that shared cgroup.
         self._cgroups_path = _cgroups_path(self.container_id)
         self._own_cgroup = self._cgroups_path is not None
+        # controller -> the container's cgroup, read once from its init when it starts. Never
+        # re-read from /proc/<init pid>: after the init dies (the OOM killer may pick it) that
+        # pid may name a host process, whose cgroup would then be frozen, listed and killed.
+        self._cgroup_dirs: dict[str, str] = {}
         # Without a cgroup (rootless on cgroup v1 without a delegated subtree, which needs
         # allow_degraded for limits), the pids limit still holds as RLIMIT_NPROC of every
         # process of the container. (Decided once, with the cgroups path: a delegation made or
@@ -731,9 +738,25 @@ class OciInstance(Instance):
         await self._run_detached(pid_file, lifeline=lifeline)
         self._init_pid = int(Path(pid_file).read_text(encoding="ascii").strip())
         self._init_pidns = os.readlink(f"/proc/{self._init_pid}/ns/pid")
+        if self._own_cgroup:
+            self._cgroup_dirs = self._read_cgroup_dirs(self._init_pid)
         if self.spec.proxy_listen is not None:
             self._proxy_listener = await self._make_proxy_listener(self.spec.proxy_listen)
         self._enforcement = await self._probe_enforcement(prepared.kind)
+
+    def _read_cgroup_dirs(self, pid: int) -> dict[str, str]:
+        """The cgroups of the container's init ``pid``, checked to be the one asked for."""
+        try:
+            paths = _cgroup_paths(pid)
+        except OSError as exc:
+            raise SandboxCreateError(f"cannot read the cgroups of the container's init: {exc.strerror}") from None
+        # Fail closed: limits, freezing and kills all go through these paths.
+        if self._cgroups_path not in paths.values():
+            raise SandboxCreateError(
+                f"the container's init is not in its cgroup {self._cgroups_path} "
+                f"(it is in {sorted(set(paths.values()))})"
+            )
+        return paths
 
     async def _run_detached(self, pid_file: str, *, lifeline: bool) -> None:
         """``runtime run -d``. The init inherits the runtime's stdio, so it must not be a pipe
@@ -1044,7 +1067,9 @@ class OciInstance(Instance):
         inside_ns = namespace_inodes(self._init_pid)
         host_ns = namespace_inodes("self")
         limits = (
-            cgroup_limits(self._init_pid) if self._own_cgroup else {"memory": None, "pids": None, "cpu_quota_us": None}
+            cgroup_limits(self._cgroup_dirs)
+            if self._own_cgroup
+            else {"memory": None, "pids": None, "cpu_quota_us": None}
         )
         seccomp_spec = build_spec(policy.seccomp)
         filters = int(facts.get("Seccomp_filters", "0") or 0)
@@ -1323,7 +1348,7 @@ class OciInstance(Instance):
         assert self._init_pid is not None
         if not self._own_cgroup:
             return self._pidns_members()
-        paths = _cgroup_paths(self._init_pid)
+        paths = self._cgroup_dirs
         for candidate in (
             f"/sys/fs/cgroup/pids{paths.get('pids', '')}/cgroup.procs" if "pids" in paths else "",
             f"/sys/fs/cgroup/freezer{paths.get('freezer', '')}/cgroup.procs" if "freezer" in paths else "",
@@ -1338,10 +1363,7 @@ class OciInstance(Instance):
         """(file to write, file to read, frozen value, thawed value) of the container's freezer."""
         if self._init_pid is None or not self._own_cgroup:
             return None
-        try:
-            paths = _cgroup_paths(self._init_pid)
-        except OSError:
-            return None
+        paths = self._cgroup_dirs
         if "freezer" in paths:
             state = f"/sys/fs/cgroup/freezer{paths['freezer']}/freezer.state"
             return state, state, "FROZEN", "THAWED"
@@ -1389,10 +1411,7 @@ class OciInstance(Instance):
         """How many times the kernel's OOM killer fired in the container's memory cgroup."""
         if self._init_pid is None or not self._own_cgroup:
             return 0
-        try:
-            paths = _cgroup_paths(self._init_pid)
-        except OSError:
-            return 0
+        paths = self._cgroup_dirs
         if "memory" in paths:
             source, key = f"/sys/fs/cgroup/memory{paths['memory']}/memory.oom_control", "oom_kill"
         elif "" in paths and cgroup_mode() is CgroupMode.UNIFIED:

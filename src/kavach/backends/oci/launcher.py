@@ -272,6 +272,21 @@ def apply_plan(layers: list[Layer]) -> str:
     return f"landlock_domains={domains} landlock_abi={abi} seccomp_loaded={loaded} layers={names}"
 
 
+def raise_oom_score_adj() -> None:
+    """Make this process (and the command it becomes) the OOM killer's first choice.
+
+    runc 1.1 ignores an exec's ``oomScoreAdj``, and the container's init keeps the caller's
+    value: without this, a memory cgroup filled by tmpfs pages (which belong to no process)
+    would have its OOM killer pick the init, the largest process, and end the sandbox.
+    Raising the value needs no privilege.
+    """
+    try:
+        with open("/proc/self/oom_score_adj", "w", encoding="ascii") as stream:
+            stream.write("1000")
+    except OSError as exc:
+        raise SetupError("write /proc/self/oom_score_adj", exc.errno or 0) from None
+
+
 def run_exec(args: list[str]) -> int:
     """``exec PLAN [--announce] -- ARGV...``: apply the plan, then replace ourselves with ARGV."""
     if "--" not in args or not args:
@@ -285,6 +300,8 @@ def run_exec(args: list[str]) -> int:
     try:
         with open(options[0], encoding="utf-8") as stream:
             layers = parse_plan(stream.read())
+        # Ordering: before the plan's Landlock domain, which may leave /proc read-only.
+        raise_oom_score_adj()
         report = apply_plan(layers)
     except (SetupError, OSError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
