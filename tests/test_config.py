@@ -60,12 +60,24 @@ def test_builder_auto_backend_and_policy_file(tmp_path: Path) -> None:
         ({"agent_id": "has space"}, "agent_id"),
         ({"hostname": "bad_host!"}, "hostname"),
         ({"backend": Backend.OCI, "inner_backend": Backend.OCI}, "inner_backend"),
+        ({"backend": "docker"}, "backend"),
+        ({"backend": 3}, "backend"),
+        ({"inner_backend": "bogus"}, "inner_backend"),
+        ({"backend": "oci", "inner_backend": "OCI"}, "inner_backend"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(PolicyError) as info:
         SandboxConfig(**kwargs)  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+def test_backends_may_be_given_by_name_as_the_builder_takes_them() -> None:
+    # A plain string used to pass through untouched and fail deep inside creation (with an
+    # AttributeError from the audit of that failure).
+    config = SandboxConfig(backend="oci", inner_backend=" Process ")  # type: ignore[arg-type]
+    assert config.backend is Backend.OCI and config.inner_backend is Backend.PROCESS
+    assert SandboxConfig(backend="auto").backend is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

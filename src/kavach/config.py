@@ -49,8 +49,9 @@ AlertCallback = Callable[["ThreatAssessment"], Awaitable[None] | None]
 class SandboxConfig:
     """Everything :meth:`kavach.Sandbox.create` needs.
 
-    ``backend=None`` picks the strongest usable backend for the policy (or the strongest
-    that reaches ``min_score``). ``workdir`` is a host directory bound read-write at
+    ``backend=None`` (or ``"auto"``) picks the strongest usable backend for the policy (or
+    the strongest that reaches ``min_score``); ``backend`` and ``inner_backend`` take a
+    :class:`Backend` or its name. ``workdir`` is a host directory bound read-write at
     ``policy.filesystem.workdir``; without it the workdir is a tmpfs that lives as long
     as the sandbox. ``externalization=None`` means the default gate (on for every backend
     but Noop).
@@ -76,6 +77,9 @@ class SandboxConfig:
     integrity_check: bool = True
 
     def __post_init__(self) -> None:
+        # A backend may be given by name, as the builder and the CLI take it ("auto": None).
+        for name in ("backend", "inner_backend"):
+            object.__setattr__(self, name, _backend_field(name, getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -105,6 +109,20 @@ class SandboxConfig:
     def builder(cls) -> SandboxConfigBuilder:
         """A fluent builder starting from the defaults."""
         return SandboxConfigBuilder()
+
+
+def _backend_field(name: str, value: object) -> Backend | None:
+    """``value`` of field ``name`` as a Backend; ``"auto"`` (outer backend only) is None."""
+    if value is None or isinstance(value, Backend):
+        return value
+    if not isinstance(value, str):
+        raise PolicyError(name, value, "must be a Backend or a backend name")
+    if name == "backend" and value.strip().lower() == "auto":
+        return None
+    try:
+        return Backend.parse(value)
+    except PolicyError as exc:
+        raise PolicyError(name, value, exc.reason) from None
 
 
 class SandboxConfigBuilder:
