@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +198,54 @@ async def test_blocking_facade_refuses_a_running_loop_clearly() -> None:
         kavach.run("true", backend="noop")
     with pytest.raises(KavachError, match="blocking"):
         Sandbox.sync(noop_config())
+
+
+async def test_backend_errors_reach_the_caller_only_through_the_gate() -> None:
+    # Backends quote what the sandbox controls in errors (a failed cat's stderr in
+    # read_file, a WASM module's import names), and callers print them.
+    from kavach.backends.noop import NoopDriver
+    from kavach.scanning.gate import ExternalizationPolicy
+
+    key = "AKIA" + "QWERTYUIOPASDFGH"
+
+    def fail(request: ExecRequest) -> RawResult:
+        text = request.argv[-1]
+        raise ExecError(f"unknown import: `{text}::x`")
+
+    config = noop_config(externalization=ExternalizationPolicy())
+    async with await Sandbox.create(config, driver=NoopDriver(responder=fail)) as sandbox:
+        with pytest.raises(ExecError) as blocked:
+            await sandbox.exec(["run", key])
+        with pytest.raises(ExecError) as warned:
+            await sandbox.exec(["run", "mail alice@corp-example.org"])
+        with pytest.raises(ExecError) as plain:
+            await sandbox.exec(["run", "nothing secret"])
+        with pytest.raises(ExecError) as from_read:
+            await sandbox.read_file(f"/tmp/{key}")
+    assert key not in str(blocked.value) and "withheld by the externalization gate" in str(blocked.value)
+    assert blocked.value.__suppress_context__  # a printed traceback would show the original
+    assert "alice@corp-example.org" not in str(warned.value) and "unknown import" in str(warned.value)
+    assert str(plain.value) == "unknown import: `nothing secret::x`"
+    assert key not in str(from_read.value)
+
+
+async def test_export_never_follows_a_link_or_opens_a_fifo_at_the_destination(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"host file\n")
+    (tmp_path / "link").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo")
+    config = noop_config(audit=AuditSettings(enabled=False))
+    async with await Sandbox.create(config) as sandbox:
+        sandbox._instance.files["/work/out"] = b"exported\n"  # type: ignore[attr-defined]
+        with pytest.raises(ExecError, match="symbolic link"):
+            await sandbox.export("/work/out", tmp_path / "link")
+        with pytest.raises(ExecError, match=r"fifo: (not a regular file|No such device)"):
+            await sandbox.export("/work/out", tmp_path / "fifo")  # refused, never waited on
+        with pytest.raises(ExecError, match="null: not a regular file"):
+            await sandbox.export("/work/out", "/dev/null")
+        (tmp_path / "dir").mkdir()
+        with pytest.raises(ExecError, match="dir: Is a directory"):
+            await sandbox.export("/work/out", tmp_path / "dir")
+        fresh = await sandbox.export("/work/out", tmp_path / "new")
+    assert victim.read_bytes() == b"host file\n"
+    assert fresh.read_bytes() == b"exported\n" and fresh.stat().st_mode & 0o777 == 0o600

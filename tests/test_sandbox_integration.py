@@ -14,7 +14,7 @@ from kavach.backends import registry
 from kavach.backends.names import Backend
 from kavach.config import SandboxConfig
 from kavach.errors import ExternalizationBlocked, PolicyError
-from kavach.lifecycle import Sandbox
+from kavach.lifecycle import Sandbox, SandboxState
 from kavach.policy import GuardPolicy, SandboxPolicy
 from kavach.scanning.findings import Verdict
 
@@ -142,10 +142,57 @@ async def test_a_streamed_secret_blocks_and_kills_the_command_once_its_line_is_c
             async for _name, chunk in handle.stream():
                 streamed += chunk
         result = await handle.wait()
+        # Assessed as an exec's block is: a critical leak suspends the sandbox (tier 3+).
+        assert sandbox.state is SandboxState.PAUSED
+        await sandbox.resume()
         assert (await sandbox.exec("echo still serving")).stdout == b"still serving\n"
     assert key.encode() not in streamed
     assert any(f.rule == "secrets.aws-access-key-id" for f in info.value.findings)
     assert not result.timed_out and result.exit_code != 0  # killed by the gate
+
+
+async def test_streamed_quarantined_output_is_stored_assessed_and_audited_like_an_execs() -> None:
+    from kavach.quarantine import QuarantineStore
+
+    password_line = "db_password = 'Zr8#kq2LmvX91pT'"
+    async with await Sandbox.create(process_config(agent_id="agent-sq")) as sandbox:
+        handle = await sandbox.spawn(["/bin/echo", password_line])
+        streamed = b"".join([chunk async for _name, chunk in handle.stream()])
+        result = await handle.wait()
+    assert b"Zr8#kq2LmvX91pT" not in streamed and b"[REDACTED" in streamed
+    # Streamed findings used to reach the result only: no quarantine item, no threat
+    # assessment, and an audit entry saying "pass".
+    assert result.verdict is Verdict.QUARANTINE and result.threat is not None
+    item_id = result.quarantine_id
+    assert item_id is not None
+    store = QuarantineStore()
+    store.approve(item_id, by="operator")
+    assert b"Zr8#kq2LmvX91pT" in store.release(item_id, by="operator")
+    events = audit_events()
+    finished = [e for e in events if e["event"] == "exec.finished"][-1]
+    assert finished["payload"]["verdict"] == "quarantine"  # type: ignore[index]
+    assert finished["payload"]["quarantine_ids"] == [item_id]  # type: ignore[index]
+    assert any(e["event"] == "threat.assessed" for e in events)
+
+
+async def test_after_a_streamed_block_nothing_more_is_released_and_the_block_is_assessed() -> None:
+    key = "AKIA" + "QWERTYUIOPASDFGH"
+    # The key, then a burst that is still in the pipes when the gate blocks.
+    script = f"echo 'aws_access_key_id = {key}'; head -c 300000 /dev/zero | tr '\\0' A; echo AFTER-BLOCK-MARKER"
+    async with await Sandbox.create(process_config()) as sandbox:
+        handle = await sandbox.spawn(script, timeout_ms=20_000)
+        streamed = b""
+        with pytest.raises(ExternalizationBlocked):
+            async for _name, chunk in handle.stream():
+                streamed += chunk
+        result = await handle.wait()
+    assert key.encode() not in streamed
+    # wait() used to gate the rest as a fresh artifact and return it.
+    assert result.stdout == b"" and result.stderr == b"" and result.verdict is Verdict.BLOCK
+    assert any(f.rule == "secrets.aws-access-key-id" for f in result.findings)
+    events = audit_events()
+    assert [e for e in events if e["event"] == "exec.finished"][-1]["payload"]["verdict"] == "block"  # type: ignore[index]
+    assert any(e["event"] == "threat.assessed" for e in events)
 
 
 async def test_streaming_lines_that_come_faster_than_the_flush_interval_arrive_before_the_end() -> None:

@@ -14,13 +14,16 @@ States follow the specification exactly::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import hashlib
 import inspect
 import os
 import secrets as _secrets
 import shlex
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -44,6 +47,7 @@ from kavach.config import SandboxConfig
 from kavach.errors import (
     AgentRevoked,
     ExecError,
+    ExecTimeout,
     ExternalizationBlocked,
     GuardViolation,
     InvalidTransition,
@@ -60,6 +64,7 @@ from kavach.scanning.gate import (
     ExternalizationPolicy,
     Gate,
     GateResult,
+    StreamGate,
     redact,
 )
 from kavach.scanning.secrets import SecretsScanner
@@ -442,7 +447,8 @@ class Sandbox:
         self._audit("exec.started", {"argv": argv}, sync=False)
         raw: RawResult | None = None
         try:
-            raw = await self._instance.exec(request)
+            with self._errors_through_gate():
+                raw = await self._instance.exec(request)
             return await self._finish_exec(request, raw, argv)
         except asyncio.CancelledError:
             if raw is None:
@@ -455,15 +461,47 @@ class Sandbox:
             # (a no-op when exec.finished was written with its fsync).
             self._commit_audit()
 
-    async def _finish_exec(self, request: ExecRequest, raw: RawResult, audited_argv: list[str]) -> ExecResult:
-        outputs = {
-            "stdout": self._gate_apply(raw.stdout, "stdout"),
-            "stderr": self._gate_apply(raw.stderr, "stderr"),
-        }
-        findings = tuple(f for r in outputs.values() for f in r.findings)
-        verdict = worst_verdict(*(r.verdict for r in outputs.values()))
-        assessment = await self._assess(findings)
+    async def _finish_exec(
+        self,
+        request: ExecRequest,
+        raw: RawResult,
+        audited_argv: list[str],
+        streamed: Mapping[str, StreamGate] | None = None,
+        *,
+        streamed_assessed: bool = False,
+    ) -> ExecResult:
+        """Gate the output, assess, quarantine and audit one finished command.
+
+        ``streamed``: the stream gates of a spawned command (its output so far went through
+        them; ``raw`` holds only what was not streamed). Their findings and verdict count
+        here too (``streamed_assessed``: their findings were already assessed), and once
+        one of them blocked, nothing more is released.
+        """
+        streams = streamed or {}
+        streamed_findings = tuple(f for g in streams.values() for f in g.findings)
+        streamed_block = any(g.verdict is Verdict.BLOCK for g in streams.values())
+        if streamed_block:
+            # The rest of a blocked stream is never released, not even as a new artifact:
+            # a secret cut at the boundary would leave with its second half.
+            blocked = GateResult(Verdict.BLOCK, (), b"", b"")
+            outputs = {"stdout": blocked, "stderr": blocked}
+        else:
+            outputs = {
+                "stdout": self._gate_apply(raw.stdout, "stdout"),
+                "stderr": self._gate_apply(raw.stderr, "stderr"),
+            }
+        own = tuple(f for r in outputs.values() for f in r.findings)
+        findings = streamed_findings + own
+        verdict = worst_verdict(*(r.verdict for r in outputs.values()), *(g.verdict for g in streams.values()))
+        assessment = await self._assess(own if streamed_assessed else findings)
         quarantine_ids = self._quarantine(outputs)
+        quarantine_ids += self._quarantine(
+            {
+                f"{name} (streamed)": GateResult(g.verdict, g.findings, b"", g.original)
+                for name, g in streams.items()
+                if g.verdict is Verdict.QUARANTINE
+            }
+        )
         self._audit(
             "exec.finished",
             {
@@ -477,7 +515,7 @@ class Sandbox:
                 "quarantine_ids": list(quarantine_ids),
             },
         )
-        if verdict is Verdict.BLOCK:
+        if verdict is Verdict.BLOCK and not streamed_block:  # (a streamed block was raised by stream())
             counted = f"{len(findings)} finding{'s' if len(findings) != 1 else ''}"
             raise ExternalizationBlocked(
                 f"output of {request.argv[0]} blocked by the externalization gate "
@@ -499,6 +537,40 @@ class Sandbox:
             quarantine_ids=quarantine_ids,
             threat=assessment,
         )
+
+    @contextlib.contextmanager
+    def _errors_through_gate(self) -> Iterator[None]:
+        """Let an :class:`ExecError` out only with a message the gate released.
+
+        Backends quote what the sandbox controls in their errors (a failed ``cat``'s stderr
+        in ``read_file``, the import names of a WASM module), and callers print them.
+        """
+        try:
+            yield
+        except ExecError as exc:
+            gated = self._gated_error(exc)
+            if gated is exc:
+                raise
+            # "from None": a printed traceback would show the original with its message.
+            raise gated from None
+
+    def _gated_error(self, exc: ExecError) -> ExecError:
+        gate = self._services.gate
+        text = str(exc)
+        if gate is None or not text:
+            return exc
+        result = gate.apply(text.encode("utf-8", "surrogateescape"), "error")
+        if not result.findings:
+            return exc
+        if result.verdict is Verdict.BLOCK:
+            worst = max(f.severity for f in result.findings)
+            message = (
+                f"error text withheld by the externalization gate ({len(result.findings)} findings, worst {worst})"
+            )
+        else:
+            message = result.released.decode("utf-8", "replace")
+        self._audit("exec.error_gated", {"verdict": result.verdict.value, "findings": _finding_counts(result.findings)})
+        return ExecTimeout(message) if isinstance(exc, ExecTimeout) else ExecError(message)
 
     def _gate_apply(self, data: bytes, source: str) -> GateResult:
         gate = self._services.gate
@@ -578,7 +650,8 @@ class Sandbox:
         argv = self._scrub_argv(request.argv)
         self._audit("exec.started", {"argv": argv, "spawn": True})
         try:
-            process = await self._instance.spawn(request)
+            with self._errors_through_gate():
+                process = await self._instance.spawn(request)
         except asyncio.CancelledError:
             self._audit("exec.cancelled", {"argv": argv, "spawn": True})
             raise
@@ -591,7 +664,8 @@ class Sandbox:
         self._require_running("read_file")
         ext = self._services.gate
         limit = ext.policy.max_artifact_size if ext is not None else 64 * 1024 * 1024
-        data = await self._instance.read_file(path, limit)
+        with self._errors_through_gate():
+            data = await self._instance.read_file(path, limit)
         source = f"file:{path}"
         result = self._gate_apply(data, source)
         await self._assess(result.findings)
@@ -611,10 +685,27 @@ class Sandbox:
         return result.released
 
     async def export(self, path: str, destination: str | os.PathLike[str]) -> Path:
-        """Copy ``path`` out of the sandbox to the host file ``destination`` through the gate."""
+        """Copy ``path`` out of the sandbox to the host file ``destination`` through the gate.
+
+        ``destination`` is created with mode 0600 (an existing file is truncated, its mode
+        kept). It is never reached through a symbolic link and must be a regular file: the
+        destination may lie in a directory the sandbox writes (its workdir), where the
+        sandbox could have planted a link to any host file, or a FIFO to hang the caller.
+        """
         data = await self.read_file(path)
         dest = Path(destination)
-        dest.write_bytes(data)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            descriptor = os.open(dest, flags, 0o600)
+        except OSError as exc:
+            reason = "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise ExecError(f"export to {dest}: {reason}") from None
+        with os.fdopen(descriptor, "wb") as stream:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise ExecError(f"export to {dest}: not a regular file")
+            # Ordering: truncated only once known to be a regular file of our choosing.
+            stream.truncate(0)
+            stream.write(data)
         return dest
 
     # -- integrity ----------------------------------------------------------------------------
@@ -765,6 +856,7 @@ class SpawnHandle:
         gate = sandbox._services.gate
         self._gates = {name: gate.stream(name) for name in ("stdout", "stderr")} if gate else {}
         self._findings: list[Finding] = []
+        self._assessed = False  # the streamed findings went to the threat assessor (at a block)
 
     @property
     def pid(self) -> int:
@@ -845,16 +937,24 @@ class SpawnHandle:
                 "exec.blocked",
                 {"argv": self._audited_argv, "findings": _finding_counts(self._findings)},
             )
+            if not self._assessed:
+                # Now, not in wait(): a consumer that stops at the exception never calls it.
+                self._assessed = True
+                await self._sandbox._assess(self._findings)
             raise ExternalizationBlocked("streamed output blocked by the externalization gate", self._findings)
 
     async def wait(self) -> ExecResult:
-        """Wait for the exit; gate whatever was not streamed."""
-        raw = await self._process.wait()
-        result = await self._sandbox._finish_exec(self._request, raw, self._audited_argv)
-        # Nothing streamed: the gates saw nothing, and this adds nothing to the result.
-        streamed_verdict = worst_verdict(*(g.verdict for g in self._gates.values()))
-        findings = tuple(self._findings) + result.findings
-        return replace(result, verdict=worst_verdict(result.verdict, streamed_verdict), findings=findings)
+        """Wait for the exit; gate whatever was not streamed.
+
+        The result's verdict and findings include the streamed output's; quarantined streamed
+        output is stored like an exec's. After a block (which :meth:`stream` raised), the
+        result releases nothing: empty ``stdout`` and ``stderr``, verdict ``block``.
+        """
+        with self._sandbox._errors_through_gate():
+            raw = await self._process.wait()
+        return await self._sandbox._finish_exec(
+            self._request, raw, self._audited_argv, self._gates, streamed_assessed=self._assessed
+        )
 
     async def kill(self, signum: int = 9) -> None:
         """Send ``signum`` to the command."""
