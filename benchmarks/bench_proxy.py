@@ -153,8 +153,9 @@ async def role_kavach(port: int, upstream_ca: str, audit_path: str | None) -> No
     config = ProxyConfig(
         allow=(UPSTREAM_NAME,),
         allow_private=("127.0.0.0/8", "::1/128"),
-        # A credential rule makes the proxy intercept HTTPS to this host and inject a header.
-        credentials=(CredentialRule(UPSTREAM_NAME, "Authorization", "TOKEN"),),
+        # A credential rule makes the proxy intercept HTTPS to this host and inject a header;
+        # plain_http lets the plain-HTTP rows inject it too, as they measure.
+        credentials=(CredentialRule(UPSTREAM_NAME, "Authorization", "TOKEN", plain_http=True),),
         upstream_ca=upstream_ca,
         static_hosts=((UPSTREAM_NAME, "127.0.0.1"),),
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import datetime
 import ipaddress
 import os
 import re
@@ -31,10 +33,20 @@ from kavach.credentials import (
     parse_proxy_options,
     resolve_secrets,
     stdin,
+    tls,
 )
 from kavach.credentials.http import HttpError, parse_request_head, request_framing
-from kavach.credentials.rules import AddressGuard, EgressDenied, EgressRules, HostRule, Resolver, parse_cidrs
-from kavach.credentials.tls import CertificateAuthority
+from kavach.credentials.options import parse_credential
+from kavach.credentials.rules import (
+    AddressGuard,
+    EgressDenied,
+    EgressRules,
+    HostRule,
+    Resolver,
+    parse_cidrs,
+    resolve_pinned,
+)
+from kavach.credentials.tls import LEAF_CACHE_SIZE, CertificateAuthority
 from kavach.errors import CredentialError, PolicyError
 
 VALUE = "tok-VALUE-0123456789"
@@ -120,6 +132,37 @@ def test_proxy_refuses_credential_value_unfit_for_a_header() -> None:
     assert "Injected" not in str(info.value)
 
 
+def test_proxy_refuses_credential_value_that_is_not_latin1_naming_the_secret() -> None:
+    # Heads go out as latin-1: such a value used to fail on every request at send time.
+    store = CredentialStore()
+    store.set("euro", "tok-\u20ac-uro")
+    with pytest.raises(CredentialError, match=r"secret euro.*latin-1") as info:
+        EgressProxy(
+            ProxyConfig(allow=("a.example",), credentials=(CredentialRule("a.example", "X-Key", "euro"),)),
+            store,
+            sandbox_id="kv",
+        )
+    assert "\u20ac" not in str(info.value) and "tok-" not in str(info.value)
+    store.set("latin", "caf\xe9-token")  # latin-1 (obs-text) is accepted
+    EgressProxy(
+        ProxyConfig(allow=("a.example",), credentials=(CredentialRule("a.example", "X-Key", "latin"),)),
+        store,
+        sandbox_id="kv",
+    )
+
+
+def test_credential_rule_host_takes_no_scheme() -> None:
+    store = CredentialStore()
+    store.set("k", VALUE)
+    with pytest.raises(PolicyError) as info:
+        EgressProxy(
+            ProxyConfig(allow=("a.example",), credentials=(CredentialRule("http://a.example", "X-Key", "k"),)),
+            store,
+            sandbox_id="kv",
+        )
+    assert info.value.field == "proxy.credentials" and "plain_http" in str(info.value)
+
+
 # -- rules -----------------------------------------------------------------------------------------
 
 
@@ -176,12 +219,48 @@ def test_ip_literals_match_only_exact_entries() -> None:
         "fe80::1",
         "fd00:ec2::254",
         "::ffff:127.0.0.1",
+        # IPv6 that carries or reaches an IPv4 address, or has no global scope. Python 3.11's
+        # is_global accepts all of these but Teredo.
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "64:ff9b::6440:1",  # NAT64 of 100.64.0.1 (CGNAT)
+        "64:ff9b:1::808:808",  # local-use NAT64, whatever it carries
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:808:808::1",  # 6to4 of a public address: deprecated, refused all the same
+        "2001::1",  # Teredo
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "::7f00:1",  # IPv4-compatible 127.0.0.1
+        "::808:808",  # IPv4-compatible, public
+        "::ffff:0:7f00:1",  # IPv4-translated (SIIT) 127.0.0.1
+        "fec0::1",  # site-local
+        "1:2::3",  # elsewhere in the reserved ::/8
     ],
 )
 def test_address_guard_refuses_non_public(address: str) -> None:
     guard = AddressGuard(())
-    with pytest.raises(EgressDenied):
+    with pytest.raises(EgressDenied, match=r"(private|metadata) address"):
         guard.check(ipaddress.ip_address(address))
+
+
+def test_address_guard_nat64_is_judged_by_the_ipv4_address_it_carries() -> None:
+    # DNS64 answers IPv4-only names this way on IPv6-only hosts: a public one passes.
+    AddressGuard(()).check(ipaddress.ip_address("64:ff9b::808:808"))
+    with pytest.raises(EgressDenied, match="metadata address"):
+        AddressGuard(()).check(ipaddress.ip_address("64:ff9b::a9fe:a9fe"))  # 169.254.169.254
+    # An IPv4 CIDR does not admit it (the translator, not this host, would dial it) ...
+    with pytest.raises(EgressDenied, match=r"NAT64 of 127\.0\.0\.1"):
+        AddressGuard(parse_cidrs(["127.0.0.0/8"], "f")).check(ipaddress.ip_address("64:ff9b::7f00:1"))
+    # ... an IPv6 CIDR that names the range does, as for the other embedding ranges.
+    AddressGuard(parse_cidrs(["64:ff9b::/96"], "f")).check(ipaddress.ip_address("64:ff9b::7f00:1"))
+    AddressGuard(parse_cidrs(["2002::/16"], "f")).check(ipaddress.ip_address("2002:7f00:1::1"))
+    AddressGuard(parse_cidrs(["fec0::/10"], "f")).check(ipaddress.ip_address("fec0::1"))
+
+
+async def test_name_resolving_to_embedded_loopback_is_refused() -> None:
+    resolver = Resolver({"sneaky.test": ["64:ff9b::7f00:1"], "six.test": ["2002:7f00:1::1"]})
+    for name in ("sneaky.test", "six.test"):
+        with pytest.raises(EgressDenied, match="private address"):
+            await resolve_pinned(resolver, AddressGuard(()), name, 443)
 
 
 def test_address_guard_allows_public_and_listed_private() -> None:
@@ -249,6 +328,36 @@ def test_leaf_certificates_are_cached_and_signed_by_the_ca() -> None:
     leaf.verify_directly_issued_by(ca.certificate)
 
 
+def test_leaf_cache_is_bounded_least_recently_used_first() -> None:
+    assert LEAF_CACHE_SIZE == 256
+    ca = CertificateAuthority("kavach test")
+    kept = ca.server_context("h0.example", None)
+    evicted = ca.server_context("h1.example", None)
+    assert ca.server_context("h0.example", None) is kept  # used again: h1 is now the oldest
+    for i in range(2, LEAF_CACHE_SIZE + 1):
+        ca.server_context(f"h{i}.example", None)
+    assert ca.server_context("h0.example", None) is kept
+    assert ca.server_context("h1.example", None) is not evicted  # minted anew
+
+
+def test_leaf_is_renewed_before_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = CertificateAuthority("kavach test")
+    start = tls._now()
+    first = ca.server_context("api.example.com", None)
+    monkeypatch.setattr(
+        tls, "_now", lambda: start + tls.LEAF_VALIDITY - tls.LEAF_RENEW_BEFORE - datetime.timedelta(hours=1)
+    )
+    assert ca.server_context("api.example.com", None) is first
+    later = start + tls.LEAF_VALIDITY - tls.LEAF_RENEW_BEFORE + datetime.timedelta(hours=1)
+    monkeypatch.setattr(tls, "_now", lambda: later)
+    assert ca.server_context("api.example.com", None) is not first
+    assert ca.mint_leaf("api.example.com").not_valid_after_utc > start + tls.LEAF_VALIDITY
+    # Past the CA's own end no leaf is minted: clients could not accept it.
+    monkeypatch.setattr(tls, "_now", lambda: start + tls.CA_VALIDITY + datetime.timedelta(hours=1))
+    with pytest.raises(CredentialError, match="CA has expired"):
+        ca.server_context("api.example.com", None)
+
+
 # -- option parsing --------------------------------------------------------------------------------
 
 
@@ -265,6 +374,19 @@ def test_parse_proxy_options_reads_credential_from_environment(tmp_path: Path) -
     assert VALUE not in repr(options)
     resolved = parse_proxy_options(allow=["api.test"], resolve=["api.test=127.0.0.1"], environ={})
     assert resolved.config.static_hosts == (("api.test", "127.0.0.1"),)
+
+
+def test_parse_credential_http_prefix_opts_in_to_plain_http() -> None:
+    assert parse_credential("api.example.com=Authorization:T") == CredentialRule(
+        "api.example.com", "Authorization", "T", plain_http=False
+    )
+    assert parse_credential("http://api.internal:8080=Authorization:T") == CredentialRule(
+        "api.internal:8080", "Authorization", "T", plain_http=True
+    )
+    for bad in ("https://api.example.com=Authorization:T", "ftp://a.example=X:T", "http://=X:T"):
+        with pytest.raises(PolicyError) as info:
+            parse_credential(bad)
+        assert info.value.field == "--credential"
 
 
 @pytest.mark.parametrize(
@@ -342,6 +464,20 @@ def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
     return stdout, stderr
 
 
+def test_cli_listen_must_be_loopback_unless_remote_clients_allowed() -> None:
+    from kavach.cli.proxy import _parse_listen, _proxy_url
+
+    runner = CliRunner()
+    for listen in ("0.0.0.0:0", "[::]:0", "192.0.2.1:8080"):
+        result = runner.invoke(_app(), ["proxy", "--listen", listen, "--no-audit"])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().startswith("kavach: error: --listen") and "--allow-remote-clients" in result.output
+    assert _parse_listen("0.0.0.0:8080", allow_remote=True) == ("0.0.0.0", 8080)
+    assert _parse_listen("[::1]:8080") == ("::1", 8080)
+    # The printed URL must be usable as it is: an IPv6 host needs its brackets.
+    assert _proxy_url("t" * 32, "::1", 8080) == f"http://kavach:{'t' * 32}@[::1]:8080"
+
+
 def test_cli_runs_standalone_proxy_and_never_prints_the_value(tmp_path: Path) -> None:
     ca_out = tmp_path / "ca.pem"
     proc, first = _start_cli_proxy(
@@ -354,16 +490,20 @@ def test_cli_runs_standalone_proxy_and_never_prints_the_value(tmp_path: Path) ->
         lines=3,  # listening, CA bundle, one placeholder
     )
     try:
-        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", first)
+        match = re.search(r"listening on (http://kavach:([0-9a-f]{32})@127\.0\.0\.1:(\d+))$", first, re.M)
         assert match, first
-        port = int(match.group(1))
-        out = subprocess.run(
-            ["curl", "-sS", "-i", "--max-time", "5", "-x", f"http://127.0.0.1:{port}", "http://denied.example/"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert "X-Kavach-Reason: not allowlisted" in out.stdout
+        url, token, port = match.group(1), match.group(2), int(match.group(3))
+
+        def fetch(proxy: str) -> str:
+            argv = ["curl", "-sS", "-i", "--max-time", "5", "-x", proxy, "http://denied.example/"]
+            return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+        # The printed URL carries the token; without it, nothing is served.
+        assert "X-Kavach-Reason: not allowlisted" in fetch(url)
+        refused = fetch(f"http://127.0.0.1:{port}")
+        assert refused.startswith("HTTP/1.1 407") and 'Proxy-Authenticate: Basic realm="kavach"' in refused
+        assert "HTTP/1.1 407" in fetch(f"http://kavach:{'0' * 32}@127.0.0.1:{port}")
+        assert base64.b64encode(f"kavach:{token}".encode()).decode() not in refused
         assert ca_out.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
     finally:
         stdout, stderr = _stop(proc)

@@ -8,11 +8,18 @@ address, configurations that should reach it list ``allow_private=("127.0.0.0/8"
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
+import gc
 import json
+import logging
+import resource
 import shutil
+import socket
 import ssl
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +28,10 @@ from typing import Any
 import pytest
 
 from kavach.credentials import CredentialRule, CredentialStore, EgressProxy, ProxyConfig
+from kavach.credentials import proxy as proxy_module
 from kavach.credentials.http import Headers
+from kavach.credentials.proxy import connection_budget
+from kavach.errors import PolicyError
 from test_proxy_support import TestCA, Upstream, make_test_ca
 
 SECRET = "s3cr3t-VALUE-9f8e7d"
@@ -74,6 +84,13 @@ def _config(ca: TestCA, **overrides: Any) -> ProxyConfig:
     return replace(base, **overrides)
 
 
+# The same rules, opted in to plain HTTP (cleartext) as well.
+PLAIN_HTTP_RULES = (
+    CredentialRule("api.test", "Authorization", "API_TOKEN", plain_http=True),
+    CredentialRule("other.test", "X-Api-Key", "OTHER_KEY", plain_http=True),
+)
+
+
 def _store() -> CredentialStore:
     store = CredentialStore()
     store.set("API_TOKEN", SECRET)
@@ -120,6 +137,15 @@ async def curl(*args: str) -> tuple[int, str, str]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def probe(port: int, data: bytes) -> bytes:
+    """Like raw_exchange, for a proxy that may refuse the connection: a refused client whose
+    request was never read may see a reset instead of the 503 (reported as b"reset")."""
+    try:
+        return await raw_exchange(port, data)
+    except ConnectionError:
+        return b"reset"
 
 
 async def raw_exchange(port: int, data: bytes, read_until_close: bool = True) -> bytes:
@@ -303,7 +329,14 @@ async def test_private_and_metadata_addresses_refused_without_allow_private(worl
         world.ca,
         world.https,
         world.http,
-        allow=("api.test", "127.0.0.1", "169.254.169.254", "[fd00:ec2::254]", "metadata.google.internal"),
+        allow=(
+            "api.test",
+            "plain.test",
+            "127.0.0.1",
+            "169.254.169.254",
+            "[fd00:ec2::254]",
+            "metadata.google.internal",
+        ),
         allow_private=(),
     )
     try:
@@ -313,7 +346,7 @@ async def test_private_and_metadata_addresses_refused_without_allow_private(worl
             "GET http://[fd00:ec2::254]/latest/ HTTP/1.1\r\nHost: x\r\n\r\n": "metadata address",
             "GET http://metadata.google.internal/ HTTP/1.1\r\nHost: x\r\n\r\n": "metadata host",
             # A permitted *name* that resolves to a loopback address is refused too.
-            f"GET http://api.test:{w.http.port}/ HTTP/1.1\r\nHost: x\r\n\r\n": "private address",
+            f"GET http://plain.test:{w.http.port}/ HTTP/1.1\r\nHost: x\r\n\r\n": "private address",
             f"CONNECT api.test:{w.https.port} HTTP/1.1\r\nHost: x\r\n\r\n": "private address",
             "CONNECT 169.254.169.254:443 HTTP/1.1\r\nHost: x\r\n\r\n": "metadata address",
         }
@@ -430,6 +463,8 @@ async def test_placeholder_replaced_for_bound_host_only(world: World) -> None:
 
 
 async def test_keep_alive_every_request_inspected_with_chunked_body(world: World) -> None:
+    await world.proxy.close()
+    world = await _start(world.tmp, world.ca, world.https, world.http, credentials=PLAIN_HTTP_RULES)
     port = world.http.port
     reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
     try:
@@ -446,6 +481,7 @@ async def test_keep_alive_every_request_inspected_with_chunked_body(world: World
         data = await asyncio.wait_for(reader.read(-1), 10)
     finally:
         writer.close()
+        await world.proxy.close()
     responses = data.split(b"HTTP/1.1 ")[1:]
     assert [r[:3] for r in responses] == [b"200", b"200", b"200", b"403"]
     assert b"hello chunked world" not in data  # chunked framing is preserved, not flattened
@@ -466,11 +502,11 @@ async def test_connection_header_cannot_drop_the_length_of_a_relayed_body(world:
     smuggled = b"POST /capture HTTP/1.1\r\nHost: attacker.test\r\nContent-Length: 60\r\n\r\n"
     data = await raw_exchange(
         world.port,
-        f"POST http://api.test:{port}/first HTTP/1.1\r\nConnection: content-length, host\r\n"
+        f"POST http://plain.test:{port}/first HTTP/1.1\r\nConnection: content-length, host\r\n"
         f"Content-Length: {len(smuggled)}\r\n\r\n".encode()
         + smuggled
-        + f"POST http://api.test:{port}/second HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello".encode()
-        + f"POST http://api.test:{port}/third HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+        + f"POST http://plain.test:{port}/second HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello".encode()
+        + f"POST http://plain.test:{port}/third HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode(),
     )
     assert [r[:3] for r in data.split(b"HTTP/1.1 ")[1:]] == [b"200", b"200", b"200"]
     seen = world.http.seen
@@ -478,7 +514,7 @@ async def test_connection_header_cannot_drop_the_length_of_a_relayed_body(world:
     assert seen[0].body == smuggled
     # The proxy sends the framing it relayed, in its own spelling.
     assert [s.headers.get_all("content-length") for s in seen] == [[str(len(smuggled))], ["5"], ["0"]]
-    assert all(s.headers.get("host") == f"api.test:{port}" for s in seen)
+    assert all(s.headers.get("host") == f"plain.test:{port}" for s in seen)
 
 
 def test_connection_cannot_make_length_or_host_hop_by_hop() -> None:
@@ -490,11 +526,17 @@ def test_connection_cannot_make_length_or_host_hop_by_hop() -> None:
 
 @needs_curl
 async def test_curl_plain_http_any_port_with_post(world: World) -> None:
-    code, out, err = await curl("-x", world.url, "-d", "a=1&b=2", f"http://other.test:{world.http.port}/form")
+    # Injection over plain HTTP only with the rule's explicit opt-in.
+    await world.proxy.close()
+    w = await _start(world.tmp, world.ca, world.https, world.http, credentials=PLAIN_HTTP_RULES)
+    try:
+        code, out, err = await curl("-x", w.url, "-d", "a=1&b=2", f"http://other.test:{w.http.port}/form")
+    finally:
+        await w.proxy.close()
     assert code == 0, err
     assert json.loads(out)["body_len"] == 7
-    assert world.http.seen[-1].headers.get_all("x-api-key") == [OTHER_SECRET]
-    assert world.http.seen[-1].headers.get("proxy-connection") is None
+    assert w.http.seen[-1].headers.get_all("x-api-key") == [OTHER_SECRET]
+    assert w.http.seen[-1].headers.get("proxy-connection") is None
 
 
 # -- malformed input -------------------------------------------------------------------------------
@@ -522,14 +564,19 @@ MALFORMED = {
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 async def test_malformed_request_gets_400_and_proxy_keeps_serving(world: World, name: str) -> None:
-    request = MALFORMED[name].replace(b"api.test/", f"api.test:{world.http.port}/".encode())
+    # plain.test has no credential rule: these requests are refused for their shape alone.
+    request = (
+        MALFORMED[name]
+        .replace(b"api.test", b"plain.test")
+        .replace(b"plain.test/", f"plain.test:{world.http.port}/".encode())
+    )
     data = await raw_exchange(world.port, request)
     status = int(data.split(b" ", 2)[1])
     assert status in (400, 431), data[:200]
     assert b"Connection: close" in data
     # The proxy still serves a well-formed request on a new connection.
     ok = await raw_exchange(
-        world.port, f"GET http://api.test:{world.http.port}/ok HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
+        world.port, f"GET http://plain.test:{world.http.port}/ok HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
     )
     assert ok.startswith(b"HTTP/1.1 200")
     assert [s.target for s in world.http.seen][-1] == "/ok"
@@ -611,3 +658,289 @@ async def test_stalled_body_and_idle_tunnel_are_closed(world: World) -> None:
         assert w.http.seen == []
     finally:
         await w.proxy.close()
+
+
+# -- credentials stay off plain HTTP ---------------------------------------------------------------
+
+
+async def test_plain_http_request_that_would_carry_a_credential_is_refused(world: World) -> None:
+    placeholder = world.proxy.placeholders()["API_TOKEN"]
+    port = world.http.port
+    requests = (
+        # The rule's header would be added in cleartext.
+        f"GET http://api.test:{port}/rule HTTP/1.1\r\n\r\n",
+        # The client's own placeholder would become the value in cleartext.
+        f"GET http://api.test:{port}/ph HTTP/1.1\r\nAuthorization: Bearer {placeholder}\r\n\r\n",
+        f"GET http://other.test:{port}/ph?k={placeholder} HTTP/1.1\r\n\r\n",
+    )
+    for request in requests:
+        data = await raw_exchange(world.port, request.encode())
+        assert data.startswith(b"HTTP/1.1 403"), data[:200]
+        assert b"X-Kavach-Reason: credential over plain http" in data
+    assert world.http.seen == []  # refused, not relayed without the credential
+    denied = world.audit.decisions("denied")
+    assert [d["reason"] for d in denied] == ["credential over plain http"] * 3
+    assert denied[0]["scheme"] == "http"
+    assert denied[0]["withheld"] == [{"header": "Authorization", "name": "API_TOKEN"}]
+    assert denied[2]["withheld"] == [{"header": "X-Api-Key", "name": "OTHER_KEY"}]
+    assert SECRET not in json.dumps(world.audit.events) and placeholder not in json.dumps(world.audit.events)
+    # A host without rules is still reachable over plain HTTP.
+    ok = await raw_exchange(world.port, f"GET http://plain.test:{port}/ HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    assert ok.startswith(b"HTTP/1.1 200")
+
+
+async def test_plain_http_opt_in_is_per_rule(world: World) -> None:
+    await world.proxy.close()
+    rules = (
+        CredentialRule("api.test", "Authorization", "API_TOKEN", plain_http=True),
+        CredentialRule("other.test", "X-Api-Key", "OTHER_KEY"),
+    )
+    w = await _start(world.tmp, world.ca, world.https, world.http, credentials=rules)
+    placeholder = w.proxy.placeholders()["API_TOKEN"]
+    port = w.http.port
+    try:
+        ok = await raw_exchange(
+            w.port,
+            f"GET http://api.test:{port}/in HTTP/1.1\r\nX-Token: {placeholder}\r\nConnection: close\r\n\r\n".encode(),
+        )
+        refused = await raw_exchange(w.port, f"GET http://other.test:{port}/out HTTP/1.1\r\n\r\n".encode())
+    finally:
+        await w.proxy.close()
+    assert ok.startswith(b"HTTP/1.1 200")
+    assert w.http.seen[-1].headers.get_all("authorization") == [SECRET]
+    assert w.http.seen[-1].headers.get("x-token") == SECRET
+    assert b"X-Kavach-Reason: credential over plain http" in refused
+    assert [s.target for s in w.http.seen] == ["/in"]
+
+
+async def test_placeholder_value_that_would_break_the_request_line_is_refused(world: World) -> None:
+    # A value with a space, substituted into the request target, would split the request
+    # line into other fields than the ones the proxy checked.
+    await world.proxy.close()
+    store = _store()
+    store.set("API_TOKEN", "two words")
+    proxy = EgressProxy(_config(world.ca, credentials=PLAIN_HTTP_RULES), store, sandbox_id="kv", audit=MemoryAudit())
+    _h, port = await proxy.start_tcp()
+    placeholder = proxy.placeholders()["API_TOKEN"]
+    try:
+        target = f"http://api.test:{world.http.port}/q?key={placeholder}"
+        data = await raw_exchange(port, f"GET {target} HTTP/1.1\r\n\r\n".encode())
+        header = await raw_exchange(
+            port,
+            f"GET http://api.test:{world.http.port}/h HTTP/1.1\r\nX-K: {placeholder}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+    finally:
+        await proxy.close()
+    assert data.startswith(b"HTTP/1.1 403")
+    assert b"X-Kavach-Reason: credential value cannot go in a request line" in data
+    assert header.startswith(b"HTTP/1.1 200")  # in a header, the same value is fine
+    assert [s.target for s in world.http.seen] == ["/h"]
+
+
+# -- client authentication (kavach proxy) ----------------------------------------------------------
+
+CLIENT_TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def _basic(token: str) -> str:
+    return "Basic " + base64.b64encode(f"kavach:{token}".encode()).decode()
+
+
+@pytest.fixture
+async def authed(world: World) -> AsyncIterator[World]:
+    await world.proxy.close()
+    audit = MemoryAudit()
+    proxy = EgressProxy(_config(world.ca), _store(), sandbox_id="kv-auth", audit=audit, client_token=CLIENT_TOKEN)
+    _host, port = await proxy.start_tcp()
+    bundle = world.tmp / f"bundle-{port}.pem"
+    bundle.write_bytes(proxy.ca_bundle_pem())
+    try:
+        yield replace(world, proxy=proxy, port=port, audit=audit, bundle=bundle)
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [None, _basic("wrong-token-wrong-token-00"), _basic(CLIENT_TOKEN).replace("Basic", "Bearer"), "Basic !!!"],
+)
+async def test_client_token_missing_or_wrong_gets_407(authed: World, auth: str | None) -> None:
+    line = f"Proxy-Authorization: {auth}\r\n" if auth else ""
+    for request in (
+        f"GET http://plain.test:{authed.http.port}/ HTTP/1.1\r\n{line}\r\n",
+        f"CONNECT api.test:{authed.https.port} HTTP/1.1\r\n{line}\r\n",
+    ):
+        data = await raw_exchange(authed.port, request.encode())
+        assert data.startswith(b"HTTP/1.1 407 Proxy Authentication Required"), data[:200]
+        assert b'Proxy-Authenticate: Basic realm="kavach"' in data
+    assert authed.http.seen == [] and authed.https.seen == []
+    events = [(e, p) for e, _s, p in authed.audit.events]
+    assert [e for e, _p in events] == ["proxy.auth", "proxy.auth"]
+    expected = "proxy authentication missing" if auth is None else "proxy authentication failed"
+    assert {p["reason"] for _e, p in events} == {expected} and {p["status"] for _e, p in events} == {407}
+    assert CLIENT_TOKEN not in json.dumps(authed.audit.events)
+
+
+async def test_client_token_accepted_and_never_forwarded(authed: World) -> None:
+    auth = f"Proxy-Authorization: {_basic(CLIENT_TOKEN)}\r\n"
+    ok = await raw_exchange(
+        authed.port, f"GET http://plain.test:{authed.http.port}/p HTTP/1.1\r\n{auth}Connection: close\r\n\r\n".encode()
+    )
+    assert ok.startswith(b"HTTP/1.1 200")
+    # CONNECT carries the token once; a Proxy-Authorization inside the tunnel is not forwarded either.
+    reader, writer = await asyncio.open_connection("127.0.0.1", authed.port)
+    writer.write(f"CONNECT api.test:{authed.https.port} HTTP/1.1\r\n{auth}\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(authed.bundle))
+    await writer.start_tls(context, server_hostname="api.test")
+    writer.write(f"GET /t HTTP/1.1\r\nHost: api.test:{authed.https.port}\r\n{auth}Connection: close\r\n\r\n".encode())
+    inner = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    assert inner.startswith(b"HTTP/1.1 200")
+    assert authed.http.seen[-1].headers.get("proxy-authorization") is None
+    assert authed.https.seen[-1].headers.get("proxy-authorization") is None
+    assert authed.https.seen[-1].headers.get_all("authorization") == [SECRET]
+
+
+@needs_curl
+async def test_curl_uses_the_token_from_the_proxy_url(authed: World) -> None:
+    url = f"http://kavach:{CLIENT_TOKEN}@127.0.0.1:{authed.port}"
+    code, out, err = await curl("-x", url, "--cacert", str(authed.bundle), f"https://api.test:{authed.https.port}/c")
+    assert code == 0, err
+    assert json.loads(out)["authorization"] == [SECRET]
+    code, _out, err = await curl(
+        "-x", authed.url, "--cacert", str(authed.bundle), f"https://api.test:{authed.https.port}/"
+    )
+    assert code != 0 and "407" in err
+
+
+def test_client_token_must_be_long_and_url_safe() -> None:
+    for bad in ("short", "x" * 15, "has:colon-and-more-chars", "space in the token here"):
+        with pytest.raises(PolicyError) as info:
+            EgressProxy(ProxyConfig(), CredentialStore(), sandbox_id="kv", client_token=bad)
+        assert info.value.field == "client_token" and bad not in str(info.value)
+
+
+# -- connection limits -----------------------------------------------------------------------------
+
+
+def test_connection_budget_leaves_headroom_and_charges_two_descriptors() -> None:
+    assert connection_budget(1024) == (1024 - 256) // 2
+    assert connection_budget(256) == (256 - 64) // 2
+    assert connection_budget(64) == 0
+    assert 0 < connection_budget(resource.RLIM_INFINITY) <= (1 << 20) // 2
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Never more connections than the process has descriptors for, two each.
+    assert connection_budget(soft) * 2 < soft
+
+
+async def test_connections_over_the_descriptor_budget_get_503(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = proxy_module._BUDGET.active
+    monkeypatch.setattr(proxy_module, "connection_budget", lambda soft: base + 1)
+    _held_reader, held_writer = await asyncio.open_connection("127.0.0.1", world.port)
+    try:
+        await asyncio.sleep(0.1)  # the proxy has taken the held connection
+        # Nothing sent: the proxy closes without anything unread, so the 503 always arrives.
+        refused = await raw_exchange(world.port, b"")
+        assert refused.startswith(b"HTTP/1.1 503") and b"X-Kavach-Reason: too many connections" in refused
+    finally:
+        held_writer.close()
+    events = [p for e, _s, p in world.audit.events if e == "proxy.connection"]
+    assert events == [
+        {"decision": "refused", "reason": "file descriptor budget of this process", "status": 503, "count": 1}
+    ]
+    assert world.http.seen == []
+    for _ in range(50):  # the held connection's charge is returned once it closes
+        if proxy_module._BUDGET.active == base:
+            break
+        await asyncio.sleep(0.05)
+    ok = await raw_exchange(
+        world.port, f"GET http://plain.test:{world.http.port}/ HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert ok.startswith(b"HTTP/1.1 200")
+
+
+async def test_client_that_stops_reading_is_dropped_after_idle_timeout(world: World) -> None:
+    # One connection allowed: while a client that reads nothing holds it, others get 503.
+    await world.proxy.close()
+    w = await _start(
+        world.tmp, world.ca, world.https, world.http, idle_timeout=0.5, max_connections=1, credentials=PLAIN_HTTP_RULES
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        try:
+            served = await _stall_then_probe(w)
+        finally:
+            await w.proxy.close()
+        gc.collect()
+    assert served.startswith(b"HTTP/1.1 200"), served[:200]
+    assert 1 < len(w.http.seen) < 300  # the stuck client was being served, then dropped
+    for _ in range(50):  # and the upstream connection it was using went with it
+        if w.http.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert w.http.open == 0
+    # Closed by the proxy, not left for the garbage collector to find.
+    assert [str(c.message) for c in caught if "unclosed" in str(c.message)] == []
+
+
+async def _stall_then_probe(w: World) -> bytes:
+    """Have a client that never reads pipeline requests, then probe until another is served."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", w.port))
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        # Responses the proxy sends whole, more of them than any buffer holds. The host
+        # alternates, so each request has an upstream connection of its own.
+        requests = [
+            f"GET http://{host}:{w.http.port}/big/60000 HTTP/1.1\r\n\r\n".encode()
+            for host in ("plain.test", "other.test") * 150
+        ]
+        writer.write(b"".join(requests))
+        await writer.drain()
+        served = b""
+        for _ in range(60):
+            await asyncio.sleep(0.25)
+            served = await probe(
+                w.port, f"GET http://plain.test:{w.http.port}/ok HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
+            )
+            if served.startswith(b"HTTP/1.1 200"):
+                break
+        return served
+    finally:
+        writer.close()
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+async def test_expired_proxy_ca_gives_502_not_a_broken_connection(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kavach.credentials import tls
+
+    later = tls._now() + tls.CA_VALIDITY + datetime.timedelta(days=1)
+    monkeypatch.setattr(tls, "_now", lambda: later)
+    data = await raw_exchange(world.port, f"CONNECT api.test:{world.https.port} HTTP/1.1\r\n\r\n".encode())
+    assert data.startswith(b"HTTP/1.1 502") and b"X-Kavach-Reason: proxy CA expired" in data
+    failed = [p for e, _s, p in world.audit.events if e == "proxy.tls"]
+    assert failed and "expired" in failed[-1]["reason"]
+
+
+async def test_closing_the_proxy_with_open_connections_logs_no_error(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    # close() cancels connections; asyncio's stream machinery used to log each as failing.
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
+    writer.write(b"GET http://plain.test/ HTTP/1.1\r\n")  # an unfinished head: the proxy waits
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        await world.proxy.close()
+        assert await asyncio.wait_for(reader.read(-1), 10) == b""
+        await asyncio.sleep(0.1)
+    writer.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []

@@ -149,6 +149,8 @@ async def test_sandbox_refusals_non_allowlisted_metadata_and_loopback(sandboxed:
     cases = {
         f"http://nothere.test:{port}/": "not allowlisted",
         "http://169.254.169.254/latest/meta-data/": "metadata address",
+        # api.test has a credential rule, which holds for HTTPS only.
+        f"http://api.test:{port}/": "credential over plain http",
     }
     for url, reason in cases.items():
         result = await sandboxed.run("/usr/bin/curl", "-sS", "-i", url)
@@ -157,7 +159,8 @@ async def test_sandbox_refusals_non_allowlisted_metadata_and_loopback(sandboxed:
     direct = await sandboxed.run("/usr/bin/curl", "-sS", "--noproxy", "*", f"http://127.0.0.1:{port}/")
     assert direct.exit_code != 0
     assert sandboxed.upstream.seen == []
-    assert {p["reason"] for p in sandboxed.audit.decisions("denied")} >= {"not allowlisted", "metadata address"}
+    reasons = {p["reason"] for p in sandboxed.audit.decisions("denied")}
+    assert reasons >= {"not allowlisted", "metadata address", "credential over plain http"}
 
 
 async def test_sandbox_placeholder_to_other_host_refused_and_audited(sandboxed: SandboxWorld) -> None:

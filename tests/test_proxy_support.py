@@ -1,7 +1,8 @@
 """Test fixtures for the egress proxy: a test CA, and a real HTTP/HTTPS upstream on 127.0.0.1.
 
 The upstream records every request it receives (method, target, headers, body) so tests can
-assert what actually reached it, and answers with a small JSON echo. Imported by the other
+assert what actually reached it, and answers with a small JSON echo (``/big/N``: N bytes;
+``/chunked``: a chunked body). ``open`` counts the connections it has not seen closed. Imported by the other
 proxy test modules; it contains one self-check test of its own.
 """
 
@@ -105,6 +106,7 @@ class Upstream:
     echo_authorization: bool = True  # off for sandbox tests: the response must not hand the value back
     seen: list[SeenRequest] = field(default_factory=list)
     connections: int = 0
+    open: int = 0
     server: asyncio.Server | None = None
 
     async def start(self, context: ssl.SSLContext | None = None) -> Upstream:
@@ -118,6 +120,7 @@ class Upstream:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
         number = self.connections
         try:
             while True:
@@ -149,6 +152,11 @@ class Upstream:
                     writer.write(b"0\r\n\r\n")
                     await writer.drain()
                     continue
+                if request.target.startswith("/big/"):
+                    size = int(request.target.removeprefix("/big/"))
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (size, b"x" * size))
+                    await writer.drain()
+                    continue
                 answer = json.dumps(
                     {
                         "method": request.method,
@@ -166,6 +174,7 @@ class Upstream:
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             return
         finally:
+            self.open -= 1
             writer.close()
 
 

@@ -35,17 +35,25 @@ class ProxyOptions:
 
 
 def parse_credential(spec: str) -> CredentialRule:
-    """Parse ``HOST[:PORT]=HEADER:ENVVAR``; PolicyError naming ``--credential`` on bad input."""
+    """Parse ``[http://]HOST[:PORT]=HEADER:ENVVAR``; PolicyError naming ``--credential`` on bad input.
+
+    Without a scheme the credential goes only into HTTPS requests; ``http://`` lets plain
+    HTTP requests to HOST carry it as well (in cleartext), and is the only scheme accepted.
+    """
     host, sep, rest = spec.partition("=")
     header, sep2, var = rest.partition(":")
     if not sep or not sep2 or not host or not header or not var:
-        raise PolicyError("--credential", spec, "expected HOST=HEADER:ENVVAR")
+        raise PolicyError("--credential", spec, "expected [http://]HOST=HEADER:ENVVAR")
+    scheme, has_scheme, bare_host = host.strip().rpartition("://")
+    if has_scheme and scheme.lower() != "http":
+        raise PolicyError("--credential", spec, "the only scheme a host takes is http:// (HTTPS is the default)")
+    host = bare_host
     HostRule.parse(host, "--credential")
     if not _HEADER_RE.match(header):
         raise PolicyError("--credential", spec, f"{header!r} is not a valid header name")
     if not _ENV_RE.match(var):
         raise PolicyError("--credential", spec, f"{var!r} is not a valid environment variable name")
-    return CredentialRule(host=host.strip(), header=header, secret=var)
+    return CredentialRule(host=host.strip(), header=header, secret=var, plain_http=bool(has_scheme))
 
 
 def parse_resolve(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -77,9 +85,11 @@ def parse_proxy_options(
 
     ``--credential api.example.com=Authorization:API_TOKEN`` reads ``API_TOKEN`` from
     ``environ`` (default ``os.environ``) into the store as secret ``API_TOKEN``; the value is
-    never part of any message. Hosts named by ``--credential`` must still be allowed by
-    ``--allow`` to be reachable. ``--resolve NAME=ADDRESS`` answers NAME before DNS (the
-    address still has to pass the private-address check).
+    never part of any message. It is injected into HTTPS requests only, unless the host is
+    written ``http://api.example.com`` (plain HTTP allowed too). Hosts named by
+    ``--credential`` must still be allowed by ``--allow`` to be reachable.
+    ``--resolve NAME=ADDRESS`` answers NAME before DNS (the address still has to pass the
+    private-address check).
     """
     source = os.environ if environ is None else environ
     for entry in allow:

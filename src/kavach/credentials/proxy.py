@@ -6,7 +6,9 @@ inside the sandbox's network namespace:
 
 * **Plain HTTP** (absolute-form ``GET http://host:port/path``): every request on a keep-alive
   connection is checked against the rules, rewritten to origin-form, stripped of hop-by-hop
-  headers, given its credential headers, and relayed with its body (length or chunked).
+  headers, and relayed with its body (length or chunked). A request that would carry a
+  credential (a rule's header or a substituted placeholder) is refused, unless the rule opts
+  in with ``plain_http``: in cleartext, anyone on the path (or a forged DNS answer) gets it.
 * **CONNECT host:port**: refused unless allowed. A host with a credential rule (or a method
   restriction) is *intercepted*: the proxy answers the TLS handshake with a leaf certificate
   from the per-sandbox CA, requires SNI and every ``Host`` to name the CONNECT target, and
@@ -20,6 +22,13 @@ Placeholders: each secret bound to a credential rule gets a random placeholder. 
 only ever holds placeholders. A placeholder in a request to a host the secret is bound to is
 replaced by the value; in a request to any other host it is refused (403 + reason header).
 
+Clients: the in-sandbox proxy serves only the sandbox (its socket lives in the sandbox's
+network namespace). A proxy on a shared host (``kavach proxy``) is given a ``client_token``
+and then answers ``407`` to any request without ``Proxy-Authorization: Basic`` for
+``kavach:<token>``. Connections are bounded per proxy (``max_connections``) and per process
+(from ``RLIMIT_NOFILE``, see :func:`connection_budget`), and a client that stops reading is
+dropped after ``idle_timeout``.
+
 Every decision is audited with the method, host, port, path, reason and the *names* of the
 credentials injected; values never reach the audit log, log lines or exceptions.
 """
@@ -27,12 +36,17 @@ credentials injected; values never reach the audit log, log lines or exceptions.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hmac
 import inspect
 import logging
 import re
+import resource
 import secrets
 import socket
 import ssl
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,15 +91,23 @@ PLACEHOLDER_PREFIX = "KAVACH_PLACEHOLDER_"
 _PLACEHOLDER_RE = re.compile(PLACEHOLDER_PREFIX + r"[0-9a-f]{32}")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET_SAFE_RE = re.compile(r"^[\x21-\x7e]*$")
+_CLIENT_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{16,256}$")
 REASON_HEADER = "X-Kavach-Reason"
+PROXY_USER = "kavach"  # the user name clients put before the token in the proxy URL
 STREAM_LIMIT = MAX_HEAD_BYTES + 1024
 TUNNEL_COPY = 64 * 1024
 SMALL_BODY = 64 * 1024  # bodies up to this size are read whole and sent with their head
+# Each connection holds its client's socket and at most one upstream socket at a time.
+FDS_PER_CONNECTION = 2
+FD_HEADROOM = 64  # descriptors always left to the rest of the process, at the least
+REFUSAL_AUDIT_INTERVAL = 1.0  # seconds: a connection flood gives one audit entry per interval
 
 _PHRASES = {
     400: "Bad Request",
     403: "Forbidden",
     405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
     502: "Bad Gateway",
@@ -100,11 +122,16 @@ class CredentialRule:
 
     ``host`` is ``HOST[:PORT]`` or ``*.DOMAIN[:PORT]``; a client header of the same name is
     replaced, never duplicated. The secret is named, its value lives in the CredentialStore.
+
+    Only intercepted HTTPS requests (upstream certificate verified) get the credential: a
+    plain-HTTP request to ``host`` is refused rather than sent in cleartext. ``plain_http``
+    allows plain HTTP as well, for a host reached over a network the operator trusts.
     """
 
     host: str
     header: str
     secret: str
+    plain_http: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +143,9 @@ class ProxyConfig:
     not public (loopback, RFC 1918, link-local, metadata ...). ``upstream_ca``: a PEM file
     trusted for upstream certificates in addition to the system store. ``static_hosts``:
     ``(name, address)`` pairs answered before DNS (an /etc/hosts of the proxy's own).
+    ``idle_timeout`` bounds every wait on a peer, sends included: a client that stops reading
+    is dropped. ``max_connections`` caps this proxy's connections; the process-wide budget
+    from ``RLIMIT_NOFILE`` (:func:`connection_budget`) may cap them lower.
     """
 
     allow: tuple[str, ...] = ()
@@ -129,6 +159,54 @@ class ProxyConfig:
     max_connections: int = 1024
 
 
+def connection_budget(soft_limit: int) -> int:
+    """How many connections all the proxies of one process may hold with ``soft_limit`` (the
+    soft ``RLIMIT_NOFILE``) file descriptors.
+
+    A quarter of the descriptors (at least :data:`FD_HEADROOM`) stay free for the rest of the
+    process (audit log, listeners, DNS lookups, sandboxes' pipes); each connection is charged
+    :data:`FDS_PER_CONNECTION` (its client socket and its upstream socket).
+    """
+    if soft_limit == resource.RLIM_INFINITY or soft_limit > 1 << 20:
+        soft_limit = 1 << 20
+    usable = soft_limit - max(FD_HEADROOM, soft_limit // 4)
+    return max(0, usable // FDS_PER_CONNECTION)
+
+
+class _ConnectionBudget:
+    """Connections held by every proxy of this process. Shared because the descriptor limit
+    is per process, and one process serves one proxy per sandbox."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # proxies may run on event loops in several threads
+        self.active = 0
+
+    def try_acquire(self) -> bool:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # read each time: it may be raised
+        with self._lock:
+            if self.active >= connection_budget(soft):
+                return False
+            self.active += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+
+_BUDGET = _ConnectionBudget()
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """A loaded credential rule."""
+
+    rule: HostRule
+    header: str
+    secret: str
+    plain_http: bool
+
+
 @dataclass
 class _Upstream:
     key: tuple[str, str, int]
@@ -137,7 +215,7 @@ class _Upstream:
     used: bool = False
 
     def close(self) -> None:
-        self.writer.close()
+        _discard(self.writer)
 
 
 @dataclass
@@ -153,6 +231,7 @@ class _Decision:
     credentials: list[dict[str, str]] = field(default_factory=list)
     placeholders: list[str] = field(default_factory=list)
     placeholder_refused: str | None = None
+    withheld: list[dict[str, str]] = field(default_factory=list)
 
     def payload(self, decision: str, reason: str | None = None, status: int | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -177,6 +256,8 @@ class _Decision:
             data["placeholders"] = self.placeholders
         if self.placeholder_refused is not None:
             data["placeholder_of"] = self.placeholder_refused
+        if self.withheld:
+            data["withheld"] = self.withheld
         return data
 
 
@@ -185,7 +266,13 @@ class _ClientGone(Exception):
 
 
 class EgressProxy:
-    """Per-sandbox HTTP/HTTPS egress proxy with allowlist, address pinning and credential injection."""
+    """Per-sandbox HTTP/HTTPS egress proxy with allowlist, address pinning and credential injection.
+
+    ``client_token``: when given, every request on a client connection (each plain request,
+    each CONNECT) must carry ``Proxy-Authorization: Basic`` for ``kavach:<client_token>``.
+    None (the default) serves any client that can reach the listener, which suits the
+    in-sandbox proxy, whose socket only the sandbox can reach.
+    """
 
     def __init__(
         self,
@@ -195,6 +282,7 @@ class EgressProxy:
         sandbox_id: str,
         audit: Any | None = None,
         agent_id: str | None = None,
+        client_token: str | None = None,
     ) -> None:
         self.config = config
         self.sandbox_id = sandbox_id
@@ -206,8 +294,8 @@ class EgressProxy:
         for name, address in config.static_hosts:
             static.setdefault(name, []).append(address)
         self._resolver = Resolver(static)
-        self._credential_rules = self._load_credential_rules(config.credentials, store)
-        self._values = {r[2]: store.get(r[2]) for r in self._credential_rules}
+        self._bindings = self._load_credential_rules(config.credentials, store)
+        self._values = {b.secret: store.get(b.secret) for b in self._bindings}
         self._placeholders = {name: PLACEHOLDER_PREFIX + secrets.token_hex(16) for name in self._values}
         self._placeholder_secret = {p: name for name, p in self._placeholders.items()}
         self._upstream_ca_pem = load_ca_file(config.upstream_ca) if config.upstream_ca else None
@@ -217,16 +305,21 @@ class EgressProxy:
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
+        self._client_auth = _client_auth(client_token)
+        self._refused_unaudited = 0
+        self._last_refusal_audit = float("-inf")
 
     def __repr__(self) -> str:
         return f"<EgressProxy sandbox={self.sandbox_id} allow={list(self.config.allow)!r}>"
 
     @staticmethod
-    def _load_credential_rules(
-        rules: Sequence[CredentialRule], store: CredentialStore
-    ) -> tuple[tuple[HostRule, str, str], ...]:
+    def _load_credential_rules(rules: Sequence[CredentialRule], store: CredentialStore) -> tuple[_Binding, ...]:
         loaded = []
         for rule in rules:
+            if "://" in rule.host:
+                raise PolicyError(
+                    "proxy.credentials", rule.host, "a host takes no scheme (plain_http=True allows http)"
+                )
             host_rule = HostRule.parse(rule.host, "proxy.credentials")
             if host_rule.methods:
                 raise PolicyError("proxy.credentials", rule.host, "a credential rule takes no methods")
@@ -240,7 +333,10 @@ class EgressProxy:
                     f"secret {rule.secret}: value cannot be sent in a header "
                     "(control characters or surrounding whitespace)"
                 )
-            loaded.append((host_rule, rule.header, rule.secret))
+            if not _is_latin1(value):
+                # Heads go out as latin-1: such a value would fail at send time, per request.
+                raise CredentialError(f"secret {rule.secret}: value cannot be sent in a header (not latin-1 text)")
+            loaded.append(_Binding(host_rule, rule.header, rule.secret, rule.plain_http))
         return tuple(loaded)
 
     # -- what the sandbox is given ---------------------------------------------------------------
@@ -318,17 +414,74 @@ class EgressProxy:
         task = asyncio.current_task()
         assert task is not None
         if len(self._connections) >= self.config.max_connections:
-            writer.write(_error_response(503, "too many connections", ""))
-            writer.close()
+            await self._refuse_connection(writer, "connection limit of this proxy")
+            return
+        if not _BUDGET.try_acquire():
+            await self._refuse_connection(writer, "file descriptor budget of this process")
             return
         self._connections.add(task)
         try:
             await self._serve_client(reader, writer)
         except (_ClientGone, ConnectionError, TimeoutError, ssl.SSLError):
             pass  # the client went away or idled out; its decisions are already audited
+        except asyncio.CancelledError:
+            # close() ends connections by cancelling them; asyncio's stream machinery would
+            # log each such task as failing. Any other cancellation goes on.
+            if not self._closed.is_set():
+                raise
         finally:
             self._connections.discard(task)
-            writer.close()
+            try:
+                await self._close_client(writer)
+            finally:
+                _BUDGET.release()
+
+    async def _refuse_connection(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        """Answer 503 and close; audit at most one entry per interval, with the count, so a
+        flood of connections cannot turn into a flood of audit appends."""
+        # A fresh socket takes this short answer at once, so close() does not wait on it.
+        writer.write(_error_response(503, "too many connections", ""))
+        writer.close()
+        self._refused_unaudited += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._last_refusal_audit < REFUSAL_AUDIT_INTERVAL:
+            return
+        count, self._refused_unaudited = self._refused_unaudited, 0
+        self._last_refusal_audit = now
+        log.warning("proxy %s refused %d connection(s): %s", self.sandbox_id, count, reason)
+        await self._audit("proxy.connection", {"decision": "refused", "reason": reason, "status": 503, "count": count})
+
+    async def _close_client(self, writer: asyncio.StreamWriter) -> None:
+        """Close a client connection, waiting at most ``idle_timeout`` for unsent data to go.
+
+        A plain close() keeps the socket until its buffer is flushed, which a client that
+        stopped reading would put off forever; after the wait, the rest is discarded.
+        """
+        writer.close()
+        if self._closed.is_set():
+            writer.transport.abort()  # the proxy is stopping: nothing more is owed to anyone
+            return
+        try:
+            async with asyncio.timeout(self.config.idle_timeout):
+                await writer.wait_closed()
+        except (TimeoutError, ConnectionError, OSError, ssl.SSLError):
+            writer.transport.abort()
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Write ``data`` to the client. A client that does not take it within ``idle_timeout``
+        is dropped: it would otherwise hold its two sockets for as long as it liked."""
+        try:
+            writer.write(data)
+            async with asyncio.timeout(self.config.idle_timeout):
+                await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+            raise _ClientGone() from None
+        except (ConnectionError, OSError) as exc:
+            raise _ClientGone() from exc
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: _Upstream | None = None
@@ -336,6 +489,8 @@ class EgressProxy:
             while True:
                 request = await self._read_request(reader, writer, "http")
                 if request is None:
+                    return
+                if not await self._authenticate(request, writer):
                     return
                 if request.method == "CONNECT":
                     await self._connect(request, reader, writer)
@@ -367,6 +522,35 @@ class EgressProxy:
             await self._refuse_malformed(writer, exc, None, scheme)
             return None
 
+    async def _authenticate(self, request: RequestHead, writer: asyncio.StreamWriter) -> bool:
+        """True if the request may be served; otherwise a 407 was sent and audited."""
+        reason = self._client_refusal(request)
+        if reason is None:
+            return True
+        payload = {"decision": "denied", "reason": reason, "status": 407, "method": request.method}
+        await self._audit("proxy.auth", payload)
+        challenge = (("Proxy-Authenticate", f'Basic realm="{PROXY_USER}"'),)
+        await self._send(writer, _error_response(407, "proxy authentication required", "", challenge))
+        return False
+
+    def _client_refusal(self, request: RequestHead) -> str | None:
+        """None if no client token is required or ``request`` carries it; else why it is refused."""
+        if self._client_auth is None:
+            return None
+        values = request.headers.get_all("proxy-authorization")
+        if not values:
+            return "proxy authentication missing"
+        scheme, _, encoded = values[0].partition(" ")
+        try:
+            presented = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            presented = b""
+        # compare_digest: the time taken must not tell a client how much of its guess was right.
+        matches = hmac.compare_digest(presented, self._client_auth)
+        if len(values) != 1 or scheme.lower() != "basic" or not matches:
+            return "proxy authentication failed"
+        return None
+
     async def _refuse_malformed(
         self, writer: asyncio.StreamWriter, exc: HttpError, request: RequestHead | None, scheme: str = "http"
     ) -> None:
@@ -375,7 +559,7 @@ class EgressProxy:
         if request is not None:
             payload["method"] = request.method
         await self._audit("proxy.malformed", payload)
-        await _send(writer, _error_response(exc.status, "malformed request", exc.reason))
+        await self._send(writer, _error_response(exc.status, "malformed request", exc.reason))
 
     # -- CONNECT ---------------------------------------------------------------------------------
 
@@ -392,11 +576,11 @@ class EgressProxy:
             address = await resolve_pinned(self._resolver, self._guard, host, port)
         except EgressDenied as exc:
             await self._audit("proxy.connect", decision.payload("denied", exc.reason, 403))
-            await _send(writer, _error_response(403, exc.reason, exc.detail))
+            await self._send(writer, _error_response(403, exc.reason, exc.detail))
             return
         if intercept:
             if not await self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "intercept"}):
-                await _send(writer, _error_response(503, "audit unavailable", ""))
+                await self._send(writer, _error_response(503, "audit unavailable", ""))
                 return
             await self._intercept(reader, writer, host, port, address)
         else:
@@ -415,16 +599,16 @@ class EgressProxy:
         except (OSError, TimeoutError) as exc:
             reason = "upstream connect timeout" if isinstance(exc, TimeoutError) else "upstream connect failed"
             await self._audit("proxy.connect", decision.payload("error", reason, 502))
-            await _send(writer, _error_response(502, reason, f"{decision.host}:{decision.port}"))
+            await self._send(writer, _error_response(502, reason, f"{decision.host}:{decision.port}"))
             return
         try:
             if not await self._audit("proxy.connect", {**decision.payload("allowed"), "mode": "tunnel"}):
-                await _send(writer, _error_response(503, "audit unavailable", ""))
+                await self._send(writer, _error_response(503, "audit unavailable", ""))
                 return
-            await _send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            await self._send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
             await _splice((reader, writer), (up_reader, up_writer), self.config.idle_timeout)
         finally:
-            up_writer.close()
+            _discard(up_writer)
 
     async def _intercept(
         self,
@@ -434,8 +618,13 @@ class EgressProxy:
         port: int,
         address: IPAddress,
     ) -> None:
-        await _send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        context = self._ca.server_context(host, self._record_sni)
+        try:
+            context = self._ca.server_context(host, self._record_sni)
+        except CredentialError as exc:
+            await self._audit("proxy.tls", {"decision": "failed", "host": host, "port": port, "reason": str(exc)})
+            await self._send(writer, _error_response(502, "proxy CA expired", "restart the proxy"))
+            return
+        await self._send(writer, b"HTTP/1.1 200 Connection Established\r\n\r\n")
         try:
             await writer.start_tls(context, ssl_handshake_timeout=self.config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
@@ -451,7 +640,7 @@ class EgressProxy:
                 "proxy.tls",
                 {"decision": "denied", "host": host, "port": port, "reason": "SNI does not match CONNECT target"},
             )
-            await _send(writer, _error_response(403, "sni mismatch", f"SNI {sni!r} for CONNECT {host}"))
+            await self._send(writer, _error_response(403, "sni mismatch", f"SNI {sni!r} for CONNECT {host}"))
             return
         upstream: _Upstream | None = None
         try:
@@ -467,7 +656,7 @@ class EgressProxy:
                 except EgressDenied as exc:
                     decision = _Decision(request.method, "https", host, port, _audit_path(request.target), True)
                     await self._audit("proxy.request", decision.payload("denied", exc.reason, 403))
-                    await _send(writer, _error_response(403, exc.reason, exc.detail))
+                    await self._send(writer, _error_response(403, exc.reason, exc.detail))
                     return
                 keep, upstream = await self._proxy_request(
                     request, reader, writer, "https", host, port, path, upstream, intercepted=True, address=address
@@ -484,33 +673,48 @@ class EgressProxy:
     # -- one request -----------------------------------------------------------------------------
 
     def _has_credentials(self, host: str, port: int) -> bool:
-        return any(rule.matches_host(host, port) for rule, _header, _secret in self._credential_rules)
+        return any(binding.rule.matches_host(host, port) for binding in self._bindings)
 
     def _apply_credentials(self, request: RequestHead, decision: _Decision) -> tuple[Headers, str]:
         """Outgoing headers and target: placeholders replaced where bound, refused elsewhere,
-        credential headers set. Raises EgressDenied for a placeholder sent to a foreign host."""
+        credential headers set. Raises EgressDenied for a placeholder sent to a foreign host,
+        and for a plain-HTTP request to a host whose credentials go over HTTPS only."""
         headers = request.headers.without_hop_by_hop()
         host, port = decision.host, decision.port
+        bindings = [b for b in self._bindings if b.rule.matches_host(host, port)]
+        if decision.scheme != "https":
+            # Refused, not relayed without the credential: the client would likely resend it
+            # itself, and a placeholder bound here would otherwise go out as the value.
+            cleartext = [b for b in bindings if not b.plain_http]
+            if cleartext:
+                decision.withheld = [{"header": b.header, "name": b.secret} for b in cleartext]
+                raise EgressDenied("credential over plain http", f"{host}:{port} gets its credentials over https only")
         target = request.target
         if PLACEHOLDER_PREFIX in target or any(PLACEHOLDER_PREFIX in v for _k, v in headers.items):
-            target = self._substitute(target, host, port, decision)
-            headers.items = [(k, self._substitute(v, host, port, decision)) for k, v in headers.items]
-        for rule, header, secret in self._credential_rules:
-            if rule.matches_host(host, port):
-                headers.put(header, self._values[secret])
-                decision.credentials.append({"header": header, "name": secret})
+            target = self._substitute(target, bindings, decision, in_target=True)
+            headers.items = [(k, self._substitute(v, bindings, decision)) for k, v in headers.items]
+        for binding in bindings:
+            headers.put(binding.header, self._values[binding.secret])
+            decision.credentials.append({"header": binding.header, "name": binding.secret})
         return headers, target
 
-    def _substitute(self, text: str, host: str, port: int, decision: _Decision) -> str:
+    def _substitute(self, text: str, bindings: Sequence[_Binding], decision: _Decision, in_target: bool = False) -> str:
+        bound = {binding.secret for binding in bindings}
+
         def replace(match: re.Match[str]) -> str:
             secret = self._placeholder_secret.get(match.group(0))
             if secret is None:
                 return match.group(0)  # not ours (another sandbox's): it is no secret here
-            if not any(rule.matches_host(host, port) for rule, _h, name in self._credential_rules if name == secret):
+            if secret not in bound:
                 decision.placeholder_refused = secret
                 raise EgressDenied("placeholder sent to a host it is not bound to", f"secret {secret}")
+            value = self._values[secret]
+            if in_target and not _TARGET_SAFE_RE.match(value):
+                # A space (or a non-ASCII character) in the request line would split it into
+                # other fields than the ones the proxy checked and audited.
+                raise EgressDenied("credential value cannot go in a request line", f"secret {secret}")
             decision.placeholders.append(secret)
-            return self._values[secret]
+            return value
 
         return _PLACEHOLDER_RE.sub(replace, text)
 
@@ -543,23 +747,23 @@ class EgressProxy:
                 address = await resolve_pinned(self._resolver, self._guard, host, port)
         except EgressDenied as exc:
             await self._audit("proxy.request", decision.payload("denied", exc.reason, 403))
-            await _send(writer, _error_response(403, exc.reason, exc.detail))
+            await self._send(writer, _error_response(403, exc.reason, exc.detail))
             return False, upstream
         if request.method in ("CONNECT", "TRACE") or request.headers.get("upgrade") is not None:
             # Upgrades (websockets, h2c) would turn the inspected stream into an opaque one.
             await self._audit("proxy.request", decision.payload("denied", "upgrade not supported", 501))
-            await _send(writer, _error_response(501, "upgrade not supported", request.method))
+            await self._send(writer, _error_response(501, "upgrade not supported", request.method))
             return False, upstream
         headers.put("Host", _host_header(host, port, 443 if scheme == "https" else 80))
         set_framing(headers, framing, declared=request.headers.get("content-length") is not None)
         expect = headers.get("expect")
         headers.remove("expect")
         if not await self._audit("proxy.request", decision.payload("allowed")):
-            await _send(writer, _error_response(503, "audit unavailable", ""))
+            await self._send(writer, _error_response(503, "audit unavailable", ""))
             return False, upstream
         if expect is not None and expect.lower() == "100-continue" and framing is not NO_BODY:
             # The proxy answers Expect itself: it must read the body before it sees upstream's answer.
-            await _send(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
+            await self._send(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
         head = serialize_head(f"{request.method} {path} HTTP/1.1", headers.items)
         for attempt in (1, 2):
             try:
@@ -569,7 +773,7 @@ class EgressProxy:
             except (_UpstreamFailed, EgressDenied) as exc:
                 status = exc.status if isinstance(exc, _UpstreamFailed) else 403
                 await self._audit("proxy.request", decision.payload("error", exc.reason, status))
-                await _send(writer, _error_response(status, exc.reason, f"{host}:{port}"))
+                await self._send(writer, _error_response(status, exc.reason, f"{host}:{port}"))
                 return False, None
             try:
                 return await self._exchange(request, framing, head, reader, writer, upstream, decision)
@@ -577,6 +781,11 @@ class EgressProxy:
                 # A kept-alive upstream closed before answering a body-less request: that
                 # request never reached it, so one retry on a fresh connection is safe.
                 upstream = None
+            except BaseException:
+                # The client went away (or the proxy is stopping) mid-exchange: nobody else
+                # holds this upstream, so its socket would outlive the connection.
+                upstream.close()
+                raise
         raise AssertionError("unreachable")
 
     async def _exchange(
@@ -612,14 +821,14 @@ class EgressProxy:
                 raise _StaleUpstream() from None
             reason = exc.reason if isinstance(exc, HttpError) else "upstream connection failed"
             await self._audit("proxy.request", decision.payload("error", reason, 502))
-            await _send(writer, _error_response(502, reason, f"{decision.host}:{decision.port}"))
+            await self._send(writer, _error_response(502, reason, f"{decision.host}:{decision.port}"))
             return False, None
         try:
             framing_out = response_framing(response, request.method)
         except HttpError as exc:
             upstream.close()
             await self._audit("proxy.request", decision.payload("error", exc.reason, 502))
-            await _send(writer, _error_response(502, exc.reason, ""))
+            await self._send(writer, _error_response(502, exc.reason, ""))
             return False, None
         headers = response.headers.without_hop_by_hop()
         if framing_out.kind in ("length", "chunked"):
@@ -637,17 +846,19 @@ class EgressProxy:
             except HttpError as exc:
                 upstream.close()
                 await self._audit("proxy.request", decision.payload("error", exc.reason, 502))
-                await _send(writer, _error_response(502, exc.reason, ""))
+                await self._send(writer, _error_response(502, exc.reason, ""))
                 return False, None
-            await _send(writer, out_head + body)
+            await self._send(writer, out_head + body)
             framing_out = NO_BODY
         else:
             writer.write(out_head)
         try:
             await relay_body(upstream.reader, writer, framing_out, 502, self.config.idle_timeout)
         except HttpError:
-            # Part of the response was sent: the only honest signal left is closing both sides.
+            # Part of the response was sent: the only honest signal left is closing both sides,
+            # at once (the client may be the side that stopped reading).
             upstream.close()
+            writer.transport.abort()
             return False, None
         upstream_reusable = response.keep_alive and keep_framing
         if not upstream_reusable:
@@ -668,7 +879,7 @@ class EgressProxy:
                 return response
             # Interim 1xx responses are forwarded as they come.
             interim = response.headers.without_hop_by_hop()
-            writer.write(serialize_head(f"HTTP/1.1 {response.status} {response.reason}", interim.items))
+            await self._send(writer, serialize_head(f"HTTP/1.1 {response.status} {response.reason}", interim.items))
 
     async def _upstream_for(
         self, current: _Upstream | None, scheme: str, host: str, port: int, address: IPAddress | None
@@ -840,7 +1051,7 @@ def _sanitize(text: str) -> str:
     return re.sub(r"[^\x20-\x7e]", "?", text)[:300]
 
 
-def _error_response(status: int, reason: str, detail: str) -> bytes:
+def _error_response(status: int, reason: str, detail: str, extra: Sequence[tuple[str, str]] = ()) -> bytes:
     phrase = _PHRASES.get(status, "Error")
     body = f"kavach egress proxy: {phrase}: {reason}" + (f" ({detail})" if detail else "") + "\n"
     body_bytes = _sanitize(body.rstrip("\n")).encode("ascii") + b"\n"
@@ -848,12 +1059,40 @@ def _error_response(status: int, reason: str, detail: str) -> bytes:
         f"HTTP/1.1 {status} {phrase}",
         [
             (REASON_HEADER, _sanitize(reason)),
+            *extra,
             ("Content-Type", "text/plain; charset=us-ascii"),
             ("Content-Length", str(len(body_bytes))),
             ("Connection", "close"),
         ],
     )
     return head + body_bytes
+
+
+def _client_auth(token: str | None) -> bytes | None:
+    """What a client's Basic credentials must decode to, or None when no token is required."""
+    if token is None:
+        return None
+    if not _CLIENT_TOKEN_RE.match(token):
+        # Never echo the token: it is a secret of its own.
+        raise PolicyError("client_token", "<hidden>", "16 to 256 characters among A-Z a-z 0-9 . _ ~ -")
+    return f"{PROXY_USER}:{token}".encode("ascii")
+
+
+def _is_latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _discard(writer: asyncio.StreamWriter) -> None:
+    """Close an upstream connection; unsent data is dropped, not waited for (a server that
+    stopped reading would keep the socket open, uncounted, for as long as it liked)."""
+    if writer.transport.get_write_buffer_size():
+        writer.transport.abort()
+    else:
+        writer.close()
 
 
 async def _read_exact(reader: asyncio.StreamReader, size: int, status: int, idle_timeout: float) -> bytes:
@@ -864,14 +1103,6 @@ async def _read_exact(reader: asyncio.StreamReader, size: int, status: int, idle
         raise HttpError(status, "body shorter than Content-Length") from None
     except TimeoutError:
         raise HttpError(status, "body stalled (idle timeout)") from None
-
-
-async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
-    try:
-        writer.write(data)
-        await writer.drain()
-    except (ConnectionError, OSError) as exc:
-        raise _ClientGone() from exc
 
 
 async def _splice(
@@ -925,8 +1156,10 @@ def _tls_reason(exc: BaseException) -> str:
 
 __all__ = [
     "PLACEHOLDER_PREFIX",
+    "PROXY_USER",
     "REASON_HEADER",
     "CredentialRule",
     "EgressProxy",
     "ProxyConfig",
+    "connection_budget",
 ]

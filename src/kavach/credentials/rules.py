@@ -9,7 +9,10 @@ Two independent checks guard every connection, and both must pass:
 2. **Addresses** (:class:`AddressGuard`): every address the name resolves to must be a public
    (globally routable) address, unless it falls inside a CIDR the operator listed in
    ``allow_private``. Loopback, link-local, private, CGNAT, multicast, reserved and cloud
-   metadata addresses are refused otherwise. The proxy then connects to the exact address it
+   metadata addresses are refused otherwise, and so are IPv6 addresses that carry or reach an
+   IPv4 address (6to4, Teredo, IPv4-compatible, IPv4-translated, local-use NAT64) or have
+   no global scope (site-local); a NAT64 well-known-prefix address passes only if the IPv4
+   address it carries is public. The proxy then connects to the exact address it
    checked (the connection is *pinned*), so a second DNS answer cannot redirect it.
 """
 
@@ -210,8 +213,35 @@ class EgressRules:
         return bool(matching) and all(r.methods for r in matching)
 
 
+# The NAT64 well-known prefix (RFC 6052): 64:ff9b::a.b.c.d is a.b.c.d, reached through the
+# network's translator. DNS64 hands these out for every IPv4-only name on an IPv6-only host,
+# so they are judged by the IPv4 address they carry instead of being refused outright.
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+
+# IPv6 ranges that carry or reach an IPv4 address (or a network of unknown scope) by other
+# means. Python 3.11's is_global accepts most of them, so a name resolving to 2002:7f00:1::
+# or ::127.0.0.1 would otherwise pass as public. They are refused unless an allow_private
+# CIDR covers the IPv6 address itself. Order matters: the last entry catches the rest of ::/8.
+EMBEDDED_IPV4_NETWORKS: tuple[tuple[ipaddress.IPv6Network, str], ...] = (
+    (ipaddress.IPv6Network("64:ff9b:1::/48"), "local-use NAT64"),  # RFC 8215: a local translator
+    (ipaddress.IPv6Network("2002::/16"), "6to4"),  # RFC 3056, deprecated by RFC 7526
+    (ipaddress.IPv6Network("2001::/32"), "Teredo"),  # RFC 4380
+    (ipaddress.IPv6Network("::/96"), "IPv4-compatible"),  # RFC 4291, deprecated
+    (ipaddress.IPv6Network("::ffff:0:0:0/96"), "IPv4-translated"),  # RFC 2765 (SIIT)
+    (ipaddress.IPv6Network("fec0::/10"), "site-local"),  # RFC 3879, deprecated, scope unknown
+    (ipaddress.IPv6Network("::/8"), "reserved"),  # anything else in the IETF-reserved block
+)
+
+
 class AddressGuard:
-    """The address check: only public addresses, plus the operator's ``allow_private`` CIDRs."""
+    """The address check: only public addresses, plus the operator's ``allow_private`` CIDRs.
+
+    IPv4-mapped IPv6 (``::ffff:a.b.c.d``) is judged as the IPv4 address, and the operator's
+    IPv4 CIDRs apply to it (the kernel dials that very address). A NAT64 address
+    (``64:ff9b::a.b.c.d``) passes only if ``a.b.c.d`` is public: an IPv4 ``allow_private``
+    CIDR does not admit it, since the translator, not this host, would dial it. The other
+    ranges in :data:`EMBEDDED_IPV4_NETWORKS` are refused unless an IPv6 CIDR covers them.
+    """
 
     def __init__(self, allow_private: Sequence[IPNetwork]) -> None:
         self.allow_private = tuple(allow_private)
@@ -223,8 +253,23 @@ class AddressGuard:
             return
         if address in METADATA_ADDRESSES:
             raise EgressDenied("metadata address", str(address))
+        if isinstance(address, ipaddress.IPv6Address):
+            if address in NAT64_WELL_KNOWN:
+                _check_public_ipv4(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF), f"{address}, NAT64 of ")
+                return
+            for network, kind in EMBEDDED_IPV4_NETWORKS:
+                if address in network:
+                    raise EgressDenied("private address", f"{address} ({kind})")
         if not address.is_global or address.is_multicast:
             raise EgressDenied("private address", f"{address} ({_address_kind(address)})")
+
+
+def _check_public_ipv4(address: ipaddress.IPv4Address, context: str) -> None:
+    """Refuse an IPv4 address carried inside an IPv6 one unless it is public."""
+    if address in METADATA_ADDRESSES:
+        raise EgressDenied("metadata address", f"{context}{address}")
+    if not address.is_global or address.is_multicast:
+        raise EgressDenied("private address", f"{context}{address} ({_address_kind(address)})")
 
 
 def _address_kind(address: IPAddress) -> str:
@@ -285,8 +330,10 @@ async def resolve_pinned(resolver: Resolver, guard: AddressGuard, host: str, por
 
 
 __all__ = [
+    "EMBEDDED_IPV4_NETWORKS",
     "METADATA_ADDRESSES",
     "METADATA_HOSTNAMES",
+    "NAT64_WELL_KNOWN",
     "AddressGuard",
     "EgressDenied",
     "EgressRules",

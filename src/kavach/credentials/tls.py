@@ -3,9 +3,9 @@
 Each egress proxy generates its own CA (ECDSA P-256) when it starts. Only its certificate
 leaves the proxy (into the sandbox's CA bundle); the private key lives in memory only. Leaf
 certificates for intercepted hosts are minted on first use and cached, together with a ready
-``ssl.SSLContext``. Python's ``ssl`` module loads keys only from paths, so key material is
-handed to OpenSSL through an anonymous ``memfd`` (``/proc/self/fd/N``) and never written to a
-file system.
+``ssl.SSLContext`` (least recently used first out, and renewed a day before they expire).
+Python's ``ssl`` module loads keys only from paths, so key material is handed to OpenSSL
+through an anonymous ``memfd`` (``/proc/self/fd/N``) and never written to a file system.
 
 Upstream connections are verified against the system trust store plus, optionally, one
 operator-supplied CA file (``upstream_ca``).
@@ -35,7 +35,12 @@ CA_VALIDITY = datetime.timedelta(days=30)
 # Clock skew between host and sandbox is zero (same kernel), but clients of the standalone
 # proxy may run elsewhere.
 BACKDATE = datetime.timedelta(hours=1)
-LEAF_CACHE_SIZE = 512
+# At most this many hosts keep a ready context (least recently used goes first): a sandbox
+# that CONNECTs to ever new names cannot grow the proxy's memory without bound.
+LEAF_CACHE_SIZE = 256
+# A cached leaf is replaced this long before it expires, so a client never receives a leaf
+# that runs out during its connection.
+LEAF_RENEW_BEFORE = datetime.timedelta(days=1)
 
 SYSTEM_CA_FILES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
@@ -102,15 +107,22 @@ class CertificateAuthority:
         self._leaf_key_pem = self._leaf_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        # host -> (context, when to mint a new leaf for it)
+        self._contexts: OrderedDict[str, tuple[ssl.SSLContext, datetime.datetime]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"CertificateAuthority(subject={self.certificate.subject.rfc4514_string()!r})"
 
     def mint_leaf(self, host: str) -> x509.Certificate:
-        """A certificate for ``host`` (a DNS name or an IP literal) signed by this CA."""
+        """A certificate for ``host`` (a DNS name or an IP literal) signed by this CA.
+
+        Raises :class:`CredentialError` once the CA itself has expired: no client would accept
+        what it signs, and the CA cannot be renewed without handing clients a new bundle.
+        """
         now = _now()
+        if now >= self.certificate.not_valid_after_utc:
+            raise CredentialError("the proxy's CA has expired; restart the proxy for a new one")
         address = parse_ip(host)
         san: x509.GeneralName = (
             x509.IPAddress(ipaddress.ip_address(address)) if address is not None else x509.DNSName(host)
@@ -134,13 +146,22 @@ class CertificateAuthority:
     def server_context(
         self, host: str, sni_callback: Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None] | None
     ) -> ssl.SSLContext:
-        """A cached server-side context presenting a leaf for ``host``."""
+        """A cached server-side context presenting a leaf for ``host``.
+
+        A leaf within :data:`LEAF_RENEW_BEFORE` of its end is replaced by a new one. Raises
+        :class:`CredentialError` when the CA has expired.
+        """
         with self._lock:
-            context = self._contexts.get(host)
-            if context is not None:
+            cached = self._contexts.get(host)
+            if cached is not None and _now() < cached[1]:
                 self._contexts.move_to_end(host)
-                return context
+                return cached[0]
         leaf = self.mint_leaf(host)
+        renew_at = leaf.not_valid_after_utc - LEAF_RENEW_BEFORE
+        if renew_at <= _now():
+            # The CA ends within the margin, so a new leaf would end no later: keep this one
+            # to its end rather than minting one per handshake.
+            renew_at = leaf.not_valid_after_utc
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         # HTTP/1.1 only: the proxy inspects HTTP/1.1 messages, so it must not agree to h2.
@@ -150,7 +171,8 @@ class CertificateAuthority:
         if sni_callback is not None:
             context.sni_callback = sni_callback
         with self._lock:
-            self._contexts[host] = context
+            self._contexts[host] = (context, renew_at)
+            self._contexts.move_to_end(host)
             while len(self._contexts) > LEAF_CACHE_SIZE:
                 self._contexts.popitem(last=False)
         return context
