@@ -195,6 +195,20 @@ async def test_after_a_streamed_block_nothing_more_is_released_and_the_block_is_
     assert any(e["event"] == "threat.assessed" for e in events)
 
 
+async def test_output_cut_at_its_cap_never_releases_the_first_part_of_a_secret() -> None:
+    from dataclasses import replace
+
+    token = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+    strict = SandboxPolicy.strict()
+    policy = replace(strict, resources=replace(strict.resources, stdout_cap=4096))
+    # The cap falls inside the token: what the cap keeps of it matches no rule.
+    script = f"printf 'start\\n%04060d {token}\\n' 0"
+    async with await Sandbox.create(SandboxConfig(backend=Backend.PROCESS, policy=policy)) as sandbox:
+        result = await sandbox.exec(script)
+    assert result.stdout_truncated
+    assert result.stdout.startswith(b"start\n") and token[:20].encode() not in result.stdout
+
+
 async def test_streaming_lines_that_come_faster_than_the_flush_interval_arrive_before_the_end() -> None:
     # A line every 10 ms never leaves the stream quiet for long: the held lines must still
     # be released while the command runs (it waits for /tmp/go after them).

@@ -61,6 +61,7 @@ from kavach.scanning.findings import Finding, Verdict, worst_verdict
 from kavach.scanning.gate import (
     INJECTED_SECRET_RULE,
     STREAM_FLUSH_S,
+    STREAM_HOLD,
     ExternalizationPolicy,
     Gate,
     GateResult,
@@ -487,8 +488,8 @@ class Sandbox:
             outputs = {"stdout": blocked, "stderr": blocked}
         else:
             outputs = {
-                "stdout": self._gate_apply(raw.stdout, "stdout"),
-                "stderr": self._gate_apply(raw.stderr, "stderr"),
+                "stdout": self._gate_apply(_complete_part(raw.stdout, raw.stdout_truncated), "stdout"),
+                "stderr": self._gate_apply(_complete_part(raw.stderr, raw.stderr_truncated), "stderr"),
             }
         own = tuple(f for r in outputs.values() for f in r.findings)
         findings = streamed_findings + own
@@ -1080,6 +1081,20 @@ def _scrub_cache(key: str | None) -> dict[bytes, str]:
 @functools.cache
 def _fallback_secrets_scanner() -> SecretsScanner:
     return SecretsScanner()
+
+
+def _complete_part(data: bytes, truncated: bool) -> bytes:
+    """What of output cut at its cap may be judged: without its last, partial line.
+
+    The cap may fall inside a secret, whose first part no rule recognises; it would be
+    released. As a stream's gate holds a partial last line, the cut output loses everything
+    after its last line break, or its last ``STREAM_HOLD`` bytes if that line is longer
+    (longer secrets are recognised from their first bytes).
+    """
+    if not truncated:
+        return data
+    end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+    return data[: max(end, len(data) - STREAM_HOLD)]
 
 
 def _finding_counts(findings: Sequence[Finding]) -> dict[str, int]:
