@@ -321,3 +321,14 @@ def test_engine_built_findings_are_ordinary_findings() -> None:
         assert f == twin and hash(f) == hash(twin) and f.to_dict() == twin.to_dict()
         assert replace(f, line=7).line == 7 and replace(f, line=7) != f
         assert f.source == "stdout" and f.line == 1
+
+
+def test_apply_with_a_limit_scans_past_it_and_releases_only_up_to_it() -> None:
+    gate = Gate(ExternalizationPolicy())
+    text = b"x" * 100 + b" alice.smith@corp-example.org tail " + b"bob@corp-example.org"
+    cut = 110  # inside alice's address; bob's starts past the cut
+    result = gate.apply(text, "stdout", limit=cut)
+    assert [(f.rule, f.start, f.end) for f in result.findings] == [("pii.email", 101, cut)]
+    assert b"alice" not in result.released and result.released.startswith(b"x" * 100)
+    assert result.original == text[:cut]
+    assert gate.apply(b"y" * 50, "stdout", limit=cut).released == b"y" * 50

@@ -201,12 +201,20 @@ async def test_output_cut_at_its_cap_never_releases_the_first_part_of_a_secret()
     token = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
     strict = SandboxPolicy.strict()
     policy = replace(strict, resources=replace(strict.resources, stdout_cap=4096))
-    # The cap falls inside the token: what the cap keeps of it matches no rule.
-    script = f"printf 'start\\n%04060d {token}\\n' 0"
-    async with await Sandbox.create(SandboxConfig(backend=Backend.PROCESS, policy=policy)) as sandbox:
-        result = await sandbox.exec(script)
-    assert result.stdout_truncated
-    assert result.stdout.startswith(b"start\n") and token[:20].encode() not in result.stdout
+    config = SandboxConfig(backend=Backend.PROCESS, policy=policy)
+    # The cap falls inside each value: the part before it matches no rule on its own.
+    async with await Sandbox.create(config) as sandbox:
+        with pytest.raises(ExternalizationBlocked) as blocked:
+            await sandbox.exec(f"printf 'start\\n%04060d {token} and more\\n' 0")
+        await sandbox.resume()  # a critical leak suspends the sandbox
+        mail = await sandbox.exec("printf 'start\\n%04070d alice.smith@corp-example.org and more\\n' 0")
+        whole = await sandbox.exec("printf 'start\\n%05000d tail\\n' 0")
+    assert any(f.rule.startswith("secrets.github") and f.end == 4096 for f in blocked.value.findings)
+    assert mail.stdout_truncated and mail.verdict is Verdict.WARN
+    assert mail.stdout.startswith(b"start\n0000") and b"alice.smith@corp" not in mail.stdout
+    assert b"[REDACTED" in mail.stdout
+    # Without a secret, exactly the cap is released (the bytes past it only serve the scan).
+    assert whole.stdout_truncated and len(whole.stdout) == 4096 and whole.verdict is Verdict.PASS
 
 
 async def test_streaming_lines_that_come_faster_than_the_flush_interval_arrive_before_the_end() -> None:

@@ -61,7 +61,6 @@ from kavach.scanning.findings import Finding, Verdict, worst_verdict
 from kavach.scanning.gate import (
     INJECTED_SECRET_RULE,
     STREAM_FLUSH_S,
-    STREAM_HOLD,
     ExternalizationPolicy,
     Gate,
     GateResult,
@@ -78,6 +77,9 @@ if TYPE_CHECKING:
 
 PROXY_LISTEN = ("127.0.0.1", 3128)
 CA_BUNDLE_PATH = "/run/kavach/ca-bundle.pem"
+# Output bytes past each cap that exec captures and the gate scans but never releases: a
+# secret the cap falls inside is then found whole (PEM blocks of large keys run ~6.5 KiB).
+CAP_LOOKAHEAD = 16 * 1024
 _SCRUB_CACHE_ENTRIES = 256  # scrubbed argv words remembered per cache (then forgotten at once)
 _SCRUB_SHARED_POLICIES = 16  # gate policies with a shared scrub cache
 
@@ -395,7 +397,10 @@ class Sandbox:
         env: Mapping[str, str] | None,
         timeout_ms: int | None,
         cwd: str | None,
+        lookahead: int = 0,
     ) -> ExecRequest:
+        """The backend's request; ``lookahead`` bytes past each output cap are captured too
+        (the gate scans them so that a secret the cap cuts is found whole, never released)."""
         argv, shell = _command_argv(command, self.backend)
         guards.check_command(argv, self.policy.guards, shell=None if self.backend is Backend.WASM else shell)
         full_env = dict(self._services.base_env)
@@ -411,8 +416,8 @@ class Sandbox:
             stdin=stdin,
             cwd=cwd or self.policy.filesystem.workdir,
             timeout_ms=timeout_ms if timeout_ms is not None else resources.wall_timeout_ms,
-            stdout_cap=resources.stdout_cap,
-            stderr_cap=resources.stderr_cap,
+            stdout_cap=resources.stdout_cap + lookahead,
+            stderr_cap=resources.stderr_cap + lookahead,
             shell=shell,
         )
 
@@ -437,7 +442,9 @@ class Sandbox:
         """
         self._require_running("exec")
         try:
-            request = self._request(command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd)
+            request = self._request(
+                command, stdin=stdin, env=env, timeout_ms=timeout_ms, cwd=cwd, lookahead=CAP_LOOKAHEAD
+            )
         except GuardViolation as exc:
             await self._on_guard_violation(exc, command)
             raise
@@ -479,6 +486,7 @@ class Sandbox:
         one of them blocked, nothing more is released.
         """
         streams = streamed or {}
+        caps = self.policy.resources
         streamed_findings = tuple(f for g in streams.values() for f in g.findings)
         streamed_block = any(g.verdict is Verdict.BLOCK for g in streams.values())
         if streamed_block:
@@ -488,8 +496,8 @@ class Sandbox:
             outputs = {"stdout": blocked, "stderr": blocked}
         else:
             outputs = {
-                "stdout": self._gate_apply(_complete_part(raw.stdout, raw.stdout_truncated), "stdout"),
-                "stderr": self._gate_apply(_complete_part(raw.stderr, raw.stderr_truncated), "stderr"),
+                "stdout": self._gate_apply(raw.stdout, "stdout", limit=caps.stdout_cap),
+                "stderr": self._gate_apply(raw.stderr, "stderr", limit=caps.stderr_cap),
             }
         own = tuple(f for r in outputs.values() for f in r.findings)
         findings = streamed_findings + own
@@ -529,8 +537,8 @@ class Sandbox:
             stderr=outputs["stderr"].released,
             duration_ms=raw.duration_ms,
             timed_out=raw.timed_out,
-            stdout_truncated=raw.stdout_truncated,
-            stderr_truncated=raw.stderr_truncated,
+            stdout_truncated=raw.stdout_truncated or len(raw.stdout) > caps.stdout_cap,
+            stderr_truncated=raw.stderr_truncated or len(raw.stderr) > caps.stderr_cap,
             verdict=verdict,
             findings=findings,
             score=self._score,
@@ -573,13 +581,14 @@ class Sandbox:
         self._audit("exec.error_gated", {"verdict": result.verdict.value, "findings": _finding_counts(result.findings)})
         return ExecTimeout(message) if isinstance(exc, ExecTimeout) else ExecError(message)
 
-    def _gate_apply(self, data: bytes, source: str) -> GateResult:
+    def _gate_apply(self, data: bytes, source: str, *, limit: int | None = None) -> GateResult:
         gate = self._services.gate
         if gate is None:
-            return GateResult(Verdict.PASS, (), data, data)
+            kept = data if limit is None else data[:limit]
+            return GateResult(Verdict.PASS, (), kept, kept)
         if not data:
             return self._empty_output_result(gate, source)
-        return gate.apply(data, source)
+        return gate.apply(data, source, limit=limit)
 
     def _empty_output_result(self, gate: Gate, source: str) -> GateResult:
         """The gate's decision on empty output, computed by the gate once per sandbox.
@@ -1081,20 +1090,6 @@ def _scrub_cache(key: str | None) -> dict[bytes, str]:
 @functools.cache
 def _fallback_secrets_scanner() -> SecretsScanner:
     return SecretsScanner()
-
-
-def _complete_part(data: bytes, truncated: bool) -> bytes:
-    """What of output cut at its cap may be judged: without its last, partial line.
-
-    The cap may fall inside a secret, whose first part no rule recognises; it would be
-    released. As a stream's gate holds a partial last line, the cut output loses everything
-    after its last line break, or its last ``STREAM_HOLD`` bytes if that line is longer
-    (longer secrets are recognised from their first bytes).
-    """
-    if not truncated:
-        return data
-    end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
-    return data[: max(end, len(data) - STREAM_HOLD)]
 
 
 def _finding_counts(findings: Sequence[Finding]) -> dict[str, int]:

@@ -315,9 +315,18 @@ class Gate:
             found.append(self._apply_policy(bounded, oversize))
         return finalize(bounded, found, source)
 
-    def apply(self, data: bytes, source: str = "") -> GateResult:
-        """Scan ``data`` and decide; see :class:`GateResult` for what is released."""
+    def apply(self, data: bytes, source: str = "", *, limit: int | None = None) -> GateResult:
+        """Scan ``data`` and decide; see :class:`GateResult` for what is released.
+
+        ``limit``: only the first ``limit`` bytes may be released (output cut at its cap),
+        while the bytes after them, if given, are scanned as context: a secret that the
+        cut falls inside is then found whole, and its part before the cut redacted or
+        blocked. Findings that start at or past ``limit`` are not reported.
+        """
         findings = self.scan(data, source)
+        if limit is not None and len(data) > limit:
+            findings = [f if f.end <= limit else replace(f, end=limit) for f in findings if f.start < limit]
+            data = data[:limit]
         verdict = self.policy.verdict_for(findings)
         released = self._release(data, findings, verdict)
         return GateResult(verdict=verdict, findings=tuple(findings), released=released, original=data)
