@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import signal
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -374,3 +377,208 @@ def test_timestamps_are_utc_with_microseconds(tmp_path: Path) -> None:
     parsed = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     slack = timedelta(milliseconds=1)  # datetime.now rounds to the microsecond, _now truncates
     assert before - slack <= parsed <= after + slack
+
+
+# -- file safety: what a writer opens, appends to and cuts ----------------------------------------
+
+OTHER_UID = 65534  # nobody
+VICTIM = b"an unrelated private file\nwhose last line has no newline"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Turn a call that blocks (a FIFO opened for reading) into a TimeoutError, not a hung test."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still blocked after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    """A world-writable sticky directory, like /tmp."""
+    path = tmp_path / "shared"
+    path.mkdir()
+    path.chmod(0o1777)
+    return path
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A private file of ours that an attacker wants kavach to append to or truncate."""
+    path = tmp_path / "victim"
+    path.write_bytes(VICTIM)
+    path.chmod(0o600)
+    return path
+
+
+@needs_root
+def test_symlinked_anchor_planted_in_a_sticky_directory_is_refused(
+    shared: Path, victim: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reviewer's reproduction: another user plants <log>.anchor -> our file; we open the log.
+    anchor = shared / "audit.jsonl.anchor"
+    anchor.symlink_to(victim)
+    os.lchown(anchor, OTHER_UID, OTHER_UID)
+    monkeypatch.setenv("KAVACH_AUDIT_LOG", str(shared / "audit.jsonl"))
+    monkeypatch.setenv("KAVACH_AUDIT_KEY", KEY.hex())
+    with pytest.raises(AuditError, match=r"refusing audit anchor .*audit\.jsonl\.anchor: it is a symbolic link"):
+        open_audit_log()
+    assert victim.read_bytes() == VICTIM
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_symlinked_log_is_refused_and_its_target_untouched(shared: Path, victim: Path, dangling: bool) -> None:
+    target = victim.with_name("not-yet") if dangling else victim
+    (shared / "audit.jsonl").symlink_to(target)
+    with pytest.raises(AuditError, match=r"refusing audit log .*audit\.jsonl: it is a symbolic link"):
+        AuditLog(shared / "audit.jsonl", KEY)
+    assert victim.read_bytes() == VICTIM
+    assert not victim.with_name("not-yet").exists()  # nothing created through a dangling link
+
+
+@pytest.mark.parametrize("name", ["audit.jsonl", "audit.jsonl.anchor"])
+def test_hard_linked_log_or_anchor_is_refused_and_its_other_name_untouched(
+    shared: Path, victim: Path, name: str
+) -> None:
+    os.link(victim, shared / name)
+    with pytest.raises(AuditError, match=rf"refusing audit (log|anchor) .*{name}: it has 2 hard links"):
+        AuditLog(shared / "audit.jsonl", KEY)
+    assert victim.read_bytes() == VICTIM
+
+
+def test_fifo_as_log_or_anchor_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "a.jsonl")
+    with deadline(10), pytest.raises(AuditError, match=r"refusing audit log .*a\.jsonl: it is a FIFO"):
+        AuditLog(tmp_path / "a.jsonl", KEY)
+    os.mkfifo(tmp_path / "b.jsonl.anchor")
+    with deadline(10), pytest.raises(AuditError, match=r"refusing audit anchor .*b\.jsonl\.anchor: it is a FIFO"):
+        AuditLog(tmp_path / "b.jsonl", KEY)
+
+
+@needs_root
+def test_log_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 2)
+    before = path.read_bytes()
+    os.chown(path, OTHER_UID, OTHER_UID)
+    with pytest.raises(AuditError, match=rf"refusing audit log {path}: it is owned by uid {OTHER_UID}, not by us"):
+        AuditLog(path, KEY)
+    os.chown(path, 0, 0)
+    os.chown(audit.anchor_path_for(path), OTHER_UID, OTHER_UID)
+    with pytest.raises(AuditError, match=rf"refusing audit anchor .*: it is owned by uid {OTHER_UID}"):
+        AuditLog(path, KEY)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666], ids=oct)
+def test_log_writable_by_group_or_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "a.jsonl"
+    write_log(path, 1)
+    path.chmod(mode)
+    with pytest.raises(AuditError, match=rf"writable by group or others \(mode {mode:04o}\); chmod go-w"):
+        AuditLog(path, KEY)
+    path.chmod(0o640)  # readable by a group is allowed: only writing is refused
+    AuditLog(path, KEY).close()
+    assert verify(path, KEY).ok
+
+
+@needs_root
+def test_log_in_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    with pytest.raises(AuditError, match=rf"its directory {theirs} is owned by uid {OTHER_UID}"):
+        AuditLog(theirs / "a.jsonl", KEY)
+    assert list(theirs.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757], ids=oct)
+def test_log_in_a_directory_others_can_write_without_the_sticky_bit_is_refused(tmp_path: Path, mode: int) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(mode)
+    with pytest.raises(AuditError, match=r"writable by group or others without the sticky bit"):
+        AuditLog(open_dir / "a.jsonl", KEY)
+    assert list(open_dir.iterdir()) == []
+
+
+def test_log_in_a_sticky_shared_directory_is_created_private_and_works(shared: Path) -> None:
+    path = shared / "a.jsonl"
+    write_log(path, 3)
+    write_log(path, 2)  # reopened
+    assert verify(path, KEY).entries == 6
+    for name in ("a.jsonl", "a.jsonl.anchor"):
+        info = (shared / name).stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_nlink) == (0o600, os.geteuid(), 1)
+
+
+def test_relative_log_path_still_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_log(Path("rel.jsonl"), 2)
+    assert verify(tmp_path / "rel.jsonl", KEY).ok
+
+
+def test_default_data_dir_is_made_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    open_audit_log(key=KEY).close()
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert verify(data / "audit.jsonl", KEY).ok
+
+
+@needs_root
+def test_default_data_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    os.chown(data, OTHER_UID, OTHER_UID)
+    with pytest.raises(AuditError, match=rf"{data} is owned by uid {OTHER_UID}"):
+        open_audit_log(key=KEY)
+    assert list(data.iterdir()) == []
+
+
+# -- file safety: readers --------------------------------------------------------------------------
+
+
+def test_readers_refuse_a_fifo_instead_of_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with deadline(10), pytest.raises(AuditError, match=rf"refusing to read audit log {fifo}: it is a FIFO"):
+        verify(fifo, KEY)
+    with deadline(10), pytest.raises(AuditError, match=rf"refusing to read audit log {fifo}: it is a FIFO"):
+        list(read_entries(fifo))
+    with deadline(10), pytest.raises(AuditError, match=rf"refusing to read audit key file {fifo}: it is a FIFO"):
+        audit.read_key_file(fifo)
+    log = tmp_path / "a.jsonl"
+    write_log(log, 1)
+    with deadline(10):
+        result = verify(log, KEY, anchor_path=fifo)
+    assert not result.ok
+    assert result.reason == f"refusing to read anchor file {fifo}: it is a FIFO, not a regular file"
+
+
+def test_readers_refuse_devices_and_directories(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match=r"refusing to read audit log /dev/null: it is a character device"):
+        list(read_entries(Path("/dev/null")))
+    with pytest.raises(AuditError, match=rf"refusing to read audit log {tmp_path}: it is a directory"):
+        verify(tmp_path, KEY)
+
+
+def test_readers_follow_a_symlink_to_a_regular_log(tmp_path: Path) -> None:
+    log = tmp_path / "a.jsonl"
+    write_log(log, 2)
+    link = tmp_path / "current.jsonl"
+    link.symlink_to(log)
+    result = verify(link, KEY, anchor_path=audit.anchor_path_for(log))
+    assert result.ok and result.entries == 3
+    assert len(list(read_entries(link))) == 3

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,41 @@ def test_registered_in_the_kavach_command(log_file: Path, capsys: pytest.Capture
 
     assert main(["audit", "verify", str(log_file)]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def run_kavach(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child with a deadline: a reader blocked on a FIFO fails the test, not hangs it."""
+    env = {**os.environ, "KAVACH_AUDIT_KEY": KEY.hex(), "KAVACH_DATA_DIR": str(tmp_path / "data")}
+    env.pop("KAVACH_AUDIT_LOG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "kavach", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize("command", ["verify", "show"])
+def test_a_fifo_as_the_log_is_refused_without_blocking_or_a_traceback(tmp_path: Path, command: str) -> None:
+    fifo = tmp_path / "audit.jsonl"
+    os.mkfifo(fifo)
+    result = run_kavach("audit", command, str(fifo), tmp_path=tmp_path)
+    assert result.returncode == 2, result
+    assert result.stderr == f"kavach: error: refusing to read audit log {fifo}: it is a FIFO, not a regular file\n"
+
+
+def test_a_fifo_as_the_anchor_fails_verification_without_blocking(tmp_path: Path, log_file: Path) -> None:
+    fifo = tmp_path / "anchor"
+    os.mkfifo(fifo)
+    result = run_kavach("audit", "verify", "--anchor", str(fifo), str(log_file), tmp_path=tmp_path)
+    assert result.returncode == 1, result
+    assert f"refusing to read anchor file {fifo}: it is a FIFO" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_show_refuses_a_device_behind_a_symlink(app: typer.Typer, tmp_path: Path) -> None:
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to("/dev/null")
+    result = CliRunner().invoke(app, ["audit", "show", str(link)])
+    assert result.exit_code == 2
+    assert (
+        result.stderr
+        == f"kavach: error: refusing to read audit log {link}: it is a character device, not a regular file\n"
+    )

@@ -22,7 +22,7 @@ from kavach.backends.base import ExecRequest, Instance, LaunchSpec, RawResult
 from kavach.backends.names import Backend
 from kavach.backends.noop import NoopDriver
 from kavach.config import AuditSettings, SandboxConfig
-from kavach.errors import ExecError, ExternalizationBlocked, QuarantineError
+from kavach.errors import AuditError, ExecError, ExternalizationBlocked, QuarantineError
 from kavach.lifecycle import Sandbox
 from kavach.scanning.findings import Verdict
 from kavach.scanning.gate import ExternalizationPolicy
@@ -319,3 +319,20 @@ async def test_the_quarantine_store_is_open_before_create_returns(tmp_path: Path
     no_gate = await Sandbox.create(config(tmp_path, gate=False))  # Noop default: gate disabled
     assert no_gate._services.quarantine is None  # nothing can be quarantined, nothing opened
     await no_gate.destroy()
+
+
+async def test_a_planted_anchor_symlink_fails_creation_and_leaves_its_target_alone(tmp_path: Path) -> None:
+    # A sticky shared directory in which another user linked <log>.anchor to a file of ours:
+    # creating a sandbox must fail before the backend starts, without appending to or cutting it.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"first line\nlast line without a newline")
+    (shared / "audit.jsonl.anchor").symlink_to(victim)
+    driver = RecordingNoopDriver()
+    cfg = SandboxConfig(backend=Backend.NOOP, audit=AuditSettings(path=str(shared / "audit.jsonl"), key=KEY))
+    with pytest.raises(AuditError, match="it is a symbolic link"):
+        await Sandbox.create(cfg, driver=driver)
+    assert victim.read_bytes() == b"first line\nlast line without a newline"
+    assert driver.destroyed == []  # nothing was launched

@@ -28,6 +28,16 @@ next :class:`AuditLog` to open or append to the file cuts it off and records an
 Several processes may append to one log: every append takes an exclusive ``flock`` on the log,
 re-reads the tail under it and only then writes, so serials stay dense and the chain linear.
 
+File safety: the log may sit in a directory other users can write to (a shared ``/tmp`` path),
+and whoever runs kavach (often root) appends to and truncates it. So the log and its anchor are
+opened relative to their directory, which must be ours or root's and not writable by group or
+others unless it is sticky; with ``O_NOFOLLOW`` and ``O_NONBLOCK``; and are used only if the
+descriptor is a regular file we own, not writable by group or others, with exactly one link.
+Anything else (a planted symlink or hard link, a FIFO, another user's file) is an
+:class:`AuditError` naming the path, before a byte is read, written or cut. Readers
+(:func:`verify`, :func:`read_entries`, :func:`read_key_file`) refuse anything but a regular file,
+so a FIFO or a device can neither hang them nor feed them endless data.
+
 Key rules (:func:`resolve_key`): an explicit key, else ``KAVACH_AUDIT_KEY`` (hex), else the file
 named by ``KAVACH_AUDIT_KEY_FILE`` (which must exist), else the default key file in the data
 directory, created (32 random bytes, mode 0600) only when the log does not exist yet. A log that
@@ -38,7 +48,6 @@ a message or a repr.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import hmac
@@ -48,6 +57,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -367,7 +377,9 @@ def _cut_torn_tail(fd: int) -> tuple[int, int]:
     """Truncate a partial last line; returns ``(new size, bytes removed)``.
 
     Only called with the log's flock held: a partial line then can only come from a
-    writer that died, never from one that is still writing.
+    writer that died, never from one that is still writing. ``fd`` always comes from
+    :func:`_open_audit_file`, so what is cut is our own audit file, never a file a symlink or a
+    hard link planted at its name points to.
     """
     size = os.fstat(fd).st_size
     if size == 0:
@@ -378,6 +390,131 @@ def _cut_torn_tail(fd: int) -> tuple[int, int]:
     os.ftruncate(fd, keep)
     os.fsync(fd)
     return keep, size - keep
+
+
+# -- opening files safely -----------------------------------------------------------------------
+#
+# Writers never trust the name alone: another user who can create names in the log's directory
+# (a sticky /tmp-like directory) could plant a symlink or a hard link to one of our files there,
+# a FIFO, or a file of their own, and we would append to it and cut its "torn tail". So the
+# directory is opened and checked first and the name is opened relative to that descriptor (the
+# directory checked is the one the name is looked up in); O_NOFOLLOW fails on a symlink,
+# O_NONBLOCK keeps a FIFO or a device from blocking the open; and the descriptor itself is
+# checked with fstat before anything is read, written or truncated.
+
+_GROUP_OTHER_WRITE = stat.S_IWGRP | stat.S_IWOTH
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _directory_problem(info: os.stat_result) -> str | None:
+    """Why a writer must not create or open audit files in this directory, or None.
+
+    Root's directories are trusted by everyone (root can write anywhere anyway). A directory
+    other users can write to is acceptable only with the sticky bit: there they can add names
+    but not rename or remove ours, and what they add is refused by :func:`_file_problem`
+    (a hard link they planted to our file cannot be removed again behind our back, since the
+    inode is ours). Without it they could swap the file between our open and our checks.
+    """
+    euid = os.geteuid()
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode):
+        return f"is {_kind(info.st_mode)}, not a directory"
+    if info.st_uid not in (euid, 0):
+        return f"is owned by uid {info.st_uid} (not by us, uid {euid}, nor by root), who could replace files in it"
+    if mode & _GROUP_OTHER_WRITE and not mode & stat.S_ISVTX:
+        return (
+            f"is writable by group or others without the sticky bit (mode {mode:04o}), so they could "
+            "replace files in it; chmod go-w (or +t) it"
+        )
+    return None
+
+
+def _file_problem(info: os.stat_result) -> str | None:
+    """Why a writer must not append to (or truncate) this open audit file, or None."""
+    euid = os.geteuid()
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISREG(info.st_mode):
+        return f"it is {_kind(info.st_mode)}, not a regular file"
+    if info.st_uid != euid:
+        return f"it is owned by uid {info.st_uid}, not by us (uid {euid})"
+    if mode & _GROUP_OTHER_WRITE:
+        return f"it is writable by group or others (mode {mode:04o}); chmod go-w it"
+    if info.st_nlink != 1:
+        # A second name is a hard link someone planted (to a file of ours elsewhere) or made
+        # later; 0 means it was removed while we opened it. Either way it is not just our log.
+        return f"it has {info.st_nlink} hard links, not exactly one"
+    return None
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _open_audit_file(path: Path, what: str) -> int:
+    """A checked ``O_APPEND`` descriptor of ``path``, created 0600 if missing (see above)."""
+    if path.name in ("", ".", ".."):
+        raise AuditError(f"{what} {path} does not name a file")
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise AuditError(f"cannot open the directory of {what} {path}: {exc.strerror}") from None
+    try:
+        problem = _directory_problem(os.fstat(dir_fd))
+        if problem is not None:
+            raise AuditError(f"refusing {what} {path}: its directory {path.parent} {problem}")
+        try:
+            fd = os.open(path.name, _APPEND_FLAGS, paths.PRIVATE_FILE_MODE, dir_fd=dir_fd)
+        except OSError as exc:
+            # O_NOFOLLOW makes a symlink fail with ELOOP (or EACCES: O_CREAT on another user's
+            # symlink in a sticky directory); say which, rather than "too many levels of links".
+            if _is_symlink(path.name, dir_fd):
+                raise AuditError(f"refusing {what} {path}: it is a symbolic link") from None
+            raise AuditError(f"cannot open {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    try:
+        problem = _file_problem(os.fstat(fd))
+        if problem is not None:
+            raise AuditError(f"refusing {what} {path}: {problem}")
+        os.set_blocking(fd, True)  # a regular file: O_NONBLOCK only mattered for the open
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_for_reading(path: Path, what: str) -> int:
+    """A read-only descriptor of the regular file ``path`` (symlinks followed: reading is harmless).
+
+    Raises :class:`OSError` when it cannot be opened and :class:`AuditError` when it is not a
+    regular file: a FIFO would block the reader, a device could feed it endless data.
+    """
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AuditError(f"refusing to read {what} {path}: it is {_kind(info.st_mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(frozen=True)
@@ -426,21 +563,29 @@ class AuditLog:
         self._checkpointed = -1  # highest serial this object wrote a checkpoint for
         self._fd = -1
         self._anchor_fd = -1
+        self._make_directory()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=paths.PRIVATE_DIR_MODE)
-            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self._fd = os.open(self.path, flags, paths.PRIVATE_FILE_MODE)
-            self._anchor_fd = os.open(self.anchor_path, flags, paths.PRIVATE_FILE_MODE)
-        except OSError as exc:
-            self._close_fds()
-            raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
-        try:
+            self._fd = _open_audit_file(self.path, "audit log")
+            self._anchor_fd = _open_audit_file(self.anchor_path, "audit anchor")
             with self._locked():
                 self._sync_tail()
                 self._check_against_anchor()
         except BaseException:
             self._close_fds()
             raise
+
+    def _make_directory(self) -> None:
+        """Create the log's directory; kavach's own data directory is made private (0700, ours)."""
+        parent = self.path.parent
+        try:
+            if os.path.abspath(parent) == os.path.abspath(paths.data_dir()):
+                paths.ensure_private_dir(parent)
+            else:
+                # A directory the user chose is not chmod'ed: it may be shared on purpose.
+                # _open_audit_file refuses it if others could swap files in it.
+                parent.mkdir(parents=True, exist_ok=True, mode=paths.PRIVATE_DIR_MODE)
+        except OSError as exc:
+            raise AuditError(f"cannot create the directory of audit log {self.path}: {exc.strerror or exc}") from None
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r}, fsync={self.fsync})"
@@ -697,7 +842,8 @@ def read_key_file(path: str | Path) -> bytes:
     """The key stored in ``path`` (hex text or raw bytes), refusing group/world-accessible files."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # Symlinks are followed (mounted secrets are symlinks); a FIFO or a device is refused.
+        fd = _open_for_reading(path, "audit key file")
     except FileNotFoundError:
         raise AuditError(f"audit key file {path} does not exist") from None
     except OSError as exc:
@@ -853,11 +999,14 @@ def _parse_checkpoint(key: bytes, line: bytes) -> tuple[int, str] | str:
 
 def _read_checkpoints(key: bytes, anchor: Path) -> dict[int, str] | str:
     try:
-        data = anchor.read_bytes()
+        with os.fdopen(_open_for_reading(anchor, "anchor file"), "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         return f"anchor file {anchor} is missing (deleted, or the log was not written by kavach)"
     except OSError as exc:
         return f"cannot read anchor file {anchor}: {exc.strerror}"
+    except AuditError as exc:
+        return str(exc)
     checkpoints: dict[int, str] = {}
     lines = data.split(b"\n")
     # The last element is b"" for a clean file, or a torn checkpoint (a writer died): ignored,
@@ -874,7 +1023,7 @@ def _read_checkpoints(key: bytes, anchor: Path) -> dict[int, str] | str:
 
 
 def _iter_lines(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as fh:
+    with os.fdopen(_open_for_reading(path, "audit log"), "rb") as fh:
         yield from fh
 
 
@@ -916,7 +1065,10 @@ def verify(path: str | Path, key: bytes, *, anchor_path: str | Path | None = Non
         return bad(0, "the log is empty (no genesis entry)", 0)
     if isinstance(checkpoints, str):
         return bad(expected, checkpoints, expected)
-    return _check_checkpoints(log, key, checkpoints, expected, cp_count, last_cp)
+    try:
+        return _check_checkpoints(log, key, checkpoints, expected, cp_count, last_cp)
+    except OSError as exc:  # the second pass reopens the log
+        raise AuditError(f"cannot read audit log {log}: {exc.strerror}") from None
 
 
 def _entry_problem(key: bytes, raw: bytes, expected: int, prev: str) -> str | None:
@@ -994,9 +1146,7 @@ def read_entries(path: str | Path) -> Iterator[dict[str, Any]]:
             yield data
     except FileNotFoundError:
         raise AuditError(f"audit log {log} does not exist") from None
-    except OSError as exc:
-        if exc.errno == errno.EISDIR:
-            raise AuditError(f"{log} is a directory") from None
+    except OSError as exc:  # a directory, a FIFO or a device is refused by _open_for_reading
         raise AuditError(f"cannot read audit log {log}: {exc.strerror}") from None
 
 
