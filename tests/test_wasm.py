@@ -30,7 +30,7 @@ from kavach.backends.wasm import (  # noqa: E402
     unregister_module,
 )
 from kavach.backends.wasm import driver as wasm_driver  # noqa: E402
-from kavach.errors import ExecError, SandboxCreateError  # noqa: E402
+from kavach.errors import BackendError, ExecError, SandboxCreateError  # noqa: E402
 from kavach.policy import Bind, NetworkMode, NetworkPolicy, ResourceLimits, SandboxPolicy  # noqa: E402
 from kavach.scoring import Control, score  # noqa: E402
 
@@ -465,6 +465,22 @@ async def test_invalid_module_is_an_exec_error(driver: WasmDriver, tmp_path: Pat
         await instance.destroy()
 
 
+async def test_oversized_modules_are_refused_before_compiling(driver: WasmDriver, tmp_path: Path) -> None:
+    # Compilation is outside every run limit: the size caps are what bound it.
+    (tmp_path / "big.wat").write_bytes(b"(module)" + b" " * wasm_driver.MAX_WAT_BYTES)
+    with open(tmp_path / "big.wasm", "wb") as big:
+        big.write(b"\0asm\x01\0\0\0")
+        big.truncate(wasm_driver.MAX_MODULE_BYTES + 1)  # sparse: no disk used
+    instance = await driver.start(LaunchSpec("t-big", _policy(ro=(Bind(str(tmp_path), "/m"),))))
+    try:
+        with pytest.raises(ExecError, match=rf"big.wat: WebAssembly text larger than {wasm_driver.MAX_WAT_BYTES}"):
+            await instance.exec(_req("/m/big.wat"))
+        with pytest.raises(ExecError, match=rf"big.wasm: larger than {wasm_driver.MAX_MODULE_BYTES} bytes"):
+            await instance.exec(_req("/m/big.wasm"))
+    finally:
+        await instance.destroy()
+
+
 # -- limits --------------------------------------------------------------------------------------
 
 
@@ -526,20 +542,160 @@ async def test_a_failing_output_drain_does_not_stop_the_wall_clock(driver: WasmD
         await instance.destroy()
 
 
-async def test_module_blocked_in_host_call_times_out(sandbox: WasmInstance) -> None:
+async def test_module_sleeping_in_a_host_call_is_stopped_by_the_wall_clock(sandbox: WasmInstance) -> None:
+    # libc sleep() is one WASI poll_oneoff; kavach's own poll_oneoff waits in slices that the
+    # wall clock ends, so the run stops with a plain timeout and no thread is abandoned.
     result = await sandbox.exec(_req("/prog/tool.wasm", "sleep", "30", timeout_ms=100))
     assert result.timed_out is True
-    assert result.reason is not None and "host call" in result.reason
-    assert sandbox.abandoned_runs == 1
+    assert result.reason == "wall-clock timeout"
+    assert result.stdout == b""
+    assert sandbox.abandoned_runs == 0
 
 
-async def test_spawned_module_blocked_in_host_call_ends_its_stream(sandbox: WasmInstance) -> None:
+async def test_spawned_module_sleeping_in_a_host_call_ends_its_stream(sandbox: WasmInstance) -> None:
     process = await sandbox.spawn(_req("/prog/tool.wasm", "sleep", "30", timeout_ms=100))
     async for _stream, _data in process.chunks():
         pass
     result = await process.wait()
     assert result.timed_out is True
-    assert result.reason is not None and "host call" in result.reason
+    assert result.reason == "wall-clock timeout"
+
+
+async def test_short_sleeps_sleep_and_the_program_continues(sandbox: WasmInstance) -> None:
+    # Realtime clock (wasi-libc sleep) and monotonic clock (sleep_write.wat, which also checks
+    # the event poll_oneoff writes back). Elapsed time is only checked loosely: at least the
+    # sleep, which no correct implementation can undercut.
+    result = await sandbox.exec(_req("/prog/tool.wasm", "sleep", "1", timeout_ms=30_000))
+    assert (result.exit_code, result.stdout, result.timed_out) == (0, b"slept\n", False), result
+    assert result.duration_ms >= 1000
+    # /prog is read-only: the module's file creation fails, its output still comes.
+    result = await sandbox.exec(_req("/prog/sleep_write.wat", "200", timeout_ms=30_000))
+    assert (result.exit_code, result.stdout, result.timed_out) == (0, b"slept\n", False), result
+    assert result.duration_ms >= 200
+
+
+async def _host_workdir_sandbox(driver: WasmDriver, programs: Path, workdir: Path, name: str) -> WasmInstance:
+    """A sandbox whose writable workdir (/work, preopen fd 3) is the host directory ``workdir``."""
+    workdir.mkdir()
+    shutil.copy(programs / "sleep_write.wat", workdir / "sleep_write.wat")
+    instance = await driver.start(LaunchSpec(name, _policy(read_only_root=False), workdir_host=str(workdir)))
+    assert isinstance(instance, WasmInstance)
+    return instance
+
+
+async def test_timed_out_module_cannot_touch_the_host_after_exec_and_destroy(
+    driver: WasmDriver, programs: Path, tmp_path: Path
+) -> None:
+    # The reviewer's repro: sleep 2.5 s in poll_oneoff, then path_open + fd_write in
+    # straight-line code. Once exec reported the timeout and destroy() returned, the file
+    # must never appear, not even after the sleep would have ended.
+    workdir = tmp_path / "work"
+    instance = await _host_workdir_sandbox(driver, programs, workdir, "t-after")
+    started = asyncio.get_running_loop().time()
+    try:
+        result = await instance.exec(_req("/work/sleep_write.wat", "2500", timeout_ms=300))
+        assert result.timed_out is True, result
+    finally:
+        await instance.destroy()
+    await asyncio.sleep(max(0.0, started + 3.5 - asyncio.get_running_loop().time()))
+    assert not (workdir / "after-sleep.txt").exists(), "the module wrote to the host after destroy()"
+    assert not instance._controls()
+
+
+async def test_module_released_from_a_blocking_host_call_after_destroy_makes_no_further_call(
+    driver: WasmDriver, programs: Path, tmp_path: Path
+) -> None:
+    # Opening and reading a FIFO blocks inside wasmtime itself, where no gate can reach. The
+    # run is reported as abandoned in that call, destroy() says so loudly instead of
+    # returning, and once the host releases the call the module traps before its next one.
+    workdir = tmp_path / "work"
+    instance = await _host_workdir_sandbox(driver, programs, workdir, "t-fifo")
+    shutil.copy(programs / "fifo_write.wat", workdir / "fifo_write.wat")
+    os.mkfifo(workdir / "fifo")
+    result = await instance.exec(_req("/work/fifo_write.wat", timeout_ms=300))
+    assert result.timed_out is True, result
+    assert result.reason is not None and "host call path_open" in result.reason, result
+    assert instance.abandoned_runs == 1
+    with pytest.raises(BackendError, match="still inside an uninterruptible wasmtime call"):
+        await instance.destroy()
+    # Release the module: open the FIFO's write end (its open returns) and write a byte.
+    writer = os.open(workdir / "fifo", os.O_WRONLY)
+    try:
+        os.write(writer, b"x")
+    finally:
+        os.close(writer)
+    await _until(lambda: not instance._controls())
+    assert not (workdir / "after-fifo.txt").exists(), "the module wrote to the host after its run was stopped"
+    await instance.destroy()  # nothing is left running: now it succeeds
+
+
+def test_wasi_calls_outside_a_supervised_run_trap(driver: WasmDriver, programs: Path) -> None:
+    # Fail closed: a store run without a gate (not through exec) gets no host access.
+    runtime = driver.runtime
+    store = wasmtime.Store(runtime.engine)
+    store.set_fuel(10**6)
+    store.set_epoch_deadline(10**6)
+    store.set_wasi(wasmtime.WasiConfig())
+    try:
+        instance = runtime.instance_pre((programs / "hello.wat").read_bytes()).instantiate(store)
+        with pytest.raises((wasmtime.Trap, wasmtime.WasmtimeError), match="outside a supervised run"):
+            instance.exports(store)["_start"](store)
+    finally:
+        store.close()
+
+
+async def test_module_importing_a_wasi_function_kavach_does_not_gate_is_refused(
+    driver: WasmDriver, tmp_path: Path
+) -> None:
+    (tmp_path / "odd.wat").write_text(
+        '(module (import "wasi_snapshot_preview1" "fd_frobnicate" (func)) (func (export "_start")))'
+    )
+    instance = await driver.start(LaunchSpec("t-ungated", _policy(ro=(Bind(str(tmp_path), "/m"),))))
+    try:
+        with pytest.raises(
+            ExecError, match=r"odd\.wat: imports WASI functions kavach does not supervise: fd_frobnicate"
+        ):
+            await instance.exec(_req("/m/odd.wat"))
+    finally:
+        await instance.destroy()
+
+
+async def test_kill_reaches_a_module_sleeping_in_poll_oneoff(
+    driver: WasmDriver, programs: Path, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "work"
+    instance = await _host_workdir_sandbox(driver, programs, workdir, "t-kill-sleep")
+    try:
+        process = await instance.spawn(_req("/work/sleep_write.wat", "30000", timeout_ms=60_000))
+        await _until(lambda: bool(instance._controls()))
+        await asyncio.sleep(0.1)
+        await process.kill(9)
+        result = await asyncio.wait_for(process.wait(), 10)  # not at the 60 s wall clock
+        assert (result.exit_code, result.reason) == (137, "killed (signal 9)")
+        assert not (workdir / "after-sleep.txt").exists()
+        assert instance.abandoned_runs == 0
+    finally:
+        await instance.destroy()
+
+
+async def test_pause_reaches_a_module_sleeping_in_poll_oneoff(
+    driver: WasmDriver, programs: Path, tmp_path: Path
+) -> None:
+    # The sleep ends while the sandbox is paused: the straight-line host calls after it must
+    # wait for resume instead of running while the sandbox claims to be paused.
+    workdir = tmp_path / "work"
+    instance = await _host_workdir_sandbox(driver, programs, workdir, "t-pause-sleep")
+    try:
+        process = await instance.spawn(_req("/work/sleep_write.wat", "200", timeout_ms=60_000))
+        await instance.pause()
+        await asyncio.sleep(1.0)
+        assert not (workdir / "after-sleep.txt").exists(), "a paused module wrote to the host"
+        await instance.resume()
+        result = await asyncio.wait_for(process.wait(), 10)
+        assert result.exit_code == 0, result
+        assert (workdir / "after-sleep.txt").read_text() == "written after sleep\n"
+    finally:
+        await instance.destroy()
 
 
 async def test_memory_grower_stopped_at_limit(driver: WasmDriver, programs: Path) -> None:

@@ -1,10 +1,10 @@
 """The wasmtime side of the WASM backend: one engine, its epoch ticker, module loading.
 
-Everything that touches wasmtime's private ctypes layer (``wasmtime._ffi``) lives here,
-in two small functions: the per-store epoch-deadline callback (the public Python API has
-no binding for it) and stdin given as bytes through a memfd. :func:`missing_features`
-lets :meth:`WasmDriver.probe` refuse a wasmtime release that lacks them instead of
-running without a wall clock.
+wasmtime's private ctypes layer (``wasmtime._ffi``) is used here for the per-store
+epoch-deadline callback (the public Python API has no binding for it), and in
+:mod:`kavach.backends.wasm._hostcalls` for the gated WASI functions (raw host functions
+that delegate to wasmtime's). :func:`missing_features` lets :meth:`WasmDriver.probe`
+refuse a wasmtime release that lacks them instead of running without a wall clock.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import wasmtime
 from wasmtime.component import Component
 from wasmtime.component import Linker as ComponentLinker
 
+from kavach.backends.wasm._hostcalls import HostCalls, supervised
 from kavach.backends.wasm.cache import MEMORY_ENTRIES, ModuleCache
 from kavach.backends.wasm.driver import COMPONENT_VERSION
 
@@ -65,6 +66,18 @@ def missing_features() -> list[str]:
         "_wasmtime_store_epoch_deadline_callback",
         "wasmtime_store_epoch_deadline_callback",
         "wasmtime_error_new",
+        # the gated WASI functions (_hostcalls)
+        "wasmtime_linker_define_func_unchecked",
+        "wasmtime_func_call_unchecked",
+        "wasmtime_func_unchecked_callback_t",
+        "wasmtime_caller_context",
+        "wasmtime_caller_export_get",
+        "wasmtime_linker_clone",
+        "wasmtime_linker_instantiate",
+        "wasmtime_instance_export_get",
+        "wasmtime_trap_new",
+        "wasmtime_memory_data",
+        "wasmtime_memory_data_size",
     )
     missing = [name for name in private if not hasattr(bindings, name)]
     public = {
@@ -195,6 +208,10 @@ class Program:
     run_export: str | None = None
 
 
+class UngatedImportError(ValueError):
+    """A module imports a WASI function that kavach's gate does not cover."""
+
+
 class Runtime:
     """One wasmtime engine with WASI linked, its ticker and its compiled-module cache."""
 
@@ -223,12 +240,30 @@ class Runtime:
             deserialize=self._deserialize,
             directory=cache_dir,
         )
+        # kavach's own modules (the WASI shims) in a cache of their own (same directory and
+        # key): its statistics stay those of the sandboxed modules.
+        self._own_modules: ModuleCache[Compiled] = ModuleCache(
+            self.fingerprint,
+            compile=self._compile,
+            serialize=self._serialize,
+            deserialize=self._deserialize,
+            directory=self.cache.directory,
+        )
+        # Shadows the linker's WASI functions with gated ones (see _hostcalls).
+        self.host_calls = HostCalls(self.engine, self.linker, self._load_module)
         self._programs: OrderedDict[str, Program] = OrderedDict()
         self._by_file: OrderedDict[tuple[object, ...], Program] = OrderedDict()
         self.workers = WorkerPool()
         self._lock = threading.Lock()
 
     # -- compile / serialize (the cache's callbacks) -----------------------------------------
+
+    def _load_module(self, source: bytes) -> wasmtime.Module:
+        """A core module of kavach's own (the WASI shims), through the cache like any other."""
+        compiled = self._own_modules.get(source)
+        if not isinstance(compiled, wasmtime.Module):
+            raise TypeError("expected a core module")
+        return compiled
 
     def _compile(self, source: bytes) -> Compiled:
         wasm = source if source.startswith(b"\0asm") else bytes(wasmtime.wat2wasm(source.decode("utf-8")))
@@ -273,6 +308,10 @@ class Runtime:
         if isinstance(compiled, Component):
             program = Program(component=compiled, run_export=self._run_export(compiled))
         else:
+            ungated = self.host_calls.ungated(compiled)
+            if ungated:
+                # Fail closed: wasmtime's own function would run without kavach's gate.
+                raise UngatedImportError(f"imports WASI functions kavach does not supervise: {', '.join(ungated)}")
             program = Program(pre=self.linker.instantiate_pre(compiled))
         with self._lock:
             self._programs[key] = program
@@ -322,7 +361,7 @@ class WorkerPool:
     """Daemon threads that run modules; idle ones are reused, so an exec starts no thread.
 
     Not a ThreadPoolExecutor: its threads are joined at interpreter exit, and a module
-    stuck in a host call (a long WASI sleep) must not keep the process alive. Idle
+    stuck in a host call (a blocking FIFO read) must not keep the process alive. Idle
     workers exit after ``idle_s``.
     """
 
@@ -397,6 +436,16 @@ class VerificationError(Exception):
     """A limit the sandbox claims did not hold inside a probe store."""
 
 
+class _ProbeGate:
+    """The probe's run gate: never paused or stopped (it runs a few host calls, no loop)."""
+
+    def __init__(self) -> None:
+        self.host_call: str | None = None
+
+    def wait_until(self, when: float | None) -> str | None:
+        return None  # the probe never sleeps: nothing to wait for
+
+
 def verify_from_inside(
     runtime: Runtime,
     configure: Callable[[wasmtime.Store, wasmtime.WasiConfig], None],
@@ -417,41 +466,53 @@ def verify_from_inside(
     store.set_wasi(wasi)
     checks: list[str] = []
     try:
-        fuel = 1_000_000
-        store.set_fuel(fuel)
-        if store.get_fuel() != fuel:
-            raise VerificationError("fuel metering is not active")
-        checks.append("fuel metered")
-        instance = runtime.instance_pre(_PROBE_WAT).instantiate(store)
-        exports = instance.exports(store)
-        grow, create_in, prestat = (_export(exports, name, wasmtime.Func) for name in ("grow", "create_in", "prestat"))
-        memory = _export(exports, "memory", wasmtime.Memory)
-        if memory_limit is not None:
-            # One page exists; asking for limit/64KiB more pages must exceed the limit.
-            if grow(store, memory_limit // _PAGE) != 0:
-                raise VerificationError(f"memory.grow beyond {memory_limit} bytes succeeded")
-            checks.append(f"memory.grow beyond {memory_limit} bytes refused")
-        for index, (host, writable) in enumerate(preopens):
-            fd = _FIRST_PREOPEN_FD + index
-            if prestat(store, fd) != 0:
-                raise VerificationError(f"preopen {index} is not at fd {fd}")
-            if writable:
-                continue
-            name = f".kavach-probe-{os.urandom(8).hex()}".encode()
-            memory.write(store, name, 1024)
-            if create_in(store, fd, 1024, len(name)) == 0:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(host, name.decode()))
-                raise VerificationError(f"created a file in read-only preopen {host}")
-        if preopens:
-            checks.append("read-only preopens refuse file creation")
-        beyond = _FIRST_PREOPEN_FD + len(preopens)
-        if prestat(store, beyond) != _WASI_EBADF:
-            raise VerificationError(f"an unexpected descriptor exists at fd {beyond}")
-        checks.append("no descriptors beyond stdio and the preopens (no sockets)")
+        with supervised(_ProbeGate()):
+            _run_probe(runtime, store, preopens, memory_limit, checks)
     finally:
         store.close()
     return checks
+
+
+def _run_probe(
+    runtime: Runtime,
+    store: wasmtime.Store,
+    preopens: list[tuple[str, bool]],
+    memory_limit: int | None,
+    checks: list[str],
+) -> None:
+    """The checks of :func:`verify_from_inside`, appended to ``checks`` as they pass."""
+    fuel = 1_000_000
+    store.set_fuel(fuel)
+    if store.get_fuel() != fuel:
+        raise VerificationError("fuel metering is not active")
+    checks.append("fuel metered")
+    instance = runtime.instance_pre(_PROBE_WAT).instantiate(store)
+    exports = instance.exports(store)
+    grow, create_in, prestat = (_export(exports, name, wasmtime.Func) for name in ("grow", "create_in", "prestat"))
+    memory = _export(exports, "memory", wasmtime.Memory)
+    if memory_limit is not None:
+        # One page exists; asking for limit/64KiB more pages must exceed the limit.
+        if grow(store, memory_limit // _PAGE) != 0:
+            raise VerificationError(f"memory.grow beyond {memory_limit} bytes succeeded")
+        checks.append(f"memory.grow beyond {memory_limit} bytes refused")
+    for index, (host, writable) in enumerate(preopens):
+        fd = _FIRST_PREOPEN_FD + index
+        if prestat(store, fd) != 0:
+            raise VerificationError(f"preopen {index} is not at fd {fd}")
+        if writable:
+            continue
+        name = f".kavach-probe-{os.urandom(8).hex()}".encode()
+        memory.write(store, name, 1024)
+        if create_in(store, fd, 1024, len(name)) == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(host, name.decode()))
+            raise VerificationError(f"created a file in read-only preopen {host}")
+    if preopens:
+        checks.append("read-only preopens refuse file creation")
+    beyond = _FIRST_PREOPEN_FD + len(preopens)
+    if prestat(store, beyond) != _WASI_EBADF:
+        raise VerificationError(f"an unexpected descriptor exists at fd {beyond}")
+    checks.append("no descriptors beyond stdio and the preopens (no sockets)")
 
 
 __all__ = [
@@ -460,6 +521,7 @@ __all__ = [
     "EpochTicker",
     "Program",
     "Runtime",
+    "UngatedImportError",
     "VerificationError",
     "WorkerPool",
     "missing_features",

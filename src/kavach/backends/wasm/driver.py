@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from kavach.backends.base import Driver, ExecRequest, Instance, LaunchSpec, ProbeResult, RawProcess, RawResult
 from kavach.backends.capture import CappedBuffer
 from kavach.backends.names import Backend
-from kavach.errors import ExecError, SandboxCreateError
+from kavach.errors import BackendError, ExecError, SandboxCreateError
 from kavach.policy import SandboxPolicy
 from kavach.scoring import Control, Enforcement, requested_controls, supported_controls
 
@@ -46,16 +46,23 @@ UNLIMITED_FUEL = 2**63 - 1
 TRAP_EXIT_CODE = 134  # 128 + SIGABRT, what the wasmtime CLI returns for a trap
 TIMEOUT_EXIT_CODE = 137  # 128 + SIGKILL, what the Process backend reports for a timeout
 
-# StoreLimits beyond linear memory: a WASI command is one module instance with one memory.
-MAX_INSTANCES = 1
+# StoreLimits beyond linear memory: a WASI command is one module instance with one memory,
+# plus kavach's WASI shim instance (no memory of its own; see _hostcalls).
+MAX_INSTANCES = 2
 MAX_MEMORIES = 1
 MAX_TABLES = 4
 MAX_TABLE_ELEMENTS = 1_000_000
 
-MAX_MODULE_BYTES = 256 * 1024 * 1024
+# Module size caps. Compilation runs before the store exists, outside fuel, memory limits and
+# the wall clock, and cannot be interrupted (84 MB of WAT took ~10 s and ~1 GB RSS): the caps
+# bound it. Text is far larger than the code it describes, hence the lower cap.
+MAX_MODULE_BYTES = 64 * 1024 * 1024
+MAX_WAT_BYTES = 4 * 1024 * 1024
 # How long exec() waits beyond the wall clock for a module blocked inside a host call
-# (WASI sleep, a slow read) before it returns the timeout and abandons the thread.
+# (a FIFO read, a component's sleep: see _abandon) before it returns the timeout and abandons the thread.
 HOST_CALL_GRACE_S = 1.0
+# The longest single condition wait of a run's gate (waits loop and re-check).
+_MAX_WAIT_S = 3600.0
 # Pipe size for exec output capture: up to this many bytes per epoch tick without a stall.
 PIPE_BYTES = 1 << 20
 
@@ -186,7 +193,12 @@ def _read_contained(host_path: str, root: str | None, limit: int, display: str) 
 
 
 class _RunControl:
-    """Shared between a run's wasm thread (the epoch callback) and the event loop."""
+    """Shared between a run's wasm thread (epoch callback, host calls) and the event loop.
+
+    It is the run's gate (:class:`kavach.backends.wasm._hostcalls.RunGate`): the epoch
+    callback asks it at every tick, and every WASI host call asks it before and after it
+    runs, so a stopped run can make no further host call.
+    """
 
     def __init__(self, deadline: float | None, paused: bool) -> None:
         self.deadline = deadline
@@ -195,6 +207,9 @@ class _RunControl:
         self.stop_exit_code = TIMEOUT_EXIT_CODE
         self.stop_timed_out = False
         self.cond = threading.Condition()
+        self.host_call: str | None = None  # the WASI call wasmtime is running for the module
+        # A component's WASI 0.2 host calls are wasmtime's own, not gated (docs/wasm.md).
+        self.component = False
 
     def stop(self, reason: str, exit_code: int, timed_out: bool) -> None:
         with self.cond:
@@ -211,18 +226,28 @@ class _RunControl:
 
     def decide(self) -> str | None:
         """Runs on the wasm thread at each epoch tick: None = go on, else trap message."""
+        return self.wait_until(None)
+
+    def wait_until(self, when: float | None) -> str | None:
+        """Block while paused, and until ``when`` (time.monotonic) if given; None = go on,
+        else the trap message (stopped, killed, or past the wall clock).
+
+        The wall clock keeps running while paused. ``stop``, ``set_paused`` and the deadline
+        wake the wait at once: this is how a sleeping module (poll_oneoff) is interrupted.
+        """
         with self.cond:
             while True:
-                if self.stop_reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
+                now = time.monotonic()
+                if self.stop_reason is None and self.deadline is not None and now >= self.deadline:
                     self.stop_reason = "wall-clock timeout"
                     self.stop_timed_out = True
                 if self.stop_reason is not None:
                     return f"kavach: {self.stop_reason}"
-                if not self.paused:
+                if not self.paused and (when is None or now >= when):
                     return None
-                # Paused: the wasm thread blocks here until resume, stop or the wall clock.
-                wait = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-                self.cond.wait(wait)
+                limits = [t for t in (self.deadline, None if self.paused else when) if t is not None]
+                # Capped: a guest may sleep for 2**64 ns, more than a lock wait accepts.
+                self.cond.wait(min(min(limits) - now, _MAX_WAIT_S) if limits else None)
 
 
 class _PipeSink:
@@ -358,6 +383,18 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0][:500] if message.strip() else "unknown error"
 
 
+def _stuck_in(control: _RunControl) -> str:
+    """Where a run that did not stop is stuck, and what that means for the host."""
+    if control.host_call is not None:
+        return (
+            f"host call {control.host_call}; its gate is closed, so it can make no further host call, "
+            "but this call itself may still complete"
+        )
+    if control.component:
+        return "a component's host call; WASI 0.2 calls are not gated, it may still act on the host"
+    return "wasmtime, compiling or instantiating; no host call was made"
+
+
 # -- instance ---------------------------------------------------------------------------------
 
 
@@ -417,13 +454,19 @@ class WasmInstance(Instance):
         return WasmProcess(prepared, future, queue)
 
     def _abandon(self, prepared: _Prepared) -> RawResult:
-        """The module sits in a host call past the wall clock: report the timeout now.
+        """The module did not end by the wall clock plus grace: report the timeout now.
 
-        Its thread cannot be interrupted inside wasmtime's host code; the stop flag makes
-        it trap at its next wasm instruction, and its result is discarded.
+        A core module's sleeps (poll_oneoff) end at the wall clock, so this is a thread stuck
+        inside one of wasmtime's own calls: a delegated WASI call blocking on the host (a
+        FIFO), compilation, or any host call of a component (not gated). It cannot be
+        interrupted there. For a core module the stop flag closes its gate: when that call
+        returns, the module traps without another host call. The reason says where it is
+        stuck, and :meth:`WasmInstance.destroy` raises while it can still act.
         """
-        prepared.control.stop("wall-clock timeout", TIMEOUT_EXIT_CODE, timed_out=True)
+        control = prepared.control
+        control.stop("wall-clock timeout", TIMEOUT_EXIT_CODE, timed_out=True)
         self.abandoned_runs += 1
+        stuck = _stuck_in(control)
         out, err, out_trunc, err_trunc = prepared.output.snapshot()
         return RawResult(
             TIMEOUT_EXIT_CODE,
@@ -433,7 +476,7 @@ class WasmInstance(Instance):
             timed_out=True,
             stdout_truncated=out_trunc,
             stderr_truncated=err_trunc,
-            reason="wall-clock timeout (module blocked in a host call)",
+            reason=f"wall-clock timeout (module blocked in {stuck})",
         )
 
     def _start_thread(
@@ -498,7 +541,8 @@ class WasmInstance(Instance):
         """Runs on the wasm thread: one fresh store, one instance, ``_start``."""
         import wasmtime
 
-        from kavach.backends.wasm._runtime import DeadlineHook
+        from kavach.backends.wasm._hostcalls import supervised
+        from kavach.backends.wasm._runtime import DeadlineHook, UngatedImportError
 
         runtime = self._runtime
         control = prepared.control
@@ -509,6 +553,9 @@ class WasmInstance(Instance):
                 )
             except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
                 raise ExecError(f"{prepared.display}: invalid WebAssembly module: {_first_line(str(exc))}") from None
+            except UngatedImportError as exc:
+                raise ExecError(f"{prepared.display}: {exc}") from None
+            control.component = program.component is not None
             output = prepared.output
             if output.listener is None:
                 # exec: capture through pipes (spawn streams through callbacks instead).
@@ -525,7 +572,9 @@ class WasmInstance(Instance):
             runtime.ticker.watch(id(output), output.drain)
             runtime.ticker.acquire()
             try:
-                return self._call_start(store, program, prepared)
+                # The WASI host calls of this thread answer to this run's control.
+                with supervised(control):
+                    return self._call_start(store, program, prepared)
             finally:
                 runtime.ticker.release()
                 runtime.ticker.unwatch(id(output))
@@ -777,6 +826,11 @@ class WasmInstance(Instance):
     @staticmethod
     def _read_module(host_path: str, root: str | None, display: str) -> bytes:
         data = _read_contained(host_path, root, MAX_MODULE_BYTES, display)
+        if not data.startswith(b"\0asm") and len(data) > MAX_WAT_BYTES:
+            raise ExecError(
+                f"{display}: WebAssembly text larger than {MAX_WAT_BYTES} bytes (MAX_WAT_BYTES); "
+                "compile it to a .wasm binary"
+            )
         if data.startswith(b"\0asm") and data[4:8] not in (CORE_VERSION, COMPONENT_VERSION):
             raise ExecError(f"{display}: unknown WebAssembly binary version {data[4:8].hex()}")
         return data
@@ -788,10 +842,9 @@ class WasmInstance(Instance):
             return list(self._runs)
 
     async def pause(self) -> None:
-        """Block every running module at its next epoch check (within one tick, 10 ms).
-
-        Real for wasm code; a module inside a host call (a WASI sleep) finishes that call
-        first and then blocks. The wall clock keeps running while paused.
+        """Block every running module at its next epoch check (within one tick, 10 ms) or
+        host call, whichever comes first; a sleeping module (poll_oneoff) does not wake
+        before resume. The wall clock keeps running while paused.
         """
         self._paused = True
         for control in self._controls():
@@ -804,7 +857,7 @@ class WasmInstance(Instance):
             control.set_paused(False)
 
     async def stop(self) -> None:
-        """Stop every running module (trap at its next epoch check) and refuse new execs."""
+        """Stop every running module (trap at its next epoch check or WASI call) and refuse new execs."""
         with self._runs_lock:
             self._closed = True
             runs = list(self._runs)
@@ -817,10 +870,24 @@ class WasmInstance(Instance):
             await asyncio.sleep(0.01)
 
     async def destroy(self) -> None:
-        """Stop everything and remove the per-sandbox directories. Idempotent."""
+        """Stop everything and remove the per-sandbox directories. Idempotent.
+
+        Raises :class:`BackendError` (after the cleanup) while a module's thread is still
+        inside an uninterruptible call of wasmtime (see :meth:`_abandon`): destroy must not
+        report the sandbox gone while that call can still complete on the host.
+        """
         await self.stop()
         for directory in self._owned_dirs:
             shutil.rmtree(directory, ignore_errors=True)
+        # A core module between host calls traps at its next epoch check or gate, and one
+        # still compiling has no host access yet; only these can still act on the host.
+        stuck = [c for c in self._controls() if c.host_call is not None or c.component]
+        if stuck:
+            where = "; ".join(sorted({_stuck_in(c) for c in stuck}))
+            raise BackendError(
+                f"WASM sandbox {self.spec.sandbox_id}: {len(stuck)} module(s) still inside an "
+                f"uninterruptible wasmtime call ({where})"
+            )
 
     async def read_file(self, path: str, max_bytes: int) -> bytes:
         host, root = self._host_path(path)

@@ -1,0 +1,56 @@
+;; Sleeps argv[1] milliseconds in one poll_oneoff (relative monotonic clock), then, in
+;; straight-line code (no loop header, no call into wasm: no epoch check on the way),
+;; creates /work/after-sleep.txt in preopen fd 3 and prints "slept".
+;; The reviewer's repro: a module that outlives its exec must not touch the host after it.
+(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "after-sleep.txt")
+  (data (i32.const 128) "written after sleep\n")
+  (data (i32.const 160) "slept\n")
+  (data (i32.const 176) "bad poll\n")
+  (func $print (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 308))))
+  (func $millis (result i64)
+    (local $p i32) (local $c i32) (local $n i64)
+    (drop (call $args_sizes_get (i32.const 320) (i32.const 324)))
+    (drop (call $args_get (i32.const 1024) (i32.const 2048)))
+    (local.set $p (i32.load (i32.const 1028)))
+    (block $done
+      (loop $digits
+        (local.set $c (i32.load8_u (local.get $p)))
+        (br_if $done (i32.lt_u (local.get $c) (i32.const 48)))
+        (br_if $done (i32.gt_u (local.get $c) (i32.const 57)))
+        (local.set $n (i64.add (i64.mul (local.get $n) (i64.const 10))
+                               (i64.extend_i32_u (i32.sub (local.get $c) (i32.const 48)))))
+        (local.set $p (i32.add (local.get $p) (i32.const 1)))
+        (br $digits)))
+    (local.get $n))
+  (func (export "_start")
+    ;; subscription at 200: userdata 0x1234, tag 0 (clock), clock id 1 (monotonic), timeout ns
+    (i64.store (i32.const 200) (i64.const 0x1234))
+    (i32.store (i32.const 216) (i32.const 1))
+    (i64.store (i32.const 224) (i64.mul (call $millis) (i64.const 1000000)))
+    (if (i32.or
+          (i32.or (call $poll_oneoff (i32.const 200) (i32.const 256) (i32.const 1) (i32.const 300))
+                  (i32.ne (i32.load (i32.const 300)) (i32.const 1)))
+          (i32.or (i64.ne (i64.load (i32.const 256)) (i64.const 0x1234))
+                  (i32.load (i32.const 264))))  ;; error (u16) and type (u8, 0 = clock)
+      (then (call $print (i32.const 176) (i32.const 9)) (call $proc_exit (i32.const 1))))
+    ;; From here on straight-line code: path_open(3, "after-sleep.txt", O_CREAT, FD_WRITE)
+    (drop (call $path_open (i32.const 3) (i32.const 0) (i32.const 100) (i32.const 15)
+      (i32.const 1) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 304)))
+    (i32.store (i32.const 0) (i32.const 128))
+    (i32.store (i32.const 4) (i32.const 20))
+    (drop (call $fd_write (i32.load (i32.const 304)) (i32.const 0) (i32.const 1) (i32.const 308)))
+    (i32.store (i32.const 0) (i32.const 160))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 308)))))
