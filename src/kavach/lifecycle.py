@@ -80,6 +80,9 @@ CA_BUNDLE_PATH = "/run/kavach/ca-bundle.pem"
 # Output bytes past each cap that exec captures and the gate scans but never releases: a
 # secret the cap falls inside is then found whole (PEM blocks of large keys run ~6.5 KiB).
 CAP_LOOKAHEAD = 16 * 1024
+# How long a stream blocked by the gate waits for its killed command to exit before the
+# threat assessment (which may pause the sandbox) goes ahead anyway.
+_KILLED_EXIT_WAIT_S = 10.0
 _SCRUB_CACHE_ENTRIES = 256  # scrubbed argv words remembered per cache (then forgotten at once)
 _SCRUB_SHARED_POLICIES = 16  # gate policies with a shared scrub cache
 
@@ -867,6 +870,7 @@ class SpawnHandle:
         self._gates = {name: gate.stream(name) for name in ("stdout", "stderr")} if gate else {}
         self._findings: list[Finding] = []
         self._assessed = False  # the streamed findings went to the threat assessor (at a block)
+        self._blocked = False
 
     @property
     def pid(self) -> int:
@@ -915,6 +919,8 @@ class SpawnHandle:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if self._blocked:
+                await self._assess_block()
         for name, stream_gate in self._gates.items():
             released, found = stream_gate.close()
             await self._record(found, stream_gate.verdict)
@@ -947,11 +953,20 @@ class SpawnHandle:
                 "exec.blocked",
                 {"argv": self._audited_argv, "findings": _finding_counts(self._findings)},
             )
-            if not self._assessed:
-                # Now, not in wait(): a consumer that stops at the exception never calls it.
-                self._assessed = True
-                await self._sandbox._assess(self._findings)
+            self._blocked = True
             raise ExternalizationBlocked("streamed output blocked by the externalization gate", self._findings)
+
+    async def _assess_block(self) -> None:
+        """Assess a streamed block now, not in wait(): a consumer that stops at the exception
+        never calls it. Ordering: only once the killed command has exited, since the
+        assessment may pause the sandbox, and a process frozen before it died would never
+        exit (wait() would then hang)."""
+        if self._assessed:
+            return
+        self._assessed = True
+        with contextlib.suppress(TimeoutError, ExecError):
+            await asyncio.wait_for(self._process.wait(), _KILLED_EXIT_WAIT_S)
+        await self._sandbox._assess(self._findings)
 
     async def wait(self) -> ExecResult:
         """Wait for the exit; gate whatever was not streamed.
