@@ -189,7 +189,7 @@ async def test_after_a_streamed_block_nothing_more_is_released_and_the_block_is_
     assert key.encode() not in streamed
     # wait() used to gate the rest as a fresh artifact and return it.
     assert result.stdout == b"" and result.stderr == b"" and result.verdict is Verdict.BLOCK
-    assert any(f.rule == "secrets.aws-access-key-id" for f in result.findings)
+    assert any(f.rule == "secrets.aws-access-key-id" for f in result.findings) and result.threat is not None
     events = audit_events()
     assert [e for e in events if e["event"] == "exec.finished"][-1]["payload"]["verdict"] == "block"  # type: ignore[index]
     assert any(e["event"] == "threat.assessed" for e in events)

@@ -871,6 +871,7 @@ class SpawnHandle:
         self._findings: list[Finding] = []
         self._assessed = False  # the streamed findings went to the threat assessor (at a block)
         self._blocked = False
+        self._assessment: ThreatAssessment | None = None  # of a streamed block
 
     @property
     def pid(self) -> int:
@@ -966,7 +967,7 @@ class SpawnHandle:
         self._assessed = True
         with contextlib.suppress(TimeoutError, ExecError):
             await asyncio.wait_for(self._process.wait(), _KILLED_EXIT_WAIT_S)
-        await self._sandbox._assess(self._findings)
+        self._assessment = await self._sandbox._assess(self._findings)
 
     async def wait(self) -> ExecResult:
         """Wait for the exit; gate whatever was not streamed.
@@ -977,9 +978,10 @@ class SpawnHandle:
         """
         with self._sandbox._errors_through_gate():
             raw = await self._process.wait()
-        return await self._sandbox._finish_exec(
+        result = await self._sandbox._finish_exec(
             self._request, raw, self._audited_argv, self._gates, streamed_assessed=self._assessed
         )
+        return result if result.threat is not None else replace(result, threat=self._assessment)
 
     async def kill(self, signum: int = 9) -> None:
         """Send ``signum`` to the command."""

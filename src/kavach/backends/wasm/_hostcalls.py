@@ -166,6 +166,18 @@ def _bindings() -> Any:
     return bindings
 
 
+def _admit() -> tuple[_Supervised | None, int]:
+    """The calling thread's run, if its gate lets a WASI call start now (it blocks while the
+    sandbox is paused); else ``(None, trap)`` for the host function to return."""
+    run = _running()
+    if run is None:
+        return None, _trap("kavach: WASI call outside a supervised run")
+    verdict = run.gate.wait_until(None)
+    if verdict is not None:
+        return None, _trap(verdict)
+    return run, 0
+
+
 def _trap(message: str) -> int:
     """A new wasm_trap_t* with ``message``, as a host callback returns it (wasmtime owns it)."""
     data = message.encode()
@@ -333,12 +345,9 @@ class HostCalls:
 
     def _delegating(self, name: bytes) -> Callable[[Any, Any, int], int]:
         def call(caller: Any, args: Any, nargs: int) -> int:
-            run = _running()
+            run, refusal = _admit()
             if run is None:
-                return _trap("kavach: WASI call outside a supervised run")
-            verdict = run.gate.wait_until(None)
-            if verdict is not None:
-                return _trap(verdict)
+                return refusal
             return self._call_original(run, caller, name, args, nargs)
 
         return call
@@ -346,12 +355,9 @@ class HostCalls:
     # -- poll_oneoff -------------------------------------------------------------------------
 
     def _poll_oneoff(self, caller: Any, args: Any, nargs: int) -> int:
-        run = _running()
+        run, refusal = _admit()
         if run is None:
-            return _trap("kavach: WASI call outside a supervised run")
-        verdict = run.gate.wait_until(None)
-        if verdict is not None:
-            return _trap(verdict)
+            return refusal
         in_ptr, out_ptr, count, nevents_ptr = (args[i].i32 & 0xFFFFFFFF for i in range(4))
         memory = _Memory(caller)
         if memory.address is None:
